@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it (README: "Run all tests"). Installs what it needs first.
+#
+#   ci/test.sh            everything
+#   SKIP_SETUP=1 ...      skip ci/setup.sh (already installed)
+#   SKIP_MIRI=1 ...       skip the Miri run (slowest step)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==== %s\n' "$*"; }
+
+# Every `cargo test` / `cargo miri test` output goes through here so that the totals can be
+# printed as the run's last line.
+RESULTS=$(mktemp)
+trap 'rm -f "$RESULTS"' EXIT
+counted() { "$@" 2>&1 | tee -a "$RESULTS"; }
+
+if [[ -z ${SKIP_SETUP:-} ]]; then
+    step "setup"
+    bash ci/setup.sh
+fi
+
+step "format"
+cargo fmt --all --check
+
+step "clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy -p virtq --all-targets --features defmt,testing --locked -- -D warnings
+
+step "MSRV: the core builds with Rust 1.87"
+cargo +1.87 build -q -p virtq --features defmt,testing --locked
+
+step "tests (host)"
+counted cargo test --workspace --locked
+
+step "firmware example on the host (self-check against the test driver)"
+cargo run -q -p virtq-firmware-example --locked
+
+step "no_std builds"
+bash ci/nostd.sh
+
+if [[ -z ${SKIP_MIRI:-} ]]; then
+    step "Miri: the core's tests"
+    # Stacked borrows + data-race detection over every test of the core; proptest runs a
+    # few cases per property under Miri (see core/tests/model.rs).
+    MIRIFLAGS="${MIRIFLAGS:--Zmiri-strict-provenance}" counted cargo +nightly miri test -p virtq --locked
+fi
+
+step "ring benchmark (callgrind instruction counts; a report, not a gate)"
+N1=20 N2=120 TIME=0 bash benches/ringbench.sh
+
+# The closing line: totals over every test binary run above (host and Miri).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i + 1) ~ /^passed/) p += $i; if ($(i + 1) ~ /^failed/) f += $i } }
+     END { printf "\ntests: %d passed, %d failed\n", p, f }' "$RESULTS"

@@ -1,0 +1,447 @@
+//! Descriptor chains (VIRTIO 1.2 §2.7.5.2, §2.7.5.3): the walk from a head through direct
+//! descriptors and at most one indirect table, producing a translated, validated list of
+//! device-readable segments followed by device-writable segments.
+//!
+//! The walk is bounded without any allocation: each table (the queue's descriptor table, or one
+//! indirect table) may be visited at most as many times as it has entries, which rejects loops
+//! of any shape, including a zero-length self-loop (hostile-inputs family 2). Every descriptor is
+//! copied out once ([`crate::desc::read_descriptor`]) before its fields are checked.
+
+use core::fmt;
+use core::marker::PhantomData;
+use core::ptr::NonNull;
+
+use crate::desc::{read_descriptor, DescFlags, DESC_SIZE};
+use crate::mem::{copy_bytes, GuestMemory, MemError};
+
+/// Default capacity of a [`Chain`]'s segment list.
+pub const DEFAULT_SEGMENTS: usize = 32;
+
+/// A chain that broke a rule of §2.7.5. Each variant names the rule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum ChainError {
+    /// A `next` index (or the head) is not below the table's entry count (family 1).
+    NextOutOfRange {
+        /// The offending index.
+        index: u16,
+    },
+    /// More descriptors than the table holds were visited: a loop, or a chain longer than the
+    /// queue size (§2.7.5.2 "MUST NOT create a descriptor chain longer than the Queue Size").
+    ChainTooLong,
+    /// A device-readable descriptor follows a device-writable one (§2.7.5.2).
+    ReadableAfterWritable,
+    /// The chain's total length exceeds 2^32 bytes (§2.7.5.2).
+    TotalLengthOverflow,
+    /// A buffer's `addr + len` overflows 64 bits (family 5).
+    AddressOverflow {
+        /// Buffer address.
+        addr: u64,
+        /// Buffer length.
+        len: u32,
+    },
+    /// Part of a buffer is not in guest memory.
+    Unmapped {
+        /// The guest address that could not be translated.
+        addr: u64,
+    },
+    /// `VIRTQ_DESC_F_INDIRECT` inside an indirect table (§2.7.5.3.1).
+    NestedIndirect,
+    /// `VIRTQ_DESC_F_INDIRECT` together with `VIRTQ_DESC_F_NEXT` (§2.7.5.3.1).
+    IndirectWithNext,
+    /// `VIRTQ_DESC_F_INDIRECT` without `VIRTIO_F_INDIRECT_DESC` negotiated (§2.7.5.3.1).
+    IndirectNotNegotiated,
+    /// An indirect table whose length is 0 or not a multiple of 16 (§2.7.5.3: the table is
+    /// `struct virtq_desc desc[len / 16]`).
+    IndirectLength {
+        /// The table's `len`.
+        len: u32,
+    },
+    /// An indirect table with more entries than the configured limit (default: queue size).
+    IndirectTooLarge {
+        /// Number of entries.
+        entries: u32,
+    },
+    /// An indirect table that is not contiguous in host memory (crosses a region boundary).
+    IndirectNotContiguous {
+        /// Guest address of the table.
+        addr: u64,
+    },
+    /// The chain has more non-empty buffer pieces than the segment list holds.
+    TooManySegments,
+}
+
+impl fmt::Display for ChainError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ChainError::NextOutOfRange { index } => write!(f, "descriptor index {index} out of range"),
+            ChainError::ChainTooLong => f.write_str("descriptor chain loops or exceeds the table size"),
+            ChainError::ReadableAfterWritable => f.write_str("device-readable descriptor after a device-writable one"),
+            ChainError::TotalLengthOverflow => f.write_str("chain longer than 2^32 bytes"),
+            ChainError::AddressOverflow { addr, len } => {
+                write!(f, "buffer {addr:#x}+{len:#x} overflows the address space")
+            }
+            ChainError::Unmapped { addr } => write!(f, "buffer address {addr:#x} is not in guest memory"),
+            ChainError::NestedIndirect => f.write_str("indirect descriptor inside an indirect table"),
+            ChainError::IndirectWithNext => f.write_str("descriptor has both INDIRECT and NEXT"),
+            ChainError::IndirectNotNegotiated => f.write_str("indirect descriptor without VIRTIO_F_INDIRECT_DESC"),
+            ChainError::IndirectLength { len } => {
+                write!(f, "indirect table length {len} is 0 or not a multiple of 16")
+            }
+            ChainError::IndirectTooLarge { entries } => {
+                write!(f, "indirect table with {entries} entries exceeds the limit")
+            }
+            ChainError::IndirectNotContiguous { addr } => {
+                write!(f, "indirect table at {addr:#x} is not contiguous in host memory")
+            }
+            ChainError::TooManySegments => f.write_str("chain has more segments than the device accepts"),
+        }
+    }
+}
+
+/// One host-contiguous piece of a guest buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment<'m> {
+    ptr: NonNull<u8>,
+    len: u32,
+    _mem: PhantomData<&'m ()>,
+}
+
+impl Segment<'_> {
+    const EMPTY: Self = Segment { ptr: NonNull::dangling(), len: 0, _mem: PhantomData };
+
+    /// Host address of the first byte. Guest memory: access it only through raw pointers.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Length in bytes (never 0: empty descriptors produce no segment).
+    pub fn len(&self) -> usize {
+        self.len as usize
+    }
+
+    /// Always false; segments are never empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// A validated descriptor chain: its head index and its buffers, translated to host memory,
+/// as device-readable segments followed by device-writable segments.
+///
+/// The segment list has a fixed capacity `N` (no allocation). Reuse one `Chain` across pops:
+/// [`SplitQueue::pop_into`](crate::SplitQueue::pop_into) clears and refills it in place.
+#[derive(Debug)]
+pub struct Chain<'m, const N: usize = DEFAULT_SEGMENTS> {
+    head: u16,
+    /// `segments[..len]` are valid; readable ones first (`..readable`), then writable ones.
+    segments: [Segment<'m>; N],
+    len: usize,
+    readable: usize,
+    readable_len: u32,
+    writable_len: u32,
+}
+
+// SAFETY: a chain's segments point into guest memory borrowed for `'m`; the data may be
+// accessed from whichever thread holds the chain, as the memory is shared with the guest anyway
+// and only accessed through raw pointers.
+unsafe impl<const N: usize> Send for Chain<'_, N> {}
+
+impl<const N: usize> Default for Chain<'_, N> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<'m, const N: usize> Chain<'m, N> {
+    /// An empty chain, ready to be filled by a pop.
+    pub const fn new() -> Self {
+        Chain { head: 0, segments: [Segment::EMPTY; N], len: 0, readable: 0, readable_len: 0, writable_len: 0 }
+    }
+
+    /// The head descriptor index: the `id` to put in the used ring.
+    pub fn head(&self) -> u16 {
+        self.head
+    }
+
+    /// Device-readable segments, in chain order.
+    pub fn readable(&self) -> &[Segment<'m>] {
+        &self.segments[..self.readable]
+    }
+
+    /// Device-writable segments, in chain order.
+    pub fn writable(&self) -> &[Segment<'m>] {
+        &self.segments[self.readable..self.len]
+    }
+
+    /// Total bytes in device-readable buffers.
+    pub fn readable_len(&self) -> u32 {
+        self.readable_len
+    }
+
+    /// Total bytes in device-writable buffers.
+    pub fn writable_len(&self) -> u32 {
+        self.writable_len
+    }
+
+    /// Copies device-readable bytes starting at byte `offset` of the readable part into `buf`;
+    /// returns how many bytes were copied (less than `buf.len()` at the end of the chain).
+    #[inline]
+    pub fn read_at(&self, offset: usize, buf: &mut [u8]) -> usize {
+        copy_segments(self.readable(), offset, buf.len(), |seg, at, n, done| {
+            // SAFETY: `seg` is valid for `seg.len()` bytes (GuestMemory contract, lifetime 'm),
+            // `at + n <= seg.len()` and `done + n <= buf.len()` (copy_segments); guest memory
+            // never overlaps a caller's Rust buffer.
+            unsafe { copy_bytes(seg.as_ptr().add(at), buf.as_mut_ptr().add(done), n) }
+        })
+    }
+
+    /// Copies `data` into the device-writable part starting at byte `offset`; returns how many
+    /// bytes were written (less than `data.len()` if the writable part is too short).
+    #[inline]
+    pub fn write_at(&self, offset: usize, data: &[u8]) -> usize {
+        copy_segments(self.writable(), offset, data.len(), |seg, at, n, done| {
+            // SAFETY: as in `read_at`, with the roles of source and destination swapped. The
+            // segment is device-writable, so writing it is allowed (§2.7.5.1).
+            unsafe { copy_bytes(data.as_ptr().add(done), seg.as_ptr().add(at), n) }
+        })
+    }
+}
+
+/// Walks `segs` from byte `offset`, calling `copy(segment, offset_in_segment, n, done_so_far)`
+/// for each piece, up to `total` bytes. Returns the bytes covered.
+#[inline(always)]
+fn copy_segments(
+    segs: &[Segment<'_>],
+    mut offset: usize,
+    total: usize,
+    mut copy: impl FnMut(&Segment<'_>, usize, usize, usize),
+) -> usize {
+    let mut done = 0;
+    for seg in segs {
+        if done == total {
+            break;
+        }
+        let len = seg.len();
+        if offset >= len {
+            offset -= len;
+            continue;
+        }
+        let n = (len - offset).min(total - done);
+        copy(seg, offset, n, done);
+        done += n;
+        offset = 0;
+    }
+    done
+}
+
+/// A descriptor table in host memory: the queue's, or an indirect one.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct DescTable {
+    pub(crate) ptr: NonNull<u8>,
+    pub(crate) entries: u32,
+    /// Host address 8-aligned: descriptors are read with two 64-bit loads.
+    pub(crate) aligned: bool,
+}
+
+impl DescTable {
+    pub(crate) fn new(ptr: NonNull<u8>, entries: u32) -> Self {
+        DescTable { ptr, entries, aligned: (ptr.as_ptr() as usize).is_multiple_of(8) }
+    }
+}
+
+/// Limits the device applies to chains beyond the spec's structural rules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChainLimits {
+    /// Whether `VIRTIO_F_INDIRECT_DESC` was negotiated.
+    pub indirect: bool,
+    /// Largest indirect table accepted, in entries (default: the queue size; hostile-inputs
+    /// family 4, propolis #1188).
+    pub max_indirect_entries: u32,
+}
+
+/// What a walk found besides the pieces it handed to its visitor.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WalkSummary {
+    /// Total bytes in device-readable buffers.
+    pub readable_len: u32,
+    /// Total bytes in device-writable buffers.
+    pub writable_len: u32,
+}
+
+/// Walks the chain starting at `head` of `table`, handing every host-contiguous piece of every
+/// non-empty buffer to `piece(ptr, len, writable)` in chain order. This is the one place the
+/// rules of §2.7.5 are enforced; [`Chain`] (segment lists) and the queue's fused copy paths
+/// are visitors.
+///
+/// Rules checked, each with its own [`ChainError`]: index range (§2.7.5.2), loop/length bound,
+/// readable-before-writable, total length ≤ 2^32, address overflow, translation of every byte,
+/// indirect rules (§2.7.5.3.1: not nested, not with NEXT, negotiated, `len` a non-zero multiple
+/// of 16, host-contiguous, within the limit). Zero or more direct descriptors followed by one
+/// indirect descriptor are accepted; the WRITE flag of the indirect-referring descriptor is
+/// ignored (§2.7.5.3.2 "MUST ignore the write-only flag"). Zero-length buffers are accepted and
+/// produce no piece.
+///
+/// A visitor may act on pieces before the walk has seen the whole chain (a fused copy); if the
+/// walk then fails, the caller discards what the visitor did and completes the head with len 0.
+/// Writing device-writable pieces early is harmless: the driver offered them for writing.
+#[inline(always)]
+pub(crate) fn walk_pieces<M, F>(
+    mem: &M,
+    table: DescTable,
+    head: u16,
+    limits: &ChainLimits,
+    mut piece: F,
+) -> Result<WalkSummary, ChainError>
+where
+    M: GuestMemory + ?Sized,
+    F: FnMut(NonNull<u8>, u32, bool) -> Result<(), ChainError>,
+{
+    let mut table = table;
+    let mut index = head;
+    let mut budget = table.entries;
+    let mut in_indirect = false;
+    // Running total of buffer lengths, and its value when the first writable buffer came
+    // (`u64::MAX` until then). A sum of at most 2 * 32768 32-bit lengths cannot overflow u64;
+    // the 2^32 limit is checked once at the end.
+    let mut total = 0u64;
+    let mut readable_len = u64::MAX;
+    loop {
+        if index as u32 >= table.entries {
+            return Err(ChainError::NextOutOfRange { index });
+        }
+        // `budget` counts the visits left in this table: a longer walk must revisit an entry.
+        if budget == 0 {
+            return Err(ChainError::ChainTooLong);
+        }
+        budget -= 1;
+        // SAFETY: `index < table.entries` and the table is valid for `entries * 16` bytes
+        // (queue set-up validated the queue's table; an indirect table is translated as a
+        // whole before use); `aligned` was computed from the table's address.
+        let d = unsafe { read_descriptor(table.ptr.as_ptr(), index, table.aligned) };
+        let flags = d.flags.bits();
+
+        if flags & DescFlags::INDIRECT.bits() != 0 {
+            table = indirect_table(mem, d, in_indirect, limits)?;
+            budget = table.entries;
+            index = 0;
+            in_indirect = true;
+            continue;
+        }
+
+        let writable = flags & DescFlags::WRITE.bits() != 0;
+        if writable {
+            if readable_len == u64::MAX {
+                readable_len = total;
+            }
+        } else if readable_len != u64::MAX {
+            return Err(ChainError::ReadableAfterWritable);
+        }
+        total += d.len as u64;
+
+        let mut left = d.len as u64;
+        let mut addr = d.addr;
+        if addr.checked_add(left).is_none() {
+            return Err(ChainError::AddressOverflow { addr, len: d.len });
+        }
+        while left > 0 {
+            let r = mem.translate(addr, left).map_err(|e| buffer_error(e, addr, d.len))?;
+            // Never trust the translator beyond what was asked (RUSTSEC-2023-0056).
+            let n = (r.len as u64).min(left);
+            if n == 0 {
+                return Err(ChainError::Unmapped { addr });
+            }
+            piece(r.ptr, n as u32, writable)?;
+            left -= n;
+            addr += n;
+        }
+
+        if flags & DescFlags::NEXT.bits() == 0 {
+            break;
+        }
+        index = d.next;
+    }
+    if total > u32::MAX as u64 {
+        return Err(ChainError::TotalLengthOverflow);
+    }
+    let readable_len = readable_len.min(total);
+    Ok(WalkSummary { readable_len: readable_len as u32, writable_len: (total - readable_len) as u32 })
+}
+
+/// Walks the chain at `head` into `out`'s segment lists (see [`walk_pieces`]). On error `out`
+/// is left empty (with `head` set).
+#[inline(always)]
+pub(crate) fn walk<'m, M: GuestMemory + ?Sized, const N: usize>(
+    mem: &'m M,
+    table: DescTable,
+    head: u16,
+    limits: &ChainLimits,
+    out: &mut Chain<'m, N>,
+) -> Result<(), ChainError> {
+    let mut segs = 0usize;
+    let mut readable = 0usize;
+    let segments = &mut out.segments;
+    let result = walk_pieces(mem, table, head, limits, |ptr, len, writable| {
+        let seg = segments.get_mut(segs).ok_or(ChainError::TooManySegments)?;
+        *seg = Segment { ptr, len, _mem: PhantomData };
+        segs += 1;
+        readable += !writable as usize;
+        Ok(())
+    });
+    out.head = head;
+    let sum = match result {
+        Ok(sum) => sum,
+        Err(e) => {
+            out.len = 0;
+            out.readable = 0;
+            out.readable_len = 0;
+            out.writable_len = 0;
+            return Err(e);
+        }
+    };
+    out.len = segs;
+    out.readable = readable;
+    out.readable_len = sum.readable_len;
+    out.writable_len = sum.writable_len;
+    Ok(())
+}
+
+/// Validates a descriptor with `VIRTQ_DESC_F_INDIRECT` and translates its table (§2.7.5.3.1).
+#[inline(never)]
+fn indirect_table<M: GuestMemory + ?Sized>(
+    mem: &M,
+    d: crate::desc::Descriptor,
+    in_indirect: bool,
+    limits: &ChainLimits,
+) -> Result<DescTable, ChainError> {
+    if in_indirect {
+        return Err(ChainError::NestedIndirect);
+    }
+    if !limits.indirect {
+        return Err(ChainError::IndirectNotNegotiated);
+    }
+    if d.flags.contains(DescFlags::NEXT) {
+        return Err(ChainError::IndirectWithNext);
+    }
+    if d.len == 0 || !(d.len as usize).is_multiple_of(DESC_SIZE) {
+        return Err(ChainError::IndirectLength { len: d.len });
+    }
+    let entries = d.len / DESC_SIZE as u32;
+    if entries > limits.max_indirect_entries {
+        return Err(ChainError::IndirectTooLarge { entries });
+    }
+    let ptr = mem.translate_contiguous(d.addr, d.len as u64).map_err(|e| match e {
+        MemError::Unmapped { addr } => ChainError::Unmapped { addr },
+        MemError::NotContiguous { .. } => ChainError::IndirectNotContiguous { addr: d.addr },
+        MemError::Overflow { addr, .. } => ChainError::AddressOverflow { addr, len: d.len },
+    })?;
+    Ok(DescTable::new(ptr, entries))
+}
+
+#[cold]
+fn buffer_error(e: MemError, addr: u64, len: u32) -> ChainError {
+    match e {
+        MemError::Unmapped { addr } | MemError::NotContiguous { addr } => ChainError::Unmapped { addr },
+        MemError::Overflow { .. } => ChainError::AddressOverflow { addr, len },
+    }
+}

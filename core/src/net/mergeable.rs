@@ -1,0 +1,248 @@
+//! Packets to the driver (VIRTIO 1.2 §5.1.6.3, §5.1.6.4): one receive buffer per packet, or,
+//! with `VIRTIO_NET_F_MRG_RXBUF`, as many as the packet needs with `num_buffers` set.
+//!
+//! Device rules implemented here (§5.1.6.4.1):
+//! - "MUST use only a single descriptor if VIRTIO_NET_F_MRG_RXBUF was not negotiated" and set
+//!   `num_buffers` to 1 (12-byte header).
+//! - With MRG_RXBUF: "MUST use all buffers but the last (i.e. the first num_buffers - 1
+//!   buffers) completely up to the full length of each buffer"; `num_buffers` is the number of
+//!   buffers; all buffers of one packet are published together by one used-index update.
+//! - Never a partial packet: every buffer is reserved before the packet is committed; when the
+//!   ring runs short the reserved heads are given back ([`crate::avail::AvailRing::rewind`]) and
+//!   [`RxError::NoBuffers`] is returned, so the caller can wait for a kick or drop the frame.
+//! - Without `VIRTIO_NET_F_GUEST_CSUM` the header's `flags` must be 0, and only negotiated GSO
+//!   types may be set ([`RxError::OffloadNotNegotiated`]).
+//!
+//! A malformed receive chain (one the chain walk rejects, one with device-readable buffers, or a
+//! first buffer shorter than the header, families 6 and 11) is completed with len 0 and skipped.
+//! Buffers already reserved for the packet before it are completed with len 0 too, so used
+//! entries stay in ring order (which IN_ORDER requires); this only ever happens to a driver
+//! that broke the spec.
+
+use core::fmt;
+
+use zerocopy::little_endian::U16;
+use zerocopy::IntoBytes;
+
+use super::header::*;
+use crate::chain::{Chain, DEFAULT_SEGMENTS};
+use crate::features::VirtioFeatures;
+use crate::log::log_warn;
+use crate::mem::GuestMemory;
+use crate::queue::{PopError, SplitQueue};
+
+/// Most buffers one merged packet may use (a 64 KiB GSO packet in 1526-byte buffers needs 44).
+pub const MAX_RX_BUFFERS: usize = 256;
+
+/// Why a frame was not placed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum RxError {
+    /// Not enough receive buffers are available yet; the buffers reserved for the frame were
+    /// given back. Malformed chains met on the way were consumed and completed with len 0 (not
+    /// yet published: call [`SplitQueue::publish`] before waiting for a kick).
+    NoBuffers,
+    /// The frame does not fit: without MRG_RXBUF the next buffer is too small, or with it even
+    /// a full ring of buffers is too small. The buffers were given back; drop the frame (and
+    /// count it). Waiting would not help.
+    FrameTooLarge {
+        /// Header plus frame bytes needed.
+        needed: u32,
+        /// Writable bytes in the buffer.
+        available: u32,
+    },
+    /// The frame needs more than [`MAX_RX_BUFFERS`] buffers; nothing was consumed.
+    TooManyBuffers,
+    /// The header asks for an offload the driver did not negotiate.
+    OffloadNotNegotiated,
+    /// The available ring itself is broken ([`PopError::AvailIndex`]).
+    Ring(PopError),
+}
+
+impl fmt::Display for RxError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RxError::NoBuffers => f.write_str("no receive buffers"),
+            RxError::FrameTooLarge { needed, available } => {
+                write!(f, "frame needs {needed} bytes, buffer has {available}")
+            }
+            RxError::TooManyBuffers => f.write_str("frame needs too many receive buffers"),
+            RxError::OffloadNotNegotiated => f.write_str("offload not negotiated by the driver"),
+            RxError::Ring(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// What [`receive`] placed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RxOutcome {
+    /// Buffers used (`num_buffers`).
+    pub buffers: u16,
+    /// Bytes written including the header.
+    pub bytes: u32,
+    /// Malformed chains completed with len 0 on the way (already logged).
+    pub bad_chains: u16,
+}
+
+/// Reusable working space for [`receive`]: two chains and the list of used entries. Keep one
+/// per receive queue; it holds nothing between calls. `N` bounds the segments of one receive
+/// chain: Linux without MRG_RXBUF but with guest TSO posts "big packet" chains of
+/// `2 + MAX_SKB_FRAGS` (19, or more with a larger MAX_SKB_FRAGS) descriptors.
+pub struct RxScratch<'m, const N: usize = DEFAULT_SEGMENTS> {
+    first: Chain<'m, N>,
+    cur: Chain<'m, N>,
+    used: heapless::Vec<(u16, u32), MAX_RX_BUFFERS>,
+}
+
+impl<const N: usize> Default for RxScratch<'_, N> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<const N: usize> RxScratch<'_, N> {
+    /// Empty scratch space.
+    pub const fn new() -> Self {
+        RxScratch { first: Chain::new(), cur: Chain::new(), used: heapless::Vec::new() }
+    }
+}
+
+/// Checks a device-built header against what the driver negotiated (§5.1.6.4.1).
+fn check_offloads(h: &VirtioNetHdr, features: VirtioFeatures) -> Result<(), RxError> {
+    if h.flags & (VIRTIO_NET_HDR_F_NEEDS_CSUM | VIRTIO_NET_HDR_F_DATA_VALID) != 0
+        && !features.contains(VirtioFeatures::NET_GUEST_CSUM)
+    {
+        return Err(RxError::OffloadNotNegotiated);
+    }
+    if h.flags & VIRTIO_NET_HDR_F_RSC_INFO != 0 {
+        return Err(RxError::OffloadNotNegotiated);
+    }
+    let needed = match h.gso_type & !VIRTIO_NET_HDR_GSO_ECN {
+        VIRTIO_NET_HDR_GSO_NONE => return Ok(()),
+        VIRTIO_NET_HDR_GSO_TCPV4 => VirtioFeatures::NET_GUEST_TSO4,
+        VIRTIO_NET_HDR_GSO_TCPV6 => VirtioFeatures::NET_GUEST_TSO6,
+        VIRTIO_NET_HDR_GSO_UDP => VirtioFeatures::NET_GUEST_UFO,
+        VIRTIO_NET_HDR_GSO_UDP_L4 => VirtioFeatures::NET_GUEST_USO4 | VirtioFeatures::NET_GUEST_USO6,
+        _ => return Err(RxError::OffloadNotNegotiated),
+    };
+    let ecn_ok = h.gso_type & VIRTIO_NET_HDR_GSO_ECN == 0 || features.contains(VirtioFeatures::NET_GUEST_ECN);
+    if features.intersects(needed) && ecn_ok {
+        Ok(())
+    } else {
+        Err(RxError::OffloadNotNegotiated)
+    }
+}
+
+/// Places one frame (`header` + `frame`) into the receive queue: one buffer, or with
+/// `VIRTIO_NET_F_MRG_RXBUF` in `features` as many as needed. The used entries are written but
+/// not published: call [`SplitQueue::publish`] once per batch.
+///
+/// `header.num_buffers` is overwritten. The header length follows [`header_len`].
+pub fn receive<'m, M: GuestMemory + ?Sized, const N: usize>(
+    queue: &mut SplitQueue<'m, M>,
+    scratch: &mut RxScratch<'m, N>,
+    features: VirtioFeatures,
+    header: &VirtioNetHdr,
+    frame: &[u8],
+) -> Result<RxOutcome, RxError> {
+    check_offloads(header, features)?;
+    let hdr_len = header_len(features);
+    let total = hdr_len + frame.len();
+    let needed = u32::try_from(total).map_err(|_| RxError::TooManyBuffers)?;
+    let mergeable = features.contains(VirtioFeatures::NET_MRG_RXBUF);
+    let mut out = RxOutcome::default();
+    scratch.used.clear();
+
+    // Phase 1: reserve buffers until the packet fits (nothing is written yet).
+    let mut capacity: u64 = 0;
+    while capacity < total as u64 {
+        let chain = if scratch.used.is_empty() { &mut scratch.first } else { &mut scratch.cur };
+        let bad = match queue.pop_uncompleted(chain) {
+            Ok(true) => {
+                let is_first = scratch.used.is_empty();
+                if !chain.readable().is_empty() || (is_first && (chain.writable_len() as usize) < hdr_len) {
+                    log_warn!("virtq-net: RX chain {=u16} unusable", chain.head());
+                    Some(chain.head())
+                } else {
+                    None
+                }
+            }
+            Ok(false) => {
+                let reserved = scratch.used.len() as u16;
+                queue.rewind(reserved);
+                if reserved == queue.size() {
+                    // The whole ring is reserved and still too small: no kick will ever come.
+                    return Err(RxError::FrameTooLarge { needed, available: capacity.min(u32::MAX as u64) as u32 });
+                }
+                return Err(RxError::NoBuffers);
+            }
+            Err(PopError::Chain { head, .. }) => Some(head),
+            Err(PopError::HeadOutOfRange { .. }) => {
+                // Nothing to complete; the slot is consumed. Buffers reserved before it can no
+                // longer be given back in order, so return them empty.
+                out.bad_chains += 1;
+                release_empty(queue, scratch);
+                capacity = 0;
+                continue;
+            }
+            Err(e @ PopError::AvailIndex(_)) => {
+                queue.rewind(scratch.used.len() as u16);
+                return Err(RxError::Ring(e));
+            }
+        };
+        if let Some(head) = bad {
+            out.bad_chains += 1;
+            release_empty(queue, scratch);
+            queue.push(head, 0);
+            capacity = 0;
+            continue;
+        }
+        let chain = if scratch.used.is_empty() { &scratch.first } else { &scratch.cur };
+        let cap = chain.writable_len();
+        if !mergeable && (cap as usize) < total {
+            queue.rewind(1);
+            return Err(RxError::FrameTooLarge { needed, available: cap });
+        }
+        if scratch.used.push((chain.head(), cap)).is_err() {
+            queue.rewind(scratch.used.len() as u16 + 1);
+            return Err(RxError::TooManyBuffers);
+        }
+        // Data for buffers after the first is written as they are reserved: until the used
+        // index moves, the driver does not look at them, and on shortage they are given back.
+        if scratch.used.len() > 1 {
+            let start = capacity as usize - hdr_len;
+            let n = scratch.cur.write_at(0, &frame[start.min(frame.len())..]);
+            if let Some(last) = scratch.used.last_mut() {
+                last.1 = n as u32;
+            }
+        }
+        capacity += cap as u64;
+    }
+
+    // Phase 2: the first buffer gets the header (with num_buffers) and the frame's start.
+    let count = scratch.used.len() as u16;
+    let mut hdr = *header;
+    hdr.num_buffers = U16::new(count);
+    let first = &scratch.first;
+    first.write_at(0, &hdr.as_bytes()[..hdr_len]);
+    let n0 = first.write_at(hdr_len, &frame[..frame.len().min(first.writable_len() as usize - hdr_len)]);
+    scratch.used[0].1 = (hdr_len + n0) as u32;
+
+    for &(head, len) in scratch.used.iter() {
+        queue.push(head, len);
+        out.bytes += len;
+    }
+    out.buffers = count;
+    Ok(out)
+}
+
+/// Completes every reserved buffer with len 0 (in ring order) and forgets them.
+fn release_empty<M: GuestMemory + ?Sized, const N: usize>(
+    queue: &mut SplitQueue<'_, M>,
+    scratch: &mut RxScratch<'_, N>,
+) {
+    for &(head, _) in scratch.used.iter() {
+        queue.push(head, 0);
+    }
+    scratch.used.clear();
+}

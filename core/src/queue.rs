@@ -1,0 +1,492 @@
+//! A split virtqueue, device side (VIRTIO 1.2 §2.7): validated set-up, the available half
+//! ([`AvailRing`]), the used half ([`UsedRing`]) and the chain walk, over guest memory borrowed
+//! for `'m`.
+//!
+//! ## Error policy
+//! | error | what the queue does |
+//! |---|---|
+//! | [`PopError::AvailIndex`] (`avail.idx` jumped by more than the queue size or moved back) | consumes nothing; the error repeats until the driver fixes the index. The owner should stop the ring or flag `DEVICE_NEEDS_RESET`. |
+//! | [`PopError::HeadOutOfRange`] (head index ≥ queue size) | the ring slot is consumed; nothing is completed (there is no valid id to return, and Linux marks a ring broken on an out-of-range used id). |
+//! | [`PopError::Chain`] (any [`ChainError`]) | the slot is consumed and the head is completed at once with used `len` 0, so the driver gets its descriptors back and the queue never stalls (cloud-hypervisor #8401, openvmm #4045). The completion becomes visible at the next [`SplitQueue::publish`]. |
+
+use core::fmt;
+use core::ptr::NonNull;
+
+use crate::avail::{AvailIndexError, AvailRing};
+use crate::chain::{walk, walk_pieces, Chain, ChainError, ChainLimits, DescTable, WalkSummary};
+use crate::desc::DESC_SIZE;
+use crate::features::VirtioFeatures;
+use crate::log::log_warn;
+use crate::mem::{copy_bytes, GuestMemory, MemError};
+use crate::used::UsedRing;
+
+/// Largest queue size the spec allows (§2.7: "The maximum Queue Size value is 32768").
+pub const MAX_QUEUE_SIZE: u16 = 32768;
+
+/// Where the driver placed a queue (guest addresses, or front-end addresses for vhost-user
+/// rings) and its size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct QueueConfig {
+    /// Queue size: a power of two, 1..=32768.
+    pub size: u16,
+    /// Descriptor table, 16-aligned, `16 * size` bytes.
+    pub desc_table: u64,
+    /// Available ring, 2-aligned, `6 + 2 * size` bytes.
+    pub avail_ring: u64,
+    /// Used ring, 4-aligned, `6 + 8 * size` bytes.
+    pub used_ring: u64,
+}
+
+impl QueueConfig {
+    /// Bytes of the descriptor table.
+    pub fn desc_table_len(&self) -> u64 {
+        DESC_SIZE as u64 * self.size as u64
+    }
+
+    /// Bytes of the available ring including `used_event`.
+    pub fn avail_ring_len(&self) -> u64 {
+        6 + 2 * self.size as u64
+    }
+
+    /// Bytes of the used ring including `avail_event`.
+    pub fn used_ring_len(&self) -> u64 {
+        6 + 8 * self.size as u64
+    }
+}
+
+/// The three areas of a split queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum RingPart {
+    /// The descriptor table.
+    DescTable,
+    /// The available ring.
+    AvailRing,
+    /// The used ring.
+    UsedRing,
+}
+
+/// Why a queue could not be set up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum QueueError {
+    /// Size 0, not a power of two, or above 32768 (§2.7).
+    InvalidSize {
+        /// The size given.
+        size: u16,
+    },
+    /// A ring's guest address is not aligned as §2.7 requires (16 / 2 / 4 bytes).
+    Misaligned {
+        /// Which ring.
+        part: RingPart,
+        /// Its address.
+        addr: u64,
+    },
+    /// A ring is not entirely inside guest memory, or not host-contiguous.
+    Unmapped {
+        /// Which ring.
+        part: RingPart,
+        /// Translation failure.
+        error: MemError,
+    },
+    /// A ring's host address is not aligned for atomic access (a memory back-end problem).
+    HostMisaligned {
+        /// Which ring.
+        part: RingPart,
+    },
+    /// The used ring overlaps the descriptor table or the available ring: the device would
+    /// write what it must only read (§2.7.5.1 "MUST NOT write to any descriptor table entry").
+    Overlap {
+        /// The ring the used ring overlaps.
+        part: RingPart,
+    },
+}
+
+impl fmt::Display for QueueError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            QueueError::InvalidSize { size } => {
+                write!(f, "queue size {size} is not a power of two in 1..=32768")
+            }
+            QueueError::Misaligned { part, addr } => write!(f, "{part:?} at {addr:#x} is misaligned"),
+            QueueError::Unmapped { part, error } => write!(f, "{part:?}: {error}"),
+            QueueError::HostMisaligned { part } => {
+                write!(f, "{part:?} host mapping is misaligned")
+            }
+            QueueError::Overlap { part } => write!(f, "used ring overlaps the {part:?}"),
+        }
+    }
+}
+
+/// A chain could not be taken from the available ring. See the module's error policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum PopError {
+    /// `avail.idx` is invalid; nothing was consumed.
+    AvailIndex(AvailIndexError),
+    /// The ring slot held a head index ≥ queue size; the slot was consumed.
+    HeadOutOfRange {
+        /// The head index read from the ring.
+        head: u16,
+    },
+    /// The chain at `head` is malformed; it was completed with used `len` 0.
+    Chain {
+        /// The chain's head index (already completed).
+        head: u16,
+        /// What was wrong.
+        error: ChainError,
+    },
+}
+
+impl From<AvailIndexError> for PopError {
+    fn from(e: AvailIndexError) -> Self {
+        PopError::AvailIndex(e)
+    }
+}
+
+impl fmt::Display for PopError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PopError::AvailIndex(e) => {
+                write!(f, "avail.idx {} is more than the queue size ahead of {}", e.avail_idx, e.next_avail)
+            }
+            PopError::HeadOutOfRange { head } => write!(f, "head index {head} out of range"),
+            PopError::Chain { head, error } => write!(f, "chain at head {head}: {error}"),
+        }
+    }
+}
+
+/// A chain taken by [`SplitQueue::pop_read`] or [`SplitQueue::pop_write`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CopiedChain {
+    /// Head index: the `id` to complete.
+    pub head: u16,
+    /// Bytes copied (out of the readable part, or into the writable part).
+    pub bytes: u32,
+    /// Total bytes in the chain's device-readable buffers.
+    pub readable_len: u32,
+    /// Total bytes in the chain's device-writable buffers.
+    pub writable_len: u32,
+}
+
+impl CopiedChain {
+    fn new(head: u16, bytes: usize, sum: WalkSummary) -> Self {
+        CopiedChain { head, bytes: bytes as u32, readable_len: sum.readable_len, writable_len: sum.writable_len }
+    }
+}
+
+/// A split virtqueue, device side, over guest memory `M` borrowed for `'m`.
+///
+/// Typical device loop:
+/// ```ignore
+/// let mut chain = Chain::<16>::new();
+/// while queue.pop_into(&mut chain)? {   // PopError::Chain: logged, head already completed
+///     let n = process(&chain);
+///     queue.push(chain.head(), n);
+/// }
+/// if queue.publish() { notify_driver(); }
+/// ```
+#[derive(Debug)]
+pub struct SplitQueue<'m, M: GuestMemory + ?Sized> {
+    mem: &'m M,
+    desc: DescTable,
+    avail: AvailRing,
+    used: UsedRing,
+    limits: ChainLimits,
+    in_order: bool,
+    notify_on_empty: bool,
+    config: QueueConfig,
+}
+
+impl<'m, M: GuestMemory + ?Sized> SplitQueue<'m, M> {
+    /// Sets up a queue whose rings and buffers are both addressed in `mem`.
+    ///
+    /// The next available index starts at 0 and the next used index is read from `used.idx`
+    /// in guest memory; see [`set_next_avail`](Self::set_next_avail) to resume elsewhere.
+    pub fn new(mem: &'m M, config: QueueConfig, features: VirtioFeatures) -> Result<Self, QueueError> {
+        Self::with_ring_memory(mem, mem, config, features)
+    }
+
+    /// Sets up a queue whose ring addresses are translated by `rings` (e.g. vhost-user front-end
+    /// virtual addresses) and whose buffers are translated by `mem` (guest physical addresses).
+    pub fn with_ring_memory<R: GuestMemory + ?Sized>(
+        mem: &'m M,
+        rings: &'m R,
+        config: QueueConfig,
+        features: VirtioFeatures,
+    ) -> Result<Self, QueueError> {
+        let size = config.size;
+        if size == 0 || !size.is_power_of_two() || size > MAX_QUEUE_SIZE {
+            return Err(QueueError::InvalidSize { size });
+        }
+        let parts = [
+            (RingPart::DescTable, config.desc_table, config.desc_table_len(), 16u64),
+            (RingPart::AvailRing, config.avail_ring, config.avail_ring_len(), 2),
+            (RingPart::UsedRing, config.used_ring, config.used_ring_len(), 4),
+        ];
+        let mut ptrs = [NonNull::dangling(); 3];
+        for (i, &(part, addr, len, align)) in parts.iter().enumerate() {
+            if addr % align != 0 {
+                return Err(QueueError::Misaligned { part, addr });
+            }
+            let ptr = rings.translate_contiguous(addr, len).map_err(|error| QueueError::Unmapped { part, error })?;
+            // Atomic accesses need the host address aligned too (descriptor reads fall back to
+            // byte loads, so the table only needs what the used/avail rings need).
+            if !(ptr.as_ptr() as usize).is_multiple_of(align.min(4) as usize) {
+                return Err(QueueError::HostMisaligned { part });
+            }
+            ptrs[i] = ptr;
+        }
+        // The used ring is the only area the device writes; it must not overlap the others.
+        let used = (config.used_ring, config.used_ring + config.used_ring_len());
+        for &(part, addr, len, _) in &parts[..2] {
+            if addr < used.1 && used.0 < addr + len {
+                return Err(QueueError::Overlap { part });
+            }
+        }
+        let event_idx = features.contains(VirtioFeatures::RING_EVENT_IDX);
+        // SAFETY: both rings were translated as contiguous host ranges of their full lengths,
+        // checked for alignment, and stay valid for 'm (GuestMemory contract).
+        let (avail, mut used) = unsafe {
+            (AvailRing::new(ptrs[1], ptrs[2], size, event_idx), UsedRing::new(ptrs[2], ptrs[1], size, event_idx))
+        };
+        used.sync_from_guest();
+        Ok(SplitQueue {
+            mem,
+            desc: DescTable::new(ptrs[0], size as u32),
+            avail,
+            used,
+            limits: ChainLimits {
+                indirect: features.contains(VirtioFeatures::RING_INDIRECT_DESC),
+                max_indirect_entries: size as u32,
+            },
+            in_order: features.contains(VirtioFeatures::IN_ORDER),
+            notify_on_empty: features.contains(VirtioFeatures::NOTIFY_ON_EMPTY),
+            config,
+        })
+    }
+
+    /// The configuration the queue was set up with.
+    pub fn config(&self) -> &QueueConfig {
+        &self.config
+    }
+
+    /// Queue size.
+    pub fn size(&self) -> u16 {
+        self.config.size
+    }
+
+    /// The guest memory buffers are translated in.
+    pub fn memory(&self) -> &'m M {
+        self.mem
+    }
+
+    /// Sets the largest indirect table accepted, in entries (default: the queue size).
+    pub fn set_max_indirect_entries(&mut self, entries: u32) {
+        self.limits.max_indirect_entries = entries;
+    }
+
+    /// The available half.
+    pub fn avail(&mut self) -> &mut AvailRing {
+        &mut self.avail
+    }
+
+    /// The used half.
+    pub fn used(&mut self) -> &mut UsedRing {
+        &mut self.used
+    }
+
+    /// Next available index to consume.
+    pub fn next_avail(&self) -> u16 {
+        self.avail.next_avail()
+    }
+
+    /// Sets the next available index (vhost-user `SET_VRING_BASE`, or resuming).
+    pub fn set_next_avail(&mut self, idx: u16) {
+        self.avail.set_next_avail(idx);
+    }
+
+    /// Next used index (what `used.idx` will be after the pending elements are published).
+    pub fn next_used(&self) -> u16 {
+        self.used.next_used()
+    }
+
+    /// Whether `VIRTIO_F_IN_ORDER` was negotiated.
+    pub fn in_order(&self) -> bool {
+        self.in_order
+    }
+
+    /// Takes the next chain into `chain` (cleared first). `Ok(false)` when the ring is empty.
+    ///
+    /// On [`PopError::Chain`] the head was already completed with len 0 (see the module's error
+    /// policy): log it and keep popping.
+    #[inline]
+    pub fn pop_into<const N: usize>(&mut self, chain: &mut Chain<'m, N>) -> Result<bool, PopError> {
+        let Some(head) = self.avail.next_head()? else {
+            return Ok(false);
+        };
+        self.walk_head(head, chain, true)?;
+        Ok(true)
+    }
+
+    /// Takes the next chain and copies its device-readable part into `buf` in the same pass
+    /// that validates it, without building a segment list: the fastest way for a device that
+    /// consumes whole chains (virtio-net TX into a local buffer).
+    ///
+    /// `Ok(None)` when the ring is empty. The chain is not completed: push `head` when done.
+    /// If `buf` is shorter than the readable part, the first `buf.len()` bytes are copied and
+    /// [`CopiedChain::readable_len`] tells how much there was. On [`PopError::Chain`] the head
+    /// was completed with len 0 and `buf` holds garbage.
+    #[inline]
+    pub fn pop_read(&mut self, buf: &mut [u8]) -> Result<Option<CopiedChain>, PopError> {
+        let mut done = 0usize;
+        let dst = buf.as_mut_ptr();
+        let cap = buf.len();
+        self.pop_with(|ptr, len, writable| {
+            if !writable {
+                let n = (len as usize).min(cap - done);
+                // SAFETY: `ptr` is valid for `len >= n` bytes of guest memory (GuestMemory
+                // contract, borrowed for 'm); `done + n <= cap` bytes of `buf`; guest memory
+                // never overlaps a Rust buffer.
+                unsafe { copy_bytes(ptr.as_ptr(), dst.add(done), n) };
+                done += n;
+            }
+            Ok(())
+        })
+        .map(|o| o.map(|(head, sum)| CopiedChain::new(head, done, sum)))
+    }
+
+    /// Takes the next chain and writes `data` into its device-writable part in the same pass
+    /// that validates it (device-readable buffers are skipped, never written). The fastest way
+    /// to fill a receive buffer from one contiguous frame.
+    ///
+    /// `Ok(None)` when the ring is empty. The chain is not completed: push `head` with
+    /// [`CopiedChain::bytes`]. If the writable part is shorter than `data`, it is filled and
+    /// [`CopiedChain::writable_len`] tells its size.
+    #[inline]
+    pub fn pop_write(&mut self, data: &[u8]) -> Result<Option<CopiedChain>, PopError> {
+        let mut done = 0usize;
+        self.pop_with(|ptr, len, writable| {
+            if writable {
+                let n = (len as usize).min(data.len() - done);
+                // SAFETY: as in `pop_read`, with `data[done..done + n]` as the source; the
+                // piece is device-writable, so writing it is allowed (§2.7.5.1).
+                unsafe { copy_bytes(data.as_ptr().add(done), ptr.as_ptr(), n) };
+                done += n;
+            }
+            Ok(())
+        })
+        .map(|o| o.map(|(head, sum)| CopiedChain::new(head, done, sum)))
+    }
+
+    #[inline(always)]
+    fn pop_with<F>(&mut self, piece: F) -> Result<Option<(u16, WalkSummary)>, PopError>
+    where
+        F: FnMut(NonNull<u8>, u32, bool) -> Result<(), ChainError>,
+    {
+        let Some(head) = self.avail.next_head()? else {
+            return Ok(None);
+        };
+        if head >= self.config.size {
+            log_warn!("virtq: head index {=u16} out of range", head);
+            return Err(PopError::HeadOutOfRange { head });
+        }
+        match walk_pieces(self.mem, self.desc, head, &self.limits, piece) {
+            Ok(sum) => Ok(Some((head, sum))),
+            Err(error) => {
+                log_warn!("virtq: malformed chain at head {=u16}: {}", head, error);
+                self.used.push(head, 0);
+                Err(PopError::Chain { head, error })
+            }
+        }
+    }
+
+    /// Takes the next chain, returned by value. Prefer [`pop_into`](Self::pop_into) with a
+    /// reused [`Chain`] on hot paths: a chain with many segments is large to move.
+    pub fn pop<const N: usize>(&mut self) -> Result<Option<Chain<'m, N>>, PopError> {
+        let mut chain = Chain::new();
+        Ok(self.pop_into(&mut chain)?.then_some(chain))
+    }
+
+    /// Like [`pop_into`](Self::pop_into) but a malformed chain is handed back as an error
+    /// without being completed, so a caller that gathers several chains for one packet can
+    /// decide the order of completions. The caller must complete `head` (len 0) itself.
+    pub(crate) fn pop_uncompleted<const N: usize>(&mut self, chain: &mut Chain<'m, N>) -> Result<bool, PopError> {
+        let Some(head) = self.avail.next_head()? else {
+            return Ok(false);
+        };
+        self.walk_head(head, chain, false)?;
+        Ok(true)
+    }
+
+    #[inline]
+    fn walk_head<const N: usize>(
+        &mut self,
+        head: u16,
+        chain: &mut Chain<'m, N>,
+        complete_bad: bool,
+    ) -> Result<(), PopError> {
+        if head >= self.config.size {
+            log_warn!("virtq: head index {=u16} out of range", head);
+            return Err(PopError::HeadOutOfRange { head });
+        }
+        if let Err(error) = walk(self.mem, self.desc, head, &self.limits, chain) {
+            log_warn!("virtq: malformed chain at head {=u16}: {}", head, error);
+            if complete_bad {
+                self.used.push(head, 0);
+            }
+            return Err(PopError::Chain { head, error });
+        }
+        Ok(())
+    }
+
+    /// Gives back the last `n` heads taken and not completed.
+    pub fn rewind(&mut self, n: u16) {
+        self.avail.rewind(n);
+    }
+
+    /// Completes a chain: writes the used element `{head, len}` (visible at the next
+    /// [`publish`](Self::publish)). `len` = bytes written into the device-writable part.
+    #[inline]
+    pub fn push(&mut self, head: u16, len: u32) {
+        self.used.push(head, len);
+    }
+
+    /// IN_ORDER batched completion of `count` chains ending with `last_head`
+    /// (§2.7.8.2). Falls back to nothing special if IN_ORDER was not negotiated: then every
+    /// chain must be pushed individually, so this returns `false` and writes nothing.
+    #[must_use]
+    pub fn push_in_order_batch(&mut self, last_head: u16, last_len: u32, count: u16) -> bool {
+        if !self.in_order {
+            return false;
+        }
+        self.used.push_in_order_batch(last_head, last_len, count);
+        true
+    }
+
+    /// Publishes all pushed completions with one `used.idx` store and returns whether the
+    /// driver must be notified (EVENT_IDX or `NO_INTERRUPT`, §2.7.10, plus
+    /// `VIRTIO_F_NOTIFY_ON_EMPTY`: notify when the device ran out of buffers, §6.3.2).
+    #[must_use]
+    #[inline]
+    pub fn publish(&mut self) -> bool {
+        let had_new = self.used.unpublished() != 0;
+        let notify = self.used.publish();
+        if !notify && had_new && self.notify_on_empty {
+            return matches!(self.avail.refresh(), Ok(0));
+        }
+        notify
+    }
+
+    /// Asks the driver not to kick (§2.7.10).
+    pub fn disable_notifications(&mut self) {
+        self.avail.disable_notifications();
+    }
+
+    /// Asks the driver to kick again; `Ok(true)` means buffers arrived meanwhile and must be
+    /// processed before sleeping (the re-check race is closed with a full fence).
+    pub fn enable_notifications(&mut self) -> Result<bool, PopError> {
+        Ok(self.avail.enable_notifications()?)
+    }
+}

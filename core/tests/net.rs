@@ -1,0 +1,1099 @@
+//! virtio-net device obligations (VIRTIO 1.2 §5.1.6; spec-obligations §6.2) and hostile-input
+//! families 6, 9, 10 and 11 (shared/reference/hostile-inputs.md), driven by the in-tree test
+//! driver: TX chains parsed with `parse_tx`, RX frames placed with `receive`, and every result
+//! checked in guest memory (used ring entries, `used.idx`, bytes read back).
+
+mod common;
+
+use common::{queue, setup, Guest, GPA};
+use virtq::avail::AvailIndexError;
+use virtq::desc::{DescFlags, Descriptor};
+use virtq::net::header::*;
+use virtq::net::mergeable::MAX_RX_BUFFERS;
+use virtq::net::tx::validate_tx_header;
+use virtq::net::{header_len, parse_tx, receive, RxError, RxOutcome, RxScratch, TxError, TxPacket, VirtioNetHdr};
+use virtq::testing::{layout, Buf, TestDriver};
+use virtq::{Chain, PopError, RegionTable, VirtioFeatures};
+use zerocopy::little_endian::U16;
+use zerocopy::IntoBytes;
+
+type Driver<'g> = TestDriver<'g, RegionTable<8>>;
+
+/// Modern header (12 bytes), no mergeable buffers.
+const V1: VirtioFeatures = VirtioFeatures::VERSION_1;
+/// Modern header with mergeable receive buffers.
+const MRG: VirtioFeatures = VirtioFeatures::VERSION_1.union(VirtioFeatures::NET_MRG_RXBUF);
+/// Byte the tests pre-fill receive buffers with, to see what the device left untouched.
+const FILL: u8 = 0xEE;
+/// Byte pattern of device-readable buffers that `receive` must never write.
+const RO: u8 = 0x5A;
+
+fn feats(extra: VirtioFeatures) -> VirtioFeatures {
+    V1 | extra
+}
+
+/// A header with the given `flags` and `gso_type`, every other field 0.
+fn hdr(flags: u8, gso_type: u8) -> VirtioNetHdr {
+    VirtioNetHdr { flags, gso_type, ..VirtioNetHdr::default() }
+}
+
+/// `hdr` with checksum fields.
+fn csum_hdr(start: u16, offset: u16) -> VirtioNetHdr {
+    VirtioNetHdr {
+        csum_start: U16::new(start),
+        csum_offset: U16::new(offset),
+        ..hdr(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_NONE)
+    }
+}
+
+/// A TCPv4 GSO header with a valid checksum request for a frame of at least 54 bytes.
+fn tso4_hdr(gso_size: u16) -> VirtioNetHdr {
+    VirtioNetHdr {
+        gso_type: VIRTIO_NET_HDR_GSO_TCPV4,
+        gso_size: U16::new(gso_size),
+        hdr_len: U16::new(54),
+        ..csum_hdr(34, 16)
+    }
+}
+
+/// A recognisable frame (a position-dependent byte pattern).
+fn frame(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 + 1) as u8 ^ (i >> 8) as u8).collect()
+}
+
+/// The header bytes a driver puts in front of a TX frame (first `len` bytes of `h`).
+fn hdr_bytes(h: &VirtioNetHdr, len: usize) -> Vec<u8> {
+    h.as_bytes()[..len].to_vec()
+}
+
+/// The 12 header bytes the device must write on RX: `h` with `num_buffers` replaced.
+fn rx_hdr(h: &VirtioNetHdr, num_buffers: u16) -> Vec<u8> {
+    let mut h = *h;
+    h.num_buffers = U16::new(num_buffers);
+    h.as_bytes().to_vec()
+}
+
+fn read(drv: &Driver<'_>, addr: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    drv.read(addr, &mut v);
+    v
+}
+
+/// Builds `bufs` as one chain and publishes it; returns the head and each buffer's address.
+fn add(drv: &mut Driver<'_>, bufs: &[Buf<'_>]) -> (u16, Vec<u64>) {
+    let mut addrs = vec![0u64; bufs.len()];
+    let head = drv.build_chain(bufs, &mut addrs);
+    drv.publish(head);
+    (head, addrs)
+}
+
+/// Publishes a one-descriptor receive buffer of `len` bytes pre-filled with `FILL`.
+fn add_rx(drv: &mut Driver<'_>, len: u32) -> (u16, u64) {
+    let (head, addrs) = add(drv, &[Buf::writable(len)]);
+    drv.write(addrs[0], &vec![FILL; len as usize]);
+    (head, addrs[0])
+}
+
+/// Builds `bufs` as the only chain of a fresh TX queue, pops it and parses it with `f`. On
+/// success also returns the frame as `read_frame` copies it (checked to be `frame_len` bytes).
+fn tx(bufs: &[Buf<'_>], f: VirtioFeatures) -> Result<(TxPacket, Vec<u8>), TxError> {
+    tx_chain(bufs, f, false)
+}
+
+/// `tx`, with the buffers either direct or in an indirect table (RING_INDIRECT_DESC added to
+/// the queue's features).
+fn tx_chain(bufs: &[Buf<'_>], f: VirtioFeatures, indirect: bool) -> Result<(TxPacket, Vec<u8>), TxError> {
+    let g = Guest::new(1 << 20);
+    let (cfg, mut drv) = setup(&g, 16);
+    let mut q = queue(&g, cfg, f | VirtioFeatures::RING_INDIRECT_DESC);
+    if indirect {
+        drv.add_indirect_chain(bufs);
+    } else {
+        add(&mut drv, bufs);
+    }
+    let mut chain = Chain::<32>::new();
+    assert_eq!(q.pop_into(&mut chain), Ok(true), "TX chain should walk");
+    let pkt = parse_tx(&chain, f)?;
+    // A larger buffer shows `read_frame` stops at the end of the frame.
+    let mut out = vec![0u8; pkt.frame_len as usize + 64];
+    let n = pkt.read_frame(&chain, &mut out);
+    assert_eq!(n, pkt.frame_len as usize, "read_frame copies exactly the frame");
+    out.truncate(n);
+    Ok((pkt, out))
+}
+
+/// A TX chain of a 12-byte header `h` and a `frame_len`-byte frame, in two descriptors.
+fn tx_hdr(h: &VirtioNetHdr, frame_len: usize, f: VirtioFeatures) -> Result<TxPacket, TxError> {
+    let (hb, fr) = (hdr_bytes(h, 12), frame(frame_len));
+    tx(&[Buf::readable(&hb), Buf::readable(&fr)], f).map(|(p, _)| p)
+}
+
+// ---- TX: §5.1.6.2 and family 9 -----------------------------------------------------------
+
+/// §5.1.6.2: header in one descriptor, frame in the next; frame bytes come back exactly.
+#[test]
+fn tx_header_and_frame_in_two_descriptors() {
+    let h = VirtioNetHdr { gso_size: U16::new(1448), ..csum_hdr(34, 16) };
+    let fr = frame(60);
+    let hb = hdr_bytes(&h, 12);
+    let f = feats(VirtioFeatures::NET_CSUM);
+    let (pkt, got) = tx(&[Buf::readable(&hb), Buf::readable(&fr)], f).unwrap();
+    assert_eq!(pkt, TxPacket { header: h, header_len: 12, frame_len: 60 });
+    assert_eq!(pkt.header.csum_start.get(), 34);
+    assert_eq!(pkt.header.csum_offset.get(), 16);
+    assert_eq!(got, fr);
+}
+
+/// Family 9: the header split 5+4+3 over three descriptors (gso_size straddles the first
+/// boundary, csum_start the second) parses exactly as the two-descriptor layout; also with the
+/// last header byte sharing a descriptor with the frame's start.
+#[test]
+fn tx_header_split_over_three_descriptors_family9() {
+    let h = VirtioNetHdr { hdr_len: U16::new(0x0136), gso_size: U16::new(0x05A8), ..csum_hdr(0x0122, 0x0010) };
+    let f = feats(VirtioFeatures::NET_CSUM);
+    let fr = frame(400);
+    let hb = hdr_bytes(&h, 12);
+    let reference = tx(&[Buf::readable(&hb), Buf::readable(&fr)], f).unwrap();
+    assert_eq!(reference.0.header, h);
+
+    let split =
+        tx(&[Buf::readable(&hb[..5]), Buf::readable(&hb[5..9]), Buf::readable(&hb[9..]), Buf::readable(&fr)], f)
+            .unwrap();
+    assert_eq!(split, reference);
+
+    // 5 + 4 + (3 header bytes + 10 frame bytes) + rest of frame.
+    let mut mixed = hb[9..].to_vec();
+    mixed.extend_from_slice(&fr[..10]);
+    let mixed =
+        tx(&[Buf::readable(&hb[..5]), Buf::readable(&hb[5..9]), Buf::readable(&mixed), Buf::readable(&fr[10..])], f)
+            .unwrap();
+    assert_eq!(mixed, reference);
+    assert_eq!(mixed.1, fr);
+
+    // One byte per descriptor for the whole header.
+    let mut bufs: Vec<Buf<'_>> = hb.chunks(1).map(Buf::readable).collect();
+    bufs.push(Buf::readable(&fr));
+    assert_eq!(tx(&bufs, f).unwrap(), reference);
+
+    // Zero-length descriptors between the pieces, and the same split inside an indirect table.
+    let with_empty = [
+        Buf::readable(&hb[..5]),
+        Buf::readable(&[]),
+        Buf::readable(&hb[5..9]),
+        Buf::readable(&[]),
+        Buf::readable(&hb[9..]),
+        Buf::readable(&fr),
+    ];
+    assert_eq!(tx(&with_empty, f).unwrap(), reference);
+    assert_eq!(tx_chain(&with_empty, f, true).unwrap(), reference);
+}
+
+/// DPDK CVE-2022-2132: a chain no longer than the header holds no packet; `len` is the chain's
+/// readable length, whether the bytes are in one descriptor or several.
+#[test]
+fn tx_chain_not_longer_than_header_is_too_short_cve_2022_2132() {
+    let hb = hdr_bytes(&hdr(0, 0), 12);
+    assert_eq!(tx(&[Buf::readable(&hb)], V1), Err(TxError::TooShort { len: 12 }));
+    assert_eq!(tx(&[Buf::readable(&hb[..6]), Buf::readable(&hb[6..])], V1), Err(TxError::TooShort { len: 12 }));
+    assert_eq!(tx(&[Buf::readable(&hb[..11])], V1), Err(TxError::TooShort { len: 11 }));
+    assert_eq!(tx(&[Buf::readable(&hb[..1])], V1), Err(TxError::TooShort { len: 1 }));
+    // A chain of one zero-length descriptor.
+    assert_eq!(tx(&[Buf::readable(&[])], V1), Err(TxError::TooShort { len: 0 }));
+    // One byte more than the header is a 1-byte frame.
+    let mut one = hb.clone();
+    one.push(0xAB);
+    let (pkt, got) = tx(&[Buf::readable(&one)], V1).unwrap();
+    assert_eq!((pkt.header_len, pkt.frame_len), (12, 1));
+    assert_eq!(got, [0xAB]);
+}
+
+/// Family 9 / §5.1.6.2: the driver MUST set `num_buffers` to 0 on TX; the device tolerates
+/// other values and reports the header as written.
+#[test]
+fn tx_nonzero_num_buffers_is_tolerated_family9() {
+    for n in [1u16, 5, 0xFFFF] {
+        let h = VirtioNetHdr { num_buffers: U16::new(n), ..hdr(0, 0) };
+        let pkt = tx_hdr(&h, 60, V1).unwrap();
+        assert_eq!(pkt.header.num_buffers.get(), n);
+        assert_eq!(pkt.frame_len, 60);
+    }
+}
+
+/// Family 6: a TX chain is device-readable only; a writable descriptor rejects the chain (even
+/// one that also holds no frame, and one that is all writable).
+#[test]
+fn tx_chain_with_writable_descriptor_is_rejected_family6() {
+    let hb = hdr_bytes(&hdr(0, 0), 12);
+    let fr = frame(60);
+    assert_eq!(tx(&[Buf::readable(&hb), Buf::readable(&fr), Buf::writable(64)], V1), Err(TxError::WritableBuffers));
+    assert_eq!(tx(&[Buf::readable(&hb), Buf::writable(64)], V1), Err(TxError::WritableBuffers));
+    assert_eq!(tx(&[Buf::writable(100)], V1), Err(TxError::WritableBuffers));
+}
+
+// ---- TX header validation: §5.1.6.2.2 and family 10 --------------------------------------
+
+/// Family 10 (DPDK CVE-2024-11614): NEEDS_CSUM with `csum_start` at or past the end of the
+/// frame; the u16 fields must not wrap when added.
+#[test]
+fn tx_needs_csum_with_csum_start_beyond_frame_family10() {
+    let f = feats(VirtioFeatures::NET_CSUM);
+    for (start, offset) in [(60u16, 0u16), (61, 0), (1000, 6), (0xFFFF, 0), (0xFFFF, 0xFFFF), (0xFFFE, 0)] {
+        assert_eq!(
+            tx_hdr(&csum_hdr(start, offset), 60, f),
+            Err(TxError::CsumOutOfRange { start, offset, frame_len: 60 }),
+            "csum_start {start} csum_offset {offset}"
+        );
+    }
+}
+
+/// Family 10: the 2-byte checksum field at `csum_start + csum_offset` must lie inside the
+/// frame; ending exactly at the frame's end is accepted.
+#[test]
+fn tx_needs_csum_field_must_fit_in_frame_family10() {
+    let f = feats(VirtioFeatures::NET_CSUM);
+    // 34 + 24 + 2 == 60: the last two bytes of the frame.
+    assert!(tx_hdr(&csum_hdr(34, 24), 60, f).is_ok());
+    assert!(tx_hdr(&csum_hdr(58, 0), 60, f).is_ok());
+    assert!(tx_hdr(&csum_hdr(0, 58), 60, f).is_ok());
+    for (start, offset) in [(34u16, 25u16), (59, 0), (0, 59), (30, 0xFFFF)] {
+        assert_eq!(
+            tx_hdr(&csum_hdr(start, offset), 60, f),
+            Err(TxError::CsumOutOfRange { start, offset, frame_len: 60 })
+        );
+    }
+    // The same boundary straight through `validate_tx_header`.
+    assert_eq!(validate_tx_header(&csum_hdr(10, 6), 18, f), Ok(()));
+    assert_eq!(
+        validate_tx_header(&csum_hdr(10, 6), 17, f),
+        Err(TxError::CsumOutOfRange { start: 10, offset: 6, frame_len: 17 })
+    );
+}
+
+/// §5.1.6.2.1: without VIRTIO_NET_F_CSUM the driver must leave `flags` 0; NEEDS_CSUM is
+/// rejected even with in-range checksum fields.
+#[test]
+fn tx_needs_csum_without_net_csum_is_rejected() {
+    assert_eq!(tx_hdr(&csum_hdr(34, 16), 60, V1), Err(TxError::CsumNotNegotiated));
+    assert_eq!(tx_hdr(&csum_hdr(0xFFFF, 0xFFFF), 60, V1), Err(TxError::CsumNotNegotiated));
+    assert!(tx_hdr(&csum_hdr(34, 16), 60, feats(VirtioFeatures::NET_CSUM)).is_ok());
+}
+
+/// §5.1.6.2.2: the device "MUST ignore flag bits that it does not recognize" and without
+/// NEEDS_CSUM "MUST NOT use the csum_start and csum_offset" (garbage there is harmless).
+#[test]
+fn tx_unknown_flags_ignored_and_csum_fields_unused_without_needs_csum() {
+    for flags in [VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_HDR_F_RSC_INFO, 0x08, 0x80, 0xFE] {
+        let h = VirtioNetHdr { csum_start: U16::new(0xFFFF), csum_offset: U16::new(0xFFFF), ..hdr(flags, 0) };
+        let pkt = tx_hdr(&h, 60, V1).unwrap_or_else(|e| panic!("flags {flags:#x}: {e:?}"));
+        assert_eq!(pkt.header.flags, flags);
+        assert_eq!(pkt.frame_len, 60);
+    }
+}
+
+/// Family 10 (DPDK 7023f3e532): a GSO packet with `gso_size` 0 (TCPv4 negotiated, with the
+/// NET_CSUM it depends on).
+#[test]
+fn tx_gso_tcpv4_with_gso_size_zero_family10() {
+    let f = feats(VirtioFeatures::NET_CSUM | VirtioFeatures::NET_HOST_TSO4);
+    assert_eq!(tx_hdr(&tso4_hdr(0), 60, f), Err(TxError::GsoSizeZero));
+    assert_eq!(tx_hdr(&tso4_hdr(1448), 60, f).unwrap().header, tso4_hdr(1448));
+    assert!(tx_hdr(&tso4_hdr(1), 60, f).is_ok());
+}
+
+/// Family 10: GSO types the spec does not define (2, 6, 7, 0x10, 0x1f) are rejected even with
+/// every HOST_* GSO feature negotiated.
+#[test]
+fn tx_unknown_gso_type_is_rejected_family10() {
+    let f = feats(
+        VirtioFeatures::NET_CSUM
+            | VirtioFeatures::NET_HOST_TSO4
+            | VirtioFeatures::NET_HOST_TSO6
+            | VirtioFeatures::NET_HOST_UFO
+            | VirtioFeatures::NET_HOST_USO
+            | VirtioFeatures::NET_HOST_ECN,
+    );
+    for gso_type in [2u8, 6, 7, 0x10, 0x1F, 0x82, 0x86] {
+        let h = VirtioNetHdr { gso_type, ..tso4_hdr(1448) };
+        assert_eq!(tx_hdr(&h, 60, f), Err(TxError::GsoType { gso_type }), "gso_type {gso_type:#x}");
+    }
+}
+
+/// §5.1.6.2.2: each GSO type is accepted only with its HOST_* feature negotiated.
+#[test]
+fn tx_gso_type_not_negotiated_is_rejected() {
+    let cases = [
+        (VIRTIO_NET_HDR_GSO_TCPV4, VirtioFeatures::NET_HOST_TSO4),
+        (VIRTIO_NET_HDR_GSO_TCPV6, VirtioFeatures::NET_HOST_TSO6),
+        (VIRTIO_NET_HDR_GSO_UDP, VirtioFeatures::NET_HOST_UFO),
+        (VIRTIO_NET_HDR_GSO_UDP_L4, VirtioFeatures::NET_HOST_USO),
+    ];
+    let all = cases.iter().fold(VirtioFeatures::empty(), |a, c| a | c.1);
+    for (gso_type, needed) in cases {
+        let h = VirtioNetHdr { gso_type, ..tso4_hdr(1448) };
+        let without = feats(VirtioFeatures::NET_CSUM | (all - needed));
+        assert_eq!(tx_hdr(&h, 60, without), Err(TxError::GsoType { gso_type }), "gso_type {gso_type}");
+        let with = feats(VirtioFeatures::NET_CSUM | needed);
+        assert!(tx_hdr(&h, 60, with).is_ok(), "gso_type {gso_type} with its feature");
+    }
+}
+
+/// Family 10: the ECN bit needs VIRTIO_NET_F_HOST_ECN; the error reports the whole byte.
+#[test]
+fn tx_ecn_bit_without_host_ecn_is_rejected_family10() {
+    let ecn = VirtioNetHdr { gso_type: VIRTIO_NET_HDR_GSO_TCPV4 | VIRTIO_NET_HDR_GSO_ECN, ..tso4_hdr(1448) };
+    let tso = VirtioFeatures::NET_CSUM | VirtioFeatures::NET_HOST_TSO4;
+    assert_eq!(tx_hdr(&ecn, 60, feats(tso)), Err(TxError::GsoType { gso_type: 0x81 }));
+    assert!(tx_hdr(&ecn, 60, feats(tso | VirtioFeatures::NET_HOST_ECN)).is_ok());
+}
+
+/// §5.1.6.2.2: with both UDP-tunnel bits set the device "MUST NOT accept the packet", whatever
+/// else the header says; a single tunnel bit is a GSO type this core never offers.
+#[test]
+fn tx_both_udp_tunnel_bits_are_rejected_family10() {
+    let f = feats(VirtioFeatures::NET_CSUM | VirtioFeatures::NET_HOST_TSO4 | VirtioFeatures::NET_HOST_ECN);
+    for gso_type in [0x60u8, 0x61, 0x64, 0xE1] {
+        let h = VirtioNetHdr { gso_type, ..tso4_hdr(1448) };
+        assert_eq!(tx_hdr(&h, 60, f), Err(TxError::TunnelBothBits), "gso_type {gso_type:#x}");
+        // Even with gso_size 0 and no checksum request.
+        let bare = VirtioNetHdr { gso_type, ..hdr(0, 0) };
+        assert_eq!(tx_hdr(&bare, 60, f), Err(TxError::TunnelBothBits));
+    }
+    for gso_type in [0x21u8, 0x41] {
+        let h = VirtioNetHdr { gso_type, ..tso4_hdr(1448) };
+        assert_eq!(tx_hdr(&h, 60, f), Err(TxError::GsoType { gso_type }));
+    }
+}
+
+/// Family 10 / §5.1.6.2.2: the device "MUST NOT rely on hdr_len to be correct": 0 and values
+/// beyond the frame are accepted and change neither the frame length nor its bytes.
+#[test]
+fn tx_hdr_len_zero_or_beyond_frame_is_accepted_family10() {
+    let f = feats(VirtioFeatures::NET_CSUM | VirtioFeatures::NET_HOST_TSO4);
+    let fr = frame(60);
+    for hdr_len in [0u16, 61, 1000, 0xFFFF] {
+        let h = VirtioNetHdr { hdr_len: U16::new(hdr_len), ..tso4_hdr(1448) };
+        let hb = hdr_bytes(&h, 12);
+        let (pkt, got) = tx(&[Buf::readable(&hb), Buf::readable(&fr)], f).unwrap();
+        assert_eq!((pkt.header.hdr_len.get(), pkt.header_len, pkt.frame_len), (hdr_len, 12, 60));
+        assert_eq!(got, fr);
+    }
+}
+
+/// §5.1.6.1 legacy interface: without VERSION_1 and MRG_RXBUF the header is 10 bytes, the frame
+/// starts at byte 10 and `num_buffers` reads as 0; MRG_RXBUF alone brings back 12 bytes.
+#[test]
+fn tx_legacy_10_byte_header_without_version_1_or_mrg_rxbuf() {
+    let legacy = VirtioFeatures::NET_CSUM;
+    assert_eq!(header_len(legacy), 10);
+    let h = VirtioNetHdr { gso_size: U16::new(0x1234), ..csum_hdr(20, 6) };
+    let hb = hdr_bytes(&h, 10);
+    let fr = frame(30);
+    // Two frame bytes sit where a modern header's num_buffers would be.
+    let mut first = hb.clone();
+    first.extend_from_slice(&fr[..2]);
+    let (pkt, got) = tx(&[Buf::readable(&first), Buf::readable(&fr[2..])], legacy).unwrap();
+    assert_eq!(pkt.header_len, 10);
+    assert_eq!(pkt.frame_len, 30);
+    assert_eq!(pkt.header, h);
+    assert_eq!(pkt.header.num_buffers.get(), 0);
+    assert_eq!(got, fr);
+    // 10 bytes is header only.
+    assert_eq!(tx(&[Buf::readable(&hb)], legacy), Err(TxError::TooShort { len: 10 }));
+    // MRG_RXBUF without VERSION_1 (legacy mergeable): 12 bytes.
+    let lm = VirtioFeatures::NET_MRG_RXBUF;
+    let hb12 = hdr_bytes(&hdr(0, 0), 12);
+    let (pkt, got) = tx(&[Buf::readable(&hb12), Buf::readable(&fr)], lm).unwrap();
+    assert_eq!((pkt.header_len, pkt.frame_len), (12, 30));
+    assert_eq!(got, fr);
+}
+
+// ---- RX without MRG_RXBUF: §5.1.6.3, §5.1.6.4 --------------------------------------------
+
+/// §5.1.6.4.1: one buffer, header with `num_buffers` = 1 (whatever the caller passed), frame
+/// right after it, used len = 12 + frame, published by one `used.idx` update; the rest of the
+/// buffer is not written.
+#[test]
+fn rx_single_buffer_without_mrg_rxbuf() {
+    let g = Guest::new(1 << 20);
+    let (cfg, mut drv) = setup(&g, 16);
+    let mut q = queue(&g, cfg, V1);
+    let mut s: RxScratch<'_> = RxScratch::new();
+    let (head, addr) = add_rx(&mut drv, 1526);
+    let h = VirtioNetHdr { num_buffers: U16::new(99), ..hdr(0, 0) };
+    let fr = frame(60);
+    let out = receive(&mut q, &mut s, V1, &h, &fr).unwrap();
+    assert_eq!(out, RxOutcome { buffers: 1, bytes: 72, bad_chains: 0 });
+    assert_eq!(drv.used_idx(), 0, "nothing visible before publish");
+    assert!(q.publish());
+    assert_eq!(drv.used_idx(), 1);
+    assert_eq!(drv.used_elem(0), (head as u32, 72));
+    assert_eq!(read(&drv, addr, 12), rx_hdr(&hdr(0, 0), 1));
+    assert_eq!(read(&drv, addr + 12, 60), fr);
+    assert_eq!(read(&drv, addr + 72, 1526 - 72), vec![FILL; 1526 - 72]);
+}
+
+/// §5.1.6.4: without MRG_RXBUF one buffer may still be several descriptors (Linux "big
+/// packets"): header in the first, the frame continuing across the others.
+#[test]
+fn rx_single_buffer_spanning_several_descriptors() {
+    let g = Guest::new(1 << 20);
+    let (cfg, mut drv) = setup(&g, 16);
+    let mut q = queue(&g, cfg, V1);
+    let mut s: RxScratch<'_> = RxScratch::new();
+    let (head, a) = add(&mut drv, &[Buf::writable(12), Buf::writable(4080), Buf::writable(4096)]);
+    let fr = frame(4100);
+    let out = receive(&mut q, &mut s, V1, &hdr(0, 0), &fr).unwrap();
+    assert_eq!((out.buffers, out.bytes), (1, 4112));
+    assert!(q.publish());
+    assert_eq!(drv.used_elem(0), (head as u32, 4112));
+    assert_eq!(read(&drv, a[0], 12), rx_hdr(&hdr(0, 0), 1));
+    let mut got = read(&drv, a[1], 4080);
+    got.extend(read(&drv, a[2], 20));
+    assert_eq!(got, fr);
+}
+
+/// §5.1.6.4 / §5.1.6.3.1: Linux's "big packets" receive mode (guest GSO without MRG_RXBUF)
+/// posts one chain of 2 + MAX_SKB_FRAGS = 19 descriptors: the header, the rest of a page, then
+/// 17 pages. With a scratch of enough segments it takes a 64 KiB frame.
+#[test]
+fn rx_single_buffer_linux_big_packets_chain_of_19_descriptors() {
+    let g = Guest::new(1 << 20);
+    let (cfg, mut drv) = setup(&g, 32);
+    let f = feats(VirtioFeatures::NET_GUEST_CSUM | VirtioFeatures::NET_GUEST_TSO4);
+    let mut q = queue(&g, cfg, f);
+    let mut s: RxScratch<'_, 32> = RxScratch::new();
+    let mut bufs = vec![Buf::writable(12), Buf::writable(4096 - 12)];
+    bufs.extend((0..17).map(|_| Buf::writable(4096)));
+    let (head, a) = add(&mut drv, &bufs);
+    let fr = frame(65535 - 12);
+    let h = tso4_hdr(1448);
+    let out = receive(&mut q, &mut s, f, &h, &fr).unwrap();
+    assert_eq!((out.buffers, out.bytes, out.bad_chains), (1, 65535, 0));
+    assert!(q.publish());
+    assert_eq!(drv.used_elem(0), (head as u32, 65535));
+    assert_eq!(read(&drv, a[0], 12), rx_hdr(&h, 1));
+    let mut got = Vec::new();
+    let mut left = fr.len();
+    for (addr, b) in a.iter().zip(&bufs).skip(1) {
+        let n = left.min(b.len as usize);
+        got.extend(read(&drv, *addr, n));
+        left -= n;
+    }
+    assert_eq!(got, fr);
+}
+
+/// §5.1.6.1 legacy: without VERSION_1 and MRG_RXBUF the RX header is 10 bytes (no
+/// `num_buffers`) and the frame starts at byte 10.
+#[test]
+fn rx_legacy_10_byte_header() {
+    let g = Guest::new(1 << 20);
+    let (cfg, mut drv) = setup(&g, 16);
+    let legacy = VirtioFeatures::empty();
+    let mut q = queue(&g, cfg, legacy);
+    let mut s: RxScratch<'_> = RxScratch::new();
+    let (head, addr) = add_rx(&mut drv, 100);
+    let fr = frame(50);
+    let out = receive(&mut q, &mut s, legacy, &hdr(0, 0), &fr).unwrap();
+    assert_eq!((out.buffers, out.bytes), (1, 60));
+    assert!(q.publish());
+    assert_eq!(drv.used_elem(0), (head as u32, 60));
+    assert_eq!(read(&drv, addr, 10), vec![0u8; 10]);
+    assert_eq!(read(&drv, addr + 10, 50), fr);
+    assert_eq!(read(&drv, addr + 60, 40), vec![FILL; 40]);
+}
+
+/// §5.1.6.4.1: a frame too large for the single buffer is refused with exact sizes; nothing is
+/// published and the buffer is given back, so the next (fitting) frame takes the same head.
+#[test]
+fn rx_frame_too_large_without_mrg_rxbuf_gives_buffer_back() {
+    let g = Guest::new(1 << 20);
+    let (cfg, mut drv) = setup(&g, 16);
+    let mut q = queue(&g, cfg, V1);
+    let mut s: RxScratch<'_> = RxScratch::new();
+    let (head, addr) = add_rx(&mut drv, 100);
+    let _second = add_rx(&mut drv, 1000);
+    assert_eq!(
+        receive(&mut q, &mut s, V1, &hdr(0, 0), &frame(89)),
+        Err(RxError::FrameTooLarge { needed: 101, available: 100 })
+    );
+    assert_eq!((q.next_avail(), q.next_used()), (0, 0));
+    assert!(!q.publish());
+    assert_eq!(drv.used_idx(), 0);
+    assert_eq!(read(&drv, addr, 100), vec![FILL; 100], "refused buffer untouched");
+    // 12 + 88 == 100 exactly fits the same buffer.
+    let fr = frame(88);
+    let out = receive(&mut q, &mut s, V1, &hdr(0, 0), &fr).unwrap();
+    assert_eq!((out.buffers, out.bytes, out.bad_chains), (1, 100, 0));
+    assert!(q.publish());
+    assert_eq!(drv.used_idx(), 1);
+    assert_eq!(drv.used_elem(0), (head as u32, 100));
+    assert_eq!(read(&drv, addr + 12, 88), fr);
+}
+
+// ---- RX header offloads: §5.1.6.4.1 ------------------------------------------------------
+
+/// §5.1.6.4.1: without VIRTIO_NET_F_GUEST_CSUM the device MUST set `flags` to 0; NEEDS_CSUM and
+/// DATA_VALID are refused before any buffer is taken, and pass through once negotiated.
+#[test]
+fn rx_checksum_flags_need_guest_csum() {
+    let g = Guest::new(1 << 20);
+    let (cfg, mut drv) = setup(&g, 16);
+    let mut q = queue(&g, cfg, V1);
+    let mut s: RxScratch<'_> = RxScratch::new();
+    let (head, addr) = add_rx(&mut drv, 200);
+    let fr = frame(60);
+    for h in [csum_hdr(34, 16), hdr(VIRTIO_NET_HDR_F_DATA_VALID, 0), hdr(3, 0)] {
+        assert_eq!(receive(&mut q, &mut s, V1, &h, &fr), Err(RxError::OffloadNotNegotiated));
+        assert_eq!((q.next_avail(), q.next_used()), (0, 0));
+    }
+    // RSC_INFO is never offered by this core.
+    let rsc = hdr(VIRTIO_NET_HDR_F_RSC_INFO, 0);
+    let f = feats(VirtioFeatures::NET_GUEST_CSUM);
+    assert_eq!(receive(&mut q, &mut s, f, &rsc, &fr), Err(RxError::OffloadNotNegotiated));
+    assert_eq!(q.next_avail(), 0);
+
+    let h = csum_hdr(34, 16);
+    let out = receive(&mut q, &mut s, f, &h, &fr).unwrap();
+    assert_eq!((out.buffers, out.bytes), (1, 72));
+    assert!(q.publish());
+    assert_eq!(drv.used_elem(0), (head as u32, 72));
+    assert_eq!(read(&drv, addr, 12), rx_hdr(&h, 1));
+}
+
+/// §5.1.6.4.1: the device must not set GSO types the driver did not negotiate (GUEST_TSO4 for
+/// TCPV4, GUEST_ECN for the ECN bit; unknown types never).
+#[test]
+fn rx_gso_type_needs_guest_tso() {
+    let g = Guest::new(1 << 20);
+    let (cfg, mut drv) = setup(&g, 16);
+    let csum = feats(VirtioFeatures::NET_GUEST_CSUM);
+    let mut q = queue(&g, cfg, csum);
+    let mut s: RxScratch<'_> = RxScratch::new();
+    let (head, addr) = add_rx(&mut drv, 2000);
+    let fr = frame(1000);
+    let tso = tso4_hdr(1448);
+    let ecn = VirtioNetHdr { gso_type: VIRTIO_NET_HDR_GSO_TCPV4 | VIRTIO_NET_HDR_GSO_ECN, ..tso };
+    let tso4 = csum | VirtioFeatures::NET_GUEST_TSO4;
+    let refused = [
+        (tso, csum),
+        (tso, csum | VirtioFeatures::NET_GUEST_TSO6),
+        (ecn, tso4),
+        (hdr(0, 2), tso4 | VirtioFeatures::NET_GUEST_ECN),
+        (hdr(0, 0x21), tso4),
+    ];
+    for (h, f) in refused {
+        assert_eq!(
+            receive(&mut q, &mut s, f, &h, &fr),
+            Err(RxError::OffloadNotNegotiated),
+            "gso_type {:#x} with {f:?}",
+            h.gso_type
+        );
+        assert_eq!(q.next_avail(), 0);
+    }
+    let out = receive(&mut q, &mut s, tso4 | VirtioFeatures::NET_GUEST_ECN, &ecn, &fr).unwrap();
+    assert_eq!((out.buffers, out.bytes), (1, 1012));
+    assert!(q.publish());
+    assert_eq!(drv.used_elem(0), (head as u32, 1012));
+    assert_eq!(read(&drv, addr, 12), rx_hdr(&ecn, 1));
+}
+
+// ---- RX with MRG_RXBUF: §5.1.6.4.1 and family 11 -----------------------------------------
+
+/// Collects what a driver reassembles from used entries `[from, from + n)`: the first
+/// buffer's bytes after the header, then every following buffer, each up to its used len.
+fn reassemble(drv: &Driver<'_>, bufs: &[(u16, u64)], from: u16, n: u16) -> Vec<u8> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let (id, len) = drv.used_elem(from + i);
+        let &(_, addr) = bufs.iter().find(|b| b.0 as u32 == id).expect("used id is a buffer");
+        let skip = if i == 0 { 12 } else { 0 };
+        out.extend(read(drv, addr + skip, len as usize - skip as usize));
+    }
+    out
+}
+
+/// §5.1.6.4.1: a 250-byte frame in 100-byte buffers: `num_buffers` 3 in the first buffer's
+/// header, used lens 100, 100, 62 (all but the last full), contiguous entries in ring order,
+/// all published by one `used.idx` update; the spare buffer stays available.
+#[test]
+fn rx_mergeable_frame_in_100_byte_buffers() {
+    let g = Guest::new(1 << 20);
+    let (cfg, mut drv) = setup(&g, 16);
+    let mut q = queue(&g, cfg, MRG);
+    let mut s: RxScratch<'_> = RxScratch::new();
+    let bufs: Vec<_> = (0..4).map(|_| add_rx(&mut drv, 100)).collect();
+    let fr = frame(250);
+    let out = receive(&mut q, &mut s, MRG, &hdr(0, 0), &fr).unwrap();
+    assert_eq!(out, RxOutcome { buffers: 3, bytes: 262, bad_chains: 0 });
+    assert_eq!(drv.used_idx(), 0);
+    assert!(q.publish());
+    assert_eq!(drv.used_idx(), 3);
+    for (i, len) in [100u32, 100, 62].into_iter().enumerate() {
+        assert_eq!(drv.used_elem(i as u16), (bufs[i].0 as u32, len), "used entry {i}");
+    }
+    assert_eq!(read(&drv, bufs[0].1, 12), rx_hdr(&hdr(0, 0), 3));
+    assert_eq!(reassemble(&drv, &bufs, 0, 3), fr);
+    assert_eq!(read(&drv, bufs[2].1 + 62, 38), vec![FILL; 38]);
+    assert_eq!(read(&drv, bufs[3].1, 100), vec![FILL; 100]);
+    assert_eq!(q.next_avail(), 3);
+}
+
+/// §5.1.6.3.1: with MRG_RXBUF a buffer may be exactly header-sized; it then holds only the header.
+#[test]
+fn rx_mergeable_first_buffer_header_only() {
+    let g = Guest::new(1 << 20);
+    let (cfg, mut drv) = setup(&g, 16);
+    let mut q = queue(&g, cfg, MRG);
+    let mut s: RxScratch<'_> = RxScratch::new();
+    let bufs = [add_rx(&mut drv, 12), add_rx(&mut drv, 100), add_rx(&mut drv, 100)];
+    let fr = frame(150);
+    let out = receive(&mut q, &mut s, MRG, &hdr(0, 0), &fr).unwrap();
+    assert_eq!((out.buffers, out.bytes, out.bad_chains), (3, 162, 0));
+    assert!(q.publish());
+    assert_eq!(drv.used_idx(), 3);
+    assert_eq!(drv.used_elem(0), (bufs[0].0 as u32, 12));
+    assert_eq!(drv.used_elem(1), (bufs[1].0 as u32, 100));
+    assert_eq!(drv.used_elem(2), (bufs[2].0 as u32, 50));
+    assert_eq!(read(&drv, bufs[0].1, 12), rx_hdr(&hdr(0, 0), 3));
+    assert_eq!(reassemble(&drv, &bufs, 0, 3), fr);
+
+    // An empty frame is a header alone: one header-sized buffer, num_buffers 1.
+    let (head, addr) = add_rx(&mut drv, 12);
+    let out = receive(&mut q, &mut s, MRG, &hdr(0, 0), &[]).unwrap();
+    assert_eq!((out.buffers, out.bytes), (1, 12));
+    assert!(q.publish());
+    assert_eq!(drv.used_elem(3), (head as u32, 12));
+    assert_eq!(read(&drv, addr, 12), rx_hdr(&hdr(0, 0), 1));
+}
+
+/// Family 11: a first buffer smaller than the header is completed with len 0 (and counted);
+/// the packet goes into the following buffers with `num_buffers` counting only those.
+#[test]
+fn rx_mergeable_first_buffer_smaller_than_header_family11() {
+    let g = Guest::new(1 << 20);
+    let (cfg, mut drv) = setup(&g, 16);
+    let mut q = queue(&g, cfg, MRG);
+    let mut s: RxScratch<'_> = RxScratch::new();
+    let small = add_rx(&mut drv, 4);
+    let bufs = [small, add_rx(&mut drv, 100), add_rx(&mut drv, 100)];
+    let fr = frame(150);
+    let out = receive(&mut q, &mut s, MRG, &hdr(0, 0), &fr).unwrap();
+    assert_eq!(out, RxOutcome { buffers: 2, bytes: 162, bad_chains: 1 });
+    assert!(q.publish());
+    assert_eq!(drv.used_idx(), 3);
+    assert_eq!(drv.used_elem(0), (small.0 as u32, 0));
+    assert_eq!(drv.used_elem(1), (bufs[1].0 as u32, 100));
+    assert_eq!(drv.used_elem(2), (bufs[2].0 as u32, 62));
+    assert_eq!(read(&drv, small.1, 4), vec![FILL; 4], "too-small buffer not written");
+    assert_eq!(read(&drv, bufs[1].1, 12), rx_hdr(&hdr(0, 0), 2));
+    assert_eq!(reassemble(&drv, &bufs, 1, 2), fr);
+}
+
+/// Family 11: 1-byte buffers after a header-only first buffer: every buffer full, one used
+/// entry per byte, in order.
+#[test]
+fn rx_mergeable_one_byte_buffers_family11() {
+    let g = Guest::new(1 << 20);
+    let (cfg, mut drv) = setup(&g, 32);
+    let mut q = queue(&g, cfg, MRG);
+    let mut s: RxScratch<'_> = RxScratch::new();
+    let mut bufs = vec![add_rx(&mut drv, 12)];
+    bufs.extend((0..25).map(|_| add_rx(&mut drv, 1)));
+    let fr = frame(20);
+    let out = receive(&mut q, &mut s, MRG, &hdr(0, 0), &fr).unwrap();
+    assert_eq!((out.buffers, out.bytes, out.bad_chains), (21, 32, 0));
+    assert!(q.publish());
+    assert_eq!(drv.used_idx(), 21);
+    assert_eq!(drv.used_elem(0), (bufs[0].0 as u32, 12));
+    for i in 1..21u16 {
+        assert_eq!(drv.used_elem(i), (bufs[i as usize].0 as u32, 1), "used entry {i}");
+    }
+    assert_eq!(read(&drv, bufs[0].1, 12), rx_hdr(&hdr(0, 0), 21));
+    assert_eq!(reassemble(&drv, &bufs, 0, 21), fr);
+    assert_eq!(read(&drv, bufs[21].1, 1), [FILL]);
+    assert_eq!(q.next_avail(), 21);
+}
+
+/// Family 11: fewer buffers than the packet needs: `NoBuffers`, nothing published (no partial
+/// packet with a wrong `num_buffers`), every taken head given back; once the driver adds a
+/// buffer the same packet lands in the original buffers first.
+#[test]
+fn rx_mergeable_not_enough_buffers_publishes_nothing_family11() {
+    let g = Guest::new(1 << 20);
+    let (cfg, mut drv) = setup(&g, 16);
+    let mut q = queue(&g, cfg, MRG);
+    let mut s: RxScratch<'_> = RxScratch::new();
+    let mut bufs = vec![add_rx(&mut drv, 100), add_rx(&mut drv, 100)];
+    let fr = frame(250);
+    assert_eq!(receive(&mut q, &mut s, MRG, &hdr(0, 0), &fr), Err(RxError::NoBuffers));
+    assert_eq!((q.next_avail(), q.next_used()), (0, 0));
+    assert!(!q.publish());
+    assert_eq!(drv.used_idx(), 0);
+    assert_eq!(read(&drv, bufs[0].1, 100), vec![FILL; 100], "no header written");
+    // Still short on a second try.
+    assert_eq!(receive(&mut q, &mut s, MRG, &hdr(0, 0), &fr), Err(RxError::NoBuffers));
+    assert_eq!(q.next_avail(), 0);
+
+    bufs.push(add_rx(&mut drv, 100));
+    let out = receive(&mut q, &mut s, MRG, &hdr(0, 0), &fr).unwrap();
+    assert_eq!((out.buffers, out.bytes, out.bad_chains), (3, 262, 0));
+    assert!(q.publish());
+    assert_eq!(drv.used_idx(), 3);
+    assert_eq!(drv.used_elem(0), (bufs[0].0 as u32, 100));
+    assert_eq!(drv.used_elem(1), (bufs[1].0 as u32, 100));
+    assert_eq!(drv.used_elem(2), (bufs[2].0 as u32, 62));
+    assert_eq!(read(&drv, bufs[0].1, 12), rx_hdr(&hdr(0, 0), 3));
+    assert_eq!(reassemble(&drv, &bufs, 0, 3), fr);
+}
+
+/// Family 11: a frame larger than every buffer a full ring can hold gets `FrameTooLarge`, not
+/// `NoBuffers` (no kick could ever bring more buffers: the caller must drop the frame); nothing
+/// is consumed, and a smaller frame still goes through.
+#[test]
+fn rx_mergeable_frame_larger_than_full_ring_family11() {
+    let g = Guest::new(1 << 20);
+    let (cfg, mut drv) = setup(&g, 4);
+    let mut q = queue(&g, cfg, MRG);
+    let mut s: RxScratch<'_> = RxScratch::new();
+    let bufs: Vec<_> = (0..4).map(|_| add_rx(&mut drv, 100)).collect();
+    assert_eq!(
+        receive(&mut q, &mut s, MRG, &hdr(0, 0), &frame(389)),
+        Err(RxError::FrameTooLarge { needed: 401, available: 400 })
+    );
+    assert_eq!((q.next_avail(), q.next_used()), (0, 0));
+    assert_eq!(q.avail().refresh(), Ok(4), "the ring is full");
+    assert!(!q.publish());
+    // 12 + 388 = 4 × 100: the whole ring, all buffers full.
+    let fr = frame(388);
+    let out = receive(&mut q, &mut s, MRG, &hdr(0, 0), &fr).unwrap();
+    assert_eq!((out.buffers, out.bytes), (4, 400));
+    assert!(q.publish());
+    assert_eq!(drv.used_idx(), 4);
+    assert_eq!(reassemble(&drv, &bufs, 0, 4), fr);
+}
+
+/// Family 11: a ring holding exactly size − 1 buffers, all needed by one packet; then again
+/// after the ring and the descriptor indices wrap.
+#[test]
+fn rx_mergeable_ring_of_size_minus_one_buffers_family11() {
+    let g = Guest::new(1 << 20);
+    let (cfg, mut drv) = setup(&g, 8);
+    let mut q = queue(&g, cfg, MRG);
+    let mut s: RxScratch<'_> = RxScratch::new();
+    let fr = frame(688); // 12 + 688 = 7 × 100
+    for round in 0..2u16 {
+        let bufs: Vec<_> = (0..7).map(|_| add_rx(&mut drv, 100)).collect();
+        let out = receive(&mut q, &mut s, MRG, &hdr(0, 0), &fr).unwrap();
+        assert_eq!((out.buffers, out.bytes, out.bad_chains), (7, 700, 0));
+        assert!(q.publish());
+        assert_eq!(drv.used_idx(), 7 * (round + 1));
+        for i in 0..7u16 {
+            assert_eq!(drv.used_elem(7 * round + i), (bufs[i as usize].0 as u32, 100));
+        }
+        assert_eq!(read(&drv, bufs[0].1, 12), rx_hdr(&hdr(0, 0), 7));
+        assert_eq!(reassemble(&drv, &bufs, 7 * round, 7), fr);
+        // The ring is now empty.
+        assert_eq!(receive(&mut q, &mut s, MRG, &hdr(0, 0), &frame(1)), Err(RxError::NoBuffers));
+        drv.reset_alloc();
+    }
+}
+
+/// Family 6: receive chains with device-readable descriptors (readable + writable, readable
+/// only) are completed with len 0 and skipped; the packet goes into the next good buffer.
+#[test]
+fn rx_chain_with_readable_descriptor_is_skipped_family6() {
+    for f in [V1, MRG] {
+        let g = Guest::new(1 << 20);
+        let (cfg, mut drv) = setup(&g, 16);
+        let mut q = queue(&g, cfg, f);
+        let mut s: RxScratch<'_> = RxScratch::new();
+        let ro = [RO; 16];
+        let (mixed, _) = add(&mut drv, &[Buf::readable(&ro), Buf::writable(100)]);
+        let (ro_only, _) = add(&mut drv, &[Buf::readable(&ro)]);
+        let (good, addr) = add_rx(&mut drv, 100);
+        let fr = frame(60);
+        let out = receive(&mut q, &mut s, f, &hdr(0, 0), &fr).unwrap();
+        assert_eq!(out, RxOutcome { buffers: 1, bytes: 72, bad_chains: 2 }, "{f:?}");
+        assert!(q.publish());
+        assert_eq!(drv.used_idx(), 3);
+        assert_eq!(drv.used_elem(0), (mixed as u32, 0));
+        assert_eq!(drv.used_elem(1), (ro_only as u32, 0));
+        assert_eq!(drv.used_elem(2), (good as u32, 72));
+        assert_eq!(read(&drv, addr, 12), rx_hdr(&hdr(0, 0), 1));
+        assert_eq!(read(&drv, addr + 12, 60), fr);
+    }
+}
+
+/// Families 6/11: a malformed chain in the middle of a merged packet: the buffers reserved
+/// before it are completed with len 0 in ring order, then the bad one, then the packet starts
+/// over in the following buffers.
+#[test]
+fn rx_mergeable_bad_chain_mid_packet_releases_reserved_buffers_in_order() {
+    let g = Guest::new(1 << 20);
+    let (cfg, mut drv) = setup(&g, 16);
+    let mut q = queue(&g, cfg, MRG);
+    let mut s: RxScratch<'_> = RxScratch::new();
+    let a = add_rx(&mut drv, 100);
+    let b = add_rx(&mut drv, 100);
+    let ro = [RO; 8];
+    let (bad, bad_addrs) = add(&mut drv, &[Buf::readable(&ro), Buf::writable(100)]);
+    let bufs = [add_rx(&mut drv, 100), add_rx(&mut drv, 100), add_rx(&mut drv, 100)];
+    let fr = frame(250);
+    let out = receive(&mut q, &mut s, MRG, &hdr(0, 0), &fr).unwrap();
+    assert_eq!(out, RxOutcome { buffers: 3, bytes: 262, bad_chains: 1 });
+    assert!(q.publish());
+    assert_eq!(drv.used_idx(), 6);
+    let expect = [(a.0, 0), (b.0, 0), (bad, 0), (bufs[0].0, 100), (bufs[1].0, 100), (bufs[2].0, 62)];
+    for (i, (id, len)) in expect.into_iter().enumerate() {
+        assert_eq!(drv.used_elem(i as u16), (id as u32, len), "used entry {i}");
+    }
+    assert_eq!(read(&drv, bufs[0].1, 12), rx_hdr(&hdr(0, 0), 3));
+    assert_eq!(reassemble(&drv, &bufs, 3, 3), fr);
+    assert_eq!(read(&drv, bad_addrs[0], 8), ro.to_vec());
+}
+
+/// Family 11: zero-length buffers after the first hold nothing but are "used completely" (len
+/// 0) and counted in `num_buffers`; the frame continues in the next buffer.
+#[test]
+fn rx_mergeable_zero_length_buffers_after_the_first_family11() {
+    let g = Guest::new(1 << 20);
+    let (cfg, mut drv) = setup(&g, 16);
+    let mut q = queue(&g, cfg, MRG);
+    let mut s: RxScratch<'_> = RxScratch::new();
+    let bufs = [add_rx(&mut drv, 100), add_rx(&mut drv, 0), add_rx(&mut drv, 100)];
+    let fr = frame(150);
+    let out = receive(&mut q, &mut s, MRG, &hdr(0, 0), &fr).unwrap();
+    assert_eq!((out.buffers, out.bytes, out.bad_chains), (3, 162, 0));
+    assert!(q.publish());
+    assert_eq!(drv.used_elem(0), (bufs[0].0 as u32, 100));
+    assert_eq!(drv.used_elem(1), (bufs[1].0 as u32, 0));
+    assert_eq!(drv.used_elem(2), (bufs[2].0 as u32, 62));
+    assert_eq!(read(&drv, bufs[0].1, 12), rx_hdr(&hdr(0, 0), 3));
+    assert_eq!(reassemble(&drv, &bufs, 0, 3), fr);
+}
+
+/// Families 1/11: a malformed chain met before the ring runs short is completed with len 0 (it
+/// cannot be given back), the good buffers taken after it are given back, and the packet
+/// later lands in them.
+#[test]
+fn rx_mergeable_no_buffers_after_a_bad_chain_family11() {
+    let g = Guest::new(1 << 20);
+    let (cfg, mut drv) = setup(&g, 16);
+    let mut q = queue(&g, cfg, MRG);
+    let mut s: RxScratch<'_> = RxScratch::new();
+    let small = add_rx(&mut drv, 4);
+    let mut bufs = vec![add_rx(&mut drv, 100)];
+    let fr = frame(250);
+    assert_eq!(receive(&mut q, &mut s, MRG, &hdr(0, 0), &fr), Err(RxError::NoBuffers));
+    assert_eq!((q.next_avail(), q.next_used()), (1, 1));
+    assert_eq!(drv.used_idx(), 0);
+    assert!(q.publish());
+    assert_eq!(drv.used_idx(), 1);
+    assert_eq!(drv.used_elem(0), (small.0 as u32, 0));
+
+    bufs.push(add_rx(&mut drv, 100));
+    bufs.push(add_rx(&mut drv, 100));
+    let out = receive(&mut q, &mut s, MRG, &hdr(0, 0), &fr).unwrap();
+    assert_eq!((out.buffers, out.bytes, out.bad_chains), (3, 262, 0));
+    assert!(q.publish());
+    assert_eq!(drv.used_idx(), 4);
+    for (i, len) in [100u32, 100, 62].into_iter().enumerate() {
+        assert_eq!(drv.used_elem(1 + i as u16), (bufs[i].0 as u32, len));
+    }
+    assert_eq!(reassemble(&drv, &bufs, 1, 3), fr);
+}
+
+/// Family 1 on RX: a ring slot holding a head ≥ queue size is consumed without a completion
+/// (there is no valid id); a chain whose `next` is out of range is completed with len 0. Both
+/// count as bad chains, and buffers reserved before them are completed empty, in ring order.
+#[test]
+fn rx_malformed_chains_are_completed_or_skipped_family1() {
+    for f in [V1, MRG] {
+        let g = Guest::new(1 << 20);
+        let (cfg, mut drv) = setup(&g, 16);
+        let mut q = queue(&g, cfg, f);
+        let mut s: RxScratch<'_> = RxScratch::new();
+        drv.stage(99);
+        drv.kick();
+        let mut addr = [0u64];
+        let broken = drv.build_chain(&[Buf::writable(100)], &mut addr);
+        drv.write_desc(
+            broken,
+            Descriptor { addr: addr[0], len: 100, flags: DescFlags::WRITE | DescFlags::NEXT, next: 200 },
+        );
+        drv.publish(broken);
+        let (good, gaddr) = add_rx(&mut drv, 100);
+        let fr = frame(60);
+        let out = receive(&mut q, &mut s, f, &hdr(0, 0), &fr).unwrap();
+        assert_eq!(out, RxOutcome { buffers: 1, bytes: 72, bad_chains: 2 }, "{f:?}");
+        assert!(q.publish());
+        assert_eq!(drv.used_idx(), 2);
+        assert_eq!(drv.used_elem(0), (broken as u32, 0));
+        assert_eq!(drv.used_elem(1), (good as u32, 72));
+        assert_eq!(read(&drv, gaddr + 12, 60), fr);
+    }
+
+    // Mid-packet: the buffer reserved before the out-of-range slot is completed empty.
+    let g = Guest::new(1 << 20);
+    let (cfg, mut drv) = setup(&g, 16);
+    let mut q = queue(&g, cfg, MRG);
+    let mut s: RxScratch<'_> = RxScratch::new();
+    let first = add_rx(&mut drv, 100);
+    drv.stage(0xFFFF);
+    drv.kick();
+    let bufs = [add_rx(&mut drv, 100), add_rx(&mut drv, 100), add_rx(&mut drv, 100)];
+    let fr = frame(250);
+    let out = receive(&mut q, &mut s, MRG, &hdr(0, 0), &fr).unwrap();
+    assert_eq!((out.buffers, out.bytes, out.bad_chains), (3, 262, 1));
+    assert!(q.publish());
+    assert_eq!(drv.used_idx(), 4);
+    assert_eq!(drv.used_elem(0), (first.0 as u32, 0));
+    for (i, len) in [100u32, 100, 62].into_iter().enumerate() {
+        assert_eq!(drv.used_elem(1 + i as u16), (bufs[i].0 as u32, len));
+    }
+    assert_eq!(reassemble(&drv, &bufs, 1, 3), fr);
+}
+
+/// Family 3 on RX: `avail.idx` jumping by more than the queue size while a merged packet is
+/// being gathered: the error is reported, the buffers already taken are given back, and once
+/// the driver repairs the index the packet lands in them.
+#[test]
+fn rx_mergeable_broken_avail_index_gives_buffers_back_family3() {
+    let g = Guest::new(1 << 20);
+    let (cfg, mut drv) = setup(&g, 16);
+    let mut q = queue(&g, cfg, MRG);
+    let mut s: RxScratch<'_> = RxScratch::new();
+    let mut bufs = vec![add_rx(&mut drv, 100), add_rx(&mut drv, 100)];
+    // The device has seen avail.idx 2; then the driver scribbles 19 (17 ahead of the device).
+    assert_eq!(q.avail().refresh(), Ok(2));
+    drv.set_avail_idx(19);
+    let fr = frame(250);
+    assert_eq!(
+        receive(&mut q, &mut s, MRG, &hdr(0, 0), &fr),
+        Err(RxError::Ring(PopError::AvailIndex(AvailIndexError { avail_idx: 19, next_avail: 2 })))
+    );
+    assert_eq!((q.next_avail(), q.next_used()), (0, 0));
+    assert!(!q.publish());
+    assert_eq!(drv.used_idx(), 0);
+    // The driver adds a buffer, which also stores its own (sane) index, 3.
+    bufs.push(add_rx(&mut drv, 100));
+    let out = receive(&mut q, &mut s, MRG, &hdr(0, 0), &fr).unwrap();
+    assert_eq!((out.buffers, out.bytes, out.bad_chains), (3, 262, 0));
+    assert!(q.publish());
+    assert_eq!(drv.used_idx(), 3);
+    for (i, len) in [100u32, 100, 62].into_iter().enumerate() {
+        assert_eq!(drv.used_elem(i as u16), (bufs[i].0 as u32, len));
+    }
+    assert_eq!(reassemble(&drv, &bufs, 0, 3), fr);
+}
+
+/// A frame needing more than `MAX_RX_BUFFERS` buffers is refused with nothing consumed; one
+/// needing exactly `MAX_RX_BUFFERS` is placed.
+#[test]
+fn rx_mergeable_more_than_max_rx_buffers_consumes_nothing() {
+    assert_eq!(MAX_RX_BUFFERS, 256);
+    let g = Guest::new(1 << 20);
+    let (cfg, mut drv) = setup(&g, 512);
+    let mut q = queue(&g, cfg, MRG);
+    let mut s: RxScratch<'_> = RxScratch::new();
+    let bufs: Vec<_> = (0..300).map(|_| add_rx(&mut drv, 16)).collect();
+    // 12 + 4085 = 4097 bytes = 257 buffers of 16.
+    let big = frame(4085);
+    assert_eq!(receive(&mut q, &mut s, MRG, &hdr(0, 0), &big), Err(RxError::TooManyBuffers));
+    assert_eq!((q.next_avail(), q.next_used()), (0, 0));
+    assert!(!q.publish());
+    assert_eq!(drv.used_idx(), 0);
+    assert_eq!(read(&drv, bufs[0].1, 16), vec![FILL; 16]);
+
+    // 12 + 4084 = 4096 bytes = exactly 256 buffers.
+    let fr = frame(4084);
+    let out = receive(&mut q, &mut s, MRG, &hdr(0, 0), &fr).unwrap();
+    assert_eq!((out.buffers, out.bytes, out.bad_chains), (256, 4096, 0));
+    assert!(q.publish());
+    assert_eq!(drv.used_idx(), 256);
+    for i in 0..256u16 {
+        assert_eq!(drv.used_elem(i), (bufs[i as usize].0 as u32, 16));
+    }
+    assert_eq!(read(&drv, bufs[0].1, 12), rx_hdr(&hdr(0, 0), 256));
+    assert_eq!(reassemble(&drv, &bufs, 0, 256), fr);
+}
+
+/// Family 6 / §2.7.5.1: `receive` never writes a device-readable buffer, wherever such a
+/// buffer appears (first chain, mid-packet, on the single-buffer path, after a refusal).
+#[test]
+fn rx_never_writes_device_readable_buffers_family6() {
+    for f in [V1, MRG] {
+        let g = Guest::new(1 << 20);
+        let (cfg, mut drv) = setup(&g, 32);
+        let mut q = queue(&g, cfg, f);
+        let mut s: RxScratch<'_> = RxScratch::new();
+        let ro = [RO; 64];
+        let mut readable = Vec::new();
+        let mut note = |a: Vec<u64>| readable.push(a[0]);
+        note(add(&mut drv, &[Buf::readable(&ro)]).1);
+        note(add(&mut drv, &[Buf::readable(&ro), Buf::writable(64)]).1);
+        add_rx(&mut drv, 64);
+        note(add(&mut drv, &[Buf::readable(&ro), Buf::writable(200)]).1);
+        for _ in 0..6 {
+            add_rx(&mut drv, 64);
+        }
+        note(add(&mut drv, &[Buf::readable(&ro[..1]), Buf::writable(4)]).1);
+        for len in [40usize, 100, 2000, 30, 120] {
+            let _ = receive(&mut q, &mut s, f, &hdr(0, 0), &frame(len));
+        }
+        let _ = q.publish();
+        assert!(drv.used_idx() > 0, "{f:?}: something was received");
+        for (i, &addr) in readable.iter().enumerate() {
+            let len = if i == 3 { 1 } else { 64 };
+            assert_eq!(read(&drv, addr, len), vec![RO; len], "{f:?}: readable buffer {i}");
+        }
+    }
+}
+
+/// RX and TX queues in one guest: a packet the driver transmits with its header split over
+/// three descriptors is parsed, completed with len 0 on TX, and looped back into mergeable RX
+/// buffers with its checksum request intact.
+#[test]
+fn tx_to_rx_loopback_two_queues_in_one_guest() {
+    let g = Guest::new(1 << 20);
+    let (rx_cfg, next) = layout(GPA, 16);
+    let (tx_cfg, data) = layout(next, 16);
+    let end = GPA + g.mem.regions()[0].len();
+    let half = ((end - data) / 2) & !15;
+    let mut rx_drv = TestDriver::new(&g.mem, rx_cfg, data, half);
+    let mut tx_drv = TestDriver::new(&g.mem, tx_cfg, data + half, half);
+    let f = MRG | VirtioFeatures::NET_CSUM | VirtioFeatures::NET_GUEST_CSUM;
+    let mut rxq = queue(&g, rx_cfg, f);
+    let mut txq = queue(&g, tx_cfg, f);
+
+    let h = csum_hdr(34, 16);
+    let hb = hdr_bytes(&h, 12);
+    let fr = frame(300);
+    let (tx_head, _) = add(
+        &mut tx_drv,
+        &[Buf::readable(&hb[..5]), Buf::readable(&hb[5..9]), Buf::readable(&hb[9..]), Buf::readable(&fr)],
+    );
+    let bufs: Vec<_> = (0..4).map(|_| add_rx(&mut rx_drv, 128)).collect();
+
+    let mut chain = Chain::<32>::new();
+    assert_eq!(txq.pop_into(&mut chain), Ok(true));
+    let pkt = parse_tx(&chain, f).unwrap();
+    let mut buf = [0u8; 1514];
+    let n = pkt.read_frame(&chain, &mut buf);
+    assert_eq!(n, 300);
+    txq.push(chain.head(), 0);
+    assert!(txq.publish());
+    assert_eq!(tx_drv.used_idx(), 1);
+    assert_eq!(tx_drv.used_elem(0), (tx_head as u32, 0));
+    assert_eq!(rx_drv.used_idx(), 0, "TX completions stay in the TX ring");
+
+    let mut s: RxScratch<'_> = RxScratch::new();
+    let out = receive(&mut rxq, &mut s, f, &pkt.header, &buf[..n]).unwrap();
+    assert_eq!((out.buffers, out.bytes), (3, 312));
+    assert!(rxq.publish());
+    assert_eq!(rx_drv.used_idx(), 3);
+    assert_eq!(rx_drv.used_elem(2), (bufs[2].0 as u32, 56));
+    assert_eq!(read(&rx_drv, bufs[0].1, 12), rx_hdr(&h, 3));
+    assert_eq!(reassemble(&rx_drv, &bufs, 0, 3), fr);
+    assert_eq!(tx_drv.used_idx(), 1, "RX completions stay in the RX ring");
+}
