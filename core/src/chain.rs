@@ -322,7 +322,7 @@ where
         let flags = d.flags.bits();
 
         if flags & DescFlags::INDIRECT.bits() != 0 {
-            table = indirect_table(mem, d, in_indirect, limits)?;
+            table = indirect_table(mem, d.addr, d.len, flags, in_indirect, limits)?;
             budget = table.entries;
             index = 0;
             in_indirect = true;
@@ -407,10 +407,14 @@ pub(crate) fn walk<'m, M: GuestMemory + ?Sized, const N: usize>(
 }
 
 /// Validates a descriptor with `VIRTQ_DESC_F_INDIRECT` and translates its table (§2.7.5.3.1).
+/// Out of line: it runs at most once per chain, and keeping it out of the walk loop keeps the
+/// loop's state in registers.
 #[inline(never)]
 fn indirect_table<M: GuestMemory + ?Sized>(
     mem: &M,
-    d: crate::desc::Descriptor,
+    addr: u64,
+    len: u32,
+    flags: u16,
     in_indirect: bool,
     limits: &ChainLimits,
 ) -> Result<DescTable, ChainError> {
@@ -420,20 +424,20 @@ fn indirect_table<M: GuestMemory + ?Sized>(
     if !limits.indirect {
         return Err(ChainError::IndirectNotNegotiated);
     }
-    if d.flags.contains(DescFlags::NEXT) {
+    if flags & DescFlags::NEXT.bits() != 0 {
         return Err(ChainError::IndirectWithNext);
     }
-    if d.len == 0 || !(d.len as usize).is_multiple_of(DESC_SIZE) {
-        return Err(ChainError::IndirectLength { len: d.len });
+    if len == 0 || !(len as usize).is_multiple_of(DESC_SIZE) {
+        return Err(ChainError::IndirectLength { len });
     }
-    let entries = d.len / DESC_SIZE as u32;
+    let entries = len / DESC_SIZE as u32;
     if entries > limits.max_indirect_entries {
         return Err(ChainError::IndirectTooLarge { entries });
     }
-    let ptr = mem.translate_contiguous(d.addr, d.len as u64).map_err(|e| match e {
+    let ptr = mem.translate_contiguous(addr, len as u64).map_err(|e| match e {
         MemError::Unmapped { addr } => ChainError::Unmapped { addr },
-        MemError::NotContiguous { .. } => ChainError::IndirectNotContiguous { addr: d.addr },
-        MemError::Overflow { addr, .. } => ChainError::AddressOverflow { addr, len: d.len },
+        MemError::NotContiguous { .. } => ChainError::IndirectNotContiguous { addr },
+        MemError::Overflow { addr, .. } => ChainError::AddressOverflow { addr, len },
     })?;
     Ok(DescTable::new(ptr, entries))
 }
