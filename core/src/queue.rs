@@ -307,6 +307,13 @@ impl<'m, M: GuestMemory + ?Sized> SplitQueue<'m, M> {
         self.avail.set_next_avail(idx);
     }
 
+    /// Continues at used index `idx` instead of the `used.idx` read at set-up: a device that
+    /// rebuilds its queue view per batch keeps its own shadow of the used index rather than
+    /// trusting the guest-writable field every time.
+    pub fn set_next_used(&mut self, idx: u16) {
+        self.used.set_next_used(idx);
+    }
+
     /// Next used index (what `used.idx` will be after the pending elements are published).
     pub fn next_used(&self) -> u16 {
         self.used.next_used()

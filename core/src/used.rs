@@ -52,6 +52,13 @@ impl UsedRing {
         idx
     }
 
+    /// Continues at `idx` as if `used.idx` were `idx` and everything before it published
+    /// (resuming a queue whose shadow index the device kept).
+    pub fn set_next_used(&mut self, idx: u16) {
+        self.next_used = Wrapping(idx);
+        self.published = Wrapping(idx);
+    }
+
     /// Index the next used element will take.
     pub fn next_used(&self) -> u16 {
         self.next_used.0

@@ -1,0 +1,312 @@
+//! The control loop: many vhost-user sockets in one process on one mio poll, each a device
+//! with its own protocol state. The data path runs on other threads through [`NetDevice`]
+//! handles; the control loop only handles messages.
+//!
+//! A connection that breaks or misbehaves is torn down alone: its device is reset (rings
+//! stopped, fds closed, memory unmapped once the data path lets go), the handler is told, and
+//! the socket goes back to listening (server) or reconnects with backoff (client).
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use log::{info, warn};
+use mio::{Events, Interest, Poll, Token, Waker};
+
+use crate::connection::{self, ConnectionError, Listener, MessageReader, Reconnect};
+use crate::device::{DeviceConfig, DeviceEvent, VhostUserDevice};
+use crate::message::FrontendMessage;
+use crate::net::NetDevice;
+
+/// Where a device's socket comes from.
+#[derive(Debug)]
+pub enum SocketSpec {
+    /// Listen on a path (the back-end is the server; QEMU `-chardev socket,path=…` without
+    /// `server=on`). The socket file is replaced if stale, and removed on shutdown.
+    Server {
+        /// Socket path.
+        path: PathBuf,
+        /// File mode to apply, e.g. `0o660`.
+        mode: Option<u32>,
+    },
+    /// Connect to a front-end that listens (QEMU `server=on`, DPDK virtio-user `server=1`).
+    Client {
+        /// Socket path.
+        path: PathBuf,
+        /// Reconnect policy (on by default).
+        reconnect: Reconnect,
+    },
+    /// An inherited listening socket (`--fd`).
+    ListenFd(OwnedFd),
+}
+
+/// Callbacks from the control loop (all optional). They run on the control thread; keep them
+/// short.
+pub trait DeviceHandler: Send {
+    /// The device's first queue pair is started and enabled.
+    fn device_ready(&mut self, _dev: &NetDevice) {}
+    /// The device stopped (disconnect, reset, rings stopped).
+    fn device_destroyed(&mut self, _dev: &NetDevice) {}
+    /// A vring was enabled or disabled.
+    fn vring_state_changed(&mut self, _dev: &NetDevice, _index: u16, _enabled: bool) {}
+    /// The front-end set features.
+    fn features_changed(&mut self, _dev: &NetDevice, _features: u64) {}
+}
+
+/// A handler that does nothing.
+pub struct NoHandler;
+impl DeviceHandler for NoHandler {}
+
+struct Conn {
+    stream: mio::net::UnixStream,
+    reader: MessageReader,
+}
+
+struct Slot {
+    spec: SocketSpec,
+    listener: Option<Listener>,
+    conn: Option<Conn>,
+    device: VhostUserDevice,
+    net: NetDevice,
+    handler: Box<dyn DeviceHandler>,
+    reconnect_at: Option<Instant>,
+    attempts: u32,
+}
+
+/// Stops a running [`Backend`] from another thread.
+#[derive(Clone)]
+pub struct BackendHandle {
+    stop: Arc<AtomicBool>,
+    waker: Arc<Waker>,
+}
+
+impl BackendHandle {
+    /// Asks the loop to end: connections are closed, rings stopped, socket files removed.
+    pub fn shutdown(&self) {
+        self.stop.store(true, Ordering::Release);
+        let _ = self.waker.wake();
+    }
+}
+
+const WAKER: Token = Token(usize::MAX);
+
+/// The vhost-user control loop.
+pub struct Backend {
+    poll: Poll,
+    slots: Vec<Slot>,
+    stop: Arc<AtomicBool>,
+    waker: Arc<Waker>,
+}
+
+impl Backend {
+    /// An empty back-end.
+    pub fn new() -> io::Result<Backend> {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        Ok(Backend { poll, slots: Vec::new(), stop: Arc::new(AtomicBool::new(false)), waker })
+    }
+
+    /// A handle to stop the loop.
+    pub fn handle(&self) -> BackendHandle {
+        BackendHandle { stop: Arc::clone(&self.stop), waker: Arc::clone(&self.waker) }
+    }
+
+    /// Registers a device on a socket. Servers listen at once; clients connect on the first
+    /// loop iteration (and keep trying with backoff if the front-end is not there yet).
+    pub fn add_device(
+        &mut self,
+        name: &str,
+        config: DeviceConfig,
+        spec: SocketSpec,
+        handler: Box<dyn DeviceHandler>,
+    ) -> io::Result<NetDevice> {
+        let device = VhostUserDevice::new(config);
+        let net = NetDevice::new(name, device.vring_shared());
+        let id = self.slots.len();
+        let listener = match &spec {
+            SocketSpec::Server { path, mode } => Some(Listener::bind(path, *mode)?),
+            SocketSpec::ListenFd(fd) => Some(Listener::from_fd(fd.try_clone()?)),
+            SocketSpec::Client { .. } => None,
+        };
+        let mut slot = Slot {
+            spec,
+            listener,
+            conn: None,
+            device,
+            net: net.clone(),
+            handler,
+            reconnect_at: Some(Instant::now()),
+            attempts: 0,
+        };
+        if let Some(l) = slot.listener.as_mut() {
+            self.poll.registry().register(l.source(), Token(2 * id), Interest::READABLE)?;
+            slot.reconnect_at = None;
+        }
+        self.slots.push(slot);
+        Ok(net)
+    }
+
+    /// Runs until [`BackendHandle::shutdown`].
+    pub fn run(&mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(64);
+        while !self.stop.load(Ordering::Acquire) {
+            let timeout = self.next_timer();
+            match self.poll.poll(&mut events, timeout) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            for ev in events.iter() {
+                let t = ev.token();
+                if t == WAKER {
+                    continue;
+                }
+                let id = t.0 / 2;
+                if t.0 % 2 == 0 {
+                    self.accept(id);
+                } else {
+                    self.serve(id);
+                }
+            }
+            self.reconnect_due();
+        }
+        for id in 0..self.slots.len() {
+            self.teardown(id, "shutdown", false);
+        }
+        self.slots.clear();
+        Ok(())
+    }
+
+    fn next_timer(&self) -> Option<Duration> {
+        let now = Instant::now();
+        self.slots.iter().filter_map(|s| s.reconnect_at).map(|t| t.saturating_duration_since(now)).min()
+    }
+
+    fn accept(&mut self, id: usize) {
+        loop {
+            let slot = &mut self.slots[id];
+            let Some(l) = slot.listener.as_ref() else { return };
+            match l.accept() {
+                Ok(Some(stream)) => {
+                    if slot.conn.is_some() {
+                        warn!("vhost-user {}: second front-end refused (one connection per device)", slot.net.name());
+                        drop(stream);
+                        continue;
+                    }
+                    info!("vhost-user {}: front-end connected", slot.net.name());
+                    self.attach(id, stream);
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    warn!("vhost-user {}: accept: {e}", slot.net.name());
+                    return;
+                }
+            }
+        }
+    }
+
+    fn attach(&mut self, id: usize, mut stream: mio::net::UnixStream) {
+        if let Err(e) = self.poll.registry().register(&mut stream, Token(2 * id + 1), Interest::READABLE) {
+            warn!("vhost-user: register: {e}");
+            return;
+        }
+        let slot = &mut self.slots[id];
+        slot.conn = Some(Conn { stream, reader: MessageReader::new() });
+        slot.attempts = 0;
+        slot.reconnect_at = None;
+    }
+
+    fn reconnect_due(&mut self) {
+        let now = Instant::now();
+        for id in 0..self.slots.len() {
+            let slot = &mut self.slots[id];
+            if slot.conn.is_some() || slot.reconnect_at.is_none_or(|t| t > now) {
+                continue;
+            }
+            let SocketSpec::Client { path, reconnect } = &slot.spec else { continue };
+            match connection::connect(path) {
+                Ok(stream) => {
+                    info!("vhost-user {}: connected to the front-end", slot.net.name());
+                    self.attach(id, stream);
+                }
+                Err(e) => {
+                    let delay = reconnect.delay(slot.attempts);
+                    slot.attempts = slot.attempts.saturating_add(1);
+                    if slot.attempts == 1 || slot.attempts.is_multiple_of(20) {
+                        info!("vhost-user {}: connect: {e}; retrying", slot.net.name());
+                    }
+                    slot.reconnect_at = Some(now + delay);
+                }
+            }
+        }
+    }
+
+    fn serve(&mut self, id: usize) {
+        loop {
+            let slot = &mut self.slots[id];
+            let Some(conn) = slot.conn.as_mut() else { return };
+            let raw = match conn.reader.read(conn.stream.as_raw_fd()) {
+                Ok(Some(m)) => m,
+                Ok(None) => return,
+                Err(ConnectionError::Closed) => {
+                    self.teardown(id, "front-end disconnected", true);
+                    return;
+                }
+                Err(e) => {
+                    warn!("vhost-user {}: {e}", slot.net.name());
+                    self.teardown(id, "connection error", true);
+                    return;
+                }
+            };
+            let msg = FrontendMessage::decode(&raw.header, &raw.payload, raw.fds);
+            let resp = slot.device.handle(&raw.header, msg);
+            if let Some(reply) = &resp.reply {
+                if let Err(e) = connection::send_with_fds(conn.stream.as_raw_fd(), reply, &[]) {
+                    warn!("vhost-user {}: reply: {e}", slot.net.name());
+                    self.teardown(id, "reply failed", true);
+                    return;
+                }
+            }
+            self.dispatch_events(id);
+            if resp.close {
+                self.teardown(id, "protocol error", true);
+                return;
+            }
+        }
+    }
+
+    fn dispatch_events(&mut self, id: usize) {
+        let slot = &mut self.slots[id];
+        for ev in slot.device.take_events() {
+            match ev {
+                DeviceEvent::Ready => slot.handler.device_ready(&slot.net),
+                DeviceEvent::NotReady => slot.handler.device_destroyed(&slot.net),
+                DeviceEvent::VringStateChanged { index, enabled } => {
+                    slot.handler.vring_state_changed(&slot.net, index, enabled)
+                }
+                DeviceEvent::FeaturesChanged(f) => slot.handler.features_changed(&slot.net, f),
+            }
+        }
+    }
+
+    fn teardown(&mut self, id: usize, why: &str, reconnect: bool) {
+        let slot = &mut self.slots[id];
+        if let Some(mut conn) = slot.conn.take() {
+            info!("vhost-user {}: {why}; device reset", slot.net.name());
+            let _ = self.poll.registry().deregister(&mut conn.stream);
+        }
+        slot.device.reset();
+        self.dispatch_events(id);
+        let slot = &mut self.slots[id];
+        if let SocketSpec::Client { reconnect: policy, .. } = &slot.spec {
+            if reconnect && policy.enabled {
+                slot.reconnect_at = Some(Instant::now() + policy.delay(0));
+            } else {
+                slot.reconnect_at = None;
+            }
+        }
+    }
+}

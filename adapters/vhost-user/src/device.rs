@@ -1,0 +1,466 @@
+//! The back-end's protocol state machine for one vhost-user connection: every front-end
+//! request decoded by [`crate::message`] is applied here to the device state (features, memory
+//! table, vrings, status, config space) and answered.
+//!
+//! No I/O happens here: [`VhostUserDevice::handle`] takes a decoded message and returns what to
+//! send and whether to close, so tests and fuzzers drive it directly.
+//!
+//! ## Error policy
+//! A request that fails (malformed payload, out-of-range vring index, a feature that was not
+//! offered, a ring that cannot start, …) is logged with its typed error. If the front-end asked
+//! for a reply (`NEED_REPLY`) it gets a REPLY_ACK with a non-zero status and the connection
+//! stays up; a failed request whose reply is mandatory (the `GET_*` family), or any failure
+//! without `NEED_REPLY`, closes the connection, which tears down this device only
+//! (vhost-user.rst: "If back-end detects some error such as incompatible features, it may
+//! also close the connection").
+
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex};
+
+use log::{debug, info, warn};
+use virtq::VirtioFeatures;
+
+use crate::memory::{GuestMemoryMap, MemoryError, MemoryRegionDesc, DEFAULT_MAX_MEM_SLOTS};
+use crate::message::{
+    encode_ack, encode_get_config_error, encode_get_config_reply, encode_get_status_reply, encode_u64_reply,
+    encode_vring_state_reply, protocol_features as pf, FrontendMessage, Header, MemoryRegion, MessageError, Request,
+    VHOST_USER_F_PROTOCOL_FEATURES,
+};
+use crate::vring::{Vring, VringAddrs, VringError, VringShared};
+
+/// `VIRTIO_CONFIG_S_DRIVER_OK` in the device status byte.
+pub const STATUS_DRIVER_OK: u8 = 4;
+
+/// The virtio-net configuration space the back-end presents (`GET_CONFIG`, VIRTIO 1.2
+/// §5.1.4 `struct virtio_net_config`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// `mac` (with `VIRTIO_NET_F_MAC`).
+    pub mac: [u8; 6],
+    /// `status`: `VIRTIO_NET_S_LINK_UP` = 1.
+    pub status: u16,
+    /// `mtu` (with `VIRTIO_NET_F_MTU`).
+    pub mtu: u16,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        NetConfig { mac: [0x52, 0x54, 0x00, 0x12, 0x34, 0x56], status: 1, mtu: 1500 }
+    }
+}
+
+/// What a device offers and how it is laid out.
+#[derive(Clone, Debug)]
+pub struct DeviceConfig {
+    /// Virtio features offered (`VHOST_USER_F_PROTOCOL_FEATURES` is added).
+    pub features: VirtioFeatures,
+    /// Protocol features offered.
+    pub protocol_features: u64,
+    /// Queue pairs (virtio-net: RX queue `2n`, TX queue `2n + 1`).
+    pub queue_pairs: u16,
+    /// Config space contents.
+    pub net: NetConfig,
+    /// Memory slots for `CONFIGURE_MEM_SLOTS`.
+    pub max_mem_slots: usize,
+}
+
+impl DeviceConfig {
+    /// The features a virtio-net back-end on this library supports by default.
+    pub fn net_default() -> DeviceConfig {
+        DeviceConfig {
+            features: VirtioFeatures::VERSION_1
+                | VirtioFeatures::RING_INDIRECT_DESC
+                | VirtioFeatures::RING_EVENT_IDX
+                | VirtioFeatures::NET_MRG_RXBUF
+                | VirtioFeatures::NET_MAC
+                | VirtioFeatures::NET_MTU
+                | VirtioFeatures::NET_STATUS
+                | VirtioFeatures::NOTIFY_ON_EMPTY,
+            protocol_features: pf::MQ
+                | pf::REPLY_ACK
+                | pf::CONFIG
+                | pf::STATUS
+                | pf::BACKEND_REQ
+                | pf::CONFIGURE_MEM_SLOTS
+                | pf::NET_MTU
+                | pf::RARP,
+            queue_pairs: 1,
+            net: NetConfig::default(),
+            max_mem_slots: DEFAULT_MAX_MEM_SLOTS,
+        }
+    }
+
+    /// Virtio features offered on the wire.
+    pub fn offered_features(&self) -> u64 {
+        let mut f = self.features;
+        if self.queue_pairs > 1 {
+            f |= VirtioFeatures::NET_MQ;
+        }
+        f.bits() | VHOST_USER_F_PROTOCOL_FEATURES
+    }
+}
+
+/// Something the owner of the device should know about (turned into callbacks by the
+/// control loop).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeviceEvent {
+    /// `SET_FEATURES` accepted.
+    FeaturesChanged(u64),
+    /// A vring was enabled or disabled.
+    VringStateChanged {
+        /// Vring index.
+        index: u16,
+        /// New state.
+        enabled: bool,
+    },
+    /// Every vring of the first queue pair is started and enabled: traffic can flow.
+    Ready,
+    /// The device stopped being ready (rings stopped, reset, or disconnect).
+    NotReady,
+}
+
+/// Why a request failed.
+#[derive(Debug)]
+pub enum RequestError {
+    /// The message itself is malformed.
+    Message(MessageError),
+    /// A vring index ≥ the number of vrings (family 14).
+    VringIndex(u32),
+    /// Acknowledged features that were not offered.
+    FeaturesNotOffered(u64),
+    /// `SET_FEATURES` while rings are started (family 18).
+    FeaturesWhileStarted,
+    /// A vring request failed.
+    Vring(VringError),
+    /// The memory table was rejected.
+    Memory(MemoryError),
+    /// A request for a feature this back-end does not offer.
+    NotSupported(Request),
+    /// `GET_CONFIG` / `SET_CONFIG` outside the config space, or a read-only field.
+    Config,
+}
+
+impl std::fmt::Display for RequestError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RequestError::Message(e) => write!(f, "{e}"),
+            RequestError::VringIndex(i) => write!(f, "vring index {i} out of range"),
+            RequestError::FeaturesNotOffered(b) => write!(f, "features {b:#x} were not offered"),
+            RequestError::FeaturesWhileStarted => f.write_str("SET_FEATURES while rings are started"),
+            RequestError::Vring(e) => write!(f, "{e}"),
+            RequestError::Memory(e) => write!(f, "{e}"),
+            RequestError::NotSupported(r) => write!(f, "{r} is not supported"),
+            RequestError::Config => f.write_str("config space access out of range or read-only"),
+        }
+    }
+}
+
+impl std::error::Error for RequestError {}
+
+/// What to do after a request.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Response {
+    /// Bytes to send back (a reply or REPLY_ACK), if any.
+    pub reply: Option<Vec<u8>>,
+    /// Close the connection (after sending `reply`).
+    pub close: bool,
+}
+
+/// Protocol state of one vhost-user device.
+#[derive(Debug)]
+pub struct VhostUserDevice {
+    config: DeviceConfig,
+    acked_features: u64,
+    features_set: bool,
+    acked_protocol: u64,
+    mem: Option<Arc<GuestMemoryMap>>,
+    vrings: Vec<Vring>,
+    backend_req: Option<OwnedFd>,
+    status: u8,
+    ready: bool,
+    events: Vec<DeviceEvent>,
+}
+
+impl VhostUserDevice {
+    /// A device in its initial state: no features, no memory, rings stopped and disabled.
+    pub fn new(config: DeviceConfig) -> Self {
+        let n = config.queue_pairs as usize * 2;
+        VhostUserDevice {
+            vrings: (0..n).map(|_| Vring::default()).collect(),
+            config,
+            acked_features: 0,
+            features_set: false,
+            acked_protocol: 0,
+            mem: None,
+            backend_req: None,
+            status: 0,
+            ready: false,
+            events: Vec::new(),
+        }
+    }
+
+    /// The device's configuration.
+    pub fn config(&self) -> &DeviceConfig {
+        &self.config
+    }
+
+    /// Shared vring state, for the data path (index = virtqueue index).
+    pub fn vring_shared(&self) -> Vec<Arc<Mutex<VringShared>>> {
+        self.vrings.iter().map(|v| Arc::clone(v.shared())).collect()
+    }
+
+    /// Features acknowledged by `SET_FEATURES`.
+    pub fn acked_features(&self) -> VirtioFeatures {
+        VirtioFeatures::from_bits_retain(self.acked_features)
+    }
+
+    /// Events since the last call.
+    pub fn take_events(&mut self) -> Vec<DeviceEvent> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// Whether the first queue pair is started and enabled.
+    pub fn is_ready(&self) -> bool {
+        self.ready
+    }
+
+    /// Back to the initial state (disconnect, `RESET_DEVICE`): rings stopped, fds closed,
+    /// memory unmapped once the data path lets go of it.
+    pub fn reset(&mut self) {
+        for v in &mut self.vrings {
+            v.reset();
+        }
+        self.acked_features = 0;
+        self.features_set = false;
+        self.acked_protocol = 0;
+        self.mem = None;
+        self.backend_req = None;
+        self.status = 0;
+        self.update_ready();
+    }
+
+    /// Applies one request. `msg` is the decode result for `header` (decode errors are
+    /// handled here too, so that the reply policy is in one place).
+    pub fn handle(&mut self, header: &Header, msg: Result<FrontendMessage, MessageError>) -> Response {
+        let request = header.request().ok();
+        let name = request.map(|r| r.name()).unwrap_or("UNKNOWN");
+        let result = msg.map_err(RequestError::Message).and_then(|m| self.apply(m));
+        let reply_mandatory = request.is_some_and(|r| r.reply_required(0, self.acked_protocol));
+        let response = match result {
+            Ok(Some(reply)) => Response { reply: Some(reply), close: false },
+            Ok(None) if header.need_reply() => Response { reply: request.map(|r| encode_ack(r, true)), close: false },
+            Ok(None) => Response::default(),
+            Err(e) => {
+                warn!("vhost-user: {name} failed: {e}");
+                match request {
+                    Some(r) if header.need_reply() && !reply_mandatory => {
+                        Response { reply: Some(encode_ack(r, false)), close: false }
+                    }
+                    Some(Request::GetConfig) => Response { reply: Some(encode_get_config_error()), close: false },
+                    _ => Response { reply: None, close: true },
+                }
+            }
+        };
+        self.update_ready();
+        response
+    }
+
+    fn vring(&mut self, index: u32) -> Result<&mut Vring, RequestError> {
+        self.vrings.get_mut(index as usize).ok_or(RequestError::VringIndex(index))
+    }
+
+    fn features(&self) -> VirtioFeatures {
+        VirtioFeatures::from_bits_retain(self.acked_features)
+    }
+
+    fn set_memory(&mut self, map: GuestMemoryMap) {
+        let map = Arc::new(map);
+        for v in &mut self.vrings {
+            v.set_memory(&map);
+        }
+        self.mem = Some(map);
+    }
+
+    fn apply(&mut self, msg: FrontendMessage) -> Result<Option<Vec<u8>>, RequestError> {
+        use FrontendMessage as M;
+        Ok(match msg {
+            M::GetFeatures => Some(encode_u64_reply(Request::GetFeatures, self.config.offered_features())),
+            M::SetFeatures(f) => {
+                let extra = f & !self.config.offered_features();
+                if extra != 0 {
+                    return Err(RequestError::FeaturesNotOffered(extra));
+                }
+                if self.vrings.iter().any(|v| v.started()) && f != self.acked_features {
+                    return Err(RequestError::FeaturesWhileStarted);
+                }
+                self.acked_features = f;
+                self.features_set = true;
+                if f & VHOST_USER_F_PROTOCOL_FEATURES == 0 {
+                    // vhost-user.rst: "the back-end must enable all rings immediately".
+                    for (i, v) in self.vrings.iter_mut().enumerate() {
+                        if v.set_enabled(true) {
+                            self.events.push(DeviceEvent::VringStateChanged { index: i as u16, enabled: true });
+                        }
+                    }
+                }
+                info!("vhost-user: features {f:#x}");
+                self.events.push(DeviceEvent::FeaturesChanged(f));
+                None
+            }
+            M::SetOwner => None,
+            M::ResetOwner => {
+                // Deprecated; "recommended that back-ends … use it to disable all rings".
+                for v in &mut self.vrings {
+                    v.stop();
+                    v.set_enabled(false);
+                }
+                None
+            }
+            M::SetMemTable { regions, fds } => {
+                let descs: Vec<MemoryRegionDesc> = regions.iter().map(region_desc).collect();
+                let map = GuestMemoryMap::from_table(&descs, fds).map_err(RequestError::Memory)?;
+                debug!("vhost-user: memory table with {} regions", descs.len());
+                self.set_memory(map);
+                None
+            }
+            M::SetVringNum { index, num } => {
+                self.vring(index)?.set_num(num).map_err(RequestError::Vring)?;
+                None
+            }
+            M::SetVringAddr { index, desc_user_addr, used_user_addr, avail_user_addr, .. } => {
+                let addrs = VringAddrs { desc: desc_user_addr, avail: avail_user_addr, used: used_user_addr };
+                self.vring(index)?.set_addrs(addrs).map_err(RequestError::Vring)?;
+                None
+            }
+            M::SetVringBase { index, num } => {
+                self.vring(index)?.set_base(num).map_err(RequestError::Vring)?;
+                None
+            }
+            M::GetVringBase { index } => {
+                let base = self.vring(index)?.stop();
+                Some(encode_vring_state_reply(Request::GetVringBase, index, base as u32))
+            }
+            M::SetVringKick { index, fd } => {
+                let features = self.features();
+                let mem = self.mem.clone();
+                self.vring(index as u32)?.set_kick(fd, mem.as_ref(), features).map_err(RequestError::Vring)?;
+                None
+            }
+            M::SetVringCall { index, fd } => {
+                self.vring(index as u32)?.set_call(fd);
+                None
+            }
+            M::SetVringErr { index, fd } => {
+                self.vring(index as u32)?.set_err(fd);
+                None
+            }
+            M::GetProtocolFeatures => {
+                Some(encode_u64_reply(Request::GetProtocolFeatures, self.config.protocol_features))
+            }
+            M::SetProtocolFeatures(f) => {
+                let extra = f & !self.config.protocol_features;
+                if extra != 0 {
+                    return Err(RequestError::FeaturesNotOffered(extra));
+                }
+                self.acked_protocol = f;
+                None
+            }
+            // "Query how many queues the back-end supports": virtqueues, as libvhost-user and
+            // rust-vmm answer. QEMU's net client compares it with its queue pairs and DPDK
+            // answers pairs; the virtqueue count satisfies both.
+            M::GetQueueNum => Some(encode_u64_reply(Request::GetQueueNum, self.vrings.len() as u64)),
+            M::SetVringEnable { index, enable } => {
+                if self.vring(index)?.set_enabled(enable) {
+                    self.events.push(DeviceEvent::VringStateChanged { index: index as u16, enabled: enable });
+                }
+                None
+            }
+            M::SendRarp(mac) => {
+                debug!("vhost-user: SEND_RARP for {mac:02x?} (ignored: no migration)");
+                None
+            }
+            M::NetSetMtu(mtu) => {
+                if mtu > self.config.net.mtu {
+                    return Err(RequestError::Config);
+                }
+                None
+            }
+            M::SetBackendReqFd(fd) => {
+                self.backend_req = Some(fd);
+                None
+            }
+            M::GetConfig { offset, size, flags } => {
+                let space = self.config_space();
+                let start = offset as usize;
+                let end = start.checked_add(size as usize).ok_or(RequestError::Config)?;
+                let data = space.get(start..end).ok_or(RequestError::Config)?;
+                Some(encode_get_config_reply(offset, flags, data))
+            }
+            M::SetConfig { .. } => return Err(RequestError::Config),
+            M::ResetDevice => {
+                self.reset();
+                None
+            }
+            M::GetMaxMemSlots => Some(encode_u64_reply(Request::GetMaxMemSlots, self.config.max_mem_slots as u64)),
+            M::AddMemReg { region, fd } => {
+                let mut map = match &self.mem {
+                    Some(m) => {
+                        let mut m = (**m).clone();
+                        if m.max_slots() < self.config.max_mem_slots {
+                            m.set_max_slots(self.config.max_mem_slots).map_err(RequestError::Memory)?;
+                        }
+                        m
+                    }
+                    None => GuestMemoryMap::new(self.config.max_mem_slots),
+                };
+                map.add_region(region_desc(&region), fd).map_err(RequestError::Memory)?;
+                self.set_memory(map);
+                None
+            }
+            M::RemMemReg { region } => {
+                let mut map = match &self.mem {
+                    Some(m) => (**m).clone(),
+                    None => return Err(RequestError::Memory(MemoryError::NoRegions)),
+                };
+                map.remove_region(region.guest_phys_addr, region.userspace_addr, region.memory_size)
+                    .map_err(RequestError::Memory)?;
+                self.set_memory(map);
+                None
+            }
+            M::SetStatus(s) => {
+                self.status = s;
+                None
+            }
+            M::GetStatus => Some(encode_get_status_reply(self.status)),
+            other => return Err(RequestError::NotSupported(other.request())),
+        })
+    }
+
+    /// `struct virtio_net_config` bytes (little-endian, VERSION_1).
+    fn config_space(&self) -> Vec<u8> {
+        let n = &self.config.net;
+        let mut c = Vec::with_capacity(12);
+        c.extend_from_slice(&n.mac);
+        c.extend_from_slice(&n.status.to_le_bytes());
+        c.extend_from_slice(&self.config.queue_pairs.to_le_bytes());
+        c.extend_from_slice(&n.mtu.to_le_bytes());
+        c
+    }
+
+    fn update_ready(&mut self) {
+        let ready = self.vrings.len() >= 2 && self.vrings[..2].iter().all(|v| v.started() && v.enabled());
+        if ready != self.ready {
+            self.ready = ready;
+            self.events.push(if ready { DeviceEvent::Ready } else { DeviceEvent::NotReady });
+        }
+    }
+}
+
+fn region_desc(r: &MemoryRegion) -> MemoryRegionDesc {
+    MemoryRegionDesc {
+        guest_phys_addr: r.guest_phys_addr,
+        memory_size: r.memory_size,
+        userspace_addr: r.userspace_addr,
+        mmap_offset: r.mmap_offset,
+    }
+}

@@ -1,0 +1,26 @@
+//! # virtq-vhost-user — a vhost-user backend library for Linux
+//!
+//! Turns the `virtq` core into a vhost-user back-end (the role DPDK's librte_vhost plays for
+//! OVS): the protocol, connections with fd passing, the front-end's memory table, vrings and
+//! their state machine, and a device API with burst operations.
+//!
+//! Modules mirror QEMU's `docs/interop/vhost-user.rst`:
+//!
+//! | module | what |
+//! |---|---|
+//! | [`message`] | message header, every front-end request, payloads, the fd table, replies |
+//! | [`connection`] | unix sockets (server and client with reconnect), framing, SCM_RIGHTS |
+//! | [`memory`] | memory table: mmap'd regions, `virtq::GuestMemory` for guest physical and front-end virtual addresses |
+//! | [`vring`] | per-ring state: started/stopped × enabled/disabled, kick/call/err fds |
+//! | [`net`] | the virtio-net data path: dequeue/enqueue bursts, per-queue counters |
+//! | [`device`] | the protocol state machine: every request applied to the device state and answered |
+//! | [`backend`] | the control loop: many sockets on one mio poll, callbacks, reconnect, teardown |
+#![deny(missing_docs, unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
+
+pub mod backend;
+pub mod connection;
+pub mod device;
+pub mod memory;
+pub mod message;
+pub mod net;
+pub mod vring;

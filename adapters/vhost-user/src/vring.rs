@@ -1,0 +1,321 @@
+//! Vrings: the per-ring state the front-end configures (vhost-user.rst "Ring states"), and the
+//! part the data path uses.
+//!
+//! "Rings have two independent states: started/stopped, and enabled/disabled."
+//! - A ring starts on `SET_VRING_KICK` (with its size, addresses and the memory table known)
+//!   and stops on `GET_VRING_BASE`, which returns the next available index.
+//! - Enabled/disabled is tracked independently, including `SET_VRING_ENABLE` that arrives
+//!   before `SET_FEATURES` (QEMU sends it then) and the rule that `SET_FEATURES` without
+//!   `VHOST_USER_F_PROTOCOL_FEATURES` enables every ring.
+//! - Started and disabled: TX is drained and dropped, RX gets nothing (no side effects).
+//!
+//! The control thread owns [`Vring`]; the data path sees only [`VringShared`] through an
+//! `Arc<Mutex<_>>` that it locks once per burst, never per packet.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use virtq::{QueueConfig, SplitQueue, VirtioFeatures};
+
+use crate::memory::GuestMemoryMap;
+
+/// Why a vring request was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VringError {
+    /// `SET_VRING_NUM` with 0, a non-power of two, or more than 32768 (family 17).
+    InvalidSize(u32),
+    /// `SET_VRING_BASE` above 0xffff (family 17).
+    InvalidBase(u32),
+    /// A request that needs a stopped ring arrived while it is started.
+    Started,
+    /// The ring cannot start: its size, addresses or the memory table are missing, or the
+    /// addresses do not validate (unaligned, outside memory, overlapping — family 17).
+    CannotStart(String),
+}
+
+impl std::fmt::Display for VringError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VringError::InvalidSize(n) => write!(f, "vring size {n} is not a power of two in 1..=32768"),
+            VringError::InvalidBase(b) => write!(f, "vring base {b} does not fit 16 bits"),
+            VringError::Started => f.write_str("the ring is started"),
+            VringError::CannotStart(why) => write!(f, "cannot start ring: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for VringError {}
+
+/// Ring addresses from `SET_VRING_ADDR` (front-end virtual addresses).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VringAddrs {
+    /// Descriptor table.
+    pub desc: u64,
+    /// Available ring.
+    pub avail: u64,
+    /// Used ring.
+    pub used: u64,
+}
+
+/// How the back-end learns of new buffers.
+#[derive(Debug, Default)]
+pub enum Kick {
+    /// No `SET_VRING_KICK` yet.
+    #[default]
+    None,
+    /// An eventfd the front-end writes.
+    EventFd(Arc<OwnedFd>),
+    /// `SET_VRING_KICK` with the invalid-fd flag: the back-end polls the ring.
+    Polling,
+}
+
+/// A started ring as the data path sees it.
+#[derive(Debug)]
+pub struct ActiveRing {
+    /// The memory table the ring was started (or last re-mapped) with.
+    pub mem: Arc<GuestMemoryMap>,
+    /// Size and front-end addresses.
+    pub config: QueueConfig,
+    /// Negotiated features.
+    pub features: VirtioFeatures,
+    /// Next available index to consume.
+    pub next_avail: u16,
+    /// Next used index to write (the device's shadow; not re-read from the guest per burst).
+    pub next_used: u16,
+}
+
+/// The part of a ring shared with the data path.
+#[derive(Debug, Default)]
+pub struct VringShared {
+    /// `Some` while the ring is started.
+    pub active: Option<ActiveRing>,
+    /// Enabled (`SET_VRING_ENABLE`, or implied by `SET_FEATURES` without protocol features).
+    pub enabled: bool,
+    /// Call eventfd (`SET_VRING_CALL`), if any.
+    pub call: Option<Arc<OwnedFd>>,
+    /// Kick eventfd, for data paths that sleep.
+    pub kick: Option<Arc<OwnedFd>>,
+}
+
+impl ActiveRing {
+    /// Runs `f` on a queue view of the ring, then saves its indices. `Err` if the ring's
+    /// addresses no longer validate against the memory (e.g. after a memory table change).
+    pub fn with_queue<R>(
+        &mut self,
+        f: impl FnOnce(&mut SplitQueue<'_, GuestMemoryMap>) -> R,
+    ) -> Result<R, virtq::QueueError> {
+        let mem = Arc::clone(&self.mem);
+        let mut q = SplitQueue::with_ring_memory(&*mem, mem.frontend(), self.config, self.features)?;
+        q.set_next_avail(self.next_avail);
+        q.set_next_used(self.next_used);
+        let r = f(&mut q);
+        self.next_avail = q.next_avail();
+        self.next_used = q.next_used();
+        Ok(r)
+    }
+}
+
+/// Signals an eventfd (a call to the guest). Errors are ignored: a front-end that closed its
+/// end simply gets no interrupt.
+pub fn signal(fd: &OwnedFd) {
+    let one = 1u64;
+    // SAFETY: writes 8 bytes from `one` to an eventfd we own.
+    unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+}
+
+/// One vring, control side.
+#[derive(Debug)]
+pub struct Vring {
+    num: Option<u16>,
+    addrs: Option<VringAddrs>,
+    base: u16,
+    kick: Kick,
+    err: Option<OwnedFd>,
+    shared: Arc<Mutex<VringShared>>,
+}
+
+impl Default for Vring {
+    fn default() -> Self {
+        Vring { num: None, addrs: None, base: 0, kick: Kick::None, err: None, shared: Arc::default() }
+    }
+}
+
+impl Vring {
+    /// The state shared with the data path.
+    pub fn shared(&self) -> &Arc<Mutex<VringShared>> {
+        &self.shared
+    }
+
+    fn lock(&self) -> MutexGuard<'_, VringShared> {
+        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the ring is started.
+    pub fn started(&self) -> bool {
+        self.lock().active.is_some()
+    }
+
+    /// Whether the ring is enabled.
+    pub fn enabled(&self) -> bool {
+        self.lock().enabled
+    }
+
+    /// `SET_VRING_NUM`.
+    pub fn set_num(&mut self, num: u32) -> Result<(), VringError> {
+        if num == 0 || num > 32768 || !num.is_power_of_two() {
+            return Err(VringError::InvalidSize(num));
+        }
+        if self.started() {
+            return Err(VringError::Started);
+        }
+        self.num = Some(num as u16);
+        Ok(())
+    }
+
+    /// `SET_VRING_ADDR` (validated against memory when the ring starts).
+    pub fn set_addrs(&mut self, addrs: VringAddrs) -> Result<(), VringError> {
+        if self.started() {
+            return Err(VringError::Started);
+        }
+        self.addrs = Some(addrs);
+        Ok(())
+    }
+
+    /// `SET_VRING_BASE`: the next available index (split rings).
+    pub fn set_base(&mut self, base: u32) -> Result<(), VringError> {
+        let base = u16::try_from(base).map_err(|_| VringError::InvalidBase(base))?;
+        if self.started() {
+            return Err(VringError::Started);
+        }
+        self.base = base;
+        Ok(())
+    }
+
+    /// `SET_VRING_CALL`: replaces the call eventfd (`None`: no interrupts).
+    pub fn set_call(&mut self, fd: Option<OwnedFd>) {
+        self.lock().call = fd.map(Arc::new);
+    }
+
+    /// `SET_VRING_ERR`: kept (and closed on replacement or reset).
+    pub fn set_err(&mut self, fd: Option<OwnedFd>) {
+        self.err = fd;
+    }
+
+    /// `SET_VRING_ENABLE`, or the implicit enable of `SET_FEATURES`. Returns whether the state
+    /// changed. Enabling a started ring also wakes the data path, so buffers (and a kick) that
+    /// arrived while it was disabled are not lost (rust-vmm/vhost #247).
+    pub fn set_enabled(&mut self, enabled: bool) -> bool {
+        let mut s = self.lock();
+        let changed = s.enabled != enabled;
+        s.enabled = enabled;
+        if changed && enabled {
+            if let Some(k) = &s.kick {
+                signal(k);
+            }
+        }
+        changed
+    }
+
+    /// `SET_VRING_KICK`: records the kick source and starts the ring (vhost-user.rst: "The
+    /// back-end must start a ring upon receiving a kick"). The used index is read from guest
+    /// memory at start (rust-vmm/vhost #180).
+    pub fn set_kick(
+        &mut self,
+        fd: Option<OwnedFd>,
+        mem: Option<&Arc<GuestMemoryMap>>,
+        features: VirtioFeatures,
+    ) -> Result<(), VringError> {
+        self.kick = match fd {
+            Some(fd) => Kick::EventFd(Arc::new(fd)),
+            None => Kick::Polling,
+        };
+        let kick = match &self.kick {
+            Kick::EventFd(k) => Some(Arc::clone(k)),
+            _ => None,
+        };
+        let num = self.num.ok_or_else(|| VringError::CannotStart("no SET_VRING_NUM".into()))?;
+        let addrs = self.addrs.ok_or_else(|| VringError::CannotStart("no SET_VRING_ADDR".into()))?;
+        let mem = mem.ok_or_else(|| VringError::CannotStart("no memory table".into()))?;
+        let config = QueueConfig { size: num, desc_table: addrs.desc, avail_ring: addrs.avail, used_ring: addrs.used };
+        let next_used = SplitQueue::with_ring_memory(&**mem, mem.frontend(), config, features)
+            .map_err(|e| VringError::CannotStart(e.to_string()))?
+            .next_used();
+        let mut s = self.lock();
+        s.kick = kick;
+        s.active = Some(ActiveRing { mem: Arc::clone(mem), config, features, next_avail: self.base, next_used });
+        if let Some(k) = &s.kick {
+            // Buffers may already be waiting: have the data path look once.
+            signal(k);
+        }
+        Ok(())
+    }
+
+    /// `GET_VRING_BASE`: stops the ring and returns the next available index.
+    pub fn stop(&mut self) -> u16 {
+        let active = {
+            let mut s = self.lock();
+            s.kick = None;
+            s.active.take()
+        };
+        if let Some(a) = active {
+            self.base = a.next_avail;
+        }
+        self.kick = Kick::None;
+        self.base
+    }
+
+    /// A new memory table: a started ring continues on it (its addresses are re-validated per
+    /// burst by the data path).
+    pub fn set_memory(&mut self, mem: &Arc<GuestMemoryMap>) {
+        if let Some(a) = self.lock().active.as_mut() {
+            a.mem = Arc::clone(mem);
+        }
+    }
+
+    /// Features changed (`SET_FEATURES` while started is refused by the device; this only
+    /// records the value for the next start).
+    pub fn reset(&mut self) {
+        self.stop();
+        self.num = None;
+        self.addrs = None;
+        self.base = 0;
+        self.err = None;
+        let mut s = self.lock();
+        s.call = None;
+        s.enabled = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn size_and_base_are_validated_without_truncation() {
+        let mut v = Vring::default();
+        for bad in [0u32, 3, 65536, 32768 * 2, u32::MAX] {
+            assert_eq!(v.set_num(bad), Err(VringError::InvalidSize(bad)));
+        }
+        assert_eq!(v.set_num(32768), Ok(()));
+        assert_eq!(v.set_base(0x1_0000), Err(VringError::InvalidBase(0x1_0000)));
+        assert_eq!(v.set_base(0xffff), Ok(()));
+    }
+
+    #[test]
+    fn kick_without_configuration_records_the_source_but_does_not_start() {
+        let mut v = Vring::default();
+        assert!(matches!(v.set_kick(None, None, VirtioFeatures::empty()), Err(VringError::CannotStart(_))));
+        assert!(!v.started());
+        assert!(matches!(v.kick, Kick::Polling));
+    }
+
+    #[test]
+    fn enable_is_independent_of_start() {
+        let mut v = Vring::default();
+        assert!(v.set_enabled(true));
+        assert!(!v.set_enabled(true));
+        assert!(v.enabled() && !v.started());
+        assert_eq!(v.stop(), 0);
+        assert!(v.enabled(), "stopping does not disable");
+    }
+}

@@ -1,0 +1,404 @@
+//! An in-tree vhost-user front-end for tests: real unix socket, real memfd guest memory, real
+//! eventfds, and the core's test driver for the rings. It encodes messages itself (not with the
+//! library's codec) so that the two check each other, and it can send anything, including the
+//! malformed messages of hostile-inputs families 12–18.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::ptr::NonNull;
+use std::time::Duration;
+
+use virtq::testing::{layout, TestDriver};
+use virtq::{QueueConfig, Region, RegionTable};
+
+pub const GET_FEATURES: u32 = 1;
+pub const SET_FEATURES: u32 = 2;
+pub const SET_OWNER: u32 = 3;
+pub const RESET_OWNER: u32 = 4;
+pub const SET_MEM_TABLE: u32 = 5;
+pub const SET_LOG_BASE: u32 = 6;
+pub const SET_VRING_NUM: u32 = 8;
+pub const SET_VRING_ADDR: u32 = 9;
+pub const SET_VRING_BASE: u32 = 10;
+pub const GET_VRING_BASE: u32 = 11;
+pub const SET_VRING_KICK: u32 = 12;
+pub const SET_VRING_CALL: u32 = 13;
+pub const SET_VRING_ERR: u32 = 14;
+pub const GET_PROTOCOL_FEATURES: u32 = 15;
+pub const SET_PROTOCOL_FEATURES: u32 = 16;
+pub const GET_QUEUE_NUM: u32 = 17;
+pub const SET_VRING_ENABLE: u32 = 18;
+pub const SET_BACKEND_REQ_FD: u32 = 21;
+pub const GET_CONFIG: u32 = 24;
+pub const GET_INFLIGHT_FD: u32 = 31;
+pub const GET_MAX_MEM_SLOTS: u32 = 36;
+pub const ADD_MEM_REG: u32 = 37;
+pub const REM_MEM_REG: u32 = 38;
+pub const SET_STATUS: u32 = 39;
+pub const GET_STATUS: u32 = 40;
+
+pub const F_PROTOCOL_FEATURES: u64 = 1 << 30;
+pub const PF_MQ: u64 = 1 << 0;
+pub const PF_REPLY_ACK: u64 = 1 << 3;
+pub const PF_CONFIG: u64 = 1 << 9;
+pub const PF_CONFIGURE_MEM_SLOTS: u64 = 1 << 15;
+pub const PF_STATUS: u64 = 1 << 16;
+
+pub const NEED_REPLY: u32 = 0x8;
+
+/// Guest RAM: a memfd mapped shared, guest physical address `GPA`; the front-end's virtual
+/// address of it is the mapping's address (as with QEMU and DPDK virtio-user).
+pub struct GuestRam {
+    pub fd: OwnedFd,
+    pub ptr: *mut u8,
+    pub len: usize,
+    pub table: RegionTable<1>,
+}
+
+pub const GPA: u64 = 0x4000_0000;
+
+impl GuestRam {
+    pub fn new(len: usize) -> GuestRam {
+        // SAFETY: memfd_create with a static name; the fd is owned at once.
+        let fd = unsafe { libc::memfd_create(c"virtq-test-guest".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: fresh fd owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: plain syscalls on our own fd and a fresh shared mapping.
+        let ptr = unsafe {
+            assert_eq!(libc::ftruncate(fd.as_raw_fd(), len as i64), 0);
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(ptr, libc::MAP_FAILED);
+        let mut table = RegionTable::new();
+        // SAFETY: the mapping lives until Drop and is only accessed through raw pointers.
+        table.add(unsafe { Region::new(GPA, NonNull::new(ptr.cast()).unwrap(), len as u64) }).unwrap();
+        GuestRam { fd, ptr: ptr.cast(), len, table }
+    }
+
+    /// The front-end's virtual address of guest physical address `gpa`.
+    pub fn uaddr(&self, gpa: u64) -> u64 {
+        self.ptr as u64 + (gpa - GPA)
+    }
+}
+
+impl Drop for GuestRam {
+    fn drop(&mut self) {
+        // SAFETY: the mapping created in `new`, unmapped once.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+pub fn eventfd() -> OwnedFd {
+    // SAFETY: eventfd returns a fresh fd, owned at once.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    assert!(fd >= 0);
+    // SAFETY: fresh fd.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// Reads an eventfd's counter (0 if not signalled).
+pub fn eventfd_read(fd: &OwnedFd) -> u64 {
+    let mut v = 0u64;
+    // SAFETY: reads 8 bytes into `v` from a non-blocking eventfd.
+    let n = unsafe { libc::read(fd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+    if n == 8 {
+        v
+    } else {
+        0
+    }
+}
+
+pub fn eventfd_write(fd: &OwnedFd) {
+    let v = 1u64;
+    // SAFETY: writes 8 bytes from `v` to an eventfd.
+    unsafe { libc::write(fd.as_raw_fd(), (&v as *const u64).cast(), 8) };
+}
+
+/// Sends bytes with fds attached.
+pub fn send(sock: &UnixStream, bytes: &[u8], fds: &[RawFd]) {
+    let mut control = [0u64; 32];
+    let mut iov = libc::iovec { iov_base: bytes.as_ptr() as *mut _, iov_len: bytes.len() };
+    // SAFETY: msghdr built over live buffers; the control buffer is large enough for up to 16 fds.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        if !fds.is_empty() {
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = libc::CMSG_SPACE((fds.len() * 4) as u32) as _;
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN((fds.len() * 4) as u32) as _;
+            let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
+            for (i, &f) in fds.iter().enumerate() {
+                data.add(i).write_unaligned(f);
+            }
+        }
+        let n = libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL);
+        assert_eq!(n as usize, bytes.len(), "sendmsg: {}", std::io::Error::last_os_error());
+    }
+}
+
+pub fn message(request: u32, flags: u32, payload: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(12 + payload.len());
+    m.extend_from_slice(&request.to_ne_bytes());
+    m.extend_from_slice(&(1 | flags).to_ne_bytes());
+    m.extend_from_slice(&(payload.len() as u32).to_ne_bytes());
+    m.extend_from_slice(payload);
+    m
+}
+
+pub fn u64p(v: u64) -> Vec<u8> {
+    v.to_ne_bytes().to_vec()
+}
+
+pub fn state(index: u32, num: u32) -> Vec<u8> {
+    let mut p = index.to_ne_bytes().to_vec();
+    p.extend_from_slice(&num.to_ne_bytes());
+    p
+}
+
+/// One virtqueue of the front-end: its layout and the guest-side driver.
+pub struct FrontQueue {
+    pub cfg: QueueConfig,
+    pub kick: OwnedFd,
+    pub call: OwnedFd,
+    pub data_base: u64,
+    pub data_len: u64,
+}
+
+/// A vhost-user front-end connected to a back-end.
+pub struct Frontend {
+    pub sock: UnixStream,
+    pub ram: GuestRam,
+    pub queues: Vec<FrontQueue>,
+}
+
+impl Frontend {
+    /// Connects to a back-end listening on `path` (retrying for up to 5 s while it starts).
+    pub fn connect(path: &Path, queues: usize, size: u16) -> Frontend {
+        let mut tries = 0;
+        let sock = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(_) if tries < 500 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("connect {}: {e}", path.display()),
+            }
+        };
+        Self::with_socket(sock, queues, size)
+    }
+
+    pub fn with_socket(sock: UnixStream, queues: usize, size: u16) -> Frontend {
+        sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let ram = GuestRam::new(16 << 20);
+        let mut next = GPA;
+        let mut qs = Vec::new();
+        let data_per_queue = (8 << 20) / queues.max(1) as u64;
+        for _ in 0..queues {
+            let (cfg, end) = layout(next, size);
+            qs.push(FrontQueue { cfg, kick: eventfd(), call: eventfd(), data_base: 0, data_len: 0 });
+            next = end;
+        }
+        let data_start = (next + 0xfff) & !0xfff;
+        for (i, q) in qs.iter_mut().enumerate() {
+            q.data_base = data_start + i as u64 * data_per_queue;
+            q.data_len = data_per_queue;
+        }
+        Frontend { sock, ram, queues: qs }
+    }
+
+    /// A driver for each queue (zeroes the rings: create them before traffic starts).
+    pub fn drivers(&self) -> Vec<TestDriver<'_, RegionTable<1>>> {
+        self.queues.iter().map(|q| TestDriver::new(&self.ram.table, q.cfg, q.data_base, q.data_len)).collect()
+    }
+
+    pub fn send(&self, request: u32, flags: u32, payload: &[u8], fds: &[RawFd]) {
+        send(&self.sock, &message(request, flags, payload), fds);
+    }
+
+    /// Reads one reply: (request, flags, payload). Panics on timeout.
+    pub fn reply(&self) -> (u32, u32, Vec<u8>) {
+        self.try_reply().expect("reply")
+    }
+
+    pub fn try_reply(&self) -> std::io::Result<(u32, u32, Vec<u8>)> {
+        let mut h = [0u8; 12];
+        (&self.sock).read_exact(&mut h)?;
+        let req = u32::from_ne_bytes(h[0..4].try_into().unwrap());
+        let flags = u32::from_ne_bytes(h[4..8].try_into().unwrap());
+        let size = u32::from_ne_bytes(h[8..12].try_into().unwrap());
+        let mut p = vec![0; size as usize];
+        (&self.sock).read_exact(&mut p)?;
+        Ok((req, flags, p))
+    }
+
+    /// Sends a request that has a u64 reply and returns the value.
+    pub fn get_u64(&self, request: u32) -> u64 {
+        self.send(request, 0, &[], &[]);
+        let (req, flags, p) = self.reply();
+        assert_eq!(req, request);
+        assert_eq!(flags & 0x7, 0x5, "version 1 + REPLY");
+        u64::from_ne_bytes(p[..8].try_into().unwrap())
+    }
+
+    /// Sends with NEED_REPLY and returns the REPLY_ACK status (0 = success).
+    pub fn acked(&self, request: u32, payload: &[u8], fds: &[RawFd]) -> u64 {
+        self.send(request, NEED_REPLY, payload, fds);
+        let (req, _, p) = self.reply();
+        assert_eq!(req, request);
+        u64::from_ne_bytes(p[..8].try_into().unwrap())
+    }
+
+    pub fn mem_table_payload(&self) -> Vec<u8> {
+        let mut p = Vec::new();
+        p.extend_from_slice(&1u32.to_ne_bytes());
+        p.extend_from_slice(&0u32.to_ne_bytes());
+        p.extend_from_slice(&GPA.to_ne_bytes());
+        p.extend_from_slice(&(self.ram.len as u64).to_ne_bytes());
+        p.extend_from_slice(&self.ram.uaddr(GPA).to_ne_bytes());
+        p.extend_from_slice(&0u64.to_ne_bytes());
+        p
+    }
+
+    pub fn vring_addr_payload(&self, i: usize) -> Vec<u8> {
+        let q = &self.queues[i];
+        let mut p = (i as u32).to_ne_bytes().to_vec();
+        p.extend_from_slice(&0u32.to_ne_bytes());
+        p.extend_from_slice(&self.ram.uaddr(q.cfg.desc_table).to_ne_bytes());
+        p.extend_from_slice(&self.ram.uaddr(q.cfg.used_ring).to_ne_bytes());
+        p.extend_from_slice(&self.ram.uaddr(q.cfg.avail_ring).to_ne_bytes());
+        p.extend_from_slice(&0u64.to_ne_bytes());
+        p
+    }
+
+    /// Starts queue `i`: NUM, BASE 0, ADDR, KICK, CALL (the part both QEMU and DPDK send).
+    pub fn start_queue(&self, i: usize) {
+        let size = self.queues[i].cfg.size as u32;
+        self.send(SET_VRING_NUM, 0, &state(i as u32, size), &[]);
+        self.send(SET_VRING_BASE, 0, &state(i as u32, 0), &[]);
+        self.send(SET_VRING_ADDR, 0, &self.vring_addr_payload(i), &[]);
+        let kick = self.queues[i].kick.as_raw_fd();
+        let call = self.queues[i].call.as_raw_fd();
+        self.send(SET_VRING_KICK, 0, &u64p(i as u64), &[kick]);
+        self.send(SET_VRING_CALL, 0, &u64p(i as u64), &[call]);
+    }
+
+    /// QEMU 7.2's order (peers.md): negotiation, enables before SET_FEATURES, then DRIVER_OK:
+    /// SET_FEATURES, SET_MEM_TABLE (acked), per ring NUM/BASE/ADDR/KICK/CALL, no enable after.
+    pub fn qemu_start(&self, features: u64) -> u64 {
+        let offered = self.get_u64(GET_FEATURES);
+        assert!(offered & F_PROTOCOL_FEATURES != 0);
+        let pf = self.get_u64(GET_PROTOCOL_FEATURES);
+        let want = pf & (PF_MQ | PF_REPLY_ACK | PF_CONFIG | PF_STATUS);
+        self.send(SET_PROTOCOL_FEATURES, 0, &u64p(want), &[]);
+        let nq = self.get_u64(GET_QUEUE_NUM);
+        assert!(nq as usize >= self.queues.len());
+        self.send(SET_OWNER, 0, &[], &[]);
+        for i in 0..self.queues.len() {
+            let call = self.queues[i].call.as_raw_fd();
+            self.send(SET_VRING_CALL, 0, &u64p(i as u64), &[call]);
+            let err = eventfd();
+            self.send(SET_VRING_ERR, 0, &u64p(i as u64), &[err.as_raw_fd()]);
+        }
+        for i in 0..self.queues.len() {
+            self.send(SET_VRING_ENABLE, 0, &state(i as u32, 1), &[]);
+        }
+        let acked = (features & offered) | F_PROTOCOL_FEATURES;
+        self.send(SET_FEATURES, 0, &u64p(acked), &[]);
+        let mt = self.mem_table_payload();
+        let fd = self.ram.fd.as_raw_fd();
+        assert_eq!(self.acked(SET_MEM_TABLE, &mt, &[fd]), 0, "SET_MEM_TABLE acked");
+        for i in 0..self.queues.len() {
+            self.start_queue(i);
+        }
+        acked
+    }
+
+    /// DPDK virtio-user's order (peers.md): SET_VRING_CALL before SET_FEATURES and
+    /// SET_MEM_TABLE, enables after the rings are set up.
+    pub fn dpdk_start(&self, features: u64) -> u64 {
+        let offered = self.get_u64(GET_FEATURES);
+        let pf = self.get_u64(GET_PROTOCOL_FEATURES);
+        self.send(SET_PROTOCOL_FEATURES, 0, &u64p(pf & (PF_MQ | PF_REPLY_ACK)), &[]);
+        self.send(SET_OWNER, 0, &[], &[]);
+        for i in 0..self.queues.len() {
+            let call = self.queues[i].call.as_raw_fd();
+            self.send(SET_VRING_CALL, 0, &u64p(i as u64), &[call]);
+        }
+        let acked = (features & offered) | F_PROTOCOL_FEATURES;
+        self.send(SET_FEATURES, 0, &u64p(acked), &[]);
+        let mt = self.mem_table_payload();
+        let fd = self.ram.fd.as_raw_fd();
+        self.send(SET_MEM_TABLE, 0, &mt, &[fd]);
+        for i in 0..self.queues.len() {
+            self.start_queue(i);
+        }
+        for i in 0..self.queues.len() {
+            self.send(SET_VRING_ENABLE, 0, &state(i as u32, 1), &[]);
+        }
+        acked
+    }
+
+    /// GET_VRING_BASE: stops the ring and returns the next avail index.
+    pub fn get_vring_base(&self, i: usize) -> u32 {
+        self.send(GET_VRING_BASE, 0, &state(i as u32, 0), &[]);
+        let (req, _, p) = self.reply();
+        assert_eq!(req, GET_VRING_BASE);
+        assert_eq!(u32::from_ne_bytes(p[0..4].try_into().unwrap()), i as u32);
+        u32::from_ne_bytes(p[4..8].try_into().unwrap())
+    }
+
+    pub fn kick(&self, i: usize) {
+        eventfd_write(&self.queues[i].kick);
+    }
+
+    /// Waits up to `timeout` for queue `i`'s call eventfd.
+    pub fn wait_call(&self, i: usize, timeout: Duration) -> bool {
+        let mut pfd = libc::pollfd { fd: self.queues[i].call.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: poll on one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
+        n == 1 && eventfd_read(&self.queues[i].call) > 0
+    }
+
+    /// True once the back-end has closed the connection (reads EOF within `timeout`).
+    pub fn closed_by_backend(&self, timeout: Duration) -> bool {
+        self.sock.set_read_timeout(Some(timeout)).unwrap();
+        let mut b = [0u8; 64];
+        loop {
+            match (&self.sock).read(&mut b) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(_) => return false,
+            }
+        }
+    }
+
+    pub fn write_raw(&self, bytes: &[u8]) {
+        (&self.sock).write_all(bytes).unwrap();
+    }
+}
+
+/// Open file descriptors of this process.
+pub fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// Mappings of this process.
+pub fn mappings() -> usize {
+    std::fs::read_to_string("/proc/self/maps").unwrap().lines().count()
+}
