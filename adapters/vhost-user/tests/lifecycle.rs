@@ -287,3 +287,38 @@ fn features_offered_follow_the_configuration() {
     fe.send(SET_FEATURES, 0, &u64p(f | (1 << 15)), &[]);
     assert!(fe.closed_by_backend(Duration::from_secs(2)));
 }
+
+#[test]
+fn event_driven_data_path_sleeps_until_the_guest_kicks() {
+    let path = sock_path("event-driven");
+    let (_run, nets) = start(vec![("e", DeviceConfig::net_default(), server(&path), Box::new(NoHandler))]);
+    let fe = Frontend::connect(&path, 2, 64);
+    let mut g = Guest::new(&fe);
+    fe.qemu_start(NET_FEATURES);
+    let net = &nets[0];
+    wait("rings ready", || net.queue_ready(1).then_some(()));
+    // Drain the start-up wake-up, then nothing to do: the wait times out.
+    net.wait_for_work(1, Duration::from_millis(10));
+    assert!(!net.wait_for_work(1, Duration::from_millis(50)), "no work, no kick");
+    // EVENT_IDX: the device asked to be kicked at its current position.
+    assert_eq!(g.drv[1].avail_event(), 0);
+    // The guest posts a frame and kicks from another thread while the device sleeps.
+    g.drv[1].add_chain(&[Buf::readable(&[0u8; 12]), Buf::readable(&frame(0, 60))]);
+    let kick = fe.queues[1].kick.try_clone().unwrap();
+    let t = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(20));
+        frontend::eventfd_write(&kick);
+    });
+    assert!(net.wait_for_work(1, Duration::from_secs(2)), "woken by the kick");
+    t.join().unwrap();
+    let mut bufs: Vec<TxFrame> = (0..4).map(|_| TxFrame::with_capacity(MAX_TX_FRAME)).collect();
+    assert_eq!(net.dequeue_burst(0, &mut bufs), 1);
+    // Buffers already waiting when the device enables kicks: no sleep at all.
+    g.drv[1].add_chain(&[Buf::readable(&[0u8; 12]), Buf::readable(&frame(1, 60))]);
+    assert!(net.wait_for_work(1, Duration::from_secs(5)));
+    assert_eq!(net.dequeue_burst(0, &mut bufs), 1);
+    // Busy-poll mode: kicks suppressed (EVENT_IDX keeps used.flags 0 and stops moving
+    // avail_event).
+    net.suppress_kicks(1);
+    assert_eq!(g.drv[1].used_flags(), 0);
+}
