@@ -292,17 +292,8 @@ impl NetDevice {
             vq.publish()
         });
         drop(s);
-        match result {
-            Ok(true) => {
-                if let Some(c) = &call {
-                    signal(c);
-                }
-            }
-            Ok(false) => {}
-            Err(e) => {
-                warn!("virtq-net: TX ring no longer valid: {e}");
-                errors += 1;
-            }
+        if !finish_burst(result, call.as_deref(), "TX") {
+            errors += 1;
         }
         q.stats.add(n as u64, bytes, drops, errors);
         n
@@ -345,16 +336,27 @@ impl NetDevice {
             vq.publish()
         });
         drop(s);
-        match result {
-            Ok(true) => {
-                if let Some(c) = &call {
-                    signal(c);
-                }
-            }
-            Ok(false) => {}
-            Err(e) => warn!("virtq-net: RX ring no longer valid: {e}"),
+        if !finish_burst(result, call.as_deref(), "RX") {
+            errors += 1;
         }
         q.stats.add(n as u64, bytes, (frames.len() - n) as u64, errors);
         n
+    }
+}
+
+/// After a burst: signals the guest if its notification suppression asked for it (the
+/// `publish` result), or logs a ring that no longer validates. Returns `false` for the latter.
+fn finish_burst(result: Result<bool, virtq::QueueError>, call: Option<&OwnedFd>, what: &str) -> bool {
+    match result {
+        Ok(notify) => {
+            if let (true, Some(c)) = (notify, call) {
+                signal(c);
+            }
+            true
+        }
+        Err(e) => {
+            warn!("virtq-net: {what} ring no longer valid: {e}");
+            false
+        }
     }
 }
