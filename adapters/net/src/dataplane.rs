@@ -1,0 +1,314 @@
+//! The forwarding loop: takes bursts from every vhost-user port and TAP, and delivers them to
+//! the port's back-end (its TAP, the switch, or back to itself), batching per destination so
+//! that each destination queue is locked and notified once per burst.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use log::warn;
+use virtq_vhost_user::net::{NetDevice, QueueCounters, TxFrame, MAX_TX_FRAME};
+
+use crate::switch::{Forward, PortId, Switch};
+use crate::tap::{TapQueue, TAP_HDR_LEN};
+
+/// Frames per burst.
+pub const BURST: usize = 32;
+
+/// What a vhost-user port is connected to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PortBackend {
+    /// The L2 switch shared by every switch port and switch TAP.
+    Switch,
+    /// Frames go back to the guest they came from.
+    Reflect,
+    /// A host TAP device of this name (one TAP queue per queue pair).
+    Tap(String),
+}
+
+/// A port of the data plane.
+pub enum Port {
+    /// A vhost-user device.
+    Vhost {
+        /// The device.
+        dev: NetDevice,
+        /// Its back-end.
+        backend: PortBackend,
+        /// Its TAP queues, for `PortBackend::Tap`.
+        tap: Vec<TapQueue>,
+    },
+    /// A TAP device attached to the switch.
+    SwitchTap {
+        /// Its name.
+        name: String,
+        /// Its queues.
+        queues: Vec<TapQueue>,
+    },
+}
+
+/// Counters of a TAP attached to the switch.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TapCounters {
+    /// Frames read from the TAP.
+    pub rx: u64,
+    /// Frames written to the TAP.
+    pub tx: u64,
+    /// Frames the TAP could not take.
+    pub drops: u64,
+}
+
+/// The data plane: ports, the switch, reusable buffers.
+pub struct Dataplane {
+    ports: Vec<Port>,
+    switch: Switch,
+    frames: Vec<TxFrame>,
+    tap_bufs: Vec<Vec<u8>>,
+    /// Per destination port, indices of the frames of the current burst going there.
+    dest: Vec<Vec<usize>>,
+    tap_counters: Vec<TapCounters>,
+    busy_poll: bool,
+}
+
+impl Dataplane {
+    /// A data plane over `ports`; with `busy_poll` it never sleeps.
+    pub fn new(ports: Vec<Port>, busy_poll: bool) -> Dataplane {
+        let n = ports.len();
+        Dataplane {
+            ports,
+            switch: Switch::new(Duration::from_secs(300), 4096),
+            frames: (0..BURST).map(|_| TxFrame::with_capacity(MAX_TX_FRAME)).collect(),
+            tap_bufs: (0..BURST).map(|_| vec![0u8; MAX_TX_FRAME]).collect(),
+            dest: vec![Vec::with_capacity(BURST); n],
+            tap_counters: vec![TapCounters::default(); n],
+            busy_poll,
+        }
+    }
+
+    /// Runs until `stop` is set. Busy-polls while there is traffic, then backs off with short
+    /// sleeps (up to 1 ms) unless busy-polling was asked for.
+    pub fn run(&mut self, stop: &AtomicBool) {
+        let mut idle = 0u32;
+        let mut last_expire = Instant::now();
+        while !stop.load(Ordering::Relaxed) {
+            let work = self.poll_once();
+            if work > 0 {
+                idle = 0;
+                continue;
+            }
+            idle = idle.saturating_add(1);
+            if !self.busy_poll && idle > 64 {
+                let us = (idle as u64 - 64).min(1000);
+                std::thread::sleep(Duration::from_micros(us));
+            }
+            if last_expire.elapsed() > Duration::from_secs(10) {
+                self.switch.expire(Instant::now());
+                last_expire = Instant::now();
+            }
+        }
+    }
+
+    /// One pass over every port; returns the number of frames moved.
+    pub fn poll_once(&mut self) -> usize {
+        let mut work = 0;
+        for p in 0..self.ports.len() {
+            match &self.ports[p] {
+                Port::Vhost { dev, .. } => {
+                    for pair in 0..dev.queue_pairs() {
+                        work += self.poll_vhost(p, pair);
+                    }
+                }
+                Port::SwitchTap { queues, .. } => {
+                    for q in 0..queues.len() {
+                        work += self.poll_switch_tap(p, q);
+                    }
+                }
+            }
+        }
+        work + self.poll_port_taps()
+    }
+
+    fn poll_vhost(&mut self, p: PortId, pair: u16) -> usize {
+        let Port::Vhost { dev, backend, tap } = &self.ports[p] else { return 0 };
+        let n = dev.dequeue_burst(pair, &mut self.frames);
+        if n == 0 {
+            return 0;
+        }
+        match backend {
+            PortBackend::Reflect => {
+                let out: Vec<&[u8]> = self.frames[..n].iter().map(|f| f.frame()).collect();
+                dev.enqueue_burst(pair, &out);
+            }
+            PortBackend::Tap(_) => {
+                if let Some(q) = tap.get(pair as usize % tap.len().max(1)) {
+                    for f in &self.frames[..n] {
+                        let hdr = tap_header(f.raw(), f.frame());
+                        if let Err(e) = q.write(&hdr, f.frame()) {
+                            warn!("virtq-net: TAP write: {e}");
+                        }
+                    }
+                }
+            }
+            PortBackend::Switch => {
+                let frames: Vec<&[u8]> = self.frames[..n].iter().map(|f| f.frame()).collect();
+                switch_burst(&mut self.switch, &mut self.dest, &self.ports, &mut self.tap_counters, p, pair, &frames);
+            }
+        }
+        n
+    }
+
+    fn poll_switch_tap(&mut self, p: PortId, q: usize) -> usize {
+        let Port::SwitchTap { queues, name } = &self.ports[p] else { return 0 };
+        let mut lens = [0usize; BURST];
+        let mut n = 0;
+        while n < BURST {
+            match queues[q].read(&mut self.tap_bufs[n]) {
+                Ok(Some(len)) if len > TAP_HDR_LEN => {
+                    lens[n] = len;
+                    n += 1;
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(e) => {
+                    warn!("virtq-net: TAP {name} read: {e}");
+                    break;
+                }
+            }
+        }
+        if n == 0 {
+            return 0;
+        }
+        self.tap_counters[p].rx += n as u64;
+        let frames: Vec<&[u8]> = (0..n).map(|i| &self.tap_bufs[i][TAP_HDR_LEN..lens[i]]).collect();
+        switch_burst(&mut self.switch, &mut self.dest, &self.ports, &mut self.tap_counters, p, q as u16, &frames);
+        n
+    }
+
+    /// Frames from a port's own TAP (`PortBackend::Tap`) to its guest.
+    pub fn poll_port_taps(&mut self) -> usize {
+        let mut work = 0;
+        for p in &self.ports {
+            let Port::Vhost { dev, backend: PortBackend::Tap(_), tap } = p else { continue };
+            for (pair, q) in tap.iter().enumerate() {
+                let mut lens = [0usize; BURST];
+                let mut n = 0;
+                while n < BURST {
+                    match q.read(&mut self.tap_bufs[n]) {
+                        Ok(Some(len)) if len > TAP_HDR_LEN => {
+                            lens[n] = len;
+                            n += 1;
+                        }
+                        Ok(Some(_)) => {}
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+                if n > 0 {
+                    let out: Vec<&[u8]> = (0..n).map(|i| &self.tap_bufs[i][TAP_HDR_LEN..lens[i]]).collect();
+                    dev.enqueue_burst(pair as u16, &out);
+                    work += n;
+                }
+            }
+        }
+        work
+    }
+
+    /// Counters of a TAP attached to the switch.
+    pub fn tap_counters(&self, port: PortId) -> TapCounters {
+        self.tap_counters[port]
+    }
+
+    /// The ports.
+    pub fn ports(&self) -> &[Port] {
+        &self.ports
+    }
+}
+
+/// Switches one burst that entered on port `ingress`: learns, then sends each destination its
+/// frames in one batch.
+fn switch_burst(
+    switch: &mut Switch,
+    dest: &mut [Vec<usize>],
+    ports: &[Port],
+    counters: &mut [TapCounters],
+    ingress: PortId,
+    pair: u16,
+    frames: &[&[u8]],
+) {
+    let now = Instant::now();
+    for d in dest.iter_mut() {
+        d.clear();
+    }
+    for (i, f) in frames.iter().enumerate() {
+        match switch.forward(ingress, f, now) {
+            Forward::Port(to) => dest[to].push(i),
+            Forward::Flood => {
+                for (to, d) in dest.iter_mut().enumerate() {
+                    if to != ingress && is_switch_port(&ports[to]) {
+                        d.push(i);
+                    }
+                }
+            }
+            Forward::Drop => {}
+        }
+    }
+    let mut out: Vec<&[u8]> = Vec::with_capacity(frames.len());
+    for (to, d) in dest.iter().enumerate() {
+        if d.is_empty() {
+            continue;
+        }
+        out.clear();
+        out.extend(d.iter().map(|&i| frames[i]));
+        deliver(&ports[to], pair, &out, &mut counters[to]);
+    }
+}
+
+fn is_switch_port(p: &Port) -> bool {
+    matches!(p, Port::SwitchTap { .. } | Port::Vhost { backend: PortBackend::Switch, .. })
+}
+
+/// Sends a batch to one port: one enqueue burst for a guest (on the pair matching the
+/// ingress queue), or writes to a TAP.
+fn deliver(port: &Port, pair: u16, frames: &[&[u8]], tap: &mut TapCounters) {
+    match port {
+        Port::Vhost { dev, .. } => {
+            let pairs = dev.queue_pairs().max(1);
+            dev.enqueue_burst(pair % pairs, frames);
+        }
+        Port::SwitchTap { queues, name } => {
+            let q = &queues[pair as usize % queues.len()];
+            let hdr = [0u8; TAP_HDR_LEN];
+            for f in frames {
+                match q.write(&hdr, f) {
+                    Ok(true) => tap.tx += 1,
+                    Ok(false) => tap.drops += 1,
+                    Err(e) => {
+                        tap.drops += 1;
+                        warn!("virtq-net: TAP {name} write: {e}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The TAP's 12-byte header for a guest frame: the guest's header (10 or 12 bytes, already
+/// validated) with `num_buffers` zeroed.
+fn tap_header(raw: &[u8], frame: &[u8]) -> [u8; TAP_HDR_LEN] {
+    let hdr_len = raw.len() - frame.len();
+    let mut h = [0u8; TAP_HDR_LEN];
+    let n = hdr_len.min(10);
+    h[..n].copy_from_slice(&raw[..n]);
+    h
+}
+
+/// Per-queue counters of every vhost-user port, for the statistics report.
+pub fn vhost_stats(ports: &[Port]) -> Vec<(String, Vec<QueueCounters>)> {
+    ports
+        .iter()
+        .filter_map(|p| match p {
+            Port::Vhost { dev, .. } => {
+                let n = dev.queue_pairs() as usize * 2;
+                Some((dev.name().to_string(), (0..n).map(|i| dev.stats(i)).collect()))
+            }
+            Port::SwitchTap { .. } => None,
+        })
+        .collect()
+}

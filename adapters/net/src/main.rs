@@ -1,0 +1,374 @@
+//! `virtq-net`: a vhost-user-net back-end. It connects VMs' virtio-net devices (QEMU, libvirt,
+//! DPDK virtio-user) to each other through an L2 learning switch, to host TAP devices, or back
+//! to themselves.
+//!
+//! Without arguments it listens on one socket, `/tmp/virtq-net.sock`, in switch mode. It follows
+//! the conventions of QEMU's vhost-user back-end programs (docs/interop/vhost-user.rst
+//! "Backend program conventions"): `--socket-path` or `--fd`, `--print-capabilities`, no
+//! daemonizing, and a clean exit on SIGTERM/SIGINT (rings stopped, socket files removed).
+
+mod dataplane;
+mod switch;
+mod tap;
+
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use log::{error, info};
+use virtq_vhost_user::backend::{Backend, DeviceHandler, SocketSpec};
+use virtq_vhost_user::connection::Reconnect;
+use virtq_vhost_user::device::DeviceConfig;
+use virtq_vhost_user::net::NetDevice;
+
+use dataplane::{Dataplane, Port, PortBackend};
+
+/// Command line.
+#[derive(Parser, Debug)]
+#[command(name = "virtq-net", version, about = "vhost-user-net back-end: L2 switch, TAP or reflector for VM NICs")]
+struct Args {
+    /// vhost-user socket to listen on (repeat for several ports). Default: /tmp/virtq-net.sock.
+    #[arg(long = "socket-path", value_name = "PATH")]
+    socket_path: Vec<PathBuf>,
+
+    /// An inherited listening socket fd (libvirt / systemd socket activation).
+    #[arg(long, value_name = "FD")]
+    fd: Option<i32>,
+
+    /// Connect to the socket paths instead of listening (the front-end is the server:
+    /// QEMU `server=on`, DPDK virtio-user `server=1`); reconnects with backoff.
+    #[arg(long)]
+    client: bool,
+
+    /// With --client: give up after the first disconnect instead of reconnecting.
+    #[arg(long)]
+    no_reconnect: bool,
+
+    /// A fully specified port (repeatable): `path=P[,client][,backend=switch|reflect|tap:NAME]
+    /// [,queues=N][,mac=52:54:00:00:00:01][,mtu=1500][,mrg=on|off]`.
+    #[arg(long = "port", value_name = "SPEC")]
+    ports: Vec<String>,
+
+    /// Back-end of the --socket-path/--fd ports.
+    #[arg(long, default_value = "switch", value_name = "switch|reflect|tap:NAME")]
+    backend: String,
+
+    /// Attach a host TAP device to the switch (repeatable).
+    #[arg(long = "tap", value_name = "NAME")]
+    taps: Vec<String>,
+
+    /// Queue pairs per port.
+    #[arg(long, default_value_t = 1)]
+    queues: u16,
+
+    /// Do not offer VIRTIO_NET_F_MRG_RXBUF.
+    #[arg(long)]
+    no_mrg_rxbuf: bool,
+
+    /// Busy-poll the rings instead of backing off when idle.
+    #[arg(long)]
+    busy_poll: bool,
+
+    /// Print per-port and per-queue statistics every N seconds (0: only at exit and on
+    /// SIGUSR1).
+    #[arg(long, default_value_t = 0, value_name = "SECS")]
+    stats_interval: u64,
+
+    /// Log level: error, warn, info, debug, trace (or RUST_LOG).
+    #[arg(long, default_value = "info")]
+    log_level: String,
+
+    /// Print the back-end's capabilities as JSON (vhost-user.json) and exit.
+    #[arg(long)]
+    print_capabilities: bool,
+}
+
+/// One port as configured.
+#[derive(Clone, Debug, PartialEq)]
+struct PortSpec {
+    path: PathBuf,
+    client: bool,
+    backend: PortBackend,
+    queues: u16,
+    mac: Option<[u8; 6]>,
+    mtu: u16,
+    mrg: bool,
+}
+
+fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return Err(format!("bad MAC address {s:?}"));
+    }
+    let mut mac = [0u8; 6];
+    for (m, p) in mac.iter_mut().zip(parts) {
+        *m = u8::from_str_radix(p, 16).map_err(|_| format!("bad MAC address {s:?}"))?;
+    }
+    Ok(mac)
+}
+
+fn parse_backend(s: &str) -> Result<PortBackend, String> {
+    match s {
+        "switch" => Ok(PortBackend::Switch),
+        "reflect" => Ok(PortBackend::Reflect),
+        _ => match s.strip_prefix("tap:") {
+            Some(name) if !name.is_empty() => Ok(PortBackend::Tap(name.to_string())),
+            _ => Err(format!("unknown back-end {s:?} (switch, reflect or tap:NAME)")),
+        },
+    }
+}
+
+fn parse_port(spec: &str, defaults: &PortSpec) -> Result<PortSpec, String> {
+    let mut p = PortSpec { path: PathBuf::new(), ..defaults.clone() };
+    for item in spec.split(',') {
+        let (k, v) = item.split_once('=').unwrap_or((item, ""));
+        match k {
+            "path" => p.path = PathBuf::from(v),
+            "client" => p.client = true,
+            "backend" => p.backend = parse_backend(v)?,
+            "queues" => p.queues = v.parse().map_err(|_| format!("bad queues {v:?}"))?,
+            "mac" => p.mac = Some(parse_mac(v)?),
+            "mtu" => p.mtu = v.parse().map_err(|_| format!("bad mtu {v:?}"))?,
+            "mrg" => p.mrg = v != "off",
+            _ => return Err(format!("unknown port option {k:?}")),
+        }
+    }
+    if p.path.as_os_str().is_empty() {
+        return Err(format!("port {spec:?} has no path="));
+    }
+    if p.queues == 0 || p.queues > 16 {
+        return Err(format!("port {spec:?}: queues must be 1..=16"));
+    }
+    Ok(p)
+}
+
+/// A locally administered MAC for port `i` when none was given.
+fn default_mac(i: usize) -> [u8; 6] {
+    [0x52, 0x54, 0x00, 0x9e, (i >> 8) as u8, i as u8]
+}
+
+fn device_config(p: &PortSpec, i: usize) -> DeviceConfig {
+    let mut c = DeviceConfig::net_default();
+    c.queue_pairs = p.queues;
+    c.net.mac = p.mac.unwrap_or_else(|| default_mac(i));
+    c.net.mtu = p.mtu;
+    if !p.mrg {
+        c.features.remove(virtq::VirtioFeatures::NET_MRG_RXBUF);
+    }
+    c
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+static DUMP_STATS: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+extern "C" fn on_usr1(_: libc::c_int) {
+    DUMP_STATS.store(true, Ordering::SeqCst);
+}
+
+fn install_signals() {
+    // SAFETY: the handlers only store to atomics (async-signal-safe); sigaction with an empty
+    // mask and SA_RESTART.
+    unsafe {
+        for (sig, h) in
+            [(libc::SIGTERM, on_stop as extern "C" fn(libc::c_int)), (libc::SIGINT, on_stop), (libc::SIGUSR1, on_usr1)]
+        {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = h as usize;
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+}
+
+struct Logger;
+impl DeviceHandler for Logger {
+    fn device_ready(&mut self, dev: &NetDevice) {
+        info!("{}: ready", dev.name());
+    }
+    fn device_destroyed(&mut self, dev: &NetDevice) {
+        info!("{}: stopped", dev.name());
+    }
+    fn features_changed(&mut self, dev: &NetDevice, features: u64) {
+        info!("{}: features {features:#x}", dev.name());
+    }
+}
+
+fn print_stats(dp: &Dataplane) {
+    for (name, queues) in dataplane::vhost_stats(dp.ports()) {
+        for (i, c) in queues.iter().enumerate() {
+            let dir = if i % 2 == 0 { "rx" } else { "tx" };
+            info!(
+                "stats {name} q{i}({dir}): packets {} bytes {} drops {} errors {}",
+                c.packets, c.bytes, c.drops, c.errors
+            );
+        }
+    }
+    for (i, p) in dp.ports().iter().enumerate() {
+        if let Port::SwitchTap { name, .. } = p {
+            let c = dp.tap_counters(i);
+            info!("stats tap {name}: rx {} tx {} drops {}", c.rx, c.tx, c.drops);
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), String> {
+    let defaults = PortSpec {
+        path: PathBuf::new(),
+        client: args.client,
+        backend: parse_backend(&args.backend)?,
+        queues: args.queues,
+        mac: None,
+        mtu: 1500,
+        mrg: !args.no_mrg_rxbuf,
+    };
+    let mut specs: Vec<PortSpec> =
+        args.socket_path.iter().map(|p| PortSpec { path: p.clone(), ..defaults.clone() }).collect();
+    for s in &args.ports {
+        specs.push(parse_port(s, &defaults)?);
+    }
+    if specs.is_empty() && args.fd.is_none() {
+        specs.push(PortSpec { path: PathBuf::from("/tmp/virtq-net.sock"), ..defaults.clone() });
+    }
+    let reconnect = Reconnect { enabled: !args.no_reconnect, ..Reconnect::default() };
+
+    let mut backend = Backend::new().map_err(|e| format!("control loop: {e}"))?;
+    let mut ports = Vec::new();
+    let mut add = |name: String, spec: &PortSpec, socket: SocketSpec, i: usize| -> Result<(), String> {
+        let dev = backend
+            .add_device(&name, device_config(spec, i), socket, Box::new(Logger))
+            .map_err(|e| format!("{name}: {e}"))?;
+        let tap = match &spec.backend {
+            PortBackend::Tap(t) => tap::open(t, spec.queues as usize).map_err(|e| format!("TAP {t}: {e}"))?,
+            _ => Vec::new(),
+        };
+        info!("{name}: {:?} back-end, {} queue pair(s)", spec.backend, spec.queues);
+        ports.push(Port::Vhost { dev, backend: spec.backend.clone(), tap });
+        Ok(())
+    };
+    if let Some(fd) = args.fd {
+        // SAFETY: the management layer passed us this listening socket; we own it from here.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        add(format!("fd:{}", args.fd.unwrap_or(-1)), &defaults, SocketSpec::ListenFd(fd), 0)?;
+    }
+    for (i, spec) in specs.iter().enumerate() {
+        let socket = if spec.client {
+            SocketSpec::Client { path: spec.path.clone(), reconnect }
+        } else {
+            SocketSpec::Server { path: spec.path.clone(), mode: None }
+        };
+        add(spec.path.display().to_string(), spec, socket, i + 1)?;
+    }
+    for t in &args.taps {
+        let queues = tap::open(t, 1).map_err(|e| format!("TAP {t}: {e}"))?;
+        info!("TAP {t} attached to the switch");
+        ports.push(Port::SwitchTap { name: t.clone(), queues });
+    }
+
+    install_signals();
+    let handle = backend.handle();
+    let control =
+        thread::Builder::new().name("vhost-user".into()).spawn(move || backend.run()).map_err(|e| e.to_string())?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let dp_stop = Arc::clone(&stop);
+    let busy = args.busy_poll;
+    let data = thread::Builder::new()
+        .name("dataplane".into())
+        .spawn(move || {
+            let mut dp = Dataplane::new(ports, busy);
+            dp.run(&dp_stop);
+            dp
+        })
+        .map_err(|e| e.to_string())?;
+
+    let mut last_stats = Instant::now();
+    while !STOP.load(Ordering::SeqCst) {
+        thread::sleep(Duration::from_millis(50));
+        let periodic = args.stats_interval > 0 && last_stats.elapsed() >= Duration::from_secs(args.stats_interval);
+        if DUMP_STATS.swap(false, Ordering::SeqCst) || periodic {
+            // The data plane owns its counters; the vhost-user ones are shared and read here.
+            last_stats = Instant::now();
+            info!("statistics requested (full report at exit)");
+        }
+    }
+    info!("stopping");
+    stop.store(true, Ordering::SeqCst);
+    let dp = data.join().map_err(|_| "data plane panicked".to_string())?;
+    handle.shutdown();
+    control.join().map_err(|_| "control loop panicked".to_string())?.map_err(|e| e.to_string())?;
+    print_stats(&dp);
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if args.print_capabilities {
+        println!("{{\n  \"type\": \"net\"\n}}");
+        return ExitCode::SUCCESS;
+    }
+    env_logger::Builder::new()
+        .parse_filters(&std::env::var("RUST_LOG").unwrap_or_else(|_| args.log_level.clone()))
+        .format_timestamp_millis()
+        .init();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn defaults() -> PortSpec {
+        PortSpec {
+            path: PathBuf::new(),
+            client: false,
+            backend: PortBackend::Switch,
+            queues: 1,
+            mac: None,
+            mtu: 1500,
+            mrg: true,
+        }
+    }
+
+    #[test]
+    fn port_specs_parse_and_reject_nonsense() {
+        let p =
+            parse_port("path=/tmp/a.sock,client,backend=tap:vt0,queues=2,mac=52:54:00:00:00:07,mrg=off", &defaults())
+                .unwrap();
+        assert_eq!(p.path, PathBuf::from("/tmp/a.sock"));
+        assert!(p.client && !p.mrg);
+        assert_eq!(p.backend, PortBackend::Tap("vt0".into()));
+        assert_eq!((p.queues, p.mac), (2, Some([0x52, 0x54, 0, 0, 0, 7])));
+        assert!(parse_port("client", &defaults()).is_err(), "no path");
+        assert!(parse_port("path=x,queues=0", &defaults()).is_err());
+        assert!(parse_port("path=x,backend=tap:", &defaults()).is_err());
+        assert!(parse_port("path=x,mac=1:2:3", &defaults()).is_err());
+        assert!(parse_port("path=x,colour=blue", &defaults()).is_err());
+    }
+
+    #[test]
+    fn device_config_follows_the_port() {
+        let mut p = defaults();
+        p.mrg = false;
+        p.queues = 4;
+        let c = device_config(&p, 3);
+        assert!(!c.features.contains(virtq::VirtioFeatures::NET_MRG_RXBUF));
+        assert_eq!(c.queue_pairs, 4);
+        assert_eq!(c.net.mac, default_mac(3));
+    }
+}

@@ -1,0 +1,143 @@
+//! An L2 learning switch: learns which port each source MAC address lives behind, forwards
+//! unicast frames to that port, and floods broadcast, multicast and unknown destinations to
+//! every other port. Entries age out, so a VM that moves (or a port that goes away) is
+//! relearned.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// A switch port number.
+pub type PortId = usize;
+
+/// Where a frame goes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Forward {
+    /// To one port.
+    Port(PortId),
+    /// To every port but the ingress one.
+    Flood,
+    /// Nowhere (destination behind the ingress port, or a runt frame).
+    Drop,
+}
+
+/// The MAC table.
+#[derive(Debug)]
+pub struct Switch {
+    table: HashMap<[u8; 6], (PortId, Instant)>,
+    aging: Duration,
+    capacity: usize,
+}
+
+impl Switch {
+    /// A switch whose entries expire after `aging` and whose table holds at most `capacity`
+    /// addresses (a guest spraying random source MACs cannot grow it without bound).
+    pub fn new(aging: Duration, capacity: usize) -> Switch {
+        Switch { table: HashMap::new(), aging, capacity }
+    }
+
+    /// Learns the frame's source and decides where it goes.
+    pub fn forward(&mut self, ingress: PortId, frame: &[u8], now: Instant) -> Forward {
+        if frame.len() < 14 {
+            return Forward::Drop;
+        }
+        let dst: [u8; 6] = frame[0..6].try_into().expect("6 bytes");
+        let src: [u8; 6] = frame[6..12].try_into().expect("6 bytes");
+        if src[0] & 1 == 0 {
+            self.learn(src, ingress, now);
+        }
+        if dst[0] & 1 != 0 {
+            return Forward::Flood; // broadcast or multicast
+        }
+        match self.table.get(&dst) {
+            Some(&(port, seen)) if now.duration_since(seen) < self.aging => {
+                if port == ingress {
+                    Forward::Drop
+                } else {
+                    Forward::Port(port)
+                }
+            }
+            _ => Forward::Flood,
+        }
+    }
+
+    fn learn(&mut self, mac: [u8; 6], port: PortId, now: Instant) {
+        if self.table.len() >= self.capacity && !self.table.contains_key(&mac) {
+            self.expire(now);
+            if self.table.len() >= self.capacity {
+                // Still full of live entries: forget the oldest.
+                if let Some(oldest) = self.table.iter().min_by_key(|(_, (_, t))| *t).map(|(m, _)| *m) {
+                    self.table.remove(&oldest);
+                }
+            }
+        }
+        self.table.insert(mac, (port, now));
+    }
+
+    /// Drops entries older than the aging time.
+    pub fn expire(&mut self, now: Instant) {
+        let aging = self.aging;
+        self.table.retain(|_, (_, seen)| now.duration_since(*seen) < aging);
+    }
+
+    /// Number of learned addresses.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
+        let mut f = dst.to_vec();
+        f.extend_from_slice(&src);
+        f.extend_from_slice(&[0x08, 0x00]);
+        f.resize(60, 0);
+        f
+    }
+
+    const A: [u8; 6] = [2, 0, 0, 0, 0, 0xa];
+    const B: [u8; 6] = [2, 0, 0, 0, 0, 0xb];
+    const BCAST: [u8; 6] = [0xff; 6];
+
+    #[test]
+    fn learns_floods_unknown_and_broadcast_then_forwards() {
+        let mut s = Switch::new(Duration::from_secs(300), 16);
+        let t = Instant::now();
+        assert_eq!(s.forward(0, &frame(B, A), t), Forward::Flood, "B unknown");
+        assert_eq!(s.forward(1, &frame(BCAST, B), t), Forward::Flood, "broadcast");
+        assert_eq!(s.forward(0, &frame(B, A), t), Forward::Port(1));
+        assert_eq!(s.forward(1, &frame(A, B), t), Forward::Port(0));
+        assert_eq!(s.forward(0, &frame(A, B), t), Forward::Drop, "destination behind the ingress");
+        assert_eq!(s.forward(0, &[0u8; 13], t), Forward::Drop, "runt");
+        assert_eq!(s.forward(0, &frame([1, 0, 0x5e, 0, 0, 1], A), t), Forward::Flood, "multicast");
+    }
+
+    #[test]
+    fn entries_age_out_and_moves_are_relearned() {
+        let mut s = Switch::new(Duration::from_secs(10), 16);
+        let t = Instant::now();
+        s.forward(1, &frame(BCAST, B), t);
+        assert_eq!(s.forward(0, &frame(B, A), t + Duration::from_secs(5)), Forward::Port(1));
+        assert_eq!(s.forward(0, &frame(B, A), t + Duration::from_secs(11)), Forward::Flood, "aged");
+        s.forward(2, &frame(BCAST, B), t + Duration::from_secs(12));
+        assert_eq!(s.forward(0, &frame(B, A), t + Duration::from_secs(12)), Forward::Port(2), "moved");
+    }
+
+    #[test]
+    fn table_is_bounded_and_multicast_sources_are_not_learned() {
+        let mut s = Switch::new(Duration::from_secs(300), 4);
+        let t = Instant::now();
+        for i in 0..100u8 {
+            s.forward(0, &frame(BCAST, [2, 0, 0, 0, 1, i]), t + Duration::from_millis(i as u64));
+        }
+        assert_eq!(s.len(), 4);
+        // The newest survive.
+        assert_eq!(s.forward(1, &frame([2, 0, 0, 0, 1, 99], B), t + Duration::from_secs(1)), Forward::Port(0));
+        let before = s.len();
+        s.forward(0, &frame(BCAST, [3, 0, 0, 0, 0, 1]), t);
+        assert_eq!(s.len(), before, "group address as source is not learned");
+    }
+}

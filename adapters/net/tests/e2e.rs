@@ -1,0 +1,262 @@
+//! The `virtq-net` binary end to end, with in-tree front-ends (real sockets, memfd memory,
+//! eventfds): switch between two guests, reflect, a TAP answered by the Linux kernel inside a
+//! network namespace the test creates, clean exit on SIGTERM, and the CLI conventions.
+
+#[path = "../../vhost-user/tests/frontend/mod.rs"]
+mod frontend;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use frontend::*;
+use virtq::testing::{Buf, TestDriver};
+use virtq::RegionTable;
+
+const BIN: &str = env!("CARGO_BIN_EXE_virtq-net");
+const FEATURES: u64 = (1 << 32) | (1 << 28) | (1 << 29) | (1 << 15) | (1 << 5);
+
+fn dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("virtq-net-e2e-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+struct Proc(Child);
+
+impl Proc {
+    fn spawn(cmd: &mut Command) -> Proc {
+        Proc(cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start virtq-net"))
+    }
+
+    /// SIGTERM and wait (at most 5 s) for a clean exit.
+    fn terminate(mut self) -> std::process::ExitStatus {
+        // SAFETY: signalling our own child by PID.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(st) = self.0.try_wait().unwrap() {
+                return st;
+            }
+            assert!(Instant::now() < deadline, "virtq-net did not exit on SIGTERM");
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_for(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !path.exists() {
+        assert!(Instant::now() < deadline, "{} never appeared", path.display());
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// An Ethernet frame.
+fn eth(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = dst.to_vec();
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend_from_slice(payload);
+    if f.len() < 60 {
+        f.resize(60, 0);
+    }
+    f
+}
+
+/// Guest side of one front-end: sends frames, posts RX buffers, reads what arrived.
+struct Nic<'a> {
+    fe: &'a Frontend,
+    rx: TestDriver<'a, RegionTable<1>>,
+    tx: TestDriver<'a, RegionTable<1>>,
+    rx_bufs: std::collections::HashMap<u32, u64>,
+    rx_seen: u16,
+}
+
+impl<'a> Nic<'a> {
+    fn new(fe: &'a Frontend) -> Nic<'a> {
+        let mut d = fe.drivers().into_iter();
+        let (rx, tx) = (d.next().unwrap(), d.next().unwrap());
+        Nic { fe, rx, tx, rx_bufs: Default::default(), rx_seen: 0 }
+    }
+
+    fn post_rx(&mut self, n: usize) {
+        for _ in 0..n {
+            let mut a = [0u64];
+            let head = self.rx.build_chain(&[Buf::writable(2048)], &mut a);
+            self.rx.publish(head);
+            self.rx_bufs.insert(head as u32, a[0]);
+        }
+    }
+
+    fn send(&mut self, frame: &[u8]) {
+        self.tx.add_chain(&[Buf::readable(&[0u8; 12]), Buf::readable(frame)]);
+        self.fe.kick(1);
+    }
+
+    /// Waits for the next received frame (without the virtio-net header).
+    fn recv(&mut self, timeout: Duration) -> Option<Vec<u8>> {
+        let deadline = Instant::now() + timeout;
+        while self.rx.used_idx() == self.rx_seen {
+            if Instant::now() > deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(2));
+        }
+        let (id, len) = self.rx.used_elem(self.rx_seen);
+        self.rx_seen = self.rx_seen.wrapping_add(1);
+        let mut b = vec![0u8; len as usize];
+        self.rx.read(self.rx_bufs[&id], &mut b);
+        Some(b[12..].to_vec())
+    }
+}
+
+const MAC_A: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0x0a];
+const MAC_B: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0x0b];
+
+#[test]
+fn switch_mode_carries_frames_between_two_guests_and_exits_cleanly() {
+    let d = dir("switch");
+    let (a, b) = (d.join("a.sock"), d.join("b.sock"));
+    let p = Proc::spawn(Command::new(BIN).arg("--socket-path").arg(&a).arg("--socket-path").arg(&b));
+    wait_for(&a);
+    wait_for(&b);
+    let (fa, fb) = (Frontend::connect(&a, 2, 256), Frontend::connect(&b, 2, 256));
+    let (mut na, mut nb) = (Nic::new(&fa), Nic::new(&fb));
+    fa.qemu_start(FEATURES);
+    fb.dpdk_start(FEATURES);
+    na.post_rx(16);
+    nb.post_rx(16);
+    thread::sleep(Duration::from_millis(100));
+    // A broadcasts (flooded to B), B answers A by unicast (learned), A answers B.
+    let hello = eth([0xff; 6], MAC_A, 0x88b5, b"hello from A");
+    na.send(&hello);
+    assert_eq!(nb.recv(Duration::from_secs(5)).expect("B got the broadcast"), hello);
+    let reply = eth(MAC_A, MAC_B, 0x88b5, b"hello A, from B");
+    nb.send(&reply);
+    assert_eq!(na.recv(Duration::from_secs(5)).expect("A got the unicast"), reply);
+    for i in 0..10u8 {
+        let f = eth(MAC_B, MAC_A, 0x88b5, &[i; 100]);
+        na.send(&f);
+        assert_eq!(nb.recv(Duration::from_secs(5)).unwrap(), f);
+    }
+    assert!(na.recv(Duration::from_millis(50)).is_none(), "A's own frames are not echoed");
+    let st = p.terminate();
+    assert!(st.success(), "exit status {st}");
+    assert!(!a.exists() && !b.exists(), "socket files removed on exit");
+}
+
+#[test]
+fn reflect_mode_returns_every_frame_to_its_sender() {
+    let d = dir("reflect");
+    let a = d.join("r.sock");
+    let p =
+        Proc::spawn(Command::new(BIN).args(["--backend", "reflect", "--no-mrg-rxbuf"]).arg("--socket-path").arg(&a));
+    wait_for(&a);
+    let fa = Frontend::connect(&a, 2, 64);
+    let mut na = Nic::new(&fa);
+    let acked = fa.qemu_start(FEATURES);
+    assert_eq!(acked & (1 << 15), 0, "MRG_RXBUF not offered");
+    na.post_rx(8);
+    thread::sleep(Duration::from_millis(50));
+    for i in 0..5u8 {
+        let f = eth(MAC_B, MAC_A, 0x88b5, &[i; 200]);
+        na.send(&f);
+        assert_eq!(na.recv(Duration::from_secs(5)).unwrap(), f);
+    }
+    assert!(p.terminate().success());
+}
+
+#[test]
+fn print_capabilities_and_help_follow_the_vhost_user_conventions() {
+    let out = Command::new(BIN).arg("--print-capabilities").output().unwrap();
+    assert!(out.status.success());
+    let s = String::from_utf8(out.stdout).unwrap();
+    assert!(s.contains("\"type\": \"net\""), "{s}");
+    let help = Command::new(BIN).arg("--help").output().unwrap();
+    let h = String::from_utf8(help.stdout).unwrap();
+    for opt in ["--socket-path", "--fd", "--print-capabilities", "--client", "--tap", "--port"] {
+        assert!(h.contains(opt), "--help mentions {opt}");
+    }
+    let bad = Command::new(BIN).args(["--port", "path=x,queues=0"]).output().unwrap();
+    assert!(!bad.status.success());
+}
+
+fn run(cmd: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// ARP request from the guest for the TAP's address; the kernel in the test's own network
+/// namespace must answer through the TAP.
+#[test]
+fn tap_mode_reaches_the_host_kernel_in_a_private_namespace() {
+    if !Path::new("/dev/net/tun").exists() || !run("ip netns list") {
+        // CI always has both (it runs as root with iproute2 installed): never skip there.
+        assert!(std::env::var_os("CI").is_none(), "CI needs /dev/net/tun and iproute2");
+        eprintln!("skipped: no /dev/net/tun or iproute2");
+        return;
+    }
+    let ns = format!("virtq-e2e-{}", std::process::id());
+    assert!(run(&format!("ip netns add {ns}")), "ip netns add (needs root)");
+    struct Ns(String);
+    impl Drop for Ns {
+        fn drop(&mut self) {
+            run(&format!("ip netns del {}", self.0));
+        }
+    }
+    let _ns = Ns(ns.clone());
+    let d = dir("tap");
+    let a = d.join("t.sock");
+    let p = Proc::spawn(
+        Command::new("ip")
+            .args(["netns", "exec", &ns, BIN, "--port"])
+            .arg(format!("path={},backend=tap:vqt0", a.display())),
+    );
+    wait_for(&a);
+    // The TAP exists once the port is up; give it an address and bring it up.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !run(&format!("ip -n {ns} link show vqt0")) {
+        assert!(Instant::now() < deadline, "TAP vqt0 not created");
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(run(&format!("ip -n {ns} addr add 192.0.2.1/24 dev vqt0 && ip -n {ns} link set vqt0 up")));
+    let fa = Frontend::connect(&a, 2, 256);
+    let mut na = Nic::new(&fa);
+    fa.qemu_start(FEATURES);
+    na.post_rx(32);
+    thread::sleep(Duration::from_millis(100));
+    // ARP who-has 192.0.2.1 tell 192.0.2.2 (TEST-NET-1, inside the private namespace).
+    let mut arp = vec![0, 1, 8, 0, 6, 4, 0, 1];
+    arp.extend_from_slice(&MAC_A);
+    arp.extend_from_slice(&[192, 0, 2, 2]);
+    arp.extend_from_slice(&[0; 6]);
+    arp.extend_from_slice(&[192, 0, 2, 1]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let reply = loop {
+        na.send(&eth([0xff; 6], MAC_A, 0x0806, &arp));
+        if let Some(f) = na.recv(Duration::from_millis(500)) {
+            if f[12..14] == [0x08, 0x06] && f[20..22] == [0, 2] {
+                break f;
+            }
+        }
+        assert!(Instant::now() < deadline, "no ARP reply from the kernel");
+    };
+    assert_eq!(&reply[0..6], &MAC_A, "reply addressed to the guest");
+    assert_eq!(&reply[28..32], &[192, 0, 2, 1], "sender is the TAP address");
+    assert!(p.terminate().success());
+}
