@@ -48,7 +48,10 @@ if [[ -z ${SKIP_MIRI:-} ]]; then
 fi
 
 step "ring benchmark (callgrind instruction counts; a report, not a gate)"
+# Both builds: fat LTO on both sides (what VMMs ship) and cargo's release defaults (what most
+# users build, and the build behind the core issue's rust-vmm reference figure).
 N1=20 N2=120 TIME=0 bash benches/ringbench.sh
+N1=20 N2=120 TIME=0 PROFILE=ringbench-cargo-default bash benches/ringbench.sh
 
 # The closing line: totals over every test binary run above (host and Miri).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i + 1) ~ /^passed/) p += $i; if ($(i + 1) ~ /^failed/) f += $i } }
