@@ -33,4 +33,9 @@ if ! rustup run nightly cargo miri --version > /dev/null 2>&1; then
     rustup toolchain install nightly --profile minimal --component miri,rust-src
 fi
 cargo +nightly miri setup > /dev/null 2>&1 || cargo +nightly miri setup
+
+log "cargo-fuzz"
+if ! cargo +nightly fuzz --version > /dev/null 2>&1; then
+    cargo install cargo-fuzz --locked
+fi
 log "done"

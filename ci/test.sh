@@ -4,6 +4,7 @@
 #   ci/test.sh            everything
 #   SKIP_SETUP=1 ...      skip ci/setup.sh (already installed)
 #   SKIP_MIRI=1 ...       skip the Miri run (slowest step)
+#   SKIP_FUZZ=1 ...       skip the bounded fuzzing step
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -45,6 +46,11 @@ if [[ -z ${SKIP_MIRI:-} ]]; then
     # Stacked borrows + data-race detection over every test of the core; proptest runs a
     # few cases per property under Miri (see core/tests/model.rs).
     MIRIFLAGS="${MIRIFLAGS:--Zmiri-strict-provenance}" counted cargo +nightly miri test -p virtq --locked
+fi
+
+if [[ -z ${SKIP_FUZZ:-} ]]; then
+    step "fuzz targets, bounded (FUZZ_SECONDS=${FUZZ_SECONDS:-30} each; ci/fuzz.sh documents the long run)"
+    bash ci/fuzz.sh
 fi
 
 step "ring benchmark (callgrind instruction counts; a report, not a gate)"

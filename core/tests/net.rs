@@ -422,7 +422,7 @@ fn rx_single_buffer_without_mrg_rxbuf() {
     let h = VirtioNetHdr { num_buffers: U16::new(99), ..hdr(0, 0) };
     let fr = frame(60);
     let out = receive(&mut q, &mut s, V1, &h, &fr).unwrap();
-    assert_eq!(out, RxOutcome { buffers: 1, bytes: 72, bad_chains: 0 });
+    assert_eq!(out, RxOutcome { buffers: 1, bytes: 72, bad_chains: 0, completed_empty: 0 });
     assert_eq!(drv.used_idx(), 0, "nothing visible before publish");
     assert!(q.publish());
     assert_eq!(drv.used_idx(), 1);
@@ -624,7 +624,7 @@ fn rx_mergeable_frame_in_100_byte_buffers() {
     let bufs: Vec<_> = (0..4).map(|_| add_rx(&mut drv, 100)).collect();
     let fr = frame(250);
     let out = receive(&mut q, &mut s, MRG, &hdr(0, 0), &fr).unwrap();
-    assert_eq!(out, RxOutcome { buffers: 3, bytes: 262, bad_chains: 0 });
+    assert_eq!(out, RxOutcome { buffers: 3, bytes: 262, bad_chains: 0, completed_empty: 0 });
     assert_eq!(drv.used_idx(), 0);
     assert!(q.publish());
     assert_eq!(drv.used_idx(), 3);
@@ -678,7 +678,7 @@ fn rx_mergeable_first_buffer_smaller_than_header_family11() {
     let bufs = [small, add_rx(&mut drv, 100), add_rx(&mut drv, 100)];
     let fr = frame(150);
     let out = receive(&mut q, &mut s, MRG, &hdr(0, 0), &fr).unwrap();
-    assert_eq!(out, RxOutcome { buffers: 2, bytes: 162, bad_chains: 1 });
+    assert_eq!(out, RxOutcome { buffers: 2, bytes: 162, bad_chains: 1, completed_empty: 1 });
     assert!(q.publish());
     assert_eq!(drv.used_idx(), 3);
     assert_eq!(drv.used_elem(0), (small.0 as u32, 0));
@@ -813,7 +813,7 @@ fn rx_chain_with_readable_descriptor_is_skipped_family6() {
         let (good, addr) = add_rx(&mut drv, 100);
         let fr = frame(60);
         let out = receive(&mut q, &mut s, f, &hdr(0, 0), &fr).unwrap();
-        assert_eq!(out, RxOutcome { buffers: 1, bytes: 72, bad_chains: 2 }, "{f:?}");
+        assert_eq!(out, RxOutcome { buffers: 1, bytes: 72, bad_chains: 2, completed_empty: 2 }, "{f:?}");
         assert!(q.publish());
         assert_eq!(drv.used_idx(), 3);
         assert_eq!(drv.used_elem(0), (mixed as u32, 0));
@@ -840,7 +840,7 @@ fn rx_mergeable_bad_chain_mid_packet_releases_reserved_buffers_in_order() {
     let bufs = [add_rx(&mut drv, 100), add_rx(&mut drv, 100), add_rx(&mut drv, 100)];
     let fr = frame(250);
     let out = receive(&mut q, &mut s, MRG, &hdr(0, 0), &fr).unwrap();
-    assert_eq!(out, RxOutcome { buffers: 3, bytes: 262, bad_chains: 1 });
+    assert_eq!(out, RxOutcome { buffers: 3, bytes: 262, bad_chains: 1, completed_empty: 3 });
     assert!(q.publish());
     assert_eq!(drv.used_idx(), 6);
     let expect = [(a.0, 0), (b.0, 0), (bad, 0), (bufs[0].0, 100), (bufs[1].0, 100), (bufs[2].0, 62)];
@@ -925,7 +925,7 @@ fn rx_malformed_chains_are_completed_or_skipped_family1() {
         let (good, gaddr) = add_rx(&mut drv, 100);
         let fr = frame(60);
         let out = receive(&mut q, &mut s, f, &hdr(0, 0), &fr).unwrap();
-        assert_eq!(out, RxOutcome { buffers: 1, bytes: 72, bad_chains: 2 }, "{f:?}");
+        assert_eq!(out, RxOutcome { buffers: 1, bytes: 72, bad_chains: 2, completed_empty: 1 }, "{f:?}");
         assert!(q.publish());
         assert_eq!(drv.used_idx(), 2);
         assert_eq!(drv.used_elem(0), (broken as u32, 0));

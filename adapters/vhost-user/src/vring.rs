@@ -233,6 +233,21 @@ impl Vring {
             Kick::EventFd(k) => Some(Arc::clone(k)),
             _ => None,
         };
+        {
+            // Already started (hostile-inputs family 18, tests/hostile.rs
+            // `family18_kick_again_on_a_started_ring_keeps_its_position`): only the kick source
+            // changes. Restarting would rewind `next_avail` to the last SET_VRING_BASE and hand
+            // chains the guest already got back to the device again (size, addresses and
+            // features cannot change while started).
+            let mut s = self.lock();
+            if s.active.is_some() {
+                s.kick = kick;
+                if let Some(k) = &s.kick {
+                    signal(k);
+                }
+                return Ok(());
+            }
+        }
         let num = self.num.ok_or_else(|| VringError::CannotStart("no SET_VRING_NUM".into()))?;
         let addrs = self.addrs.ok_or_else(|| VringError::CannotStart("no SET_VRING_ADDR".into()))?;
         let mem = mem.ok_or_else(|| VringError::CannotStart("no memory table".into()))?;

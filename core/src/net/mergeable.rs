@@ -80,8 +80,13 @@ pub struct RxOutcome {
     pub buffers: u16,
     /// Bytes written including the header.
     pub bytes: u32,
-    /// Malformed chains completed with len 0 on the way (already logged).
+    /// Malformed chains met on the way (already logged), including out-of-range heads.
     pub bad_chains: u16,
+    /// Used entries written with len 0 on the way: malformed chains with a valid head, and
+    /// buffers reserved for this frame before a malformed chain interrupted it (returned
+    /// empty so that used entries stay in ring order). The used index moved by
+    /// `buffers + completed_empty`.
+    pub completed_empty: u16,
 }
 
 /// Reusable working space for [`receive`]: two chains and the list of used entries. Keep one
@@ -181,7 +186,7 @@ pub fn receive<'m, M: GuestMemory + ?Sized, const N: usize>(
                 // Nothing to complete; the slot is consumed. Buffers reserved before it can no
                 // longer be given back in order, so return them empty.
                 out.bad_chains += 1;
-                release_empty(queue, scratch);
+                out.completed_empty += release_empty(queue, scratch);
                 capacity = 0;
                 continue;
             }
@@ -192,7 +197,7 @@ pub fn receive<'m, M: GuestMemory + ?Sized, const N: usize>(
         };
         if let Some(head) = bad {
             out.bad_chains += 1;
-            release_empty(queue, scratch);
+            out.completed_empty += release_empty(queue, scratch) + 1;
             queue.push(head, 0);
             capacity = 0;
             continue;
@@ -240,9 +245,11 @@ pub fn receive<'m, M: GuestMemory + ?Sized, const N: usize>(
 fn release_empty<M: GuestMemory + ?Sized, const N: usize>(
     queue: &mut SplitQueue<'_, M>,
     scratch: &mut RxScratch<'_, N>,
-) {
+) -> u16 {
     for &(head, _) in scratch.used.iter() {
         queue.push(head, 0);
     }
+    let n = scratch.used.len() as u16;
     scratch.used.clear();
+    n
 }

@@ -62,14 +62,15 @@ pub const GPA: u64 = 0x4000_0000;
 
 impl GuestRam {
     pub fn new(len: usize) -> GuestRam {
-        // SAFETY: memfd_create with a static name; the fd is owned at once.
-        let fd = unsafe { libc::memfd_create(c"virtq-test-guest".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0);
-        // SAFETY: fresh fd owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: plain syscalls on our own fd and a fresh shared mapping.
+        Self::named(len, "virtq-test-guest")
+    }
+
+    /// Guest RAM whose memfd is called `name`, so that a test can find its fds and mappings
+    /// in `/proc/self/fd` and `/proc/self/maps` ([`fds_named`], [`maps_named`]).
+    pub fn named(len: usize, name: &str) -> GuestRam {
+        let fd = memfd(name, len);
+        // SAFETY: a fresh shared mapping of our own fd.
         let ptr = unsafe {
-            assert_eq!(libc::ftruncate(fd.as_raw_fd(), len as i64), 0);
             libc::mmap(
                 std::ptr::null_mut(),
                 len,
@@ -189,6 +190,15 @@ pub struct Frontend {
 impl Frontend {
     /// Connects to a back-end listening on `path` (retrying for up to 5 s while it starts).
     pub fn connect(path: &Path, queues: usize, size: u16) -> Frontend {
+        Self::connect_named(path, queues, size, "virtq-test-guest")
+    }
+
+    pub fn with_socket(sock: UnixStream, queues: usize, size: u16) -> Frontend {
+        Self::with_socket_named(sock, queues, size, "virtq-test-guest")
+    }
+
+    /// [`Frontend::connect`] with guest RAM in a memfd called `name` ([`GuestRam::named`]).
+    pub fn connect_named(path: &Path, queues: usize, size: u16, name: &str) -> Frontend {
         let mut tries = 0;
         let sock = loop {
             match UnixStream::connect(path) {
@@ -200,12 +210,12 @@ impl Frontend {
                 Err(e) => panic!("connect {}: {e}", path.display()),
             }
         };
-        Self::with_socket(sock, queues, size)
+        Self::with_socket_named(sock, queues, size, name)
     }
 
-    pub fn with_socket(sock: UnixStream, queues: usize, size: u16) -> Frontend {
+    pub fn with_socket_named(sock: UnixStream, queues: usize, size: u16, name: &str) -> Frontend {
         sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let ram = GuestRam::new(16 << 20);
+        let ram = GuestRam::named(16 << 20, name);
         let mut next = GPA;
         let mut qs = Vec::new();
         let data_per_queue = (8 << 20) / queues.max(1) as u64;
@@ -390,6 +400,149 @@ impl Frontend {
 
     pub fn write_raw(&self, bytes: &[u8]) {
         (&self.sock).write_all(bytes).unwrap();
+    }
+}
+
+/// A memfd called `name` of `len` bytes (not mapped here).
+pub fn memfd(name: &str, len: usize) -> OwnedFd {
+    let cname = std::ffi::CString::new(name).unwrap();
+    // SAFETY: memfd_create with a NUL-terminated name; the fd is owned at once.
+    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: fresh fd owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: plain syscall on our own fd.
+    assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), len as i64) }, 0);
+    fd
+}
+
+/// How `/proc/self/fd` and `/proc/self/maps` name a memfd called `name` (the trailing space
+/// keeps `a` from matching `ab`: the kernel appends " (deleted)").
+fn memfd_tag(name: &str) -> String {
+    format!("/memfd:{name} ")
+}
+
+/// Open fds of this process (any thread, the back-end's included) on memfds called `name`.
+pub fn fds_named(name: &str) -> usize {
+    let tag = memfd_tag(name);
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|l| format!("{} ", l.display()).starts_with(&tag))
+        .count()
+}
+
+/// Mappings of this process of memfds called `name`.
+pub fn maps_named(name: &str) -> usize {
+    let tag = memfd_tag(name);
+    std::fs::read_to_string("/proc/self/maps").unwrap().lines().filter(|l| format!("{l} ").contains(&tag)).count()
+}
+
+/// An fd whose closing can be observed: the read end of a pipe (send it) and the write end
+/// (keep it). Once every copy of the read end is closed, writing fails with EPIPE
+/// ([`all_closed`]). Rust ignores SIGPIPE, so the write just fails.
+pub fn probe() -> (OwnedFd, std::io::PipeWriter) {
+    let (rd, wr) = std::io::pipe().unwrap();
+    (OwnedFd::from(rd), wr)
+}
+
+/// `n` probes: the read ends (to send, then drop) and the write ends.
+pub fn probes(n: usize) -> (Vec<OwnedFd>, Vec<std::io::PipeWriter>) {
+    (0..n).map(|_| probe()).unzip()
+}
+
+/// Whether every read end of the pipe of `w` is closed (our own copy must be dropped first).
+pub fn probe_closed(w: &mut std::io::PipeWriter) -> bool {
+    match w.write(b"x") {
+        Ok(_) => false,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => true,
+        Err(e) => panic!("probe write: {e}"),
+    }
+}
+
+/// Raw header bytes, flags as given (no version bit added).
+pub fn raw_header(request: u32, flags: u32, size: u32) -> Vec<u8> {
+    let mut h = Vec::with_capacity(12);
+    h.extend_from_slice(&request.to_ne_bytes());
+    h.extend_from_slice(&flags.to_ne_bytes());
+    h.extend_from_slice(&size.to_ne_bytes());
+    h
+}
+
+/// One "Memory region description" (guest address, size, user address, mmap offset).
+pub fn region(gpa: u64, size: u64, uaddr: u64, mmap_offset: u64) -> Vec<u8> {
+    [gpa, size, uaddr, mmap_offset].iter().flat_map(|v| v.to_ne_bytes()).collect()
+}
+
+/// A `SET_MEM_TABLE` payload: `num_regions` (as given, so it can lie), padding, regions.
+pub fn mem_table(num_regions: u32, regions: &[Vec<u8>]) -> Vec<u8> {
+    let mut p = num_regions.to_ne_bytes().to_vec();
+    p.extend_from_slice(&0u32.to_ne_bytes());
+    for r in regions {
+        p.extend_from_slice(r);
+    }
+    p
+}
+
+/// An `ADD_MEM_REG` / `REM_MEM_REG` payload: 8 bytes of padding, then one region.
+pub fn single_region(r: &[u8]) -> Vec<u8> {
+    let mut p = 0u64.to_ne_bytes().to_vec();
+    p.extend_from_slice(r);
+    p
+}
+
+/// A `SET_VRING_ADDR` payload.
+pub fn vring_addr(index: u32, flags: u32, desc: u64, used: u64, avail: u64, log: u64) -> Vec<u8> {
+    let mut p = index.to_ne_bytes().to_vec();
+    p.extend_from_slice(&flags.to_ne_bytes());
+    for v in [desc, used, avail, log] {
+        p.extend_from_slice(&v.to_ne_bytes());
+    }
+    p
+}
+
+impl Frontend {
+    /// Sends raw bytes (a header as [`raw_header`] builds it, and any payload) with fds.
+    pub fn send_raw(&self, bytes: &[u8], fds: &[RawFd]) {
+        send(&self.sock, bytes, fds);
+    }
+
+    /// Like [`Frontend::acked`], also checking the reply header (version 1 + REPLY, an 8-byte
+    /// payload).
+    pub fn ack_status(&self, request: u32, payload: &[u8], fds: &[RawFd]) -> u64 {
+        self.send(request, NEED_REPLY, payload, fds);
+        let (req, flags, p) = self.reply();
+        assert_eq!(req, request, "REPLY_ACK for the request sent");
+        assert_eq!(flags, 0x5, "version 1 + REPLY");
+        assert_eq!(p.len(), 8, "REPLY_ACK payload is a u64");
+        u64::from_ne_bytes(p[..8].try_into().unwrap())
+    }
+
+    /// A round trip that every back-end answers (GET_FEATURES): everything sent before it has
+    /// been handled once it returns.
+    pub fn sync(&self) {
+        self.get_u64(GET_FEATURES);
+    }
+
+    /// Asserts that the back-end closes the connection without sending anything first. A
+    /// reset counts as closed: a back-end that closes without reading all we sent (a
+    /// payload after a refused header) makes the kernel report ECONNRESET instead of EOF.
+    pub fn expect_closed_without_reply(&self, what: &str) {
+        self.sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut b = [0u8; 64];
+        match (&self.sock).read(&mut b) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Ok(n) => panic!("{what}: expected the connection closed, got {n} bytes: {:02x?}", &b[..n]),
+            Err(e) => panic!("{what}: expected the connection closed: {e}"),
+        }
+    }
+
+    /// Ends the connection from this side and waits until the back-end has closed its end
+    /// (so that the device has let go of this connection before anything else connects).
+    pub fn hang_up(self) {
+        self.sock.shutdown(std::net::Shutdown::Write).unwrap();
+        assert!(self.closed_by_backend(Duration::from_secs(2)), "back-end closes after the front-end hangs up");
     }
 }
 

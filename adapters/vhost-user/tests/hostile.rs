@@ -1,0 +1,1498 @@
+//! Hostile front-ends: families 12–18 of hostile-inputs.md (message header, fds, vring
+//! indices, memory table, dirty log, ring addresses, sequencing) against a real `Backend` over
+//! real sockets, memfds and eventfds.
+//!
+//! Every case runs on a `Backend` serving two devices: the hostile one, and a good one whose
+//! front-end passes a guest TX + RX round after every hostile case (one misbehaving
+//! connection must not disturb the others). Every case asserts the outcome device.rs's error
+//! policy prescribes: a REPLY_ACK with a non-zero status when the front-end set NEED_REPLY and
+//! the reply is not mandatory, otherwise the connection closed without a reply. Every fd sent
+//! is checked to be closed (pipe read ends: writing to the pipe fails once every copy is
+//! closed) or counted by memfd name in `/proc/self/fd` and `/proc/self/maps`.
+//!
+//! `every_case_in_sequence_leaks_no_fd_or_mapping` runs every case twice, alone (the others
+//! hold the shared side of `SERIAL`), and compares the process's fd and mapping counts.
+
+mod frontend;
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use frontend::*;
+use virtq::testing::{Buf, TestDriver};
+use virtq::RegionTable;
+use virtq_vhost_user::backend::{Backend, BackendHandle, DeviceHandler, SocketSpec};
+use virtq_vhost_user::device::DeviceConfig;
+use virtq_vhost_user::net::{NetDevice, TxFrame, MAX_TX_FRAME};
+
+// Request codes and feature bits the front-end helper does not define (vhost-user.rst).
+const SET_LOG_FD: u32 = 7;
+const SET_CONFIG: u32 = 25;
+const SET_INFLIGHT_FD: u32 = 32;
+const PF_LOG_SHMFD: u64 = 1 << 1;
+const PF_INFLIGHT_SHMFD: u64 = 1 << 12;
+const F_LOG_ALL: u64 = 1 << 26;
+const F_MRG_RXBUF: u64 = 1 << 15;
+/// Bit 8 of the SET_VRING_KICK/CALL/ERR payload: no fd.
+const INVALID_FD: u64 = 1 << 8;
+/// VERSION_1, RING_INDIRECT_DESC, RING_EVENT_IDX, MRG_RXBUF, MAC.
+const NET_FEATURES: u64 = (1 << 32) | (1 << 28) | (1 << 29) | F_MRG_RXBUF | (1 << 5);
+/// The largest request payload: GET/SET_CONFIG with 256 bytes of config (12 + 256).
+const MAX_PAYLOAD: u32 = 268;
+
+// ---------------------------------------------------------------------------------------------
+// Harness
+// ---------------------------------------------------------------------------------------------
+
+/// Tests hold the shared side; the global leak test holds the exclusive side, so that nothing
+/// else opens fds or maps memory while it counts.
+static SERIAL: RwLock<()> = RwLock::new(());
+
+fn shared() -> RwLockReadGuard<'static, ()> {
+    SERIAL.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn exclusive() -> RwLockWriteGuard<'static, ()> {
+    SERIAL.write().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A memfd name no other test uses.
+fn uniq(tag: &str) -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!("vqh-{tag}-{}", N.fetch_add(1, Ordering::Relaxed))
+}
+
+fn wait<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[derive(Default)]
+struct Counting {
+    ready: Arc<AtomicUsize>,
+    destroyed: Arc<AtomicUsize>,
+}
+
+impl DeviceHandler for Counting {
+    fn device_ready(&mut self, _: &NetDevice) {
+        self.ready.fetch_add(1, Ordering::SeqCst);
+    }
+    fn device_destroyed(&mut self, _: &NetDevice) {
+        self.destroyed.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// One `Backend` on its own thread with two devices: `hostile` and `good`.
+struct Harness {
+    hostile: NetDevice,
+    good: NetDevice,
+    path: PathBuf,
+    good_path: PathBuf,
+    ready: Arc<AtomicUsize>,
+    destroyed: Arc<AtomicUsize>,
+    handle: BackendHandle,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Harness {
+    fn new(name: &str) -> Harness {
+        let dir = std::env::temp_dir().join(format!("virtq-vu-hostile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("{name}.sock"));
+        let good_path = dir.join(format!("{name}-good.sock"));
+        let counting = Counting::default();
+        let (ready, destroyed) = (Arc::clone(&counting.ready), Arc::clone(&counting.destroyed));
+        let mut b = Backend::new().unwrap();
+        let server = |p: &PathBuf| SocketSpec::Server { path: p.clone(), mode: None };
+        let hostile = b.add_device("hostile", DeviceConfig::net_default(), server(&path), Box::new(counting)).unwrap();
+        let good = b.add_device("good", DeviceConfig::net_default(), server(&good_path), Box::new(Counting::default()));
+        let good = good.unwrap();
+        let handle = b.handle();
+        let thread = thread::spawn(move || b.run().unwrap());
+        Harness { hostile, good, path, good_path, ready, destroyed, handle, thread: Some(thread) }
+    }
+
+    /// A front-end on the hostile socket; its guest RAM memfd is named after `tag`.
+    fn connect(&self, tag: &str) -> (Frontend, String) {
+        let name = uniq(tag);
+        (Frontend::connect_named(&self.path, 2, 64, &name), name)
+    }
+
+    /// Waits until neither this process's fds nor its mappings refer to memfd `name`.
+    fn no_leak(&self, name: &str) {
+        wait(&format!("memfd {name} closed and unmapped"), || {
+            (fds_named(name) == 0 && maps_named(name) == 0).then_some(())
+        });
+    }
+
+    /// The hostile front-end hangs up; the back-end lets go of all it held.
+    fn hang_up(&self, fe: Frontend, name: &str) {
+        fe.hang_up();
+        self.no_leak(name);
+    }
+
+    /// The back-end closed the connection (without replying) and let go of all it held.
+    fn expect_close(&self, fe: Frontend, name: &str, what: &str) {
+        fe.expect_closed_without_reply(what);
+        drop(fe);
+        self.no_leak(name);
+    }
+
+    /// The hostile device serves a new front-end: rings start and a frame goes through.
+    fn serves_again(&self) {
+        let (fe, name) = self.connect("again");
+        let mut g = Guest::new(&fe);
+        let acked = fe.qemu_start(NET_FEATURES);
+        assert_eq!(acked, NET_FEATURES | F_PROTOCOL_FEATURES);
+        wait("hostile device ready", || (self.hostile.queue_ready(0) && self.hostile.queue_ready(1)).then_some(()));
+        guest_tx(&mut g, &fe, &self.hostile, 1);
+        drop(g);
+        self.hang_up(fe, &name);
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.handle.shutdown();
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+    }
+}
+
+/// The guest side of every queue: drivers and how far the guest has read each used ring.
+struct Guest<'a> {
+    drv: Vec<TestDriver<'a, RegionTable<1>>>,
+    seen: Vec<u16>,
+}
+
+impl<'a> Guest<'a> {
+    fn new(fe: &'a Frontend) -> Self {
+        let drv = fe.drivers();
+        let seen = vec![0; drv.len()];
+        Guest { drv, seen }
+    }
+}
+
+fn frame(i: u8, len: usize) -> Vec<u8> {
+    (0..len).map(|j| i.wrapping_mul(31) ^ j as u8).collect()
+}
+
+/// The guest posts `count` frames (12-byte header + frame, two descriptors) on TX queue 1
+/// and kicks. Returns the frames.
+fn post_tx(g: &mut Guest<'_>, fe: &Frontend, count: u8) -> Vec<Vec<u8>> {
+    g.drv[1].reset_alloc();
+    let frames: Vec<Vec<u8>> = (0..count).map(|i| frame(i, 60 + i as usize)).collect();
+    for f in &frames {
+        g.drv[1].add_chain(&[Buf::readable(&[0u8; 12]), Buf::readable(f)]);
+    }
+    fe.kick(1);
+    frames
+}
+
+/// The device dequeues exactly `expected` from TX queue 1, and the guest sees every chain
+/// completed.
+fn take_tx(g: &mut Guest<'_>, net: &NetDevice, expected: &[Vec<u8>]) {
+    let mut bufs: Vec<TxFrame> = (0..8).map(|_| TxFrame::with_capacity(MAX_TX_FRAME)).collect();
+    let mut got = Vec::new();
+    wait("TX frames", || {
+        let n = net.dequeue_burst(0, &mut bufs);
+        got.extend(bufs[..n].iter().map(|b| b.frame().to_vec()));
+        (got.len() >= expected.len()).then_some(())
+    });
+    assert_eq!(net.dequeue_burst(0, &mut bufs), 0, "nothing more than what the guest posted");
+    assert_eq!(got, expected, "TX frames");
+    g.seen[1] = g.seen[1].wrapping_add(expected.len() as u16);
+    assert_eq!(g.drv[1].used_idx(), g.seen[1], "every TX chain completed once");
+}
+
+fn guest_tx(g: &mut Guest<'_>, fe: &Frontend, net: &NetDevice, count: u8) {
+    let frames = post_tx(g, fe, count);
+    take_tx(g, net, &frames);
+}
+
+/// Guest RX on queue 0: the guest posts `per_frame` buffers of `buf_len` bytes per frame and
+/// asks for an interrupt; the device places `count` frames, each in exactly `per_frame`
+/// buffers (`num_buffers`), and the guest reads them back.
+fn guest_rx(g: &mut Guest<'_>, fe: &Frontend, net: &NetDevice, count: u8, buf_len: u32, per_frame: u16) {
+    let drv = &mut g.drv[0];
+    drv.reset_alloc();
+    drv.set_used_event(g.seen[0]);
+    let mut addr_of = HashMap::new();
+    for _ in 0..count as usize * per_frame as usize {
+        let mut a = [0u64];
+        let head = drv.build_chain(&[Buf::writable(buf_len)], &mut a);
+        drv.publish(head);
+        addr_of.insert(head as u32, a[0]);
+    }
+    let frames: Vec<Vec<u8>> = (0..count).map(|i| frame(i, 1000 + i as usize)).collect();
+    let refs: Vec<&[u8]> = frames.iter().map(|f| f.as_slice()).collect();
+    assert_eq!(net.enqueue_burst(0, &refs), count as usize, "every RX frame placed");
+    assert!(fe.wait_call(0, Duration::from_secs(2)), "RX interrupt");
+    for (i, f) in frames.iter().enumerate() {
+        let mut data = Vec::new();
+        let mut nbufs = 0;
+        for k in 0..per_frame {
+            let (id, len) = drv.used_elem(g.seen[0].wrapping_add(k));
+            let mut b = vec![0u8; len as usize];
+            drv.read(addr_of[&id], &mut b);
+            if k == 0 {
+                nbufs = u16::from_le_bytes([b[10], b[11]]);
+                b.drain(..12);
+            }
+            data.extend_from_slice(&b);
+        }
+        assert_eq!(nbufs, per_frame, "num_buffers of RX frame {i}");
+        assert_eq!(&data, f, "RX frame {i}");
+        g.seen[0] = g.seen[0].wrapping_add(per_frame);
+    }
+    assert_eq!(drv.used_idx(), g.seen[0]);
+}
+
+/// The well-behaved device and its front-end.
+struct Good<'a> {
+    fe: &'a Frontend,
+    guest: Guest<'a>,
+    net: NetDevice,
+    rounds: u64,
+}
+
+impl<'a> Good<'a> {
+    fn start(fe: &'a Frontend, net: &NetDevice) -> Self {
+        let guest = Guest::new(fe);
+        fe.qemu_start(NET_FEATURES);
+        wait("good device ready", || (net.queue_ready(0) && net.queue_ready(1)).then_some(()));
+        Good { fe, guest, net: net.clone(), rounds: 0 }
+    }
+
+    /// A guest TX + RX round.
+    fn round(&mut self) {
+        guest_tx(&mut self.guest, self.fe, &self.net, 3);
+        guest_rx(&mut self.guest, self.fe, &self.net, 2, 2048, 1);
+        self.rounds += 1;
+        assert_eq!(self.net.stats(1).packets, 3 * self.rounds);
+        assert_eq!(self.net.stats(0).packets, 2 * self.rounds);
+        assert_eq!((self.net.stats(1).errors, self.net.stats(0).errors), (0, 0));
+    }
+}
+
+type Case = fn(&Harness, &mut Good<'_>);
+
+/// Runs one case on a fresh back-end: the good device passes traffic before and after, and
+/// the hostile device serves a well-behaved front-end afterwards.
+fn run_case(name: &str, case: Case) {
+    let _serial = shared();
+    let h = Harness::new(name);
+    let good_fe = Frontend::connect_named(&h.good_path, 2, 64, &uniq("good"));
+    let mut good = Good::start(&good_fe, &h.good);
+    good.round();
+    case(&h, &mut good);
+    good.round();
+    h.serves_again();
+    good.round();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Front-end helpers for the cases
+// ---------------------------------------------------------------------------------------------
+
+fn raw(fds: &[OwnedFd]) -> Vec<RawFd> {
+    fds.iter().map(|f| f.as_raw_fd()).collect()
+}
+
+/// Every probe's read end (sent, then dropped here) is closed in the back-end too.
+fn assert_probes_closed(what: &str, writers: &mut [std::io::PipeWriter]) {
+    for (i, w) in writers.iter_mut().enumerate() {
+        assert!(probe_closed(w), "{what}: fd {i} sent to the back-end was closed");
+    }
+}
+
+/// Feature negotiation (QEMU's order, without enables): protocol features `pf` (REPLY_ACK is
+/// added), virtio features `features` ∩ offered plus PROTOCOL_FEATURES. Returns the latter.
+fn negotiate(fe: &Frontend, pf: u64, features: u64) -> u64 {
+    let offered = fe.get_u64(GET_FEATURES);
+    let pf = pf | PF_REPLY_ACK;
+    assert_eq!(fe.get_u64(GET_PROTOCOL_FEATURES) & pf, pf, "protocol features offered");
+    assert_eq!(fe.ack_status(SET_PROTOCOL_FEATURES, &u64p(pf), &[]), 0);
+    fe.send(SET_OWNER, 0, &[], &[]);
+    let acked = (features & offered) | F_PROTOCOL_FEATURES;
+    assert_eq!(fe.ack_status(SET_FEATURES, &u64p(acked), &[]), 0);
+    acked
+}
+
+fn set_mem(fe: &Frontend) {
+    let fd = fe.ram.fd.as_raw_fd();
+    assert_eq!(fe.ack_status(SET_MEM_TABLE, &fe.mem_table_payload(), &[fd]), 0, "SET_MEM_TABLE");
+}
+
+fn enable(fe: &Frontend, i: u32) {
+    assert_eq!(fe.ack_status(SET_VRING_ENABLE, &state(i, 1), &[]), 0, "SET_VRING_ENABLE {i}");
+}
+
+/// NUM, BASE 0, ADDR, CALL, each acknowledged (the ring is not started).
+fn configure_ring(fe: &Frontend, i: usize) {
+    let size = fe.queues[i].cfg.size as u32;
+    assert_eq!(fe.ack_status(SET_VRING_NUM, &state(i as u32, size), &[]), 0);
+    assert_eq!(fe.ack_status(SET_VRING_BASE, &state(i as u32, 0), &[]), 0);
+    assert_eq!(fe.ack_status(SET_VRING_ADDR, &fe.vring_addr_payload(i), &[]), 0);
+    let call = fe.queues[i].call.as_raw_fd();
+    assert_eq!(fe.ack_status(SET_VRING_CALL, &u64p(i as u64), &[call]), 0);
+}
+
+/// SET_VRING_KICK with NEED_REPLY and ring `i`'s eventfd: the REPLY_ACK status.
+fn kick_status(fe: &Frontend, i: usize) -> u64 {
+    let kick = fe.queues[i].kick.as_raw_fd();
+    fe.ack_status(SET_VRING_KICK, &u64p(i as u64), &[kick])
+}
+
+/// A front-end with negotiated features, its memory table, both rings started and enabled.
+fn started(h: &Harness, tag: &str) -> (Frontend, String) {
+    let (fe, name) = h.connect(tag);
+    negotiate(&fe, PF_MQ, NET_FEATURES);
+    set_mem(&fe);
+    for i in 0..2 {
+        enable(&fe, i as u32);
+        configure_ring(&fe, i);
+        assert_eq!(kick_status(&fe, i), 0, "ring {i} starts");
+    }
+    assert!(h.hostile.queue_ready(0) && h.hostile.queue_ready(1));
+    (fe, name)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Family 12: the message header
+// ---------------------------------------------------------------------------------------------
+
+fn f12_short_header_then_close(h: &Harness, good: &mut Good<'_>) {
+    // Half a header, with an fd on it: the control loop waits for the rest without stalling
+    // the other device.
+    let (fe, name) = h.connect("f12-short");
+    let (rd, mut wr) = probe();
+    fe.send_raw(&raw_header(GET_FEATURES, 1, 0)[..5], &[rd.as_raw_fd()]);
+    drop(rd);
+    good.round();
+    assert!(!probe_closed(&mut wr), "the fd of a message still being read is held");
+    // Then the front-end goes away: the truncated message is dropped with its fd.
+    fe.sock.shutdown(std::net::Shutdown::Write).unwrap();
+    h.expect_close(fe, &name, "short header then EOF");
+    assert_probes_closed("short header", &mut [wr]);
+    good.round();
+
+    // A complete header promising 8 payload bytes, 3 of them sent.
+    let (fe, name) = h.connect("f12-short-payload");
+    let mut m = message(SET_FEATURES, 0, &u64p(1 << 32));
+    m.truncate(12 + 3);
+    fe.send_raw(&m, &[]);
+    fe.sock.shutdown(std::net::Shutdown::Write).unwrap();
+    h.expect_close(fe, &name, "short payload then EOF");
+}
+
+fn f12_size_above_max_payload(h: &Harness, good: &mut Good<'_>) {
+    // The largest legitimate payload is framed: SET_CONFIG with 256 bytes (refused: the
+    // config space is read-only) gets its REPLY_ACK.
+    let (fe, name) = h.connect("f12-size-max");
+    let mut p = Vec::new();
+    for v in [0u32, 256, 0] {
+        p.extend_from_slice(&v.to_ne_bytes());
+    }
+    p.extend_from_slice(&[0u8; 256]);
+    assert_eq!(p.len() as u32, MAX_PAYLOAD);
+    assert_ne!(fe.ack_status(SET_CONFIG, &p, &[]), 0);
+    assert_eq!(fe.ack_status(SET_OWNER, &[], &[]), 0, "connection still up");
+    h.hang_up(fe, &name);
+    // One byte more, or much more, is refused before any payload is read: closed.
+    for size in [MAX_PAYLOAD + 1, 4096, u32::MAX] {
+        for flags in [1, 1 | NEED_REPLY] {
+            let (fe, name) = h.connect("f12-size");
+            fe.send_raw(&raw_header(SET_CONFIG, flags, size), &[]);
+            h.expect_close(fe, &name, &format!("size {size}"));
+            good.round();
+        }
+    }
+}
+
+fn f12_version_not_1(h: &Harness, good: &mut Good<'_>) {
+    for flags in [0, 2, 3, 2 | NEED_REPLY, NEED_REPLY] {
+        let (fe, name) = h.connect("f12-version");
+        fe.send_raw(&raw_header(GET_FEATURES, flags, 0), &[]);
+        h.expect_close(fe, &name, &format!("flags {flags:#x}"));
+        good.round();
+    }
+}
+
+fn f12_reply_bit_on_a_request(h: &Harness, good: &mut Good<'_>) {
+    for (request, flags) in [(GET_FEATURES, 1 | 4), (SET_OWNER, 1 | 4 | NEED_REPLY)] {
+        let (fe, name) = h.connect("f12-reply");
+        fe.send_raw(&raw_header(request, flags, 0), &[]);
+        h.expect_close(fe, &name, &format!("request {request} flags {flags:#x}"));
+        good.round();
+    }
+}
+
+fn f12_unknown_request_code(h: &Harness, good: &mut Good<'_>) {
+    // Without and with payload, with NEED_REPLY, with an fd: framed, then closed (an unknown
+    // request has no REPLY_ACK to give).
+    for (request, flags, len, fd) in
+        [(999, 0, 0, false), (999, 0, 16, false), (999, NEED_REPLY, 0, false), (999, 0, 40, true), (0, 0, 0, false)]
+    {
+        let (fe, name) = h.connect("f12-unknown");
+        let (rd, wr) = probe();
+        let fds = if fd { vec![rd.as_raw_fd()] } else { vec![] };
+        fe.send(request, flags, &vec![0xa5u8; len], &fds);
+        drop(rd);
+        h.expect_close(fe, &name, &format!("request {request} with {len} bytes"));
+        if fd {
+            assert_probes_closed("unknown request", &mut [wr]);
+        }
+        good.round();
+    }
+}
+
+fn f12_reserved_flag_bits(h: &Harness, good: &mut Good<'_>) {
+    for flags in [1 | 0x10, 1 | 0x100 | NEED_REPLY, 1 | 0x8000_0000] {
+        let (fe, name) = h.connect("f12-flags");
+        fe.send_raw(&raw_header(SET_OWNER, flags, 0), &[]);
+        h.expect_close(fe, &name, &format!("flags {flags:#x}"));
+        good.round();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Family 13: file descriptors
+// ---------------------------------------------------------------------------------------------
+
+fn f13_fds_on_a_message_that_takes_none(h: &Harness, good: &mut Good<'_>) {
+    // GET_FEATURES (reply mandatory) with 2 fds: closed, both fds closed.
+    let (fe, name) = h.connect("f13-none");
+    let (rds, mut wrs) = probes(2);
+    fe.send(GET_FEATURES, 0, &[], &raw(&rds));
+    drop(rds);
+    h.expect_close(fe, &name, "GET_FEATURES with 2 fds");
+    assert_probes_closed("GET_FEATURES", &mut wrs);
+    good.round();
+
+    // With NEED_REPLY on a request without mandatory reply: REPLY_ACK failure, the
+    // connection stays, and the fd (a pipe, then a memfd) is closed.
+    let (fe, name) = h.connect("f13-none-ack");
+    let (rd, wr) = probe();
+    assert_ne!(fe.ack_status(SET_OWNER, &[], &[rd.as_raw_fd()]), 0);
+    drop(rd);
+    assert_probes_closed("SET_OWNER", &mut [wr]);
+    let m = uniq("f13-memfd");
+    let mfd = memfd(&m, 4096);
+    assert_ne!(fe.ack_status(SET_VRING_NUM, &state(0, 64), &[mfd.as_raw_fd()]), 0);
+    drop(mfd);
+    assert_eq!(fds_named(&m), 0, "memfd sent with SET_VRING_NUM closed");
+    assert_eq!(fe.ack_status(SET_OWNER, &[], &[]), 0, "connection still up");
+    h.hang_up(fe, &name);
+}
+
+fn f13_mem_table_fd_count_mismatch(h: &Harness, good: &mut Good<'_>) {
+    let (fe, name) = h.connect("f13-mt");
+    let m = uniq("f13-mt-region");
+    let mfd = memfd(&m, 2 << 20);
+    let r0 = region(0x1_0000_0000, 1 << 20, 0x7100_0000_0000, 0);
+    let r1 = region(0x1_0010_0000, 1 << 20, 0x7100_0010_0000, 1 << 20);
+    let dups = |n: usize| (0..n).map(|_| mfd.try_clone().unwrap()).collect::<Vec<_>>();
+    for (regions, nfds) in [(vec![r0.clone()], 0), (vec![r0.clone()], 2), (vec![r0.clone(), r1.clone()], 1)] {
+        let fds = dups(nfds);
+        let p = mem_table(regions.len() as u32, &regions);
+        assert_ne!(fe.ack_status(SET_MEM_TABLE, &p, &raw(&fds)), 0, "{} regions, {nfds} fds", regions.len());
+        drop(fds);
+        assert_eq!((fds_named(&m), maps_named(&m)), (1, 0), "every fd closed, nothing mapped");
+    }
+    good.round();
+    // The right count is accepted on the same connection.
+    let fds = dups(2);
+    assert_eq!(fe.ack_status(SET_MEM_TABLE, &mem_table(2, &[r0, r1]), &raw(&fds)), 0);
+    drop(fds);
+    assert_eq!((fds_named(&m), maps_named(&m)), (1, 2), "two regions mapped, their fds closed");
+    drop(mfd);
+    h.hang_up(fe, &name);
+    h.no_leak(&m);
+}
+
+fn f13_more_than_8_fds(h: &Harness, good: &mut Good<'_>) {
+    // The kernel truncates the ancillary data (MSG_CTRUNC): closed, and every fd received or
+    // not is closed.
+    let m = uniq("f13-9fds");
+    let mfd = memfd(&m, 16 << 12);
+    let regions: Vec<Vec<u8>> =
+        (0..8u64).map(|i| region(i << 12, 1 << 12, 0x7200_0000_0000 + (i << 12), i << 12)).collect();
+    for (request, payload, n) in
+        [(GET_FEATURES, vec![], 9), (SET_VRING_CALL, u64p(0), 10), (SET_MEM_TABLE, mem_table(8, &regions), 16)]
+    {
+        let (fe, name) = h.connect("f13-9fds");
+        let (rds, mut wrs) = probes(n);
+        fe.send(request, NEED_REPLY, &payload, &raw(&rds));
+        drop(rds);
+        h.expect_close(fe, &name, &format!("request {request} with {n} fds"));
+        assert_probes_closed("more than 8 fds", &mut wrs);
+        good.round();
+    }
+    // Nine memfd copies on a SET_MEM_TABLE of eight regions: nothing mapped, all closed.
+    let (fe, name) = h.connect("f13-9fds-mt");
+    let fds: Vec<OwnedFd> = (0..9).map(|_| mfd.try_clone().unwrap()).collect();
+    fe.send(SET_MEM_TABLE, NEED_REPLY, &mem_table(8, &regions), &raw(&fds));
+    drop(fds);
+    h.expect_close(fe, &name, "SET_MEM_TABLE with 9 fds");
+    assert_eq!((fds_named(&m), maps_named(&m)), (1, 0));
+}
+
+fn f13_vring_fd_flag(h: &Harness, good: &mut Good<'_>) {
+    let (fe, name) = h.connect("f13-flag");
+    for request in [SET_VRING_KICK, SET_VRING_CALL, SET_VRING_ERR] {
+        // Invalid-fd flag AND an fd.
+        let (rd, wr) = probe();
+        assert_ne!(fe.ack_status(request, &u64p(INVALID_FD), &[rd.as_raw_fd()]), 0, "request {request}: flag + fd");
+        drop(rd);
+        assert_probes_closed("flag + fd", &mut [wr]);
+        // Neither flag nor fd.
+        assert_ne!(fe.ack_status(request, &u64p(0), &[]), 0, "request {request}: no flag, no fd");
+        // Two fds.
+        let (rds, mut wrs) = probes(2);
+        assert_ne!(fe.ack_status(request, &u64p(1), &raw(&rds)), 0, "request {request}: two fds");
+        drop(rds);
+        assert_probes_closed("two fds", &mut wrs);
+    }
+    // The flag without an fd is valid (no interrupts / no error notification).
+    assert_eq!(fe.ack_status(SET_VRING_CALL, &u64p(INVALID_FD | 1), &[]), 0);
+    assert_eq!(fe.ack_status(SET_VRING_ERR, &u64p(INVALID_FD), &[]), 0);
+    // An fd and no flag is valid; a later one replaces (and closes) it.
+    let (rd, mut wr) = probe();
+    assert_eq!(fe.ack_status(SET_VRING_CALL, &u64p(1), &[rd.as_raw_fd()]), 0);
+    drop(rd);
+    assert!(!probe_closed(&mut wr), "the call fd is kept");
+    assert_eq!(fe.ack_status(SET_VRING_CALL, &u64p(INVALID_FD | 1), &[]), 0);
+    assert_probes_closed("replaced call fd", &mut [wr]);
+    good.round();
+    h.hang_up(fe, &name);
+
+    // Without NEED_REPLY: closed.
+    let (fe, name) = h.connect("f13-flag-close");
+    let (rd, wr) = probe();
+    fe.send(SET_VRING_KICK, 0, &u64p(INVALID_FD), &[rd.as_raw_fd()]);
+    drop(rd);
+    h.expect_close(fe, &name, "SET_VRING_KICK with flag and fd");
+    assert_probes_closed("kick flag + fd", &mut [wr]);
+}
+
+/// `struct VhostUserInflight`: mmap_size, mmap_offset, num_queues, queue_size, padding.
+fn inflight(mmap_size: u64, mmap_offset: u64, num_queues: u16, queue_size: u16) -> Vec<u8> {
+    let mut p = mmap_size.to_ne_bytes().to_vec();
+    p.extend_from_slice(&mmap_offset.to_ne_bytes());
+    p.extend_from_slice(&num_queues.to_ne_bytes());
+    p.extend_from_slice(&queue_size.to_ne_bytes());
+    p.extend_from_slice(&[0; 4]);
+    p
+}
+
+fn f13_inflight_fds(h: &Harness, good: &mut Good<'_>) {
+    let (fe, name) = h.connect("f13-inflight");
+    assert_eq!(fe.get_u64(GET_PROTOCOL_FEATURES) & PF_INFLIGHT_SHMFD, 0, "INFLIGHT_SHMFD not offered");
+    assert_ne!(fe.ack_status(SET_PROTOCOL_FEATURES, &u64p(PF_REPLY_ACK | PF_INFLIGHT_SHMFD), &[]), 0);
+    let p = inflight(0, 0, 2, 64);
+    // GET_INFLIGHT_FD: without fds (not offered), with one, with two.
+    for n in 0..3 {
+        let (rds, mut wrs) = probes(n);
+        assert_ne!(fe.ack_status(GET_INFLIGHT_FD, &p, &raw(&rds)), 0, "GET_INFLIGHT_FD with {n} fds");
+        drop(rds);
+        assert_probes_closed("GET_INFLIGHT_FD", &mut wrs);
+    }
+    // SET_INFLIGHT_FD: with its one fd (a memfd: nothing of it may stay), with two.
+    let m = uniq("f13-inflight-memfd");
+    let mfd = memfd(&m, 4096);
+    assert_ne!(fe.ack_status(SET_INFLIGHT_FD, &inflight(4096, 0, 2, 64), &[mfd.as_raw_fd()]), 0);
+    drop(mfd);
+    assert_eq!((fds_named(&m), maps_named(&m)), (0, 0));
+    let (rds, mut wrs) = probes(2);
+    assert_ne!(fe.ack_status(SET_INFLIGHT_FD, &inflight(4096, 0, 2, 64), &raw(&rds)), 0);
+    drop(rds);
+    assert_probes_closed("SET_INFLIGHT_FD", &mut wrs);
+    assert_eq!(fe.ack_status(SET_OWNER, &[], &[]), 0, "connection still up");
+    good.round();
+    h.hang_up(fe, &name);
+
+    // Without NEED_REPLY: closed, fd closed.
+    for request in [GET_INFLIGHT_FD, SET_INFLIGHT_FD] {
+        let (fe, name) = h.connect("f13-inflight-close");
+        let (rd, wr) = probe();
+        fe.send(request, 0, &inflight(4096, 0, 2, 64), &[rd.as_raw_fd()]);
+        drop(rd);
+        h.expect_close(fe, &name, &format!("request {request} with an fd"));
+        assert_probes_closed("inflight", &mut [wr]);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Family 14: vring indices
+// ---------------------------------------------------------------------------------------------
+
+/// Indices ≥ the 2 vrings of a one-pair device whose u8 or u16 truncation is ring 1 (after
+/// two plainly out-of-range ones), and ring 0.
+const TO_RING_1: [u32; 6] = [2, u32::MAX, 0x101, 0x1_0001, 0x8000_0001, 0xff01];
+const TO_RING_0: [u32; 5] = [2, 255, 0x100, 0x1_0000, 0x8000_0000];
+
+fn f14_vring_index_out_of_range(h: &Harness, good: &mut Good<'_>) {
+    let (fe, name) = h.connect("f14-index");
+    let mut g = Guest::new(&fe);
+    negotiate(&fe, PF_MQ, NET_FEATURES);
+    set_mem(&fe);
+    // Ring 1 gets its addresses, ring 0 its size; then every bad index tries to supply the
+    // missing piece, or a base, or an enable.
+    assert_eq!(fe.ack_status(SET_VRING_ADDR, &fe.vring_addr_payload(1), &[]), 0);
+    assert_eq!(fe.ack_status(SET_VRING_NUM, &state(0, 64), &[]), 0);
+    for idx in TO_RING_1 {
+        assert_ne!(fe.ack_status(SET_VRING_NUM, &state(idx, 64), &[]), 0, "SET_VRING_NUM {idx:#x}");
+        assert_ne!(fe.ack_status(SET_VRING_BASE, &state(idx, 7), &[]), 0, "SET_VRING_BASE {idx:#x}");
+        assert_ne!(fe.ack_status(SET_VRING_ENABLE, &state(idx, 1), &[]), 0, "SET_VRING_ENABLE {idx:#x}");
+    }
+    for idx in TO_RING_0 {
+        let mut addr = fe.vring_addr_payload(0);
+        addr[..4].copy_from_slice(&idx.to_ne_bytes());
+        assert_ne!(fe.ack_status(SET_VRING_ADDR, &addr, &[]), 0, "SET_VRING_ADDR {idx:#x}");
+    }
+    // None of them reached ring 0 or 1.
+    assert_ne!(kick_status(&fe, 1), 0, "ring 1 has no size: SET_VRING_NUM did not reach it");
+    assert_ne!(kick_status(&fe, 0), 0, "ring 0 has no addresses: SET_VRING_ADDR did not reach it");
+    assert_eq!(fe.get_vring_base(1), 0, "SET_VRING_BASE did not reach ring 1");
+    for i in 0..2 {
+        configure_ring(&fe, i);
+        assert_eq!(kick_status(&fe, i), 0);
+    }
+    assert!(!h.hostile.queue_ready(1), "SET_VRING_ENABLE did not reach ring 1");
+    enable(&fe, 0);
+    enable(&fe, 1);
+    assert!(h.hostile.queue_ready(0) && h.hostile.queue_ready(1));
+
+    // KICK/CALL/ERR: an index of 2..=255 is out of range, and any bit above the flag is
+    // refused (no u64 → u8 truncation onto ring 1). Each fd is closed, not installed.
+    for request in [SET_VRING_KICK, SET_VRING_CALL, SET_VRING_ERR] {
+        for value in [2u64, 255, 0x201, 0x1_0001, 0x1_0000_0001, 1 << 63 | 1] {
+            let (rd, wr) = probe();
+            assert_ne!(fe.ack_status(request, &u64p(value), &[rd.as_raw_fd()]), 0, "{request} {value:#x}");
+            drop(rd);
+            assert_probes_closed(&format!("request {request} value {value:#x}"), &mut [wr]);
+        }
+    }
+    // The rings kept their configuration and move frames.
+    guest_tx(&mut g, &fe, &h.hostile, 2);
+    guest_rx(&mut g, &fe, &h.hostile, 2, 2048, 1);
+    drop(g);
+    good.round();
+    h.hang_up(fe, &name);
+
+    // GET_VRING_BASE (reply mandatory): closed without a reply, also for an index whose
+    // truncation is a started ring.
+    for idx in [2, 0x1_0001, 0x101] {
+        let (fe, name) = started(h, "f14-get-base");
+        fe.send(GET_VRING_BASE, NEED_REPLY, &state(idx, 0), &[]);
+        h.expect_close(fe, &name, &format!("GET_VRING_BASE {idx:#x}"));
+        good.round();
+    }
+    // Without NEED_REPLY every other request closes too.
+    let (fe, name) = h.connect("f14-close");
+    fe.send(SET_VRING_NUM, 0, &state(0x1_0001, 64), &[]);
+    h.expect_close(fe, &name, "SET_VRING_NUM 0x10001");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Family 15: the memory table
+// ---------------------------------------------------------------------------------------------
+
+fn f15_mem_table_region_count(h: &Harness, good: &mut Good<'_>) {
+    let (fe, name) = h.connect("f15-count");
+    let m = uniq("f15-count-region");
+    let mfd = memfd(&m, 16 << 12);
+    let regions: Vec<Vec<u8>> =
+        (0..9u64).map(|i| region(i << 12, 1 << 12, 0x7300_0000_0000 + (i << 12), i << 12)).collect();
+    let dups = |n: usize| (0..n).map(|_| mfd.try_clone().unwrap()).collect::<Vec<_>>();
+    // num_regions 0, without and with an fd.
+    for n in 0..2 {
+        let fds = dups(n);
+        assert_ne!(fe.ack_status(SET_MEM_TABLE, &mem_table(0, &[]), &raw(&fds)), 0, "0 regions, {n} fds");
+    }
+    // num_regions 9 over 8 regions' bytes and 8 fds; num_regions 1 over 2 regions' bytes.
+    let fds = dups(8);
+    assert_ne!(fe.ack_status(SET_MEM_TABLE, &mem_table(9, &regions[..8]), &raw(&fds)), 0, "num_regions 9");
+    drop(fds);
+    let fds = dups(1);
+    assert_ne!(fe.ack_status(SET_MEM_TABLE, &mem_table(1, &regions[..2]), &raw(&fds)), 0, "payload too long");
+    drop(fds);
+    assert_eq!((fds_named(&m), maps_named(&m)), (1, 0), "every fd closed, nothing mapped");
+    // Eight is the limit and works.
+    let fds = dups(8);
+    assert_eq!(fe.ack_status(SET_MEM_TABLE, &mem_table(8, &regions[..8]), &raw(&fds)), 0, "8 regions");
+    drop(fds);
+    assert_eq!((fds_named(&m), maps_named(&m)), (1, 8));
+    good.round();
+    // Nine regions do not fit in a message (296 > 268 bytes): closed before the payload.
+    fe.send(SET_MEM_TABLE, NEED_REPLY, &mem_table(9, &regions), &[]);
+    h.expect_close(fe, &name, "SET_MEM_TABLE with 9 regions");
+    drop(mfd);
+    h.no_leak(&m);
+}
+
+/// Which fd a region of a memory table is sent with.
+#[derive(Clone, Copy, PartialEq)]
+enum RegionFd {
+    Ram,
+    A,
+    B,
+}
+
+/// A memory table to send: each region with its fd.
+type Table = Vec<(Vec<u8>, RegionFd)>;
+
+fn f15_mem_table_invalid_regions(h: &Harness, good: &mut Good<'_>) {
+    // The hostile device runs traffic on its own table; every bad table is refused and the
+    // old one stays in use.
+    let (fe, name) = started(h, "f15-regions");
+    let mut g = Guest::new(&fe);
+    guest_tx(&mut g, &fe, &h.hostile, 2);
+
+    const LEN: u64 = 1 << 20;
+    let (a, b) = (uniq("f15-a"), uniq("f15-b"));
+    let (fa, fb) = (memfd(&a, LEN as usize), memfd(&b, LEN as usize));
+    let ram = (fe.mem_table_payload()[8..].to_vec(), RegionFd::Ram);
+    let (gpa, ua) = (0x2_0000_0000u64, 0x7400_0000_0000u64);
+    use RegionFd::{A, B};
+    let cases: Vec<(&str, Table)> = vec![
+        ("memory_size 0", vec![ram.clone(), (region(gpa, 0, ua, 0), A)]),
+        ("gpa + size overflows", vec![ram.clone(), (region(u64::MAX - 0xfff, 0x2000, ua, 0), A)]),
+        ("uaddr + size overflows", vec![ram.clone(), (region(gpa, 0x2000, u64::MAX - 0xfff, 0), A)]),
+        ("mmap_offset + size overflows", vec![ram.clone(), (region(gpa, 0x2000, ua, u64::MAX - 0xfff), A)]),
+        ("region larger than the memfd", vec![ram.clone(), (region(gpa, LEN + 0x1000, ua, 0), A)]),
+        ("mmap_offset + size past the memfd", vec![ram.clone(), (region(gpa, LEN, ua, 0x1000), A)]),
+        ("gpa overlap, two memfds", vec![(region(gpa, LEN, ua, 0), A), (region(gpa + LEN / 2, LEN, ua + LEN, 0), B)]),
+        ("uaddr overlap, two memfds", vec![(region(gpa, LEN, ua, 0), A), (region(gpa + LEN, LEN, ua + LEN / 2, 0), B)]),
+        ("overlaps the guest RAM", vec![ram.clone(), (region(GPA + 0x1000, 0x1000, ua, 0), A)]),
+    ];
+    let fd_of = |w: RegionFd| match w {
+        RegionFd::Ram => fe.ram.fd.try_clone().unwrap(),
+        A => fa.try_clone().unwrap(),
+        B => fb.try_clone().unwrap(),
+    };
+    for (what, table) in cases {
+        let regions: Vec<Vec<u8>> = table.iter().map(|(r, _)| r.clone()).collect();
+        let fds: Vec<OwnedFd> = table.iter().map(|&(_, w)| fd_of(w)).collect();
+        assert_ne!(fe.ack_status(SET_MEM_TABLE, &mem_table(regions.len() as u32, &regions), &raw(&fds)), 0, "{what}");
+        drop(fds);
+        assert_eq!((fds_named(&a), maps_named(&a), fds_named(&b), maps_named(&b)), (1, 0, 1, 0), "{what}");
+        assert_eq!(maps_named(&name), 2, "{what}: the old table stays mapped (front-end + back-end)");
+        guest_tx(&mut g, &fe, &h.hostile, 1);
+    }
+    good.round();
+    // Guest RAM plus two regions from two memfds, adjacent in both spaces: accepted, and the
+    // old table is unmapped.
+    let table = [ram, (region(gpa, LEN, ua, 0), A), (region(gpa + LEN, LEN, ua + LEN, 0), B)];
+    let regions: Vec<Vec<u8>> = table.iter().map(|(r, _)| r.clone()).collect();
+    let fds: Vec<OwnedFd> = table.iter().map(|&(_, w)| fd_of(w)).collect();
+    assert_eq!(fe.ack_status(SET_MEM_TABLE, &mem_table(3, &regions), &raw(&fds)), 0);
+    drop(fds);
+    assert_eq!((maps_named(&a), maps_named(&b), maps_named(&name)), (1, 1, 2));
+    guest_tx(&mut g, &fe, &h.hostile, 1);
+    drop((g, fa, fb));
+    h.hang_up(fe, &name);
+    h.no_leak(&a);
+    h.no_leak(&b);
+}
+
+fn f15_rem_mem_reg_unknown_region(h: &Harness, good: &mut Good<'_>) {
+    let (fe, name) = h.connect("f15-rem");
+    negotiate(&fe, PF_CONFIGURE_MEM_SLOTS, NET_FEATURES);
+    let m = uniq("f15-rem-region");
+    let mfd = memfd(&m, 2 << 12);
+    let r = region(0x3_0000_0000, 1 << 12, 0x7500_0000_0000, 0);
+    // Nothing mapped yet.
+    assert_ne!(fe.ack_status(REM_MEM_REG, &single_region(&r), &[]), 0, "REM_MEM_REG before any region");
+    let (rd, wr) = probe();
+    assert_ne!(fe.ack_status(REM_MEM_REG, &single_region(&r), &[rd.as_raw_fd()]), 0);
+    drop(rd);
+    assert_probes_closed("REM_MEM_REG fd", &mut [wr]);
+    assert_eq!(fe.ack_status(ADD_MEM_REG, &single_region(&r), &[mfd.as_raw_fd()]), 0);
+    assert_eq!(maps_named(&m), 1);
+    // Unknown: another guest address, user address or size.
+    for other in [
+        region(0x3_0000_1000, 1 << 12, 0x7500_0000_0000, 0),
+        region(0x3_0000_0000, 1 << 12, 0x7500_0000_1000, 0),
+        region(0x3_0000_0000, 2 << 12, 0x7500_0000_0000, 0),
+        region(0x3_0000_0000, 1 << 11, 0x7500_0000_0000, 0),
+    ] {
+        assert_ne!(fe.ack_status(REM_MEM_REG, &single_region(&other), &[]), 0);
+        assert_eq!(maps_named(&m), 1, "an unknown region removes nothing");
+    }
+    good.round();
+    // The right one, with another mmap offset (ignored) and a tolerated fd that must be
+    // closed unused.
+    let (rd, wr) = probe();
+    let same = region(0x3_0000_0000, 1 << 12, 0x7500_0000_0000, 0x1000);
+    assert_eq!(fe.ack_status(REM_MEM_REG, &single_region(&same), &[rd.as_raw_fd()]), 0);
+    drop(rd);
+    assert_probes_closed("REM_MEM_REG fd", &mut [wr]);
+    assert_eq!(maps_named(&m), 0, "removed region unmapped");
+    assert_ne!(fe.ack_status(REM_MEM_REG, &single_region(&r), &[]), 0, "removing twice");
+    drop(mfd);
+    h.hang_up(fe, &name);
+    h.no_leak(&m);
+}
+
+fn f15_more_add_mem_reg_than_max_slots(h: &Harness, good: &mut Good<'_>) {
+    let (fe, name) = h.connect("f15-slots");
+    negotiate(&fe, PF_CONFIGURE_MEM_SLOTS, NET_FEATURES);
+    let slots = fe.get_u64(GET_MAX_MEM_SLOTS);
+    assert_eq!(slots, 32);
+    let m = uniq("f15-slots-region");
+    let mfd = memfd(&m, (slots as usize + 1) << 12);
+    let r = |i: u64| region(0x4_0000_0000 + (i << 12), 1 << 12, 0x7600_0000_0000 + (i << 12), i << 12);
+    for i in 0..slots {
+        assert_eq!(fe.ack_status(ADD_MEM_REG, &single_region(&r(i)), &[mfd.as_raw_fd()]), 0, "region {i}");
+    }
+    assert_eq!((fds_named(&m), maps_named(&m)), (1, slots as usize));
+    assert_ne!(fe.ack_status(ADD_MEM_REG, &single_region(&r(slots)), &[mfd.as_raw_fd()]), 0, "one too many");
+    assert_eq!((fds_named(&m), maps_named(&m)), (1, slots as usize), "the extra region's fd closed, not mapped");
+    good.round();
+    // ADD_MEM_REG takes exactly one fd.
+    let free = region(0x5_0000_0000, 1 << 12, 0x7700_0000_0000, 0);
+    assert_eq!(fe.ack_status(REM_MEM_REG, &single_region(&r(0)), &[]), 0);
+    assert_ne!(fe.ack_status(ADD_MEM_REG, &single_region(&free), &[]), 0, "no fd");
+    let two = [mfd.try_clone().unwrap(), mfd.try_clone().unwrap()];
+    assert_ne!(fe.ack_status(ADD_MEM_REG, &single_region(&free), &raw(&two)), 0, "two fds");
+    drop(two);
+    // The freed slot takes a region again.
+    assert_eq!(fe.ack_status(ADD_MEM_REG, &single_region(&r(slots)), &[mfd.as_raw_fd()]), 0);
+    assert_eq!((fds_named(&m), maps_named(&m)), (1, slots as usize));
+    drop(mfd);
+    h.hang_up(fe, &name);
+    h.no_leak(&m);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Family 16: the dirty log
+// ---------------------------------------------------------------------------------------------
+
+/// "Log description": mmap_size, mmap_offset.
+fn log_desc(size: u64, offset: u64) -> Vec<u8> {
+    let mut p = size.to_ne_bytes().to_vec();
+    p.extend_from_slice(&offset.to_ne_bytes());
+    p
+}
+
+fn f16_set_log_base_not_offered(h: &Harness, good: &mut Good<'_>) {
+    let (fe, name) = h.connect("f16-log");
+    assert_eq!(fe.get_u64(GET_FEATURES) & F_LOG_ALL, 0, "LOG_ALL not offered");
+    assert_eq!(fe.get_u64(GET_PROTOCOL_FEATURES) & PF_LOG_SHMFD, 0, "LOG_SHMFD not offered");
+    assert_ne!(fe.ack_status(SET_PROTOCOL_FEATURES, &u64p(PF_REPLY_ACK | PF_LOG_SHMFD), &[]), 0);
+    assert_ne!(fe.ack_status(SET_FEATURES, &u64p(NET_FEATURES | F_PROTOCOL_FEATURES | F_LOG_ALL), &[]), 0);
+    let m = uniq("f16-log-memfd");
+    for (what, size, offset) in [
+        ("well-formed", 0x1000, 0),
+        ("offset > size", 0x1000, 0x2000),
+        ("size + offset overflows", u64::MAX - 1, 2),
+        ("both huge", u64::MAX, u64::MAX),
+    ] {
+        let mfd = memfd(&m, 0x1000);
+        assert_ne!(fe.ack_status(SET_LOG_BASE, &log_desc(size, offset), &[mfd.as_raw_fd()]), 0, "{what}");
+        drop(mfd);
+        assert_eq!((fds_named(&m), maps_named(&m)), (0, 0), "{what}: log fd closed, nothing mapped");
+    }
+    assert_ne!(fe.ack_status(SET_LOG_BASE, &log_desc(0x1000, 0), &[]), 0, "without fd");
+    let (rd, wr) = probe();
+    assert_ne!(fe.ack_status(SET_LOG_FD, &[], &[rd.as_raw_fd()]), 0, "SET_LOG_FD");
+    drop(rd);
+    assert_probes_closed("SET_LOG_FD", &mut [wr]);
+    assert_eq!(fe.ack_status(SET_OWNER, &[], &[]), 0, "connection still up");
+    good.round();
+    h.hang_up(fe, &name);
+
+    // Without NEED_REPLY: closed.
+    let (fe, name) = h.connect("f16-log-close");
+    let mfd = memfd(&m, 0x1000);
+    fe.send(SET_LOG_BASE, 0, &log_desc(0x1000, 0x2000), &[mfd.as_raw_fd()]);
+    drop(mfd);
+    h.expect_close(fe, &name, "SET_LOG_BASE");
+    h.no_leak(&m);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Family 17: ring addresses, size, base
+// ---------------------------------------------------------------------------------------------
+
+fn f17_vring_addr_outside_unaligned_overlapping(h: &Harness, good: &mut Good<'_>) {
+    let (fe, name) = h.connect("f17-addr");
+    let mut g = Guest::new(&fe);
+    negotiate(&fe, PF_MQ, NET_FEATURES);
+    set_mem(&fe);
+    enable(&fe, 0);
+    enable(&fe, 1);
+    configure_ring(&fe, 1);
+    let cfg = fe.queues[1].cfg;
+    let (d, a, u) = (fe.ram.uaddr(cfg.desc_table), fe.ram.uaddr(cfg.avail_ring), fe.ram.uaddr(cfg.used_ring));
+    let (start, end) = (fe.ram.uaddr(GPA), fe.ram.uaddr(GPA) + fe.ram.len as u64);
+    let cases = [
+        ("desc table outside memory", (end, a, u)),
+        ("desc table crossing the end of memory", (end - 512, a, u)),
+        ("avail ring below memory", (d, start - 0x1000, u)),
+        ("used ring outside memory", (d, a, end + 0x1000)),
+        ("address + length wraps", (u64::MAX - 15, a, u)),
+        ("desc table unaligned", (d + 8, a, u)),
+        ("avail ring unaligned", (d, a + 1, u)),
+        ("used ring unaligned", (d, a, u + 2)),
+        ("used ring overlapping the desc table", (d, a, d + 512)),
+        ("used ring overlapping the avail ring", (d, a, a)),
+    ];
+    for (what, (desc, avail, used)) in cases {
+        // The addresses are checked when the ring starts: SET_VRING_ADDR is accepted, the
+        // kick that would start the ring is refused, and the ring stays stopped.
+        assert_eq!(fe.ack_status(SET_VRING_ADDR, &vring_addr(1, 0, desc, used, avail, 0), &[]), 0, "{what}");
+        assert_ne!(kick_status(&fe, 1), 0, "{what}: the ring must not start");
+        assert!(!h.hostile.queue_ready(1), "{what}");
+        let mut bufs = [TxFrame::with_capacity(MAX_TX_FRAME)];
+        assert_eq!(h.hostile.dequeue_burst(0, &mut bufs), 0);
+    }
+    good.round();
+    // A correct SET_VRING_ADDR and kick start the ring.
+    assert_eq!(fe.ack_status(SET_VRING_ADDR, &fe.vring_addr_payload(1), &[]), 0);
+    assert_eq!(kick_status(&fe, 1), 0);
+    assert!(h.hostile.queue_ready(1));
+    guest_tx(&mut g, &fe, &h.hostile, 3);
+    // A started ring refuses new addresses and keeps going.
+    assert_ne!(fe.ack_status(SET_VRING_ADDR, &vring_addr(1, 0, end, u, a, 0), &[]), 0);
+    guest_tx(&mut g, &fe, &h.hostile, 2);
+    drop(g);
+    h.hang_up(fe, &name);
+
+    // Without NEED_REPLY, the kick that cannot start the ring closes the connection.
+    let (fe, name) = h.connect("f17-addr-close");
+    negotiate(&fe, PF_MQ, NET_FEATURES);
+    set_mem(&fe);
+    configure_ring(&fe, 1);
+    let cfg = fe.queues[1].cfg;
+    let (d, a) = (fe.ram.uaddr(cfg.desc_table), fe.ram.uaddr(cfg.avail_ring));
+    assert_eq!(fe.ack_status(SET_VRING_ADDR, &vring_addr(1, 0, d, d, a, 0), &[]), 0);
+    fe.send(SET_VRING_KICK, 0, &u64p(1), &[fe.queues[1].kick.as_raw_fd()]);
+    h.expect_close(fe, &name, "kick with overlapping rings");
+}
+
+fn f17_vring_num_and_base_out_of_range(h: &Harness, good: &mut Good<'_>) {
+    let (fe, name) = h.connect("f17-num");
+    let mut g = Guest::new(&fe);
+    negotiate(&fe, PF_MQ, NET_FEATURES);
+    set_mem(&fe);
+    enable(&fe, 1);
+    configure_ring(&fe, 1); // size 64
+    for num in [0, 3, 100, 32767, 65536, 32768 * 2, 0x1_0040, u32::MAX] {
+        assert_ne!(fe.ack_status(SET_VRING_NUM, &state(1, num), &[]), 0, "SET_VRING_NUM {num}");
+    }
+    // 32768 is the largest; then back to the real size.
+    assert_eq!(fe.ack_status(SET_VRING_NUM, &state(1, 32768), &[]), 0);
+    assert_eq!(fe.ack_status(SET_VRING_NUM, &state(1, 64), &[]), 0);
+    for base in [0x1_0000, 0x1_0005, u32::MAX] {
+        assert_ne!(fe.ack_status(SET_VRING_BASE, &state(1, base), &[]), 0, "SET_VRING_BASE {base:#x}");
+    }
+    assert_eq!(fe.get_vring_base(1), 0, "not truncated to 16 bits");
+    good.round();
+    // The refused values changed nothing: the ring starts at 0 with 64 entries and works
+    // across a wrap of its slots.
+    assert_eq!(kick_status(&fe, 1), 0);
+    for _ in 0..12 {
+        guest_tx(&mut g, &fe, &h.hostile, 8);
+    }
+    assert_eq!(fe.get_vring_base(1), 96);
+    drop(g);
+    h.hang_up(fe, &name);
+
+    let (fe, name) = h.connect("f17-num-close");
+    fe.send(SET_VRING_NUM, 0, &state(1, 3), &[]);
+    h.expect_close(fe, &name, "SET_VRING_NUM 3");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Family 18: sequencing
+// ---------------------------------------------------------------------------------------------
+
+fn f18_repeated_requests_do_not_leak(h: &Harness, good: &mut Good<'_>) {
+    let (fe, name) = h.connect("f18-repeat");
+    negotiate(&fe, PF_MQ, NET_FEATURES);
+    for _ in 0..1000 {
+        fe.send(SET_VRING_NUM, 0, &state(1, 64), &[]);
+        fe.send(SET_VRING_ADDR, 0, &fe.vring_addr_payload(1), &[]);
+        fe.send(SET_VRING_BASE, 0, &state(1, 0), &[]);
+    }
+    fe.sync();
+    for _ in 0..50 {
+        assert_ne!(fe.ack_status(GET_INFLIGHT_FD, &inflight(0, 0, 2, 64), &[]), 0);
+    }
+    // Each CALL/ERR/KICK fd replaces (and closes) the previous one.
+    let mut current = Vec::new();
+    for request in [SET_VRING_CALL, SET_VRING_ERR, SET_VRING_KICK] {
+        let mut writers = Vec::new();
+        for _ in 0..50 {
+            let (rd, wr) = probe();
+            // The kick cannot start the ring (no memory table yet): refused, its fd kept as
+            // the ring's kick source all the same.
+            let status = fe.ack_status(request, &u64p(1), &[rd.as_raw_fd()]);
+            assert_eq!(status != 0, request == SET_VRING_KICK, "request {request}");
+            writers.push(wr);
+        }
+        let mut last = writers.pop().unwrap();
+        assert_probes_closed("replaced fds", &mut writers);
+        assert!(!probe_closed(&mut last), "request {request}: the current fd is kept");
+        current.push(last);
+    }
+    // Repeated memory tables: only the current one stays mapped.
+    for _ in 0..20 {
+        set_mem(&fe);
+    }
+    assert_eq!(maps_named(&name), 2, "front-end + one back-end mapping");
+    good.round();
+    h.hang_up(fe, &name);
+    assert_probes_closed("fds held until the disconnect", &mut current);
+}
+
+fn f18_kick_before_mem_table(h: &Harness, good: &mut Good<'_>) {
+    let (fe, name) = h.connect("f18-kick-early");
+    let mut g = Guest::new(&fe);
+    negotiate(&fe, PF_MQ, NET_FEATURES);
+    for i in 0..2 {
+        enable(&fe, i as u32);
+        configure_ring(&fe, i);
+        assert_ne!(kick_status(&fe, i), 0, "ring {i} cannot start without memory");
+    }
+    assert!(!h.hostile.queue_ready(0) && !h.hostile.queue_ready(1));
+    set_mem(&fe);
+    assert!(!h.hostile.queue_ready(1), "a memory table alone does not start a ring");
+    good.round();
+    for i in 0..2 {
+        assert_eq!(kick_status(&fe, i), 0, "ring {i} starts");
+    }
+    assert!(h.hostile.queue_ready(0) && h.hostile.queue_ready(1));
+    guest_tx(&mut g, &fe, &h.hostile, 3);
+    guest_rx(&mut g, &fe, &h.hostile, 2, 2048, 1);
+    drop(g);
+    h.hang_up(fe, &name);
+
+    let (fe, name) = h.connect("f18-kick-early-close");
+    negotiate(&fe, PF_MQ, NET_FEATURES);
+    configure_ring(&fe, 1);
+    fe.send(SET_VRING_KICK, 0, &u64p(1), &[fe.queues[1].kick.as_raw_fd()]);
+    h.expect_close(fe, &name, "kick before the memory table");
+}
+
+fn f18_set_features_after_rings_started(h: &Harness, good: &mut Good<'_>) {
+    let (fe, name) = h.connect("f18-features");
+    let mut g = Guest::new(&fe);
+    let acked = fe.qemu_start(NET_FEATURES);
+    wait("hostile ready", || (h.hostile.queue_ready(0) && h.hostile.queue_ready(1)).then_some(()));
+    guest_tx(&mut g, &fe, &h.hostile, 2);
+    assert_ne!(fe.ack_status(SET_FEATURES, &u64p(acked & !F_MRG_RXBUF), &[]), 0, "features change while started");
+    assert_ne!(fe.ack_status(SET_FEATURES, &u64p(acked & !F_PROTOCOL_FEATURES), &[]), 0);
+    assert_eq!(fe.ack_status(SET_FEATURES, &u64p(acked), &[]), 0, "the same features again are fine");
+    // MRG_RXBUF is still in force: a 1000-byte frame is merged over two 512-byte buffers.
+    guest_rx(&mut g, &fe, &h.hostile, 1, 512, 2);
+    guest_tx(&mut g, &fe, &h.hostile, 2);
+    good.round();
+    // Without NEED_REPLY: closed.
+    fe.send(SET_FEATURES, 0, &u64p(acked & !F_MRG_RXBUF), &[]);
+    drop(g);
+    h.expect_close(fe, &name, "SET_FEATURES while started");
+}
+
+fn f18_get_vring_base_twice(h: &Harness, good: &mut Good<'_>) {
+    let (fe, name) = started(h, "f18-base");
+    let mut g = Guest::new(&fe);
+    guest_tx(&mut g, &fe, &h.hostile, 3);
+    assert_eq!(fe.get_vring_base(1), 3);
+    assert_eq!(fe.get_vring_base(1), 3, "a stopped ring reports the same base");
+    assert!(!h.hostile.queue_ready(1));
+    // A stopped ring is not processed.
+    let frames = post_tx(&mut g, &fe, 2);
+    let mut bufs = [TxFrame::with_capacity(MAX_TX_FRAME)];
+    assert_eq!(h.hostile.dequeue_burst(0, &mut bufs), 0);
+    assert_eq!(g.drv[1].used_idx(), 3);
+    good.round();
+    // Restarted at the base, it takes the frames posted meanwhile.
+    assert_eq!(fe.ack_status(SET_VRING_BASE, &state(1, 3), &[]), 0);
+    assert_eq!(kick_status(&fe, 1), 0);
+    take_tx(&mut g, &h.hostile, &frames);
+    drop(g);
+    h.hang_up(fe, &name);
+}
+
+fn f18_kick_again_on_a_started_ring(h: &Harness, good: &mut Good<'_>) {
+    // SET_VRING_KICK on a started ring replaces the kick source; it must not rewind the ring
+    // to the last SET_VRING_BASE (that would hand chains the guest already got back to the
+    // device again).
+    let (fe, name) = started(h, "f18-rekick");
+    let mut g = Guest::new(&fe);
+    guest_tx(&mut g, &fe, &h.hostile, 3);
+    assert_eq!(kick_status(&fe, 1), 0);
+    guest_tx(&mut g, &fe, &h.hostile, 2);
+    assert_eq!(fe.ack_status(SET_VRING_KICK, &u64p(1 | INVALID_FD), &[]), 0);
+    guest_tx(&mut g, &fe, &h.hostile, 2);
+    assert_eq!(fe.get_vring_base(1), 7);
+    good.round();
+    drop(g);
+    h.hang_up(fe, &name);
+}
+
+fn f18_reconnect_mid_traffic(h: &Harness, good: &mut Good<'_>) {
+    let packets = h.hostile.stats(1).packets;
+    let ready = h.ready.load(Ordering::SeqCst);
+    let (fe, name) = h.connect("f18-reconnect");
+    let mut g = Guest::new(&fe);
+    fe.qemu_start(NET_FEATURES);
+    wait("hostile ready", || (h.ready.load(Ordering::SeqCst) == ready + 1).then_some(()));
+    // Every earlier teardown was dispatched before this connection's Ready.
+    let destroyed = h.destroyed.load(Ordering::SeqCst);
+    let frames = post_tx(&mut g, &fe, 8);
+    let mut bufs: Vec<TxFrame> = (0..3).map(|_| TxFrame::with_capacity(MAX_TX_FRAME)).collect();
+    assert_eq!(h.hostile.dequeue_burst(0, &mut bufs), 3);
+    for (b, f) in bufs.iter().zip(&frames) {
+        assert_eq!(b.frame(), f.as_slice());
+    }
+    // The front-end dies with 5 frames queued.
+    drop(g);
+    drop(fe);
+    wait("hostile torn down", || (h.destroyed.load(Ordering::SeqCst) == destroyed + 1).then_some(()));
+    assert!(!h.hostile.queue_ready(0) && !h.hostile.queue_ready(1));
+    assert_eq!(h.hostile.dequeue_burst(0, &mut bufs), 0);
+    assert_eq!(h.hostile.enqueue_burst(0, &[frame(0, 100).as_slice()]), 0);
+    h.no_leak(&name);
+    good.round();
+    // A new front-end on the same socket: only its own frames.
+    let (fe, name) = h.connect("f18-reconnect-new");
+    let mut g = Guest::new(&fe);
+    fe.qemu_start(NET_FEATURES);
+    wait("hostile ready again", || (h.ready.load(Ordering::SeqCst) == ready + 2).then_some(()));
+    guest_tx(&mut g, &fe, &h.hostile, 4);
+    guest_rx(&mut g, &fe, &h.hostile, 2, 2048, 1);
+    assert_eq!(h.hostile.stats(1).packets, packets + 3 + 4);
+    drop(g);
+    h.hang_up(fe, &name);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ring enable: rust-vmm/vhost #247 and #227
+// ---------------------------------------------------------------------------------------------
+
+fn kick_before_enable_is_not_lost(h: &Harness, good: &mut Good<'_>) {
+    let (fe, name) = h.connect("vhost247");
+    let mut g = Guest::new(&fe);
+    negotiate(&fe, PF_MQ, NET_FEATURES);
+    set_mem(&fe);
+    for i in 0..2 {
+        configure_ring(&fe, i);
+        assert_eq!(kick_status(&fe, i), 0);
+    }
+    // Started, and disabled (PROTOCOL_FEATURES negotiated, no SET_VRING_ENABLE yet).
+    assert!(!h.hostile.queue_ready(0) && !h.hostile.queue_ready(1));
+    // No RX on a disabled ring, even with a buffer posted.
+    let mut addr = [0u64];
+    let rx_head = g.drv[0].build_chain(&[Buf::writable(2048)], &mut addr);
+    g.drv[0].publish(rx_head);
+    assert_eq!(h.hostile.enqueue_burst(0, &[frame(9, 1000).as_slice()]), 0);
+    assert_eq!(g.drv[0].used_idx(), 0);
+    // The guest transmits and kicks; a worker consumes the kick while the ring is disabled.
+    let frames = post_tx(&mut g, &fe, 3);
+    let kick = h.hostile.kick_fd(1).expect("a started ring has its kick fd");
+    assert!(eventfd_read(&kick) > 0, "the guest kicked");
+    assert_eq!(eventfd_read(&kick), 0, "kick consumed");
+    enable(&fe, 1);
+    enable(&fe, 0);
+    // Enabling wakes a data path sleeping on the kick fd, and the frames are there.
+    let mut pfd = libc::pollfd { fd: kick.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: poll on one valid pollfd.
+    assert_eq!(unsafe { libc::poll(&mut pfd, 1, 1000) }, 1, "enabling re-signals the kick");
+    take_tx(&mut g, &h.hostile, &frames);
+    // The RX buffer posted while disabled takes the next frame.
+    assert_eq!(h.hostile.enqueue_burst(0, &[frame(9, 1000).as_slice()]), 1);
+    assert_eq!(g.drv[0].used_elem(0), (rx_head as u32, 12 + 1000));
+    let mut data = vec![0u8; 1000];
+    g.drv[0].read(addr[0] + 12, &mut data);
+    assert_eq!(data, frame(9, 1000));
+    drop(g);
+    good.round();
+    h.hang_up(fe, &name);
+}
+
+fn set_features_without_protocol_features_enables_rings(h: &Harness, good: &mut Good<'_>) {
+    // A front-end that never negotiates PROTOCOL_FEATURES: no SET_VRING_ENABLE, no REPLY_ACK.
+    let (fe, name) = h.connect("vhost227");
+    let mut g = Guest::new(&fe);
+    let offered = fe.get_u64(GET_FEATURES);
+    fe.send(SET_OWNER, 0, &[], &[]);
+    fe.send(SET_FEATURES, 0, &u64p(NET_FEATURES & offered), &[]);
+    fe.send(SET_MEM_TABLE, 0, &fe.mem_table_payload(), &[fe.ram.fd.as_raw_fd()]);
+    fe.start_queue(0);
+    fe.start_queue(1);
+    fe.sync();
+    assert!(h.hostile.queue_ready(0) && h.hostile.queue_ready(1), "SET_FEATURES enabled every ring");
+    guest_tx(&mut g, &fe, &h.hostile, 3);
+    guest_rx(&mut g, &fe, &h.hostile, 2, 2048, 1);
+    // A restart (GET_VRING_BASE, SET_VRING_BASE, SET_VRING_KICK) keeps it enabled (#227: the
+    // kick must not disable it).
+    let base = fe.get_vring_base(1);
+    assert_eq!(base, 3);
+    fe.send(SET_VRING_BASE, 0, &state(1, base), &[]);
+    fe.send(SET_VRING_KICK, 0, &u64p(1), &[fe.queues[1].kick.as_raw_fd()]);
+    fe.sync();
+    assert!(h.hostile.queue_ready(1));
+    guest_tx(&mut g, &fe, &h.hostile, 2);
+    drop(g);
+    good.round();
+    h.hang_up(fe, &name);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------------
+
+const CASES: [(&str, Case); 27] = [
+    ("f12 short header", f12_short_header_then_close),
+    ("f12 size", f12_size_above_max_payload),
+    ("f12 version", f12_version_not_1),
+    ("f12 reply bit", f12_reply_bit_on_a_request),
+    ("f12 unknown request", f12_unknown_request_code),
+    ("f12 reserved flags", f12_reserved_flag_bits),
+    ("f13 fds on fd-less request", f13_fds_on_a_message_that_takes_none),
+    ("f13 mem table fd count", f13_mem_table_fd_count_mismatch),
+    ("f13 more than 8 fds", f13_more_than_8_fds),
+    ("f13 invalid fd flag", f13_vring_fd_flag),
+    ("f13 inflight fds", f13_inflight_fds),
+    ("f14 vring index", f14_vring_index_out_of_range),
+    ("f15 region count", f15_mem_table_region_count),
+    ("f15 invalid regions", f15_mem_table_invalid_regions),
+    ("f15 REM_MEM_REG", f15_rem_mem_reg_unknown_region),
+    ("f15 ADD_MEM_REG slots", f15_more_add_mem_reg_than_max_slots),
+    ("f16 SET_LOG_BASE", f16_set_log_base_not_offered),
+    ("f17 SET_VRING_ADDR", f17_vring_addr_outside_unaligned_overlapping),
+    ("f17 SET_VRING_NUM/BASE", f17_vring_num_and_base_out_of_range),
+    ("f18 repeated requests", f18_repeated_requests_do_not_leak),
+    ("f18 kick before memory", f18_kick_before_mem_table),
+    ("f18 SET_FEATURES while started", f18_set_features_after_rings_started),
+    ("f18 GET_VRING_BASE twice", f18_get_vring_base_twice),
+    ("f18 kick again", f18_kick_again_on_a_started_ring),
+    ("f18 reconnect", f18_reconnect_mid_traffic),
+    ("vhost #247", kick_before_enable_is_not_lost),
+    ("vhost #227", set_features_without_protocol_features_enables_rings),
+];
+
+#[test]
+fn family12_short_header_then_close() {
+    run_case("f12-short", f12_short_header_then_close);
+}
+
+#[test]
+fn family12_size_above_max_payload_closes() {
+    run_case("f12-size", f12_size_above_max_payload);
+}
+
+#[test]
+fn family12_version_not_1_closes() {
+    run_case("f12-version", f12_version_not_1);
+}
+
+#[test]
+fn family12_reply_bit_on_a_request_closes() {
+    run_case("f12-reply", f12_reply_bit_on_a_request);
+}
+
+#[test]
+fn family12_unknown_request_code_closes() {
+    run_case("f12-unknown", f12_unknown_request_code);
+}
+
+#[test]
+fn family12_reserved_flag_bits_close() {
+    run_case("f12-flags", f12_reserved_flag_bits);
+}
+
+#[test]
+fn family13_fds_on_a_message_that_takes_none_are_closed() {
+    run_case("f13-none", f13_fds_on_a_message_that_takes_none);
+}
+
+#[test]
+fn family13_mem_table_fd_count_must_match_num_regions() {
+    run_case("f13-mt", f13_mem_table_fd_count_mismatch);
+}
+
+#[test]
+fn family13_more_than_8_fds_close_and_all_are_closed() {
+    run_case("f13-9fds", f13_more_than_8_fds);
+}
+
+#[test]
+fn family13_invalid_fd_flag_with_fd_or_neither() {
+    run_case("f13-flag", f13_vring_fd_flag);
+}
+
+#[test]
+fn family13_inflight_fd_requests_are_refused_and_fds_closed() {
+    run_case("f13-inflight", f13_inflight_fds);
+}
+
+#[test]
+fn family14_vring_index_out_of_range_or_truncated() {
+    run_case("f14-index", f14_vring_index_out_of_range);
+}
+
+#[test]
+fn family15_mem_table_with_0_or_9_regions() {
+    run_case("f15-count", f15_mem_table_region_count);
+}
+
+#[test]
+fn family15_invalid_or_overlapping_regions_keep_the_old_table() {
+    run_case("f15-regions", f15_mem_table_invalid_regions);
+}
+
+#[test]
+fn family15_rem_mem_reg_of_an_unknown_region() {
+    run_case("f15-rem", f15_rem_mem_reg_unknown_region);
+}
+
+#[test]
+fn family15_more_add_mem_reg_than_max_mem_slots() {
+    run_case("f15-slots", f15_more_add_mem_reg_than_max_slots);
+}
+
+#[test]
+fn family16_set_log_base_is_not_offered() {
+    run_case("f16-log", f16_set_log_base_not_offered);
+}
+
+#[test]
+fn family17_vring_addr_outside_unaligned_or_overlapping_does_not_start() {
+    run_case("f17-addr", f17_vring_addr_outside_unaligned_overlapping);
+}
+
+#[test]
+fn family17_vring_num_and_base_out_of_range() {
+    run_case("f17-num", f17_vring_num_and_base_out_of_range);
+}
+
+#[test]
+fn family18_repeated_requests_do_not_leak() {
+    run_case("f18-repeat", f18_repeated_requests_do_not_leak);
+}
+
+#[test]
+fn family18_kick_before_the_memory_table() {
+    run_case("f18-kick-early", f18_kick_before_mem_table);
+}
+
+#[test]
+fn family18_set_features_after_rings_started_is_refused() {
+    run_case("f18-features", f18_set_features_after_rings_started);
+}
+
+#[test]
+fn family18_get_vring_base_twice() {
+    run_case("f18-base", f18_get_vring_base_twice);
+}
+
+#[test]
+fn family18_kick_again_on_a_started_ring_keeps_its_position() {
+    run_case("f18-rekick", f18_kick_again_on_a_started_ring);
+}
+
+#[test]
+fn family18_reconnect_mid_traffic() {
+    run_case("f18-reconnect", f18_reconnect_mid_traffic);
+}
+
+#[test]
+fn kick_before_set_vring_enable_is_not_lost_rust_vmm_vhost_247() {
+    run_case("vhost-247", kick_before_enable_is_not_lost);
+}
+
+#[test]
+fn set_features_without_protocol_features_enables_rings_rust_vmm_vhost_227() {
+    run_case("vhost-227", set_features_without_protocol_features_enables_rings);
+}
+
+/// The process's open fds (link targets) and mappings (permissions and path), for a
+/// before/after comparison.
+fn snapshot() -> (Vec<String>, Vec<String>) {
+    let fds = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .map(|l| l.display().to_string())
+        .collect();
+    let maps = std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            format!("{} {}", f.get(1).unwrap_or(&""), f.get(5..).map(|p| p.join(" ")).unwrap_or_default())
+        })
+        .collect();
+    (fds, maps)
+}
+
+/// Entries of `a` not in `b` (as multisets).
+fn minus(a: &[String], b: &[String]) -> Vec<String> {
+    let mut rest: Vec<&String> = b.iter().collect();
+    a.iter()
+        .filter(|x| match rest.iter().position(|y| y == x) {
+            Some(i) => {
+                rest.swap_remove(i);
+                false
+            }
+            None => true,
+        })
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn every_case_in_sequence_leaks_no_fd_or_mapping() {
+    // Alone in the process: every other test in this binary waits.
+    let _serial = exclusive();
+    let h = Harness::new("sequence");
+    let good_fe = Frontend::connect_named(&h.good_path, 2, 64, &uniq("good"));
+    let mut good = Good::start(&good_fe, &h.good);
+    let run_all = |good: &mut Good<'_>| {
+        for (what, case) in CASES {
+            let t = Instant::now();
+            case(&h, good);
+            good.round();
+            h.serves_again();
+            let ms = t.elapsed().as_millis();
+            assert!(ms < 2000, "{what} took {ms} ms");
+        }
+    };
+    // A first pass warms up what is allocated once (allocator arenas, lazy statics).
+    run_all(&mut good);
+    let (fds, maps) = snapshot();
+    run_all(&mut good);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let (fds2, maps2) = loop {
+        let (f, m) = snapshot();
+        if (f.len() == fds.len() && m.len() == maps.len()) || Instant::now() > deadline {
+            break (f, m);
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(fds2.len(), fds.len(), "fds: opened {:?}, closed {:?}", minus(&fds2, &fds), minus(&fds, &fds2));
+    assert_eq!(
+        maps2.len(),
+        maps.len(),
+        "mappings: added {:?}, removed {:?}",
+        minus(&maps2, &maps),
+        minus(&maps, &maps2)
+    );
+}

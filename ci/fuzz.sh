@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Runs every cargo-fuzz target for a bounded time (FUZZ_SECONDS each, default 30) from the
+# seed corpora in fuzz/corpus. Needs nightly (ci/setup.sh installs it) and cargo-fuzz
+# (installed here if missing). A crash fails the run; its input is in fuzz/artifacts/.
+#
+# Long run, e.g. ten minutes per target:  FUZZ_SECONDS=600 ci/fuzz.sh
+set -euo pipefail
+cd "$(dirname "$0")/../fuzz"
+SECONDS_PER_TARGET=${FUZZ_SECONDS:-30}
+if ! cargo +nightly fuzz --version > /dev/null 2>&1; then
+    echo "installing cargo-fuzz" >&2
+    cargo install cargo-fuzz --locked
+fi
+cargo +nightly fuzz build
+pass=0
+fail=0
+for t in $(cargo +nightly fuzz list); do
+    # Work on a copy of the seeds: new inputs found in CI are not written into the tree.
+    work=$(mktemp -d)
+    cp -r "corpus/$t/." "$work/" 2> /dev/null || true
+    if cargo +nightly fuzz run "$t" "$work" -- -max_total_time="$SECONDS_PER_TARGET" -rss_limit_mb=2048 \
+        > "$work.log" 2>&1; then
+        echo "fuzz $t: $(grep -E '^#[0-9]+.*DONE' "$work.log" | tail -1)"
+        pass=$((pass + 1))
+    else
+        echo "fuzz $t: FAILED"
+        tail -40 "$work.log"
+        fail=$((fail + 1))
+    fi
+    rm -rf "$work" "$work.log"
+done
+echo "fuzz: $pass passed, $fail failed"
+[[ $fail -eq 0 ]]
