@@ -52,7 +52,14 @@ fuzz_target!(|inp: Input| {
     }
     // RX: buffers, then frames.
     let mut heads = std::collections::HashMap::new();
+    // Descriptors are allocated round-robin from the 64-entry table: stop before a chain
+    // would overwrite an earlier one's descriptors.
+    let mut descs = 0usize;
     for b in inp.rx.iter().take(63) {
+        if descs + b.len().min(6) > 64 {
+            break;
+        }
+        descs += b.len().min(6);
         let bufs: Vec<Buf<'_>> =
             b.iter().take(6).map(|&(len, w)| Buf { len: (len % 2048) as u32, write: w, data: None }).collect();
         if bufs.is_empty() {
@@ -105,7 +112,12 @@ fuzz_target!(|inp: Input| {
     }
     let _ = rxq.publish();
     // TX: header + pieces.
+    let mut descs = 0usize;
     for (h, pieces) in inp.tx.iter().take(16) {
+        if descs + 1 + pieces.len().min(4) > 64 {
+            break;
+        }
+        descs += 1 + pieces.len().min(4);
         let mut chunks: Vec<Vec<u8>> = vec![h.iter().copied().take(16).collect()];
         for &p in pieces.iter().take(4) {
             chunks.push(vec![0xab; (p % 2000) as usize]);
