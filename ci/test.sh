@@ -5,6 +5,8 @@
 #   SKIP_SETUP=1 ...      skip ci/setup.sh (already installed)
 #   SKIP_MIRI=1 ...       skip the Miri run (slowest step)
 #   SKIP_FUZZ=1 ...       skip the bounded fuzzing step
+#   SKIP_GUESTS=1 ...     skip the QEMU guest matrix
+#   SKIP_PEERS=1 ...      skip the DPDK testpmd peer matrix
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -53,6 +55,11 @@ if [[ -z ${SKIP_FUZZ:-} ]]; then
     bash ci/fuzz.sh
 fi
 
+if [[ -z ${SKIP_GUESTS:-} ]]; then
+    step "real guests: Linux virtio-net in QEMU (TCG) against virtq-net (ci/guest)"
+    counted env GUEST_SUMMARY=target/guest/summary.md bash ci/guest/run-matrix.sh
+fi
+
 step "ring benchmark (callgrind instruction counts; a report, not a gate)"
 # Both builds: fat LTO on both sides (what VMMs ship) and cargo's release defaults (what most
 # users build, and the build behind the core issue's rust-vmm reference figure).
@@ -61,4 +68,5 @@ N1=20 N2=120 TIME=0 PROFILE=ringbench-cargo-default bash benches/ringbench.sh
 
 # The closing line: totals over every test binary run above (host and Miri).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i + 1) ~ /^passed/) p += $i; if ($(i + 1) ~ /^failed/) f += $i } }
+     /^(guests|peer): [0-9]+ passed, [0-9]+ failed/ { p += $2; f += $4 }
      END { printf "\ntests: %d passed, %d failed\n", p, f }' "$RESULTS"

@@ -396,6 +396,8 @@ struct Slot {
     size: u64,
     /// Host address of the first byte; valid for `size` bytes while the owning region lives.
     host: NonNull<u8>,
+    /// How many `ADD_MEM_REG`s of this exact region are outstanding (see `add_region`).
+    refs: u32,
 }
 
 /// The guest memory table: mapped regions, non-overlapping in guest physical and in front-end
@@ -473,13 +475,25 @@ impl GuestMemoryMap {
     /// before this returns. On error the map is unchanged.
     pub fn add_region(&mut self, desc: MemoryRegionDesc, fd: OwnedFd) -> Result<(), MemoryError> {
         desc.validate()?;
+        // QEMU before 8.0 sends every region once per vhost_dev, i.e. once per queue pair of a
+        // multiqueue net device. An exact repeat of a region already held is counted, not mapped
+        // again (its fd is closed); `remove_region` drops the region with its last count.
+        if let Some(pos) = self.regions.iter().position(|r| r.desc == desc) {
+            self.slots[pos].refs = self.slots[pos].refs.saturating_add(1);
+            return Ok(());
+        }
         if self.regions.len() >= self.max_slots {
             return Err(MemoryError::TooManyRegions { requested: self.regions.len() + 1, max: self.max_slots });
         }
         check_overlap(&desc, self.regions.iter().map(|r| &r.desc))?;
         let region = MappedRegion::new(desc, fd)?;
-        let slot =
-            Slot { gpa: desc.guest_phys_addr, uaddr: desc.userspace_addr, size: desc.memory_size, host: region.host };
+        let slot = Slot {
+            gpa: desc.guest_phys_addr,
+            uaddr: desc.userspace_addr,
+            size: desc.memory_size,
+            host: region.host,
+            refs: 1,
+        };
         let pos = self.slots.partition_point(|s| s.gpa < desc.guest_phys_addr);
         self.slots.insert(pos, slot);
         self.regions.insert(pos, Arc::new(region));
@@ -500,6 +514,10 @@ impl GuestMemoryMap {
             .iter()
             .position(|s| s.gpa == guest_phys_addr && s.uaddr == userspace_addr && s.size == memory_size)
             .ok_or(MemoryError::UnknownRegion { guest_phys_addr, userspace_addr, memory_size })?;
+        if self.slots[pos].refs > 1 {
+            self.slots[pos].refs -= 1;
+            return Ok(());
+        }
         self.slots.remove(pos);
         self.regions.remove(pos);
         Ok(())
@@ -871,6 +889,27 @@ mod tests {
         // REM_MEM_REG frees a slot.
         two.remove_region(0, 0x10_0000, 0x1000).unwrap();
         two.add_region(r(2), dup(&fd)).unwrap();
+    }
+
+    #[test]
+    fn an_exact_repeat_of_add_mem_reg_is_counted_not_mapped_twice() {
+        // QEMU 7.2 with a multiqueue net device: one ADD_MEM_REG per queue pair, then one
+        // REM_MEM_REG per queue pair.
+        let name = "virtq-mem-repeat";
+        let fd = memfd(name, 0x2000);
+        let a = desc(0x0, 0x2000, 0x10_0000, 0);
+        let mut map = GuestMemoryMap::new(DEFAULT_MAX_MEM_SLOTS);
+        map.add_region(a, dup(&fd)).unwrap();
+        map.add_region(a, dup(&fd)).unwrap();
+        assert_eq!((map.len(), maps_of(name)), (1, 1));
+        // Not a repeat: another mmap offset overlaps and is still refused.
+        let b = desc(0x0, 0x1000, 0x10_0000, 0x1000);
+        assert_eq!(map.add_region(b, dup(&fd)), Err(MemoryError::GuestPhysOverlap { region: b, existing: a }));
+        map.remove_region(0x0, 0x10_0000, 0x2000).unwrap();
+        assert_eq!((map.len(), maps_of(name)), (1, 1), "one count left");
+        map.remove_region(0x0, 0x10_0000, 0x2000).unwrap();
+        assert_eq!((map.len(), maps_of(name)), (0, 0));
+        assert!(map.remove_region(0x0, 0x10_0000, 0x2000).is_err());
     }
 
     #[test]

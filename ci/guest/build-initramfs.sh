@@ -1,0 +1,312 @@
+#!/usr/bin/env bash
+# Builds the test guest for ci/guest/run-matrix.sh: a busybox-static initramfs with Debian's
+# virtio-net modules and iperf3, plus the uncompressed kernel (vmlinux, PVH entry), which boots
+# several seconds faster than the bzImage under TCG.
+#
+#   ci/guest/build-initramfs.sh OUTDIR
+#
+# Writes OUTDIR/vmlinux, OUTDIR/initramfs.cpio and OUTDIR/stamp. Reruns with the same kernel,
+# busybox, iperf3 and this script reuse them. Installs its Debian packages if missing (as root,
+# or through sudo). Env: KVER=6.1.0-NN-amd64 picks a kernel among those installed.
+#
+# The guest's /init reads these kernel command line parameters:
+#   virtq.ip=ADDR/PREFIX   address of eth0 (required for networking)
+#   virtq.mtu=N            MTU of eth0
+#   virtq.arp=IP@MAC       a static neighbour entry (repeatable)
+#   virtq.cmd="..."        the test command (sh -c); its exit status gives the verdict
+#   virtq.timeout=SECS     kills the test command after SECS (default 120)
+# and prints `VIRTQ: ...` progress lines, then `RESULT: PASS` or `RESULT: FAIL (...)` on the
+# serial console, then powers off. Helpers inside the guest (see the heredocs below):
+#   vt-wait-peer IP [SECS]          ping once a second until IP answers
+#   vt-ping IP COUNT [MIN]          vt-wait-peer, then COUNT pings 0.2 s apart; needs MIN replies
+#   vt-wait-echos N [SECS] [QUIET]  waits until N echo requests were answered and none came in
+#                                   the last QUIET seconds (the peer finished pinging us)
+#   vt-iperf IP SECS [ARGS]         iperf3 client, retrying the connect until the server is up
+set -euo pipefail
+
+OUT=${1:?usage: build-initramfs.sh OUTDIR}
+HERE=$(cd "$(dirname "$0")" && pwd)
+SUDO=""
+if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
+log() { printf '== build-initramfs: %s\n' "$*" >&2; }
+
+# --- packages --------------------------------------------------------------------------------
+need=()
+ls /boot/vmlinuz-* > /dev/null 2>&1 || need+=(linux-image-amd64)
+# busybox-static, not the dynamic busybox (both install /bin/busybox): ldd fails on a static one.
+if [[ ! -x /bin/busybox ]] || ldd /bin/busybox > /dev/null 2>&1; then need+=(busybox-static); fi
+command -v cpio > /dev/null || need+=(cpio)
+command -v iperf3 > /dev/null || need+=(iperf3)
+command -v xz > /dev/null || need+=(xz-utils)
+command -v zstd > /dev/null || need+=(zstd)
+command -v ldd > /dev/null || need+=(libc-bin)
+if ((${#need[@]})); then
+    log "installing ${need[*]}"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" > /dev/null
+fi
+
+# --- kernel ----------------------------------------------------------------------------------
+if [[ -z ${KVER:-} ]]; then
+    KVER=""
+    for d in $(ls -d /lib/modules/* 2>/dev/null | sort -V); do
+        v=$(basename "$d")
+        [[ -f /boot/vmlinuz-$v && -f $d/modules.dep ]] && KVER=$v
+    done
+fi
+[[ -n $KVER && -f /boot/vmlinuz-$KVER ]] || { echo "no kernel with modules found in /boot and /lib/modules" >&2; exit 1; }
+MODDIR=/lib/modules/$KVER
+BUSYBOX=/bin/busybox
+IPERF=$(command -v iperf3)
+
+key() {
+    echo "kernel $KVER $(stat -c %s /boot/vmlinuz-"$KVER")"
+    "$BUSYBOX" 2>&1 | head -1
+    dpkg-query -W -f '${Package} ${Version}\n' iperf3 libiperf0 2>/dev/null || true
+    sha256sum "$HERE/build-initramfs.sh" | cut -d' ' -f1
+}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+KEY=$(key)
+if [[ -f $OUT/stamp && -s $OUT/vmlinux && -s $OUT/initramfs.cpio ]] && [[ $(cat "$OUT/stamp") == "$KEY" ]]; then
+    log "up to date in $OUT ($KVER)"
+    exit 0
+fi
+rm -f "$OUT/stamp"
+
+# --- vmlinux: the ELF inside the bzImage -----------------------------------------------------
+# As the kernel's scripts/extract-vmlinux: find each compressed-stream signature, decompress
+# from there, keep the first result that is an ELF file.
+VMLINUZ=/boot/vmlinuz-$KVER
+if [[ ! -r $VMLINUZ ]]; then
+    # Debian installs /boot/vmlinuz-* mode 0600.
+    $SUDO cat "$VMLINUZ" > "$OUT/vmlinuz.tmp"
+    VMLINUZ=$OUT/vmlinuz.tmp
+fi
+is_elf() { [[ $(head -c 4 "$1" | od -An -c | tr -d ' ') == '177ELF' ]]; }
+extract() { # MAGIC-REGEX DECOMPRESSOR...
+    local magic=$1 off
+    shift
+    for off in $(LC_ALL=C grep -obUaP "$magic" "$VMLINUZ" | cut -d: -f1); do
+        tail -c +$((off + 1)) "$VMLINUZ" | "$@" > "$OUT/vmlinux.tmp" 2> /dev/null || true
+        if [[ -s $OUT/vmlinux.tmp ]] && is_elf "$OUT/vmlinux.tmp"; then
+            return 0
+        fi
+    done
+    return 1
+}
+log "extracting vmlinux from $VMLINUZ"
+extract '\xFD7zXZ\x00' xz -dc \
+    || extract '\x28\xb5\x2f\xfd' zstd -dc \
+    || extract '\x1f\x8b\x08' gzip -dc \
+    || extract '\x5d\x00\x00\x00' xz -dc --format=lzma \
+    || { echo "could not extract vmlinux from $VMLINUZ" >&2; exit 1; }
+mv "$OUT/vmlinux.tmp" "$OUT/vmlinux"
+rm -f "$OUT/vmlinuz.tmp"
+# QEMU boots an ELF kernel only through its PVH note (CONFIG_PVH); otherwise use the bzImage.
+if ! grep -q '^CONFIG_PVH=y' "/boot/config-$KVER" 2>/dev/null; then
+    log "no PVH note: using the bzImage"
+    $SUDO cat "/boot/vmlinuz-$KVER" > "$OUT/vmlinux"
+fi
+
+# --- initramfs tree --------------------------------------------------------------------------
+ROOT=$(mktemp -d "${TMPDIR:-/tmp}/virtq-initramfs.XXXXXX")
+trap 'rm -rf "$ROOT"' EXIT
+mkdir -p "$ROOT"/{bin,sbin,usr/bin,usr/sbin,lib/modules,lib64,proc,sys,dev,tmp,run,etc,root}
+
+cp "$BUSYBOX" "$ROOT/bin/busybox"
+for applet in $("$BUSYBOX" --list); do
+    [[ $applet == busybox ]] || ln -sf busybox "$ROOT/bin/$applet"
+done
+
+# Modules in load order: a depth-first walk of modules.dep, dependencies first.
+declare -A DEP SEEN
+while IFS= read -r line; do
+    m=${line%%:*}
+    DEP[$m]=${line#*:}
+done < "$MODDIR/modules.dep"
+ORDER=()
+walk() {
+    local path=$1 d
+    [[ -n ${SEEN[$path]:-} ]] && return
+    SEEN[$path]=1
+    for d in ${DEP[$path]}; do walk "$d"; done
+    ORDER+=("$path")
+}
+for want in virtio_pci virtio_net; do
+    path=""
+    for k in "${!DEP[@]}"; do
+        if [[ $(basename "$k") =~ ^$want\.ko(\.(xz|zst|gz))?$ ]]; then path=$k; fi
+    done
+    if [[ -z $path ]]; then
+        # Built in (=y): nothing to load.
+        grep -q "/$want.ko" "$MODDIR/modules.builtin" 2>/dev/null || { echo "module $want not found for $KVER" >&2; exit 1; }
+        continue
+    fi
+    walk "$path"
+done
+: > "$ROOT/lib/modules/load.order"
+for path in "${ORDER[@]}"; do
+    name=$(basename "$path")
+    case $name in
+        *.ko.xz) xz -dc "$MODDIR/$path" > "$ROOT/lib/modules/${name%.xz}" ;;
+        *.ko.zst) zstd -qdc "$MODDIR/$path" > "$ROOT/lib/modules/${name%.zst}" ;;
+        *.ko.gz) gzip -dc "$MODDIR/$path" > "$ROOT/lib/modules/${name%.gz}" ;;
+        *) cp "$MODDIR/$path" "$ROOT/lib/modules/$name" ;;
+    esac
+    name=${name%.xz}
+    name=${name%.zst}
+    echo "${name%.gz}" >> "$ROOT/lib/modules/load.order"
+done
+log "modules: $(tr '\n' ' ' < "$ROOT/lib/modules/load.order")"
+
+# iperf3 and the shared libraries it links (from the installed .debs).
+cp "$IPERF" "$ROOT/usr/bin/iperf3"
+ldd "$IPERF" | awk '/=>/ { print $3 } /^\t\/[^ ]*ld-linux/ { print $1 }' | while read -r lib; do
+    [[ -f $lib ]] || continue
+    mkdir -p "$ROOT$(dirname "$lib")"
+    cp -L "$lib" "$ROOT$lib"
+done
+# The dynamic loader at its canonical path, whichever directory ldd named.
+[[ -e $ROOT/lib64/ld-linux-x86-64.so.2 ]] || cp -L /lib64/ld-linux-x86-64.so.2 "$ROOT/lib64/"
+echo "root:x:0:0:root:/root:/bin/sh" > "$ROOT/etc/passwd"
+echo "root:x:0:" > "$ROOT/etc/group"
+printf '127.0.0.1 localhost\n' > "$ROOT/etc/hosts"
+
+cat > "$ROOT/init" << 'EOF'
+#!/bin/sh
+# virtq test guest: bring up eth0 from the kernel command line, run virtq.cmd, report, power off.
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/root
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev 2>/dev/null
+exec < /dev/console > /dev/console 2>&1
+mount -t tmpfs tmp /tmp
+
+finish() {
+    echo "RESULT: $*"
+    sync
+    poweroff -f
+    sleep 2
+    reboot -f
+}
+
+IP="" MTU="" ARPS="" CMD="true" TIMEOUT=120
+eval "set -- $(cat /proc/cmdline)"
+for a in "$@"; do
+    case "$a" in
+        virtq.ip=*) IP=${a#*=} ;;
+        virtq.mtu=*) MTU=${a#*=} ;;
+        virtq.arp=*) ARPS="$ARPS ${a#*=}" ;;
+        virtq.cmd=*) CMD=${a#*=} ;;
+        virtq.timeout=*) TIMEOUT=${a#*=} ;;
+    esac
+done
+echo "VIRTQ: init up $(cut -d' ' -f1 /proc/uptime)s, $(nproc) cpu(s)"
+
+for m in $(cat /lib/modules/load.order); do
+    insmod "/lib/modules/$m" || finish "FAIL (insmod $m)"
+done
+n=0
+while [ ! -e /sys/class/net/eth0 ]; do
+    n=$((n + 1))
+    [ $n -gt 100 ] && finish "FAIL (no eth0)"
+    sleep 0.1
+done
+ip link set lo up
+[ -n "$MTU" ] && ip link set eth0 mtu "$MTU"
+ip link set eth0 up
+[ -n "$IP" ] && ip addr add "$IP" dev eth0
+for e in $ARPS; do arp -s "${e%@*}" "${e#*@}"; done
+feat=$(cat /sys/class/net/eth0/device/features 2>/dev/null)
+# Feature bits, as the guest driver negotiated them: 15 MRG_RXBUF, 22 MQ, 32 VERSION_1.
+bit() { echo "$feat" | cut -c$(($1 + 1)); }
+echo "VIRTQ: eth0 $IP mac $(cat /sys/class/net/eth0/address) mrg_rxbuf=$(bit 15) mq=$(bit 22) version_1=$(bit 32)" \
+    "queues=$(ls /sys/class/net/eth0/queues | tr '\n' ' ')"
+echo "VIRTQ: features $feat"
+echo "VIRTQ: running: $CMD"
+timeout "$TIMEOUT" sh -c "$CMD"
+rc=$?
+st=/sys/class/net/eth0/statistics
+echo "VIRTQ: counters eth0 rx $(cat $st/rx_packets) pkts $(cat $st/rx_dropped) dropped, tx $(cat $st/tx_packets) pkts $(cat $st/tx_dropped) dropped"
+if [ $rc -eq 0 ]; then finish "PASS"; else finish "FAIL (rc=$rc)"; fi
+EOF
+
+cat > "$ROOT/bin/vt-wait-peer" << 'EOF'
+#!/bin/sh
+# vt-wait-peer IP [SECS]: until IP answers a ping.
+ip=$1 secs=${2:-60} t0=$(cut -d. -f1 /proc/uptime)
+while ! ping -c 1 -W 1 "$ip" > /dev/null 2>&1; do
+    if [ $(($(cut -d. -f1 /proc/uptime) - t0)) -ge "$secs" ]; then
+        echo "VIRTQ: $ip did not answer within ${secs}s"
+        exit 1
+    fi
+done
+echo "VIRTQ: $ip answers"
+EOF
+
+cat > "$ROOT/bin/vt-ping" << 'EOF'
+#!/bin/sh
+# vt-ping IP COUNT [MIN]: wait for IP, then COUNT pings 0.2 s apart; MIN replies needed.
+ip=$1 count=$2 min=${3:-$2}
+vt-wait-peer "$ip" 90 || exit 1
+out=$(ping -c "$count" -i 0.2 -W 3 "$ip" 2>&1)
+got=$(echo "$out" | sed -n 's/.* \([0-9]*\) packets received.*/\1/p')
+echo "VIRTQ: ping $ip on cpu mask $(taskset -p $$ | sed 's/.*: //'): ${got:-0}/$count replies ($(echo "$out" | tail -1))"
+[ "${got:-0}" -ge "$min" ]
+EOF
+
+cat > "$ROOT/bin/vt-wait-echos" << 'EOF'
+#!/bin/sh
+# vt-wait-echos N [SECS] [QUIET]: until at least N ICMP echo requests came in and none in the
+# last QUIET seconds (default 2), so a peer that pings us has finished.
+n=$1 secs=${2:-90} quiet=${3:-2}
+echos() { awk '/^Icmp:/ { if (!h) { for (i = 1; i <= NF; i++) if ($i == "InEchos") c = i; h = 1 } else print $c }' /proc/net/snmp; }
+t0=$(cut -d. -f1 /proc/uptime)
+last=$(echos) still=0
+while :; do
+    sleep 0.5
+    now=$(echos)
+    if [ "$now" = "$last" ]; then still=$((still + 1)); else still=0; last=$now; fi
+    if [ "$now" -ge "$n" ] && [ $still -ge $((quiet * 2)) ]; then
+        echo "VIRTQ: answered $now echo requests"
+        exit 0
+    fi
+    if [ $(($(cut -d. -f1 /proc/uptime) - t0)) -ge "$secs" ]; then
+        echo "VIRTQ: only $now of $n echo requests within ${secs}s"
+        exit 1
+    fi
+done
+EOF
+
+cat > "$ROOT/bin/vt-iperf" << 'EOF'
+#!/bin/sh
+# vt-iperf IP SECS [ARGS]: iperf3 TCP client; retries until the server accepts (30 s).
+ip=$1 secs=$2
+shift 2
+i=0
+while :; do
+    out=$(iperf3 -c "$ip" -t "$secs" -f m "$@" 2>&1) && break
+    i=$((i + 1))
+    if [ $i -ge 30 ]; then
+        echo "$out"
+        exit 1
+    fi
+    sleep 1
+done
+echo "$out"
+echo "$out" | grep -E 'sender|receiver' | sed "s/^/VIRTQ: iperf3 $* /"
+EOF
+chmod +x "$ROOT/init" "$ROOT"/bin/vt-*
+
+# /dev/console must exist before /init runs, or the kernel starts init without a console.
+if [[ $(id -u) -eq 0 ]]; then
+    mknod -m 600 "$ROOT/dev/console" c 5 1
+    mknod -m 666 "$ROOT/dev/null" c 1 3
+fi
+
+# Uncompressed: the kernel unpacks it faster under TCG than it would inflate it.
+(cd "$ROOT" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --quiet) > "$OUT/initramfs.cpio.tmp"
+mv "$OUT/initramfs.cpio.tmp" "$OUT/initramfs.cpio"
+echo "$KEY" > "$OUT/stamp"
+log "built $OUT/vmlinux ($(du -h "$OUT/vmlinux" | cut -f1)) and $OUT/initramfs.cpio ($(du -h "$OUT/initramfs.cpio" | cut -f1)) for $KVER"

@@ -1,0 +1,471 @@
+#!/usr/bin/env bash
+# Real guests against virtq-net: Linux's virtio-net driver in QEMU 7.2 (TCG) over vhost-user.
+#
+#   ci/guest/run-matrix.sh                 the whole matrix
+#   GUEST_CASES="tap iperf3" ...           only these cases (names as printed)
+#   GUEST_SUMMARY=FILE ...                 also write a markdown table to FILE (relative: to the repo root)
+#   GUEST_DIR=DIR                          guest kernel + initramfs cache (default target/guest)
+#   GUEST_LOGDIR=DIR                       where every case's logs are copied (default GUEST_DIR/logs)
+#   CASE_TIMEOUT=SECS                      hard limit per case (default 150)
+#   SKIP_INSTALL=1                         do not apt-get anything
+#
+# Prints `case NAME: PASS|FAIL (details)` per case and `guests: N passed, M failed` last; exits
+# non-zero if any case failed. Needs root (network namespaces, TAP devices; re-runs itself under
+# sudo). Test traffic stays on unix sockets and in network namespaces this script creates; the
+# host side of the TAP cases lives only in such a namespace. Every process started here is
+# tracked by PID and ended on exit, and every namespace is deleted.
+set -uo pipefail
+
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$ROOT" || exit 2
+GUEST_DIR=${GUEST_DIR:-$ROOT/target/guest}
+GUEST_LOGDIR=${GUEST_LOGDIR:-$GUEST_DIR/logs}
+CASE_TIMEOUT=${CASE_TIMEOUT:-150}
+T_START=$(date +%s)
+
+say() { printf '== guests: %s\n' "$*" >&2; }
+die() {
+    say "error: $*"
+    exit 2
+}
+
+# --- set-up: packages, virtq-net, guest image --------------------------------------------------
+if [[ -z ${VIRTQ_NET:-} ]]; then
+    say "building virtq-net (release)"
+    cargo build --release -p virtq-net --locked >&2 || die "cargo build failed"
+    VIRTQ_NET=${CARGO_TARGET_DIR:-$ROOT/target}/release/virtq-net
+fi
+[[ -x $VIRTQ_NET ]] || die "no virtq-net binary at $VIRTQ_NET"
+if [[ $(id -u) -ne 0 ]]; then
+    say "re-running as root (network namespaces and TAP devices)"
+    exec sudo --preserve-env=GUEST_CASES,GUEST_SUMMARY,GUEST_DIR,GUEST_LOGDIR,CASE_TIMEOUT,SKIP_INSTALL \
+        VIRTQ_NET="$VIRTQ_NET" bash "$0" "$@"
+fi
+
+if [[ -z ${SKIP_INSTALL:-} ]]; then
+    need=()
+    command -v qemu-system-x86_64 > /dev/null || need+=(qemu-system-x86)
+    command -v ip > /dev/null || need+=(iproute2)
+    command -v iperf3 > /dev/null || need+=(iperf3)
+    if [[ ! -x /bin/busybox ]] || ldd /bin/busybox > /dev/null 2>&1; then need+=(busybox-static); fi
+    if ((${#need[@]})); then
+        say "installing ${need[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" > /dev/null \
+            || die "apt-get install failed"
+    fi
+fi
+bash "$ROOT/ci/guest/build-initramfs.sh" "$GUEST_DIR" || die "guest image build failed"
+KERNEL=$GUEST_DIR/vmlinux
+INITRD=$GUEST_DIR/initramfs.cpio
+BUSYBOX=/bin/busybox
+
+# --- process, namespace and temp-dir bookkeeping ---------------------------------------------
+TMP=$(mktemp -d /tmp/virtq-guests.XXXXXX)
+TAG=$$
+ALL_PIDS=()
+CASE_PIDS=()
+NETNS=()
+SEQ=0
+
+kill_pids() { # PID... : SIGTERM, up to 3 s grace, then SIGKILL; reaps them.
+    local p alive
+    for p in "$@"; do kill -0 "$p" 2> /dev/null && kill -TERM "$p" 2> /dev/null; done
+    for _ in $(seq 30); do
+        alive=0
+        for p in "$@"; do kill -0 "$p" 2> /dev/null && alive=1; done
+        ((alive)) || break
+        sleep 0.1
+    done
+    for p in "$@"; do kill -0 "$p" 2> /dev/null && kill -KILL "$p" 2> /dev/null; done
+    for p in "$@"; do wait "$p" 2> /dev/null; done
+    return 0
+}
+
+del_netns() {
+    local ns
+    for ns in "${NETNS[@]}"; do ip netns del "$ns" 2> /dev/null; done
+    NETNS=()
+}
+
+cleanup() {
+    trap - EXIT INT TERM
+    ((${#ALL_PIDS[@]})) && kill_pids "${ALL_PIDS[@]}"
+    del_netns
+    if [[ -d $TMP ]]; then
+        mkdir -p "$GUEST_LOGDIR"
+        # Only the previous run's logs go (the directory may be shared).
+        find "$GUEST_LOGDIR" -maxdepth 1 -type f \( -name '*.serial' -o -name '*.qemu' -o -name '*.log' \) -delete
+        find "$TMP" -maxdepth 1 -type f -exec cp {} "$GUEST_LOGDIR"/ \;
+        rm -rf "$TMP"
+    fi
+}
+trap cleanup EXIT
+trap 'say "interrupted"; exit 130' INT TERM
+
+track() { # PID
+    ALL_PIDS+=("$1")
+    CASE_PIDS+=("$1")
+}
+
+mk_netns() { # -> NS (global): a fresh namespace with lo up
+    SEQ=$((SEQ + 1))
+    NS="vq$TAG-$SEQ"
+    ip netns add "$NS" || return 1
+    NETNS+=("$NS")
+    ip -n "$NS" link set lo up
+}
+
+tap_name() { # -> TAP (global), <= 15 bytes
+    SEQ=$((SEQ + 1))
+    TAP="vqt$TAG$SEQ"
+    TAP=${TAP:0:15}
+}
+
+left() { echo $((DEADLINE - $(date +%s))); }
+
+# virtq-net, optionally inside a namespace. Sets VQ_PID and VQ_LOG.
+vq_start() { # LOG NS|- ARGS...
+    VQ_LOG=$1
+    local ns=$2
+    shift 2
+    if [[ $ns == - ]]; then
+        "$VIRTQ_NET" "$@" > "$VQ_LOG" 2>&1 &
+    else
+        ip netns exec "$ns" "$VIRTQ_NET" "$@" > "$VQ_LOG" 2>&1 &
+    fi
+    VQ_PID=$!
+    track "$VQ_PID"
+}
+
+# SIGTERM to virtq-net; 0 if it exited 0 within 10 s (else STOP_ERR says why). Its statistics
+# are in VQ_LOG. Not in a subshell: it reaps the process.
+vq_stop() {
+    local rc
+    STOP_ERR=""
+    kill -TERM "$VQ_PID" 2> /dev/null
+    for _ in $(seq 100); do
+        kill -0 "$VQ_PID" 2> /dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$VQ_PID" 2> /dev/null; then
+        kill -KILL "$VQ_PID"
+        wait "$VQ_PID" 2> /dev/null
+        STOP_ERR="virtq-net did not exit on SIGTERM"
+        return 1
+    fi
+    wait "$VQ_PID"
+    rc=$?
+    ((rc == 0)) || { STOP_ERR="virtq-net exited $rc"; return 1; }
+}
+
+wait_for() { # DESCRIPTION COMMAND...: polls every 0.1 s until the case deadline
+    local what=$1
+    shift
+    until "$@" > /dev/null 2>&1; do
+        if (($(left) <= 0)); then
+            echo "timeout waiting for $what"
+            return 1
+        fi
+        sleep 0.1
+    done
+}
+
+# A guest. Options as key=value: name sock mac ip cmd [role=client|server] [mrg=on|off]
+# [queues=1] [smp=1]. Sets GPID[name] and GLOG[name].
+declare -A GPID GLOG
+guest() {
+    local name sock mac ip cmd role=client mrg=on queues=1 smp=1
+    local "$@"
+    local log=$TMP/$CASE-$name.serial chardev="socket,id=c0,path=$sock" netdev="vhost-user,id=n0,chardev=c0"
+    local device="virtio-net-pci,netdev=n0,mac=$mac,mrg_rxbuf=$mrg,vectors=0,romfile="
+    [[ $role == server ]] && chardev+=",server=on,wait=off"
+    if ((queues > 1)); then
+        netdev+=",queues=$queues"
+        device+=",mq=on"
+    fi
+    qemu-system-x86_64 -accel tcg -cpu max -machine q35,memory-backend=mem -m 256M -smp "$smp" \
+        -object memory-backend-memfd,id=mem,size=256M,share=on \
+        -display none -nodefaults -no-reboot -serial "file:$log" \
+        -kernel "$KERNEL" -initrd "$INITRD" \
+        -append "console=ttyS0 panic=-1 loglevel=4 virtq.ip=$ip/24 virtq.timeout=$((CASE_TIMEOUT - 10)) virtq.cmd=\"$cmd\"" \
+        -chardev "$chardev" -netdev "$netdev" -device "$device" \
+        > "$TMP/$CASE-$name.qemu" 2>&1 &
+    GPID[$name]=$!
+    GLOG[$name]=$log
+    track "${GPID[$name]}"
+}
+
+# Waits for guests to power off (QEMU exits), until the case deadline; kills the stragglers.
+wait_guests() { # NAME...
+    local n pid alive
+    while :; do
+        alive=0
+        for n in "$@"; do kill -0 "${GPID[$n]}" 2> /dev/null && alive=1; done
+        ((alive)) || break
+        if (($(left) <= 0)); then
+            for n in "$@"; do kill -0 "${GPID[$n]}" 2> /dev/null && echo "guest $n: timeout"; done
+            for n in "$@"; do kill_pids "${GPID[$n]}"; done
+            return 1
+        fi
+        sleep 0.2
+    done
+    for n in "$@"; do
+        pid=${GPID[$n]}
+        wait "$pid" 2> /dev/null
+    done
+}
+
+# The guest's verdict line, without the CR of the serial console.
+verdict() { grep -a 'RESULT:' "${GLOG[$1]}" 2> /dev/null | tail -1 | tr -d '\r' | sed 's/.*RESULT: //'; }
+passed() { [[ $(verdict "$1") == PASS ]]; }
+vline() { grep -a "VIRTQ: $2" "${GLOG[$1]}" 2> /dev/null | tail -1 | tr -d '\r'; }
+
+check_guests() { # NAME...: every guest printed RESULT: PASS
+    local n bad=0
+    for n in "$@"; do
+        if ! passed "$n"; then
+            echo "guest $n: $(verdict "$n" || true)${GLOG[$n]:+ (log $(basename "${GLOG[$n]}"))}"
+            bad=1
+        fi
+    done
+    return $bad
+}
+
+# Ping from inside a namespace (busybox ping: the host may have no iputils). Prints "got/count".
+ns_ping() { # NS IP COUNT
+    wait_for "$2 from $1" ip netns exec "$1" "$BUSYBOX" ping -c 1 -W 1 "$2" || return 1
+    local out got
+    out=$(ip netns exec "$1" "$BUSYBOX" ping -c "$3" -i 0.2 -W 3 "$2" 2>&1)
+    got=$(echo "$out" | sed -n 's/.* \([0-9]*\) packets received.*/\1/p')
+    echo "${got:-0}/$3"
+    [[ ${got:-0} -eq $3 ]]
+}
+
+# "stats PORT qN(dir): packets P bytes B drops D ..." from the virtq-net log -> P (or D).
+qstat() { # PORT-PATH QUEUE [packets|drops]
+    grep -a "stats $1 q$2(" "$VQ_LOG" | sed -n "s/.* ${3:-packets} \([0-9]*\).*/\1/p" | tail -1
+}
+
+# --- the cases -----------------------------------------------------------------------------
+# Each sets DETAIL and returns 0 for PASS. The runner kills what a case left running.
+
+# One guest pings a TAP inside a namespace (virtq-net runs there, port back-end tap:NAME); the
+# namespace pings the guest back.
+case_tap() {
+    local mrg=$1 sock=$TMP/$CASE.sock err
+    mk_netns || { DETAIL="netns"; return 1; }
+    tap_name
+    vq_start "$TMP/$CASE-virtq-net.log" "$NS" --port "path=$sock,backend=tap:$TAP"
+    wait_for "socket" test -S "$sock" || { DETAIL="virtq-net did not listen"; return 1; }
+    wait_for "TAP" ip -n "$NS" link show "$TAP" || { DETAIL="no TAP"; return 1; }
+    ip -n "$NS" addr add 10.0.0.1/24 dev "$TAP" && ip -n "$NS" link set "$TAP" up || { DETAIL="TAP set-up"; return 1; }
+    guest name=g1 sock="$sock" mac=52:54:00:00:01:02 ip=10.0.0.2 mrg="$mrg" \
+        cmd="vt-ping 10.0.0.1 10 && vt-wait-echos 10 90"
+    local back
+    back=$(ns_ping "$NS" 10.0.0.2 10)
+    local back_ok=$?
+    wait_guests g1
+    err=$(check_guests g1)
+    local guest_ok=$?
+    vq_stop
+    local stop_ok=$? stop=$STOP_ERR
+    DETAIL="guest->tap $(vline g1 'ping' | sed -n 's/.*: \([0-9]*\/[0-9]*\) replies.*/\1/p'), ns->guest $back, $(vline g1 eth0 | grep -o 'mrg_rxbuf=[01]'), tap rx/tx $(qstat "$sock" 0)/$(qstat "$sock" 1) pkts"
+    [[ $mrg == off ]] && ! vline g1 eth0 | grep -q 'mrg_rxbuf=0' && { DETAIL+="; MRG_RXBUF negotiated although off"; return 1; }
+    ((back_ok == 0 && guest_ok == 0 && stop_ok == 0)) || { DETAIL+="; $err $stop"; return 1; }
+}
+
+# Two guests ping each other through the switch (two --socket-path ports). role=client: QEMU
+# connects, virtq-net listens; role=server: QEMU listens (server=on,wait=off), virtq-net --client.
+case_switch() {
+    local role=$1 mrg=$2 queues=${3:-1} smp=${4:-1}
+    local s1=$TMP/$CASE-1.sock s2=$TMP/$CASE-2.sock args=() cmd1 cmd2 err
+    ((queues > 1)) && args+=(--queues "$queues")
+    if ((queues > 1)); then
+        # One round of pings from each vCPU: XPS maps CPU n to TX queue n.
+        cmd1="vt-ping 10.0.0.12 5 && taskset -c 1 vt-ping 10.0.0.12 5 && vt-wait-echos 10 90"
+        cmd2="vt-ping 10.0.0.11 5 && taskset -c 1 vt-ping 10.0.0.11 5 && vt-wait-echos 10 90"
+    else
+        cmd1="vt-ping 10.0.0.12 10 && vt-wait-echos 10 90"
+        cmd2="vt-ping 10.0.0.11 10 && vt-wait-echos 10 90"
+    fi
+    if [[ $role == client ]]; then
+        vq_start "$TMP/$CASE-virtq-net.log" - "${args[@]}" --socket-path "$s1" --socket-path "$s2"
+        wait_for "sockets" test -S "$s2" || { DETAIL="virtq-net did not listen"; return 1; }
+    fi
+    guest name=g1 sock="$s1" role="$role" mac=52:54:00:00:02:11 ip=10.0.0.11 mrg="$mrg" queues="$queues" smp="$smp" cmd="$cmd1"
+    guest name=g2 sock="$s2" role="$role" mac=52:54:00:00:02:12 ip=10.0.0.12 mrg="$mrg" queues="$queues" smp="$smp" cmd="$cmd2"
+    if [[ $role == server ]]; then
+        wait_for "QEMU sockets" test -S "$s2" || { DETAIL="QEMU did not listen"; return 1; }
+        vq_start "$TMP/$CASE-virtq-net.log" - --client "${args[@]}" --socket-path "$s1" --socket-path "$s2"
+    fi
+    wait_guests g1 g2
+    err=$(check_guests g1 g2)
+    local guest_ok=$?
+    vq_stop
+    local stop_ok=$? stop=$STOP_ERR
+    local p1 p2
+    p1=$(vline g1 'ping' | sed -n 's/.*: \([0-9]*\/[0-9]*\) replies.*/\1/p')
+    p2=$(vline g2 'ping' | sed -n 's/.*: \([0-9]*\/[0-9]*\) replies.*/\1/p')
+    DETAIL="g1->g2 $p1, g2->g1 $p2, $(vline g1 eth0 | grep -o 'mrg_rxbuf=[01]')"
+    local ok=$((guest_ok == 0 && stop_ok == 0))
+    if [[ $mrg == off ]] && ! vline g1 eth0 | grep -q 'mrg_rxbuf=0'; then
+        DETAIL+="; MRG_RXBUF negotiated although off"
+        ok=0
+    fi
+    if ((queues > 1)); then
+        DETAIL+=", $(vline g1 eth0 | grep -o 'mq=[01]')"
+        local s q per=""
+        for s in "$s1" "$s2"; do
+            per+=" $(basename "$s" .sock):"
+            for q in 0 1 2 3; do per+=" q$q=$(qstat "$s" $q)"; done
+            for q in 2 3; do
+                [[ $(qstat "$s" $q) -gt 0 ]] 2> /dev/null || { ok=0; err+=" no packets on $(basename "$s") q$q"; }
+            done
+        done
+        vline g1 eth0 | grep -q 'mq=1' || { ok=0; err+=" MQ not negotiated"; }
+        DETAIL+=", packets per queue:$per"
+    fi
+    ((ok)) || { DETAIL+="; $err $stop"; return 1; }
+}
+
+# The guest powers off; then a guest is SIGKILLed mid-iperf3; then a NEW guest on the same
+# socket must work. virtq-net: switch + a TAP in a namespace (the peer that stays).
+case_kill() {
+    local role=$1 sock=$TMP/$CASE.sock err rc
+    mk_netns || { DETAIL="netns"; return 1; }
+    tap_name
+    local args=(--socket-path "$sock" --tap "$TAP")
+    [[ $role == server ]] && args=(--client "${args[@]}")
+    vq_start "$TMP/$CASE-virtq-net.log" "$NS" "${args[@]}"
+    wait_for "TAP" ip -n "$NS" link show "$TAP" || { DETAIL="no TAP"; return 1; }
+    ip -n "$NS" addr add 10.0.0.1/24 dev "$TAP" && ip -n "$NS" link set "$TAP" up || { DETAIL="TAP set-up"; return 1; }
+    [[ $role == client ]] && { wait_for "socket" test -S "$sock" || { DETAIL="virtq-net did not listen"; return 1; }; }
+    ip netns exec "$NS" iperf3 -s -p 5201 > "$TMP/$CASE-iperf3-server.log" 2>&1 &
+    track $!
+
+    # 1. Ping, then a clean guest poweroff.
+    guest name=g1 sock="$sock" role="$role" mac=52:54:00:00:03:02 ip=10.0.0.2 cmd="vt-ping 10.0.0.1 5"
+    wait_guests g1 || { DETAIL="first guest did not power off"; return 1; }
+    err=$(check_guests g1) || { DETAIL="first guest: $err"; return 1; }
+    kill -0 "$VQ_PID" 2> /dev/null || { DETAIL="virtq-net died after a guest poweroff"; return 1; }
+
+    # 2. iperf3 to the namespace; SIGKILL QEMU once intervals are being reported.
+    guest name=g2 sock="$sock" role="$role" mac=52:54:00:00:03:03 ip=10.0.0.3 \
+        cmd="vt-ping 10.0.0.1 3 && echo VIRTQ: TRAFFIC && iperf3 -c 10.0.0.1 -t 100 -i 1 -f m"
+    wait_for "iperf3 traffic" grep -aq 'sec .*Mbits/sec' "${GLOG[g2]}" || { DETAIL="no traffic from the second guest"; return 1; }
+    sleep 2
+    local mid
+    mid=$(grep -a 'sec .*Mbits/sec' "${GLOG[g2]}" | tail -1 | tr -d '\r' | grep -o '[0-9.]* Mbits/sec')
+    kill -KILL "${GPID[g2]}"
+    wait "${GPID[g2]}" 2> /dev/null
+    rc=$?
+    sleep 1
+    kill -0 "$VQ_PID" 2> /dev/null || { DETAIL="virtq-net died when QEMU was killed"; return 1; }
+
+    # 3. A new guest on the same socket.
+    guest name=g3 sock="$sock" role="$role" mac=52:54:00:00:03:04 ip=10.0.0.4 \
+        cmd="vt-ping 10.0.0.1 10 && vt-wait-echos 10 90"
+    local back
+    back=$(ns_ping "$NS" 10.0.0.4 10)
+    local back_ok=$?
+    wait_guests g3
+    err=$(check_guests g3)
+    local guest_ok=$?
+    vq_stop
+    local stop_ok=$? stop=$STOP_ERR
+    local disc
+    disc=$(grep -ac 'disconnected' "$VQ_LOG")
+    DETAIL="poweroff ok; SIGKILL (qemu rc $rc) at $mid; new guest->tap $(vline g3 'ping' | sed -n 's/.*: \([0-9]*\/[0-9]*\) replies.*/\1/p'), ns->new guest $back; $disc disconnects seen"
+    ((back_ok == 0 && guest_ok == 0 && stop_ok == 0)) || { DETAIL+="; $err $stop"; return 1; }
+}
+
+# Two guests, iperf3 TCP through the switch: g1 -> g2 and g2 -> g1 (-R), 10 s each.
+IPERF_REPORT=""
+case_iperf3() {
+    local s1=$TMP/$CASE-1.sock s2=$TMP/$CASE-2.sock err
+    vq_start "$TMP/$CASE-virtq-net.log" - --socket-path "$s1" --socket-path "$s2"
+    wait_for "sockets" test -S "$s2" || { DETAIL="virtq-net did not listen"; return 1; }
+    guest name=g1 sock="$s1" mac=52:54:00:00:04:11 ip=10.0.0.11 \
+        cmd="vt-wait-peer 10.0.0.12 90 && vt-iperf 10.0.0.12 10 && vt-iperf 10.0.0.12 10 -R"
+    guest name=g2 sock="$s2" mac=52:54:00:00:04:12 ip=10.0.0.12 \
+        cmd="iperf3 -s -1 > /dev/null && iperf3 -s -1 > /dev/null"
+    wait_guests g1 g2
+    err=$(check_guests g1 g2)
+    local guest_ok=$?
+    vq_stop
+    local stop_ok=$? stop=$STOP_ERR
+    local fwd rev
+    fwd=$(grep -a 'VIRTQ: iperf3  .*receiver' "${GLOG[g1]}" | tail -1 | tr -d '\r' | grep -o '[0-9.]* Mbits/sec')
+    rev=$(grep -a 'VIRTQ: iperf3 -R .*receiver' "${GLOG[g1]}" | tail -1 | tr -d '\r' | grep -o '[0-9.]* Mbits/sec')
+    local retr
+    retr=$(grep -a 'VIRTQ: iperf3  .*sender' "${GLOG[g1]}" | tail -1 | tr -d '\r' | awk '{ for (i = 1; i < NF; i++) if ($(i+1) == "sender") print $i }')
+    IPERF_REPORT="g1->g2 ${fwd:-?}, g2->g1 ${rev:-?} (TCP, 10 s each, TCG guests)"
+    DETAIL="g1->g2 ${fwd:-none}, g2->g1 ${rev:-none}, TCP retransmits g1->g2 ${retr:-?}"
+    DETAIL+=", virtq-net RX drops (guest ring full) g1/g2 $(qstat "$s1" 0 drops)/$(qstat "$s2" 0 drops)"
+    [[ -n $fwd && -n $rev ]] || { guest_ok=1; err+=" no iperf3 result"; }
+    ((guest_ok == 0 && stop_ok == 0)) || { DETAIL+="; $err $stop"; return 1; }
+}
+
+# --- runner --------------------------------------------------------------------------------
+MATRIX=(
+    "tap|case_tap on"
+    "tap-mrg-off|case_tap off"
+    "switch-qemu-client|case_switch client on"
+    "switch-qemu-client-mrg-off|case_switch client off"
+    "switch-qemu-server|case_switch server on"
+    "switch-qemu-server-mrg-off|case_switch server off"
+    "switch-queues2|case_switch client on 2 2"
+    "poweroff-kill-new-guest|case_kill client"
+    "poweroff-kill-new-guest-qemu-server|case_kill server"
+    "iperf3|case_iperf3"
+)
+PASS=0
+FAIL=0
+ROWS=()
+for entry in "${MATRIX[@]}"; do
+    CASE=${entry%%|*}
+    fn=${entry#*|}
+    if [[ -n ${GUEST_CASES:-} && " $GUEST_CASES " != *" $CASE "* ]]; then continue; fi
+    CASE_PIDS=()
+    GPID=()
+    GLOG=()
+    DETAIL=""
+    t0=$(date +%s)
+    DEADLINE=$((t0 + CASE_TIMEOUT))
+    say "case $CASE"
+    # shellcheck disable=SC2086
+    if $fn; then verdict=PASS; else verdict=FAIL; fi
+    ((${#CASE_PIDS[@]})) && kill_pids "${CASE_PIDS[@]}"
+    del_netns
+    secs=$(($(date +%s) - t0))
+    if [[ $verdict == PASS ]]; then PASS=$((PASS + 1)); else FAIL=$((FAIL + 1)); fi
+    if ((secs >= CASE_TIMEOUT)); then DETAIL+=" [case timeout ${CASE_TIMEOUT}s]"; fi
+    echo "case $CASE: $verdict (${secs}s; $DETAIL)"
+    ROWS+=("| $CASE | $verdict | ${secs}s | ${DETAIL//|/\\|} |")
+    if [[ $verdict == FAIL ]]; then
+        for f in "$TMP/$CASE"-*.serial "$TMP/$CASE"-virtq-net.log; do
+            [[ -f $f ]] || continue
+            echo "---- $(basename "$f") (last 15 lines)"
+            tail -15 "$f" | tr -d '\r'
+        done
+    fi
+done
+
+TOTAL=$(($(date +%s) - T_START))
+[[ -n $IPERF_REPORT ]] && echo "iperf3 through the switch: $IPERF_REPORT"
+echo "guest matrix took ${TOTAL}s (logs in $GUEST_LOGDIR)"
+if [[ -n ${GUEST_SUMMARY:-} ]]; then
+    {
+        echo "## Real guests (QEMU $(qemu-system-x86_64 --version | head -1 | awk '{ print $4 }'), TCG, Linux $(sed -n 's/^kernel \([^ ]*\).*/\1/p' "$GUEST_DIR/stamp"))"
+        echo
+        echo "| case | result | time | details |"
+        echo "|---|---|---|---|"
+        printf '%s\n' "${ROWS[@]}"
+        echo
+        [[ -n $IPERF_REPORT ]] && echo "iperf3 through the switch: $IPERF_REPORT" && echo
+        echo "$PASS passed, $FAIL failed in ${TOTAL}s"
+    } > "$GUEST_SUMMARY"
+fi
+echo "guests: $PASS passed, $FAIL failed"
+((FAIL == 0))
