@@ -239,7 +239,7 @@ fn guest_rx(g: &mut Guest<'_>, fe: &Frontend, net: &NetDevice, count: u8, buf_le
     let frames: Vec<Vec<u8>> = (0..count).map(|i| frame(i, 1000 + i as usize)).collect();
     let refs: Vec<&[u8]> = frames.iter().map(|f| f.as_slice()).collect();
     assert_eq!(net.enqueue_burst(0, &refs), count as usize, "every RX frame placed");
-    assert!(fe.wait_call(0, Duration::from_secs(2)), "RX interrupt");
+    assert!(fe.wait_call(0, Duration::from_secs(10)), "RX interrupt");
     for (i, f) in frames.iter().enumerate() {
         let mut data = Vec::new();
         let mut nbufs = 0;
@@ -1471,15 +1471,17 @@ fn every_case_in_sequence_leaks_no_fd_or_mapping() {
             case(&h, good);
             good.round();
             h.serves_again();
+            // A hang detector, not a timing test: generous so that a loaded machine passes.
             let ms = t.elapsed().as_millis();
-            assert!(ms < 2000, "{what} took {ms} ms");
+            assert!(ms < 30_000, "{what} took {ms} ms");
         }
     };
     // A first pass warms up what is allocated once (allocator arenas, lazy statics).
     run_all(&mut good);
     let (fds, maps) = snapshot();
     run_all(&mut good);
-    let deadline = Instant::now() + Duration::from_secs(2);
+    // Teardown of the last case may still be finishing on the control thread.
+    let deadline = Instant::now() + Duration::from_secs(10);
     let (fds2, maps2) = loop {
         let (f, m) = snapshot();
         if (f.len() == fds.len() && m.len() == maps.len()) || Instant::now() > deadline {

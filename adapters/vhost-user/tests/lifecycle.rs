@@ -125,7 +125,7 @@ fn guest_rx(g: &mut Guest<'_>, fe: &Frontend, net: &NetDevice, pair: u16, count:
     let frames: Vec<Vec<u8>> = (0..count).map(|i| frame(i, 1000 + i as usize)).collect();
     let refs: Vec<&[u8]> = frames.iter().map(|f| f.as_slice()).collect();
     assert_eq!(net.enqueue_burst(pair, &refs), count as usize);
-    assert!(fe.wait_call(q, Duration::from_secs(2)), "RX interrupt");
+    assert!(fe.wait_call(q, Duration::from_secs(10)), "RX interrupt");
     for (i, f) in frames.iter().enumerate() {
         let (id, len) = drv.used_elem(g.seen[q]);
         let mut first = vec![0u8; len as usize];
@@ -285,7 +285,7 @@ fn features_offered_follow_the_configuration() {
     assert_eq!(f, (1 << 32) | (1 << 29) | F_PROTOCOL_FEATURES);
     // Acknowledging a feature that was not offered closes the connection (no REPLY_ACK).
     fe.send(SET_FEATURES, 0, &u64p(f | (1 << 15)), &[]);
-    assert!(fe.closed_by_backend(Duration::from_secs(2)));
+    assert!(fe.closed_by_backend(Duration::from_secs(10)));
 }
 
 #[test]
@@ -309,7 +309,7 @@ fn event_driven_data_path_sleeps_until_the_guest_kicks() {
         thread::sleep(Duration::from_millis(20));
         frontend::eventfd_write(&kick);
     });
-    assert!(net.wait_for_work(1, Duration::from_secs(2)), "woken by the kick");
+    assert!(net.wait_for_work(1, Duration::from_secs(10)), "woken by the kick");
     t.join().unwrap();
     let mut bufs: Vec<TxFrame> = (0..4).map(|_| TxFrame::with_capacity(MAX_TX_FRAME)).collect();
     assert_eq!(net.dequeue_burst(0, &mut bufs), 1);
