@@ -56,7 +56,7 @@ const NET_FEATURES: u64 = (1 << 32) | (1 << 28) | (1 << 29) | (1 << 15) | (1 << 
 const NO_MRG: u64 = NET_FEATURES & !(1 << 15);
 
 fn wait<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Some(v) = f() {
             return v;
