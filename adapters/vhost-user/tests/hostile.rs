@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use frontend::*;
 use virtq::testing::{Buf, TestDriver};
 use virtq::RegionTable;
-use virtq_vhost_user::backend::{Backend, BackendHandle, DeviceHandler, SocketSpec};
+use virtq_vhost_user::backend::{Backend, BackendHandle, SocketSpec};
 use virtq_vhost_user::device::DeviceConfig;
 use virtq_vhost_user::net::{NetDevice, TxFrame, MAX_TX_FRAME};
 
@@ -41,7 +41,6 @@ const F_MRG_RXBUF: u64 = 1 << 15;
 /// Bit 8 of the SET_VRING_KICK/CALL/ERR payload: no fd.
 const INVALID_FD: u64 = 1 << 8;
 /// VERSION_1, RING_INDIRECT_DESC, RING_EVENT_IDX, MRG_RXBUF, MAC.
-const NET_FEATURES: u64 = (1 << 32) | (1 << 28) | (1 << 29) | F_MRG_RXBUF | (1 << 5);
 /// The largest request payload: GET/SET_CONFIG with 256 bytes of config (12 + 256).
 const MAX_PAYLOAD: u32 = 268;
 
@@ -65,32 +64,6 @@ fn exclusive() -> RwLockWriteGuard<'static, ()> {
 fn uniq(tag: &str) -> String {
     static N: AtomicUsize = AtomicUsize::new(0);
     format!("vqh-{tag}-{}", N.fetch_add(1, Ordering::Relaxed))
-}
-
-fn wait<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(1));
-    }
-}
-
-#[derive(Default)]
-struct Counting {
-    ready: Arc<AtomicUsize>,
-    destroyed: Arc<AtomicUsize>,
-}
-
-impl DeviceHandler for Counting {
-    fn device_ready(&mut self, _: &NetDevice) {
-        self.ready.fetch_add(1, Ordering::SeqCst);
-    }
-    fn device_destroyed(&mut self, _: &NetDevice) {
-        self.destroyed.fetch_add(1, Ordering::SeqCst);
-    }
 }
 
 /// One `Backend` on its own thread with two devices: `hostile` and `good`.
@@ -183,10 +156,6 @@ impl<'a> Guest<'a> {
         let seen = vec![0; drv.len()];
         Guest { drv, seen }
     }
-}
-
-fn frame(i: u8, len: usize) -> Vec<u8> {
-    (0..len).map(|j| i.wrapping_mul(31) ^ j as u8).collect()
 }
 
 /// The guest posts `count` frames (12-byte header + frame, two descriptors) on TX queue 1

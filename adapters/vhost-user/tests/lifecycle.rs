@@ -6,10 +6,10 @@ mod frontend;
 
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use frontend::*;
 use virtq::testing::{Buf, TestDriver};
@@ -52,23 +52,7 @@ fn server(path: &std::path::Path) -> SocketSpec {
     SocketSpec::Server { path: path.to_path_buf(), mode: None }
 }
 
-const NET_FEATURES: u64 = (1 << 32) | (1 << 28) | (1 << 29) | (1 << 15) | (1 << 5);
 const NO_MRG: u64 = NET_FEATURES & !(1 << 15);
-
-fn wait<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(2));
-    }
-}
-
-fn frame(i: u8, len: usize) -> Vec<u8> {
-    (0..len).map(|j| i.wrapping_mul(31) ^ j as u8).collect()
-}
 
 /// The guest side of every queue: drivers and how far the guest has read each used ring.
 struct Guest<'a> {
@@ -204,21 +188,6 @@ fn two_queue_pairs_carry_traffic_independently() {
     guest_tx(&mut g, &fe, net, 0, 2);
     guest_rx(&mut g, &fe, net, 1, 2, true);
     assert_eq!((net.stats(1).packets, net.stats(3).packets), (2, 4));
-}
-
-#[derive(Default)]
-struct Counting {
-    ready: Arc<AtomicUsize>,
-    destroyed: Arc<AtomicUsize>,
-}
-
-impl DeviceHandler for Counting {
-    fn device_ready(&mut self, _: &NetDevice) {
-        self.ready.fetch_add(1, Ordering::SeqCst);
-    }
-    fn device_destroyed(&mut self, _: &NetDevice) {
-        self.destroyed.fetch_add(1, Ordering::SeqCst);
-    }
 }
 
 #[test]

@@ -555,3 +555,42 @@ pub fn open_fds() -> usize {
 pub fn mappings() -> usize {
     std::fs::read_to_string("/proc/self/maps").unwrap().lines().count()
 }
+
+// ---- shared by the integration tests -------------------------------------------------------
+
+/// virtio-net features the tests acknowledge: VERSION_1, INDIRECT_DESC, EVENT_IDX, MRG_RXBUF,
+/// MAC.
+pub const NET_FEATURES: u64 = (1 << 32) | (1 << 28) | (1 << 29) | (1 << 15) | (1 << 5);
+
+/// Polls `f` until it returns `Some`, for at most 20 s (a hang detector, not a timing test).
+pub fn wait<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// A test frame: `len` bytes derived from `i`.
+pub fn frame(i: u8, len: usize) -> Vec<u8> {
+    (0..len).map(|j| i.wrapping_mul(31) ^ j as u8).collect()
+}
+
+/// Counts `device_ready` and `device_destroyed` callbacks.
+#[derive(Default)]
+pub struct Counting {
+    pub ready: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    pub destroyed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl virtq_vhost_user::backend::DeviceHandler for Counting {
+    fn device_ready(&mut self, _: &virtq_vhost_user::net::NetDevice) {
+        self.ready.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+    fn device_destroyed(&mut self, _: &virtq_vhost_user::net::NetDevice) {
+        self.destroyed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
