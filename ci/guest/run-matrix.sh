@@ -6,8 +6,14 @@
 #   GUEST_SUMMARY=FILE ...                 also write a markdown table to FILE (relative: to the repo root)
 #   GUEST_DIR=DIR                          guest kernel + initramfs cache (default target/guest)
 #   GUEST_LOGDIR=DIR                       where every case's logs are copied (default GUEST_DIR/logs)
-#   CASE_TIMEOUT=SECS                      hard limit per case (default 150)
+#   CASE_TIMEOUT=SECS                      hard limit per case (default 150; iperf3-vs-dpdk: at
+#                                          least 300)
 #   SKIP_INSTALL=1                         do not apt-get anything
+#
+# iperf3-vs-dpdk measures iperf3 TCP between the same two guests through virtq-net (switch) and
+# through DPDK testpmd (io forwarding between two net_vhost ports), alternating A B A B, with the
+# backend pinned to CPU 0 and the guests to CPU 1 in both. It needs dpdk-testpmd (dpdk-dev is
+# installed if that case is selected). Its ratio is a report, not a gate.
 #
 # Prints `case NAME: PASS|FAIL (details)` per case and `guests: N passed, M failed` last; exits
 # non-zero if any case failed. Needs root (network namespaces, TAP devices; re-runs itself under
@@ -24,6 +30,7 @@ CASE_TIMEOUT=${CASE_TIMEOUT:-150}
 T_START=$(date +%s)
 
 say() { printf '== guests: %s\n' "$*" >&2; }
+case_selected() { [[ -z ${GUEST_CASES:-} || " $GUEST_CASES " == *" $1 "* ]]; }
 die() {
     say "error: $*"
     exit 2
@@ -48,6 +55,7 @@ if [[ -z ${SKIP_INSTALL:-} ]]; then
     command -v ip > /dev/null || need+=(iproute2)
     command -v iperf3 > /dev/null || need+=(iperf3)
     if [[ ! -x /bin/busybox ]] || ldd /bin/busybox > /dev/null 2>&1; then need+=(busybox-static); fi
+    if case_selected iperf3-vs-dpdk && ! command -v dpdk-testpmd > /dev/null; then need+=(dpdk-dev); fi
     if ((${#need[@]})); then
         say "installing ${need[*]}"
         apt-get update -qq
@@ -66,6 +74,9 @@ TAG=$$
 ALL_PIDS=()
 CASE_PIDS=()
 NETNS=()
+DPDK_PREFIXES=() # --file-prefix of every testpmd started here: /var/run/dpdk/PREFIX goes on exit
+CASE_LIMIT=$CASE_TIMEOUT
+CASE_LOGS=()
 SEQ=0
 
 kill_pids() { # PID... : SIGTERM, up to 3 s grace, then SIGKILL; reaps them.
@@ -92,6 +103,8 @@ cleanup() {
     trap - EXIT INT TERM
     ((${#ALL_PIDS[@]})) && kill_pids "${ALL_PIDS[@]}"
     del_netns
+    local p
+    for p in "${DPDK_PREFIXES[@]}"; do rm -rf "/var/run/dpdk/$p"; done
     if [[ -d $TMP ]]; then
         mkdir -p "$GUEST_LOGDIR"
         # Only the previous run's logs go (the directory may be shared).
@@ -172,11 +185,14 @@ wait_for() { # DESCRIPTION COMMAND...: polls every 0.1 s until the case deadline
 }
 
 # A guest. Options as key=value: name sock mac ip cmd [role=client|server] [mrg=on|off]
-# [queues=1] [smp=1]. Sets GPID[name] and GLOG[name].
+# [queues=1] [smp=1] [cpus=LIST (taskset)] [timeout=SECS (of cmd; default case limit - 10)].
+# Sets GPID[name] and GLOG[name].
 declare -A GPID GLOG
 guest() {
-    local name sock mac ip cmd role=client mrg=on queues=1 smp=1
+    local name sock mac ip cmd role=client mrg=on queues=1 smp=1 cpus="" timeout=$((CASE_LIMIT - 10))
     local "$@"
+    local pin=()
+    [[ -n $cpus ]] && pin=(taskset -c "$cpus")
     local log=$TMP/$CASE-$name.serial chardev="socket,id=c0,path=$sock" netdev="vhost-user,id=n0,chardev=c0"
     local device="virtio-net-pci,netdev=n0,mac=$mac,mrg_rxbuf=$mrg,vectors=0,romfile="
     [[ $role == server ]] && chardev+=",server=on,wait=off"
@@ -184,11 +200,11 @@ guest() {
         netdev+=",queues=$queues"
         device+=",mq=on"
     fi
-    qemu-system-x86_64 -accel tcg -cpu max -machine q35,memory-backend=mem -m 256M -smp "$smp" \
+    "${pin[@]}" qemu-system-x86_64 -accel tcg -cpu max -machine q35,memory-backend=mem -m 256M -smp "$smp" \
         -object memory-backend-memfd,id=mem,size=256M,share=on \
         -display none -nodefaults -no-reboot -serial "file:$log" \
         -kernel "$KERNEL" -initrd "$INITRD" \
-        -append "console=ttyS0 panic=-1 loglevel=4 virtq.ip=$ip/24 virtq.timeout=$((CASE_TIMEOUT - 10)) virtq.cmd=\"$cmd\"" \
+        -append "console=ttyS0 panic=-1 loglevel=4 virtq.ip=$ip/24 virtq.timeout=$timeout virtq.cmd=\"$cmd\"" \
         -chardev "$chardev" -netdev "$netdev" -device "$device" \
         > "$TMP/$CASE-$name.qemu" 2>&1 &
     GPID[$name]=$!
@@ -407,6 +423,141 @@ case_iperf3() {
     ((guest_ok == 0 && stop_ok == 0)) || { DETAIL+="; $err $stop"; return 1; }
 }
 
+# The same iperf3 TCP test through two backends, alternating A B A B (VS_ROUNDS rounds each):
+#   A: virtq-net, switch mode, two --socket-path ports (as case_iperf3);
+#   B: DPDK testpmd, io forwarding between two net_vhost ports (port 0 <-> port 1).
+# Every round boots a fresh pair of guests (same kernel, initramfs, MACs, IPs and QEMU flags) and
+# runs g1 -> g2, then g2 -> g1 (-R), VS_SECS each. Same CPU budget for both backends: the backend
+# on CPU 0 (testpmd: main and forwarding lcore both there), both guests on CPU 1. PASS: both
+# backends carried traffic in both directions in every round. The ratio virtq/DPDK is a report,
+# not a gate: under TCG the guests, not the backend, set the pace.
+VS_ROUNDS=2
+VS_SECS=8
+VS_REPORT=""
+
+# Which offloads the guest driver negotiated (from its sysfs feature bits).
+offloads() { # GUEST
+    local f names=(0 csum 1 guest_csum 7 guest_tso4 11 host_tso4 15 mrg_rxbuf 28 indirect 29 event_idx) i out=""
+    f=$(vline "$1" features | sed 's/.*features //')
+    for ((i = 0; i < ${#names[@]}; i += 2)); do
+        [[ ${f:${names[i]}:1} == 1 ]] && out+="${out:+,}${names[i + 1]}"
+    done
+    echo "${out:-none}"
+}
+
+# One round: backend virtq|dpdk, round number. Sets RF RR (Mbit/s g1->g2, g2->g1), OFFLOADS,
+# BSTATS (frames the backend put into the guests' RX rings / dropped because a ring was full)
+# and ROUND_ERR; returns 0 if both directions carried traffic.
+vs_round() { # virtq|dpdk ROUND BACKEND-CPU GUEST-CPU
+    local b=$1 r=$2 bcpu=$3 gcpu=$4 tag=$1$2
+    local s1=$TMP/$CASE-$tag-1.sock s2=$TMP/$CASE-$tag-2.sock blog pid prefix="" err guest_ok stop_ok=0 i
+    RF="" RR="" OFFLOADS="" BSTATS="" ROUND_ERR=""
+    if [[ $b == virtq ]]; then
+        blog=$TMP/$CASE-$tag-virtq-net.log
+        taskset -c "$bcpu" "$VIRTQ_NET" --socket-path "$s1" --socket-path "$s2" > "$blog" 2>&1 &
+        pid=$!
+        VQ_PID=$pid VQ_LOG=$blog
+    else
+        # Unique per run and round: another testpmd may be running on this machine.
+        prefix="virtq-guests-$TAG-$tag"
+        DPDK_PREFIXES+=("$prefix")
+        blog=$TMP/$CASE-$tag-testpmd.log
+        taskset -c "$bcpu" stdbuf -oL -eL dpdk-testpmd --lcores "0@$bcpu,1@$bcpu" --no-huge -m 1024 --no-pci \
+            --no-telemetry --file-prefix="$prefix" \
+            --vdev "net_vhost0,iface=$s1,queues=1" --vdev "net_vhost1,iface=$s2,queues=1" -- \
+            --forward-mode=io --stats-period 30 --total-num-mbufs=32768 --rxq=1 --txq=1 --nb-cores=1 \
+            < /dev/null > "$blog" 2>&1 &
+        pid=$!
+    fi
+    track "$pid"
+    CASE_LOGS+=("$blog")
+    for ((i = 0; i < 300; i++)); do # 30 s; fail at once if the backend died
+        [[ -S $s1 && -S $s2 ]] && break
+        kill -0 "$pid" 2> /dev/null || break
+        sleep 0.1
+    done
+    [[ -S $s1 && -S $s2 ]] || { ROUND_ERR="$b did not listen on both sockets (log $(basename "$blog"))"; return 1; }
+
+    guest name="$tag-g1" sock="$s1" mac=52:54:00:00:05:11 ip=10.0.0.11 cpus="$gcpu" timeout=90 \
+        cmd="vt-wait-peer 10.0.0.12 60 && vt-iperf 10.0.0.12 $VS_SECS && vt-iperf 10.0.0.12 $VS_SECS -R"
+    guest name="$tag-g2" sock="$s2" mac=52:54:00:00:05:12 ip=10.0.0.12 cpus="$gcpu" timeout=90 \
+        cmd="iperf3 -s -1 > /dev/null && iperf3 -s -1 > /dev/null"
+    wait_guests "$tag-g1" "$tag-g2"
+    err=$(check_guests "$tag-g1" "$tag-g2")
+    guest_ok=$?
+
+    if [[ $b == virtq ]]; then
+        vq_stop || stop_ok=1
+        local p1 p2 d1 d2
+        p1=$(qstat "$s1" 0) p2=$(qstat "$s2" 0) d1=$(qstat "$s1" 0 drops) d2=$(qstat "$s2" 0 drops)
+        BSTATS="$((${p1:-0} + ${p2:-0}))/$((${d1:-0} + ${d2:-0}))"
+    else
+        # SIGINT: testpmd stops forwarding, prints its forward statistics and exits.
+        kill -INT "$pid" 2> /dev/null
+        for ((i = 0; i < 100; i++)); do
+            kill -0 "$pid" 2> /dev/null || break
+            sleep 0.1
+        done
+        if kill -0 "$pid" 2> /dev/null; then
+            kill -KILL "$pid" 2> /dev/null
+            STOP_ERR="testpmd did not exit on SIGINT"
+            stop_ok=1
+        fi
+        wait "$pid" 2> /dev/null
+        rm -rf "/var/run/dpdk/$prefix"
+        BSTATS=$(grep -a -A2 'Accumulated forward statistics' "$blog" | tr -s ' ' \
+            | sed -n 's/.*TX-packets: \([0-9]*\) TX-dropped: \([0-9]*\).*/\1\/\2/p' | head -1)
+    fi
+
+    OFFLOADS=$(offloads "$tag-g1")
+    RF=$(grep -a 'VIRTQ: iperf3  .*receiver' "${GLOG[$tag-g1]}" | tail -1 | tr -d '\r' | sed -n 's/.* \([0-9.]*\) Mbits\/sec.*/\1/p')
+    RR=$(grep -a 'VIRTQ: iperf3 -R .*receiver' "${GLOG[$tag-g1]}" | tail -1 | tr -d '\r' | sed -n 's/.* \([0-9.]*\) Mbits\/sec.*/\1/p')
+    ((guest_ok == 0)) || ROUND_ERR+="$err "
+    ((stop_ok == 0)) || ROUND_ERR+="$STOP_ERR "
+    awk -v f="${RF:-0}" -v r="${RR:-0}" 'BEGIN { exit !(f > 0 && r > 0) }' \
+        || ROUND_ERR+="no iperf3 throughput (g1->g2 ${RF:-none}, g2->g1 ${RR:-none}) "
+    [[ -z $ROUND_ERR ]]
+}
+
+vs_mean() { echo "$1" | tr ',' '\n' | awk '$1 != "" { s += $1; n++ } END { if (n) printf "%.0f", s / n }'; }
+vs_ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a != "" && b > 0) printf "%.2f", a / b; else printf "?" }'; }
+
+case_iperf3_vs_dpdk() {
+    local bcpu=0 gcpu=1 r b ok=1
+    (($(nproc) < 2)) && gcpu=0
+    command -v dpdk-testpmd > /dev/null || { DETAIL="dpdk-testpmd missing (apt-get install dpdk-dev)"; return 1; }
+    local -A fwd=() rev=() offl=() bst=()
+    for ((r = 1; r <= VS_ROUNDS && ok; r++)); do
+        for b in virtq dpdk; do
+            say "case $CASE: round $r/$VS_ROUNDS, $b ($(left)s left)"
+            if ! vs_round "$b" "$r" "$bcpu" "$gcpu"; then
+                DETAIL="round $r ($b): $ROUND_ERR; "
+                ok=0
+                break
+            fi
+            fwd[$b]+="${fwd[$b]:+, }$RF"
+            rev[$b]+="${rev[$b]:+, }$RR"
+            offl[$b]=$OFFLOADS
+            bst[$b]+="${bst[$b]:+, }${BSTATS:-?}"
+        done
+    done
+    local fa fb ra rb
+    fa=$(vs_mean "${fwd[virtq]:-}") fb=$(vs_mean "${fwd[dpdk]:-}") ra=$(vs_mean "${rev[virtq]:-}") rb=$(vs_mean "${rev[dpdk]:-}")
+    local note="TCG guests are the bottleneck: the ratio is a report, not a gate"
+    DETAIL+="g1->g2 virtq-net ${fa:-?} vs DPDK ${fb:-?} Mbit/s (virtq/DPDK $(vs_ratio "$fa" "$fb")), g2->g1 virtq-net ${ra:-?} vs DPDK ${rb:-?} Mbit/s (virtq/DPDK $(vs_ratio "$ra" "$rb"))"
+    DETAIL+="; per round (A B A B, ${VS_SECS} s each) virtq-net ${fwd[virtq]:-none} / ${rev[virtq]:-none}, DPDK ${fwd[dpdk]:-none} / ${rev[dpdk]:-none}"
+    DETAIL+="; offloads virtq-net ${offl[virtq]:-?}, DPDK ${offl[dpdk]:-?}"
+    DETAIL+="; frames into guest RX rings/dropped (ring full) per round virtq-net ${bst[virtq]:-none}, testpmd ${bst[dpdk]:-none}; $note"
+    VS_REPORT="iperf3 TCP between the same two guests, virtq-net (switch) vs DPDK testpmd (io, 2x net_vhost):"
+    VS_REPORT+=$'\n'"$VS_ROUNDS rounds of ${VS_SECS} s per direction, alternating A B A B; backend on CPU $bcpu, both guests on CPU $gcpu."
+    VS_REPORT+=$'\n\n'"| direction | virtq-net Mbit/s (rounds) | DPDK testpmd Mbit/s (rounds) | virtq/DPDK |"
+    VS_REPORT+=$'\n'"|---|---|---|---|"
+    VS_REPORT+=$'\n'"| g1 -> g2 | ${fa:-?} (${fwd[virtq]:-none}) | ${fb:-?} (${fwd[dpdk]:-none}) | $(vs_ratio "$fa" "$fb") |"
+    VS_REPORT+=$'\n'"| g2 -> g1 | ${ra:-?} (${rev[virtq]:-none}) | ${rb:-?} (${rev[dpdk]:-none}) | $(vs_ratio "$ra" "$rb") |"
+    VS_REPORT+=$'\n\n'"Offloads the guests negotiated: virtq-net ${offl[virtq]:-?}; DPDK ${offl[dpdk]:-?}. $note."
+    ((ok))
+}
+
 # --- runner --------------------------------------------------------------------------------
 MATRIX=(
     "tap|case_tap on"
@@ -419,20 +570,24 @@ MATRIX=(
     "poweroff-kill-new-guest|case_kill client"
     "poweroff-kill-new-guest-qemu-server|case_kill server"
     "iperf3|case_iperf3"
+    "iperf3-vs-dpdk|case_iperf3_vs_dpdk|300"
 )
 PASS=0
 FAIL=0
 ROWS=()
 for entry in "${MATRIX[@]}"; do
-    CASE=${entry%%|*}
-    fn=${entry#*|}
-    if [[ -n ${GUEST_CASES:-} && " $GUEST_CASES " != *" $CASE "* ]]; then continue; fi
+    # NAME|FUNCTION ARGS[|MINIMUM CASE LIMIT IN SECONDS]
+    IFS='|' read -r CASE fn min_limit <<< "$entry"
+    case_selected "$CASE" || continue
+    CASE_LIMIT=$CASE_TIMEOUT
+    ((${min_limit:-0} > CASE_LIMIT)) && CASE_LIMIT=$min_limit
     CASE_PIDS=()
+    CASE_LOGS=()
     GPID=()
     GLOG=()
     DETAIL=""
     t0=$(date +%s)
-    DEADLINE=$((t0 + CASE_TIMEOUT))
+    DEADLINE=$((t0 + CASE_LIMIT))
     say "case $CASE"
     # shellcheck disable=SC2086
     if $fn; then verdict=PASS; else verdict=FAIL; fi
@@ -440,11 +595,11 @@ for entry in "${MATRIX[@]}"; do
     del_netns
     secs=$(($(date +%s) - t0))
     if [[ $verdict == PASS ]]; then PASS=$((PASS + 1)); else FAIL=$((FAIL + 1)); fi
-    if ((secs >= CASE_TIMEOUT)); then DETAIL+=" [case timeout ${CASE_TIMEOUT}s]"; fi
+    if ((secs >= CASE_LIMIT)); then DETAIL+=" [case timeout ${CASE_LIMIT}s]"; fi
     echo "case $CASE: $verdict (${secs}s; $DETAIL)"
     ROWS+=("| $CASE | $verdict | ${secs}s | ${DETAIL//|/\\|} |")
     if [[ $verdict == FAIL ]]; then
-        for f in "$TMP/$CASE"-*.serial "$TMP/$CASE"-virtq-net.log; do
+        for f in "$TMP/$CASE"-*.serial "$TMP/$CASE"-virtq-net.log "${CASE_LOGS[@]}"; do
             [[ -f $f ]] || continue
             echo "---- $(basename "$f") (last 15 lines)"
             tail -15 "$f" | tr -d '\r'
@@ -454,6 +609,7 @@ done
 
 TOTAL=$(($(date +%s) - T_START))
 [[ -n $IPERF_REPORT ]] && echo "iperf3 through the switch: $IPERF_REPORT"
+[[ -n $VS_REPORT ]] && printf '%s\n' "$VS_REPORT"
 echo "guest matrix took ${TOTAL}s (logs in $GUEST_LOGDIR)"
 if [[ -n ${GUEST_SUMMARY:-} ]]; then
     {
@@ -464,6 +620,7 @@ if [[ -n ${GUEST_SUMMARY:-} ]]; then
         printf '%s\n' "${ROWS[@]}"
         echo
         [[ -n $IPERF_REPORT ]] && echo "iperf3 through the switch: $IPERF_REPORT" && echo
+        [[ -n $VS_REPORT ]] && printf '%s\n\n' "$VS_REPORT"
         echo "$PASS passed, $FAIL failed in ${TOTAL}s"
     } > "$GUEST_SUMMARY"
 fi
