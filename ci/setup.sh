@@ -9,12 +9,14 @@ SUDO=""
 if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
 
 # Debian packages: valgrind (instruction counts in benches/), binutils (readelf for the
-# firmware size report), python3 (bench table), iproute2 (network namespaces for TAP tests).
+# firmware size report), python3 (bench table), iproute2 (network namespaces for TAP tests),
+# dpdk-dev (dpdk-testpmd: the real vhost-user peer). ci/guest installs the QEMU guest tools.
 need_apt=()
 command -v valgrind > /dev/null || need_apt+=(valgrind)
 command -v readelf > /dev/null || need_apt+=(binutils)
 command -v python3 > /dev/null || need_apt+=(python3)
 command -v ip > /dev/null || need_apt+=(iproute2)
+command -v dpdk-testpmd > /dev/null || need_apt+=(dpdk-dev)
 if ((${#need_apt[@]})); then
     log "apt packages: ${need_apt[*]}"
     $SUDO apt-get update -qq

@@ -6,7 +6,7 @@
 #   SKIP_MIRI=1 ...       skip the Miri run (slowest step)
 #   SKIP_FUZZ=1 ...       skip the bounded fuzzing step
 #   SKIP_GUESTS=1 ...     skip the QEMU guest matrix
-#   SKIP_PEERS=1 ...      skip the DPDK testpmd peer matrix
+#   SKIP_PEERS=1 ...      skip the DPDK testpmd peer matrix (about 40 s)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,6 +36,11 @@ cargo +1.87 build -q -p virtq-vhost-user --locked
 
 step "tests (host)"
 counted cargo test --workspace --locked
+
+if [[ -z ${SKIP_PEERS:-} ]]; then
+    step "vhost-user against a real peer: DPDK testpmd (net_virtio_user front-end)"
+    counted bash ci/peer-testpmd.sh
+fi
 
 step "firmware example on the host (self-check against the test driver)"
 cargo run -q -p virtq-firmware-example --locked
