@@ -76,6 +76,7 @@ fn eth(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {
 /// Guest side of one front-end: sends frames, posts RX buffers, reads what arrived.
 struct Nic<'a> {
     fe: &'a Frontend,
+    pair: usize,
     rx: TestDriver<'a, RegionTable<1>>,
     tx: TestDriver<'a, RegionTable<1>>,
     rx_bufs: std::collections::HashMap<u32, u64>,
@@ -84,9 +85,17 @@ struct Nic<'a> {
 
 impl<'a> Nic<'a> {
     fn new(fe: &'a Frontend) -> Nic<'a> {
+        Self::pairs(fe).into_iter().next().unwrap()
+    }
+
+    /// One `Nic` per queue pair of the front-end.
+    fn pairs(fe: &'a Frontend) -> Vec<Nic<'a>> {
         let mut d = fe.drivers().into_iter();
-        let (rx, tx) = (d.next().unwrap(), d.next().unwrap());
-        Nic { fe, rx, tx, rx_bufs: Default::default(), rx_seen: 0 }
+        let mut nics = Vec::new();
+        while let (Some(rx), Some(tx)) = (d.next(), d.next()) {
+            nics.push(Nic { fe, pair: nics.len(), rx, tx, rx_bufs: Default::default(), rx_seen: 0 });
+        }
+        nics
     }
 
     fn post_rx(&mut self, n: usize) {
@@ -100,7 +109,7 @@ impl<'a> Nic<'a> {
 
     fn send(&mut self, frame: &[u8]) {
         self.tx.add_chain(&[Buf::readable(&[0u8; 12]), Buf::readable(frame)]);
-        self.fe.kick(1);
+        self.fe.kick(2 * self.pair + 1);
     }
 
     /// Waits for the next received frame (without the virtio-net header).
@@ -258,5 +267,70 @@ fn tap_mode_reaches_the_host_kernel_in_a_private_namespace() {
     };
     assert_eq!(&reply[0..6], &MAC_A, "reply addressed to the guest");
     assert_eq!(&reply[28..32], &[192, 0, 2, 1], "sender is the TAP address");
+    assert!(p.terminate().success());
+}
+
+/// Two queue pairs on a multiqueue TAP (IFF_MULTI_QUEUE, one TAP queue per pair): ARP
+/// requests sent on either pair reach the kernel in the test's namespace, and its replies come
+/// back to the guest (on whichever receive queue the TAP queue maps to).
+#[test]
+fn multiqueue_tap_carries_both_queue_pairs() {
+    if !Path::new("/dev/net/tun").exists() || !run("ip netns list") {
+        assert!(std::env::var_os("CI").is_none(), "CI needs /dev/net/tun and iproute2");
+        eprintln!("skipped: no /dev/net/tun or iproute2");
+        return;
+    }
+    let ns = format!("virtq-e2e-mq-{}", std::process::id());
+    assert!(run(&format!("ip netns add {ns}")), "ip netns add (needs root)");
+    struct Ns(String);
+    impl Drop for Ns {
+        fn drop(&mut self) {
+            run(&format!("ip netns del {}", self.0));
+        }
+    }
+    let _ns = Ns(ns.clone());
+    let d = dir("tap-mq");
+    let a = d.join("mq.sock");
+    let p = Proc::spawn(
+        Command::new("ip")
+            .args(["netns", "exec", &ns, BIN, "--port"])
+            .arg(format!("path={},backend=tap:vqm0,queues=2", a.display())),
+    );
+    wait_for(&a);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !run(&format!("ip -n {ns} link show vqm0")) {
+        assert!(Instant::now() < deadline, "TAP vqm0 not created");
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(run(&format!("ip -n {ns} addr add 192.0.2.1/24 dev vqm0 && ip -n {ns} link set vqm0 up")));
+    let fe = Frontend::connect(&a, 4, 256);
+    let mut nics = Nic::pairs(&fe);
+    let acked = fe.qemu_start(FEATURES | (1 << 22));
+    assert!(acked & (1 << 22) != 0, "MQ negotiated");
+    for n in &mut nics {
+        n.post_rx(32);
+    }
+    thread::sleep(Duration::from_millis(100));
+    for pair in 0..2 {
+        let mac = [0x52, 0x54, 0, 0, 1, pair as u8];
+        let ip = [192, 0, 2, 10 + pair as u8];
+        let mut arp = vec![0, 1, 8, 0, 6, 4, 0, 1];
+        arp.extend_from_slice(&mac);
+        arp.extend_from_slice(&ip);
+        arp.extend_from_slice(&[0; 6]);
+        arp.extend_from_slice(&[192, 0, 2, 1]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        'wait: loop {
+            nics[pair].send(&eth([0xff; 6], mac, 0x0806, &arp));
+            for n in nics.iter_mut() {
+                while let Some(f) = n.recv(Duration::from_millis(200)) {
+                    if f[12..14] == [0x08, 0x06] && f[20..22] == [0, 2] && f[0..6] == mac {
+                        break 'wait;
+                    }
+                }
+            }
+            assert!(Instant::now() < deadline, "no ARP reply for the request sent on pair {pair}");
+        }
+    }
     assert!(p.terminate().success());
 }
