@@ -210,62 +210,79 @@ fn run(cmd: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// ARP request from the guest for the TAP's address; the kernel in the test's own network
-/// namespace must answer through the TAP.
-#[test]
-fn tap_mode_reaches_the_host_kernel_in_a_private_namespace() {
+/// A network namespace the test created, deleted on drop.
+struct Ns(String);
+
+impl Drop for Ns {
+    fn drop(&mut self) {
+        run(&format!("ip netns del {}", self.0));
+    }
+}
+
+/// Starts `virtq-net --port path=SOCK,backend=tap:TAP<extra>` inside a fresh network namespace
+/// and gives the TAP 192.0.2.1/24 there (TEST-NET-1, never routed outside the namespace).
+/// `None` (test skipped) only outside CI when TAP devices or iproute2 are unavailable.
+fn tap_backend(tag: &str, tap: &str, extra: &str) -> Option<(Ns, Proc, PathBuf)> {
     if !Path::new("/dev/net/tun").exists() || !run("ip netns list") {
         // CI always has both (it runs as root with iproute2 installed): never skip there.
         assert!(std::env::var_os("CI").is_none(), "CI needs /dev/net/tun and iproute2");
         eprintln!("skipped: no /dev/net/tun or iproute2");
-        return;
+        return None;
     }
-    let ns = format!("virtq-e2e-{}", std::process::id());
+    let ns = format!("virtq-e2e-{tag}-{}", std::process::id());
     assert!(run(&format!("ip netns add {ns}")), "ip netns add (needs root)");
-    struct Ns(String);
-    impl Drop for Ns {
-        fn drop(&mut self) {
-            run(&format!("ip netns del {}", self.0));
-        }
-    }
-    let _ns = Ns(ns.clone());
-    let d = dir("tap");
-    let a = d.join("t.sock");
+    let ns = Ns(ns);
+    let sock = dir(tag).join("t.sock");
     let p = Proc::spawn(
         Command::new("ip")
-            .args(["netns", "exec", &ns, BIN, "--port"])
-            .arg(format!("path={},backend=tap:vqt0", a.display())),
+            .args(["netns", "exec", &ns.0, BIN, "--port"])
+            .arg(format!("path={},backend=tap:{tap}{extra}", sock.display())),
     );
-    wait_for(&a);
-    // The TAP exists once the port is up; give it an address and bring it up.
+    wait_for(&sock);
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !run(&format!("ip -n {ns} link show vqt0")) {
-        assert!(Instant::now() < deadline, "TAP vqt0 not created");
+    while !run(&format!("ip -n {} link show {tap}", ns.0)) {
+        assert!(Instant::now() < deadline, "TAP {tap} not created");
         thread::sleep(Duration::from_millis(20));
     }
-    assert!(run(&format!("ip -n {ns} addr add 192.0.2.1/24 dev vqt0 && ip -n {ns} link set vqt0 up")));
-    let fa = Frontend::connect(&a, 2, 256);
+    assert!(run(&format!("ip -n {0} addr add 192.0.2.1/24 dev {tap} && ip -n {0} link set {tap} up", ns.0)));
+    Some((ns, p, sock))
+}
+
+/// An ARP request from `mac`/`ip` for 192.0.2.1.
+fn arp_request(mac: [u8; 6], ip: [u8; 4]) -> Vec<u8> {
+    let mut arp = vec![0, 1, 8, 0, 6, 4, 0, 1];
+    arp.extend_from_slice(&mac);
+    arp.extend_from_slice(&ip);
+    arp.extend_from_slice(&[0; 6]);
+    arp.extend_from_slice(&[192, 0, 2, 1]);
+    eth([0xff; 6], mac, 0x0806, &arp)
+}
+
+/// Whether `f` is an ARP reply addressed to `mac`.
+fn is_arp_reply_to(f: &[u8], mac: [u8; 6]) -> bool {
+    f.len() >= 42 && f[12..14] == [0x08, 0x06] && f[20..22] == [0, 2] && f[0..6] == mac
+}
+
+/// ARP request from the guest for the TAP's address; the kernel in the test's own network
+/// namespace must answer through the TAP.
+#[test]
+fn tap_mode_reaches_the_host_kernel_in_a_private_namespace() {
+    let Some((_ns, p, sock)) = tap_backend("tap", "vqt0", "") else { return };
+    let fa = Frontend::connect(&sock, 2, 256);
     let mut na = Nic::new(&fa);
     fa.qemu_start(FEATURES);
     na.post_rx(32);
     thread::sleep(Duration::from_millis(100));
-    // ARP who-has 192.0.2.1 tell 192.0.2.2 (TEST-NET-1, inside the private namespace).
-    let mut arp = vec![0, 1, 8, 0, 6, 4, 0, 1];
-    arp.extend_from_slice(&MAC_A);
-    arp.extend_from_slice(&[192, 0, 2, 2]);
-    arp.extend_from_slice(&[0; 6]);
-    arp.extend_from_slice(&[192, 0, 2, 1]);
     let deadline = Instant::now() + Duration::from_secs(10);
     let reply = loop {
-        na.send(&eth([0xff; 6], MAC_A, 0x0806, &arp));
+        na.send(&arp_request(MAC_A, [192, 0, 2, 2]));
         if let Some(f) = na.recv(Duration::from_millis(500)) {
-            if f[12..14] == [0x08, 0x06] && f[20..22] == [0, 2] {
+            if is_arp_reply_to(&f, MAC_A) {
                 break f;
             }
         }
         assert!(Instant::now() < deadline, "no ARP reply from the kernel");
     };
-    assert_eq!(&reply[0..6], &MAC_A, "reply addressed to the guest");
     assert_eq!(&reply[28..32], &[192, 0, 2, 1], "sender is the TAP address");
     assert!(p.terminate().success());
 }
@@ -275,35 +292,8 @@ fn tap_mode_reaches_the_host_kernel_in_a_private_namespace() {
 /// back to the guest (on whichever receive queue the TAP queue maps to).
 #[test]
 fn multiqueue_tap_carries_both_queue_pairs() {
-    if !Path::new("/dev/net/tun").exists() || !run("ip netns list") {
-        assert!(std::env::var_os("CI").is_none(), "CI needs /dev/net/tun and iproute2");
-        eprintln!("skipped: no /dev/net/tun or iproute2");
-        return;
-    }
-    let ns = format!("virtq-e2e-mq-{}", std::process::id());
-    assert!(run(&format!("ip netns add {ns}")), "ip netns add (needs root)");
-    struct Ns(String);
-    impl Drop for Ns {
-        fn drop(&mut self) {
-            run(&format!("ip netns del {}", self.0));
-        }
-    }
-    let _ns = Ns(ns.clone());
-    let d = dir("tap-mq");
-    let a = d.join("mq.sock");
-    let p = Proc::spawn(
-        Command::new("ip")
-            .args(["netns", "exec", &ns, BIN, "--port"])
-            .arg(format!("path={},backend=tap:vqm0,queues=2", a.display())),
-    );
-    wait_for(&a);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !run(&format!("ip -n {ns} link show vqm0")) {
-        assert!(Instant::now() < deadline, "TAP vqm0 not created");
-        thread::sleep(Duration::from_millis(20));
-    }
-    assert!(run(&format!("ip -n {ns} addr add 192.0.2.1/24 dev vqm0 && ip -n {ns} link set vqm0 up")));
-    let fe = Frontend::connect(&a, 4, 256);
+    let Some((_ns, p, sock)) = tap_backend("tap-mq", "vqm0", ",queues=2") else { return };
+    let fe = Frontend::connect(&sock, 4, 256);
     let mut nics = Nic::pairs(&fe);
     let acked = fe.qemu_start(FEATURES | (1 << 22));
     assert!(acked & (1 << 22) != 0, "MQ negotiated");
@@ -313,18 +303,12 @@ fn multiqueue_tap_carries_both_queue_pairs() {
     thread::sleep(Duration::from_millis(100));
     for pair in 0..2 {
         let mac = [0x52, 0x54, 0, 0, 1, pair as u8];
-        let ip = [192, 0, 2, 10 + pair as u8];
-        let mut arp = vec![0, 1, 8, 0, 6, 4, 0, 1];
-        arp.extend_from_slice(&mac);
-        arp.extend_from_slice(&ip);
-        arp.extend_from_slice(&[0; 6]);
-        arp.extend_from_slice(&[192, 0, 2, 1]);
         let deadline = Instant::now() + Duration::from_secs(10);
         'wait: loop {
-            nics[pair].send(&eth([0xff; 6], mac, 0x0806, &arp));
+            nics[pair].send(&arp_request(mac, [192, 0, 2, 10 + pair as u8]));
             for n in nics.iter_mut() {
                 while let Some(f) = n.recv(Duration::from_millis(200)) {
-                    if f[12..14] == [0x08, 0x06] && f[20..22] == [0, 2] && f[0..6] == mac {
+                    if is_arp_reply_to(&f, mac) {
                         break 'wait;
                     }
                 }
