@@ -2,11 +2,12 @@
 //! the port's back-end (its TAP, the switch, or back to itself), batching per destination so
 //! that each destination queue is locked and notified once per burst.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::warn;
-use virtq_vhost_user::net::{NetDevice, QueueCounters, TxFrame, MAX_TX_FRAME};
+use virtq_vhost_user::net::{NetDevice, TxFrame, MAX_TX_FRAME};
 
 use crate::switch::{Forward, PortId, Switch};
 use crate::tap::{TapQueue, TAP_HDR_LEN};
@@ -42,18 +43,20 @@ pub enum Port {
         name: String,
         /// Its queues.
         queues: Vec<TapQueue>,
+        /// Its counters, shared with whoever reports statistics.
+        counters: Arc<TapCounters>,
     },
 }
 
-/// Counters of a TAP attached to the switch.
-#[derive(Clone, Copy, Debug, Default)]
+/// Counters of a TAP attached to the switch (updated once per burst).
+#[derive(Debug, Default)]
 pub struct TapCounters {
     /// Frames read from the TAP.
-    pub rx: u64,
+    pub rx: AtomicU64,
     /// Frames written to the TAP.
-    pub tx: u64,
+    pub tx: AtomicU64,
     /// Frames the TAP could not take.
-    pub drops: u64,
+    pub drops: AtomicU64,
 }
 
 /// The data plane: ports, the switch, reusable buffers.
@@ -64,7 +67,6 @@ pub struct Dataplane {
     tap_bufs: Vec<Vec<u8>>,
     /// Per destination port, indices of the frames of the current burst going there.
     dest: Vec<Vec<usize>>,
-    tap_counters: Vec<TapCounters>,
     busy_poll: bool,
 }
 
@@ -78,7 +80,6 @@ impl Dataplane {
             frames: (0..BURST).map(|_| TxFrame::with_capacity(MAX_TX_FRAME)).collect(),
             tap_bufs: (0..BURST).map(|_| vec![0u8; MAX_TX_FRAME]).collect(),
             dest: vec![Vec::with_capacity(BURST); n],
-            tap_counters: vec![TapCounters::default(); n],
             busy_poll,
         }
     }
@@ -149,14 +150,14 @@ impl Dataplane {
             }
             PortBackend::Switch => {
                 let frames: Vec<&[u8]> = self.frames[..n].iter().map(|f| f.frame()).collect();
-                switch_burst(&mut self.switch, &mut self.dest, &self.ports, &mut self.tap_counters, p, pair, &frames);
+                switch_burst(&mut self.switch, &mut self.dest, &self.ports, p, pair, &frames);
             }
         }
         n
     }
 
     fn poll_switch_tap(&mut self, p: PortId, q: usize) -> usize {
-        let Port::SwitchTap { queues, name } = &self.ports[p] else { return 0 };
+        let Port::SwitchTap { queues, name, counters } = &self.ports[p] else { return 0 };
         let mut lens = [0usize; BURST];
         let mut n = 0;
         while n < BURST {
@@ -176,9 +177,9 @@ impl Dataplane {
         if n == 0 {
             return 0;
         }
-        self.tap_counters[p].rx += n as u64;
+        counters.rx.fetch_add(n as u64, Ordering::Relaxed);
         let frames: Vec<&[u8]> = (0..n).map(|i| &self.tap_bufs[i][TAP_HDR_LEN..lens[i]]).collect();
-        switch_burst(&mut self.switch, &mut self.dest, &self.ports, &mut self.tap_counters, p, q as u16, &frames);
+        switch_burst(&mut self.switch, &mut self.dest, &self.ports, p, q as u16, &frames);
         n
     }
 
@@ -209,16 +210,6 @@ impl Dataplane {
         }
         work
     }
-
-    /// Counters of a TAP attached to the switch.
-    pub fn tap_counters(&self, port: PortId) -> TapCounters {
-        self.tap_counters[port]
-    }
-
-    /// The ports.
-    pub fn ports(&self) -> &[Port] {
-        &self.ports
-    }
 }
 
 /// Switches one burst that entered on port `ingress`: learns, then sends each destination its
@@ -227,7 +218,6 @@ fn switch_burst(
     switch: &mut Switch,
     dest: &mut [Vec<usize>],
     ports: &[Port],
-    counters: &mut [TapCounters],
     ingress: PortId,
     pair: u16,
     frames: &[&[u8]],
@@ -256,7 +246,7 @@ fn switch_burst(
         }
         out.clear();
         out.extend(d.iter().map(|&i| frames[i]));
-        deliver(&ports[to], pair, &out, &mut counters[to]);
+        deliver(&ports[to], pair, &out);
     }
 }
 
@@ -266,25 +256,28 @@ fn is_switch_port(p: &Port) -> bool {
 
 /// Sends a batch to one port: one enqueue burst for a guest (on the pair matching the
 /// ingress queue), or writes to a TAP.
-fn deliver(port: &Port, pair: u16, frames: &[&[u8]], tap: &mut TapCounters) {
+fn deliver(port: &Port, pair: u16, frames: &[&[u8]]) {
     match port {
         Port::Vhost { dev, .. } => {
             let pairs = dev.queue_pairs().max(1);
             dev.enqueue_burst(pair % pairs, frames);
         }
-        Port::SwitchTap { queues, name } => {
+        Port::SwitchTap { queues, name, counters } => {
             let q = &queues[pair as usize % queues.len()];
             let hdr = [0u8; TAP_HDR_LEN];
+            let (mut tx, mut drops) = (0, 0);
             for f in frames {
                 match q.write(&hdr, f) {
-                    Ok(true) => tap.tx += 1,
-                    Ok(false) => tap.drops += 1,
+                    Ok(true) => tx += 1,
+                    Ok(false) => drops += 1,
                     Err(e) => {
-                        tap.drops += 1;
+                        drops += 1;
                         warn!("virtq-net: TAP {name} write: {e}");
                     }
                 }
             }
+            counters.tx.fetch_add(tx, Ordering::Relaxed);
+            counters.drops.fetch_add(drops, Ordering::Relaxed);
         }
     }
 }
@@ -297,18 +290,4 @@ fn tap_header(raw: &[u8], frame: &[u8]) -> [u8; TAP_HDR_LEN] {
     let n = hdr_len.min(10);
     h[..n].copy_from_slice(&raw[..n]);
     h
-}
-
-/// Per-queue counters of every vhost-user port, for the statistics report.
-pub fn vhost_stats(ports: &[Port]) -> Vec<(String, Vec<QueueCounters>)> {
-    ports
-        .iter()
-        .filter_map(|p| match p {
-            Port::Vhost { dev, .. } => {
-                let n = dev.queue_pairs() as usize * 2;
-                Some((dev.name().to_string(), (0..n).map(|i| dev.stats(i)).collect()))
-            }
-            Port::SwitchTap { .. } => None,
-        })
-        .collect()
 }

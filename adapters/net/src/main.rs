@@ -26,7 +26,7 @@ use virtq_vhost_user::connection::Reconnect;
 use virtq_vhost_user::device::DeviceConfig;
 use virtq_vhost_user::net::NetDevice;
 
-use dataplane::{Dataplane, Port, PortBackend};
+use dataplane::{Dataplane, Port, PortBackend, TapCounters};
 
 /// Command line.
 #[derive(Parser, Debug)]
@@ -203,21 +203,30 @@ impl DeviceHandler for Logger {
     }
 }
 
-fn print_stats(dp: &Dataplane) {
-    for (name, queues) in dataplane::vhost_stats(dp.ports()) {
-        for (i, c) in queues.iter().enumerate() {
+/// Per-port and per-queue statistics (packets, bytes, drops, errors); the counters are shared
+/// with the data plane, so this runs on the main thread at any time.
+fn print_stats(devs: &[NetDevice], taps: &[(String, Arc<TapCounters>)]) {
+    for dev in devs {
+        for i in 0..dev.queue_pairs() as usize * 2 {
+            let c = dev.stats(i);
             let dir = if i % 2 == 0 { "rx" } else { "tx" };
             info!(
-                "stats {name} q{i}({dir}): packets {} bytes {} drops {} errors {}",
-                c.packets, c.bytes, c.drops, c.errors
+                "stats {} q{i}({dir}): packets {} bytes {} drops {} errors {}",
+                dev.name(),
+                c.packets,
+                c.bytes,
+                c.drops,
+                c.errors
             );
         }
     }
-    for (i, p) in dp.ports().iter().enumerate() {
-        if let Port::SwitchTap { name, .. } = p {
-            let c = dp.tap_counters(i);
-            info!("stats tap {name}: rx {} tx {} drops {}", c.rx, c.tx, c.drops);
-        }
+    for (name, c) in taps {
+        info!(
+            "stats tap {name}: rx {} tx {} drops {}",
+            c.rx.load(Ordering::Relaxed),
+            c.tx.load(Ordering::Relaxed),
+            c.drops.load(Ordering::Relaxed)
+        );
     }
 }
 
@@ -268,11 +277,21 @@ fn run(args: Args) -> Result<(), String> {
         };
         add(spec.path.display().to_string(), spec, socket, i + 1)?;
     }
+    let mut tap_counters = Vec::new();
     for t in &args.taps {
         let queues = tap::open(t, 1).map_err(|e| format!("TAP {t}: {e}"))?;
         info!("TAP {t} attached to the switch");
-        ports.push(Port::SwitchTap { name: t.clone(), queues });
+        let counters = Arc::new(TapCounters::default());
+        tap_counters.push((t.clone(), Arc::clone(&counters)));
+        ports.push(Port::SwitchTap { name: t.clone(), queues, counters });
     }
+    let devs: Vec<NetDevice> = ports
+        .iter()
+        .filter_map(|p| match p {
+            Port::Vhost { dev, .. } => Some(dev.clone()),
+            Port::SwitchTap { .. } => None,
+        })
+        .collect();
 
     install_signals();
     let handle = backend.handle();
@@ -287,7 +306,6 @@ fn run(args: Args) -> Result<(), String> {
         .spawn(move || {
             let mut dp = Dataplane::new(ports, busy);
             dp.run(&dp_stop);
-            dp
         })
         .map_err(|e| e.to_string())?;
 
@@ -296,17 +314,16 @@ fn run(args: Args) -> Result<(), String> {
         thread::sleep(Duration::from_millis(50));
         let periodic = args.stats_interval > 0 && last_stats.elapsed() >= Duration::from_secs(args.stats_interval);
         if DUMP_STATS.swap(false, Ordering::SeqCst) || periodic {
-            // The data plane owns its counters; the vhost-user ones are shared and read here.
             last_stats = Instant::now();
-            info!("statistics requested (full report at exit)");
+            print_stats(&devs, &tap_counters);
         }
     }
     info!("stopping");
     stop.store(true, Ordering::SeqCst);
-    let dp = data.join().map_err(|_| "data plane panicked".to_string())?;
+    data.join().map_err(|_| "data plane panicked".to_string())?;
     handle.shutdown();
     control.join().map_err(|_| "control loop panicked".to_string())?.map_err(|e| e.to_string())?;
-    print_stats(&dp);
+    print_stats(&devs, &tap_counters);
     Ok(())
 }
 

@@ -31,6 +31,12 @@ impl Proc {
         Proc(cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start virtq-net"))
     }
 
+    /// Like `spawn`, with the log (stderr) written to `log`.
+    fn spawn_logged(cmd: &mut Command, log: &Path) -> Proc {
+        let f = std::fs::File::create(log).unwrap();
+        Proc(cmd.stdout(Stdio::null()).stderr(f).spawn().expect("start virtq-net"))
+    }
+
     /// SIGTERM and wait (at most 5 s) for a clean exit.
     fn terminate(mut self) -> std::process::ExitStatus {
         // SAFETY: signalling our own child by PID.
@@ -168,8 +174,11 @@ fn switch_mode_carries_frames_between_two_guests_and_exits_cleanly() {
 fn reflect_mode_returns_every_frame_to_its_sender() {
     let d = dir("reflect");
     let a = d.join("r.sock");
-    let p =
-        Proc::spawn(Command::new(BIN).args(["--backend", "reflect", "--no-mrg-rxbuf"]).arg("--socket-path").arg(&a));
+    let log = d.join("log");
+    let p = Proc::spawn_logged(
+        Command::new(BIN).args(["--backend", "reflect", "--no-mrg-rxbuf"]).arg("--socket-path").arg(&a),
+        &log,
+    );
     wait_for(&a);
     let fa = Frontend::connect(&a, 2, 64);
     let mut na = Nic::new(&fa);
@@ -181,6 +190,20 @@ fn reflect_mode_returns_every_frame_to_its_sender() {
         let f = eth(MAC_B, MAC_A, 0x88b5, &[i; 200]);
         na.send(&f);
         assert_eq!(na.recv(Duration::from_secs(5)).unwrap(), f);
+    }
+    // Statistics on request (SIGUSR1): per queue, packets and bytes (frames without header).
+    // SAFETY: signalling our own child by PID.
+    unsafe { libc::kill(p.0.id() as i32, libc::SIGUSR1) };
+    let want_tx = "q1(tx): packets 5 bytes 1070 drops 0 errors 0";
+    let want_rx = "q0(rx): packets 5 bytes 1070 drops 0 errors 0";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains(want_tx) && text.contains(want_rx) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no statistics after SIGUSR1:\n{text}");
+        thread::sleep(Duration::from_millis(20));
     }
     assert!(p.terminate().success());
 }
