@@ -135,8 +135,8 @@ impl Dataplane {
         }
         match backend {
             PortBackend::Reflect => {
-                let out: Vec<&[u8]> = self.frames[..n].iter().map(|f| f.frame()).collect();
-                dev.enqueue_burst(pair, &out);
+                let (refs, n) = burst_refs(self.frames[..n].iter().map(|f| f.frame()));
+                dev.enqueue_burst(pair, &refs[..n]);
             }
             PortBackend::Tap(_) => {
                 if let Some(q) = tap.get(pair as usize % tap.len().max(1)) {
@@ -149,8 +149,8 @@ impl Dataplane {
                 }
             }
             PortBackend::Switch => {
-                let frames: Vec<&[u8]> = self.frames[..n].iter().map(|f| f.frame()).collect();
-                switch_burst(&mut self.switch, &mut self.dest, &self.ports, p, pair, &frames);
+                let (refs, n) = burst_refs(self.frames[..n].iter().map(|f| f.frame()));
+                switch_burst(&mut self.switch, &mut self.dest, &self.ports, p, pair, &refs[..n]);
             }
         }
         n
@@ -159,27 +159,13 @@ impl Dataplane {
     fn poll_switch_tap(&mut self, p: PortId, q: usize) -> usize {
         let Port::SwitchTap { queues, name, counters } = &self.ports[p] else { return 0 };
         let mut lens = [0usize; BURST];
-        let mut n = 0;
-        while n < BURST {
-            match queues[q].read(&mut self.tap_bufs[n]) {
-                Ok(Some(len)) if len > TAP_HDR_LEN => {
-                    lens[n] = len;
-                    n += 1;
-                }
-                Ok(Some(_)) => {}
-                Ok(None) => break,
-                Err(e) => {
-                    warn!("virtq-net: TAP {name} read: {e}");
-                    break;
-                }
-            }
-        }
+        let n = read_tap_burst(&queues[q], &mut self.tap_bufs, &mut lens, name);
         if n == 0 {
             return 0;
         }
         counters.rx.fetch_add(n as u64, Ordering::Relaxed);
-        let frames: Vec<&[u8]> = (0..n).map(|i| &self.tap_bufs[i][TAP_HDR_LEN..lens[i]]).collect();
-        switch_burst(&mut self.switch, &mut self.dest, &self.ports, p, q as u16, &frames);
+        let (refs, n) = burst_refs((0..n).map(|i| &self.tap_bufs[i][TAP_HDR_LEN..lens[i]]));
+        switch_burst(&mut self.switch, &mut self.dest, &self.ports, p, q as u16, &refs[..n]);
         n
     }
 
@@ -187,23 +173,13 @@ impl Dataplane {
     pub fn poll_port_taps(&mut self) -> usize {
         let mut work = 0;
         for p in &self.ports {
-            let Port::Vhost { dev, backend: PortBackend::Tap(_), tap } = p else { continue };
+            let Port::Vhost { dev, backend: PortBackend::Tap(name), tap } = p else { continue };
             for (pair, q) in tap.iter().enumerate() {
                 let mut lens = [0usize; BURST];
-                let mut n = 0;
-                while n < BURST {
-                    match q.read(&mut self.tap_bufs[n]) {
-                        Ok(Some(len)) if len > TAP_HDR_LEN => {
-                            lens[n] = len;
-                            n += 1;
-                        }
-                        Ok(Some(_)) => {}
-                        Ok(None) | Err(_) => break,
-                    }
-                }
+                let n = read_tap_burst(q, &mut self.tap_bufs, &mut lens, name);
                 if n > 0 {
-                    let out: Vec<&[u8]> = (0..n).map(|i| &self.tap_bufs[i][TAP_HDR_LEN..lens[i]]).collect();
-                    dev.enqueue_burst(pair as u16, &out);
+                    let (refs, n) = burst_refs((0..n).map(|i| &self.tap_bufs[i][TAP_HDR_LEN..lens[i]]));
+                    dev.enqueue_burst(pair as u16, &refs[..n]);
                     work += n;
                 }
             }
@@ -239,15 +215,45 @@ fn switch_burst(
             Forward::Drop => {}
         }
     }
-    let mut out: Vec<&[u8]> = Vec::with_capacity(frames.len());
     for (to, d) in dest.iter().enumerate() {
         if d.is_empty() {
             continue;
         }
-        out.clear();
-        out.extend(d.iter().map(|&i| frames[i]));
-        deliver(&ports[to], pair, &out);
+        let (refs, n) = burst_refs(d.iter().map(|&i| frames[i]));
+        deliver(&ports[to], pair, &refs[..n]);
     }
+}
+
+/// Up to [`BURST`] frame slices in a stack array (no allocation on the data path).
+fn burst_refs<'a>(frames: impl Iterator<Item = &'a [u8]>) -> ([&'a [u8]; BURST], usize) {
+    let mut refs: [&[u8]; BURST] = [&[]; BURST];
+    let mut n = 0;
+    for (slot, f) in refs.iter_mut().zip(frames) {
+        *slot = f;
+        n += 1;
+    }
+    (refs, n)
+}
+
+/// Reads up to one burst of frames (virtio-net header + frame) from a TAP queue into `bufs`,
+/// their lengths into `lens`; frames no longer than the header are skipped.
+fn read_tap_burst(q: &TapQueue, bufs: &mut [Vec<u8>], lens: &mut [usize; BURST], name: &str) -> usize {
+    let mut n = 0;
+    while n < BURST {
+        match q.read(&mut bufs[n]) {
+            Ok(Some(len)) if len > TAP_HDR_LEN => {
+                lens[n] = len;
+                n += 1;
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => break,
+            Err(e) => {
+                warn!("virtq-net: TAP {name} read: {e}");
+                break;
+            }
+        }
+    }
+    n
 }
 
 fn is_switch_port(p: &Port) -> bool {

@@ -24,8 +24,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use frontend::*;
-use virtq::testing::{Buf, TestDriver};
-use virtq::RegionTable;
+use virtq::testing::Buf;
 use virtq_vhost_user::backend::{Backend, BackendHandle, SocketSpec};
 use virtq_vhost_user::device::DeviceConfig;
 use virtq_vhost_user::net::{NetDevice, TxFrame, MAX_TX_FRAME};
@@ -141,20 +140,6 @@ impl Drop for Harness {
         if let Some(t) = self.thread.take() {
             t.join().unwrap();
         }
-    }
-}
-
-/// The guest side of every queue: drivers and how far the guest has read each used ring.
-struct Guest<'a> {
-    drv: Vec<TestDriver<'a, RegionTable<1>>>,
-    seen: Vec<u16>,
-}
-
-impl<'a> Guest<'a> {
-    fn new(fe: &'a Frontend) -> Self {
-        let drv = fe.drivers();
-        let seen = vec![0; drv.len()];
-        Guest { drv, seen }
     }
 }
 

@@ -12,8 +12,7 @@ use std::thread;
 use std::time::Duration;
 
 use frontend::*;
-use virtq::testing::{Buf, TestDriver};
-use virtq::RegionTable;
+use virtq::testing::Buf;
 use virtq::VirtioFeatures;
 use virtq_vhost_user::backend::{Backend, BackendHandle, DeviceHandler, NoHandler, SocketSpec};
 use virtq_vhost_user::connection::Reconnect;
@@ -53,20 +52,6 @@ fn server(path: &std::path::Path) -> SocketSpec {
 }
 
 const NO_MRG: u64 = NET_FEATURES & !(1 << 15);
-
-/// The guest side of every queue: drivers and how far the guest has read each used ring.
-struct Guest<'a> {
-    drv: Vec<TestDriver<'a, RegionTable<1>>>,
-    seen: Vec<u16>,
-}
-
-impl<'a> Guest<'a> {
-    fn new(fe: &'a Frontend) -> Self {
-        let drv = fe.drivers();
-        let seen = vec![0; drv.len()];
-        Guest { drv, seen }
-    }
-}
 
 /// Guest TX: the driver posts `count` frames (12-byte header + frame, two descriptors) on the
 /// TX queue of `pair`, kicks, and the device dequeues exactly them.

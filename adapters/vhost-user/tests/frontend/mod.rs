@@ -594,3 +594,17 @@ impl virtq_vhost_user::backend::DeviceHandler for Counting {
         self.destroyed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
+
+/// The guest side of every queue: drivers and how far the guest has read each used ring.
+pub struct Guest<'a> {
+    pub drv: Vec<TestDriver<'a, RegionTable<1>>>,
+    pub seen: Vec<u16>,
+}
+
+impl<'a> Guest<'a> {
+    pub fn new(fe: &'a Frontend) -> Self {
+        let drv = fe.drivers();
+        let seen = vec![0; drv.len()];
+        Guest { drv, seen }
+    }
+}
