@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use log::warn;
 use virtq_vhost_user::net::{NetDevice, TxFrame, MAX_TX_FRAME};
 
+use crate::generate;
 use crate::switch::{Forward, PortId, Switch};
 use crate::tap::{TapQueue, TAP_HDR_LEN};
 
@@ -24,6 +25,12 @@ pub enum PortBackend {
     Reflect,
     /// A host TAP device of this name (one TAP queue per queue pair).
     Tap(String),
+    /// Frames from the guest are counted and discarded (a benchmark sink, like testpmd's
+    /// `rxonly`).
+    Sink,
+    /// The guest receives a UDP frame of this many bytes whenever it has a free buffer (a
+    /// benchmark source, like testpmd's `txonly`); what it sends is counted and discarded.
+    Source(usize),
 }
 
 /// A port of the data plane.
@@ -67,29 +74,50 @@ pub struct Dataplane {
     tap_bufs: Vec<Vec<u8>>,
     /// Per destination port, indices of the frames of the current burst going there.
     dest: Vec<Vec<usize>>,
+    /// Ports with a `Source` back-end and the frame each one offers.
+    sources: Vec<(PortId, Vec<u8>)>,
     busy_poll: bool,
 }
+
+/// How often the data plane re-asks every ring not to kick (rings started since get it too).
+const SUPPRESS_EVERY: Duration = Duration::from_millis(100);
 
 impl Dataplane {
     /// A data plane over `ports`; with `busy_poll` it never sleeps.
     pub fn new(ports: Vec<Port>, busy_poll: bool) -> Dataplane {
         let n = ports.len();
+        let sources = ports
+            .iter()
+            .enumerate()
+            .filter_map(|(p, port)| match port {
+                Port::Vhost { backend: PortBackend::Source(size), .. } => Some((p, generate::udp_frame(*size))),
+                _ => None,
+            })
+            .collect();
         Dataplane {
             ports,
             switch: Switch::new(Duration::from_secs(300), 4096),
             frames: (0..BURST).map(|_| TxFrame::with_capacity(MAX_TX_FRAME)).collect(),
             tap_bufs: (0..BURST).map(|_| vec![0u8; MAX_TX_FRAME]).collect(),
             dest: vec![Vec::with_capacity(BURST); n],
+            sources,
             busy_poll,
         }
     }
 
     /// Runs until `stop` is set. Busy-polls while there is traffic, then backs off with short
-    /// sleeps (up to 1 ms) unless busy-polling was asked for.
+    /// sleeps (up to 1 ms) unless busy-polling was asked for. The rings are polled, never
+    /// waited on, so the guest is asked not to kick at all (§2.7.10): a kick costs it a VM exit
+    /// or a syscall per batch.
     pub fn run(&mut self, stop: &AtomicBool) {
         let mut idle = 0u32;
         let mut last_expire = Instant::now();
+        let mut last_suppress: Option<Instant> = None;
         while !stop.load(Ordering::Relaxed) {
+            if last_suppress.is_none_or(|t| t.elapsed() >= SUPPRESS_EVERY) {
+                self.suppress_kicks();
+                last_suppress = Some(Instant::now());
+            }
             let work = self.poll_once();
             if work > 0 {
                 idle = 0;
@@ -107,9 +135,20 @@ impl Dataplane {
         }
     }
 
+    /// Asks the guest of every started ring not to kick.
+    fn suppress_kicks(&self) {
+        for p in &self.ports {
+            if let Port::Vhost { dev, .. } = p {
+                for q in 0..2 * dev.queue_pairs() as usize {
+                    dev.suppress_kicks(q);
+                }
+            }
+        }
+    }
+
     /// One pass over every port; returns the number of frames moved.
     pub fn poll_once(&mut self) -> usize {
-        let mut work = 0;
+        let mut work = self.poll_sources();
         for p in 0..self.ports.len() {
             match &self.ports[p] {
                 Port::Vhost { dev, .. } => {
@@ -134,6 +173,8 @@ impl Dataplane {
             return 0;
         }
         match backend {
+            // Counted by the device's TX statistics; nothing else to do.
+            PortBackend::Sink | PortBackend::Source(_) => {}
             PortBackend::Reflect => {
                 let (refs, n) = burst_refs(self.frames[..n].iter().map(|f| f.frame()));
                 dev.enqueue_burst(pair, &refs[..n]);
@@ -154,6 +195,21 @@ impl Dataplane {
             }
         }
         n
+    }
+
+    /// Offers every `Source` port's frame to its guest, a burst per queue pair; returns the
+    /// frames placed. Offers the guest had no buffer for are counted as drops by the device
+    /// (the generator's back-pressure, like testpmd's `TX-dropped`).
+    fn poll_sources(&mut self) -> usize {
+        let mut work = 0;
+        for (p, frame) in &self.sources {
+            let Port::Vhost { dev, .. } = &self.ports[*p] else { continue };
+            let refs: [&[u8]; BURST] = [frame.as_slice(); BURST];
+            for pair in 0..dev.queue_pairs() {
+                work += dev.enqueue_burst(pair, &refs);
+            }
+        }
+        work
     }
 
     fn poll_switch_tap(&mut self, p: PortId, q: usize) -> usize {

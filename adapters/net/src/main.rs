@@ -8,6 +8,7 @@
 //! daemonizing, and a clean exit on SIGTERM/SIGINT (rings stopped, socket files removed).
 
 mod dataplane;
+mod generate;
 mod switch;
 mod tap;
 
@@ -49,13 +50,15 @@ struct Args {
     #[arg(long)]
     no_reconnect: bool,
 
-    /// A fully specified port (repeatable): `path=P[,client][,backend=switch|reflect|tap:NAME]
+    /// A fully specified port (repeatable): `path=P[,client][,backend=switch|reflect|tap:NAME|sink|source:BYTES]
     /// [,queues=N][,mac=52:54:00:00:00:01][,mtu=1500][,mrg=on|off]`.
     #[arg(long = "port", value_name = "SPEC")]
     ports: Vec<String>,
 
-    /// Back-end of the --socket-path/--fd ports.
-    #[arg(long, default_value = "switch", value_name = "switch|reflect|tap:NAME")]
+    /// Back-end of the --socket-path/--fd ports: the L2 switch, back to the sender, a host TAP,
+    /// or for benchmarks a sink (count and discard what the guest sends) or a source (the guest
+    /// receives BYTES-byte UDP frames as fast as it posts buffers).
+    #[arg(long, default_value = "switch", value_name = "switch|reflect|tap:NAME|sink|source:BYTES")]
     backend: String,
 
     /// Attach a host TAP device to the switch (repeatable).
@@ -116,10 +119,23 @@ fn parse_backend(s: &str) -> Result<PortBackend, String> {
     match s {
         "switch" => Ok(PortBackend::Switch),
         "reflect" => Ok(PortBackend::Reflect),
-        _ => match s.strip_prefix("tap:") {
-            Some(name) if !name.is_empty() => Ok(PortBackend::Tap(name.to_string())),
-            _ => Err(format!("unknown back-end {s:?} (switch, reflect or tap:NAME)")),
-        },
+        "sink" => Ok(PortBackend::Sink),
+        _ => {
+            if let Some(name) = s.strip_prefix("tap:").filter(|n| !n.is_empty()) {
+                return Ok(PortBackend::Tap(name.to_string()));
+            }
+            if let Some(size) = s.strip_prefix("source:") {
+                return match size.parse::<usize>() {
+                    Ok(n) if (generate::MIN_FRAME..=generate::MAX_FRAME).contains(&n) => Ok(PortBackend::Source(n)),
+                    _ => Err(format!(
+                        "source frame size {size:?} must be {}..={} bytes",
+                        generate::MIN_FRAME,
+                        generate::MAX_FRAME
+                    )),
+                };
+            }
+            Err(format!("unknown back-end {s:?} (switch, reflect, tap:NAME, sink or source:BYTES)"))
+        }
     }
 }
 
@@ -376,6 +392,10 @@ mod tests {
         assert!(parse_port("path=x,backend=tap:", &defaults()).is_err());
         assert!(parse_port("path=x,mac=1:2:3", &defaults()).is_err());
         assert!(parse_port("path=x,colour=blue", &defaults()).is_err());
+        assert_eq!(parse_port("path=x,backend=sink", &defaults()).unwrap().backend, PortBackend::Sink);
+        assert_eq!(parse_port("path=x,backend=source:64", &defaults()).unwrap().backend, PortBackend::Source(64));
+        assert!(parse_port("path=x,backend=source:20", &defaults()).is_err(), "below the Ethernet minimum");
+        assert!(parse_port("path=x,backend=source:", &defaults()).is_err());
     }
 
     #[test]

@@ -66,9 +66,16 @@ pub struct DeviceConfig {
 
 impl DeviceConfig {
     /// The features a virtio-net back-end on this library supports by default.
+    ///
+    /// `VIRTIO_F_IN_ORDER` (§2.7.8.2) is offered because [`crate::net::NetDevice`] uses every
+    /// buffer in the order it was made available (bad chains included: they are completed
+    /// with len 0 in place). A driver that negotiates it (DPDK virtio-user) recycles its
+    /// descriptors without a free list. An application that completes chains out of order
+    /// through its own queue views must remove it.
     pub fn net_default() -> DeviceConfig {
         DeviceConfig {
             features: VirtioFeatures::VERSION_1
+                | VirtioFeatures::IN_ORDER
                 | VirtioFeatures::RING_INDIRECT_DESC
                 | VirtioFeatures::RING_EVENT_IDX
                 | VirtioFeatures::NET_MRG_RXBUF

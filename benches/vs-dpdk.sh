@@ -1,0 +1,234 @@
+#!/usr/bin/env bash
+# virtq-net against DPDK's vhost back-end (testpmd `net_vhost`), both driven by the same real
+# front-end: DPDK testpmd with `net_virtio_user`. In one invocation the two back-ends alternate
+# A B A B … per case, so both see the same machine state; the table gives per case the median
+# Mpps of each, the spread (min–max over the rounds) and the ratio virtq/DPDK of the medians.
+#
+#   benches/vs-dpdk.sh                      every case, 5 rounds of 5 s
+#   ROUNDS=3 SECS=3 benches/vs-dpdk.sh      shorter
+#   CASES='rx64-mrg tx64-mrg' ...           only these cases
+#   TSV=out.tsv ...                         also every sample as TSV (case, backend, round, Mpps)
+#   KEEP=1 ...                              keep the logs directory (printed)
+#   VIRTQ_NET=path ...                      use this virtq-net binary (no build)
+#   A=virtq=/tmp/old B=virtq ...            compare two virtq-net builds instead (A and B are
+#                                           `dpdk`, `virtq` or `virtq=PATH`; defaults virtq, dpdk)
+#
+# Cases (front-end mode → what each back-end does):
+#   tx<SIZE>-<mrg|nomrg>   guest TX: the front-end runs `txonly`; the back-end drains
+#                          (virtq-net `--backend sink`, testpmd `rxonly`). Rate = front-end Tx-pps
+#                          (frames the back-end freed ring space for).
+#   rx<SIZE>-<mrg|nomrg>   guest RX: the front-end runs `rxonly`; the back-end generates SIZE-byte
+#                          UDP frames (virtq-net `--backend source:SIZE`, testpmd `txonly`).
+#                          Rate = front-end Rx-pps.
+#   loop64-<mrg|nomrg>     the front-end runs `flowgen` (sends and counts what comes back); the
+#                          back-end echoes (virtq-net `--backend reflect`, testpmd `io` with
+#                          `--port-topology=loop`). Rate = front-end Rx-pps.
+# `mrg` sets the front-end's mrg_rxbuf (both back-ends offer MRG_RXBUF). The front-end is
+# otherwise as in ../shared/reference/peers.md: split ring, queue_size=256, in_order=1.
+#
+# Pinning: each back-end on CPU 0 (testpmd's main and forwarding lcores both there; virtq-net's
+# control and data threads both there), the front-end on CPU 1. Both back-ends busy-poll.
+# Measurement: `start`, WARM seconds, `show port stats 0` (testpmd's pps baseline), SECS
+# seconds, `show port stats 0`; testpmd computes the pps over the interval from its TSC.
+#
+# Needs dpdk-testpmd (installs dpdk-dev if missing) and 2 CPUs. Every process started is ended
+# by PID on exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ROUNDS=${ROUNDS:-5}
+SECS=${SECS:-5}
+WARM=${WARM:-1}
+ALL_CASES="tx64-mrg tx64-nomrg rx64-mrg rx64-nomrg tx1518-mrg tx1518-nomrg rx1518-mrg rx1518-nomrg loop64-mrg loop64-nomrg"
+CASES=${CASES:-$ALL_CASES}
+TSV=${TSV:-}
+
+SUDO=""
+if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
+if ! command -v dpdk-testpmd > /dev/null; then
+    echo "vs-dpdk: installing dpdk-dev (dpdk-testpmd)" >&2
+    $SUDO apt-get update -qq
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dpdk-dev
+fi
+TESTPMD=$(command -v dpdk-testpmd)
+if (($(nproc) < 2)); then
+    echo "vs-dpdk: needs 2 CPUs (back-end and front-end each on its own)" >&2
+    exit 2
+fi
+
+if [[ -z ${VIRTQ_NET:-} ]]; then
+    cargo build --release --locked -p virtq-net
+    VIRTQ_NET=${CARGO_TARGET_DIR:-target}/release/virtq-net
+fi
+A=${A:-virtq}
+B=${B:-dpdk}
+
+BE_CPU=0 FE_CPU=1
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/virtq-vs-dpdk.XXXXXX")
+PIDS=()
+PREFIXES=()
+FIFO_FD=""
+
+stop_pid() { # stop_pid PID SIGNAL: signal, wait up to 5 s, then SIGKILL
+    local pid=$1 sig=$2 i
+    kill -0 "$pid" 2> /dev/null || return 0
+    kill "-$sig" "$pid" 2> /dev/null || true
+    for ((i = 0; i < 50; i++)); do
+        kill -0 "$pid" 2> /dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$pid" 2> /dev/null; then kill -KILL "$pid" 2> /dev/null || true; fi
+    wait "$pid" 2> /dev/null || true
+}
+
+cleanup() {
+    local pid p
+    if [[ -n $FIFO_FD ]]; then exec {FIFO_FD}>&- || true; fi
+    for pid in "${PIDS[@]}"; do stop_pid "$pid" INT; done
+    for p in "${PREFIXES[@]}"; do rm -rf "/var/run/dpdk/$p" "${XDG_RUNTIME_DIR:-/tmp}/dpdk/$p" "/tmp/dpdk/$p"; done
+    if [[ -n ${KEEP:-} ]]; then echo "vs-dpdk: logs kept in $WORK" >&2; else rm -rf "$WORK"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# wait_for FILE REGEX COUNT TIMEOUT_S PID...: until REGEX matches COUNT lines of FILE; fails if
+# the time runs out or one of the PIDs exits.
+wait_for() {
+    local file=$1 re=$2 count=$3 timeout=$4 i n pid
+    shift 4
+    for ((i = 0; i < timeout * 20; i++)); do
+        n=$(grep -c -- "$re" "$file" 2> /dev/null || true)
+        if ((n >= count)); then return 0; fi
+        for pid in "$@"; do
+            kill -0 "$pid" 2> /dev/null || { echo "    (PID $pid exited waiting for '$re' in $file)" >&2; return 1; }
+        done
+        sleep 0.05
+    done
+    echo "    (timed out after ${timeout}s waiting for '$re' in $file)" >&2
+    return 1
+}
+
+wait_socket() {
+    local i
+    for ((i = 0; i < 200; i++)); do
+        [[ -S $1 ]] && return 0
+        sleep 0.05
+    done
+    echo "    (no socket at $1)" >&2
+    return 1
+}
+
+# pps_of LOG FIELD: FIELD (Rx-pps or Tx-pps) of the last `show port stats` in LOG.
+pps_of() { awk -v f="$2:" '{ for (i = 1; i < NF; i++) if ($i == f) v = $(i + 1) } END { print v }' "$1"; }
+
+# sample CASE BACKEND ROUND: one measurement; prints Mpps (or nothing on failure).
+sample() {
+    local case=$1 be=$2 round=$3
+    local dir=$WORK/$case-${be//[^a-z0-9]/_}-$round sock be_pid fe_pid fe_mode size mrg field prefix
+    mkdir -p "$dir"
+    sock=$dir/vu.sock
+    [[ $case =~ ^(tx|rx|loop)([0-9]+)-(mrg|nomrg)$ ]] || { echo "unknown case $case" >&2; return 1; }
+    local kind=${BASH_REMATCH[1]}
+    size=${BASH_REMATCH[2]}
+    mrg=0
+    [[ ${BASH_REMATCH[3]} == mrg ]] && mrg=1
+    local vq_backend dpdk_mode
+    case $kind in
+        tx) fe_mode=txonly field=Tx-pps vq_backend=sink dpdk_mode=rxonly ;;
+        rx) fe_mode=rxonly field=Rx-pps vq_backend=source:$size dpdk_mode=txonly ;;
+        loop) fe_mode=flowgen field=Rx-pps vq_backend=reflect dpdk_mode=io ;;
+    esac
+
+    if [[ $be == virtq* ]]; then
+        local bin=$VIRTQ_NET
+        [[ $be == virtq=* ]] && bin=${be#virtq=}
+        taskset -c "$BE_CPU" "$bin" --socket-path "$sock" --backend "$vq_backend" --busy-poll \
+            --log-level warn > "$dir/backend.log" 2>&1 &
+    else
+        prefix=virtq-vsd-$$-be-$case-$round
+        PREFIXES+=("$prefix")
+        stdbuf -oL "$TESTPMD" --lcores "0@$BE_CPU,1@$BE_CPU" --no-huge -m 1024 --file-prefix="$prefix" --no-pci \
+            --no-telemetry --vdev "net_vhost0,iface=$sock,queues=1,client=0" -- \
+            --forward-mode="$dpdk_mode" --port-topology=loop --txpkts="$size" --total-num-mbufs=32768 \
+            --rxq=1 --txq=1 --nb-cores=1 --stats-period 3600 < /dev/null > "$dir/backend.log" 2>&1 &
+    fi
+    be_pid=$!
+    PIDS+=("$be_pid")
+    if ! wait_socket "$sock"; then
+        stop_pid "$be_pid" INT
+        return 1
+    fi
+
+    prefix=virtq-vsd-$$-fe-$case-$round-$RANDOM
+    PREFIXES+=("$prefix")
+    mkfifo "$dir/cmd"
+    exec {FIFO_FD}<> "$dir/cmd"
+    stdbuf -oL "$TESTPMD" --lcores "0@$FE_CPU,1@$FE_CPU" --no-huge -m 1024 --file-prefix="$prefix" --no-pci \
+        --no-telemetry \
+        --vdev "net_virtio_user0,path=$sock,queues=1,queue_size=256,mrg_rxbuf=$mrg,in_order=1,packed_vq=0,server=0" \
+        -- -i --forward-mode="$fe_mode" --txpkts="$size" --total-num-mbufs=32768 --rxq=1 --txq=1 --nb-cores=1 \
+        < "$dir/cmd" > "$dir/frontend.log" 2>&1 &
+    fe_pid=$!
+    PIDS+=("$fe_pid")
+    local ok=1
+    wait_for "$dir/frontend.log" 'testpmd>' 1 30 "$fe_pid" "$be_pid" || ok=0
+    if ((ok)); then
+        printf 'start\n' >&"$FIFO_FD"
+        sleep "$WARM"
+        printf 'show port stats 0\n' >&"$FIFO_FD"
+        wait_for "$dir/frontend.log" 'NIC statistics for port 0' 1 10 "$fe_pid" || ok=0
+    fi
+    if ((ok)); then
+        sleep "$SECS"
+        printf 'show port stats 0\n' >&"$FIFO_FD"
+        wait_for "$dir/frontend.log" 'NIC statistics for port 0' 2 10 "$fe_pid" || ok=0
+    fi
+    if ((ok)); then printf 'stop\nquit\n' >&"$FIFO_FD"; fi
+    stop_pid "$fe_pid" INT
+    exec {FIFO_FD}>&-
+    FIFO_FD=""
+    stop_pid "$be_pid" INT
+    ((ok)) || return 1
+    local pps
+    pps=$(pps_of "$dir/frontend.log" "$field")
+    [[ -n $pps ]] || return 1
+    awk -v p="$pps" 'BEGIN { printf "%.3f\n", p / 1e6 }'
+}
+
+# median/min/max of numbers on stdin
+stats() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) { print "- - -"; exit } m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2; printf "%.2f %.2f %.2f\n", m, v[1], v[NR] }'; }
+
+[[ -n $TSV ]] && printf 'case\tbackend\tround\tmpps\n' > "$TSV"
+declare -A SAMPLES
+FAILED=0
+echo "vs-dpdk: $ROUNDS rounds × ${SECS}s per back-end and case; back-end on CPU $BE_CPU, front-end on CPU $FE_CPU" >&2
+for case in $CASES; do
+    for ((r = 1; r <= ROUNDS; r++)); do
+        for side in A B; do
+            be=${!side}
+            if v=$(sample "$case" "$be" "$r") && [[ -n $v ]]; then
+                SAMPLES[$case/$side]+="$v "
+                [[ -n $TSV ]] && printf '%s\t%s\t%s\t%s\n' "$case" "$be" "$r" "$v" >> "$TSV"
+                echo "  $case round $r $be: $v Mpps" >&2
+            else
+                FAILED=$((FAILED + 1))
+                echo "  $case round $r $be: FAILED" >&2
+            fi
+        done
+    done
+done
+
+echo
+label() { case $1 in dpdk) echo "DPDK net_vhost" ;; virtq) echo "virtq-net" ;; *) echo "$1" ;; esac; }
+printf '| case | %s Mpps (median) | spread | %s Mpps (median) | spread | ratio A/B |\n' "$(label "$A")" "$(label "$B")"
+printf '|---|---:|---:|---:|---:|---:|\n'
+for case in $CASES; do
+    read -r vm vmin vmax < <(tr ' ' '\n' <<< "${SAMPLES[$case/A]:-}" | grep . | stats)
+    read -r dm dmin dmax < <(tr ' ' '\n' <<< "${SAMPLES[$case/B]:-}" | grep . | stats)
+    ratio=$(awk -v a="$vm" -v b="$dm" 'BEGIN { if (a == "-" || b == "-" || b == 0) print "-"; else printf "%.2f", a / b }')
+    printf '| %s | %s | %s–%s | %s | %s–%s | %s |\n' "$case" "$vm" "$vmin" "$vmax" "$dm" "$dmin" "$dmax" "$ratio"
+done
+if ((FAILED)); then
+    echo "vs-dpdk: $FAILED sample(s) failed" >&2
+    exit 1
+fi
