@@ -10,8 +10,15 @@
 #   TSV=out.tsv ...                         also every sample as TSV (case, backend, round, Mpps)
 #   KEEP=1 ...                              keep the logs directory (printed)
 #   VIRTQ_NET=path ...                      use this virtq-net binary (no build)
+#   IR=1 ...                                instructions per frame instead of Mpps: each back-end
+#                                           runs under `valgrind --tool=callgrind` (one round);
+#                                           counters are zeroed after WARM s and dumped SECS s
+#                                           later, divided by the frames the front-end counted
+#                                           meanwhile. Wall time on a shared machine swings by
+#                                           2-3x; instruction counts do not.
 #   A=virtq=/tmp/old B=virtq ...            compare two virtq-net builds instead (A and B are
-#                                           `dpdk`, `virtq` or `virtq=PATH`; defaults virtq, dpdk)
+#                                           `dpdk`, `virtq` or `virtq=PATH`; defaults virtq, dpdk;
+#                                           B=none runs A alone)
 #
 # Cases (front-end mode → what each back-end does):
 #   tx<SIZE>-<mrg|nomrg>   guest TX: the front-end runs `txonly`; the back-end drains
@@ -36,6 +43,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+IR=${IR:-0}
+if [[ $IR == 1 ]]; then
+    ROUNDS=1 SECS=${SECS:-8} WARM=${WARM:-3}
+    command -v valgrind > /dev/null || { echo "vs-dpdk: IR=1 needs valgrind" >&2; exit 2; }
+fi
 ROUNDS=${ROUNDS:-5}
 SECS=${SECS:-5}
 WARM=${WARM:-1}
@@ -110,7 +122,7 @@ wait_for() {
 
 wait_socket() {
     local i
-    for ((i = 0; i < 200; i++)); do
+    for ((i = 0; i < 1200; i++)); do
         [[ -S $1 ]] && return 0
         sleep 0.05
     done
@@ -120,6 +132,11 @@ wait_socket() {
 
 # pps_of LOG FIELD: FIELD (Rx-pps or Tx-pps) of the last `show port stats` in LOG.
 pps_of() { awk -v f="$2:" '{ for (i = 1; i < NF; i++) if ($i == f) v = $(i + 1) } END { print v }' "$1"; }
+
+# packets_of LOG FIELD N: RX-packets or TX-packets of the N-th `show port stats` in LOG.
+packets_of() {
+    awk -v f="$2:" -v n="$3" '/NIC statistics for port 0/ { k++ } k == n { for (i = 1; i < NF; i++) if ($i == f) { print $(i + 1); exit } }' "$1"
+}
 
 # sample CASE BACKEND ROUND: one measurement; prints Mpps (or nothing on failure).
 sample() {
@@ -132,29 +149,31 @@ sample() {
     size=${BASH_REMATCH[2]}
     mrg=0
     [[ ${BASH_REMATCH[3]} == mrg ]] && mrg=1
-    local vq_backend dpdk_mode
+    local vq_backend dpdk_mode counter
     case $kind in
-        tx) fe_mode=txonly field=Tx-pps vq_backend=sink dpdk_mode=rxonly ;;
-        rx) fe_mode=rxonly field=Rx-pps vq_backend=source:$size dpdk_mode=txonly ;;
-        loop) fe_mode=flowgen field=Rx-pps vq_backend=reflect dpdk_mode=io ;;
+        tx) fe_mode=txonly field=Tx-pps counter=TX-packets vq_backend=sink dpdk_mode=rxonly ;;
+        rx) fe_mode=rxonly field=Rx-pps counter=RX-packets vq_backend=source:$size dpdk_mode=txonly ;;
+        loop) fe_mode=flowgen field=Rx-pps counter=RX-packets vq_backend=reflect dpdk_mode=io ;;
     esac
+    local wrap=()
+    if [[ $IR == 1 ]]; then wrap=(valgrind --tool=callgrind --compress-strings=no "--callgrind-out-file=$dir/callgrind.out"); fi
 
     if [[ $be == virtq* ]]; then
         local bin=$VIRTQ_NET
         [[ $be == virtq=* ]] && bin=${be#virtq=}
-        taskset -c "$BE_CPU" "$bin" --socket-path "$sock" --backend "$vq_backend" --busy-poll \
+        taskset -c "$BE_CPU" "${wrap[@]}" "$bin" --socket-path "$sock" --backend "$vq_backend" --busy-poll \
             --log-level warn > "$dir/backend.log" 2>&1 &
     else
         prefix=virtq-vsd-$$-be-$case-$round
         PREFIXES+=("$prefix")
-        stdbuf -oL "$TESTPMD" --lcores "0@$BE_CPU,1@$BE_CPU" --no-huge -m 1024 --file-prefix="$prefix" --no-pci \
-            --no-telemetry --vdev "net_vhost0,iface=$sock,queues=1,client=0" -- \
+        taskset -c "$BE_CPU" "${wrap[@]}" "$TESTPMD" --lcores "0@$BE_CPU,1@$BE_CPU" --no-huge -m 1024 \
+            --file-prefix="$prefix" --no-pci --no-telemetry --vdev "net_vhost0,iface=$sock,queues=1,client=0" -- \
             --forward-mode="$dpdk_mode" --port-topology=loop --txpkts="$size" --total-num-mbufs=32768 \
             --rxq=1 --txq=1 --nb-cores=1 --stats-period 3600 < /dev/null > "$dir/backend.log" 2>&1 &
     fi
     be_pid=$!
     PIDS+=("$be_pid")
-    if ! wait_socket "$sock"; then
+    if ! wait_socket "$sock" || ! kill -0 "$be_pid" 2> /dev/null; then
         stop_pid "$be_pid" INT
         return 1
     fi
@@ -175,11 +194,13 @@ sample() {
     if ((ok)); then
         printf 'start\n' >&"$FIFO_FD"
         sleep "$WARM"
+        if [[ $IR == 1 ]]; then callgrind_control -z "$be_pid" > /dev/null 2>&1 || ok=0; fi
         printf 'show port stats 0\n' >&"$FIFO_FD"
         wait_for "$dir/frontend.log" 'NIC statistics for port 0' 1 10 "$fe_pid" || ok=0
     fi
     if ((ok)); then
         sleep "$SECS"
+        if [[ $IR == 1 ]]; then callgrind_control -d "$be_pid" > /dev/null 2>&1 || ok=0; fi
         printf 'show port stats 0\n' >&"$FIFO_FD"
         wait_for "$dir/frontend.log" 'NIC statistics for port 0' 2 10 "$fe_pid" || ok=0
     fi
@@ -189,6 +210,15 @@ sample() {
     FIFO_FD=""
     stop_pid "$be_pid" INT
     ((ok)) || return 1
+    if [[ $IR == 1 ]]; then
+        local ir p1 p2
+        ir=$(awk '/^totals:/ { print $2 }' "$dir/callgrind.out.1" 2> /dev/null)
+        p1=$(packets_of "$dir/frontend.log" "$counter" 1)
+        p2=$(packets_of "$dir/frontend.log" "$counter" 2)
+        [[ -n $ir && -n $p1 && -n $p2 ]] && ((p2 > p1)) || return 1
+        awk -v i="$ir" -v n=$((p2 - p1)) 'BEGIN { printf "%.1f\n", i / n }'
+        return 0
+    fi
     local pps
     pps=$(pps_of "$dir/frontend.log" "$field")
     [[ -n $pps ]] || return 1
@@ -201,15 +231,18 @@ stats() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) { print "- - -"; exit
 [[ -n $TSV ]] && printf 'case\tbackend\tround\tmpps\n' > "$TSV"
 declare -A SAMPLES
 FAILED=0
-echo "vs-dpdk: $ROUNDS rounds × ${SECS}s per back-end and case; back-end on CPU $BE_CPU, front-end on CPU $FE_CPU" >&2
+UNIT=Mpps
+if [[ $IR == 1 ]]; then UNIT="Ir/frame"; fi
+echo "vs-dpdk: $ROUNDS rounds × ${SECS}s per back-end and case ($UNIT); back-end on CPU $BE_CPU, front-end on CPU $FE_CPU" >&2
 for case in $CASES; do
     for ((r = 1; r <= ROUNDS; r++)); do
         for side in A B; do
             be=${!side}
+            [[ $be == none ]] && continue
             if v=$(sample "$case" "$be" "$r") && [[ -n $v ]]; then
                 SAMPLES[$case/$side]+="$v "
                 [[ -n $TSV ]] && printf '%s\t%s\t%s\t%s\n' "$case" "$be" "$r" "$v" >> "$TSV"
-                echo "  $case round $r $be: $v Mpps" >&2
+                echo "  $case round $r $be: $v $UNIT" >&2
             else
                 FAILED=$((FAILED + 1))
                 echo "  $case round $r $be: FAILED" >&2
@@ -220,7 +253,7 @@ done
 
 echo
 label() { case $1 in dpdk) echo "DPDK net_vhost" ;; virtq) echo "virtq-net" ;; *) echo "$1" ;; esac; }
-printf '| case | %s Mpps (median) | spread | %s Mpps (median) | spread | ratio A/B |\n' "$(label "$A")" "$(label "$B")"
+printf '| case | %s %s (median) | spread | %s %s (median) | spread | ratio A/B |\n' "$(label "$A")" "$UNIT" "$(label "$B")" "$UNIT"
 printf '|---|---:|---:|---:|---:|---:|\n'
 for case in $CASES; do
     read -r vm vmin vmax < <(tr ' ' '\n' <<< "${SAMPLES[$case/A]:-}" | grep . | stats)

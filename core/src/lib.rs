@@ -47,4 +47,4 @@ pub mod testing;
 pub use chain::{Chain, ChainError, Segment};
 pub use features::VirtioFeatures;
 pub use mem::{GuestMemory, HostRange, MemError, Region, RegionTable};
-pub use queue::{PopError, QueueConfig, QueueError, SplitQueue};
+pub use queue::{DetachedQueue, PopError, QueueConfig, QueueError, SplitQueue};

@@ -1097,3 +1097,29 @@ fn tx_to_rx_loopback_two_queues_in_one_guest() {
     assert_eq!(reassemble(&rx_drv, &bufs, 0, 3), fr);
     assert_eq!(tx_drv.used_idx(), 1, "RX completions stay in the RX ring");
 }
+
+/// The single-buffer fast path writes nothing before the whole chain has validated: a big
+/// writable first buffer followed by a device-readable one (family 6, readable after writable)
+/// is completed empty and left untouched, and the frame goes to the next chain.
+#[test]
+fn rx_fast_path_writes_nothing_into_a_chain_that_fails_later() {
+    for f in [V1, MRG] {
+        let g = Guest::new(1 << 20);
+        let (cfg, mut drv) = setup(&g, 16);
+        let mut q = queue(&g, cfg, f);
+        let mut s: RxScratch<'_> = RxScratch::new();
+        let ro = vec![RO; 64];
+        let (bad, addrs) = add(&mut drv, &[Buf::writable(2048), Buf::readable(&ro)]);
+        drv.write(addrs[0], &vec![FILL; 2048]);
+        let good = add_rx(&mut drv, 2048);
+        let fr = frame(1514);
+        let out = receive(&mut q, &mut s, f, &hdr(0, 0), &fr).unwrap();
+        assert_eq!(out, RxOutcome { buffers: 1, bytes: 1526, bad_chains: 1, completed_empty: 1 });
+        assert!(q.publish());
+        assert_eq!((drv.used_elem(0), drv.used_elem(1)), ((bad as u32, 0), (good.0 as u32, 1526)));
+        assert_eq!(read(&drv, addrs[0], 2048), vec![FILL; 2048], "rejected chain untouched ({f:?})");
+        assert_eq!(read(&drv, addrs[1], 64), ro);
+        assert_eq!(read(&drv, good.1, 12), rx_hdr(&hdr(0, 0), 1));
+        assert_eq!(read(&drv, good.1 + 12, 1514), fr);
+    }
+}

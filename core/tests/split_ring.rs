@@ -162,6 +162,32 @@ fn used_len_is_written_before_used_idx_is_published() {
 }
 
 #[test]
+fn a_detached_queue_resumes_where_it_stopped() {
+    let g = Guest::new(1 << 16);
+    let (cfg, mut drv) = setup(&g, SIZE);
+    let h0 = drv.add_chain(&[Buf::writable(32)]);
+    let h1 = drv.add_chain(&[Buf::writable(32)]);
+    let mut q = queue(&g, cfg, features());
+    let c = pop_ok(&mut q);
+    assert_eq!(c.head(), h0);
+    q.push(h0, 5);
+    // Detached with one element pushed but not yet published: nothing is lost.
+    let d = q.detach();
+    assert_eq!((d.next_avail(), d.next_used(), d.config().size), (1, 1, SIZE));
+    assert_eq!(drv.used_idx(), 0);
+    // SAFETY: attached to the same guest memory it was created on, which outlives `q`.
+    let mut q = unsafe { d.attach(&g.mem) };
+    let c = pop_ok(&mut q);
+    assert_eq!(c.head(), h1);
+    q.push(h1, 7);
+    assert!(q.publish());
+    assert_eq!(drv.used_idx(), 2);
+    assert_eq!((drv.used_elem(0), drv.used_elem(1)), ((h0 as u32, 5), (h1 as u32, 7)));
+    let mut c = Chain::<8>::new();
+    assert_eq!(q.pop_into(&mut c), Ok(false));
+}
+
+#[test]
 fn batched_completion_publishes_once() {
     let g = Guest::new(1 << 16);
     let (cfg, mut drv) = setup(&g, SIZE);

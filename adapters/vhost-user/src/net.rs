@@ -105,11 +105,16 @@ impl TxFrame {
 mod zerocopy_shim {
     use virtq::net::VirtioNetHdr;
 
-    /// Reads a 10- or 12-byte header (missing `num_buffers` reads as 0).
+    /// Reads a 10- or 12-byte header (missing `num_buffers` reads as 0). Fixed-size copies
+    /// only: a variable-length one costs a `memset` and a `memcpy` call per frame.
+    #[inline]
     pub fn read_header(bytes: &[u8]) -> VirtioNetHdr {
         let mut b = [0u8; 12];
-        let n = bytes.len().min(12);
-        b[..n].copy_from_slice(&bytes[..n]);
+        if let Some(full) = bytes.get(..12) {
+            b.copy_from_slice(full);
+        } else if let Some(legacy) = bytes.get(..10) {
+            b[..10].copy_from_slice(legacy);
+        }
         VirtioNetHdr {
             flags: b[0],
             gso_type: b[1],

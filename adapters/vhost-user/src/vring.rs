@@ -15,7 +15,7 @@
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use virtq::{QueueConfig, SplitQueue, VirtioFeatures};
+use virtq::{DetachedQueue, QueueConfig, SplitQueue, VirtioFeatures};
 
 use crate::memory::GuestMemoryMap;
 
@@ -82,7 +82,19 @@ pub struct ActiveRing {
     pub next_avail: u16,
     /// Next used index to write (the device's shadow; not re-read from the guest per burst).
     pub next_used: u16,
+    /// The queue validated against `mem`, kept between bursts; `None` until the first burst
+    /// and after a memory table change.
+    view: Option<CachedView>,
 }
+
+/// A validated queue between bursts.
+#[derive(Debug)]
+struct CachedView(DetachedQueue);
+
+// SAFETY: the view's pointers are into the shared mappings of `ActiveRing::mem` (an
+// `Arc<GuestMemoryMap>`, itself Send and Sync), which the `ActiveRing` owning the view keeps
+// alive; it is only used under the ring's mutex, by one thread at a time.
+unsafe impl Send for CachedView {}
 
 /// The part of a ring shared with the data path.
 #[derive(Debug, Default)]
@@ -98,19 +110,60 @@ pub struct VringShared {
 }
 
 impl ActiveRing {
+    /// A started ring over `mem` (validated by the caller), resuming at these indices.
+    pub fn new(
+        mem: Arc<GuestMemoryMap>,
+        config: QueueConfig,
+        features: VirtioFeatures,
+        next_avail: u16,
+        next_used: u16,
+    ) -> ActiveRing {
+        ActiveRing { mem, config, features, next_avail, next_used, view: None }
+    }
+
+    /// Continues on a new memory table: the ring addresses are validated again at the next
+    /// burst.
+    pub fn set_memory(&mut self, mem: &Arc<GuestMemoryMap>) {
+        self.view = None;
+        self.mem = Arc::clone(mem);
+    }
+
     /// Runs `f` on a queue view of the ring, then saves its indices. `Err` if the ring's
     /// addresses no longer validate against the memory (e.g. after a memory table change).
+    ///
+    /// The view is validated once per memory table and kept between bursts (measured: the
+    /// validation was about 180 instructions per burst, a quarter of an empty poll).
     pub fn with_queue<R>(
         &mut self,
         f: impl FnOnce(&mut SplitQueue<'_, GuestMemoryMap>) -> R,
     ) -> Result<R, virtq::QueueError> {
-        let mem = Arc::clone(&self.mem);
-        let mut q = SplitQueue::with_ring_memory(&*mem, mem.frontend(), self.config, self.features)?;
-        q.set_next_avail(self.next_avail);
-        q.set_next_used(self.next_used);
+        let mem: &GuestMemoryMap = &self.mem;
+        let mut q = match self.view.take() {
+            Some(CachedView(d)) => {
+                // SAFETY: the view was created over `self.mem`, the same `GuestMemoryMap`,
+                // which this ring still holds (a new table resets the view in `set_memory`),
+                // so the ring ranges it validated are still mapped.
+                let mut q = unsafe { d.attach(mem) };
+                // The indices are public fields: honour a change made between bursts.
+                if q.next_avail() != self.next_avail {
+                    q.set_next_avail(self.next_avail);
+                }
+                if q.next_used() != self.next_used {
+                    q.set_next_used(self.next_used);
+                }
+                q
+            }
+            None => {
+                let mut q = SplitQueue::with_ring_memory(mem, mem.frontend(), self.config, self.features)?;
+                q.set_next_avail(self.next_avail);
+                q.set_next_used(self.next_used);
+                q
+            }
+        };
         let r = f(&mut q);
         self.next_avail = q.next_avail();
         self.next_used = q.next_used();
+        self.view = Some(CachedView(q.detach()));
         Ok(r)
     }
 }
@@ -257,7 +310,7 @@ impl Vring {
             .next_used();
         let mut s = self.lock();
         s.kick = kick;
-        s.active = Some(ActiveRing { mem: Arc::clone(mem), config, features, next_avail: self.base, next_used });
+        s.active = Some(ActiveRing::new(Arc::clone(mem), config, features, self.base, next_used));
         if let Some(k) = &s.kick {
             // Buffers may already be waiting: have the data path look once.
             signal(k);
@@ -283,7 +336,7 @@ impl Vring {
     /// burst by the data path).
     pub fn set_memory(&mut self, mem: &Arc<GuestMemoryMap>) {
         if let Some(a) = self.lock().active.as_mut() {
-            a.mem = Arc::clone(mem);
+            a.set_memory(mem);
         }
     }
 
