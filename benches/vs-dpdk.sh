@@ -138,7 +138,8 @@ packets_of() {
     awk -v f="$2:" -v n="$3" '/NIC statistics for port 0/ { k++ } k == n { for (i = 1; i < NF; i++) if ($i == f) { print $(i + 1); exit } }' "$1"
 }
 
-# sample CASE BACKEND ROUND: one measurement; prints Mpps (or nothing on failure).
+# sample CASE BACKEND ROUND: one measurement into $RESULT (Mpps, or Ir/frame with IR=1); runs in
+# the main shell (not in a command substitution) so that cleanup knows every PID it started.
 sample() {
     local case=$1 be=$2 round=$3
     local dir=$WORK/$case-${be//[^a-z0-9]/_}-$round sock be_pid fe_pid fe_mode size mrg field prefix
@@ -216,13 +217,13 @@ sample() {
         p1=$(packets_of "$dir/frontend.log" "$counter" 1)
         p2=$(packets_of "$dir/frontend.log" "$counter" 2)
         [[ -n $ir && -n $p1 && -n $p2 ]] && ((p2 > p1)) || return 1
-        awk -v i="$ir" -v n=$((p2 - p1)) 'BEGIN { printf "%.1f\n", i / n }'
+        RESULT=$(awk -v i="$ir" -v n=$((p2 - p1)) 'BEGIN { printf "%.1f\n", i / n }')
         return 0
     fi
     local pps
     pps=$(pps_of "$dir/frontend.log" "$field")
     [[ -n $pps ]] || return 1
-    awk -v p="$pps" 'BEGIN { printf "%.3f\n", p / 1e6 }'
+    RESULT=$(awk -v p="$pps" 'BEGIN { printf "%.3f\n", p / 1e6 }')
 }
 
 # median/min/max of numbers on stdin
@@ -239,7 +240,9 @@ for case in $CASES; do
         for side in A B; do
             be=${!side}
             [[ $be == none ]] && continue
-            if v=$(sample "$case" "$be" "$r") && [[ -n $v ]]; then
+            RESULT=""
+            if sample "$case" "$be" "$r" && [[ -n $RESULT ]]; then
+                v=$RESULT
                 SAMPLES[$case/$side]+="$v "
                 [[ -n $TSV ]] && printf '%s\t%s\t%s\t%s\n' "$case" "$be" "$r" "$v" >> "$TSV"
                 echo "  $case round $r $be: $v $UNIT" >&2

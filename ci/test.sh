@@ -6,7 +6,8 @@
 #   SKIP_MIRI=1 ...       skip the Miri run (slowest step)
 #   SKIP_FUZZ=1 ...       skip the bounded fuzzing step
 #   SKIP_GUESTS=1 ...     skip the QEMU guest matrix
-#   SKIP_PEERS=1 ...      skip the DPDK testpmd peer matrix (about 40 s)
+#   SKIP_PEERS=1 ...      skip the DPDK testpmd peer matrix (about 40 s) and the DPDK
+#                         benchmarks (about 3 min)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -70,6 +71,14 @@ step "ring benchmark (callgrind instruction counts; a report, not a gate)"
 # users build, and the build behind the core issue's rust-vmm reference figure).
 N1=20 N2=120 TIME=0 bash benches/ringbench.sh
 N1=20 N2=120 TIME=0 PROFILE=ringbench-cargo-default bash benches/ringbench.sh
+
+if [[ -z ${SKIP_PEERS:-} ]]; then
+    step "virtq-net against DPDK's vhost back-end (short run; a report, not a gate: README Benchmarks)"
+    # One short round of every case proves the benchmark runs on a fresh machine; the figures
+    # in the closing notes come from the full run (5 rounds of 5 s), on an otherwise idle machine.
+    ROUNDS=1 SECS=2 bash benches/vs-dpdk.sh
+    DEVICES="1 8 64" SECS=2 bash benches/footprint.sh
+fi
 
 # The closing line: totals over every test binary run above (host and Miri).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i + 1) ~ /^passed/) p += $i; if ($(i + 1) ~ /^failed/) f += $i } }
