@@ -59,7 +59,7 @@ struct Args {
 
     /// A fully specified port (repeatable): `path=P[,client][,backend=switch|reflect|tap:NAME|sink|source:BYTES]
     /// [,queues=N][,mac=52:54:00:00:00:01][,mtu=1500][,mrg=on|off][,offload=on|off]`. `offload=off`: a tap
-    /// port offers no checksum/TSO offloads either.
+    /// port offers no checksum/TSO offloads (other back-ends never do).
     #[arg(long = "port", value_name = "SPEC")]
     ports: Vec<String>,
 
@@ -71,7 +71,7 @@ struct Args {
     #[arg(long, default_value = "switch", value_name = "switch|reflect|tap:NAME|sink|source:BYTES")]
     backend: String,
 
-    /// Attach a host TAP device to the switch (repeatable).
+    /// Attach a host TAP device to the switch (repeatable; no offloads, as on every switch port).
     #[arg(long = "tap", value_name = "NAME")]
     taps: Vec<String>,
 

@@ -242,7 +242,7 @@ fn print_capabilities_and_help_follow_the_vhost_user_conventions() {
     assert!(s.contains("\"type\": \"net\""), "{s}");
     let help = Command::new(BIN).arg("--help").output().unwrap();
     let h = String::from_utf8(help.stdout).unwrap();
-    for opt in ["--socket-path", "--fd", "--print-capabilities", "--client", "--tap", "--port"] {
+    for opt in ["--socket-path", "--fd", "--print-capabilities", "--client", "--tap", "--port", "offload=on|off"] {
         assert!(h.contains(opt), "--help mentions {opt}");
     }
     let bad = Command::new(BIN).args(["--port", "path=x,queues=0"]).output().unwrap();
