@@ -291,6 +291,103 @@ case_tap() {
     ((back_ok == 0 && guest_ok == 0 && stop_ok == 0)) || { DETAIL+="; $err $stop"; return 1; }
 }
 
+# A guest with two queue pairs (-smp 2, mq=on) on a tap port over a multiqueue TAP
+# (IFF_MULTI_QUEUE, one TAP queue per pair) in a namespace. The guest pings the TAP from each
+# vCPU (XPS maps CPU n to TX queue n; the TAP answers on the queue a flow last came in on, so
+# the replies come back on the same pair) and the namespace pings the guest. Every queue of both
+# pairs must carry packets (virtq-net's per-queue statistics at exit).
+case_tap_queues2() {
+    local sock=$TMP/$CASE.sock err q per="" ok=1
+    mk_netns || { DETAIL="netns"; return 1; }
+    tap_name
+    vq_start "$TMP/$CASE-virtq-net.log" "$NS" --port "path=$sock,backend=tap:$TAP,queues=2"
+    wait_for "socket" test -S "$sock" || { DETAIL="virtq-net did not listen"; return 1; }
+    wait_for "TAP" ip -n "$NS" link show "$TAP" || { DETAIL="no TAP"; return 1; }
+    ip -n "$NS" addr add 10.0.0.1/24 dev "$TAP" && ip -n "$NS" link set "$TAP" up || { DETAIL="TAP set-up"; return 1; }
+    guest name=g1 sock="$sock" mac=52:54:00:00:07:02 ip=10.0.0.2 queues=2 smp=2 \
+        cmd="vt-ping 10.0.0.1 5 && taskset -c 1 vt-ping 10.0.0.1 5 && vt-wait-echos 10 90"
+    local back
+    back=$(ns_ping "$NS" 10.0.0.2 10)
+    local back_ok=$?
+    wait_guests g1
+    err=$(check_guests g1)
+    local guest_ok=$?
+    vq_stop
+    local stop_ok=$? stop=$STOP_ERR
+    local pings
+    pings=$(grep -a 'VIRTQ: ping' "${GLOG[g1]}" | tr -d '\r' | sed -n 's/.*: \([0-9]*\/[0-9]*\) replies.*/\1/p' | paste -sd' ')
+    for q in 0 1 2 3; do
+        per+=" q$q=$(qstat "$sock" $q)"
+        [[ $(qstat "$sock" $q) -gt 0 ]] 2> /dev/null || { ok=0; err+=" no packets on q$q"; }
+    done
+    vline g1 eth0 | grep -q 'mq=1' || { ok=0; err+=" MQ not negotiated"; }
+    DETAIL="guest->tap (cpu 0, cpu 1) ${pings:-none}, ns->guest $back, $(vline g1 eth0 | grep -o 'mq=[01]'), packets per queue:$per"
+    ((ok && back_ok == 0 && guest_ok == 0 && stop_ok == 0)) || { DETAIL+="; $err $stop"; return 1; }
+}
+
+# Offloads on a tap port: the guest must negotiate CSUM, GUEST_CSUM, HOST_TSO4/6 and
+# GUEST_TSO4/6 (virtq-net logs `features 0x...` and the TAP's `TAP offloads ...`), and iperf3
+# TCP to a server in the namespace and back (-R) must work. TSO frames must cross the TAP both
+# ways: the average frame on the guest's TX queue (guest -> TAP) and on its RX queue (TAP ->
+# guest) is larger than the largest plain Ethernet frame (1514 bytes), which only GSO frames
+# can make. No frame may be refused on RX (errors 0). With mrg=off the guest posts "big
+# packet" buffers for 64 KiB frames instead of merged ones.
+case_tap_offload() {
+    local mrg=$1 sock=$TMP/$CASE.sock err ok=1
+    mk_netns || { DETAIL="netns"; return 1; }
+    tap_name
+    vq_start "$TMP/$CASE-virtq-net.log" "$NS" --port "path=$sock,backend=tap:$TAP"
+    wait_for "socket" test -S "$sock" || { DETAIL="virtq-net did not listen"; return 1; }
+    wait_for "TAP" ip -n "$NS" link show "$TAP" || { DETAIL="no TAP"; return 1; }
+    ip -n "$NS" addr add 10.0.0.1/24 dev "$TAP" && ip -n "$NS" link set "$TAP" up || { DETAIL="TAP set-up"; return 1; }
+    ip netns exec "$NS" iperf3 -s -p 5201 > "$TMP/$CASE-iperf3-server.log" 2>&1 &
+    track $!
+    guest name=g1 sock="$sock" mac=52:54:00:00:06:02 ip=10.0.0.2 mrg="$mrg" \
+        cmd="vt-ping 10.0.0.1 3 && vt-iperf 10.0.0.1 5 && vt-iperf 10.0.0.1 5 -R"
+    wait_guests g1
+    err=$(check_guests g1)
+    local guest_ok=$?
+    vq_stop
+    local stop_ok=$? stop=$STOP_ERR
+    # The features the guest set, as virtq-net logged them (the last SET_FEATURES).
+    local hex names=(0 csum 1 guest_csum 7 guest_tso4 8 guest_tso6 9 guest_ecn 11 host_tso4 12 host_tso6 13 host_ecn)
+    local i got="" missing=""
+    hex=$(grep -a ': features 0x' "$VQ_LOG" | tail -1 | sed 's/.*: features //')
+    if [[ $hex =~ ^0x[0-9a-f]+$ ]]; then
+        for ((i = 0; i < ${#names[@]}; i += 2)); do
+            if (((hex >> names[i]) & 1)); then
+                got+="${got:+,}${names[i + 1]}"
+            elif [[ ${names[i + 1]} != *ecn ]]; then
+                missing+=" ${names[i + 1]}"
+            fi
+        done
+    else
+        missing=" (no features line in the virtq-net log)"
+    fi
+    [[ -z $missing ]] || { ok=0; err+=" not negotiated:$missing"; }
+    local tapoff
+    tapoff=$(grep -a 'TAP offloads' "$VQ_LOG" | tail -1 | sed 's/.*TAP offloads //')
+    [[ $tapoff == csum,tso4,tso6* ]] || { ok=0; err+=" TAP offloads '${tapoff:-?}'"; }
+    local fwd rev
+    fwd=$(grep -a 'VIRTQ: iperf3  .*receiver' "${GLOG[g1]}" | tail -1 | tr -d '\r' | grep -o '[0-9.]* Mbits/sec')
+    rev=$(grep -a 'VIRTQ: iperf3 -R .*receiver' "${GLOG[g1]}" | tail -1 | tr -d '\r' | grep -o '[0-9.]* Mbits/sec')
+    [[ -n $fwd && -n $rev ]] || { ok=0; err+=" no iperf3 result"; }
+    # Average frame (bytes without the virtio-net header / packets) per direction.
+    local txp txb rxp rxb avg_tx avg_rx
+    txp=$(qstat "$sock" 1) txb=$(qstat "$sock" 1 bytes) rxp=$(qstat "$sock" 0) rxb=$(qstat "$sock" 0 bytes)
+    avg_tx=$((${txb:-0} / (${txp:-0} > 0 ? txp : 1)))
+    avg_rx=$((${rxb:-0} / (${rxp:-0} > 0 ? rxp : 1)))
+    ((avg_tx > 1514)) || { ok=0; err+=" no TSO frames from the guest (average $avg_tx bytes)"; }
+    ((avg_rx > 1514)) || { ok=0; err+=" no TSO frames to the guest (average $avg_rx bytes)"; }
+    local rx_err
+    rx_err=$(qstat "$sock" 0 errors)
+    [[ ${rx_err:-x} == 0 ]] || { ok=0; err+=" $rx_err RX errors (frames refused or too large)"; }
+    DETAIL="negotiated ${got:-none} (guest sees $(offloads g1)), TAP offloads ${tapoff:-?}, $(vline g1 eth0 | grep -o 'mrg_rxbuf=[01]')"
+    DETAIL+=", iperf3 guest->ns ${fwd:-none}, ns->guest ${rev:-none}"
+    DETAIL+=", average frame guest TX ${avg_tx} B ($txp pkts), RX ${avg_rx} B ($rxp pkts), RX errors ${rx_err:-?}"
+    ((ok && guest_ok == 0 && stop_ok == 0)) || { DETAIL+="; $err $stop"; return 1; }
+}
+
 # Two guests ping each other through the switch (two --socket-path ports). role=client: QEMU
 # connects, virtq-net listens; role=server: QEMU listens (server=on,wait=off), virtq-net --client.
 case_switch() {
@@ -562,6 +659,9 @@ case_iperf3_vs_dpdk() {
 MATRIX=(
     "tap|case_tap on"
     "tap-mrg-off|case_tap off"
+    "tap-queues2|case_tap_queues2"
+    "tap-offload|case_tap_offload on"
+    "tap-offload-mrg-off|case_tap_offload off"
     "switch-qemu-client|case_switch client on"
     "switch-qemu-client-mrg-off|case_switch client off"
     "switch-qemu-server|case_switch server on"

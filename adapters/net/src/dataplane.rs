@@ -7,11 +7,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::warn;
-use virtq_vhost_user::net::{NetDevice, TxFrame, MAX_TX_FRAME};
+use virtq::net::VirtioNetHdr;
+use virtq_vhost_user::net::{parse_header, NetDevice, TxFrame, MAX_TX_FRAME};
 
 use crate::generate;
 use crate::switch::{Forward, PortId, Switch};
-use crate::tap::{TapQueue, TAP_HDR_LEN};
+use crate::tap::{TapQueue, TAP_BUF_LEN, TAP_HDR_LEN};
 
 /// Frames per burst.
 pub const BURST: usize = 32;
@@ -98,7 +99,7 @@ impl Dataplane {
             ports,
             switch: Switch::new(Duration::from_secs(300), 4096),
             frames: (0..BURST).map(|_| TxFrame::with_capacity(MAX_TX_FRAME)).collect(),
-            tap_bufs: (0..BURST).map(|_| vec![0u8; MAX_TX_FRAME]).collect(),
+            tap_bufs: (0..BURST).map(|_| vec![0u8; TAP_BUF_LEN]).collect(),
             dest: vec![Vec::with_capacity(BURST); n],
             sources,
             busy_poll,
@@ -231,7 +232,10 @@ impl Dataplane {
         n
     }
 
-    /// Frames from a port's own TAP (`PortBackend::Tap`) to its guest.
+    /// Frames from a port's own TAP (`PortBackend::Tap`) to its guest, each with the header
+    /// the TAP gave it: partial checksums and GSO frames pass through as the guest negotiated
+    /// them (the TAP's offloads follow the guest's features, see `tap::offload_flags`); a
+    /// header the guest cannot take is refused by the device and counted.
     pub fn poll_port_taps(&mut self) -> usize {
         let mut work = 0;
         for p in &self.ports {
@@ -240,8 +244,11 @@ impl Dataplane {
                 let mut lens = [0usize; BURST];
                 let n = read_tap_burst(q, &mut self.tap_bufs, &mut lens, name);
                 if n > 0 {
-                    let (refs, n) = burst_refs((0..n).map(|i| &self.tap_bufs[i][TAP_HDR_LEN..lens[i]]));
-                    dev.enqueue_burst(pair as u16, &refs[..n]);
+                    let mut burst: [(VirtioNetHdr, &[u8]); BURST] = [(VirtioNetHdr::default(), &[]); BURST];
+                    for (slot, (buf, &len)) in burst.iter_mut().zip(self.tap_bufs.iter().zip(&lens)).take(n) {
+                        *slot = (parse_header(&buf[..TAP_HDR_LEN]), &buf[TAP_HDR_LEN..len]);
+                    }
+                    dev.enqueue_burst_with_headers(pair as u16, &burst[..n]);
                     work += n;
                 }
             }
@@ -298,11 +305,15 @@ fn burst_refs<'a>(frames: impl Iterator<Item = &'a [u8]>) -> ([&'a [u8]; BURST],
 }
 
 /// Reads up to one burst of frames (virtio-net header + frame) from a TAP queue into `bufs`,
-/// their lengths into `lens`; frames no longer than the header are skipped.
+/// their lengths into `lens`; frames no longer than the header, and frames that filled the
+/// whole buffer (the kernel cuts what does not fit), are skipped.
 fn read_tap_burst(q: &TapQueue, bufs: &mut [Vec<u8>], lens: &mut [usize; BURST], name: &str) -> usize {
     let mut n = 0;
     while n < BURST {
         match q.read(&mut bufs[n]) {
+            Ok(Some(len)) if len >= bufs[n].len() => {
+                warn!("virtq-net: TAP {name}: frame of {len}+ bytes dropped (larger than a 64 KiB GSO frame)");
+            }
             Ok(Some(len)) if len > TAP_HDR_LEN => {
                 lens[n] = len;
                 n += 1;
@@ -351,11 +362,37 @@ fn deliver(port: &Port, pair: u16, frames: &[&[u8]]) {
 }
 
 /// The TAP's 12-byte header for a guest frame: the guest's header (10 or 12 bytes, already
-/// validated) with `num_buffers` zeroed.
+/// validated against the negotiated features, so `NEEDS_CSUM` only with CSUM and a GSO type
+/// only with its HOST_* feature) with `num_buffers` zeroed. Checksum and GSO fields go to the
+/// TAP unchanged: the kernel finishes the checksum or segments the frame (up to a 64 KiB GSO
+/// frame, [`MAX_TX_FRAME`]) where it has to.
 fn tap_header(raw: &[u8], frame: &[u8]) -> [u8; TAP_HDR_LEN] {
     let hdr_len = raw.len() - frame.len();
     let mut h = [0u8; TAP_HDR_LEN];
     let n = hdr_len.min(10);
     h[..n].copy_from_slice(&raw[..n]);
     h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tap_header_passes_the_guest_header_through_with_num_buffers_zeroed() {
+        // A TCPv4 GSO frame of 64 KiB: NEEDS_CSUM, gso_type 1, hdr_len 66, gso_size 1448,
+        // csum_start 34, csum_offset 16, num_buffers 7 (which a TAP must not see).
+        let hdr = [1u8, 1, 66, 0, 0xa8, 0x05, 34, 0, 16, 0, 7, 0];
+        let frame = vec![0x5au8; 65535 + 14];
+        let raw: Vec<u8> = hdr.iter().copied().chain(frame.iter().copied()).collect();
+        let t = tap_header(&raw, &raw[12..]);
+        assert_eq!(t[..10], hdr[..10], "offload fields unchanged");
+        assert_eq!(t[10..], [0, 0], "num_buffers zeroed");
+        assert!(raw.len() <= MAX_TX_FRAME, "a 64 KiB GSO frame fits a TX buffer");
+        // The 10-byte legacy header: the same fields, num_buffers 0.
+        let raw10: Vec<u8> = hdr[..10].iter().copied().chain(frame[..60].iter().copied()).collect();
+        let t = tap_header(&raw10, &raw10[10..]);
+        assert_eq!(t[..10], hdr[..10]);
+        assert_eq!(t[10..], [0, 0]);
+    }
 }

@@ -6,6 +6,13 @@
 //! the conventions of QEMU's vhost-user back-end programs (docs/interop/vhost-user.rst
 //! "Backend program conventions"): `--socket-path` or `--fd`, `--print-capabilities`, no
 //! daemonizing, and a clean exit on SIGTERM/SIGINT (rings stopped, socket files removed).
+//!
+//! Ports with a `tap:NAME` back-end offer checksum and TCP segmentation offloads (CSUM,
+//! GUEST_CSUM, HOST/GUEST_TSO4/6, HOST/GUEST_ECN): the guest's virtio-net header goes to the
+//! TAP unchanged, the TAP's header goes to the guest, and the TAP's offloads
+//! (`TUNSETOFFLOAD`) follow what the guest negotiated. Switch and reflect ports offer none: a
+//! frame from a guest with offloads could reach a guest or TAP without them, which would need
+//! software checksums and segmentation.
 
 mod dataplane;
 mod generate;
@@ -21,7 +28,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use log::{error, info};
+use log::{error, info, warn};
 use virtq_vhost_user::backend::{Backend, DeviceHandler, SocketSpec};
 use virtq_vhost_user::connection::Reconnect;
 use virtq_vhost_user::device::DeviceConfig;
@@ -51,17 +58,20 @@ struct Args {
     no_reconnect: bool,
 
     /// A fully specified port (repeatable): `path=P[,client][,backend=switch|reflect|tap:NAME|sink|source:BYTES]
-    /// [,queues=N][,mac=52:54:00:00:00:01][,mtu=1500][,mrg=on|off]`.
+    /// [,queues=N][,mac=52:54:00:00:00:01][,mtu=1500][,mrg=on|off][,offload=on|off]`. `offload=off`: a tap
+    /// port offers no checksum/TSO offloads (other back-ends never do).
     #[arg(long = "port", value_name = "SPEC")]
     ports: Vec<String>,
 
     /// Back-end of the --socket-path/--fd ports: the L2 switch, back to the sender, a host TAP,
     /// or for benchmarks a sink (count and discard what the guest sends) or a source (the guest
-    /// receives BYTES-byte UDP frames as fast as it posts buffers).
+    /// receives BYTES-byte UDP frames as fast as it posts buffers). Only tap ports offer
+    /// checksum and TSO offloads to the guest; switch and reflect ports offer none (a switch
+    /// would need software checksums and segmentation for receivers without them).
     #[arg(long, default_value = "switch", value_name = "switch|reflect|tap:NAME|sink|source:BYTES")]
     backend: String,
 
-    /// Attach a host TAP device to the switch (repeatable).
+    /// Attach a host TAP device to the switch (repeatable; no offloads, as on every switch port).
     #[arg(long = "tap", value_name = "NAME")]
     taps: Vec<String>,
 
@@ -101,6 +111,8 @@ struct PortSpec {
     mac: Option<[u8; 6]>,
     mtu: u16,
     mrg: bool,
+    /// Offer checksum/TSO offloads (tap ports only).
+    offload: bool,
 }
 
 fn parse_mac(s: &str) -> Result<[u8; 6], String> {
@@ -151,6 +163,7 @@ fn parse_port(spec: &str, defaults: &PortSpec) -> Result<PortSpec, String> {
             "mac" => p.mac = Some(parse_mac(v)?),
             "mtu" => p.mtu = v.parse().map_err(|_| format!("bad mtu {v:?}"))?,
             "mrg" => p.mrg = v != "off",
+            "offload" => p.offload = v != "off",
             _ => return Err(format!("unknown port option {k:?}")),
         }
     }
@@ -168,6 +181,18 @@ fn default_mac(i: usize) -> [u8; 6] {
     [0x52, 0x54, 0x00, 0x9e, (i >> 8) as u8, i as u8]
 }
 
+/// The offloads a tap port offers: partial checksums and TSO (with ECN) both ways. The TAP
+/// takes whatever the guest sends; what it hands over follows the guest's features
+/// (`tap::offload_flags`). UFO and USO are left out (Linux guests no longer send UFO).
+const TAP_OFFLOADS: virtq::VirtioFeatures = virtq::VirtioFeatures::NET_CSUM
+    .union(virtq::VirtioFeatures::NET_GUEST_CSUM)
+    .union(virtq::VirtioFeatures::NET_HOST_TSO4)
+    .union(virtq::VirtioFeatures::NET_HOST_TSO6)
+    .union(virtq::VirtioFeatures::NET_HOST_ECN)
+    .union(virtq::VirtioFeatures::NET_GUEST_TSO4)
+    .union(virtq::VirtioFeatures::NET_GUEST_TSO6)
+    .union(virtq::VirtioFeatures::NET_GUEST_ECN);
+
 fn device_config(p: &PortSpec, i: usize) -> DeviceConfig {
     let mut c = DeviceConfig::net_default();
     c.queue_pairs = p.queues;
@@ -175,6 +200,11 @@ fn device_config(p: &PortSpec, i: usize) -> DeviceConfig {
     c.net.mtu = p.mtu;
     if !p.mrg {
         c.features.remove(virtq::VirtioFeatures::NET_MRG_RXBUF);
+    }
+    // Only a TAP can take and give offloaded frames: the kernel finishes checksums and
+    // segments where it has to. The switch, reflect and benchmark back-ends offer none.
+    if p.offload && matches!(p.backend, PortBackend::Tap(_)) {
+        c.features |= TAP_OFFLOADS;
     }
     c
 }
@@ -206,8 +236,15 @@ fn install_signals() {
     }
 }
 
-struct Logger;
-impl DeviceHandler for Logger {
+/// A port's control-thread callbacks: logs, and for a tap port the TAP's offloads.
+struct PortHandler {
+    /// A second fd of the port's TAP (tap ports): `TUNSETOFFLOAD` is issued here, on the
+    /// control thread, when the guest sets its features (rings are stopped then, so no frame
+    /// of the data plane is in flight), never on the data path.
+    tap: Option<tap::TapQueue>,
+}
+
+impl DeviceHandler for PortHandler {
     fn device_ready(&mut self, dev: &NetDevice) {
         info!("{}: ready", dev.name());
     }
@@ -216,6 +253,15 @@ impl DeviceHandler for Logger {
     }
     fn features_changed(&mut self, dev: &NetDevice, features: u64) {
         info!("{}: features {features:#x}", dev.name());
+        if let Some(t) = &self.tap {
+            // What the kernel hands over must be what the guest accepts; a frame with an
+            // offload the guest lacks would be refused (and counted) by the device.
+            let flags = tap::offload_flags(features);
+            match t.set_offload(flags) {
+                Ok(()) => info!("{}: TAP offloads {}", dev.name(), tap::describe_offloads(flags)),
+                Err(e) => warn!("{}: TUNSETOFFLOAD {flags:#x}: {e}", dev.name()),
+            }
+        }
     }
 }
 
@@ -255,6 +301,7 @@ fn run(args: Args) -> Result<(), String> {
         mac: None,
         mtu: 1500,
         mrg: !args.no_mrg_rxbuf,
+        offload: true,
     };
     let mut specs: Vec<PortSpec> =
         args.socket_path.iter().map(|p| PortSpec { path: p.clone(), ..defaults.clone() }).collect();
@@ -269,13 +316,17 @@ fn run(args: Args) -> Result<(), String> {
     let mut backend = Backend::new().map_err(|e| format!("control loop: {e}"))?;
     let mut ports = Vec::new();
     let mut add = |name: String, spec: &PortSpec, socket: SocketSpec, i: usize| -> Result<(), String> {
-        let dev = backend
-            .add_device(&name, device_config(spec, i), socket, Box::new(Logger))
-            .map_err(|e| format!("{name}: {e}"))?;
         let tap = match &spec.backend {
             PortBackend::Tap(t) => tap::open(t, spec.queues as usize).map_err(|e| format!("TAP {t}: {e}"))?,
             _ => Vec::new(),
         };
+        let control = match tap.first() {
+            Some(q) => Some(q.try_clone().map_err(|e| format!("TAP: {e}"))?),
+            None => None,
+        };
+        let dev = backend
+            .add_device(&name, device_config(spec, i), socket, Box::new(PortHandler { tap: control }))
+            .map_err(|e| format!("{name}: {e}"))?;
         info!("{name}: {:?} back-end, {} queue pair(s)", spec.backend, spec.queues);
         ports.push(Port::Vhost { dev, backend: spec.backend.clone(), tap });
         Ok(())
@@ -375,6 +426,7 @@ mod tests {
             mac: None,
             mtu: 1500,
             mrg: true,
+            offload: true,
         }
     }
 
@@ -407,5 +459,22 @@ mod tests {
         assert!(!c.features.contains(virtq::VirtioFeatures::NET_MRG_RXBUF));
         assert_eq!(c.queue_pairs, 4);
         assert_eq!(c.net.mac, default_mac(3));
+    }
+
+    #[test]
+    fn only_tap_ports_offer_offloads() {
+        let mut p = defaults();
+        for b in [PortBackend::Switch, PortBackend::Reflect, PortBackend::Sink, PortBackend::Source(64)] {
+            p.backend = b;
+            assert!(!device_config(&p, 1).features.intersects(TAP_OFFLOADS), "{:?} offers no offloads", p.backend);
+        }
+        p.backend = PortBackend::Tap("vt0".into());
+        assert!(device_config(&p, 1).features.contains(TAP_OFFLOADS));
+        let off = parse_port("path=x,backend=tap:vt0,offload=off", &defaults()).unwrap();
+        assert!(!off.offload);
+        assert!(!device_config(&off, 1).features.intersects(TAP_OFFLOADS));
+        // What is offered satisfies §5.1.3.1 on its own (every dependency offered too).
+        let f = device_config(&p, 1).features;
+        assert_eq!(virtq::VirtioFeatures::negotiate_net(f, f), Ok(f));
     }
 }

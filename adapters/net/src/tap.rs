@@ -2,6 +2,10 @@
 //! `struct virtio_net_hdr` in front, the same header the guest uses, so offload metadata can
 //! pass between guest and host stack unchanged. With several queue pairs the TAP is opened
 //! with `IFF_MULTI_QUEUE`, one fd per pair.
+//!
+//! What the kernel may hand over (partial checksums, TSO frames) is set with `TUNSETOFFLOAD`
+//! from the offloads the guest negotiated ([`offload_flags`]); what may be written to the TAP
+//! needs no set-up: the kernel takes any valid header.
 
 use std::fs::OpenOptions;
 use std::io;
@@ -10,6 +14,7 @@ use std::os::unix::fs::OpenOptionsExt;
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_MULTI_QUEUE: libc::c_short = 0x0100;
@@ -17,6 +22,55 @@ const IFF_VNET_HDR: libc::c_short = 0x4000;
 
 /// Bytes of virtio-net header on every TAP frame.
 pub const TAP_HDR_LEN: usize = 12;
+
+/// A read buffer that holds any frame the TAP can hand over (header and a 64 KiB GSO frame),
+/// plus one byte: a read that fills the whole buffer may have been cut short and is dropped.
+pub const TAP_BUF_LEN: usize = TAP_HDR_LEN + virtq_vhost_user::net::MAX_GSO_FRAME + 1;
+// IPv6: 65535 bytes of payload behind a 40-byte header, Ethernet + VLAN, the virtio-net
+// header, and the spare byte that tells a full frame from a cut one.
+const _: () = assert!(TAP_BUF_LEN > TAP_HDR_LEN + 18 + 40 + 65535);
+
+/// `TUN_F_CSUM`: the TAP may hand over frames with `VIRTIO_NET_HDR_F_NEEDS_CSUM`.
+pub const TUN_F_CSUM: u32 = 0x01;
+/// `TUN_F_TSO4`: ... TCP/IPv4 GSO frames (needs `TUN_F_CSUM`).
+pub const TUN_F_TSO4: u32 = 0x02;
+/// `TUN_F_TSO6`: ... TCP/IPv6 GSO frames (needs `TUN_F_CSUM`).
+pub const TUN_F_TSO6: u32 = 0x04;
+/// `TUN_F_TSO_ECN`: ... TSO frames with `VIRTIO_NET_HDR_GSO_ECN` (needs a TSO flag).
+pub const TUN_F_TSO_ECN: u32 = 0x08;
+
+/// The `TUNSETOFFLOAD` flags for a guest that negotiated `features`: what the TAP hands over
+/// must be what the guest accepts on its receive queues (GUEST_CSUM, GUEST_TSO4/6,
+/// GUEST_ECN). The kernel rejects TSO without CSUM and ECN without TSO, so a driver that
+/// acknowledged those without their §5.1.3.1 dependencies gets the consistent subset.
+pub fn offload_flags(features: u64) -> u32 {
+    let f = virtq::VirtioFeatures::from_bits_retain(features);
+    if !f.contains(virtq::VirtioFeatures::NET_GUEST_CSUM) {
+        return 0;
+    }
+    let mut flags = TUN_F_CSUM;
+    if f.contains(virtq::VirtioFeatures::NET_GUEST_TSO4) {
+        flags |= TUN_F_TSO4;
+    }
+    if f.contains(virtq::VirtioFeatures::NET_GUEST_TSO6) {
+        flags |= TUN_F_TSO6;
+    }
+    if flags & (TUN_F_TSO4 | TUN_F_TSO6) != 0 && f.contains(virtq::VirtioFeatures::NET_GUEST_ECN) {
+        flags |= TUN_F_TSO_ECN;
+    }
+    flags
+}
+
+/// `TUN_F_*` flags as text: `csum,tso4,tso6,ecn`, or `none`.
+pub fn describe_offloads(flags: u32) -> String {
+    let names = [(TUN_F_CSUM, "csum"), (TUN_F_TSO4, "tso4"), (TUN_F_TSO6, "tso6"), (TUN_F_TSO_ECN, "ecn")];
+    let v: Vec<&str> = names.iter().filter(|(b, _)| flags & b != 0).map(|(_, n)| *n).collect();
+    if v.is_empty() {
+        "none".to_string()
+    } else {
+        v.join(",")
+    }
+}
 
 #[repr(C)]
 struct IfReq {
@@ -68,6 +122,23 @@ pub fn open(name: &str, queues: usize) -> io::Result<Vec<TapQueue>> {
 }
 
 impl TapQueue {
+    /// Another fd for this queue (a `dup`), e.g. for the control thread's `TUNSETOFFLOAD`
+    /// while the data plane owns the original.
+    pub fn try_clone(&self) -> io::Result<TapQueue> {
+        Ok(TapQueue { fd: self.fd.try_clone()? })
+    }
+
+    /// `TUNSETOFFLOAD`: which offloads the kernel may use in frames it hands over (`TUN_F_*`).
+    /// It applies to the whole device, every queue.
+    pub fn set_offload(&self, flags: u32) -> io::Result<()> {
+        // SAFETY: TUNSETOFFLOAD takes its argument by value (an unsigned long); no memory is
+        // passed.
+        if unsafe { libc::ioctl(self.fd.as_raw_fd(), TUNSETOFFLOAD, flags as libc::c_ulong) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Reads one frame (header + frame) into `buf`; `Ok(None)` when none is waiting.
     pub fn read(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
         // SAFETY: reads at most `buf.len()` bytes into `buf`.
@@ -99,5 +170,27 @@ impl TapQueue {
             io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(false),
             _ => Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtq::VirtioFeatures as F;
+
+    #[test]
+    fn offload_flags_follow_the_guest_receive_features() {
+        let all = F::NET_GUEST_CSUM | F::NET_GUEST_TSO4 | F::NET_GUEST_TSO6 | F::NET_GUEST_ECN;
+        assert_eq!(offload_flags(all.bits()), TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN);
+        assert_eq!(offload_flags(F::NET_GUEST_CSUM.bits()), TUN_F_CSUM);
+        assert_eq!(offload_flags((F::NET_GUEST_CSUM | F::NET_GUEST_TSO6).bits()), TUN_F_CSUM | TUN_F_TSO6);
+        // Host-side (TX) offloads and other features do not matter here.
+        let tx = F::NET_CSUM | F::NET_HOST_TSO4 | F::NET_HOST_TSO6 | F::NET_HOST_ECN | F::VERSION_1;
+        assert_eq!(offload_flags(tx.bits()), 0);
+        // Without their dependencies, TSO and ECN are left out (the kernel would refuse them).
+        assert_eq!(offload_flags((F::NET_GUEST_TSO4 | F::NET_GUEST_ECN).bits()), 0);
+        assert_eq!(offload_flags((F::NET_GUEST_CSUM | F::NET_GUEST_ECN).bits()), TUN_F_CSUM);
+        assert_eq!(describe_offloads(offload_flags(all.bits())), "csum,tso4,tso6,ecn");
+        assert_eq!(describe_offloads(0), "none");
     }
 }

@@ -1,10 +1,13 @@
 //! The `virtq-net` binary end to end, with in-tree front-ends (real sockets, memfd memory,
 //! eventfds): switch between two guests, reflect, a TAP answered by the Linux kernel inside a
-//! network namespace the test creates, clean exit on SIGTERM, and the CLI conventions.
+//! network namespace the test creates, checksum offload through that TAP both ways, clean exit
+//! on SIGTERM, and the CLI conventions.
 
 #[path = "../../vhost-user/tests/frontend/mod.rs"]
 mod frontend;
 
+use std::net::UdpSocket;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread;
@@ -114,12 +117,22 @@ impl<'a> Nic<'a> {
     }
 
     fn send(&mut self, frame: &[u8]) {
-        self.tx.add_chain(&[Buf::readable(&[0u8; 12]), Buf::readable(frame)]);
+        self.send_with_header(&[0u8; 12], frame);
+    }
+
+    /// Sends `frame` behind the virtio-net header `hdr`.
+    fn send_with_header(&mut self, hdr: &[u8; 12], frame: &[u8]) {
+        self.tx.add_chain(&[Buf::readable(hdr), Buf::readable(frame)]);
         self.fe.kick(2 * self.pair + 1);
     }
 
     /// Waits for the next received frame (without the virtio-net header).
     fn recv(&mut self, timeout: Duration) -> Option<Vec<u8>> {
+        self.recv_with_header(timeout).map(|(_, f)| f)
+    }
+
+    /// Waits for the next received frame and its virtio-net header (merged buffers joined).
+    fn recv_with_header(&mut self, timeout: Duration) -> Option<([u8; 12], Vec<u8>)> {
         let deadline = Instant::now() + timeout;
         while self.rx.used_idx() == self.rx_seen {
             if Instant::now() > deadline {
@@ -127,11 +140,24 @@ impl<'a> Nic<'a> {
             }
             thread::sleep(Duration::from_millis(2));
         }
-        let (id, len) = self.rx.used_elem(self.rx_seen);
-        self.rx_seen = self.rx_seen.wrapping_add(1);
-        let mut b = vec![0u8; len as usize];
-        self.rx.read(self.rx_bufs[&id], &mut b);
-        Some(b[12..].to_vec())
+        let mut data = Vec::new();
+        let mut left = 1u16;
+        while left > 0 {
+            // The buffers of one frame are published together (one used-index update).
+            assert_ne!(self.rx.used_idx(), self.rx_seen, "num_buffers larger than what was published");
+            let (id, len) = self.rx.used_elem(self.rx_seen);
+            self.rx_seen = self.rx_seen.wrapping_add(1);
+            let mut b = vec![0u8; len as usize];
+            self.rx.read(self.rx_bufs[&id], &mut b);
+            if data.is_empty() {
+                left = u16::from_le_bytes([b[10], b[11]]);
+                assert!(left >= 1, "num_buffers is at least 1");
+            }
+            data.extend_from_slice(&b);
+            left -= 1;
+        }
+        let hdr: [u8; 12] = data[..12].try_into().unwrap();
+        Some((hdr, data[12..].to_vec()))
     }
 }
 
@@ -216,7 +242,7 @@ fn print_capabilities_and_help_follow_the_vhost_user_conventions() {
     assert!(s.contains("\"type\": \"net\""), "{s}");
     let help = Command::new(BIN).arg("--help").output().unwrap();
     let h = String::from_utf8(help.stdout).unwrap();
-    for opt in ["--socket-path", "--fd", "--print-capabilities", "--client", "--tap", "--port"] {
+    for opt in ["--socket-path", "--fd", "--print-capabilities", "--client", "--tap", "--port", "offload=on|off"] {
         assert!(h.contains(opt), "--help mentions {opt}");
     }
     let bad = Command::new(BIN).args(["--port", "path=x,queues=0"]).output().unwrap();
@@ -244,7 +270,8 @@ impl Drop for Ns {
 
 /// Starts `virtq-net --port path=SOCK,backend=tap:TAP<extra>` inside a fresh network namespace
 /// and gives the TAP 192.0.2.1/24 there (TEST-NET-1, never routed outside the namespace).
-/// `None` (test skipped) only outside CI when TAP devices or iproute2 are unavailable.
+/// `None` (test skipped) only outside CI when TAP devices or iproute2 are unavailable. The
+/// log of virtq-net is the file `log` next to SOCK.
 fn tap_backend(tag: &str, tap: &str, extra: &str) -> Option<(Ns, Proc, PathBuf)> {
     if !Path::new("/dev/net/tun").exists() || !run("ip netns list") {
         // CI always has both (it runs as root with iproute2 installed): never skip there.
@@ -256,10 +283,11 @@ fn tap_backend(tag: &str, tap: &str, extra: &str) -> Option<(Ns, Proc, PathBuf)>
     assert!(run(&format!("ip netns add {ns}")), "ip netns add (needs root)");
     let ns = Ns(ns);
     let sock = dir(tag).join("t.sock");
-    let p = Proc::spawn(
+    let p = Proc::spawn_logged(
         Command::new("ip")
             .args(["netns", "exec", &ns.0, BIN, "--port"])
             .arg(format!("path={},backend=tap:{tap}{extra}", sock.display())),
+        &sock.with_file_name("log"),
     );
     wait_for(&sock);
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -338,6 +366,197 @@ fn multiqueue_tap_carries_both_queue_pairs() {
             }
             assert!(Instant::now() < deadline, "no ARP reply for the request sent on pair {pair}");
         }
+    }
+    assert!(p.terminate().success());
+}
+
+/// Runs `f` on a thread that joined the network namespace `ns` (`setns`): sockets it creates
+/// live in that namespace, whichever thread uses them afterwards.
+fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{ns}");
+    thread::spawn(move || {
+        let nsfd = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // SAFETY: setns on a namespace fd; it moves only this short-lived thread.
+        let rc = unsafe { libc::setns(nsfd.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+/// The Internet checksum's running sum over `data` (big-endian 16-bit words).
+fn csum_add(mut sum: u32, data: &[u8]) -> u32 {
+    for c in data.chunks(2) {
+        sum += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32;
+    }
+    sum
+}
+
+fn csum_fold(mut sum: u32) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+/// The UDP pseudo-header sum of an IPv4 packet `ip`.
+fn udp_pseudo_sum(ip: &[u8]) -> u32 {
+    let udp_len = ip.len() - 20;
+    csum_add(csum_add(0, &ip[12..20]), &[0, 17, (udp_len >> 8) as u8, udp_len as u8])
+}
+
+/// An IPv4/UDP packet whose UDP checksum field holds only the folded pseudo-header sum: what
+/// a driver leaves there for the device to finish with `VIRTIO_NET_HDR_F_NEEDS_CSUM`
+/// (Linux's CHECKSUM_PARTIAL). As a complete packet its checksum is wrong.
+fn udp4_partial(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let total = 20 + 8 + payload.len();
+    let mut ip = vec![0x45, 0, (total >> 8) as u8, total as u8, 0x12, 0x34, 0x40, 0, 64, 17, 0, 0];
+    ip.extend_from_slice(&src);
+    ip.extend_from_slice(&dst);
+    let hc = !csum_fold(csum_add(0, &ip));
+    ip[10..12].copy_from_slice(&hc.to_be_bytes());
+    let ulen = (8 + payload.len()) as u16;
+    ip.extend_from_slice(&sport.to_be_bytes());
+    ip.extend_from_slice(&dport.to_be_bytes());
+    ip.extend_from_slice(&ulen.to_be_bytes());
+    ip.extend_from_slice(&[0, 0]);
+    ip.extend_from_slice(payload);
+    let pseudo = csum_fold(udp_pseudo_sum(&ip));
+    ip[26..28].copy_from_slice(&pseudo.to_be_bytes());
+    ip
+}
+
+/// Whether the UDP checksum of IPv4 packet `ip` is present and correct.
+fn udp4_checksum_ok(ip: &[u8]) -> bool {
+    ip[26..28] != [0, 0] && csum_fold(csum_add(udp_pseudo_sum(ip), &ip[20..])) == 0xffff
+}
+
+const F_CSUM: u64 = 1 << 0;
+const F_GUEST_CSUM: u64 = 1 << 1;
+const HDR_F_NEEDS_CSUM: u8 = 1;
+const HDR_F_DATA_VALID: u8 = 2;
+
+/// Waits until the virtq-net log at `log` contains `what`.
+fn wait_log(log: &Path, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains(what) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "virtq-net never logged {what:?}:\n{text}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Guest to TAP with checksum offload: the guest negotiates CSUM and sends a UDP datagram
+/// whose checksum field holds only the pseudo-header sum, with NEEDS_CSUM and
+/// csum_start/csum_offset. The header must reach the TAP as it is, so that the kernel finishes
+/// the checksum and a socket in the namespace receives the datagram. Control: the same frame
+/// without NEEDS_CSUM has a wrong checksum and must be dropped by the kernel.
+#[test]
+fn tap_offload_partial_checksum_from_the_guest_reaches_a_socket_in_the_namespace() {
+    let Some((ns, p, sock)) = tap_backend("csum-tx", "vqc0", "") else { return };
+    let udp = in_netns(&ns.0, || UdpSocket::bind("192.0.2.1:0").expect("bind in the namespace"));
+    let port = udp.local_addr().unwrap().port();
+    let fa = Frontend::connect(&sock, 2, 256);
+    let mut na = Nic::new(&fa);
+    let acked = fa.qemu_start(FEATURES | F_CSUM);
+    assert!(acked & F_CSUM != 0, "a tap port offers CSUM");
+    na.post_rx(32);
+    thread::sleep(Duration::from_millis(100));
+    // ARP first: the reply names the TAP's MAC, the destination of the datagram.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let tap_mac: [u8; 6] = loop {
+        na.send(&arp_request(MAC_A, [192, 0, 2, 2]));
+        if let Some(f) = na.recv(Duration::from_millis(500)).filter(|f| is_arp_reply_to(f, MAC_A)) {
+            break f[22..28].try_into().unwrap();
+        }
+        assert!(Instant::now() < deadline, "no ARP reply from the kernel");
+    };
+    let payload: Vec<u8> = (0..1000u32).map(|i| (i * 7 + 3) as u8).collect();
+    let ip = udp4_partial([192, 0, 2, 2], [192, 0, 2, 1], 40000, port, &payload);
+    assert!(!udp4_checksum_ok(&ip), "the partial checksum is wrong as it stands");
+    let f = eth(tap_mac, MAC_A, 0x0800, &ip);
+    let mut buf = [0u8; 2048];
+
+    // Control: no NEEDS_CSUM, so the kernel checks the checksum and drops the datagram.
+    na.send(&f);
+    udp.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    assert!(udp.recv_from(&mut buf).is_err(), "a datagram with a wrong UDP checksum was delivered");
+
+    // NEEDS_CSUM from byte 34 (the UDP header), checksum field at +6.
+    let hdr = [HDR_F_NEEDS_CSUM, 0, 0, 0, 0, 0, 34, 0, 6, 0, 0, 0];
+    na.send_with_header(&hdr, &f);
+    udp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let (n, from) = udp.recv_from(&mut buf).expect("the datagram with NEEDS_CSUM reached the namespace");
+    assert_eq!(&buf[..n], &payload[..], "payload intact");
+    assert_eq!(from.to_string(), "192.0.2.2:40000");
+    assert!(p.terminate().success());
+}
+
+/// TAP to guest with checksum offload: a datagram sent from a socket in the namespace reaches
+/// the guest with a header consistent with the frame. With GUEST_CSUM the TAP is told to hand
+/// over partial checksums (TUNSETOFFLOAD), so the kernel leaves the checksum to the guest:
+/// NEEDS_CSUM with csum_start/csum_offset inside the frame, and finishing the checksum there
+/// gives a valid datagram. A new front-end without GUEST_CSUM on the same port turns the TAP's
+/// offloads off again: flags 0 and a complete checksum.
+#[test]
+fn tap_offload_datagram_from_the_namespace_reaches_the_guest_with_a_consistent_header() {
+    let Some((ns, p, sock)) = tap_backend("csum-rx", "vqr0", "") else { return };
+    let log = sock.with_file_name("log");
+    // The in-tree guest answers no ARP: a static neighbour entry for it.
+    assert!(run(&format!("ip -n {} neigh replace 192.0.2.2 lladdr 52:54:00:00:00:0a dev vqr0", ns.0)));
+    let tx = in_netns(&ns.0, || UdpSocket::bind("192.0.2.1:0").expect("bind in the namespace"));
+    let payload: Vec<u8> = (0..600u32).map(|i| (i * 13 + 1) as u8).collect();
+
+    // The next IPv4/UDP frame to port 5555 and its header (skipping IPv6 neighbour discovery
+    // and the like that the new TAP sends).
+    let datagram = |na: &mut Nic<'_>| -> ([u8; 12], Vec<u8>) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            tx.send_to(&payload, "192.0.2.2:5555").unwrap();
+            while let Some((h, f)) = na.recv_with_header(Duration::from_millis(300)) {
+                if f.len() >= 42 && f[12..14] == [8, 0] && f[23] == 17 && f[36..38] == 5555u16.to_be_bytes() {
+                    return (h, f);
+                }
+            }
+            assert!(Instant::now() < deadline, "no datagram from the namespace");
+        }
+    };
+
+    for (round, features) in [("GUEST_CSUM", FEATURES | F_GUEST_CSUM), ("no GUEST_CSUM", FEATURES)] {
+        let fa = Frontend::connect(&sock, 2, 256);
+        let mut na = Nic::new(&fa);
+        let acked = fa.qemu_start(features);
+        assert_eq!(acked & F_GUEST_CSUM, features & F_GUEST_CSUM, "a tap port offers GUEST_CSUM");
+        let offloads = if acked & F_GUEST_CSUM != 0 { "csum" } else { "none" };
+        wait_log(&log, &format!("TAP offloads {offloads}"));
+        na.post_rx(32);
+        let (h, mut f) = datagram(&mut na);
+        let (flags, gso_type) = (h[0], h[1]);
+        let start = u16::from_le_bytes([h[6], h[7]]) as usize;
+        let offset = u16::from_le_bytes([h[8], h[9]]) as usize;
+        assert_eq!(gso_type, 0, "{round}: no GSO for one small datagram");
+        assert_eq!(&f[42..], &payload[..], "{round}: payload intact");
+        if flags & HDR_F_NEEDS_CSUM != 0 {
+            // Consistent: the checksum lies inside the frame; finishing it makes it valid.
+            assert!(acked & F_GUEST_CSUM != 0, "{round}: NEEDS_CSUM without GUEST_CSUM");
+            assert!(start >= 14 && start + offset + 2 <= f.len(), "{round}: csum {start}+{offset} in {}", f.len());
+            let c = !csum_fold(csum_add(0, &f[start..]));
+            f[start + offset..start + offset + 2].copy_from_slice(&c.to_be_bytes());
+        }
+        assert!(udp4_checksum_ok(&f[14..]), "{round}: UDP checksum valid (flags {flags:#x})");
+        if acked & F_GUEST_CSUM != 0 {
+            // A datagram from a local socket on a device with checksum offload is
+            // CHECKSUM_PARTIAL: the TAP's offloads followed the guest's features.
+            assert_eq!(flags, HDR_F_NEEDS_CSUM, "{round}: the kernel left the checksum to the guest");
+            assert_eq!((start, offset), (34, 6), "{round}: UDP checksum at 34+6");
+        } else {
+            assert_eq!(flags & (HDR_F_NEEDS_CSUM | HDR_F_DATA_VALID), 0, "{round}: flags 0 without GUEST_CSUM");
+        }
+        fa.hang_up();
     }
     assert!(p.terminate().success());
 }

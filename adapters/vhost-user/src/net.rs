@@ -14,14 +14,21 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use log::warn;
+use virtq::net::header::VIRTIO_NET_HDR_F_DATA_VALID;
 use virtq::net::{self, header_len, RxError, RxScratch, VirtioNetHdr};
 use virtq::{PopError, VirtioFeatures};
 use zerocopy_shim::read_header;
 
 use crate::vring::{signal, VringShared};
 
-/// Largest frame plus header a TX buffer must hold to take any packet (64 KiB GSO + header).
-pub const MAX_TX_FRAME: usize = 65536 + 12;
+/// Largest frame a GSO packet can make: 65535 bytes of IP payload behind an IPv6 header (40),
+/// an Ethernet header and one VLAN tag (18). A guest that negotiated HOST_TSO4/6 may send
+/// frames this large, and a TAP with TSO enabled may hand them over.
+pub const MAX_GSO_FRAME: usize = 65535 + 40 + 18;
+
+/// Largest frame plus header a TX buffer must hold to take any packet: a [`MAX_GSO_FRAME`]
+/// frame behind the 12-byte virtio-net header.
+pub const MAX_TX_FRAME: usize = MAX_GSO_FRAME + 12;
 
 /// Per-queue counters.
 #[derive(Debug, Default)]
@@ -39,9 +46,10 @@ pub struct QueueCounters {
     pub packets: u64,
     /// Frame bytes moved (without virtio-net headers).
     pub bytes: u64,
-    /// Frames dropped: TX on a disabled ring, RX without buffers or too large.
+    /// Frames dropped: TX on a disabled ring, RX without buffers, too large, or refused.
     pub drops: u64,
-    /// Malformed chains or headers from the guest.
+    /// Malformed chains or headers from the guest; on RX also frames too large for the
+    /// guest's buffers and headers with offloads it did not negotiate.
     pub errors: u64,
 }
 
@@ -99,6 +107,14 @@ impl TxFrame {
     pub fn raw(&self) -> &[u8] {
         &self.buf[..self.len]
     }
+}
+
+/// Reads a virtio-net header from its wire form: 12 bytes, or the 10-byte legacy layout
+/// (`num_buffers` then reads as 0). Shorter input reads as zeroes past its end. For headers
+/// that come from elsewhere, e.g. a TAP with `IFF_VNET_HDR`, before
+/// [`NetDevice::enqueue_burst_with_headers`].
+pub fn parse_header(bytes: &[u8]) -> VirtioNetHdr {
+    read_header(bytes)
 }
 
 /// Small helpers around the core's zerocopy header type.
@@ -309,32 +325,60 @@ impl NetDevice {
     /// (or the ring is stopped or disabled) and are dropped and counted by the caller's choice:
     /// they are counted here as drops.
     pub fn enqueue_burst(&self, pair: u16, frames: &[&[u8]]) -> usize {
+        let zero = VirtioNetHdr::default();
+        self.enqueue(pair, frames.len(), |i| (zero, frames[i]))
+    }
+
+    /// Like [`NetDevice::enqueue_burst`], each frame with its own virtio-net header, e.g. the
+    /// one a TAP with `IFF_VNET_HDR` handed over with it ([`parse_header`]). The header's
+    /// offload fields (`flags`, `gso_type`, `hdr_len`, `gso_size`, `csum_start`,
+    /// `csum_offset`) reach the guest as given; `num_buffers` is set here.
+    ///
+    /// A header that asks for an offload the driver did not negotiate (§5.1.6.4.1:
+    /// `NEEDS_CSUM` without `GUEST_CSUM`, a GSO type without its `GUEST_TSO4`/`TSO6`/`UFO`/
+    /// `USO` feature, the ECN bit without `GUEST_ECN`, `RSC_INFO`) never reaches the guest:
+    /// the frame is dropped and counted as an error (and a drop). The one exception is
+    /// `DATA_VALID`, a hint that does not change the frame: without `GUEST_CSUM` it is
+    /// cleared ("the device MUST set flags to zero") and the frame is delivered, so a TAP
+    /// that marks a frame it already checked still reaches a driver without checksum offload.
+    pub fn enqueue_burst_with_headers(&self, pair: u16, frames: &[(VirtioNetHdr, &[u8])]) -> usize {
+        self.enqueue(pair, frames.len(), |i| frames[i])
+    }
+
+    /// The RX burst behind both enqueue variants: `frame(i)` is the header and frame of the
+    /// `i`-th of `count` frames.
+    #[inline(always)]
+    fn enqueue<'f>(&self, pair: u16, count: usize, frame: impl Fn(usize) -> (VirtioNetHdr, &'f [u8])) -> usize {
         let Some(q) = self.inner.queues.get(2 * pair as usize) else { return 0 };
         let mut s = q.shared.lock().unwrap_or_else(|p| p.into_inner());
         if !s.enabled {
             drop(s);
-            q.stats.add(0, 0, frames.len() as u64, 0);
+            q.stats.add(0, 0, count as u64, 0);
             return 0;
         }
         let call = s.call.clone();
         let Some(active) = s.active.as_mut() else {
             drop(s);
-            q.stats.add(0, 0, frames.len() as u64, 0);
+            q.stats.add(0, 0, count as u64, 0);
             return 0;
         };
         let features: VirtioFeatures = active.features;
+        let keep_flags =
+            if features.contains(VirtioFeatures::NET_GUEST_CSUM) { !0 } else { !VIRTIO_NET_HDR_F_DATA_VALID };
         let (mut n, mut bytes, mut errors) = (0usize, 0u64, 0u64);
-        let hdr = VirtioNetHdr::default();
         let result = active.with_queue(|vq| {
             let mut scratch: RxScratch<'_> = RxScratch::new();
-            for f in frames {
+            for i in 0..count {
+                let (mut hdr, f) = frame(i);
+                hdr.flags &= keep_flags;
                 match net::receive(vq, &mut scratch, features, &hdr, f) {
                     Ok(out) => {
                         n += 1;
                         bytes += f.len() as u64;
                         errors += out.bad_chains as u64;
                     }
-                    Err(RxError::FrameTooLarge { .. }) => errors += 1,
+                    // Nothing was consumed: drop this frame, go on with the next.
+                    Err(RxError::FrameTooLarge { .. }) | Err(RxError::OffloadNotNegotiated) => errors += 1,
                     Err(_) => break,
                 }
             }
@@ -344,7 +388,7 @@ impl NetDevice {
         if !finish_burst(result, call.as_deref(), "RX") {
             errors += 1;
         }
-        q.stats.add(n as u64, bytes, (frames.len() - n) as u64, errors);
+        q.stats.add(n as u64, bytes, (count - n) as u64, errors);
         n
     }
 }

@@ -17,7 +17,7 @@ use virtq::VirtioFeatures;
 use virtq_vhost_user::backend::{Backend, BackendHandle, DeviceHandler, NoHandler, SocketSpec};
 use virtq_vhost_user::connection::Reconnect;
 use virtq_vhost_user::device::DeviceConfig;
-use virtq_vhost_user::net::{NetDevice, TxFrame, MAX_TX_FRAME};
+use virtq_vhost_user::net::{parse_header, NetDevice, TxFrame, MAX_TX_FRAME};
 
 fn sock_path(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("virtq-vu-{}", std::process::id()));
@@ -275,4 +275,83 @@ fn event_driven_data_path_sleeps_until_the_guest_kicks() {
     // avail_event).
     net.suppress_kicks(1);
     assert_eq!(g.drv[1].used_flags(), 0);
+}
+
+/// A 12-byte virtio-net header: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset,
+/// num_buffers.
+fn net_hdr(flags: u8, gso_type: u8, hdr_len: u16, gso_size: u16, start: u16, offset: u16, nbufs: u16) -> [u8; 12] {
+    let mut h = [flags, gso_type, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    for (i, v) in [hdr_len, gso_size, start, offset, nbufs].into_iter().enumerate() {
+        h[2 + 2 * i..4 + 2 * i].copy_from_slice(&v.to_le_bytes());
+    }
+    h
+}
+
+/// Per-frame headers on RX: offload fields reach the guest as given and num_buffers is the
+/// device's; a header with an offload the driver did not negotiate never reaches it (dropped,
+/// counted as an error), except DATA_VALID, which is cleared for a driver without GUEST_CSUM.
+#[test]
+fn enqueue_with_headers_passes_offloads_through_and_refuses_unnegotiated_ones() {
+    const NEEDS_CSUM: u8 = 1;
+    const DATA_VALID: u8 = 2;
+    const GSO_TCPV4: u8 = 1;
+    const GUEST_CSUM: u64 = 1 << 1;
+    for (name, guest_csum) in [("hdr-guest-csum", true), ("hdr-no-guest-csum", false)] {
+        let path = sock_path(name);
+        let mut cfg = DeviceConfig::net_default();
+        cfg.features |= VirtioFeatures::NET_CSUM
+            | VirtioFeatures::NET_GUEST_CSUM
+            | VirtioFeatures::NET_GUEST_TSO4
+            | VirtioFeatures::NET_HOST_TSO4;
+        let (_run, nets) = start(vec![(name, cfg, server(&path), Box::new(NoHandler))]);
+        let net = &nets[0];
+        let fe = Frontend::connect(&path, 2, 64);
+        let mut g = Guest::new(&fe);
+        // GUEST_TSO4 is offered but not acknowledged; GUEST_CSUM only in the first round.
+        let acked = fe.qemu_start(NET_FEATURES | if guest_csum { GUEST_CSUM } else { 0 });
+        assert_eq!(acked & GUEST_CSUM != 0, guest_csum);
+        assert_eq!(acked & (1 << 7), 0, "GUEST_TSO4 not acknowledged");
+        wait("rings ready", || net.queue_ready(0).then_some(()));
+        let drv = &mut g.drv[0];
+        let mut addr_of = std::collections::HashMap::new();
+        for _ in 0..8 {
+            let mut a = [0u64];
+            let head = drv.build_chain(&[Buf::writable(2048)], &mut a);
+            drv.publish(head);
+            addr_of.insert(head as u32, a[0]);
+        }
+        let partial = net_hdr(NEEDS_CSUM, 0, 42, 0, 34, 6, 0);
+        let tso = net_hdr(NEEDS_CSUM, GSO_TCPV4, 54, 1448, 34, 16, 0);
+        let valid = net_hdr(DATA_VALID, 0, 0, 0, 0, 0, 0);
+        let stale_nbufs = net_hdr(0, 0, 0, 0, 0, 0, 99);
+        let frames: Vec<Vec<u8>> = (0..4).map(|i| frame(i, 100 + i as usize)).collect();
+        let burst: Vec<_> = [partial, tso, valid, stale_nbufs]
+            .iter()
+            .zip(&frames)
+            .map(|(h, f)| (parse_header(h), f.as_slice()))
+            .collect();
+        // What the guest must see, in order: (frame index, header as delivered).
+        let mut want = Vec::new();
+        if guest_csum {
+            want.push((0, net_hdr(NEEDS_CSUM, 0, 42, 0, 34, 6, 1)));
+        }
+        want.push((2, net_hdr(if guest_csum { DATA_VALID } else { 0 }, 0, 0, 0, 0, 0, 1)));
+        want.push((3, net_hdr(0, 0, 0, 0, 0, 0, 1)));
+        assert_eq!(net.enqueue_burst_with_headers(0, &burst), want.len(), "{name}");
+        assert!(fe.wait_call(0, Duration::from_secs(10)), "RX interrupt");
+        assert_eq!(drv.used_idx(), want.len() as u16, "{name}: refused frames use no buffer");
+        for (k, (i, hdr)) in want.iter().enumerate() {
+            let (id, len) = drv.used_elem(k as u16);
+            let mut b = vec![0u8; len as usize];
+            drv.read(addr_of[&id], &mut b);
+            assert_eq!(b[..12], hdr[..], "{name}: header of frame {i}");
+            assert_eq!(b[12..], frames[*i][..], "{name}: frame {i}");
+        }
+        let refused = 4 - want.len() as u64;
+        let st = net.stats(0);
+        assert_eq!((st.packets, st.drops, st.errors), (want.len() as u64, refused, refused), "{name}");
+        // The zero-header burst still works next to it.
+        let f = frame(9, 64);
+        assert_eq!(net.enqueue_burst(0, &[&f]), 1);
+    }
 }
