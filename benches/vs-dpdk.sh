@@ -2,12 +2,16 @@
 # virtq-net against DPDK's vhost back-end (testpmd `net_vhost`), both driven by the same real
 # front-end: DPDK testpmd with `net_virtio_user`. In one invocation the two back-ends alternate
 # A B A B … per case, so both see the same machine state; the table gives per case the median
-# Mpps of each over the rounds, the spread (min–max) and the ratio virtq/DPDK of the medians.
+# Mpps of each over the rounds, the spread (min–max) and the ratio virtq/DPDK of the medians,
+# the median (and spread) of the ratios within each round (A and B back to back), the best
+# round of each, and the medians of the rounds' averages.
 #
-# A round's rate is its best one-second window, and, in the last columns, the average of its
-# windows. The machine is shared: within seconds the same pair of processes swings between
-# about 5, 10 and 15+ Mpps as other tenants come and go, so the best window is the estimate of
-# what a back-end does on an idle core, and the average shows how much noise there was.
+# A round's rate is its best one-second window (its average is in the last columns and the
+# TSV). The machine is shared: the same pair of processes runs at about 5, 10 or 15+ Mpps
+# depending on where the hypervisor places the two vCPUs (a cache-line round trip between
+# them, measured with two pinned threads, swings between about 200 and 1000 ns), and that
+# state lasts seconds to minutes. So a median over a handful of rounds mixes states; the
+# within-round ratio and the best rounds compare the back-ends in the same state.
 #
 #   benches/vs-dpdk.sh                      every case, 7 rounds of 5 one-second windows
 #   ROUNDS=3 SECS=3 benches/vs-dpdk.sh      shorter
@@ -243,13 +247,14 @@ sample() {
 stats() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) { print "- - -"; exit } m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2; printf "%.2f %.2f %.2f\n", m, v[1], v[NR] }'; }
 
 [[ -n $TSV ]] && printf 'case\tbackend\tround\tvalue\taverage\n' > "$TSV"
-declare -A SAMPLES AVERAGES
+declare -A SAMPLES AVERAGES PAIRED
 FAILED=0
 UNIT=Mpps
 if [[ $IR == 1 ]]; then UNIT="Ir/frame"; fi
 echo "vs-dpdk: $ROUNDS rounds × ${SECS}s per back-end and case ($UNIT); back-end on CPU $BE_CPU, front-end on CPU $FE_CPU" >&2
 for case in $CASES; do
     for ((r = 1; r <= ROUNDS; r++)); do
+        a_value=""
         for side in A B; do
             be=${!side}
             [[ $be == none ]] && continue
@@ -258,6 +263,13 @@ for case in $CASES; do
                 read -r v avg <<< "$RESULT"
                 SAMPLES[$case/$side]+="$v "
                 AVERAGES[$case/$side]+="${avg:-$v} "
+                # The ratio within a round: A and B ran back to back, so a slow drift of the
+                # machine's state affects both alike.
+                if [[ $side == A ]]; then
+                    a_value=$v
+                elif [[ -n $a_value ]]; then
+                    PAIRED[$case]+="$(awk -v a="$a_value" -v b="$v" 'BEGIN { if (b > 0) printf "%.4f", a / b }') "
+                fi
                 [[ -n $TSV ]] && printf '%s\t%s\t%s\t%s\t%s\n' "$case" "$be" "$r" "$v" "${avg:-$v}" >> "$TSV"
                 echo "  $case round $r $be: $v $UNIT${avg:+ (average $avg)}" >&2
             else
@@ -280,16 +292,18 @@ if [[ $IR == 1 ]]; then
         printf '| %s | %s | %s | %s |\n' "$case" "$vm" "$dm" "$(ratio "$vm" "$dm")"
     done
 else
-    printf '| case | %s Mpps: median of best 1-s windows (spread) | %s Mpps (spread) | ratio A/B | median of averages: %s | %s | ratio A/B |\n' \
-        "$(label "$A")" "$(label "$B")" "$(label "$A")" "$(label "$B")"
-    printf '|---|---:|---:|---:|---:|---:|---:|\n'
+    printf '| case | %s Mpps: median of best 1-s windows (spread) | %s Mpps (spread) | ratio of medians A/B | ratio A/B within a round: median (spread) | best of all rounds: %s | %s | ratio | median of averages: %s | %s |\n' \
+        "$(label "$A")" "$(label "$B")" "$(label "$A")" "$(label "$B")" "$(label "$A")" "$(label "$B")"
+    printf '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n'
     for case in $CASES; do
         read -r vm vmin vmax < <(med "${SAMPLES[$case/A]:-}")
         read -r dm dmin dmax < <(med "${SAMPLES[$case/B]:-}")
         read -r va _ _ < <(med "${AVERAGES[$case/A]:-}")
         read -r da _ _ < <(med "${AVERAGES[$case/B]:-}")
-        printf '| %s | %s (%s–%s) | %s (%s–%s) | %s | %s | %s | %s |\n' "$case" "$vm" "$vmin" "$vmax" "$dm" "$dmin" "$dmax" \
-            "$(ratio "$vm" "$dm")" "$va" "$da" "$(ratio "$va" "$da")"
+        read -r pm pmin pmax < <(med "${PAIRED[$case]:-}")
+        printf '| %s | %s (%s–%s) | %s (%s–%s) | %s | %s (%s–%s) | %s | %s | %s | %s | %s |\n' "$case" "$vm" "$vmin" "$vmax" \
+            "$dm" "$dmin" "$dmax" "$(ratio "$vm" "$dm")" "$pm" "$pmin" "$pmax" "$vmax" "$dmax" "$(ratio "$vmax" "$dmax")" \
+            "$va" "$da"
     done
 fi
 if ((FAILED)); then
