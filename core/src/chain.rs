@@ -12,7 +12,7 @@ use core::marker::PhantomData;
 use core::ptr::NonNull;
 
 use crate::desc::{read_descriptor, DescFlags, DESC_SIZE};
-use crate::mem::{copy_bytes, GuestMemory, MemError};
+use crate::mem::{copy_bytes, GuestMemory, HostRange, MemError};
 
 /// Default capacity of a [`Chain`]'s segment list.
 pub const DEFAULT_SEGMENTS: usize = 32;
@@ -297,75 +297,157 @@ where
     M: GuestMemory + ?Sized,
     F: FnMut(NonNull<u8>, u32, bool) -> Result<(), ChainError>,
 {
-    let mut table = table;
-    let mut index = head;
-    let mut budget = table.entries;
-    let mut in_indirect = false;
-    // Running total of buffer lengths, and its value when the first writable buffer came
-    // (`u64::MAX` until then). A sum of at most 2 * 32768 32-bit lengths cannot overflow u64;
-    // the 2^32 limit is checked once at the end.
-    let mut total = 0u64;
-    let mut readable_len = u64::MAX;
+    let mut cursor = Cursor { table, index: head, budget: table.entries, in_indirect: false };
+    // Two loops, one per part of the chain: device-readable buffers, then device-writable ones
+    // (§2.7.5.2 "MUST place any device-writable descriptor elements after any device-readable
+    // descriptor elements"). Which part the walk is in is the loop it runs in, and the visitor
+    // sees a constant `writable`. Sums of at most 2 * 32768 32-bit lengths (queue table plus one
+    // indirect table) cannot overflow u64; the 2^32 limit is checked once at the end.
+    let mut readable = 0u64;
+    let first_writable = loop {
+        let d = cursor.next(mem, limits)?;
+        if d.flags & DescFlags::WRITE.bits() != 0 {
+            break d;
+        }
+        readable += d.len as u64;
+        buffer(mem, d.addr, d.len, false, &mut piece)?;
+        if d.flags & DescFlags::NEXT.bits() == 0 {
+            return summary(readable, 0);
+        }
+        cursor.index = d.next;
+    };
+    let mut d = first_writable;
+    let mut writable = 0u64;
     loop {
-        if index as u32 >= table.entries {
-            return Err(ChainError::NextOutOfRange { index });
+        writable += d.len as u64;
+        buffer(mem, d.addr, d.len, true, &mut piece)?;
+        if d.flags & DescFlags::NEXT.bits() == 0 {
+            return summary(readable, writable);
         }
-        // `budget` counts the visits left in this table: a longer walk must revisit an entry.
-        if budget == 0 {
-            return Err(ChainError::ChainTooLong);
-        }
-        budget -= 1;
-        // SAFETY: `index < table.entries` and the table is valid for `entries * 16` bytes
-        // (queue set-up validated the queue's table; an indirect table is translated as a
-        // whole before use); `aligned` was computed from the table's address.
-        let d = unsafe { read_descriptor(table.ptr.as_ptr(), index, table.aligned) };
-        let flags = d.flags.bits();
-
-        if flags & DescFlags::INDIRECT.bits() != 0 {
-            table = indirect_table(mem, d.addr, d.len, flags, in_indirect, limits)?;
-            budget = table.entries;
-            index = 0;
-            in_indirect = true;
-            continue;
-        }
-
-        let writable = flags & DescFlags::WRITE.bits() != 0;
-        if writable {
-            if readable_len == u64::MAX {
-                readable_len = total;
-            }
-        } else if readable_len != u64::MAX {
+        cursor.index = d.next;
+        d = cursor.next(mem, limits)?;
+        if d.flags & DescFlags::WRITE.bits() == 0 {
             return Err(ChainError::ReadableAfterWritable);
         }
-        total += d.len as u64;
-
-        let mut left = d.len as u64;
-        let mut addr = d.addr;
-        if addr.checked_add(left).is_none() {
-            return Err(ChainError::AddressOverflow { addr, len: d.len });
-        }
-        while left > 0 {
-            let r = mem.translate(addr, left).map_err(|e| buffer_error(e, addr, d.len))?;
-            // Never trust the translator beyond what was asked (RUSTSEC-2023-0056).
-            let n = (r.len as u64).min(left);
-            if n == 0 {
-                return Err(ChainError::Unmapped { addr });
-            }
-            piece(r.ptr, n as u32, writable)?;
-            left -= n;
-            addr += n;
-        }
-
-        if flags & DescFlags::NEXT.bits() == 0 {
-            break;
-        }
-        index = d.next;
     }
-    if total > u32::MAX as u64 {
+}
+
+/// The chain's totals, after the 2^32 limit on its total length (§2.7.5.2).
+#[inline(always)]
+fn summary(readable: u64, writable: u64) -> Result<WalkSummary, ChainError> {
+    if readable + writable > u32::MAX as u64 {
         return Err(ChainError::TotalLengthOverflow);
     }
-    let readable_len = readable_len.min(total);
-    Ok(WalkSummary { readable_len: readable_len as u32, writable_len: (total - readable_len) as u32 })
+    Ok(WalkSummary { readable_len: readable as u32, writable_len: writable as u32 })
+}
+
+/// A descriptor as the walk uses it: flags as raw bits.
+#[derive(Clone, Copy)]
+struct WalkDesc {
+    addr: u64,
+    len: u32,
+    flags: u16,
+    next: u16,
+}
+
+/// Where the walk is: the table it reads (the queue's, or the one indirect table), the next
+/// index, and how many more visits that table allows.
+struct Cursor {
+    table: DescTable,
+    index: u16,
+    /// Visits left in `table`: a longer walk must revisit an entry (a loop), or is longer than
+    /// the table (§2.7.5.2 "MUST NOT create a descriptor chain longer than the Queue Size").
+    budget: u32,
+    in_indirect: bool,
+}
+
+impl Cursor {
+    /// Reads the descriptor at `index`, following an indirect descriptor into its table
+    /// (§2.7.5.3), and returns the next buffer descriptor.
+    #[inline(always)]
+    fn next<M: GuestMemory + ?Sized>(&mut self, mem: &M, limits: &ChainLimits) -> Result<WalkDesc, ChainError> {
+        loop {
+            if self.index as u32 >= self.table.entries {
+                return Err(ChainError::NextOutOfRange { index: self.index });
+            }
+            if self.budget == 0 {
+                return Err(ChainError::ChainTooLong);
+            }
+            self.budget -= 1;
+            // SAFETY: `index < table.entries` and the table is valid for `entries * 16` bytes
+            // (queue set-up validated the queue's table; an indirect table is translated as a
+            // whole before use); `aligned` was computed from the table's address.
+            let d = unsafe { read_descriptor(self.table.ptr.as_ptr(), self.index, self.table.aligned) };
+            let flags = d.flags.bits();
+            if flags & DescFlags::INDIRECT.bits() != 0 {
+                self.table = indirect_table(mem, d.addr, d.len, flags, self.in_indirect, limits)?;
+                self.budget = self.table.entries;
+                self.index = 0;
+                self.in_indirect = true;
+                continue;
+            }
+            return Ok(WalkDesc { addr: d.addr, len: d.len, flags, next: d.next });
+        }
+    }
+}
+
+/// Checks and translates one buffer, handing its host pieces to `piece`. Zero-length buffers
+/// produce no piece. The usual buffer lies in one region and takes one translation; a buffer
+/// that spans regions (or fails to translate) goes to [`buffer_split`].
+#[inline(always)]
+fn buffer<M, F>(mem: &M, addr: u64, len: u32, writable: bool, piece: &mut F) -> Result<(), ChainError>
+where
+    M: GuestMemory + ?Sized,
+    F: FnMut(NonNull<u8>, u32, bool) -> Result<(), ChainError>,
+{
+    if addr.checked_add(len as u64).is_none() {
+        return Err(ChainError::AddressOverflow { addr, len });
+    }
+    if len == 0 {
+        return Ok(());
+    }
+    match mem.translate(addr, len as u64) {
+        // Never trust the translator beyond what was asked (RUSTSEC-2023-0056): only a range
+        // at least as long as the buffer covers it.
+        Ok(r) if r.len as u64 >= len as u64 => piece(r.ptr, len, writable),
+        first => buffer_split(mem, addr, len, writable, first, piece),
+    }
+}
+
+/// The rest of [`buffer`]: a buffer whose first translation did not cover it, translated and
+/// handed over piece by piece. Out of line to keep the walk loop small.
+#[cold]
+#[inline(never)]
+fn buffer_split<M, F>(
+    mem: &M,
+    addr: u64,
+    len: u32,
+    writable: bool,
+    first: Result<HostRange, MemError>,
+    piece: &mut F,
+) -> Result<(), ChainError>
+where
+    M: GuestMemory + ?Sized,
+    F: FnMut(NonNull<u8>, u32, bool) -> Result<(), ChainError>,
+{
+    let mut left = len as u64;
+    let mut at = addr;
+    let mut r = first;
+    loop {
+        let range = r.map_err(|e| buffer_error(e, at, len))?;
+        // Never trust the translator beyond what was asked (RUSTSEC-2023-0056).
+        let n = (range.len as u64).min(left);
+        if n == 0 {
+            return Err(ChainError::Unmapped { addr: at });
+        }
+        piece(range.ptr, n as u32, writable)?;
+        left -= n;
+        at += n;
+        if left == 0 {
+            return Ok(());
+        }
+        r = mem.translate(at, left);
+    }
 }
 
 /// Walks the chain at `head` into `out`'s segment lists (see [`walk_pieces`]). On error `out`
