@@ -12,7 +12,7 @@ use core::marker::PhantomData;
 use core::ptr::NonNull;
 
 use crate::desc::{read_descriptor, DescFlags, DESC_SIZE};
-use crate::mem::{copy_bytes, GuestMemory, HostRange, MemError};
+use crate::mem::{copy_bytes, GuestMemory, MemError};
 
 /// Default capacity of a [`Chain`]'s segment list.
 pub const DEFAULT_SEGMENTS: usize = 32;
@@ -406,35 +406,29 @@ where
     if len == 0 {
         return Ok(());
     }
-    match mem.translate(addr, len as u64) {
+    if let Ok(r) = mem.translate(addr, len as u64) {
         // Never trust the translator beyond what was asked (RUSTSEC-2023-0056): only a range
         // at least as long as the buffer covers it.
-        Ok(r) if r.len as u64 >= len as u64 => piece(r.ptr, len, writable),
-        first => buffer_split(mem, addr, len, writable, first, piece),
+        if r.len as u64 >= len as u64 {
+            return piece(r.ptr, len, writable);
+        }
     }
+    buffer_split(mem, addr, len, writable, piece)
 }
 
-/// The rest of [`buffer`]: a buffer whose first translation did not cover it, translated and
-/// handed over piece by piece. Out of line to keep the walk loop small.
+/// The rest of [`buffer`]: a buffer whose first translation did not cover it, translated again
+/// from its start and handed over piece by piece. Out of line to keep the walk loop small.
 #[cold]
 #[inline(never)]
-fn buffer_split<M, F>(
-    mem: &M,
-    addr: u64,
-    len: u32,
-    writable: bool,
-    first: Result<HostRange, MemError>,
-    piece: &mut F,
-) -> Result<(), ChainError>
+fn buffer_split<M, F>(mem: &M, addr: u64, len: u32, writable: bool, piece: &mut F) -> Result<(), ChainError>
 where
     M: GuestMemory + ?Sized,
     F: FnMut(NonNull<u8>, u32, bool) -> Result<(), ChainError>,
 {
     let mut left = len as u64;
     let mut at = addr;
-    let mut r = first;
     loop {
-        let range = r.map_err(|e| buffer_error(e, at, len))?;
+        let range = mem.translate(at, left).map_err(|e| buffer_error(e, at, len))?;
         // Never trust the translator beyond what was asked (RUSTSEC-2023-0056).
         let n = (range.len as u64).min(left);
         if n == 0 {
@@ -446,7 +440,6 @@ where
         if left == 0 {
             return Ok(());
         }
-        r = mem.translate(at, left);
     }
 }
 
