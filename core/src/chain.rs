@@ -240,13 +240,11 @@ fn copy_segments(
 pub(crate) struct DescTable {
     pub(crate) ptr: NonNull<u8>,
     pub(crate) entries: u32,
-    /// Host address 8-aligned: descriptors are read with two 64-bit loads.
-    pub(crate) aligned: bool,
 }
 
 impl DescTable {
     pub(crate) fn new(ptr: NonNull<u8>, entries: u32) -> Self {
-        DescTable { ptr, entries, aligned: (ptr.as_ptr() as usize).is_multiple_of(8) }
+        DescTable { ptr, entries }
     }
 }
 
@@ -376,8 +374,11 @@ impl Cursor {
             self.budget -= 1;
             // SAFETY: `index < table.entries` and the table is valid for `entries * 16` bytes
             // (queue set-up validated the queue's table; an indirect table is translated as a
-            // whole before use); `aligned` was computed from the table's address.
-            let d = unsafe { read_descriptor(self.table.ptr.as_ptr(), self.index, self.table.aligned) };
+            // whole before use); the alignment is the table's own (entries are 16 bytes, so an
+            // 8-aligned table has 8-aligned entries). Testing it here rather than keeping it
+            // in the walk's state leaves one register more for the loop.
+            let table = self.table.ptr.as_ptr();
+            let d = unsafe { read_descriptor(table, self.index, (table as usize).is_multiple_of(8)) };
             let flags = d.flags.bits();
             if flags & DescFlags::INDIRECT.bits() != 0 {
                 self.table = indirect_table(mem, d.addr, d.len, flags, self.in_indirect, limits)?;
