@@ -295,6 +295,41 @@ where
     M: GuestMemory + ?Sized,
     F: FnMut(NonNull<u8>, u32, bool) -> Result<(), ChainError>,
 {
+    let mut error = None;
+    match walk_checked(mem, table, head, limits, piece, &mut error) {
+        Ok(sum) => Ok(sum),
+        // `Failed` is only made by `fail`, which records the error first.
+        Err(Failed) => Err(error.unwrap_or(ChainError::ChainTooLong)),
+    }
+}
+
+/// A walk step failed; the [`ChainError`] is in the walk's error slot (see [`fail`]). Keeping
+/// the error's payload out of the walk's return values keeps them small: the walk's hot path
+/// carries no enum of addresses and indices from step to step.
+struct Failed;
+
+/// Records `e` in the walk's error slot.
+#[cold]
+#[inline(never)]
+fn fail(slot: &mut Option<ChainError>, e: ChainError) -> Failed {
+    *slot = Some(e);
+    Failed
+}
+
+/// [`walk_pieces`], with errors recorded in `err`.
+#[inline(always)]
+fn walk_checked<M, F>(
+    mem: &M,
+    table: DescTable,
+    head: u16,
+    limits: &ChainLimits,
+    mut piece: F,
+    err: &mut Option<ChainError>,
+) -> Result<WalkSummary, Failed>
+where
+    M: GuestMemory + ?Sized,
+    F: FnMut(NonNull<u8>, u32, bool) -> Result<(), ChainError>,
+{
     let mut cursor = Cursor { table, index: head, budget: table.entries, in_indirect: false };
     // Two loops, one per part of the chain: device-readable buffers, then device-writable ones
     // (§2.7.5.2 "MUST place any device-writable descriptor elements after any device-readable
@@ -303,14 +338,14 @@ where
     // indirect table) cannot overflow u64; the 2^32 limit is checked once at the end.
     let mut readable = 0u64;
     let first_writable = loop {
-        let d = cursor.next(mem, limits)?;
+        let d = cursor.next(mem, limits, err)?;
         if d.flags & DescFlags::WRITE.bits() != 0 {
             break d;
         }
         readable += d.len as u64;
-        buffer(mem, d.addr, d.len, false, &mut piece)?;
+        buffer(mem, d.addr, d.len, false, &mut piece, err)?;
         if d.flags & DescFlags::NEXT.bits() == 0 {
-            return summary(readable, 0);
+            return summary(readable, 0, err);
         }
         cursor.index = d.next;
     };
@@ -318,23 +353,23 @@ where
     let mut writable = 0u64;
     loop {
         writable += d.len as u64;
-        buffer(mem, d.addr, d.len, true, &mut piece)?;
+        buffer(mem, d.addr, d.len, true, &mut piece, err)?;
         if d.flags & DescFlags::NEXT.bits() == 0 {
-            return summary(readable, writable);
+            return summary(readable, writable, err);
         }
         cursor.index = d.next;
-        d = cursor.next(mem, limits)?;
+        d = cursor.next(mem, limits, err)?;
         if d.flags & DescFlags::WRITE.bits() == 0 {
-            return Err(ChainError::ReadableAfterWritable);
+            return Err(fail(err, ChainError::ReadableAfterWritable));
         }
     }
 }
 
 /// The chain's totals, after the 2^32 limit on its total length (§2.7.5.2).
 #[inline(always)]
-fn summary(readable: u64, writable: u64) -> Result<WalkSummary, ChainError> {
+fn summary(readable: u64, writable: u64, err: &mut Option<ChainError>) -> Result<WalkSummary, Failed> {
     if readable + writable > u32::MAX as u64 {
-        return Err(ChainError::TotalLengthOverflow);
+        return Err(fail(err, ChainError::TotalLengthOverflow));
     }
     Ok(WalkSummary { readable_len: readable as u32, writable_len: writable as u32 })
 }
@@ -363,13 +398,18 @@ impl Cursor {
     /// Reads the descriptor at `index`, following an indirect descriptor into its table
     /// (§2.7.5.3), and returns the next buffer descriptor.
     #[inline(always)]
-    fn next<M: GuestMemory + ?Sized>(&mut self, mem: &M, limits: &ChainLimits) -> Result<WalkDesc, ChainError> {
+    fn next<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        limits: &ChainLimits,
+        err: &mut Option<ChainError>,
+    ) -> Result<WalkDesc, Failed> {
         loop {
             if self.index as u32 >= self.table.entries {
-                return Err(ChainError::NextOutOfRange { index: self.index });
+                return Err(fail(err, ChainError::NextOutOfRange { index: self.index }));
             }
             if self.budget == 0 {
-                return Err(ChainError::ChainTooLong);
+                return Err(fail(err, ChainError::ChainTooLong));
             }
             self.budget -= 1;
             // SAFETY: `index < table.entries` and the table is valid for `entries * 16` bytes
@@ -381,7 +421,10 @@ impl Cursor {
             let d = unsafe { read_descriptor(table, self.index, (table as usize).is_multiple_of(8)) };
             let flags = d.flags.bits();
             if flags & DescFlags::INDIRECT.bits() != 0 {
-                self.table = indirect_table(mem, d.addr, d.len, flags, self.in_indirect, limits)?;
+                self.table = match indirect_table(mem, d.addr, d.len, flags, self.in_indirect, limits) {
+                    Ok(table) => table,
+                    Err(e) => return Err(fail(err, e)),
+                };
                 self.budget = self.table.entries;
                 self.index = 0;
                 self.in_indirect = true;
@@ -396,13 +439,20 @@ impl Cursor {
 /// produce no piece. The usual buffer lies in one region and takes one translation; a buffer
 /// that spans regions (or fails to translate) goes to [`buffer_split`].
 #[inline(always)]
-fn buffer<M, F>(mem: &M, addr: u64, len: u32, writable: bool, piece: &mut F) -> Result<(), ChainError>
+fn buffer<M, F>(
+    mem: &M,
+    addr: u64,
+    len: u32,
+    writable: bool,
+    piece: &mut F,
+    err: &mut Option<ChainError>,
+) -> Result<(), Failed>
 where
     M: GuestMemory + ?Sized,
     F: FnMut(NonNull<u8>, u32, bool) -> Result<(), ChainError>,
 {
     if addr.checked_add(len as u64).is_none() {
-        return Err(ChainError::AddressOverflow { addr, len });
+        return Err(fail(err, ChainError::AddressOverflow { addr, len }));
     }
     if len == 0 {
         return Ok(());
@@ -411,10 +461,10 @@ where
         // Never trust the translator beyond what was asked (RUSTSEC-2023-0056): only a range
         // at least as long as the buffer covers it.
         if r.len as u64 >= len as u64 {
-            return piece(r.ptr, len, writable);
+            return piece(r.ptr, len, writable).map_err(|e| fail(err, e));
         }
     }
-    buffer_split(mem, addr, len, writable, piece)
+    buffer_split(mem, addr, len, writable, piece).map_err(|e| fail(err, e))
 }
 
 /// The rest of [`buffer`]: a buffer whose first translation did not cover it, translated again
