@@ -34,7 +34,9 @@ pub struct AvailRing {
     avail: NonNull<u8>,
     /// `struct virtq_used` in host memory, for `used.flags` and `avail_event`.
     used: NonNull<u8>,
-    size: u16,
+    /// Queue size - 1: ring slots are free-running indices masked with it (the size is a
+    /// power of two, §2.7).
+    mask: u16,
     event_idx: bool,
     /// Next ring slot the device will consume (free-running, §2.7.6).
     next_avail: Wrapping<u16>,
@@ -50,14 +52,15 @@ unsafe impl Send for AvailRing {}
 impl AvailRing {
     /// # Safety
     /// `avail` must be valid for `6 + 2 * size` bytes and 2-aligned, `used` valid for
-    /// `6 + 8 * size` bytes and 4-aligned, both for as long as this value is used.
+    /// `6 + 8 * size` bytes and 4-aligned, both for as long as this value is used; `size`
+    /// must be a power of two in 1..=32768 (slot indices are masked with `size - 1`).
     pub(crate) unsafe fn new(avail: NonNull<u8>, used: NonNull<u8>, size: u16, event_idx: bool) -> AvailRing {
-        AvailRing { avail, used, size, event_idx, next_avail: Wrapping(0), shadow_idx: Wrapping(0) }
+        AvailRing { avail, used, mask: size - 1, event_idx, next_avail: Wrapping(0), shadow_idx: Wrapping(0) }
     }
 
     /// Queue size.
     pub fn size(&self) -> u16 {
-        self.size
+        self.mask + 1
     }
 
     /// The next available-ring index the device will consume (the value `GET_VRING_BASE`
@@ -83,7 +86,7 @@ impl AvailRing {
         // SAFETY: `avail + 2` is the 2-aligned `idx` field inside the validated ring.
         let idx = Wrapping(unsafe { load_u16(self.avail.as_ptr().add(2), Ordering::Acquire) });
         let pending = (idx - self.next_avail).0;
-        if pending > self.size {
+        if pending > self.mask + 1 {
             return Err(AvailIndexError { avail_idx: idx.0, next_avail: self.next_avail.0 });
         }
         self.shadow_idx = idx;
@@ -103,7 +106,7 @@ impl AvailRing {
         if self.shadow_idx == self.next_avail && self.refresh()? == 0 {
             return Ok(None);
         }
-        let slot = (self.next_avail.0 & (self.size - 1)) as usize;
+        let slot = (self.next_avail.0 & self.mask) as usize;
         // SAFETY: `slot < size`, so `4 + 2 * slot` is a 2-aligned entry of `ring[size]`. Relaxed
         // suffices: the acquire load of `idx` in `refresh` ordered this read after the driver's
         // write of the entry.
@@ -137,7 +140,7 @@ impl AvailRing {
     /// (Linux `vhost_enable_notify`, libvhost-user `vu_queue_set_notification`).
     pub fn enable_notifications(&mut self) -> Result<bool, AvailIndexError> {
         if self.event_idx {
-            let at = 4 + 8 * self.size as usize;
+            let at = 4 + 8 * (self.mask as usize + 1);
             // SAFETY: `avail_event` = `used.ring[size]`, 2-aligned, inside the validated ring.
             unsafe { store_u16(self.used.as_ptr().add(at), self.next_avail.0, Ordering::Relaxed) };
         } else {
@@ -154,7 +157,7 @@ impl AvailRing {
     /// that a driver whose device later sleeps does not need a stale event index.
     pub fn update_avail_event(&mut self) {
         if self.event_idx {
-            let at = 4 + 8 * self.size as usize;
+            let at = 4 + 8 * (self.mask as usize + 1);
             // SAFETY: `avail_event`, as in `enable_notifications`.
             unsafe { store_u16(self.used.as_ptr().add(at), self.next_avail.0, Ordering::Relaxed) };
         }

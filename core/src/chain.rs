@@ -240,13 +240,11 @@ fn copy_segments(
 pub(crate) struct DescTable {
     pub(crate) ptr: NonNull<u8>,
     pub(crate) entries: u32,
-    /// Host address 8-aligned: descriptors are read with two 64-bit loads.
-    pub(crate) aligned: bool,
 }
 
 impl DescTable {
     pub(crate) fn new(ptr: NonNull<u8>, entries: u32) -> Self {
-        DescTable { ptr, entries, aligned: (ptr.as_ptr() as usize).is_multiple_of(8) }
+        DescTable { ptr, entries }
     }
 }
 
@@ -291,81 +289,210 @@ pub(crate) fn walk_pieces<M, F>(
     table: DescTable,
     head: u16,
     limits: &ChainLimits,
-    mut piece: F,
+    piece: F,
 ) -> Result<WalkSummary, ChainError>
 where
     M: GuestMemory + ?Sized,
     F: FnMut(NonNull<u8>, u32, bool) -> Result<(), ChainError>,
 {
-    let mut table = table;
-    let mut index = head;
-    let mut budget = table.entries;
-    let mut in_indirect = false;
-    // Running total of buffer lengths, and its value when the first writable buffer came
-    // (`u64::MAX` until then). A sum of at most 2 * 32768 32-bit lengths cannot overflow u64;
-    // the 2^32 limit is checked once at the end.
-    let mut total = 0u64;
-    let mut readable_len = u64::MAX;
+    let mut error = None;
+    match walk_checked(mem, table, head, limits, piece, &mut error) {
+        Ok(sum) => Ok(sum),
+        // `Failed` is only made by `fail`, which records the error first.
+        Err(Failed) => Err(error.unwrap_or(ChainError::ChainTooLong)),
+    }
+}
+
+/// A walk step failed; the [`ChainError`] is in the walk's error slot (see [`fail`]). Keeping
+/// the error's payload out of the walk's return values keeps them small: the walk's hot path
+/// carries no enum of addresses and indices from step to step.
+struct Failed;
+
+/// Records `e` in the walk's error slot.
+#[cold]
+#[inline(never)]
+fn fail(slot: &mut Option<ChainError>, e: ChainError) -> Failed {
+    *slot = Some(e);
+    Failed
+}
+
+/// [`walk_pieces`], with errors recorded in `err`.
+#[inline(always)]
+fn walk_checked<M, F>(
+    mem: &M,
+    table: DescTable,
+    head: u16,
+    limits: &ChainLimits,
+    mut piece: F,
+    err: &mut Option<ChainError>,
+) -> Result<WalkSummary, Failed>
+where
+    M: GuestMemory + ?Sized,
+    F: FnMut(NonNull<u8>, u32, bool) -> Result<(), ChainError>,
+{
+    let mut cursor = Cursor { table, index: head, budget: table.entries, in_indirect: false };
+    // Two loops, one per part of the chain: device-readable buffers, then device-writable ones
+    // (§2.7.5.2 "MUST place any device-writable descriptor elements after any device-readable
+    // descriptor elements"). Which part the walk is in is the loop it runs in, and the visitor
+    // sees a constant `writable`. Sums of at most 2 * 32768 32-bit lengths (queue table plus one
+    // indirect table) cannot overflow u64; the 2^32 limit is checked once at the end.
+    let mut readable = 0u64;
+    let first_writable = loop {
+        let d = cursor.next(mem, limits, err)?;
+        if d.flags & DescFlags::WRITE.bits() != 0 {
+            break d;
+        }
+        readable += d.len as u64;
+        buffer(mem, d.addr, d.len, false, &mut piece, err)?;
+        if d.flags & DescFlags::NEXT.bits() == 0 {
+            return summary(readable, 0, err);
+        }
+        cursor.index = d.next;
+    };
+    let mut d = first_writable;
+    let mut writable = 0u64;
     loop {
-        if index as u32 >= table.entries {
-            return Err(ChainError::NextOutOfRange { index });
+        writable += d.len as u64;
+        buffer(mem, d.addr, d.len, true, &mut piece, err)?;
+        if d.flags & DescFlags::NEXT.bits() == 0 {
+            return summary(readable, writable, err);
         }
-        // `budget` counts the visits left in this table: a longer walk must revisit an entry.
-        if budget == 0 {
-            return Err(ChainError::ChainTooLong);
+        cursor.index = d.next;
+        d = cursor.next(mem, limits, err)?;
+        if d.flags & DescFlags::WRITE.bits() == 0 {
+            return Err(fail(err, ChainError::ReadableAfterWritable));
         }
-        budget -= 1;
-        // SAFETY: `index < table.entries` and the table is valid for `entries * 16` bytes
-        // (queue set-up validated the queue's table; an indirect table is translated as a
-        // whole before use); `aligned` was computed from the table's address.
-        let d = unsafe { read_descriptor(table.ptr.as_ptr(), index, table.aligned) };
-        let flags = d.flags.bits();
-
-        if flags & DescFlags::INDIRECT.bits() != 0 {
-            table = indirect_table(mem, d.addr, d.len, flags, in_indirect, limits)?;
-            budget = table.entries;
-            index = 0;
-            in_indirect = true;
-            continue;
-        }
-
-        let writable = flags & DescFlags::WRITE.bits() != 0;
-        if writable {
-            if readable_len == u64::MAX {
-                readable_len = total;
-            }
-        } else if readable_len != u64::MAX {
-            return Err(ChainError::ReadableAfterWritable);
-        }
-        total += d.len as u64;
-
-        let mut left = d.len as u64;
-        let mut addr = d.addr;
-        if addr.checked_add(left).is_none() {
-            return Err(ChainError::AddressOverflow { addr, len: d.len });
-        }
-        while left > 0 {
-            let r = mem.translate(addr, left).map_err(|e| buffer_error(e, addr, d.len))?;
-            // Never trust the translator beyond what was asked (RUSTSEC-2023-0056).
-            let n = (r.len as u64).min(left);
-            if n == 0 {
-                return Err(ChainError::Unmapped { addr });
-            }
-            piece(r.ptr, n as u32, writable)?;
-            left -= n;
-            addr += n;
-        }
-
-        if flags & DescFlags::NEXT.bits() == 0 {
-            break;
-        }
-        index = d.next;
     }
-    if total > u32::MAX as u64 {
-        return Err(ChainError::TotalLengthOverflow);
+}
+
+/// The chain's totals, after the 2^32 limit on its total length (§2.7.5.2).
+#[inline(always)]
+fn summary(readable: u64, writable: u64, err: &mut Option<ChainError>) -> Result<WalkSummary, Failed> {
+    if readable + writable > u32::MAX as u64 {
+        return Err(fail(err, ChainError::TotalLengthOverflow));
     }
-    let readable_len = readable_len.min(total);
-    Ok(WalkSummary { readable_len: readable_len as u32, writable_len: (total - readable_len) as u32 })
+    Ok(WalkSummary { readable_len: readable as u32, writable_len: writable as u32 })
+}
+
+/// A descriptor as the walk uses it: flags as raw bits.
+#[derive(Clone, Copy)]
+struct WalkDesc {
+    addr: u64,
+    len: u32,
+    flags: u16,
+    next: u16,
+}
+
+/// Where the walk is: the table it reads (the queue's, or the one indirect table), the next
+/// index, and how many more visits that table allows.
+struct Cursor {
+    table: DescTable,
+    index: u16,
+    /// Visits left in `table`: a longer walk must revisit an entry (a loop), or is longer than
+    /// the table (§2.7.5.2 "MUST NOT create a descriptor chain longer than the Queue Size").
+    budget: u32,
+    in_indirect: bool,
+}
+
+impl Cursor {
+    /// Reads the descriptor at `index`, following an indirect descriptor into its table
+    /// (§2.7.5.3), and returns the next buffer descriptor.
+    #[inline(always)]
+    fn next<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        limits: &ChainLimits,
+        err: &mut Option<ChainError>,
+    ) -> Result<WalkDesc, Failed> {
+        loop {
+            if self.index as u32 >= self.table.entries {
+                return Err(fail(err, ChainError::NextOutOfRange { index: self.index }));
+            }
+            if self.budget == 0 {
+                return Err(fail(err, ChainError::ChainTooLong));
+            }
+            self.budget -= 1;
+            // The table's alignment is tested here rather than kept in the walk's state: one
+            // register more for the loop.
+            let table = self.table.ptr.as_ptr();
+            // SAFETY: `index < table.entries` and the table is valid for `entries * 16` bytes
+            // (queue set-up validated the queue's table; an indirect table is translated as a
+            // whole before use); `aligned8` is the table's own alignment (entries are 16 bytes,
+            // so an 8-aligned table has 8-aligned entries).
+            let d = unsafe { read_descriptor(table, self.index, (table as usize).is_multiple_of(8)) };
+            let flags = d.flags.bits();
+            if flags & DescFlags::INDIRECT.bits() != 0 {
+                self.table = match indirect_table(mem, d.addr, d.len, flags, self.in_indirect, limits) {
+                    Ok(table) => table,
+                    Err(e) => return Err(fail(err, e)),
+                };
+                self.budget = self.table.entries;
+                self.index = 0;
+                self.in_indirect = true;
+                continue;
+            }
+            return Ok(WalkDesc { addr: d.addr, len: d.len, flags, next: d.next });
+        }
+    }
+}
+
+/// Checks and translates one buffer, handing its host pieces to `piece`. Zero-length buffers
+/// produce no piece. The usual buffer lies in one region and takes one translation; a buffer
+/// that spans regions (or fails to translate) goes to [`buffer_split`].
+#[inline(always)]
+fn buffer<M, F>(
+    mem: &M,
+    addr: u64,
+    len: u32,
+    writable: bool,
+    piece: &mut F,
+    err: &mut Option<ChainError>,
+) -> Result<(), Failed>
+where
+    M: GuestMemory + ?Sized,
+    F: FnMut(NonNull<u8>, u32, bool) -> Result<(), ChainError>,
+{
+    if addr.checked_add(len as u64).is_none() {
+        return Err(fail(err, ChainError::AddressOverflow { addr, len }));
+    }
+    if len == 0 {
+        return Ok(());
+    }
+    if let Ok(r) = mem.translate(addr, len as u64) {
+        // Never trust the translator beyond what was asked (RUSTSEC-2023-0056): only a range
+        // at least as long as the buffer covers it.
+        if r.len as u64 >= len as u64 {
+            return piece(r.ptr, len, writable).map_err(|e| fail(err, e));
+        }
+    }
+    buffer_split(mem, addr, len, writable, piece).map_err(|e| fail(err, e))
+}
+
+/// The rest of [`buffer`]: a buffer whose first translation did not cover it, translated again
+/// from its start and handed over piece by piece. Out of line to keep the walk loop small.
+#[cold]
+#[inline(never)]
+fn buffer_split<M, F>(mem: &M, addr: u64, len: u32, writable: bool, piece: &mut F) -> Result<(), ChainError>
+where
+    M: GuestMemory + ?Sized,
+    F: FnMut(NonNull<u8>, u32, bool) -> Result<(), ChainError>,
+{
+    let mut left = len as u64;
+    let mut at = addr;
+    loop {
+        let range = mem.translate(at, left).map_err(|e| buffer_error(e, at, len))?;
+        // Never trust the translator beyond what was asked (RUSTSEC-2023-0056).
+        let n = (range.len as u64).min(left);
+        if n == 0 {
+            return Err(ChainError::Unmapped { addr: at });
+        }
+        piece(range.ptr, n as u32, writable)?;
+        left -= n;
+        at += n;
+        if left == 0 {
+            return Ok(());
+        }
+    }
 }
 
 /// Walks the chain at `head` into `out`'s segment lists (see [`walk_pieces`]). On error `out`

@@ -427,16 +427,18 @@ impl<'m, M: GuestMemory + ?Sized> SplitQueue<'m, M> {
     #[inline]
     pub fn pop_read(&mut self, buf: &mut [u8]) -> Result<Option<CopiedChain>, PopError> {
         let mut done = 0usize;
+        let copied = &mut done;
         let dst = buf.as_mut_ptr();
         let cap = buf.len();
-        self.pop_with(|ptr, len, writable| {
+        // `move`: the visitor holds the buffer's pointer and length by value.
+        self.pop_with(move |ptr, len, writable| {
             if !writable {
-                let n = (len as usize).min(cap - done);
+                let n = (len as usize).min(cap - *copied);
                 // SAFETY: `ptr` is valid for `len >= n` bytes of guest memory (GuestMemory
                 // contract, borrowed for 'm); `done + n <= cap` bytes of `buf`; guest memory
                 // never overlaps a Rust buffer.
-                unsafe { copy_bytes(ptr.as_ptr(), dst.add(done), n) };
-                done += n;
+                unsafe { copy_bytes(ptr.as_ptr(), dst.add(*copied), n) };
+                *copied += n;
             }
             Ok(())
         })
@@ -453,13 +455,15 @@ impl<'m, M: GuestMemory + ?Sized> SplitQueue<'m, M> {
     #[inline]
     pub fn pop_write(&mut self, data: &[u8]) -> Result<Option<CopiedChain>, PopError> {
         let mut done = 0usize;
-        self.pop_with(|ptr, len, writable| {
+        let written = &mut done;
+        // `move`: the visitor holds the slice by value.
+        self.pop_with(move |ptr, len, writable| {
             if writable {
-                let n = (len as usize).min(data.len() - done);
+                let n = (len as usize).min(data.len() - *written);
                 // SAFETY: as in `pop_read`, with `data[done..done + n]` as the source; the
                 // piece is device-writable, so writing it is allowed (§2.7.5.1).
-                unsafe { copy_bytes(data.as_ptr().add(done), ptr.as_ptr(), n) };
-                done += n;
+                unsafe { copy_bytes(data.as_ptr().add(*written), ptr.as_ptr(), n) };
+                *written += n;
             }
             Ok(())
         })

@@ -23,7 +23,9 @@ pub const VIRTQ_AVAIL_F_NO_INTERRUPT: u16 = 1;
 pub struct UsedRing {
     used: NonNull<u8>,
     avail: NonNull<u8>,
-    size: u16,
+    /// Queue size - 1: ring slots are free-running indices masked with it (the size is a
+    /// power of two, §2.7).
+    mask: u16,
     event_idx: bool,
     /// Slot of the next used element (free-running).
     next_used: Wrapping<u16>,
@@ -38,7 +40,7 @@ impl UsedRing {
     /// # Safety
     /// As for [`AvailRing::new`](crate::avail::AvailRing).
     pub(crate) unsafe fn new(used: NonNull<u8>, avail: NonNull<u8>, size: u16, event_idx: bool) -> UsedRing {
-        UsedRing { used, avail, size, event_idx, next_used: Wrapping(0), published: Wrapping(0) }
+        UsedRing { used, avail, mask: size - 1, event_idx, next_used: Wrapping(0), published: Wrapping(0) }
     }
 
     /// Reads `used.idx` from guest memory and continues from there (§2.7 / vhost-user
@@ -74,7 +76,7 @@ impl UsedRing {
     /// device-writable part (§2.7.8.1).
     #[inline]
     pub fn push(&mut self, head: u16, len: u32) {
-        let slot = (self.next_used.0 & (self.size - 1)) as usize;
+        let slot = (self.next_used.0 & self.mask) as usize;
         // SAFETY: `slot < size`, so the element at `4 + 8 * slot` is inside the validated,
         // 4-aligned ring. Relaxed: the release store of `idx` in `publish` orders these.
         unsafe {
@@ -118,7 +120,7 @@ impl UsedRing {
         // (Linux `vhost_notify`'s smp_mb, rust-vmm `needs_notification`).
         fence(Ordering::SeqCst);
         if self.event_idx {
-            let at = 4 + 2 * self.size as usize;
+            let at = 4 + 2 * (self.mask as usize + 1);
             // SAFETY: `used_event` = `avail.ring[size]`, 2-aligned, inside the validated ring.
             let used_event = unsafe { load_u16(self.avail.as_ptr().add(at), Ordering::Relaxed) };
             vring_need_event(used_event, new.0, old.0)
