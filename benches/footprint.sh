@@ -59,38 +59,18 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/virtq-footprint.XXXXXX")
 PIDS=()
 PREFIXES=()
 FIFOS=()
+# shellcheck source=../ci/lib/processes.sh
+source ci/lib/processes.sh
 
-stop_pid() {
-    local pid=$1 sig=$2 i
-    kill -0 "$pid" 2> /dev/null || return 0
-    kill "-$sig" "$pid" 2> /dev/null || true
-    for ((i = 0; i < 100; i++)); do
-        kill -0 "$pid" 2> /dev/null || break
-        sleep 0.1
-    done
-    if kill -0 "$pid" 2> /dev/null; then kill -KILL "$pid" 2> /dev/null || true; fi
-    wait "$pid" 2> /dev/null || true
-}
 cleanup() {
-    local pid p fd
+    local pid fd
     for fd in "${FIFOS[@]}"; do exec {fd}>&- || true; done
     for pid in "${PIDS[@]}"; do stop_pid "$pid" INT; done
-    for p in "${PREFIXES[@]}"; do rm -rf "/var/run/dpdk/$p" "${XDG_RUNTIME_DIR:-/tmp}/dpdk/$p" "/tmp/dpdk/$p"; done
+    remove_dpdk_runtime "${PREFIXES[@]}"
     if [[ -n ${KEEP:-} ]]; then echo "footprint: logs kept in $WORK" >&2; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-wait_for() { # FILE REGEX COUNT TIMEOUT_S
-    local i n
-    for ((i = 0; i < $4 * 20; i++)); do
-        n=$(grep -c -- "$2" "$1" 2> /dev/null || true)
-        ((n >= $3)) && return 0
-        sleep 0.05
-    done
-    echo "    (timed out waiting for '$2' in $1)" >&2
-    return 1
-}
 
 # mem PID: "private_kb shared_kb" from smaps_rollup
 mem() {

@@ -91,45 +91,18 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/virtq-vs-dpdk.XXXXXX")
 PIDS=()
 PREFIXES=()
 FIFO_FD=""
-
-stop_pid() { # stop_pid PID SIGNAL: signal, wait up to 5 s, then SIGKILL
-    local pid=$1 sig=$2 i
-    kill -0 "$pid" 2> /dev/null || return 0
-    kill "-$sig" "$pid" 2> /dev/null || true
-    for ((i = 0; i < 50; i++)); do
-        kill -0 "$pid" 2> /dev/null || break
-        sleep 0.1
-    done
-    if kill -0 "$pid" 2> /dev/null; then kill -KILL "$pid" 2> /dev/null || true; fi
-    wait "$pid" 2> /dev/null || true
-}
+# shellcheck source=../ci/lib/processes.sh
+source ci/lib/processes.sh
 
 cleanup() {
-    local pid p
+    local pid
     if [[ -n $FIFO_FD ]]; then exec {FIFO_FD}>&- || true; fi
     for pid in "${PIDS[@]}"; do stop_pid "$pid" INT; done
-    for p in "${PREFIXES[@]}"; do rm -rf "/var/run/dpdk/$p" "${XDG_RUNTIME_DIR:-/tmp}/dpdk/$p" "/tmp/dpdk/$p"; done
+    remove_dpdk_runtime "${PREFIXES[@]}"
     if [[ -n ${KEEP:-} ]]; then echo "vs-dpdk: logs kept in $WORK" >&2; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-# wait_for FILE REGEX COUNT TIMEOUT_S PID...: until REGEX matches COUNT lines of FILE; fails if
-# the time runs out or one of the PIDs exits.
-wait_for() {
-    local file=$1 re=$2 count=$3 timeout=$4 i n pid
-    shift 4
-    for ((i = 0; i < timeout * 20; i++)); do
-        n=$(grep -c -- "$re" "$file" 2> /dev/null || true)
-        if ((n >= count)); then return 0; fi
-        for pid in "$@"; do
-            kill -0 "$pid" 2> /dev/null || { echo "    (PID $pid exited waiting for '$re' in $file)" >&2; return 1; }
-        done
-        sleep 0.05
-    done
-    echo "    (timed out after ${timeout}s waiting for '$re' in $file)" >&2
-    return 1
-}
 
 wait_socket() {
     local i

@@ -54,29 +54,15 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/virtq-peer.XXXXXX")
 PIDS=()       # every process started, ended by PID on exit
 PREFIXES=()   # DPDK --file-prefix values (runtime directories to remove)
 FIFO_FD=""
-
-stop_pid() { # stop_pid PID SIGNAL: signal, wait up to 5 s, then SIGKILL
-    local pid=$1 sig=$2 i
-    kill -0 "$pid" 2> /dev/null || return 0
-    kill "-$sig" "$pid" 2> /dev/null || true
-    for ((i = 0; i < 50; i++)); do
-        kill -0 "$pid" 2> /dev/null || break
-        sleep 0.1
-    done
-    if kill -0 "$pid" 2> /dev/null; then
-        echo "peer: PID $pid ignored SIG$sig; killing it" >&2
-        kill -KILL "$pid" 2> /dev/null || true
-    fi
-    wait "$pid" 2> /dev/null || true
-}
+# The script runs from the repository root (cd above).
+# shellcheck source=lib/processes.sh
+source ci/lib/processes.sh
 
 cleanup() {
-    local pid p
+    local pid
     if [[ -n $FIFO_FD ]]; then exec {FIFO_FD}>&- || true; fi
     for pid in "${PIDS[@]}"; do stop_pid "$pid" INT; done
-    for p in "${PREFIXES[@]}"; do
-        rm -rf "/var/run/dpdk/$p" "${XDG_RUNTIME_DIR:-/tmp}/dpdk/$p" "/tmp/dpdk/$p"
-    done
+    remove_dpdk_runtime "${PREFIXES[@]}"
     if [[ -n ${PEER_KEEP:-} ]]; then
         echo "peer: logs kept in $WORK" >&2
     else
@@ -85,26 +71,6 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-# wait_for FILE REGEX COUNT TIMEOUT_S PID...: until REGEX matches COUNT lines of FILE; fails if
-# the time runs out or one of the PIDs (the processes the wait depends on) exits.
-wait_for() {
-    local file=$1 re=$2 count=$3 timeout=$4 i n pid
-    shift 4
-    for ((i = 0; i < timeout * 20; i++)); do
-        n=$(grep -c -- "$re" "$file" 2> /dev/null || true)
-        if ((n >= count)); then return 0; fi
-        for pid in "$@"; do
-            if ! kill -0 "$pid" 2> /dev/null; then
-                echo "    (PID $pid exited while waiting for '$re' in $file)"
-                return 1
-            fi
-        done
-        sleep 0.05
-    done
-    echo "    (timed out after ${timeout}s waiting for '$re' in $file)"
-    return 1
-}
 
 # be_stat KEY FILE: a value from the back-end's `key value` stats file.
 be_stat() { awk -v k="$1" '$1 == k { print $2 }' "$2"; }
