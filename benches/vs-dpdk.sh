@@ -8,9 +8,9 @@
 #
 # A round's rate is its best one-second window (its average is in the last columns and the
 # TSV). The machine is a shared VM: the same pair of processes runs at about 5, 10 or 15+
-# Mpps, a state that lasts seconds to minutes and hits both back-ends alike (its cause is not
-# visible from inside: no steal time is reported). So a median over a handful of rounds mixes
-# states; the within-round ratio and the best rounds compare the back-ends in the same state.
+# Mpps, in states that last seconds to minutes (their cause is not visible from inside: no
+# steal time is reported). So a median over a handful of rounds mixes states; the
+# within-round ratio and the best rounds compare the back-ends in more nearly the same state.
 #
 #   benches/vs-dpdk.sh                      every case, 7 rounds of 5 one-second windows
 #   ROUNDS=3 SECS=3 benches/vs-dpdk.sh      shorter
