@@ -38,7 +38,6 @@ PER_FE=32
 DPDK_MEM=${DPDK_MEM:-256}
 IR=${IR:-0}
 WARM=${WARM:-5}
-WRAP=()
 if [[ $IR == 1 ]]; then
     command -v valgrind > /dev/null || { echo "footprint: IR=1 needs valgrind" >&2; exit 2; }
 fi
@@ -83,11 +82,12 @@ mem() {
 measure() {
     local be=$1 n=$2 dir=$WORK/$1-$2 i be_pids=()
     mkdir -p "$dir"
-    if [[ $IR == 1 ]]; then WRAP=(valgrind --tool=callgrind --compress-strings=no "--callgrind-out-file=$dir/cg.%p.out"); fi
+    local wrap=()
+    if [[ $IR == 1 ]]; then wrap=(valgrind --tool=callgrind --compress-strings=no "--callgrind-out-file=$dir/cg.%p.out"); fi
     local args=()
     if [[ $be == virtq ]]; then
         for ((i = 0; i < n; i++)); do args+=(--socket-path "$dir/s$i.sock"); done
-        taskset -c 0 "${WRAP[@]}" "$VIRTQ_NET" "${args[@]}" --backend sink --busy-poll --log-level warn > "$dir/backend.log" 2>&1 &
+        taskset -c 0 "${wrap[@]}" "$VIRTQ_NET" "${args[@]}" --backend sink --busy-poll --log-level warn > "$dir/backend.log" 2>&1 &
         be_pids+=("$!")
         PIDS+=("$!")
     else
@@ -101,7 +101,7 @@ measure() {
             done
             local prefix=virtq-fp-$$-be-$n-$be_i
             PREFIXES+=("$prefix")
-            taskset -c 0 "${WRAP[@]}" "$TESTPMD" --lcores 0@0,1@0 --no-huge -m "$DPDK_MEM" --file-prefix="$prefix" --no-pci --no-telemetry \
+            taskset -c 0 "${wrap[@]}" "$TESTPMD" --lcores 0@0,1@0 --no-huge -m "$DPDK_MEM" --file-prefix="$prefix" --no-pci --no-telemetry \
                 "${args[@]}" -- --forward-mode=rxonly --total-num-mbufs=32768 --nb-cores=1 --stats-period 3600 \
                 < /dev/null > "$dir/backend$be_i.log" 2>&1 &
             be_pids+=("$!")

@@ -113,7 +113,6 @@ wait_socket() {
     return 1
 }
 
-
 # packets_of LOG FIELD N: RX-packets or TX-packets of the N-th `show port stats` in LOG.
 packets_of() {
     awk -v f="$2:" -v n="$3" '/NIC statistics for port 0/ { k++ } k == n { for (i = 1; i < NF; i++) if ($i == f) { print $(i + 1); exit } }' "$1"

@@ -412,13 +412,13 @@ impl Cursor {
                 return Err(fail(err, ChainError::ChainTooLong));
             }
             self.budget -= 1;
-            // The table's alignment is tested here rather than kept in the walk's state: one
-            // register more for the loop.
+            // The table's alignment is tested here rather than kept in the walk's state, which
+            // leaves one more register for the loop.
             let table = self.table.ptr.as_ptr();
             // SAFETY: `index < table.entries` and the table is valid for `entries * 16` bytes
             // (queue set-up validated the queue's table; an indirect table is translated as a
-            // whole before use); `aligned8` is the table's own alignment (entries are 16 bytes,
-            // so an 8-aligned table has 8-aligned entries).
+            // whole before use); the last argument is the table's own 8-byte alignment (entries
+            // are 16 bytes, so an 8-aligned table has 8-aligned entries).
             let d = unsafe { read_descriptor(table, self.index, (table as usize).is_multiple_of(8)) };
             let flags = d.flags.bits();
             if flags & DescFlags::INDIRECT.bits() != 0 {

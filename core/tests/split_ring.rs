@@ -556,10 +556,43 @@ fn family5_buffer_spanning_two_regions_becomes_two_segments() {
 }
 
 #[test]
+fn family5_fused_copies_follow_a_buffer_across_two_regions() {
+    // pop_read / pop_write validate and copy in one pass; a buffer that one translation does
+    // not cover goes through the walk's split path and must still copy exactly its bytes.
+    let mut g = Guest::new(0x4000);
+    g.add_region(GPA + 0x4000, 0x1000);
+    let (cfg, mut drv) = setup(&g, SIZE);
+    let data: Vec<u8> = (0..40u8).collect();
+    let readable_at = GPA + 0x4000 - 12;
+    let writable_at = GPA + 0x4000 - 20;
+    drv.write(readable_at, &data);
+    drv.write_desc(0, desc(readable_at, 40, DescFlags::empty(), 0));
+    drv.publish(0);
+    drv.write_desc(1, desc(writable_at, 48, DescFlags::WRITE, 0));
+    drv.publish(1);
+    let mut q = queue(&g, cfg, features());
+
+    let mut buf = [0u8; 64];
+    let c = q.pop_read(&mut buf).unwrap().unwrap();
+    assert_eq!((c.head, c.bytes, c.readable_len, c.writable_len), (0, 40, 40, 0));
+    assert_eq!(&buf[..40], &data[..]);
+
+    // The writable buffer crosses the same boundary (and reuses the readable one's memory).
+    drv.write(writable_at, &[0u8; 48]);
+    let frame: Vec<u8> = (100..140u8).collect();
+    let c = q.pop_write(&frame).unwrap().unwrap();
+    assert_eq!((c.head, c.bytes, c.readable_len, c.writable_len), (1, 40, 0, 48));
+    let mut back = [0u8; 48];
+    drv.read(writable_at, &mut back);
+    assert_eq!(&back[..40], &frame[..]);
+    assert_eq!(&back[40..], &[0u8; 8], "nothing written past the frame");
+}
+
+#[test]
 fn family5_total_chain_length_above_2_pow_32() {
     // Two descriptors of 2^31 bytes each over a 4 GiB region whose backing is never touched:
-    // the walk rejects the chain on the length sum, before translating the second buffer, and
-    // never accesses the first (a chain is only walked, not read, here).
+    // the walk rejects the chain on the length sum (checked once, when the walk ends) and never
+    // accesses the buffers (a chain is only walked, not read, here).
     let g = Guest::new(1 << 16);
     let (cfg, drv) = setup(&g, SIZE);
     let mut mem = g.mem.clone();

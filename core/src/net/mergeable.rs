@@ -122,6 +122,7 @@ fn check_offloads(h: &VirtioNetHdr, features: VirtioFeatures) -> Result<(), RxEr
     check_offload_fields(h, features)
 }
 
+/// The rest of [`check_offloads`], for a header that sets flags or a GSO type.
 #[inline(never)]
 fn check_offload_fields(h: &VirtioNetHdr, features: VirtioFeatures) -> Result<(), RxError> {
     if h.flags & (VIRTIO_NET_HDR_F_NEEDS_CSUM | VIRTIO_NET_HDR_F_DATA_VALID) != 0
