@@ -60,9 +60,11 @@ pub trait DeviceHandler: Send {
 pub struct NoHandler;
 impl DeviceHandler for NoHandler {}
 
+/// Fields drop in declaration order: the fds of a half-read message go before the socket
+/// closes (see `teardown`).
 struct Conn {
-    stream: mio::net::UnixStream,
     reader: MessageReader,
+    stream: mio::net::UnixStream,
 }
 
 struct Slot {
@@ -294,11 +296,16 @@ impl Backend {
 
     fn teardown(&mut self, id: usize, why: &str, reconnect: bool) {
         let slot = &mut self.slots[id];
-        if let Some(mut conn) = slot.conn.take() {
+        let mut conn = slot.conn.take();
+        if let Some(conn) = &mut conn {
             info!("vhost-user {}: {why}; device reset", slot.net.name());
             let _ = self.poll.registry().deregister(&mut conn.stream);
         }
+        // Everything the front-end sent (memory table, eventfds, the fds of a half-read
+        // message) is released before the socket closes, so a front-end that sees the close
+        // can count on it.
         slot.device.reset();
+        drop(conn);
         self.dispatch_events(id);
         let slot = &mut self.slots[id];
         if let SocketSpec::Client { reconnect: policy, .. } = &slot.spec {

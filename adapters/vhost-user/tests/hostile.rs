@@ -268,7 +268,7 @@ fn raw(fds: &[OwnedFd]) -> Vec<RawFd> {
 /// Every probe's read end (sent, then dropped here) is closed in the back-end too.
 fn assert_probes_closed(what: &str, writers: &mut [std::io::PipeWriter]) {
     for (i, w) in writers.iter_mut().enumerate() {
-        assert!(probe_closed(w), "{what}: fd {i} sent to the back-end was closed");
+        assert!(probe_closed(w), "{what}: fd {i} sent to the back-end is still open there");
     }
 }
 
