@@ -11,7 +11,10 @@ use virtq::desc::{DescFlags, Descriptor};
 use virtq::net::header::*;
 use virtq::net::mergeable::MAX_RX_BUFFERS;
 use virtq::net::tx::validate_tx_header;
-use virtq::net::{header_len, parse_tx, receive, RxError, RxOutcome, RxScratch, TxError, TxPacket, VirtioNetHdr};
+use virtq::net::{
+    header_len, parse_tx, receive, receive_burst, RxBurst, RxError, RxOutcome, RxScratch, TxError, TxPacket,
+    VirtioNetHdr, RX_BURST,
+};
 use virtq::testing::{layout, Buf, TestDriver};
 use virtq::{Chain, PopError, RegionTable, VirtioFeatures};
 use zerocopy::little_endian::U16;
@@ -1121,5 +1124,117 @@ fn rx_fast_path_writes_nothing_into_a_chain_that_fails_later() {
         assert_eq!(read(&drv, addrs[1], 64), ro);
         assert_eq!(read(&drv, good.1, 12), rx_hdr(&hdr(0, 0), 1));
         assert_eq!(read(&drv, good.1 + 12, 1514), fr);
+    }
+}
+
+/// The ring of the burst tests below: 20 buffers of 100 bytes, a chain whose `next` is out of
+/// range (family 1), then 23 more buffers. Returns every good buffer's (head, address).
+fn burst_ring(drv: &mut Driver<'_>) -> Vec<(u16, u64)> {
+    let mut bufs: Vec<_> = (0..20).map(|_| add_rx(drv, 100)).collect();
+    let mut addr = [0u64];
+    let broken = drv.build_chain(&[Buf::writable(100)], &mut addr);
+    drv.write_desc(
+        broken,
+        Descriptor { addr: addr[0], len: 100, flags: DescFlags::WRITE | DescFlags::NEXT, next: 200 },
+    );
+    drv.publish(broken);
+    bufs.extend((0..23).map(|_| add_rx(drv, 100)));
+    bufs
+}
+
+/// The frames of the burst tests: 64-byte frames (each fits one buffer: the deferred-copy
+/// path), one with a checksum request the driver did not negotiate (refused), one of 250 bytes
+/// (three merged buffers: the general path), and more frames than buffers.
+fn burst_frames() -> Vec<(VirtioNetHdr, Vec<u8>)> {
+    (0..45)
+        .map(|i| {
+            let h = if i == 20 { csum_hdr(34, 6) } else { hdr(0, 0) };
+            let len = if i == 31 { 250 } else { 64 };
+            let f: Vec<u8> = frame(len).iter().map(|b| b ^ i as u8).collect();
+            (h, f)
+        })
+        .collect()
+}
+
+/// `receive_burst` leaves the guest exactly what `receive` frame by frame leaves: the same
+/// used entries in the same order, the same buffer contents (headers and frames, every byte
+/// after them untouched), across a burst longer than `RX_BURST` (its deferred copies are
+/// flushed mid-burst), a refused frame, a malformed chain, a merged frame, and a ring that
+/// runs out of buffers.
+#[test]
+fn rx_burst_places_frames_as_receive_does_one_by_one() {
+    let frames = burst_frames();
+    assert!(frames.len() > RX_BURST);
+
+    // Frame by frame.
+    let g1 = Guest::new(1 << 20);
+    let (cfg, mut d1) = setup(&g1, 64);
+    let b1 = burst_ring(&mut d1);
+    let mut q1 = queue(&g1, cfg, MRG);
+    let mut s1: RxScratch<'_> = RxScratch::new();
+    let mut placed = 0;
+    for (h, f) in &frames {
+        match receive(&mut q1, &mut s1, MRG, h, f) {
+            Ok(_) => placed += 1,
+            Err(RxError::OffloadNotNegotiated) => {}
+            Err(e) => {
+                assert_eq!(e, RxError::NoBuffers);
+                break;
+            }
+        }
+    }
+    assert!(q1.publish());
+
+    // As one burst.
+    let g2 = Guest::new(1 << 20);
+    let (cfg, mut d2) = setup(&g2, 64);
+    let b2 = burst_ring(&mut d2);
+    let mut q2 = queue(&g2, cfg, MRG);
+    let mut s2: RxScratch<'_> = RxScratch::new();
+    let out = receive_burst(&mut q2, &mut s2, MRG, frames.len(), |i| (frames[i].0, &frames[i].1[..]));
+    assert_eq!(
+        out,
+        RxBurst { placed, bytes: 40 * 64 + 250, refused: 1, bad_chains: 1, stopped: Some(RxError::NoBuffers) }
+    );
+    assert_eq!(placed, 41, "20 + 10 + the merged frame + 10");
+    assert!(q2.publish());
+
+    assert_eq!(d1.used_idx(), d2.used_idx());
+    assert_eq!(d2.used_idx(), 44, "41 frames in 43 buffers, and the bad chain");
+    for i in 0..d2.used_idx() {
+        assert_eq!(d1.used_elem(i), d2.used_elem(i), "used entry {i}");
+    }
+    for ((_, a1), (_, a2)) in b1.iter().zip(&b2) {
+        assert_eq!(read(&d1, *a1, 100), read(&d2, *a2, 100));
+    }
+    // And what landed is right: frame 0 whole, behind its header.
+    assert_eq!(read(&d2, b2[0].1, 12), rx_hdr(&hdr(0, 0), 1));
+    assert_eq!(read(&d2, b2[0].1 + 12, 64), frames[0].1);
+    assert_eq!(read(&d2, b2[0].1 + 76, 24), vec![FILL; 24]);
+}
+
+/// The header is written only where guest memory differs (`store_header`), and then whole: a
+/// buffer that already holds the header keeps it, one that differs in any byte gets it.
+#[test]
+fn rx_header_is_right_whatever_the_buffer_held() {
+    let want = rx_hdr(&hdr(0, 0), 1);
+    for (case, before) in [
+        ("already the header", want.clone()),
+        ("num_buffers differs", rx_hdr(&hdr(0, 0), 3)),
+        ("first byte differs", rx_hdr(&hdr(VIRTIO_NET_HDR_F_DATA_VALID, 0), 1)),
+        ("fill", vec![FILL; 12]),
+    ] {
+        let g = Guest::new(1 << 20);
+        let (cfg, mut drv) = setup(&g, 16);
+        let mut q = queue(&g, cfg, MRG);
+        let mut s: RxScratch<'_> = RxScratch::new();
+        let (_, addr) = add_rx(&mut drv, 100);
+        drv.write(addr, &before);
+        let fr = frame(64);
+        let out = receive_burst(&mut q, &mut s, MRG, 1, |_| (hdr(0, 0), &fr[..]));
+        assert_eq!(out.placed, 1, "{case}");
+        assert!(q.publish());
+        assert_eq!(read(&drv, addr, 12), want, "{case}");
+        assert_eq!(read(&drv, addr + 12, 64), fr, "{case}");
     }
 }

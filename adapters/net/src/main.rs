@@ -273,12 +273,14 @@ fn print_stats(devs: &[NetDevice], taps: &[(String, Arc<TapCounters>)]) {
             let c = dev.stats(i);
             let dir = if i % 2 == 0 { "rx" } else { "tx" };
             info!(
-                "stats {} q{i}({dir}): packets {} bytes {} drops {} errors {}",
+                "stats {} q{i}({dir}): packets {} bytes {} drops {} errors {} bursts {} (average {:.1})",
                 dev.name(),
                 c.packets,
                 c.bytes,
                 c.drops,
-                c.errors
+                c.errors,
+                c.bursts,
+                c.packets as f64 / c.bursts.max(1) as f64
             );
         }
     }

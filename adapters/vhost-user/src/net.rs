@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use log::warn;
 use virtq::net::header::VIRTIO_NET_HDR_F_DATA_VALID;
-use virtq::net::{self, header_len, RxError, RxScratch, VirtioNetHdr};
+use virtq::net::{self, header_len, RxScratch, VirtioNetHdr};
 use virtq::{PopError, VirtioFeatures};
 use zerocopy_shim::read_header;
 
@@ -37,6 +37,7 @@ pub struct QueueStats {
     bytes: AtomicU64,
     drops: AtomicU64,
     errors: AtomicU64,
+    bursts: AtomicU64,
 }
 
 /// A snapshot of [`QueueStats`].
@@ -51,11 +52,15 @@ pub struct QueueCounters {
     /// Malformed chains or headers from the guest; on RX also frames too large for the
     /// guest's buffers and headers with offloads it did not negotiate.
     pub errors: u64,
+    /// Bursts that moved at least one frame: `packets / bursts` is the average batch, which
+    /// shows whether the data path keeps up with the guest in small batches or large ones.
+    pub bursts: u64,
 }
 
 impl QueueStats {
     fn add(&self, packets: u64, bytes: u64, drops: u64, errors: u64) {
         if packets != 0 {
+            self.bursts.fetch_add(1, Ordering::Relaxed);
             self.packets.fetch_add(packets, Ordering::Relaxed);
             self.bytes.fetch_add(bytes, Ordering::Relaxed);
         }
@@ -73,6 +78,7 @@ impl QueueStats {
             bytes: self.bytes.load(Ordering::Relaxed),
             drops: self.drops.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
+            bursts: self.bursts.load(Ordering::Relaxed),
         }
     }
 }
@@ -365,25 +371,18 @@ impl NetDevice {
         let features: VirtioFeatures = active.features;
         let keep_flags =
             if features.contains(VirtioFeatures::NET_GUEST_CSUM) { !0 } else { !VIRTIO_NET_HDR_F_DATA_VALID };
-        let (mut n, mut bytes, mut errors) = (0usize, 0u64, 0u64);
+        let mut burst = net::RxBurst::default();
         let result = active.with_queue(|vq| {
             let mut scratch: RxScratch<'_> = RxScratch::new();
-            for i in 0..count {
+            burst = net::receive_burst(vq, &mut scratch, features, count, |i| {
                 let (mut hdr, f) = frame(i);
                 hdr.flags &= keep_flags;
-                match net::receive(vq, &mut scratch, features, &hdr, f) {
-                    Ok(out) => {
-                        n += 1;
-                        bytes += f.len() as u64;
-                        errors += out.bad_chains as u64;
-                    }
-                    // Nothing was consumed: drop this frame, go on with the next.
-                    Err(RxError::FrameTooLarge { .. }) | Err(RxError::OffloadNotNegotiated) => errors += 1,
-                    Err(_) => break,
-                }
-            }
+                (hdr, f)
+            });
             vq.publish()
         });
+        let (n, bytes) = (burst.placed, burst.bytes);
+        let mut errors = burst.refused as u64 + u64::from(burst.bad_chains);
         drop(s);
         if !finish_burst(result, call.as_deref(), "RX") {
             errors += 1;

@@ -12,5 +12,5 @@ pub mod mergeable;
 pub mod tx;
 
 pub use header::{header_len, VirtioNetHdr, VirtioNetHdrLegacy};
-pub use mergeable::{receive, RxError, RxOutcome, RxScratch};
+pub use mergeable::{receive, receive_burst, RxBurst, RxError, RxOutcome, RxScratch, RX_BURST};
 pub use tx::{parse_tx, TxError, TxPacket};
