@@ -97,6 +97,19 @@ fn add_rx(drv: &mut Driver<'_>, len: u32) -> (u16, u64) {
     (head, addrs[0])
 }
 
+/// Publishes a 100-byte receive chain whose `next` is out of range (family 1); returns its
+/// head.
+fn add_broken_rx(drv: &mut Driver<'_>) -> u16 {
+    let mut addr = [0u64];
+    let broken = drv.build_chain(&[Buf::writable(100)], &mut addr);
+    drv.write_desc(
+        broken,
+        Descriptor { addr: addr[0], len: 100, flags: DescFlags::WRITE | DescFlags::NEXT, next: 200 },
+    );
+    drv.publish(broken);
+    broken
+}
+
 /// Builds `bufs` as the only chain of a fresh TX queue, pops it and parses it with `f`. On
 /// success also returns the frame as `read_frame` copies it (checked to be `frame_len` bytes).
 fn tx(bufs: &[Buf<'_>], f: VirtioFeatures) -> Result<(TxPacket, Vec<u8>), TxError> {
@@ -918,13 +931,7 @@ fn rx_malformed_chains_are_completed_or_skipped_family1() {
         let mut s: RxScratch<'_> = RxScratch::new();
         drv.stage(99);
         drv.kick();
-        let mut addr = [0u64];
-        let broken = drv.build_chain(&[Buf::writable(100)], &mut addr);
-        drv.write_desc(
-            broken,
-            Descriptor { addr: addr[0], len: 100, flags: DescFlags::WRITE | DescFlags::NEXT, next: 200 },
-        );
-        drv.publish(broken);
+        let broken = add_broken_rx(&mut drv);
         let (good, gaddr) = add_rx(&mut drv, 100);
         let fr = frame(60);
         let out = receive(&mut q, &mut s, f, &hdr(0, 0), &fr).unwrap();
@@ -1131,13 +1138,7 @@ fn rx_fast_path_writes_nothing_into_a_chain_that_fails_later() {
 /// range (family 1), then 23 more buffers. Returns every good buffer's (head, address).
 fn burst_ring(drv: &mut Driver<'_>) -> Vec<(u16, u64)> {
     let mut bufs: Vec<_> = (0..20).map(|_| add_rx(drv, 100)).collect();
-    let mut addr = [0u64];
-    let broken = drv.build_chain(&[Buf::writable(100)], &mut addr);
-    drv.write_desc(
-        broken,
-        Descriptor { addr: addr[0], len: 100, flags: DescFlags::WRITE | DescFlags::NEXT, next: 200 },
-    );
-    drv.publish(broken);
+    add_broken_rx(drv);
     bufs.extend((0..23).map(|_| add_rx(drv, 100)));
     bufs
 }

@@ -138,12 +138,11 @@ impl Dataplane {
                 continue;
             }
             idle = idle.saturating_add(1);
-            if !sleeping {
-                std::hint::spin_loop();
-            }
             if !self.busy_poll && idle > 64 {
                 let us = (idle as u64 - 64).min(1000);
                 std::thread::sleep(Duration::from_micros(us));
+            } else {
+                std::hint::spin_loop();
             }
         }
     }
