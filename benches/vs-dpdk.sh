@@ -7,16 +7,23 @@
 # round of each, and the medians of the rounds' averages.
 #
 # A round's rate is its best one-second window (its average is in the last columns and the
-# TSV). The machine is a shared VM: the same pair of processes runs at about 5, 10 or 15+
-# Mpps, in states that last seconds to minutes (their cause is not visible from inside: no
-# steal time is reported). So a median over a handful of rounds mixes states; the
-# within-round ratio and the best rounds compare the back-ends in more nearly the same state.
+# TSV). The machine is a shared VM: the same pair of processes runs at about 5 or 15+ Mpps, in
+# states that last seconds to minutes. What changes is how far apart the host puts the two
+# vCPUs: `linelat` (benches/src/linelat.rs) measures a cache line's round trip between CPU 0
+# and CPU 1 before and after every sample, and it reads about 50-120 ns or about 500 ns, with
+# the rates following. So a median over a handful of rounds mixes states. A second table sorts
+# the samples by state: `near` (both readings below the threshold), `far` (both at or above it)
+# or `mixed` (the state changed during the sample), and compares the back-ends within a state,
+# including the within-round ratio of rounds whose A and B samples ran in the same state. The
+# threshold is 3x the shortest round trip of the run (FAR_NS=... sets it).
 #
 #   benches/vs-dpdk.sh                      every case, 7 rounds of 5 one-second windows
 #   ROUNDS=3 SECS=3 benches/vs-dpdk.sh      shorter
 #   CASES='rx64-mrg tx64-mrg' ...           only these cases
 #   TSV=out.tsv ...                         also every round as TSV (case, backend, round, best,
-#                                           average)
+#                                           average, round trip before and after in ns)
+#   FAR_NS=300 ...                          threshold of the `far` state (default: 3x the
+#                                           shortest round trip measured in the run)
 #   KEEP=1 ...                              keep the logs directory (printed)
 #   VIRTQ_NET=path ...                      use this virtq-net binary (no build)
 #   IR=1 ...                                instructions per frame instead of Mpps: each back-end
@@ -64,6 +71,7 @@ WARM=${WARM:-1}
 ALL_CASES="tx64-mrg tx64-nomrg rx64-mrg rx64-nomrg tx1518-mrg tx1518-nomrg rx1518-mrg rx1518-nomrg loop64-mrg loop64-nomrg"
 CASES=${CASES:-$ALL_CASES}
 TSV=${TSV:-}
+FAR_NS=${FAR_NS:-}
 
 SUDO=""
 if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
@@ -81,6 +89,10 @@ fi
 if [[ -z ${VIRTQ_NET:-} ]]; then
     cargo build --release --locked -p virtq-net
     VIRTQ_NET=${CARGO_TARGET_DIR:-target}/release/virtq-net
+fi
+if [[ -z ${LINELAT:-} ]]; then
+    cargo build --release --locked -p virtq-benches --bin linelat
+    LINELAT=${CARGO_TARGET_DIR:-target}/release/linelat
 fi
 A=${A:-virtq}
 B=${B:-dpdk}
@@ -118,12 +130,18 @@ packets_of() {
     awk -v f="$2:" -v n="$3" '/NIC statistics for port 0/ { k++ } k == n { for (i = 1; i < NF; i++) if ($i == f) { print $(i + 1); exit } }' "$1"
 }
 
-# sample CASE BACKEND ROUND: one measurement into $RESULT (Mpps, or Ir/frame with IR=1); runs in
-# the main shell (not in a command substitution) so that cleanup knows every PID it started.
+# round_trip: the cache line round trip between the two CPUs in ns (`-` if linelat failed).
+round_trip() { "$LINELAT" "$BE_CPU" "$FE_CPU" || echo -; }
+
+# sample CASE BACKEND ROUND: one measurement into $RESULT ("best average rtt_before rtt_after"
+# in Mpps and ns, or Ir/frame with IR=1); runs in the main shell (not in a command
+# substitution) so that cleanup knows every PID it started.
 sample() {
     local case=$1 be=$2 round=$3
     local dir=$WORK/$case-${be//[^a-z0-9]/_}-$round sock be_pid fe_pid fe_mode size mrg field prefix
+    local rtt_before=- rtt_after=-
     mkdir -p "$dir"
+    if [[ $IR != 1 ]]; then rtt_before=$(round_trip); fi
     sock=$dir/vu.sock
     [[ $case =~ ^(tx|rx|loop)([0-9]+)-(mrg|nomrg)$ ]] || { echo "unknown case $case" >&2; return 1; }
     local kind=${BASH_REMATCH[1]}
@@ -199,6 +217,7 @@ sample() {
     FIFO_FD=""
     stop_pid "$be_pid" INT
     ((ok)) || return 1
+    if [[ $IR != 1 ]]; then rtt_after=$(round_trip); fi
     if [[ $IR == 1 ]]; then
         local ir p1 p2
         ir=$(awk '/^totals:/ { print $2 }' "$dir/callgrind.out.1" 2> /dev/null)
@@ -211,13 +230,16 @@ sample() {
     # The best window and the average of all windows, in Mpps.
     RESULT=$(awk -v f="$field:" '/NIC statistics for port 0/ { k++ }
         k >= 2 { for (i = 1; i < NF; i++) if ($i == f) { v = $(i + 1) / 1e6; s += v; n++; if (v > b) b = v } }
-        END { if (n) printf "%.3f %.3f\n", b, s / n }' "$dir/frontend.log")
+        END { if (n) printf "%.3f %.3f", b, s / n }' "$dir/frontend.log")
+    [[ -n $RESULT ]] && RESULT+=" $rtt_before $rtt_after"
 }
 
 # median/min/max of numbers on stdin
 stats() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) { print "- - -"; exit } m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2; printf "%.2f %.2f %.2f\n", m, v[1], v[NR] }'; }
 
-[[ -n $TSV ]] && printf 'case\tbackend\tround\tvalue\taverage\n' > "$TSV"
+# Every sample, for the report by machine state (and the TSV).
+ALL=$WORK/samples.tsv
+printf 'case\tbackend\tround\tvalue\taverage\trtt_before_ns\trtt_after_ns\tside\n' > "$ALL"
 declare -A SAMPLES AVERAGES PAIRED
 FAILED=0
 UNIT=Mpps
@@ -231,7 +253,7 @@ for case in $CASES; do
             [[ $be == none ]] && continue
             RESULT=""
             if sample "$case" "$be" "$r" && [[ -n $RESULT ]]; then
-                read -r v avg <<< "$RESULT"
+                read -r v avg rb ra <<< "$RESULT"
                 SAMPLES[$case/$side]+="$v "
                 AVERAGES[$case/$side]+="${avg:-$v} "
                 # The ratio within a round: A and B ran back to back, so a slow drift of the
@@ -241,8 +263,9 @@ for case in $CASES; do
                 elif [[ -n $a_value ]]; then
                     PAIRED[$case]+="$(awk -v a="$a_value" -v b="$v" 'BEGIN { if (b > 0) printf "%.4f", a / b }') "
                 fi
-                [[ -n $TSV ]] && printf '%s\t%s\t%s\t%s\t%s\n' "$case" "$be" "$r" "$v" "${avg:-$v}" >> "$TSV"
-                echo "  $case round $r $be: $v $UNIT${avg:+ (average $avg)}" >&2
+                printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$case" "$be" "$r" "$v" "${avg:-$v}" "${rb:--}" "${ra:--}" \
+                    "$side" >> "$ALL"
+                echo "  $case round $r $be: $v $UNIT${avg:+ (average $avg)}${rb:+ (round trip $rb → $ra ns)}" >&2
             else
                 FAILED=$((FAILED + 1))
                 echo "  $case round $r $be: FAILED" >&2
@@ -250,6 +273,58 @@ for case in $CASES; do
         done
     done
 done
+
+# by_state: the second table, the samples of $ALL sorted by the machine's state (see the top).
+by_state() {
+    awk -F '\t' -v far="$FAR_NS" -v cases="$CASES" -v la="$(label "$A")" -v lb="$(label "$B")" '
+        function median(list, n, i, j, t, v) {
+            n = split(list, v, " ")
+            for (i = 2; i <= n; i++) for (j = i; j > 1 && v[j - 1] + 0 > v[j] + 0; j--) { t = v[j]; v[j] = v[j - 1]; v[j - 1] = t }
+            if (n == 0) return "-"
+            return (n % 2) ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
+        }
+        function spread(list, n, i, v, lo, hi) {
+            n = split(list, v, " ")
+            for (i = 1; i <= n; i++) { if (i == 1 || v[i] + 0 < lo) lo = v[i] + 0; if (i == 1 || v[i] + 0 > hi) hi = v[i] + 0 }
+            return sprintf("%.2f–%.2f", lo, hi)
+        }
+        function state(rb, ra) {
+            if (rb == "-" || ra == "-") return "unknown"
+            if (rb + 0 < far && ra + 0 < far) return "near"
+            if (rb + 0 >= far && ra + 0 >= far) return "far"
+            return "mixed"
+        }
+        NR > 1 { n++; c[n] = $1; r[n] = $3; v[n] = $4; rb[n] = $6; ra[n] = $7; side[n] = $8
+            if ($6 != "-" && (min == "" || $6 + 0 < min)) min = $6 + 0
+            if ($7 != "-" && (min == "" || $7 + 0 < min)) min = $7 + 0 }
+        END {
+            if (far == "") far = 3 * min
+            if (min == "") { print "\n(no round trips measured: no table by machine state)"; exit }
+            for (i = 1; i <= n; i++) {
+                st[i] = state(rb[i], ra[i]); k = c[i] SUBSEP st[i] SUBSEP side[i]
+                vals[k] = vals[k] " " v[i]; cnt[k]++
+                if (side[i] == "A") a_of[c[i] SUBSEP r[i]] = i; else b_of[c[i] SUBSEP r[i]] = i
+            }
+            for (key in a_of) if (key in b_of) {
+                ia = a_of[key]; ib = b_of[key]
+                if (st[ia] == st[ib] && v[ib] > 0) { k = c[ia] SUBSEP st[ia]; pairs[k] = pairs[k] " " v[ia] / v[ib]; np[k]++ }
+            }
+            printf "\nBy machine state: cache line round trip CPU 0 <-> CPU 1 before and after each sample; shortest %d ns, far = at least %d ns.\n\n", min, far
+            printf "| case | state | %s: rounds, median Mpps (spread) | %s: rounds, median (spread) | ratio of medians | ratio within a round, both in this state: median (spread), rounds |\n", la, lb
+            print "|---|---|---:|---:|---:|---:|"
+            nc = split(cases, cs, " "); ns = split("near far mixed unknown", sts, " ")
+            for (i = 1; i <= nc; i++) for (j = 1; j <= ns; j++) {
+                ka = cs[i] SUBSEP sts[j] SUBSEP "A"; kb = cs[i] SUBSEP sts[j] SUBSEP "B"; kp = cs[i] SUBSEP sts[j]
+                if (!cnt[ka] && !cnt[kb]) continue
+                ma = median(vals[ka]); mb = median(vals[kb])
+                ra_ = (ma != "-" && mb != "-" && mb > 0) ? sprintf("%.2f", ma / mb) : "-"
+                pr = np[kp] ? sprintf("%.2f (%s), %d", median(pairs[kp]), spread(pairs[kp]), np[kp]) : "-"
+                printf "| %s | %s | %d, %s | %d, %s | %s | %s |\n", cs[i], sts[j],
+                    cnt[ka], cnt[ka] ? sprintf("%.2f (%s)", ma, spread(vals[ka])) : "-",
+                    cnt[kb], cnt[kb] ? sprintf("%.2f (%s)", mb, spread(vals[kb])) : "-", ra_, pr
+            }
+        }' "$ALL"
+}
 
 echo
 label() { case $1 in dpdk) echo "DPDK net_vhost" ;; virtq) echo "virtq-net" ;; *) echo "$1" ;; esac; }
@@ -276,7 +351,9 @@ else
             "$dm" "$dmin" "$dmax" "$(ratio "$vm" "$dm")" "$pm" "$pmin" "$pmax" "$vmax" "$dmax" "$(ratio "$vmax" "$dmax")" \
             "$va" "$da"
     done
+    by_state
 fi
+[[ -n $TSV ]] && cp "$ALL" "$TSV"
 if ((FAILED)); then
     echo "vs-dpdk: $FAILED sample(s) failed" >&2
     exit 1
