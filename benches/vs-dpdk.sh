@@ -15,15 +15,17 @@
 # the samples by state: `near` (both readings below the threshold), `far` (both at or above it)
 # or `mixed` (the state changed during the sample), and compares the back-ends within a state,
 # including the within-round ratio of rounds whose A and B samples ran in the same state. The
-# threshold is 3x the shortest round trip of the run (FAR_NS=... sets it).
+# threshold is the widest gap between the run's readings, if the reading above it is at least
+# twice the one below (FAR_NS=... sets it). The state can also change and change back during a
+# sample without either reading showing it, so `near` and `far` are likely, not certain.
 #
 #   benches/vs-dpdk.sh                      every case, 7 rounds of 5 one-second windows
 #   ROUNDS=3 SECS=3 benches/vs-dpdk.sh      shorter
 #   CASES='rx64-mrg tx64-mrg' ...           only these cases
 #   TSV=out.tsv ...                         also every round as TSV (case, backend, round, best,
 #                                           average, round trip before and after in ns)
-#   FAR_NS=300 ...                          threshold of the `far` state (default: 3x the
-#                                           shortest round trip measured in the run)
+#   FAR_NS=300 ...                          threshold of the `far` state (default: the widest
+#                                           gap between the run's readings, see above)
 #   KEEP=1 ...                              keep the logs directory (printed)
 #   VIRTQ_NET=path ...                      use this virtq-net binary (no build)
 #   IR=1 ...                                instructions per frame instead of Mpps: each back-end
@@ -295,11 +297,17 @@ by_state() {
             return "mixed"
         }
         NR > 1 { n++; c[n] = $1; r[n] = $3; v[n] = $4; rb[n] = $6; ra[n] = $7; side[n] = $8
-            if ($6 != "-" && (min == "" || $6 + 0 < min)) min = $6 + 0
-            if ($7 != "-" && (min == "" || $7 + 0 < min)) min = $7 + 0 }
+            if ($6 != "-") t[++nt] = $6 + 0
+            if ($7 != "-") t[++nt] = $7 + 0 }
         END {
-            if (far == "") far = 3 * min
-            if (min == "") { print "\n(no round trips measured: no table by machine state)"; exit }
+            if (nt == 0) { print "\n(no round trips measured: no table by machine state)"; exit }
+            # The threshold: the widest gap between readings, if the reading above it is at
+            # least twice the one below (otherwise a single state).
+            for (i = 2; i <= nt; i++) for (j = i; j > 1 && t[j - 1] > t[j]; j--) { x = t[j]; t[j] = t[j - 1]; t[j - 1] = x }
+            if (far == "") {
+                far = 1e18; best = 2
+                for (i = 1; i < nt; i++) if (t[i] > 0 && t[i + 1] / t[i] >= best) { best = t[i + 1] / t[i]; far = t[i + 1] }
+            }
             for (i = 1; i <= n; i++) {
                 st[i] = state(rb[i], ra[i]); k = c[i] SUBSEP st[i] SUBSEP side[i]
                 vals[k] = vals[k] " " v[i]; cnt[k]++
@@ -309,7 +317,8 @@ by_state() {
                 ia = a_of[key]; ib = b_of[key]
                 if (st[ia] == st[ib] && v[ib] > 0) { k = c[ia] SUBSEP st[ia]; pairs[k] = pairs[k] " " v[ia] / v[ib]; np[k]++ }
             }
-            printf "\nBy machine state: cache line round trip CPU 0 <-> CPU 1 before and after each sample; shortest %d ns, far = at least %d ns.\n\n", min, far
+            if (far < 1e18) printf "\nBy machine state: cache line round trip CPU 0 <-> CPU 1 before and after each sample, %d–%d ns; far = at least %d ns.\n\n", t[1], t[nt], far
+            else printf "\nBy machine state: cache line round trip CPU 0 <-> CPU 1 before and after each sample, %d–%d ns: one state.\n\n", t[1], t[nt]
             printf "| case | state | %s: rounds, median Mpps (spread) | %s: rounds, median (spread) | ratio of medians | ratio within a round, both in this state: median (spread), rounds |\n", la, lb
             print "|---|---|---:|---:|---:|---:|"
             nc = split(cases, cs, " "); ns = split("near far mixed unknown", sts, " ")
