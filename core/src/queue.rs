@@ -190,13 +190,8 @@ impl CopiedChain {
 #[derive(Debug)]
 pub struct SplitQueue<'m, M: GuestMemory + ?Sized> {
     mem: &'m M,
-    desc: DescTable,
-    avail: AvailRing,
-    used: UsedRing,
-    limits: ChainLimits,
-    in_order: bool,
-    notify_on_empty: bool,
-    config: QueueConfig,
+    /// Everything but the borrow of guest memory (what [`detach`](Self::detach) keeps).
+    q: DetachedQueue,
 }
 
 /// A chain taken by `pop_first_writable`: its head, its totals, and its first buffer's host
@@ -247,16 +242,7 @@ impl DetachedQueue {
     /// that same object satisfies both; after the memory table changes, set the queue up again
     /// with [`SplitQueue::with_ring_memory`] instead.
     pub unsafe fn attach<'m, M: GuestMemory + ?Sized>(self, mem: &'m M) -> SplitQueue<'m, M> {
-        SplitQueue {
-            mem,
-            desc: self.desc,
-            avail: self.avail,
-            used: self.used,
-            limits: self.limits,
-            in_order: self.in_order,
-            notify_on_empty: self.notify_on_empty,
-            config: self.config,
-        }
+        SplitQueue { mem, q: self }
     }
 }
 
@@ -315,16 +301,18 @@ impl<'m, M: GuestMemory + ?Sized> SplitQueue<'m, M> {
         used.sync_from_guest();
         Ok(SplitQueue {
             mem,
-            desc: DescTable::new(ptrs[0], size as u32),
-            avail,
-            used,
-            limits: ChainLimits {
-                indirect: features.contains(VirtioFeatures::RING_INDIRECT_DESC),
-                max_indirect_entries: size as u32,
+            q: DetachedQueue {
+                desc: DescTable::new(ptrs[0], size as u32),
+                avail,
+                used,
+                limits: ChainLimits {
+                    indirect: features.contains(VirtioFeatures::RING_INDIRECT_DESC),
+                    max_indirect_entries: size as u32,
+                },
+                in_order: features.contains(VirtioFeatures::IN_ORDER),
+                notify_on_empty: features.contains(VirtioFeatures::NOTIFY_ON_EMPTY),
+                config,
             },
-            in_order: features.contains(VirtioFeatures::IN_ORDER),
-            notify_on_empty: features.contains(VirtioFeatures::NOTIFY_ON_EMPTY),
-            config,
         })
     }
 
@@ -335,25 +323,17 @@ impl<'m, M: GuestMemory + ?Sized> SplitQueue<'m, M> {
     /// burst in `virtq-net`), and [`DetachedQueue::attach`]es it to the same memory for the
     /// next burst.
     pub fn detach(self) -> DetachedQueue {
-        DetachedQueue {
-            desc: self.desc,
-            avail: self.avail,
-            used: self.used,
-            limits: self.limits,
-            in_order: self.in_order,
-            notify_on_empty: self.notify_on_empty,
-            config: self.config,
-        }
+        self.q
     }
 
     /// The configuration the queue was set up with.
     pub fn config(&self) -> &QueueConfig {
-        &self.config
+        &self.q.config
     }
 
     /// Queue size.
     pub fn size(&self) -> u16 {
-        self.config.size
+        self.q.config.size
     }
 
     /// The guest memory buffers are translated in.
@@ -363,44 +343,44 @@ impl<'m, M: GuestMemory + ?Sized> SplitQueue<'m, M> {
 
     /// Sets the largest indirect table accepted, in entries (default: the queue size).
     pub fn set_max_indirect_entries(&mut self, entries: u32) {
-        self.limits.max_indirect_entries = entries;
+        self.q.limits.max_indirect_entries = entries;
     }
 
     /// The available half.
     pub fn avail(&mut self) -> &mut AvailRing {
-        &mut self.avail
+        &mut self.q.avail
     }
 
     /// The used half.
     pub fn used(&mut self) -> &mut UsedRing {
-        &mut self.used
+        &mut self.q.used
     }
 
     /// Next available index to consume.
     pub fn next_avail(&self) -> u16 {
-        self.avail.next_avail()
+        self.q.avail.next_avail()
     }
 
     /// Sets the next available index (vhost-user `SET_VRING_BASE`, or resuming).
     pub fn set_next_avail(&mut self, idx: u16) {
-        self.avail.set_next_avail(idx);
+        self.q.avail.set_next_avail(idx);
     }
 
     /// Continues at used index `idx` instead of the `used.idx` read at set-up: a device that
     /// rebuilds its queue view per batch keeps its own shadow of the used index rather than
     /// trusting the guest-writable field every time.
     pub fn set_next_used(&mut self, idx: u16) {
-        self.used.set_next_used(idx);
+        self.q.used.set_next_used(idx);
     }
 
     /// Next used index (what `used.idx` will be after the pending elements are published).
     pub fn next_used(&self) -> u16 {
-        self.used.next_used()
+        self.q.used.next_used()
     }
 
     /// Whether `VIRTIO_F_IN_ORDER` was negotiated.
     pub fn in_order(&self) -> bool {
-        self.in_order
+        self.q.in_order
     }
 
     /// Takes the next chain into `chain` (cleared first). `Ok(false)` when the ring is empty.
@@ -409,7 +389,7 @@ impl<'m, M: GuestMemory + ?Sized> SplitQueue<'m, M> {
     /// policy): log it and keep popping.
     #[inline]
     pub fn pop_into<const N: usize>(&mut self, chain: &mut Chain<'m, N>) -> Result<bool, PopError> {
-        let Some(head) = self.avail.next_head()? else {
+        let Some(head) = self.q.avail.next_head()? else {
             return Ok(false);
         };
         self.walk_head(head, chain, true)?;
@@ -494,18 +474,18 @@ impl<'m, M: GuestMemory + ?Sized> SplitQueue<'m, M> {
     where
         F: FnMut(NonNull<u8>, u32, bool) -> Result<(), ChainError>,
     {
-        let Some(head) = self.avail.next_head()? else {
+        let Some(head) = self.q.avail.next_head()? else {
             return Ok(None);
         };
-        if head >= self.config.size {
+        if head >= self.q.config.size {
             log_warn!("virtq: head index {=u16} out of range", head);
             return Err(PopError::HeadOutOfRange { head });
         }
-        match walk_pieces(self.mem, self.desc, head, &self.limits, piece) {
+        match walk_pieces(self.mem, self.q.desc, head, &self.q.limits, piece) {
             Ok(sum) => Ok(Some((head, sum))),
             Err(error) => {
                 log_warn!("virtq: malformed chain at head {=u16}: {}", head, error);
-                self.used.push(head, 0);
+                self.q.used.push(head, 0);
                 Err(PopError::Chain { head, error })
             }
         }
@@ -522,7 +502,7 @@ impl<'m, M: GuestMemory + ?Sized> SplitQueue<'m, M> {
     /// without being completed, so a caller that gathers several chains for one packet can
     /// decide the order of completions. The caller must complete `head` (len 0) itself.
     pub(crate) fn pop_uncompleted<const N: usize>(&mut self, chain: &mut Chain<'m, N>) -> Result<bool, PopError> {
-        let Some(head) = self.avail.next_head()? else {
+        let Some(head) = self.q.avail.next_head()? else {
             return Ok(false);
         };
         self.walk_head(head, chain, false)?;
@@ -536,14 +516,14 @@ impl<'m, M: GuestMemory + ?Sized> SplitQueue<'m, M> {
         chain: &mut Chain<'m, N>,
         complete_bad: bool,
     ) -> Result<(), PopError> {
-        if head >= self.config.size {
+        if head >= self.q.config.size {
             log_warn!("virtq: head index {=u16} out of range", head);
             return Err(PopError::HeadOutOfRange { head });
         }
-        if let Err(error) = walk(self.mem, self.desc, head, &self.limits, chain) {
+        if let Err(error) = walk(self.mem, self.q.desc, head, &self.q.limits, chain) {
             log_warn!("virtq: malformed chain at head {=u16}: {}", head, error);
             if complete_bad {
-                self.used.push(head, 0);
+                self.q.used.push(head, 0);
             }
             return Err(PopError::Chain { head, error });
         }
@@ -552,14 +532,14 @@ impl<'m, M: GuestMemory + ?Sized> SplitQueue<'m, M> {
 
     /// Gives back the last `n` heads taken and not completed.
     pub fn rewind(&mut self, n: u16) {
-        self.avail.rewind(n);
+        self.q.avail.rewind(n);
     }
 
     /// Completes a chain: writes the used element `{head, len}` (visible at the next
     /// [`publish`](Self::publish)). `len` = bytes written into the device-writable part.
     #[inline]
     pub fn push(&mut self, head: u16, len: u32) {
-        self.used.push(head, len);
+        self.q.used.push(head, len);
     }
 
     /// IN_ORDER batched completion of `count` chains ending with `last_head`
@@ -567,10 +547,10 @@ impl<'m, M: GuestMemory + ?Sized> SplitQueue<'m, M> {
     /// chain must be pushed individually, so this returns `false` and writes nothing.
     #[must_use]
     pub fn push_in_order_batch(&mut self, last_head: u16, last_len: u32, count: u16) -> bool {
-        if !self.in_order {
+        if !self.q.in_order {
             return false;
         }
-        self.used.push_in_order_batch(last_head, last_len, count);
+        self.q.used.push_in_order_batch(last_head, last_len, count);
         true
     }
 
@@ -580,22 +560,22 @@ impl<'m, M: GuestMemory + ?Sized> SplitQueue<'m, M> {
     #[must_use]
     #[inline]
     pub fn publish(&mut self) -> bool {
-        let had_new = self.used.unpublished() != 0;
-        let notify = self.used.publish();
-        if !notify && had_new && self.notify_on_empty {
-            return matches!(self.avail.refresh(), Ok(0));
+        let had_new = self.q.used.unpublished() != 0;
+        let notify = self.q.used.publish();
+        if !notify && had_new && self.q.notify_on_empty {
+            return matches!(self.q.avail.refresh(), Ok(0));
         }
         notify
     }
 
     /// Asks the driver not to kick (§2.7.10).
     pub fn disable_notifications(&mut self) {
-        self.avail.disable_notifications();
+        self.q.avail.disable_notifications();
     }
 
     /// Asks the driver to kick again; `Ok(true)` means buffers arrived meanwhile and must be
     /// processed before sleeping (the re-check race is closed with a full fence).
     pub fn enable_notifications(&mut self) -> Result<bool, PopError> {
-        Ok(self.avail.enable_notifications()?)
+        Ok(self.q.avail.enable_notifications()?)
     }
 }
