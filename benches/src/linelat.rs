@@ -75,17 +75,20 @@ fn wait_for(line: &AtomicU64, want: u64, shared: &Shared) -> bool {
 }
 
 fn run(a: usize, b: usize) -> Result<f64, String> {
+    // Pinned before the peer exists, so that a bad CPU_A is reported as such.
+    pin(a)?;
     let shared = Arc::new(Shared::default());
+    // The peer's error says whether it got as far as pinning itself.
     let peer = {
         let shared = Arc::clone(&shared);
-        std::thread::spawn(move || -> Result<(), String> {
+        std::thread::spawn(move || -> Result<(), (bool, String)> {
             if let Err(e) = pin(b) {
                 shared.abort.store(1, Ordering::Relaxed);
-                return Err(e);
+                return Err((false, e));
             }
             for i in 1..=BATCHES as u64 * TRIPS {
                 if !wait_for(&shared.ping.0, i, &shared) {
-                    return Err("the thread on CPU_A stopped answering".into());
+                    return Err((true, format!("no ping from CPU {a} within {TIMEOUT:?}")));
                 }
                 shared.pong.0.store(i, Ordering::Release);
             }
@@ -93,7 +96,6 @@ fn run(a: usize, b: usize) -> Result<f64, String> {
         })
     };
     let result = (|| {
-        pin(a)?;
         let mut ns = [0f64; BATCHES];
         let mut i = 0u64;
         for slot in &mut ns {
@@ -113,9 +115,13 @@ fn run(a: usize, b: usize) -> Result<f64, String> {
     if result.is_err() {
         shared.abort.store(1, Ordering::Relaxed);
     }
-    // The peer's own failure (it could not pin itself) explains the main thread's.
-    peer.join().map_err(|_| "peer thread panicked".to_string())??;
-    result
+    match peer.join() {
+        Err(_) => Err("peer thread panicked".into()),
+        // A peer that could not pin itself explains the main thread's time-out.
+        Ok(Err((false, e))) => Err(e),
+        Ok(Err((true, e))) => result.and(Err(e)),
+        Ok(Ok(())) => result,
+    }
 }
 
 fn main() -> ExitCode {
