@@ -9,8 +9,8 @@
 //! shared VMs this project is measured on, the same two vCPUs measure about 50–120 ns or
 //! about 500 ns at different times (the host moves them), and the data-path rates follow.
 //!
-//! Exits with status 1 if a batch does not finish within 5 seconds (the other CPU is not
-//! running the peer thread), 2 on bad arguments.
+//! Exits with status 1 if a thread cannot be pinned or one thread waits about 5 seconds for
+//! the other (that CPU is not running it), 2 on bad arguments.
 
 use std::hint::spin_loop;
 use std::process::ExitCode;
