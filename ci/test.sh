@@ -16,7 +16,19 @@ step() { printf '\n==== %s\n' "$*"; }
 # Every `cargo test` / `cargo miri test` output goes through here so that the totals can be
 # printed as the run's last line.
 RESULTS=$(mktemp)
-trap 'rm -f "$RESULTS"' EXIT
+# hugetlbfs guest memory for the fault tests (tests/hostile.rs `hugetlbfs_*`): 16 huge pages of
+# 2 MiB, reserved for the run (as root) and given back after it.
+HUGE=/proc/sys/vm/nr_hugepages
+HUGE_BEFORE=""
+if [[ -w $HUGE ]] && (($(cat "$HUGE") < 16)); then
+    HUGE_BEFORE=$(cat "$HUGE")
+    echo 16 > "$HUGE" || HUGE_BEFORE=""
+fi
+cleanup() {
+    rm -f "$RESULTS"
+    if [[ -n $HUGE_BEFORE ]]; then echo "$HUGE_BEFORE" > "$HUGE" || true; fi
+}
+trap cleanup EXIT
 counted() { "$@" 2>&1 | tee -a "$RESULTS"; }
 
 if [[ -z ${SKIP_SETUP:-} ]]; then

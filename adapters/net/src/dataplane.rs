@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use log::warn;
 use virtq::net::VirtioNetHdr;
+use virtq_vhost_user::limited;
 use virtq_vhost_user::net::{parse_header, NetDevice, TxFrame, MAX_TX_FRAME};
 
 use crate::generate;
@@ -196,7 +196,7 @@ impl Dataplane {
                     for f in &self.frames[..n] {
                         let hdr = tap_header(f.raw(), f.frame());
                         if let Err(e) = q.write(&hdr, f.frame()) {
-                            warn!("virtq-net: TAP write: {e}");
+                            limited!(warn, "virtq-net: TAP write: {e}");
                         }
                     }
                 }
@@ -317,7 +317,7 @@ fn read_tap_burst(q: &TapQueue, bufs: &mut [Vec<u8>], lens: &mut [usize; BURST],
     while n < BURST {
         match q.read(&mut bufs[n]) {
             Ok(Some(len)) if len >= bufs[n].len() => {
-                warn!("virtq-net: TAP {name}: frame of {len}+ bytes dropped (larger than a 64 KiB GSO frame)");
+                limited!(warn, "virtq-net: TAP {name}: frame of {len}+ bytes dropped (larger than a 64 KiB GSO frame)");
             }
             Ok(Some(len)) if len > TAP_HDR_LEN => {
                 lens[n] = len;
@@ -326,7 +326,7 @@ fn read_tap_burst(q: &TapQueue, bufs: &mut [Vec<u8>], lens: &mut [usize; BURST],
             Ok(Some(_)) => {}
             Ok(None) => break,
             Err(e) => {
-                warn!("virtq-net: TAP {name} read: {e}");
+                limited!(warn, "virtq-net: TAP {name} read: {e}");
                 break;
             }
         }
@@ -356,7 +356,7 @@ fn deliver(port: &Port, pair: u16, frames: &[&[u8]]) {
                     Ok(false) => drops += 1,
                     Err(e) => {
                         drops += 1;
-                        warn!("virtq-net: TAP {name} write: {e}");
+                        limited!(warn, "virtq-net: TAP {name} write: {e}");
                     }
                 }
             }

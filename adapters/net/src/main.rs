@@ -28,10 +28,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use log::{error, info, warn};
+use log::{error, info};
 use virtq_vhost_user::backend::{Backend, DeviceHandler, SocketSpec};
 use virtq_vhost_user::connection::Reconnect;
 use virtq_vhost_user::device::DeviceConfig;
+use virtq_vhost_user::limited;
 use virtq_vhost_user::net::NetDevice;
 
 use dataplane::{Dataplane, Port, PortBackend, TapCounters};
@@ -246,20 +247,20 @@ struct PortHandler {
 
 impl DeviceHandler for PortHandler {
     fn device_ready(&mut self, dev: &NetDevice) {
-        info!("{}: ready", dev.name());
+        limited!(info, "{}: ready", dev.name());
     }
     fn device_destroyed(&mut self, dev: &NetDevice) {
-        info!("{}: stopped", dev.name());
+        limited!(info, "{}: stopped", dev.name());
     }
     fn features_changed(&mut self, dev: &NetDevice, features: u64) {
-        info!("{}: features {features:#x}", dev.name());
+        limited!(info, "{}: features {features:#x}", dev.name());
         if let Some(t) = &self.tap {
             // What the kernel hands over must be what the guest accepts; a frame with an
             // offload the guest lacks would be refused (and counted) by the device.
             let flags = tap::offload_flags(features);
             match t.set_offload(flags) {
-                Ok(()) => info!("{}: TAP offloads {}", dev.name(), tap::describe_offloads(flags)),
-                Err(e) => warn!("{}: TUNSETOFFLOAD {flags:#x}: {e}", dev.name()),
+                Ok(()) => limited!(info, "{}: TAP offloads {}", dev.name(), tap::describe_offloads(flags)),
+                Err(e) => limited!(warn, "{}: TUNSETOFFLOAD {flags:#x}: {e}", dev.name()),
             }
         }
     }
@@ -273,14 +274,15 @@ fn print_stats(devs: &[NetDevice], taps: &[(String, Arc<TapCounters>)]) {
             let c = dev.stats(i);
             let dir = if i % 2 == 0 { "rx" } else { "tx" };
             info!(
-                "stats {} q{i}({dir}): packets {} bytes {} drops {} errors {} bursts {} (average {:.1})",
+                "stats {} q{i}({dir}): packets {} bytes {} drops {} errors {} bursts {} (average {:.1}) faults {}",
                 dev.name(),
                 c.packets,
                 c.bytes,
                 c.drops,
                 c.errors,
                 c.bursts,
-                c.packets as f64 / c.bursts.max(1) as f64
+                c.packets as f64 / c.bursts.max(1) as f64,
+                c.faults
             );
         }
     }

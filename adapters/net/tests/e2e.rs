@@ -560,3 +560,105 @@ fn tap_offload_datagram_from_the_namespace_reaches_the_guest_with_a_consistent_h
     }
     assert!(p.terminate().success());
 }
+
+const MAC_C: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0x0c];
+
+/// Frames A sends B and B sends A, `n` each way, all of which must arrive.
+fn exchange(na: &mut Nic<'_>, nb: &mut Nic<'_>, n: u8) {
+    for i in 0..n {
+        let f = eth(MAC_B, MAC_A, 0x88b5, &[i; 200]);
+        na.send(&f);
+        assert_eq!(nb.recv(Duration::from_secs(5)).expect("A -> B"), f);
+        let g = eth(MAC_A, MAC_B, 0x88b5, &[i; 300]);
+        nb.send(&g);
+        assert_eq!(na.recv(Duration::from_secs(5)).expect("B -> A"), g);
+        if i % 8 == 7 {
+            na.post_rx(8);
+            nb.post_rx(8);
+        }
+    }
+}
+
+/// Issue 13's attack on the product: three guests on one switch; C sets up a valid device,
+/// sends a frame, then shrinks its memfd to 0 bytes and kicks. virtq-net survives (before, its
+/// data-plane thread died of SIGBUS and every VM lost its network), A and B keep exchanging
+/// every frame before and after, C's rings fault once each, and the log has one line for the
+/// fault, not one per poll.
+#[test]
+fn a_front_end_that_shrinks_its_memory_costs_only_its_own_port() {
+    let d = dir("shrink");
+    let (a, b, c) = (d.join("a.sock"), d.join("b.sock"), d.join("c.sock"));
+    let log = d.join("virtq-net.log");
+    let p = Proc::spawn_logged(
+        Command::new(BIN)
+            .env("RUST_LOG", "info")
+            .args(["--stats-interval", "1"])
+            .arg("--socket-path")
+            .arg(&a)
+            .arg("--socket-path")
+            .arg(&b)
+            .arg("--socket-path")
+            .arg(&c),
+        &log,
+    );
+    for s in [&a, &b, &c] {
+        wait_for(s);
+    }
+    let (fa, fb, fc) = (Frontend::connect(&a, 2, 256), Frontend::connect(&b, 2, 256), Frontend::connect(&c, 2, 256));
+    let (mut na, mut nb) = (Nic::new(&fa), Nic::new(&fb));
+    fa.qemu_start(FEATURES);
+    fb.qemu_start(FEATURES);
+    fc.qemu_start(FEATURES);
+    na.post_rx(16);
+    nb.post_rx(16);
+    {
+        let mut nc = Nic::new(&fc);
+        nc.post_rx(16);
+        thread::sleep(Duration::from_millis(100));
+        let hello = eth([0xff; 6], MAC_C, 0x88b5, b"hello from C");
+        nc.send(&hello);
+        assert_eq!(na.recv(Duration::from_secs(5)).expect("A got C's broadcast"), hello);
+        assert_eq!(nb.recv(Duration::from_secs(5)).expect("B got C's broadcast"), hello);
+    }
+    exchange(&mut na, &mut nb, 50);
+
+    // The attack. From here on nothing in this process touches C's memory.
+    // SAFETY: truncating our own memfd.
+    assert_eq!(unsafe { libc::ftruncate(fc.ram.fd.as_raw_fd(), 0) }, 0);
+    fc.kick(1);
+    wait_log(&log, "file shrank under the mapping");
+    // A broadcast from A is flooded to C's lost RX ring too.
+    let bcast = eth([0xff; 6], MAC_A, 0x88b5, b"still here");
+    na.send(&bcast);
+    assert_eq!(nb.recv(Duration::from_secs(5)).expect("B got A's broadcast"), bcast);
+    exchange(&mut na, &mut nb, 50);
+    thread::sleep(Duration::from_secs(2));
+    exchange(&mut na, &mut nb, 20);
+
+    let st = p.terminate();
+    assert!(st.success(), "virtq-net survived and exits cleanly: {st}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let c_name = c.display().to_string();
+    let fault_lines = text.lines().filter(|l| l.contains("shrank") || l.contains("stopped:")).count();
+    assert_eq!(fault_lines, 1, "one line for the fault:\n{text}");
+    // Between the fault and the shutdown (2.5 s of traffic on the switch, which floods to C and
+    // polls its rings all along), nothing more about C.
+    let after: Vec<&str> = text
+        .lines()
+        .skip_while(|l| !l.contains("shrank"))
+        .skip(1)
+        .take_while(|l| !l.contains("stopping"))
+        .filter(|l| l.contains(&c_name) && !l.contains(" stats "))
+        .collect();
+    assert!(after.is_empty(), "nothing more about C after its fault:\n{}", after.join("\n"));
+    for q in 0..2 {
+        let want = format!("stats {c_name} q{q}(");
+        let last = text.lines().rfind(|l| l.contains(&want)).expect("C's stats");
+        assert!(last.ends_with("faults 1"), "C's queue {q} faulted once: {last}");
+    }
+    for port in [&a, &b] {
+        let want = format!("stats {} q1(", port.display());
+        let last = text.lines().rfind(|l| l.contains(&want)).expect("stats");
+        assert!(last.ends_with("faults 0") && last.contains("errors 0"), "{last}");
+    }
+}

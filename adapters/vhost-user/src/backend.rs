@@ -5,19 +5,27 @@
 //! A connection that breaks or misbehaves is torn down alone: its device is reset (rings
 //! stopped, fds closed, memory unmapped once the data path lets go), the handler is told, and
 //! the socket goes back to listening (server) or reconnects with backoff (client).
+//!
+//! A front-end that shrinks its guest memory file under a running device costs only that
+//! device: the `SIGBUS` handler ([`crate::memory::fault`]) wakes this loop through an eventfd,
+//! and the loop stops the device whose memory faulted
+//! ([`VhostUserDevice::check_memory`]), logs one line and tells the front-end where it can.
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{info, warn};
+use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::connection::{self, ConnectionError, Listener, MessageReader, Reconnect};
 use crate::device::{DeviceConfig, DeviceEvent, VhostUserDevice};
+use crate::limited;
+use crate::memory::fault;
 use crate::message::FrontendMessage;
 use crate::net::NetDevice;
 
@@ -94,6 +102,39 @@ impl BackendHandle {
 }
 
 const WAKER: Token = Token(usize::MAX);
+const FAULTS: Token = Token(usize::MAX - 1);
+
+/// The eventfd the `SIGBUS` handler writes to after it replaced a faulted region; unregistered
+/// from the handler before it is closed.
+struct FaultNotifier(OwnedFd);
+
+impl FaultNotifier {
+    fn new() -> io::Result<FaultNotifier> {
+        // SAFETY: eventfd has no memory preconditions; the result is checked.
+        let raw = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a new descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        if !fault::add_notifier(fd.as_raw_fd()) {
+            warn!("vhost-user: too many control loops for the memory fault notifier; faults are found per burst only");
+        }
+        Ok(FaultNotifier(fd))
+    }
+
+    fn drain(&self) {
+        let mut v = 0u64;
+        // SAFETY: reads the 8-byte counter of our non-blocking eventfd into `v`.
+        unsafe { libc::read(self.0.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+    }
+}
+
+impl Drop for FaultNotifier {
+    fn drop(&mut self) {
+        fault::remove_notifier(self.0.as_raw_fd());
+    }
+}
 
 /// The vhost-user control loop.
 pub struct Backend {
@@ -101,6 +142,7 @@ pub struct Backend {
     slots: Vec<Slot>,
     stop: Arc<AtomicBool>,
     waker: Arc<Waker>,
+    faults: FaultNotifier,
 }
 
 impl Backend {
@@ -108,7 +150,9 @@ impl Backend {
     pub fn new() -> io::Result<Backend> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
-        Ok(Backend { poll, slots: Vec::new(), stop: Arc::new(AtomicBool::new(false)), waker })
+        let faults = FaultNotifier::new()?;
+        poll.registry().register(&mut SourceFd(&faults.0.as_raw_fd()), FAULTS, Interest::READABLE)?;
+        Ok(Backend { poll, slots: Vec::new(), stop: Arc::new(AtomicBool::new(false)), waker, faults })
     }
 
     /// A handle to stop the loop.
@@ -166,6 +210,11 @@ impl Backend {
                 if t == WAKER {
                     continue;
                 }
+                if t == FAULTS {
+                    self.faults.drain();
+                    self.memory_faults();
+                    continue;
+                }
                 let id = t.0 / 2;
                 if t.0 % 2 == 0 {
                     self.accept(id);
@@ -182,6 +231,25 @@ impl Backend {
         Ok(())
     }
 
+    /// Stops every device whose guest memory lost its pages, once per fault: one log line, the
+    /// rings' error eventfds (in `check_memory`), and a config change message where the
+    /// front-end negotiated the back-end channel.
+    fn memory_faults(&mut self) {
+        for slot in &mut self.slots {
+            let Some(f) = slot.device.check_memory() else { continue };
+            limited!(
+                error,
+                "vhost-user {}: {f}; device stopped (NEEDS_RESET) until the front-end sends a new memory table or resets it",
+                slot.net.name()
+            );
+            if let Some((fd, msg)) = slot.device.config_change_notice() {
+                if let Err(e) = connection::try_send(fd.as_raw_fd(), &msg) {
+                    limited!(warn, "vhost-user {}: back-end channel: {e}", slot.net.name());
+                }
+            }
+        }
+    }
+
     fn next_timer(&self) -> Option<Duration> {
         let now = Instant::now();
         self.slots.iter().filter_map(|s| s.reconnect_at).map(|t| t.saturating_duration_since(now)).min()
@@ -194,16 +262,20 @@ impl Backend {
             match l.accept() {
                 Ok(Some(stream)) => {
                     if slot.conn.is_some() {
-                        warn!("vhost-user {}: second front-end refused (one connection per device)", slot.net.name());
+                        limited!(
+                            warn,
+                            "vhost-user {}: second front-end refused (one connection per device)",
+                            slot.net.name()
+                        );
                         drop(stream);
                         continue;
                     }
-                    info!("vhost-user {}: front-end connected", slot.net.name());
+                    limited!(info, "vhost-user {}: front-end connected", slot.net.name());
                     self.attach(id, stream);
                 }
                 Ok(None) => return,
                 Err(e) => {
-                    warn!("vhost-user {}: accept: {e}", slot.net.name());
+                    limited!(warn, "vhost-user {}: accept: {e}", slot.net.name());
                     return;
                 }
             }
@@ -258,7 +330,7 @@ impl Backend {
                     return;
                 }
                 Err(e) => {
-                    warn!("vhost-user {}: {e}", slot.net.name());
+                    limited!(warn, "vhost-user {}: {e}", slot.net.name());
                     self.teardown(id, "connection error", true);
                     return;
                 }
@@ -267,7 +339,7 @@ impl Backend {
             let resp = slot.device.handle(&raw.header, msg);
             if let Some(reply) = &resp.reply {
                 if let Err(e) = connection::send_with_fds(conn.stream.as_raw_fd(), reply, &[]) {
-                    warn!("vhost-user {}: reply: {e}", slot.net.name());
+                    limited!(warn, "vhost-user {}: reply: {e}", slot.net.name());
                     self.teardown(id, "reply failed", true);
                     return;
                 }
@@ -298,7 +370,7 @@ impl Backend {
         let slot = &mut self.slots[id];
         let mut conn = slot.conn.take();
         if let Some(conn) = &mut conn {
-            info!("vhost-user {}: {why}; device reset", slot.net.name());
+            limited!(info, "vhost-user {}: {why}; device reset", slot.net.name());
             let _ = self.poll.registry().deregister(&mut conn.stream);
         }
         // Everything the front-end sent (memory table, eventfds, the fds of a half-read

@@ -242,6 +242,28 @@ pub fn send_with_fds(fd: RawFd, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
     Ok(())
 }
 
+/// Sends a whole small message without waiting and without fds: for the back-end request
+/// channel, where a front-end that does not read must not stall the control loop
+/// (`MSG_DONTWAIT` leaves the descriptor, which the front-end shares, as it is). A full
+/// socket or a partial send is an error.
+pub fn try_send(fd: RawFd, bytes: &[u8]) -> io::Result<()> {
+    loop {
+        // SAFETY: sends from `bytes`, valid for its length, on a descriptor we hold.
+        let n = unsafe { libc::send(fd, bytes.as_ptr().cast(), bytes.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n as usize != bytes.len() {
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "message cut short"));
+        }
+        return Ok(());
+    }
+}
+
 /// A listening vhost-user socket (the back-end as server).
 #[derive(Debug)]
 pub struct Listener {

@@ -12,24 +12,51 @@
 //! stays up; a failed request whose reply is mandatory (the `GET_*` family), or any failure
 //! without `NEED_REPLY`, closes the connection, which tears down this device only
 //! (vhost-user.rst: "If back-end detects some error such as incompatible features, it may
-//! also close the connection").
+//! also close the connection"). A REPLY_ACK is sent only where `REPLY_ACK` was negotiated
+//! and the request set `NEED_REPLY` ("Communication"); requests with a mandatory reply get
+//! their reply regardless.
+//!
+//! ## Device status (`VHOST_USER_PROTOCOL_F_STATUS`)
+//! - `SET_STATUS` 0 is a device reset (§2.1: "Writing 0 into this field resets the device"):
+//!   every ring stops and is disabled, negotiated features are forgotten, and the device
+//!   becomes not ready. Ring positions are kept as the next `GET_VRING_BASE` answers, because
+//!   QEMU sends status 0 *before* it stops the rings with `GET_VRING_BASE` and uses the
+//!   answer to resume (migration, `vm stop`/`cont`); a reset that forgot them would make the
+//!   guest's buffers be served twice. `RESET_DEVICE` forgets them too.
+//! - `FEATURES_OK` is kept only if `SET_FEATURES` succeeded first; otherwise the bit reads
+//!   back clear from `GET_STATUS`, which is how a device refuses features (§3.1.1 step 6).
+//! - `NEEDS_RESET` (§2.1.2) is set by the device when its guest memory was lost
+//!   ([`VhostUserDevice::check_memory`]) and stays set until the front-end resets the device
+//!   (status 0, `RESET_DEVICE`, or a new connection). Where `CONFIG` and `BACKEND_REQ` are
+//!   negotiated the front-end is also sent `BACKEND_CONFIG_CHANGE_MSG` ("the device MUST send
+//!   a device configuration change notification to the driver").
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
-use log::{debug, info, warn};
+use log::{debug, info};
 use virtq::VirtioFeatures;
 
-use crate::memory::{GuestMemoryMap, MemoryError, MemoryRegionDesc, DEFAULT_MAX_MEM_SLOTS};
+use crate::limited;
+use crate::memory::{GuestMemoryMap, MemoryError, MemoryFault, MemoryRegionDesc, DEFAULT_MAX_MEM_SLOTS};
 use crate::message::{
-    encode_ack, encode_get_config_error, encode_get_config_reply, encode_get_status_reply, encode_u64_reply,
-    encode_vring_state_reply, protocol_features as pf, FrontendMessage, Header, MemoryRegion, MessageError, Request,
-    VHOST_USER_F_PROTOCOL_FEATURES,
+    encode_ack, encode_backend_request, encode_get_config_error, encode_get_config_reply, encode_get_status_reply,
+    encode_u64_reply, encode_vring_state_reply, protocol_features as pf, FrontendMessage, Header, MemoryRegion,
+    MessageError, Request, BACKEND_CONFIG_CHANGE_MSG, VHOST_USER_F_PROTOCOL_FEATURES,
 };
-use crate::vring::{Vring, VringAddrs, VringError, VringShared};
+use crate::vring::{RingFault, Vring, VringAddrs, VringError, VringShared};
 
-/// `VIRTIO_CONFIG_S_DRIVER_OK` in the device status byte.
+/// `VIRTIO_CONFIG_S_DRIVER_OK` in the device status byte (§2.1).
 pub const STATUS_DRIVER_OK: u8 = 4;
+/// `VIRTIO_CONFIG_S_FEATURES_OK` (§2.1).
+pub const STATUS_FEATURES_OK: u8 = 8;
+/// `VIRTIO_CONFIG_S_NEEDS_RESET` (§2.1): the device hit an error it cannot recover from.
+pub const STATUS_NEEDS_RESET: u8 = 0x40;
+
+/// `VIRTIO_NET_S_LINK_UP` in the virtio-net config `status` (§5.1.4).
+const NET_S_LINK_UP: u16 = 1;
+/// Offset and length of `mac` in `struct virtio_net_config` (§5.1.4).
+const NET_CONFIG_MAC: std::ops::Range<usize> = 0..6;
 
 /// The virtio-net configuration space the back-end presents (`GET_CONFIG`, VIRTIO 1.2
 /// §5.1.4 `struct virtio_net_config`).
@@ -83,6 +110,8 @@ impl DeviceConfig {
                 | VirtioFeatures::NET_MTU
                 | VirtioFeatures::NET_STATUS
                 | VirtioFeatures::NOTIFY_ON_EMPTY,
+            // Each of these is honoured end to end (see the module documentation). `RARP` and
+            // `LOG_SHMFD` come with live migration.
             protocol_features: pf::MQ
                 | pf::REPLY_ACK
                 | pf::CONFIG
@@ -90,7 +119,7 @@ impl DeviceConfig {
                 | pf::BACKEND_REQ
                 | pf::CONFIGURE_MEM_SLOTS
                 | pf::NET_MTU
-                | pf::RARP,
+                | pf::RESET_DEVICE,
             queue_pairs: 1,
             net: NetConfig::default(),
             max_mem_slots: DEFAULT_MAX_MEM_SLOTS,
@@ -145,6 +174,8 @@ pub enum RequestError {
     NotSupported(Request),
     /// `GET_CONFIG` / `SET_CONFIG` outside the config space, or a read-only field.
     Config,
+    /// `NET_SET_MTU` above the MTU the device offers.
+    Mtu(u16),
 }
 
 impl std::fmt::Display for RequestError {
@@ -158,6 +189,7 @@ impl std::fmt::Display for RequestError {
             RequestError::Memory(e) => write!(f, "{e}"),
             RequestError::NotSupported(r) => write!(f, "{r} is not supported"),
             RequestError::Config => f.write_str("config space access out of range or read-only"),
+            RequestError::Mtu(m) => write!(f, "MTU {m} is above the device's"),
         }
     }
 }
@@ -184,6 +216,8 @@ pub struct VhostUserDevice {
     vrings: Vec<Vring>,
     backend_req: Option<OwnedFd>,
     status: u8,
+    /// The memory fault already reported by [`check_memory`](Self::check_memory).
+    memory_fault: Option<MemoryFault>,
     ready: bool,
     events: Vec<DeviceEvent>,
 }
@@ -201,6 +235,7 @@ impl VhostUserDevice {
             mem: None,
             backend_req: None,
             status: 0,
+            memory_fault: None,
             ready: false,
             events: Vec::new(),
         }
@@ -241,9 +276,64 @@ impl VhostUserDevice {
         self.features_set = false;
         self.acked_protocol = 0;
         self.mem = None;
+        self.memory_fault = None;
         self.backend_req = None;
         self.status = 0;
         self.update_ready();
+    }
+
+    /// The device status byte (`GET_STATUS`), including the device's own `NEEDS_RESET`.
+    pub fn status(&self) -> u8 {
+        self.status
+    }
+
+    /// Looks for guest memory that lost its pages ([`crate::memory::fault`]); call it when the
+    /// fault handler signals. The first time a fault of the current memory table is seen, the
+    /// device stops: every started ring faults (its error eventfd is signalled), the status
+    /// gets `NEEDS_RESET`, the link reads down in the config space, and the fault is returned
+    /// for the caller to log and to tell the front-end ([`config_change_notice`]). Later calls
+    /// return `None` until a new memory table or a reset.
+    ///
+    /// [`config_change_notice`]: Self::config_change_notice
+    pub fn check_memory(&mut self) -> Option<MemoryFault> {
+        let fault = self.mem.as_ref()?.faulted()?;
+        if self.memory_fault == Some(fault) {
+            return None;
+        }
+        self.memory_fault = Some(fault);
+        for v in &mut self.vrings {
+            v.fail(RingFault::Memory(fault));
+        }
+        self.status |= STATUS_NEEDS_RESET;
+        Some(fault)
+    }
+
+    /// The back-end request channel and `BACKEND_CONFIG_CHANGE_MSG`, where the front-end
+    /// negotiated both `BACKEND_REQ` and `CONFIG` and sent the channel: what the owner sends to
+    /// tell the front-end that the status or config space changed. Never with `NEED_REPLY`,
+    /// so that the control loop does not wait on a front-end.
+    pub fn config_change_notice(&self) -> Option<(BorrowedFd<'_>, Vec<u8>)> {
+        let negotiated = self.acked_protocol & (pf::BACKEND_REQ | pf::CONFIG) == pf::BACKEND_REQ | pf::CONFIG;
+        let fd = self.backend_req.as_ref().filter(|_| negotiated)?;
+        Some((fd.as_fd(), encode_backend_request(BACKEND_CONFIG_CHANGE_MSG)))
+    }
+
+    /// The device reset of `SET_STATUS` 0: rings stopped (their positions kept for
+    /// `GET_VRING_BASE`) and disabled, features and status cleared. The memory table, the
+    /// protocol features and the back-end channel belong to the connection and stay, unless
+    /// the memory lost its pages.
+    fn reset_status(&mut self) {
+        for v in &mut self.vrings {
+            v.stop();
+            v.set_enabled(false);
+        }
+        self.acked_features = 0;
+        self.features_set = false;
+        self.status = 0;
+        if self.memory_fault.is_some() {
+            self.mem = None;
+            self.memory_fault = None;
+        }
     }
 
     /// Applies one request. `msg` is the decode result for `header` (decode errors are
@@ -253,16 +343,16 @@ impl VhostUserDevice {
         let name = request.map(|r| r.name()).unwrap_or("UNKNOWN");
         let result = msg.map_err(RequestError::Message).and_then(|m| self.apply(m));
         let reply_mandatory = request.is_some_and(|r| r.reply_required(0, self.acked_protocol));
+        // "REPLY_ACK": an ack only where the feature was negotiated and the request asked.
+        let ack = header.need_reply() && self.acked_protocol & pf::REPLY_ACK != 0;
         let response = match result {
             Ok(Some(reply)) => Response { reply: Some(reply), close: false },
-            Ok(None) if header.need_reply() => Response { reply: request.map(|r| encode_ack(r, true)), close: false },
+            Ok(None) if ack => Response { reply: request.map(|r| encode_ack(r, true)), close: false },
             Ok(None) => Response::default(),
             Err(e) => {
-                warn!("vhost-user: {name} failed: {e}");
+                limited!(warn, "vhost-user: {name} failed: {e}");
                 match request {
-                    Some(r) if header.need_reply() && !reply_mandatory => {
-                        Response { reply: Some(encode_ack(r, false)), close: false }
-                    }
+                    Some(r) if ack && !reply_mandatory => Response { reply: Some(encode_ack(r, false)), close: false },
                     Some(Request::GetConfig) => Response { reply: Some(encode_get_config_error()), close: false },
                     _ => Response { reply: None, close: true },
                 }
@@ -281,6 +371,13 @@ impl VhostUserDevice {
     }
 
     fn set_memory(&mut self, map: GuestMemoryMap) {
+        let unsealed = map.regions().iter().filter(|r| !r.shrink_sealed()).count();
+        if unsealed > 0 {
+            debug!(
+                "vhost-user: {unsealed} of {} memory regions are not sealed against shrinking (F_SEAL_SHRINK)",
+                map.len()
+            );
+        }
         let map = Arc::new(map);
         for v in &mut self.vrings {
             v.set_memory(&map);
@@ -382,13 +479,9 @@ impl VhostUserDevice {
                 }
                 None
             }
-            M::SendRarp(mac) => {
-                debug!("vhost-user: SEND_RARP for {mac:02x?} (ignored: no migration)");
-                None
-            }
             M::NetSetMtu(mtu) => {
                 if mtu > self.config.net.mtu {
-                    return Err(RequestError::Config);
+                    return Err(RequestError::Mtu(mtu));
                 }
                 None
             }
@@ -403,9 +496,27 @@ impl VhostUserDevice {
                 let data = space.get(start..end).ok_or(RequestError::Config)?;
                 Some(encode_get_config_reply(offset, flags, data))
             }
-            M::SetConfig { .. } => return Err(RequestError::Config),
+            M::SetConfig { offset, payload: data, .. } => {
+                // §5.1.4: only `mac` is ever written by a driver (legacy drivers may; a
+                // front-end such as DPDK's virtio-user sets it this way). Every other field is
+                // read-only.
+                let start = offset as usize;
+                let end = start.checked_add(data.len()).ok_or(RequestError::Config)?;
+                if !NET_CONFIG_MAC.contains(&start) || end > NET_CONFIG_MAC.end || start >= end {
+                    return Err(RequestError::Config);
+                }
+                self.config.net.mac[start..end].copy_from_slice(&data);
+                info!("vhost-user: MAC set to {:02x?}", self.config.net.mac);
+                None
+            }
             M::ResetDevice => {
+                // "disable all rings and reset all internal device state to the initial
+                // state": positions too. Protocol features and the back-end channel belong to
+                // the connection ("The back-end retains ownership of the device").
+                let (protocol, channel) = (self.acked_protocol, self.backend_req.take());
                 self.reset();
+                self.acked_protocol = protocol;
+                self.backend_req = channel;
                 None
             }
             M::GetMaxMemSlots => Some(encode_u64_reply(Request::GetMaxMemSlots, self.config.max_mem_slots as u64)),
@@ -434,8 +545,16 @@ impl VhostUserDevice {
                 self.set_memory(map);
                 None
             }
+            M::SetStatus(0) => {
+                self.reset_status();
+                None
+            }
             M::SetStatus(s) => {
-                self.status = s;
+                let mut s = s & !STATUS_NEEDS_RESET;
+                if s & STATUS_FEATURES_OK != 0 && !self.features_set {
+                    s &= !STATUS_FEATURES_OK;
+                }
+                self.status = s | (self.status & STATUS_NEEDS_RESET);
                 None
             }
             M::GetStatus => Some(encode_get_status_reply(self.status)),
@@ -448,7 +567,9 @@ impl VhostUserDevice {
         let n = &self.config.net;
         let mut c = Vec::with_capacity(12);
         c.extend_from_slice(&n.mac);
-        c.extend_from_slice(&n.status.to_le_bytes());
+        // A device whose memory was lost carries no traffic: its link reads down.
+        let status = if self.status & STATUS_NEEDS_RESET != 0 { n.status & !NET_S_LINK_UP } else { n.status };
+        c.extend_from_slice(&status.to_le_bytes());
         c.extend_from_slice(&self.config.queue_pairs.to_le_bytes());
         c.extend_from_slice(&n.mtu.to_le_bytes());
         c

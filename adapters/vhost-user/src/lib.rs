@@ -23,4 +23,5 @@ pub mod device;
 pub mod memory;
 pub mod message;
 pub mod net;
+pub mod ratelimit;
 pub mod vring;

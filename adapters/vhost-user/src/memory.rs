@@ -47,6 +47,8 @@ use std::sync::Arc;
 
 use virtq::{GuestMemory, HostRange, MemError};
 
+pub mod fault;
+
 /// Regions a `VHOST_USER_SET_MEM_TABLE` message can carry (`VHOST_MEMORY_BASELINE_NREGIONS`),
 /// and the slot limit of a map built by [`GuestMemoryMap::from_table`].
 pub const SET_MEM_TABLE_MAX_REGIONS: usize = 8;
@@ -102,6 +104,29 @@ impl fmt::Display for MemoryRegionDesc {
             "region gpa {:#x} size {:#x} uaddr {:#x} mmap_offset {:#x}",
             self.guest_phys_addr, self.memory_size, self.userspace_addr, self.mmap_offset
         )
+    }
+}
+
+/// A region of guest memory whose backing file shrank under the mapping: an access raised
+/// `SIGBUS`, and the region now holds zero pages (see [`fault`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryFault {
+    /// The region as the front-end described it.
+    pub region: MemoryRegionDesc,
+    /// Guest physical address of the first access that faulted (`None` if it fell in the part
+    /// of the mapping before `mmap_offset`).
+    pub guest_addr: Option<u64>,
+}
+
+impl fmt::Display for MemoryFault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: its file shrank under the mapping", self.region)?;
+        if let Some(a) =
+            self.guest_addr.filter(|a| a.wrapping_sub(self.region.guest_phys_addr) < self.region.memory_size)
+        {
+            write!(f, " (SIGBUS at guest address {a:#x})")?;
+        }
+        Ok(())
     }
 }
 
@@ -208,6 +233,12 @@ pub enum MemoryError {
         /// The `errno` value.
         errno: i32,
     },
+    /// The process already maps [`fault::MAX_REGIONS`] regions, the most the `SIGBUS` handler
+    /// can tell apart; a region it cannot protect is not mapped.
+    FaultTableFull {
+        /// The offending region.
+        region: MemoryRegionDesc,
+    },
 }
 
 impl fmt::Display for MemoryError {
@@ -238,6 +269,9 @@ impl fmt::Display for MemoryError {
                 write!(f, "{region}: fd holds only {file_size:#x} bytes")
             }
             MemoryError::Mmap { region, errno } => write!(f, "{region}: mmap failed: {}", os(*errno)),
+            MemoryError::FaultTableFull { region } => {
+                write!(f, "{region}: the process already maps {} guest memory regions", fault::MAX_REGIONS)
+            }
         }
     }
 }
@@ -265,6 +299,12 @@ fn page_size() -> u64 {
 ///
 /// The memory is shared with the guest and the front-end, which may write it at any time; this
 /// type never forms a Rust reference into it and only hands out raw pointers.
+///
+/// The front-end may also shrink the file under the mapping. Every region is registered with
+/// the [`fault`] handler, which turns the resulting `SIGBUS` into zero pages and a flag
+/// ([`faulted`](Self::faulted)) instead of the death of the process. A region whose file is
+/// sealed against shrinking ([`shrink_sealed`](Self::shrink_sealed)) cannot lose its pages
+/// that way.
 #[derive(Debug)]
 pub struct MappedRegion {
     desc: MemoryRegionDesc,
@@ -274,6 +314,11 @@ pub struct MappedRegion {
     mapping_len: usize,
     /// `base + mmap_offset`: host address of guest byte `desc.guest_phys_addr`.
     host: NonNull<u8>,
+    /// `F_SEAL_SHRINK` was set on the fd when it was mapped.
+    shrink_sealed: bool,
+    /// The mapping's registration with the SIGBUS handler; dropped before the mapping is
+    /// unmapped (field order does not matter: `Drop::drop` runs first and unregisters).
+    fault: Option<fault::FaultGuard>,
 }
 
 // SAFETY: a `MappedRegion` exclusively owns its mapping; `munmap` may run on any thread, and
@@ -319,6 +364,11 @@ impl MappedRegion {
                 return Err(MemoryError::FdTooSmall { region: desc, file_size });
             }
         }
+        // A memfd sealed with F_SEAL_SHRINK cannot lose the pages mapped here (other files
+        // answer EINVAL and count as unsealed).
+        // SAFETY: F_GET_SEALS only reads the fd's seals.
+        let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+        let shrink_sealed = seals >= 0 && seals & libc::F_SEAL_SHRINK != 0;
 
         // SAFETY: a new mapping chosen by the kernel (no MAP_FIXED), so no existing memory is
         // affected; `fd` is open. `mapping_len > 0` because `memory_size > 0`.
@@ -347,7 +397,11 @@ impl MappedRegion {
         let offset = desc.mmap_offset as usize;
         // SAFETY: `offset < mapping_len`, so the result is inside the mapping (hence non-null).
         let host = unsafe { base.add(offset) };
-        let region = MappedRegion { desc, base, mapping_len, host };
+        let mut region = MappedRegion { desc, base, mapping_len, host, shrink_sealed, fault: None };
+        // On error `region` drops here and unmaps.
+        region.fault = Some(
+            fault::register(base.as_ptr(), mapping_len).map_err(|_| MemoryError::FaultTableFull { region: desc })?,
+        );
 
         // Keep guest memory out of core dumps (size and confidentiality), as DPDK does.
         // SAFETY: the range is exactly our own mapping; MADV_DONTDUMP only changes dump policy.
@@ -374,10 +428,25 @@ impl MappedRegion {
     pub fn mapping_len(&self) -> usize {
         self.mapping_len
     }
+
+    /// Whether the file was sealed against shrinking (`F_SEAL_SHRINK`) when it was mapped, so
+    /// that the front-end cannot take the pages away.
+    pub fn shrink_sealed(&self) -> bool {
+        self.shrink_sealed
+    }
+
+    /// `Some(host address)` of the first access that found the file's pages gone (the file
+    /// shrank under the mapping). The region then holds zero pages, not guest memory, and the
+    /// device using it must stop until it gets a new memory table or is reset.
+    pub fn faulted(&self) -> Option<usize> {
+        self.fault.as_ref().and_then(|f| f.faulted())
+    }
 }
 
 impl Drop for MappedRegion {
     fn drop(&mut self) {
+        // Unregister first: once unmapped, the addresses may be reused by another mapping.
+        drop(self.fault.take());
         // SAFETY: `base`/`mapping_len` are exactly what mmap returned/was given; `drop` runs once
         // and the type is not Clone, so the range is unmapped exactly once. Every pointer
         // translated through a map holding this region borrowed that map, so none outlives it.
@@ -551,6 +620,16 @@ impl GuestMemoryMap {
     /// True if the map holds no region.
     pub fn is_empty(&self) -> bool {
         self.regions.is_empty()
+    }
+
+    /// The first region whose file lost pages under its mapping ([`MappedRegion::faulted`]),
+    /// if any. Such a map must not be used for a device any more.
+    pub fn faulted(&self) -> Option<MemoryFault> {
+        self.regions.iter().find_map(|r| {
+            let host = r.faulted()?;
+            let offset = (host as u64).wrapping_sub(r.host.as_ptr() as u64);
+            Some(MemoryFault { region: r.desc, guest_addr: r.desc.guest_phys_addr.checked_add(offset) })
+        })
     }
 
     /// The translator for front-end virtual addresses ("user addresses"): the ring addresses

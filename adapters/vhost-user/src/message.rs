@@ -1426,6 +1426,17 @@ pub fn encode_get_status_reply(status: u8) -> Vec<u8> {
     encode_u64_reply(Request::GetStatus, u64::from(status))
 }
 
+/// `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG` (id 2; "Back-end message types"), sent by the back-end
+/// on the channel of `SET_BACKEND_REQ_FD`: the device's configuration space changed, and the
+/// front-end may re-read it with `GET_CONFIG`. Only with `CONFIG` and `BACKEND_REQ` negotiated.
+pub const BACKEND_CONFIG_CHANGE_MSG: u32 = 2;
+
+/// A back-end request without payload and without `NEED_REPLY` (so that the back-end never
+/// waits for the front-end): version 1, `size` 0.
+pub fn encode_backend_request(request: u32) -> Vec<u8> {
+    Header { request, flags: VERSION_1, size: 0 }.to_bytes().to_vec()
+}
+
 /// `GET_INFLIGHT_FD` reply: the inflight description (24 bytes); the buffer's fd goes in the
 /// ancillary data of the same `sendmsg`.
 pub fn encode_get_inflight_fd_reply(inflight: &Inflight) -> Vec<u8> {

@@ -13,13 +13,13 @@ use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use log::warn;
 use virtq::net::header::VIRTIO_NET_HDR_F_DATA_VALID;
 use virtq::net::{self, header_len, RxScratch, VirtioNetHdr};
 use virtq::{PopError, VirtioFeatures};
 use zerocopy_shim::read_header;
 
-use crate::vring::{signal, VringShared};
+use crate::limited;
+use crate::vring::{signal, RingFault, VringShared};
 
 /// Largest frame a GSO packet can make: 65535 bytes of IP payload behind an IPv6 header (40),
 /// an Ethernet header and one VLAN tag (18). A guest that negotiated HOST_TSO4/6 may send
@@ -55,6 +55,9 @@ pub struct QueueCounters {
     /// Bursts that moved at least one frame: `packets / bursts` is the average batch, which
     /// shows whether the data path keeps up with the guest in small batches or large ones.
     pub bursts: u64,
+    /// Times the ring faulted and stopped being served until the front-end set it up again
+    /// ([`RingFault`]).
+    pub faults: u64,
 }
 
 impl QueueStats {
@@ -79,6 +82,7 @@ impl QueueStats {
             drops: self.drops.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
             bursts: self.bursts.load(Ordering::Relaxed),
+            faults: 0,
         }
     }
 }
@@ -154,6 +158,12 @@ struct Queue {
     stats: QueueStats,
 }
 
+impl Queue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VringShared> {
+        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 /// A vhost-user virtio-net device as the data path sees it. Cheap to clone; stays valid
 /// across front-end reconnects (bursts simply move nothing while the rings are stopped).
 #[derive(Clone)]
@@ -191,7 +201,31 @@ impl NetDevice {
 
     /// Counters of virtqueue `index`.
     pub fn stats(&self, index: usize) -> QueueCounters {
-        self.inner.queues.get(index).map(|q| q.stats.snapshot()).unwrap_or_default()
+        self.inner
+            .queues
+            .get(index)
+            .map(|q| QueueCounters { faults: q.lock().faults, ..q.stats.snapshot() })
+            .unwrap_or_default()
+    }
+
+    /// The fault that stopped virtqueue `index`, while it is started and faulted.
+    pub fn fault(&self, index: usize) -> Option<RingFault> {
+        self.inner.queues.get(index).and_then(|q| q.lock().active.as_ref().and_then(|a| a.fault().copied()))
+    }
+
+    /// Records a fault of virtqueue `index` found by a burst (see [`VringShared::fail`]), and
+    /// logs it once. A lost memory table is logged by the control loop, for the whole device.
+    fn fail(&self, index: usize, s: &mut VringShared, fault: RingFault) {
+        let memory = |s: &VringShared| {
+            s.active.as_ref().and_then(|a| a.fault()).is_some_and(|f| matches!(f, RingFault::Memory(_)))
+        };
+        if s.fail(fault) && !memory(s) {
+            limited!(
+                warn,
+                "{}: queue {index} stopped: {fault}; it restarts when the front-end sets it up again or resets the device",
+                self.inner.name
+            );
+        }
     }
 
     /// The kick eventfd of virtqueue `index`, while the ring is started with one (for data
@@ -229,14 +263,24 @@ impl NetDevice {
     pub fn wait_for_work(&self, index: usize, timeout: std::time::Duration) -> bool {
         let Some(q) = self.inner.queues.get(index) else { return false };
         let kick = {
-            let mut s = q.shared.lock().unwrap_or_else(|p| p.into_inner());
+            let mut s = q.lock();
             let kick = s.kick.clone();
             let Some(a) = s.active.as_mut() else { return false };
             match a.with_queue(|vq| vq.enable_notifications()) {
                 Ok(Ok(true)) => return true,
                 Ok(Ok(false)) => {}
-                // A broken ring: let the caller's next burst count the error.
-                Ok(Err(_)) | Err(_) => return true,
+                Ok(Err(PopError::AvailIndex(e))) => {
+                    self.fail(index, &mut s, RingFault::AvailIndex(e));
+                    return false;
+                }
+                Ok(Err(_)) => return true,
+                Err(fault) => {
+                    // Nothing to wait for until the front-end sets the ring up again.
+                    self.fail(index, &mut s, fault);
+                    drop(s);
+                    std::thread::sleep(timeout);
+                    return false;
+                }
             }
             kick
         };
@@ -264,12 +308,16 @@ impl NetDevice {
     /// counted as errors; on a started but disabled ring frames are drained and dropped
     /// (vhost-user.rst: "process and discard any TX packets").
     pub fn dequeue_burst(&self, pair: u16, frames: &mut [TxFrame]) -> usize {
-        let Some(q) = self.inner.queues.get(2 * pair as usize + 1) else { return 0 };
-        let mut s = q.shared.lock().unwrap_or_else(|p| p.into_inner());
+        let index = 2 * pair as usize + 1;
+        let Some(q) = self.inner.queues.get(index) else { return 0 };
+        let mut s = q.lock();
         let enabled = s.enabled;
-        let call = s.call.clone();
         let Some(active) = s.active.as_mut() else { return 0 };
+        if active.fault().is_some() {
+            return 0;
+        }
         let features = active.features;
+        let mut broken = None;
         let hdr_len = header_len(features);
         let (mut n, mut bytes, mut drops, mut errors) = (0usize, 0u64, 0u64, 0u64);
         let max = frames.len();
@@ -309,8 +357,8 @@ impl NetDevice {
                         taken += 1;
                         errors += 1;
                     }
-                    Err(e @ PopError::AvailIndex(_)) => {
-                        warn!("virtq-net: TX ring broken: {e}");
+                    Err(PopError::AvailIndex(e)) => {
+                        broken = Some(RingFault::AvailIndex(e));
                         errors += 1;
                         break;
                     }
@@ -318,10 +366,7 @@ impl NetDevice {
             }
             vq.publish()
         });
-        drop(s);
-        if !finish_burst(result, call.as_deref(), "TX") {
-            errors += 1;
-        }
+        self.finish_burst(index, s, result, broken);
         q.stats.add(n as u64, bytes, drops, errors);
         n
     }
@@ -355,15 +400,11 @@ impl NetDevice {
     /// `i`-th of `count` frames.
     #[inline(always)]
     fn enqueue<'f>(&self, pair: u16, count: usize, frame: impl Fn(usize) -> (VirtioNetHdr, &'f [u8])) -> usize {
-        let Some(q) = self.inner.queues.get(2 * pair as usize) else { return 0 };
-        let mut s = q.shared.lock().unwrap_or_else(|p| p.into_inner());
-        if !s.enabled {
-            drop(s);
-            q.stats.add(0, 0, count as u64, 0);
-            return 0;
-        }
-        let call = s.call.clone();
-        let Some(active) = s.active.as_mut() else {
+        let index = 2 * pair as usize;
+        let Some(q) = self.inner.queues.get(index) else { return 0 };
+        let mut s = q.lock();
+        let enabled = s.enabled;
+        let Some(active) = s.active.as_mut().filter(|a| enabled && a.fault().is_none()) else {
             drop(s);
             q.stats.add(0, 0, count as u64, 0);
             return 0;
@@ -382,29 +423,41 @@ impl NetDevice {
             vq.publish()
         });
         let (n, bytes) = (burst.placed, burst.bytes);
-        let mut errors = burst.refused as u64 + u64::from(burst.bad_chains);
-        drop(s);
-        if !finish_burst(result, call.as_deref(), "RX") {
-            errors += 1;
-        }
+        let errors = burst.refused as u64 + u64::from(burst.bad_chains);
+        let broken = match burst.stopped {
+            Some(net::RxError::Ring(PopError::AvailIndex(e))) => Some(RingFault::AvailIndex(e)),
+            _ => None,
+        };
+        self.finish_burst(index, s, result, broken);
         q.stats.add(n as u64, bytes, (count - n) as u64, errors);
         n
     }
-}
 
-/// After a burst: signals the guest if its notification suppression asked for it (the
-/// `publish` result), or logs a ring that no longer validates. Returns `false` for the latter.
-fn finish_burst(result: Result<bool, virtq::QueueError>, call: Option<&OwnedFd>, what: &str) -> bool {
-    match result {
-        Ok(notify) => {
-            if let (true, Some(c)) = (notify, call) {
-                signal(c);
+    /// After a burst: records a fault found on the way (the burst's own, or the ring's when
+    /// it could not be served), then, with the ring unlocked, signals the guest if its
+    /// notification suppression asked for it (the `publish` result).
+    #[inline(always)]
+    fn finish_burst(
+        &self,
+        index: usize,
+        mut s: std::sync::MutexGuard<'_, VringShared>,
+        result: Result<bool, RingFault>,
+        broken: Option<RingFault>,
+    ) {
+        let notify = match result {
+            Ok(notify) => notify,
+            Err(fault) => {
+                self.fail(index, &mut s, fault);
+                false
             }
-            true
+        };
+        if let Some(fault) = broken {
+            self.fail(index, &mut s, fault);
         }
-        Err(e) => {
-            warn!("virtq-net: {what} ring no longer valid: {e}");
-            false
+        let call = if notify { s.call.clone() } else { None };
+        drop(s);
+        if let Some(c) = call {
+            signal(&c);
         }
     }
 }

@@ -8,6 +8,12 @@
 //!   before `SET_FEATURES` (QEMU sends it then) and the rule that `SET_FEATURES` without
 //!   `VHOST_USER_F_PROTOCOL_FEATURES` enables every ring.
 //! - Started and disabled: TX is drained and dropped, RX gets nothing (no side effects).
+//! - Started and faulted: a ring that cannot go on ([`RingFault`]: the available index jumped,
+//!   the ring no longer fits the memory table, or the guest memory lost its pages) stops being
+//!   served once. Its error eventfd (`SET_VRING_ERR`) is signalled, the fault is counted, and
+//!   the ring is left alone (no polling, no logging) until the front-end sets it up again
+//!   (`GET_VRING_BASE`, then `SET_VRING_KICK`) or resets the device. It still answers
+//!   `GET_VRING_BASE` with its position.
 //!
 //! The control thread owns [`Vring`]; the data path sees only [`VringShared`] through an
 //! `Arc<Mutex<_>>` that it locks once per burst, never per packet.
@@ -15,9 +21,34 @@
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use virtq::{DetachedQueue, QueueConfig, SplitQueue, VirtioFeatures};
+use virtq::avail::AvailIndexError;
+use virtq::{DetachedQueue, QueueConfig, QueueError, SplitQueue, VirtioFeatures};
 
-use crate::memory::GuestMemoryMap;
+use crate::memory::{fault, GuestMemoryMap, MemoryFault};
+
+/// Why a started ring stopped being served until it is set up again (see the module
+/// documentation for what follows).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RingFault {
+    /// `avail.idx` is more than the queue size ahead of (or behind) the device's position
+    /// (§2.7.13.3: the driver never makes more than the queue size available).
+    AvailIndex(AvailIndexError),
+    /// The ring addresses no longer validate against the memory table (a region holding the
+    /// ring was removed or replaced).
+    Invalid(QueueError),
+    /// The guest memory's file shrank under the mapping ([`crate::memory::fault`]).
+    Memory(MemoryFault),
+}
+
+impl std::fmt::Display for RingFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RingFault::AvailIndex(e) => write!(f, "{}", virtq::PopError::AvailIndex(*e)),
+            RingFault::Invalid(e) => write!(f, "ring no longer valid: {e}"),
+            RingFault::Memory(e) => write!(f, "guest memory lost: {e}"),
+        }
+    }
+}
 
 /// Why a vring request was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +62,9 @@ pub enum VringError {
     /// The ring cannot start: its size, addresses or the memory table are missing, or the
     /// addresses do not validate (unaligned, outside memory, overlapping — family 17).
     CannotStart(String),
+    /// The ring cannot start on a memory table that lost its pages: the front-end must send a
+    /// new one (or reset the device) first.
+    MemoryFaulted(MemoryFault),
 }
 
 impl std::fmt::Display for VringError {
@@ -40,6 +74,7 @@ impl std::fmt::Display for VringError {
             VringError::InvalidBase(b) => write!(f, "vring base {b} does not fit 16 bits"),
             VringError::Started => f.write_str("the ring is started"),
             VringError::CannotStart(why) => write!(f, "cannot start ring: {why}"),
+            VringError::MemoryFaulted(m) => write!(f, "cannot start ring: guest memory lost: {m}"),
         }
     }
 }
@@ -85,6 +120,10 @@ pub struct ActiveRing {
     /// The queue validated against `mem`, kept between bursts; `None` until the first burst
     /// and after a memory table change.
     view: Option<CachedView>,
+    /// Set once the ring cannot go on; cleared only by stopping and starting it again.
+    fault: Option<RingFault>,
+    /// [`fault::generation`] when `mem` was last checked for lost pages.
+    seen_faults: u64,
 }
 
 /// A validated queue between bursts.
@@ -107,6 +146,37 @@ pub struct VringShared {
     pub call: Option<Arc<OwnedFd>>,
     /// Kick eventfd, for data paths that sleep.
     pub kick: Option<Arc<OwnedFd>>,
+    /// Error eventfd (`SET_VRING_ERR`), signalled when the ring faults.
+    pub err: Option<Arc<OwnedFd>>,
+    /// How many times the ring faulted ([`VringShared::fail`]).
+    pub faults: u64,
+}
+
+impl VringShared {
+    /// Marks the started ring as faulted: it is no longer served, its error eventfd is
+    /// signalled and the fault counted. Returns `true` if the ring was running and is now
+    /// faulted (the caller logs it, once); `false` if it was stopped or had already faulted.
+    ///
+    /// Whatever went wrong, if the memory lost its pages that is the cause: a ring read from
+    /// zero pages looks broken too (an available index of 0), and the fault is recorded as
+    /// [`RingFault::Memory`].
+    pub fn fail(&mut self, fault: RingFault) -> bool {
+        let Some(a) = self.active.as_mut() else { return false };
+        if a.fault.is_some() {
+            return false;
+        }
+        let fault = match (fault, a.mem.faulted()) {
+            (RingFault::Memory(_), _) | (_, None) => fault,
+            (_, Some(m)) => RingFault::Memory(m),
+        };
+        a.fault = Some(fault);
+        a.view = None;
+        self.faults += 1;
+        if let Some(e) = &self.err {
+            signal(e);
+        }
+        true
+    }
 }
 
 impl ActiveRing {
@@ -118,7 +188,14 @@ impl ActiveRing {
         next_avail: u16,
         next_used: u16,
     ) -> ActiveRing {
-        ActiveRing { mem, config, features, next_avail, next_used, view: None }
+        ActiveRing { mem, config, features, next_avail, next_used, view: None, fault: None, seen_faults: 0 }
+    }
+
+    /// The fault that stopped this ring, if any: a data path skips a faulted ring with this one
+    /// check.
+    #[inline]
+    pub fn fault(&self) -> Option<&RingFault> {
+        self.fault.as_ref()
     }
 
     /// Continues on a new memory table: the ring addresses are validated again at the next
@@ -128,15 +205,27 @@ impl ActiveRing {
         self.mem = Arc::clone(mem);
     }
 
-    /// Runs `f` on a queue view of the ring, then saves its indices. `Err` if the ring's
-    /// addresses no longer validate against the memory (e.g. after a memory table change).
+    /// Runs `f` on a queue view of the ring, then saves its indices. `Err` (and `f` is not
+    /// run) if the ring cannot be served: it already faulted, its addresses no longer validate
+    /// against the memory (e.g. after a memory table change), or the memory lost its pages.
+    /// Pass a new fault to [`VringShared::fail`].
     ///
     /// The view is validated once per memory table and kept between bursts (measured: the
-    /// validation was about 180 instructions per burst, a quarter of an empty poll).
-    pub fn with_queue<R>(
-        &mut self,
-        f: impl FnOnce(&mut SplitQueue<'_, GuestMemoryMap>) -> R,
-    ) -> Result<R, virtq::QueueError> {
+    /// validation was about 180 instructions per burst, a quarter of an empty poll). Lost
+    /// pages cost one load per burst: the process-wide fault count is compared with the one
+    /// seen last, and only a change makes the ring look at its memory table.
+    pub fn with_queue<R>(&mut self, f: impl FnOnce(&mut SplitQueue<'_, GuestMemoryMap>) -> R) -> Result<R, RingFault> {
+        if let Some(fault) = self.fault {
+            return Err(fault);
+        }
+        let generation = fault::generation();
+        if generation != self.seen_faults {
+            if let Some(m) = self.mem.faulted() {
+                // Not marked seen: every call reports it until `VringShared::fail` records it.
+                return Err(RingFault::Memory(m));
+            }
+            self.seen_faults = generation;
+        }
         let mem: &GuestMemoryMap = &self.mem;
         let mut q = match self.view.take() {
             Some(CachedView(d)) => {
@@ -154,7 +243,8 @@ impl ActiveRing {
                 q
             }
             None => {
-                let mut q = SplitQueue::with_ring_memory(mem, mem.frontend(), self.config, self.features)?;
+                let mut q = SplitQueue::with_ring_memory(mem, mem.frontend(), self.config, self.features)
+                    .map_err(RingFault::Invalid)?;
                 q.set_next_avail(self.next_avail);
                 q.set_next_used(self.next_used);
                 q
@@ -183,13 +273,12 @@ pub struct Vring {
     addrs: Option<VringAddrs>,
     base: u16,
     kick: Kick,
-    err: Option<OwnedFd>,
     shared: Arc<Mutex<VringShared>>,
 }
 
 impl Default for Vring {
     fn default() -> Self {
-        Vring { num: None, addrs: None, base: 0, kick: Kick::None, err: None, shared: Arc::default() }
+        Vring { num: None, addrs: None, base: 0, kick: Kick::None, shared: Arc::default() }
     }
 }
 
@@ -249,9 +338,20 @@ impl Vring {
         self.lock().call = fd.map(Arc::new);
     }
 
-    /// `SET_VRING_ERR`: kept (and closed on replacement or reset).
+    /// `SET_VRING_ERR`: the eventfd signalled when the ring faults (closed on replacement or
+    /// reset).
     pub fn set_err(&mut self, fd: Option<OwnedFd>) {
-        self.err = fd;
+        self.lock().err = fd.map(Arc::new);
+    }
+
+    /// Marks the ring faulted ([`VringShared::fail`]); `true` if it was running until now.
+    pub fn fail(&mut self, fault: RingFault) -> bool {
+        self.lock().fail(fault)
+    }
+
+    /// The fault that stopped the started ring, if any.
+    pub fn fault(&self) -> Option<RingFault> {
+        self.lock().active.as_ref().and_then(|a| a.fault)
     }
 
     /// `SET_VRING_ENABLE`, or the implicit enable of `SET_FEATURES`. Returns whether the state
@@ -304,6 +404,9 @@ impl Vring {
         let num = self.num.ok_or_else(|| VringError::CannotStart("no SET_VRING_NUM".into()))?;
         let addrs = self.addrs.ok_or_else(|| VringError::CannotStart("no SET_VRING_ADDR".into()))?;
         let mem = mem.ok_or_else(|| VringError::CannotStart("no memory table".into()))?;
+        if let Some(m) = mem.faulted() {
+            return Err(VringError::MemoryFaulted(m));
+        }
         let config = QueueConfig { size: num, desc_table: addrs.desc, avail_ring: addrs.avail, used_ring: addrs.used };
         let next_used = SplitQueue::with_ring_memory(&**mem, mem.frontend(), config, features)
             .map_err(|e| VringError::CannotStart(e.to_string()))?
@@ -347,9 +450,9 @@ impl Vring {
         self.num = None;
         self.addrs = None;
         self.base = 0;
-        self.err = None;
         let mut s = self.lock();
         s.call = None;
+        s.err = None;
         s.enabled = false;
     }
 }

@@ -34,6 +34,7 @@ pub const SET_VRING_ENABLE: u32 = 18;
 pub const SET_BACKEND_REQ_FD: u32 = 21;
 pub const GET_CONFIG: u32 = 24;
 pub const GET_INFLIGHT_FD: u32 = 31;
+pub const RESET_DEVICE: u32 = 34;
 pub const GET_MAX_MEM_SLOTS: u32 = 36;
 pub const ADD_MEM_REG: u32 = 37;
 pub const REM_MEM_REG: u32 = 38;
@@ -68,7 +69,33 @@ impl GuestRam {
     /// Guest RAM whose memfd is called `name`, so that a test can find its fds and mappings
     /// in `/proc/self/fd` and `/proc/self/maps` ([`fds_named`], [`maps_named`]).
     pub fn named(len: usize, name: &str) -> GuestRam {
-        let fd = memfd(name, len);
+        Self::from_fd(memfd(name, len), len)
+    }
+
+    /// Guest RAM in a hugetlbfs memfd (`MFD_HUGETLB`, 2 MiB pages), or `None` where the machine
+    /// has no free huge pages for `len` bytes.
+    pub fn hugetlb(len: usize, name: &str) -> Option<GuestRam> {
+        let cname = std::ffi::CString::new(name).unwrap();
+        // SAFETY: memfd_create with a NUL-terminated name; the fd is owned at once.
+        let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_HUGETLB) };
+        if fd < 0 {
+            return None;
+        }
+        // SAFETY: fresh fd owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: plain syscall on our own fd.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), len as i64) } != 0 {
+            return None;
+        }
+        // Reserve the pages now: a pool too small fails here, not with SIGBUS in the test.
+        // SAFETY: fallocate on our own fd.
+        if unsafe { libc::fallocate(fd.as_raw_fd(), 0, 0, len as i64) } != 0 {
+            return None;
+        }
+        Some(Self::from_fd(fd, len))
+    }
+
+    fn from_fd(fd: OwnedFd, len: usize) -> GuestRam {
         // SAFETY: a fresh shared mapping of our own fd.
         let ptr = unsafe {
             libc::mmap(
@@ -214,8 +241,12 @@ impl Frontend {
     }
 
     pub fn with_socket_named(sock: UnixStream, queues: usize, size: u16, name: &str) -> Frontend {
+        Self::with_ram(sock, queues, size, GuestRam::named(16 << 20, name))
+    }
+
+    /// A front-end on `sock` whose guest memory is `ram` (at least 16 MiB).
+    pub fn with_ram(sock: UnixStream, queues: usize, size: u16, ram: GuestRam) -> Frontend {
         sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let ram = GuestRam::named(16 << 20, name);
         let mut next = GPA;
         let mut qs = Vec::new();
         let data_per_queue = (8 << 20) / queues.max(1) as u64;
