@@ -284,7 +284,7 @@ impl Backend {
 
     fn attach(&mut self, id: usize, mut stream: mio::net::UnixStream) {
         if let Err(e) = self.poll.registry().register(&mut stream, Token(2 * id + 1), Interest::READABLE) {
-            warn!("vhost-user: register: {e}");
+            limited!(warn, "vhost-user: register: {e}");
             return;
         }
         let slot = &mut self.slots[id];
@@ -303,7 +303,7 @@ impl Backend {
             let SocketSpec::Client { path, reconnect } = &slot.spec else { continue };
             match connection::connect(path) {
                 Ok(stream) => {
-                    info!("vhost-user {}: connected to the front-end", slot.net.name());
+                    limited!(info, "vhost-user {}: connected to the front-end", slot.net.name());
                     self.attach(id, stream);
                 }
                 Err(e) => {

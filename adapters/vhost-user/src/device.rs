@@ -34,7 +34,7 @@
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
-use log::{debug, info};
+use log::debug;
 use virtq::VirtioFeatures;
 
 use crate::limited;
@@ -407,7 +407,7 @@ impl VhostUserDevice {
                         }
                     }
                 }
-                info!("vhost-user: features {f:#x}");
+                limited!(info, "vhost-user: features {f:#x}");
                 self.events.push(DeviceEvent::FeaturesChanged(f));
                 None
             }
@@ -506,7 +506,7 @@ impl VhostUserDevice {
                     return Err(RequestError::Config);
                 }
                 self.config.net.mac[start..end].copy_from_slice(&data);
-                info!("vhost-user: MAC set to {:02x?}", self.config.net.mac);
+                limited!(info, "vhost-user: MAC set to {:02x?}", self.config.net.mac);
                 None
             }
             M::ResetDevice => {

@@ -406,7 +406,7 @@ impl MappedRegion {
         // Keep guest memory out of core dumps (size and confidentiality), as DPDK does.
         // SAFETY: the range is exactly our own mapping; MADV_DONTDUMP only changes dump policy.
         if unsafe { libc::madvise(p, mapping_len, libc::MADV_DONTDUMP) } != 0 {
-            log::warn!("{desc}: madvise(MADV_DONTDUMP) failed: {}", std::io::Error::last_os_error());
+            crate::limited!(warn, "{desc}: madvise(MADV_DONTDUMP) failed: {}", std::io::Error::last_os_error());
         }
         log::debug!("mapped {desc} at {:p} (mapping {:p}+{:#x})", region.host, region.base, mapping_len);
         Ok(region)
