@@ -164,6 +164,23 @@ impl VirtioFeatures {
         Ok(acked)
     }
 
+    /// [`negotiate_net`](Self::negotiate_net) for a device whose control virtqueue is served by
+    /// someone else. A vhost-user back-end is one: the front-end keeps `VIRTIO_NET_F_CTRL_VQ`
+    /// and the control queue to itself (QEMU answers the guest's control commands) and
+    /// acknowledges `MQ`, `CTRL_RX`, `GUEST_ANNOUNCE`, ... to the back-end without it. The
+    /// §5.1.3.1 dependencies on `CTRL_VQ` are taken as met there; every other rule applies.
+    pub fn negotiate_net_external_ctrl_vq(
+        offered: VirtioFeatures,
+        acked: VirtioFeatures,
+    ) -> Result<VirtioFeatures, FeatureError> {
+        let extra = acked.bits() & !offered.bits();
+        if extra != 0 {
+            return Err(FeatureError::NotOffered { bits: extra });
+        }
+        let ctrl = VirtioFeatures::NET_CTRL_VQ;
+        VirtioFeatures::negotiate_net(offered | ctrl, acked | ctrl).map(|_| acked)
+    }
+
     /// Features a queue of this core implements and may offer: indirect descriptors, event
     /// index, in-order, notify-on-empty, VERSION_1.
     pub const RING_SUPPORTED: VirtioFeatures = VirtioFeatures::RING_INDIRECT_DESC
@@ -211,5 +228,21 @@ mod tests {
             | VirtioFeatures::NET_HOST_TSO4
             | VirtioFeatures::NET_HOST_ECN;
         assert_eq!(VirtioFeatures::negotiate_net(offered, ok), Ok(ok));
+    }
+
+    #[test]
+    fn with_the_control_queue_elsewhere_mq_needs_no_ctrl_vq_but_the_rest_still_applies() {
+        let offered = VirtioFeatures::VERSION_1 | VirtioFeatures::NET_MQ | VirtioFeatures::NET_HOST_TSO4;
+        let mq = VirtioFeatures::VERSION_1 | VirtioFeatures::NET_MQ;
+        assert!(VirtioFeatures::negotiate_net(offered, mq).is_err());
+        assert_eq!(VirtioFeatures::negotiate_net_external_ctrl_vq(offered, mq), Ok(mq));
+        assert_eq!(
+            VirtioFeatures::negotiate_net_external_ctrl_vq(offered, mq | VirtioFeatures::NET_CTRL_VQ),
+            Err(FeatureError::NotOffered { bits: VirtioFeatures::NET_CTRL_VQ.bits() })
+        );
+        assert!(matches!(
+            VirtioFeatures::negotiate_net_external_ctrl_vq(offered, VirtioFeatures::NET_HOST_TSO4),
+            Err(FeatureError::MissingDependency { .. })
+        ));
     }
 }

@@ -12,11 +12,11 @@ use virtq::net::header::*;
 use virtq::net::mergeable::MAX_RX_BUFFERS;
 use virtq::net::tx::validate_tx_header;
 use virtq::net::{
-    header_len, parse_tx, receive, receive_burst, RxBurst, RxError, RxOutcome, RxScratch, TxError, TxPacket,
-    VirtioNetHdr, RX_BURST,
+    header_len, parse_tx, parse_tx_copied, receive, receive_burst, RxBurst, RxError, RxOutcome, RxScratch, TxError,
+    TxPacket, VirtioNetHdr, RX_BURST,
 };
 use virtq::testing::{layout, Buf, TestDriver};
-use virtq::{Chain, PopError, RegionTable, VirtioFeatures};
+use virtq::{Chain, PopError, RegionTable, SplitQueue, VirtioFeatures};
 use zerocopy::little_endian::U16;
 use zerocopy::IntoBytes;
 
@@ -118,15 +118,31 @@ fn tx(bufs: &[Buf<'_>], f: VirtioFeatures) -> Result<(TxPacket, Vec<u8>), TxErro
 
 /// `tx`, with the buffers either direct or in an indirect table (RING_INDIRECT_DESC added to
 /// the queue's features).
+///
+/// Every case also runs through the fused path (`pop_read` + `parse_tx_copied`, what the
+/// vhost-user data path runs), which must give the same verdict and the same frame: the TX
+/// rules have one owner whichever way the chain is taken.
 fn tx_chain(bufs: &[Buf<'_>], f: VirtioFeatures, indirect: bool) -> Result<(TxPacket, Vec<u8>), TxError> {
-    let g = Guest::new(1 << 20);
-    let (cfg, mut drv) = setup(&g, 16);
-    let mut q = queue(&g, cfg, f | VirtioFeatures::RING_INDIRECT_DESC);
+    let via_segments = tx_chain_segments(bufs, f, indirect);
+    let via_copy = tx_chain_copied(bufs, f, indirect);
+    assert_eq!(via_copy, via_segments, "parse_tx_copied agrees with parse_tx");
+    via_segments
+}
+
+fn tx_queue<'g>(g: &'g Guest, bufs: &[Buf<'_>], f: VirtioFeatures, indirect: bool) -> SplitQueue<'g, RegionTable<8>> {
+    let (cfg, mut drv) = setup(g, 16);
+    let q = queue(g, cfg, f | VirtioFeatures::RING_INDIRECT_DESC);
     if indirect {
         drv.add_indirect_chain(bufs);
     } else {
         add(&mut drv, bufs);
     }
+    q
+}
+
+fn tx_chain_segments(bufs: &[Buf<'_>], f: VirtioFeatures, indirect: bool) -> Result<(TxPacket, Vec<u8>), TxError> {
+    let g = Guest::new(1 << 20);
+    let mut q = tx_queue(&g, bufs, f, indirect);
     let mut chain = Chain::<32>::new();
     assert_eq!(q.pop_into(&mut chain), Ok(true), "TX chain should walk");
     let pkt = parse_tx(&chain, f)?;
@@ -136,6 +152,26 @@ fn tx_chain(bufs: &[Buf<'_>], f: VirtioFeatures, indirect: bool) -> Result<(TxPa
     assert_eq!(n, pkt.frame_len as usize, "read_frame copies exactly the frame");
     out.truncate(n);
     Ok((pkt, out))
+}
+
+fn tx_chain_copied(bufs: &[Buf<'_>], f: VirtioFeatures, indirect: bool) -> Result<(TxPacket, Vec<u8>), TxError> {
+    let g = Guest::new(1 << 20);
+    let mut q = tx_queue(&g, bufs, f, indirect);
+    let mut buf = vec![0u8; 1 << 17];
+    let c = q.pop_read(&mut buf).expect("TX chain should walk").expect("a chain");
+    let pkt = parse_tx_copied(&c, &buf, f)?;
+    Ok((pkt, buf[pkt.header_len..pkt.header_len + pkt.frame_len as usize].to_vec()))
+}
+
+/// `parse_tx_copied` refuses a chain whose copy was cut short by a small buffer.
+#[test]
+fn tx_copied_chain_longer_than_the_buffer_is_refused() {
+    let g = Guest::new(1 << 20);
+    let (hb, fr) = (hdr_bytes(&hdr(0, 0), 12), frame(100));
+    let mut q = tx_queue(&g, &[Buf::readable(&hb), Buf::readable(&fr)], V1, false);
+    let mut buf = vec![0u8; 64];
+    let c = q.pop_read(&mut buf).unwrap().unwrap();
+    assert_eq!(parse_tx_copied(&c, &buf, V1), Err(TxError::TooLong { len: 112, capacity: 64 }));
 }
 
 /// A TX chain of a 12-byte header `h` and a `frame_len`-byte frame, in two descriptors.
@@ -548,31 +584,38 @@ fn rx_frame_too_large_without_mrg_rxbuf_gives_buffer_back() {
 
 // ---- RX header offloads: §5.1.6.4.1 ------------------------------------------------------
 
-/// §5.1.6.4.1: without VIRTIO_NET_F_GUEST_CSUM the device MUST set `flags` to 0; NEEDS_CSUM and
-/// DATA_VALID are refused before any buffer is taken, and pass through once negotiated.
+/// §5.1.6.4.1: without VIRTIO_NET_F_GUEST_CSUM the device MUST set `flags` to 0: NEEDS_CSUM
+/// (a checksum still to complete) is refused before any buffer is taken, DATA_VALID (a hint)
+/// is cleared and the frame delivered; both pass through once negotiated.
 #[test]
 fn rx_checksum_flags_need_guest_csum() {
     let g = Guest::new(1 << 20);
     let (cfg, mut drv) = setup(&g, 16);
     let mut q = queue(&g, cfg, V1);
     let mut s: RxScratch<'_> = RxScratch::new();
-    let (head, addr) = add_rx(&mut drv, 200);
     let fr = frame(60);
-    for h in [csum_hdr(34, 16), hdr(VIRTIO_NET_HDR_F_DATA_VALID, 0), hdr(3, 0)] {
+    for h in [csum_hdr(34, 16), hdr(3, 0)] {
         assert_eq!(receive(&mut q, &mut s, V1, &h, &fr), Err(RxError::OffloadNotNegotiated));
         assert_eq!((q.next_avail(), q.next_used()), (0, 0));
     }
+    let (head, addr) = add_rx(&mut drv, 200);
+    let out = receive(&mut q, &mut s, V1, &hdr(VIRTIO_NET_HDR_F_DATA_VALID, 0), &fr).unwrap();
+    assert_eq!(out.buffers, 1);
+    assert!(q.publish());
+    assert_eq!(drv.used_elem(0), (head as u32, 72));
+    assert_eq!(read(&drv, addr, 12), rx_hdr(&hdr(0, 0), 1), "DATA_VALID cleared");
+    let (head, addr) = add_rx(&mut drv, 200);
     // RSC_INFO is never offered by this core.
     let rsc = hdr(VIRTIO_NET_HDR_F_RSC_INFO, 0);
     let f = feats(VirtioFeatures::NET_GUEST_CSUM);
     assert_eq!(receive(&mut q, &mut s, f, &rsc, &fr), Err(RxError::OffloadNotNegotiated));
-    assert_eq!(q.next_avail(), 0);
+    assert_eq!(q.next_avail(), 1);
 
     let h = csum_hdr(34, 16);
     let out = receive(&mut q, &mut s, f, &h, &fr).unwrap();
     assert_eq!((out.buffers, out.bytes), (1, 72));
     assert!(q.publish());
-    assert_eq!(drv.used_elem(0), (head as u32, 72));
+    assert_eq!(drv.used_elem(1), (head as u32, 72));
     assert_eq!(read(&drv, addr, 12), rx_hdr(&h, 1));
 }
 

@@ -126,14 +126,32 @@ fuzz_target!(|inp: Input| {
         txd.add_chain(&bufs);
     }
     let mut txq = SplitQueue::new(&mem, txcfg, f).unwrap();
+    // A second device view of the same ring takes each chain the way the vhost-user data path
+    // does (pop_read + parse_tx_copied): both must reach the same verdict and frame.
+    let mut fused = SplitQueue::new(&mem, txcfg, f).unwrap();
     let mut chain = Chain::<8>::new();
     let mut frame = vec![0u8; 16384];
+    let mut copy = vec![0u8; 1 << 17];
     while let Ok(true) = txq.pop_into(&mut chain) {
-        if let Ok(pkt) = net::parse_tx(&chain, f) {
+        let segments = net::parse_tx(&chain, f);
+        if let Ok(pkt) = segments {
             assert!(pkt.frame_len > 0);
             assert_eq!(pkt.frame_len as usize + pkt.header_len, chain.readable_len() as usize);
             let n = pkt.read_frame(&chain, &mut frame);
             assert_eq!(n, (pkt.frame_len as usize).min(frame.len()));
+        }
+        {
+            let c = match fused.pop_read(&mut copy) {
+                Ok(Some(c)) => c,
+                other => panic!("pop_into took a chain that pop_read did not: {other:?}"),
+            };
+            assert_eq!(c.head, chain.head());
+            let copied = net::parse_tx_copied(&c, &copy, f);
+            assert_eq!(copied, segments, "the fused TX path agrees with the segment path");
+            if let Ok(pkt) = copied {
+                let n = pkt.read_frame(&chain, &mut frame);
+                assert_eq!(frame[..n], copy[pkt.header_len..pkt.header_len + n]);
+            }
         }
         txq.push(chain.head(), 0);
     }

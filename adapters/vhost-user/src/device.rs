@@ -162,8 +162,11 @@ pub enum RequestError {
     Message(MessageError),
     /// A vring index ≥ the number of vrings (family 14).
     VringIndex(u32),
-    /// Acknowledged features that were not offered.
+    /// Acknowledged features that were not offered (`SET_PROTOCOL_FEATURES`).
     FeaturesNotOffered(u64),
+    /// `SET_FEATURES` that the virtio rules refuse: a bit not offered, or a feature without
+    /// one it depends on (§5.1.3.1).
+    Features(virtq::features::FeatureError),
     /// `SET_FEATURES` while rings are started (family 18).
     FeaturesWhileStarted,
     /// A vring request failed.
@@ -184,6 +187,7 @@ impl std::fmt::Display for RequestError {
             RequestError::Message(e) => write!(f, "{e}"),
             RequestError::VringIndex(i) => write!(f, "vring index {i} out of range"),
             RequestError::FeaturesNotOffered(b) => write!(f, "features {b:#x} were not offered"),
+            RequestError::Features(e) => write!(f, "{e}"),
             RequestError::FeaturesWhileStarted => f.write_str("SET_FEATURES while rings are started"),
             RequestError::Vring(e) => write!(f, "{e}"),
             RequestError::Memory(e) => write!(f, "{e}"),
@@ -390,10 +394,11 @@ impl VhostUserDevice {
         Ok(match msg {
             M::GetFeatures => Some(encode_u64_reply(Request::GetFeatures, self.config.offered_features())),
             M::SetFeatures(f) => {
-                let extra = f & !self.config.offered_features();
-                if extra != 0 {
-                    return Err(RequestError::FeaturesNotOffered(extra));
-                }
+                // The core's negotiation (§2.2 subset, §5.1.3.1 dependencies), with the
+                // control queue on the front-end's side as vhost-user has it.
+                let offered = VirtioFeatures::from_bits_retain(self.config.offered_features());
+                VirtioFeatures::negotiate_net_external_ctrl_vq(offered, VirtioFeatures::from_bits_retain(f))
+                    .map_err(RequestError::Features)?;
                 if self.vrings.iter().any(|v| v.started()) && f != self.acked_features {
                     return Err(RequestError::FeaturesWhileStarted);
                 }

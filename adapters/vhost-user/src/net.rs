@@ -13,8 +13,7 @@ use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use virtq::net::header::VIRTIO_NET_HDR_F_DATA_VALID;
-use virtq::net::{self, header_len, RxScratch, VirtioNetHdr};
+use virtq::net::{self, RxScratch, VirtioNetHdr};
 use virtq::{PopError, VirtioFeatures};
 use zerocopy_shim::read_header;
 
@@ -318,7 +317,6 @@ impl NetDevice {
         }
         let features = active.features;
         let mut broken = None;
-        let hdr_len = header_len(features);
         let (mut n, mut bytes, mut drops, mut errors) = (0usize, 0u64, 0u64, 0u64);
         let max = frames.len();
         let result = active.with_queue(|vq| {
@@ -333,23 +331,14 @@ impl NetDevice {
                             drops += 1;
                             continue;
                         }
-                        if c.writable_len != 0 || c.readable_len as usize > frame.buf.len() {
+                        // §5.1.6.2: the core's TX rules, the ones its tests and fuzzers run.
+                        let Ok(pkt) = net::parse_tx_copied(&c, &frame.buf, features) else {
                             errors += 1;
                             continue;
-                        }
-                        let len = c.bytes as usize;
-                        if len <= hdr_len {
-                            errors += 1;
-                            continue;
-                        }
-                        let hdr = read_header(&frame.buf[..hdr_len]);
-                        if net::tx::validate_tx_header(&hdr, (len - hdr_len) as u32, features).is_err() {
-                            errors += 1;
-                            continue;
-                        }
-                        frame.len = len;
-                        frame.hdr_len = hdr_len;
-                        bytes += (len - hdr_len) as u64;
+                        };
+                        frame.hdr_len = pkt.header_len;
+                        frame.len = pkt.header_len + pkt.frame_len as usize;
+                        bytes += u64::from(pkt.frame_len);
                         n += 1;
                     }
                     Ok(None) => break,
@@ -392,6 +381,7 @@ impl NetDevice {
     /// `DATA_VALID`, a hint that does not change the frame: without `GUEST_CSUM` it is
     /// cleared ("the device MUST set flags to zero") and the frame is delivered, so a TAP
     /// that marks a frame it already checked still reaches a driver without checksum offload.
+    /// Both rules are the core's ([`virtq::net::receive_burst`]).
     pub fn enqueue_burst_with_headers(&self, pair: u16, frames: &[(VirtioNetHdr, &[u8])]) -> usize {
         self.enqueue(pair, frames.len(), |i| frames[i])
     }
@@ -410,16 +400,10 @@ impl NetDevice {
             return 0;
         };
         let features: VirtioFeatures = active.features;
-        let keep_flags =
-            if features.contains(VirtioFeatures::NET_GUEST_CSUM) { !0 } else { !VIRTIO_NET_HDR_F_DATA_VALID };
         let mut burst = net::RxBurst::default();
         let result = active.with_queue(|vq| {
             let mut scratch: RxScratch<'_> = RxScratch::new();
-            burst = net::receive_burst(vq, &mut scratch, features, count, |i| {
-                let (mut hdr, f) = frame(i);
-                hdr.flags &= keep_flags;
-                (hdr, f)
-            });
+            burst = net::receive_burst(vq, &mut scratch, features, count, frame);
             vq.publish()
         });
         let (n, bytes) = (burst.placed, burst.bytes);

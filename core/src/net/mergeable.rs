@@ -112,10 +112,11 @@ impl<const N: usize> RxScratch<'_, N> {
     }
 }
 
-/// Checks a device-built header against what the driver negotiated (§5.1.6.4.1). A header
-/// without flags and GSO, the usual case, needs nothing negotiated.
+/// Checks a device-built header against what the driver negotiated (§5.1.6.4.1), and makes
+/// it what the driver may see. A header without flags and GSO, the usual case, needs nothing
+/// negotiated.
 #[inline(always)]
-fn check_offloads(h: &VirtioNetHdr, features: VirtioFeatures) -> Result<(), RxError> {
+fn check_offloads(h: &mut VirtioNetHdr, features: VirtioFeatures) -> Result<(), RxError> {
     if h.flags == 0 && h.gso_type == VIRTIO_NET_HDR_GSO_NONE {
         return Ok(());
     }
@@ -123,12 +124,17 @@ fn check_offloads(h: &VirtioNetHdr, features: VirtioFeatures) -> Result<(), RxEr
 }
 
 /// The rest of [`check_offloads`], for a header that sets flags or a GSO type.
+///
+/// Without `GUEST_CSUM` "the device MUST set flags to zero" (§5.1.6.4.1): `DATA_VALID`, a
+/// hint that the checksum was already verified, is cleared and the frame delivered;
+/// `NEEDS_CSUM` describes a checksum still to be completed, so that frame is refused.
 #[inline(never)]
-fn check_offload_fields(h: &VirtioNetHdr, features: VirtioFeatures) -> Result<(), RxError> {
-    if h.flags & (VIRTIO_NET_HDR_F_NEEDS_CSUM | VIRTIO_NET_HDR_F_DATA_VALID) != 0
-        && !features.contains(VirtioFeatures::NET_GUEST_CSUM)
-    {
-        return Err(RxError::OffloadNotNegotiated);
+fn check_offload_fields(h: &mut VirtioNetHdr, features: VirtioFeatures) -> Result<(), RxError> {
+    if !features.contains(VirtioFeatures::NET_GUEST_CSUM) {
+        if h.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 {
+            return Err(RxError::OffloadNotNegotiated);
+        }
+        h.flags &= !VIRTIO_NET_HDR_F_DATA_VALID;
     }
     if h.flags & VIRTIO_NET_HDR_F_RSC_INFO != 0 {
         return Err(RxError::OffloadNotNegotiated);
@@ -289,7 +295,9 @@ fn receive_with<'m, M: GuestMemory + ?Sized, const N: usize>(
     frame: &[u8],
     place: impl FnOnce(*mut u8, &VirtioNetHdr, usize),
 ) -> Result<RxOutcome, RxError> {
-    check_offloads(header, features)?;
+    let mut header = *header;
+    check_offloads(&mut header, features)?;
+    let header = &header;
     let hdr_len = header_len(features);
     let total = hdr_len + frame.len();
     let needed = u32::try_from(total).map_err(|_| RxError::TooManyBuffers)?;

@@ -13,4 +13,4 @@ pub mod tx;
 
 pub use header::{header_len, VirtioNetHdr, VirtioNetHdrLegacy};
 pub use mergeable::{receive, receive_burst, RxBurst, RxError, RxOutcome, RxScratch, RX_BURST};
-pub use tx::{parse_tx, TxError, TxPacket};
+pub use tx::{parse_tx, parse_tx_copied, TxError, TxPacket};

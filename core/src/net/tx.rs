@@ -8,6 +8,7 @@ use zerocopy::IntoBytes;
 use super::header::*;
 use crate::chain::Chain;
 use crate::features::VirtioFeatures;
+use crate::queue::CopiedChain;
 
 /// A transmit chain that cannot be accepted. The chain should be completed with len 0 and the
 /// packet dropped (and counted).
@@ -41,6 +42,14 @@ pub enum TxError {
     GsoSizeZero,
     /// Both UDP-tunnel GSO bits set: "MUST NOT accept the packet" (§5.1.6.2.2).
     TunnelBothBits,
+    /// The chain holds more bytes than the device's frame buffer ([`parse_tx_copied`]): the
+    /// copy was cut short, so the frame is not whole.
+    TooLong {
+        /// Readable bytes in the chain.
+        len: u32,
+        /// Bytes the buffer holds.
+        capacity: usize,
+    },
 }
 
 impl fmt::Display for TxError {
@@ -55,6 +64,9 @@ impl fmt::Display for TxError {
             TxError::GsoType { gso_type } => write!(f, "GSO type {gso_type:#x} not acceptable"),
             TxError::GsoSizeZero => f.write_str("GSO packet with gso_size 0"),
             TxError::TunnelBothBits => f.write_str("both UDP tunnel GSO bits set"),
+            TxError::TooLong { len, capacity } => {
+                write!(f, "TX chain of {len} bytes exceeds a {capacity}-byte frame buffer")
+            }
         }
     }
 }
@@ -82,19 +94,52 @@ impl TxPacket {
 /// driver from attacking the device by setting an incorrect hdr_len"); unknown flag bits are
 /// ignored; a non-zero `num_buffers` is tolerated.
 pub fn parse_tx<const N: usize>(chain: &Chain<'_, N>, features: VirtioFeatures) -> Result<TxPacket, TxError> {
-    if !chain.writable().is_empty() {
-        return Err(TxError::WritableBuffers);
-    }
     let header_len = header_len(features);
     let len = chain.readable_len();
-    if len as usize <= header_len {
-        return Err(TxError::TooShort { len });
-    }
+    check_chain(chain.writable_len(), len, header_len)?;
     let mut header = VirtioNetHdr::new_zeroed();
     chain.read_at(0, &mut header.as_mut_bytes()[..header_len]);
     let frame_len = len - header_len as u32;
     validate_tx_header(&header, frame_len, features)?;
     Ok(TxPacket { header, header_len, frame_len })
+}
+
+/// [`parse_tx`] for a chain that [`SplitQueue::pop_read`](crate::SplitQueue::pop_read) walked and
+/// copied into `buf` in one pass (the fastest way to take whole TX chains): the same rules, on
+/// the copy. The frame is `buf[header_len..header_len + frame_len]`. A chain longer than `buf`
+/// is refused ([`TxError::TooLong`]): its frame was cut.
+#[inline]
+pub fn parse_tx_copied(chain: &CopiedChain, buf: &[u8], features: VirtioFeatures) -> Result<TxPacket, TxError> {
+    let header_len = header_len(features);
+    let len = chain.readable_len;
+    check_chain(chain.writable_len, len, header_len)?;
+    if len as usize > buf.len() || chain.bytes != len {
+        return Err(TxError::TooLong { len, capacity: buf.len() });
+    }
+    let mut header = VirtioNetHdr::new_zeroed();
+    // Fixed-size copies (a variable-length one is a memcpy call per frame); `len >
+    // header_len` was checked, and `len <= buf.len()`.
+    if header_len == 12 {
+        header.as_mut_bytes().copy_from_slice(&buf[..12]);
+    } else {
+        header.as_mut_bytes()[..10].copy_from_slice(&buf[..10]);
+    }
+    let frame_len = len - header_len as u32;
+    validate_tx_header(&header, frame_len, features)?;
+    Ok(TxPacket { header, header_len, frame_len })
+}
+
+/// The chain-level rules of a TX chain (§5.1.6.2): only device-readable buffers (family 6),
+/// and more than the header (DPDK CVE-2022-2132).
+#[inline(always)]
+fn check_chain(writable_len: u32, readable_len: u32, header_len: usize) -> Result<(), TxError> {
+    if writable_len != 0 {
+        return Err(TxError::WritableBuffers);
+    }
+    if readable_len as usize <= header_len {
+        return Err(TxError::TooShort { len: readable_len });
+    }
+    Ok(())
 }
 
 /// The §5.1.6.2.2 checks on a driver-supplied header for a frame of `frame_len` bytes.
