@@ -560,3 +560,64 @@ fn tap_offload_datagram_from_the_namespace_reaches_the_guest_with_a_consistent_h
     }
     assert!(p.terminate().success());
 }
+
+/// Disables both rings of pair `pair` (what QEMU sends when the guest runs `ethtool -L eth0
+/// combined N` with N <= `pair`), or enables them again, and waits until it is handled.
+fn set_pair_enabled(fe: &Frontend, pair: usize, enabled: bool) {
+    for ring in [2 * pair, 2 * pair + 1] {
+        fe.send(SET_VRING_ENABLE, 0, &state(ring as u32, enabled as u32), &[]);
+    }
+    fe.sync();
+}
+
+/// Asks virtq-net for its statistics (SIGUSR1) and waits until the log at `log` has `want`.
+fn wait_stats(p: &Proc, log: &Path, want: &str) {
+    // SAFETY: signalling our own child by PID.
+    unsafe { libc::kill(p.0.id() as i32, libc::SIGUSR1) };
+    wait_log(log, want);
+}
+
+/// Two switch ports with two queue pairs each; guest B uses only pair 0 (pair 1 disabled, as
+/// after `ethtool -L eth0 combined 1`). Frames that A sends on its pair 1 would go to B's pair
+/// 1 (the ingress pair) and be dropped there: every one must reach B on pair 0, and B's
+/// disabled receive queue must not have been offered (nor have dropped) any.
+#[test]
+fn switch_port_whose_guest_enables_one_pair_receives_every_frame() {
+    let d = dir("switch-mq1");
+    let (a, b, log) = (d.join("a.sock"), d.join("b.sock"), d.join("log"));
+    let p = Proc::spawn_logged(
+        Command::new(BIN).args(["--queues", "2"]).arg("--socket-path").arg(&a).arg("--socket-path").arg(&b),
+        &log,
+    );
+    wait_for(&a);
+    wait_for(&b);
+    let (fa, fb) = (Frontend::connect(&a, 4, 256), Frontend::connect(&b, 4, 256));
+    let (mut na, mut nb) = (Nic::pairs(&fa), Nic::pairs(&fb));
+    for fe in [&fa, &fb] {
+        assert!(fe.qemu_start(FEATURES | (1 << 22)) & (1 << 22) != 0, "MQ negotiated");
+    }
+    set_pair_enabled(&fb, 1, false);
+    wait_log(&log, &format!("{}: guest receives on pair(s) 0\n", b.display()));
+    for n in na.iter_mut().chain(nb.iter_mut()) {
+        n.post_rx(64);
+    }
+    thread::sleep(Duration::from_millis(100));
+    // B makes itself known (on its pair 0), then A sends broadcasts and unicasts on its pair 1.
+    let hello = eth([0xff; 6], MAC_B, 0x88b5, b"hello from B");
+    nb[0].send(&hello);
+    assert_eq!(na[0].recv(Duration::from_secs(5)).expect("A got B's broadcast on pair 0"), hello);
+    for i in 0..20u8 {
+        let dst = if i % 4 == 0 { [0xff; 6] } else { MAC_B };
+        let f = eth(dst, MAC_A, 0x88b5, &[i; 100]);
+        na[1].send(&f);
+        assert_eq!(nb[0].recv(Duration::from_secs(5)).unwrap_or_else(|| panic!("frame {i} lost")), f);
+    }
+    assert!(nb[1].recv(Duration::from_millis(50)).is_none(), "nothing on B's disabled pair");
+    let bq2 = format!("stats {} q2(rx): packets 0 bytes 0 drops 0 ", b.display());
+    let bq0 = format!("stats {} q0(rx): packets 20 ", b.display());
+    let aq3 = format!("stats {} q3(tx): packets 20 ", a.display());
+    wait_stats(&p, &log, &aq3);
+    wait_log(&log, &bq0);
+    wait_log(&log, &bq2);
+    assert!(p.terminate().success());
+}
