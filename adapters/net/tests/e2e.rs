@@ -570,6 +570,11 @@ fn set_pair_enabled(fe: &Frontend, pair: usize, enabled: bool) {
     fe.sync();
 }
 
+/// Lines of the virtq-net log at `log` that contain `what`.
+fn log_count(log: &Path, what: &str) -> usize {
+    std::fs::read_to_string(log).unwrap_or_default().lines().filter(|l| l.contains(what)).count()
+}
+
 /// Asks virtq-net for its statistics (SIGUSR1) and waits until the log at `log` has `want`.
 fn wait_stats(p: &Proc, log: &Path, want: &str) {
     // SAFETY: signalling our own child by PID.
@@ -619,5 +624,64 @@ fn switch_port_whose_guest_enables_one_pair_receives_every_frame() {
     wait_stats(&p, &log, &aq3);
     wait_log(&log, &bq0);
     wait_log(&log, &bq2);
+    assert!(p.terminate().success());
+}
+
+/// A two-pair tap port (a multiqueue TAP, one TAP queue per pair) whose guest uses only pair 0:
+/// TAP queue 1 is detached, so every flow the kernel sends goes to queue 0 and reaches the
+/// guest (16 UDP flows from the namespace: each would land on either queue if both were
+/// attached, and half of them would be lost on the disabled pair). When the guest enables
+/// pair 1 again, the queue is attached again and flows reach both pairs.
+#[test]
+fn multiqueue_tap_detaches_the_queue_of_a_pair_the_guest_disabled() {
+    let Some((ns, p, sock)) = tap_backend("tap-mq1", "vqd0", ",queues=2") else { return };
+    let log = sock.with_file_name("log");
+    // The in-tree guest answers no ARP: a static neighbour entry for it.
+    assert!(run(&format!("ip -n {} neigh replace 192.0.2.2 lladdr 52:54:00:00:00:0a dev vqd0", ns.0)));
+    // One socket per flow: the TAP picks a queue by the flow's hash (addresses and ports).
+    let socks = in_netns(&ns.0, || {
+        (0..16).map(|_| UdpSocket::bind("192.0.2.1:0").expect("bind in the namespace")).collect::<Vec<_>>()
+    });
+    let fe = Frontend::connect(&sock, 4, 256);
+    let mut nics = Nic::pairs(&fe);
+    assert!(fe.qemu_start(FEATURES | (1 << 22)) & (1 << 22) != 0, "MQ negotiated");
+    for n in &mut nics {
+        n.post_rx(128);
+    }
+    wait_log(&log, "guest receives on pair(s) 0,1");
+
+    // Sends one datagram per flow, tagged `round`/flow; returns the pair each one arrived on.
+    let flows = |nics: &mut [Nic<'_>], round: u8| -> Vec<usize> {
+        for (i, s) in socks.iter().enumerate() {
+            s.send_to(&[round, i as u8, 0x5a, 0x5a], "192.0.2.2:5555").unwrap();
+        }
+        let mut got = vec![usize::MAX; socks.len()];
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while got.contains(&usize::MAX) && Instant::now() < deadline {
+            for n in nics.iter_mut() {
+                while let Some(f) = n.recv(Duration::from_millis(20)) {
+                    let udp_to_5555 = f.len() >= 46 && f[12..14] == [8, 0] && f[23] == 17 && f[36..38] == [0x15, 0xb3];
+                    if udp_to_5555 && f[42] == round && (f[43] as usize) < got.len() {
+                        got[f[43] as usize] = n.pair;
+                    }
+                }
+            }
+        }
+        got
+    };
+
+    // Rings start one by one, so queue 1 may have come and gone once already.
+    let detached = log_count(&log, "TAP queue 1 detached");
+    set_pair_enabled(&fe, 1, false);
+    wait("queue 1 detached", || (log_count(&log, "TAP queue 1 detached") > detached).then_some(()));
+    let got = flows(&mut nics, 1);
+    assert!(got.iter().all(|&p| p == 0), "every flow reaches the guest on pair 0 (pair per flow, MAX = lost): {got:?}");
+
+    let attached = log_count(&log, "TAP queue 1 attached");
+    set_pair_enabled(&fe, 1, true);
+    wait("queue 1 attached", || (log_count(&log, "TAP queue 1 attached") > attached).then_some(()));
+    let got = flows(&mut nics, 2);
+    assert!(!got.contains(&usize::MAX), "every flow reaches the guest: {got:?}");
+    assert!(got.contains(&1), "flows reach pair 1 again: {got:?}");
     assert!(p.terminate().success());
 }
