@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Builds the test guest for ci/guest/run-matrix.sh: a busybox-static initramfs with Debian's
-# virtio-net modules and iperf3, plus the uncompressed kernel (vmlinux, PVH entry), which boots
+# virtio-net modules, iperf3 and ethtool, plus the uncompressed kernel (vmlinux, PVH entry), which boots
 # several seconds faster than the bzImage under TCG.
 #
 #   ci/guest/build-initramfs.sh OUTDIR
 #
 # Writes OUTDIR/vmlinux, OUTDIR/initramfs.cpio and OUTDIR/stamp. Reruns with the same kernel,
-# busybox, iperf3 and this script reuse them. Installs its Debian packages if missing (as root,
+# busybox, iperf3, ethtool and this script reuse them. Installs its Debian packages if missing (as root,
 # or through sudo). Env: KVER=6.1.0-NN-amd64 picks a kernel among those installed.
 #
 # The guest's /init reads these kernel command line parameters:
@@ -22,6 +22,7 @@
 #   vt-wait-echos N [SECS] [QUIET]  waits until N echo requests were answered and none came in
 #                                   the last QUIET seconds (the peer finished pinging us)
 #   vt-iperf IP SECS [ARGS]         iperf3 client, retrying the connect until the server is up
+#   vt-channels N                   ethtool -L eth0 combined N, checked with ethtool -l
 set -euo pipefail
 
 OUT=${1:?usage: build-initramfs.sh OUTDIR}
@@ -37,6 +38,7 @@ ls /boot/vmlinuz-* > /dev/null 2>&1 || need+=(linux-image-amd64)
 if [[ ! -x /bin/busybox ]] || ldd /bin/busybox > /dev/null 2>&1; then need+=(busybox-static); fi
 command -v cpio > /dev/null || need+=(cpio)
 command -v iperf3 > /dev/null || need+=(iperf3)
+command -v ethtool > /dev/null || need+=(ethtool)
 command -v xz > /dev/null || need+=(xz-utils)
 command -v zstd > /dev/null || need+=(zstd)
 command -v ldd > /dev/null || need+=(libc-bin)
@@ -58,11 +60,12 @@ fi
 MODDIR=/lib/modules/$KVER
 BUSYBOX=/bin/busybox
 IPERF=$(command -v iperf3)
+ETHTOOL=$(command -v ethtool)
 
 key() {
     echo "kernel $KVER $(stat -c %s /boot/vmlinuz-"$KVER")"
     "$BUSYBOX" 2>&1 | head -1
-    dpkg-query -W -f '${Package} ${Version}\n' iperf3 libiperf0 2>/dev/null || true
+    dpkg-query -W -f '${Package} ${Version}\n' iperf3 libiperf0 ethtool libmnl0 2>/dev/null || true
     sha256sum "$HERE/build-initramfs.sh" | cut -d' ' -f1
 }
 mkdir -p "$OUT"
@@ -160,12 +163,15 @@ for path in "${ORDER[@]}"; do
 done
 log "modules: $(tr '\n' ' ' < "$ROOT/lib/modules/load.order")"
 
-# iperf3 and the shared libraries it links (from the installed .debs).
-cp "$IPERF" "$ROOT/usr/bin/iperf3"
-ldd "$IPERF" | awk '/=>/ { print $3 } /^\t\/[^ ]*ld-linux/ { print $1 }' | while read -r lib; do
-    [[ -f $lib ]] || continue
-    mkdir -p "$ROOT$(dirname "$lib")"
-    cp -L "$lib" "$ROOT$lib"
+# iperf3 and ethtool (busybox has no channel settings: `ethtool -L` sets the guest's queue pairs)
+# and the shared libraries they link (from the installed .debs).
+for bin in "$IPERF" "$ETHTOOL"; do
+    cp "$bin" "$ROOT/usr/bin/$(basename "$bin")"
+    ldd "$bin" | awk '/=>/ { print $3 } /^\t\/[^ ]*ld-linux/ { print $1 }' | while read -r lib; do
+        [[ -f $lib ]] || continue
+        mkdir -p "$ROOT$(dirname "$lib")"
+        cp -L "$lib" "$ROOT$lib"
+    done
 done
 # The dynamic loader at its canonical path, whichever directory ldd named.
 [[ -e $ROOT/lib64/ld-linux-x86-64.so.2 ]] || cp -L /lib64/ld-linux-x86-64.so.2 "$ROOT/lib64/"
@@ -297,6 +303,19 @@ done
 echo "$out"
 echo "$out" | grep -E 'sender|receiver' | sed "s/^/VIRTQ: iperf3 $* /"
 EOF
+cat > "$ROOT/bin/vt-channels" << 'EOF'
+#!/bin/sh
+# vt-channels N: the guest uses N queue pairs of eth0 (ethtool -L; the driver tells the device
+# through its control queue, and QEMU disables the other pairs' rings on the back-end).
+n=$1
+ethtool -L eth0 combined "$n" || { echo "VIRTQ: ethtool -L eth0 combined $n failed"; exit 1; }
+out=$(ethtool -l eth0)
+max=$(echo "$out" | awk '/^Pre-set/ { s = 1 } /^Current/ { s = 0 } s && /^Combined:/ { print $2 }')
+cur=$(echo "$out" | awk '/^Current/ { s = 1 } s && /^Combined:/ { print $2 }')
+echo "VIRTQ: channels combined $cur of $max"
+[ "$cur" = "$n" ]
+EOF
+
 chmod +x "$ROOT/init" "$ROOT"/bin/vt-*
 
 # /dev/console must exist before /init runs, or the kernel starts init without a console.

@@ -263,6 +263,18 @@ qstat() { # PORT-PATH QUEUE [packets|drops]
     grep -a "stats $1 q$2(" "$VQ_LOG" | sed -n "s/.* ${3:-packets} \([0-9]*\).*/\1/p" | tail -1
 }
 
+# Has the log at least N+1 statistics lines for PORT's queue Q?
+stats_after() { (($(grep -ac "stats $1 q$2(" "$VQ_LOG") > $3)); }
+
+# Asks virtq-net for its statistics now (SIGUSR1) and waits until it has printed PORT's last
+# queue Q; qstat then reads them.
+vq_stats_now() { # PORT-PATH Q
+    local n
+    n=$(grep -ac "stats $1 q$2(" "$VQ_LOG")
+    kill -USR1 "$VQ_PID"
+    wait_for "statistics" stats_after "$1" "$2" "$n"
+}
+
 # --- the cases -----------------------------------------------------------------------------
 # Each sets DETAIL and returns 0 for PASS. The runner kills what a case left running.
 
@@ -440,6 +452,118 @@ case_switch() {
         DETAIL+=", packets per queue:$per"
     fi
     ((ok)) || { DETAIL+="; $err $stop"; return 1; }
+}
+
+# Two guests with two queue pairs (-smp 2, mq=on) on the switch; g1 uses only one
+# (vt-channels 1: `ethtool -L eth0 combined 1`, after which QEMU disables g1's pair 1 on the
+# back-end), g2 both. g1 pings g2, then g2 pings g1 from each vCPU: XPS sends g2's pings from
+# CPU 1 on its pair 1, and the switch used to deliver them on g1's pair 1 too, which g1 no
+# longer reads. Then iperf3 with 4 streams both ways. Every ping must be answered, g2's pair 1
+# must have carried packets, g1's disabled receive queue must have been offered nothing once
+# g1 was at one pair (no new drops; before g1 posts its buffers at boot, frames flooded to it
+# may find none), and virtq-net must have logged that g1 receives on pair 0 only.
+case_switch_mq_combined1() {
+    local s1=$TMP/$CASE-1.sock s2=$TMP/$CASE-2.sock err ok=1
+    vq_start "$TMP/$CASE-virtq-net.log" - --queues 2 --socket-path "$s1" --socket-path "$s2"
+    wait_for "sockets" test -S "$s2" || { DETAIL="virtq-net did not listen"; return 1; }
+    guest name=g1 sock="$s1" mac=52:54:00:00:08:11 ip=10.0.0.11 queues=2 smp=2 \
+        cmd="vt-channels 1 && vt-ping 10.0.0.12 5 && taskset -c 1 vt-ping 10.0.0.12 5 && vt-wait-echos 10 60 && iperf3 -s -1 > /dev/null && iperf3 -s -1 > /dev/null"
+    guest name=g2 sock="$s2" mac=52:54:00:00:08:12 ip=10.0.0.12 queues=2 smp=2 \
+        cmd="vt-wait-echos 10 60 && vt-ping 10.0.0.11 5 && taskset -c 1 vt-ping 10.0.0.11 5 && vt-iperf 10.0.0.11 3 -P 4 && vt-iperf 10.0.0.11 3 -P 4 -R"
+    # The start-up logs "pair(s) 0" too (pair 0 starts first): the last line must say it.
+    g1_one_pair() { grep -a "$s1: guest receives on" "$VQ_LOG" | tail -1 | grep -q 'pair(s) 0$'; }
+    local d0=""
+    if wait_for "g1 at one pair" grep -aq 'VIRTQ: channels combined 1' "${GLOG[g1]}" \
+        && wait_for "g1 pair 1 disabled" g1_one_pair \
+        && vq_stats_now "$s1" 3; then
+        d0=$(qstat "$s1" 2 drops)
+    fi
+    wait_guests g1 g2
+    err=$(check_guests g1 g2)
+    local guest_ok=$?
+    vq_stop
+    local stop_ok=$? stop=$STOP_ERR
+    local p1 p2 fwd rev ch
+    p1=$(grep -a 'VIRTQ: ping' "${GLOG[g1]}" | tr -d '\r' | sed -n 's/.*: \([0-9]*\/[0-9]*\) replies.*/\1/p' | paste -sd' ')
+    p2=$(grep -a 'VIRTQ: ping' "${GLOG[g2]}" | tr -d '\r' | sed -n 's/.*: \([0-9]*\/[0-9]*\) replies.*/\1/p' | paste -sd' ')
+    fwd=$(grep -a 'VIRTQ: iperf3 -P 4 \[SUM\].*receiver' "${GLOG[g2]}" | tail -1 | tr -d '\r' | grep -o '[0-9.]* Mbits/sec')
+    rev=$(grep -a 'VIRTQ: iperf3 -P 4 -R \[SUM\].*receiver' "${GLOG[g2]}" | tail -1 | tr -d '\r' | grep -o '[0-9.]* Mbits/sec')
+    ch=$(vline g1 channels | sed 's/.*VIRTQ: //')
+    [[ $ch == "channels combined 1 of 2" ]] || { ok=0; err+=" g1 not at 1 of 2 pairs (${ch:-no channels line})"; }
+    [[ $(qstat "$s2" 3) -gt 0 ]] 2> /dev/null || { ok=0; err+=" g2 sent nothing on pair 1"; }
+    [[ -n $d0 && $(qstat "$s1" 2 drops) == "$d0" ]] || { ok=0; err+=" g1's disabled q2 dropped ${d0:-?} -> $(qstat "$s1" 2 drops)"; }
+    grep -aq "$s1: guest receives on pair(s) 0\$" "$VQ_LOG" || { ok=0; err+=" no 'receives on pair(s) 0' for g1"; }
+    [[ -n $fwd && -n $rev ]] || { ok=0; err+=" no iperf3 result"; }
+    DETAIL="g1 ${ch:-?}; pings (cpu 0, cpu 1) g1->g2 ${p1:-none}, g2->g1 ${p2:-none}; iperf3 -P 4 g2->g1 ${fwd:-none}, g1->g2 ${rev:-none}"
+    DETAIL+="; g2 TX q1/q3 $(qstat "$s2" 1)/$(qstat "$s2" 3) pkts, g1 RX q0 $(qstat "$s1" 0) pkts, q2 $(qstat "$s1" 2) pkts, drops ${d0:-?} at one pair -> $(qstat "$s1" 2 drops) at exit"
+    ((ok && guest_ok == 0 && stop_ok == 0)) || { DETAIL+="; $err $stop"; return 1; }
+}
+
+# A guest with two queue pairs on a multiqueue tap port uses only one (vt-channels 1): virtq-net
+# must detach TAP queue 1, so the kernel steers every flow to queue 0. The namespace then pings
+# the guest from 8 addresses at once (8 flows: the TAP spreads flows over its attached queues by
+# hash, and a flow on queue 1 used to go to the guest's disabled pair 1) and runs iperf3 with 4
+# streams to it. Every ping must be answered and, while the guest uses one pair, nothing
+# dropped on its disabled receive queue (before the guest posts its buffers at boot, the
+# namespace's IPv6 frames may find none); when it goes back to 2 pairs, queue 1 must be
+# attached again.
+case_tap_mq_combined1() {
+    local sock=$TMP/$CASE.sock err ok=1 i n pids=() got lost="" total=0
+    mk_netns || { DETAIL="netns"; return 1; }
+    tap_name
+    vq_start "$TMP/$CASE-virtq-net.log" "$NS" --port "path=$sock,backend=tap:$TAP,queues=2"
+    wait_for "socket" test -S "$sock" || { DETAIL="virtq-net did not listen"; return 1; }
+    wait_for "TAP" ip -n "$NS" link show "$TAP" || { DETAIL="no TAP"; return 1; }
+    ip -n "$NS" addr add 10.0.0.1/24 dev "$TAP" || { DETAIL="TAP set-up"; return 1; }
+    for i in $(seq 21 28); do ip -n "$NS" addr add "10.0.0.$i/24" dev "$TAP" || { DETAIL="TAP set-up"; return 1; }; done
+    ip -n "$NS" link set "$TAP" up || { DETAIL="TAP set-up"; return 1; }
+    guest name=g1 sock="$sock" mac=52:54:00:00:09:02 ip=10.0.0.2 queues=2 smp=2 \
+        cmd="vt-channels 1 && vt-wait-echos 40 60 && iperf3 -s -1 > /dev/null && sleep 3 && vt-channels 2"
+    wait_for "the guest at one pair" grep -aq 'VIRTQ: channels combined 1' "${GLOG[g1]}" || { DETAIL="guest did not reach combined 1"; return 1; }
+    # Rings start one by one, so queue 1 may have been detached and attached at start-up.
+    q1_detached() { grep -a 'TAP queue 1 ' "$VQ_LOG" | tail -1 | grep -q detached; }
+    wait_for "TAP queue 1 detached" q1_detached || { DETAIL="TAP queue 1 not detached"; return 1; }
+    vq_stats_now "$sock" 3 || { DETAIL="no statistics on SIGUSR1"; return 1; }
+    local d0
+    d0=$(qstat "$sock" 2 drops)
+    wait_for "the guest" ip netns exec "$NS" "$BUSYBOX" ping -c 1 -W 1 10.0.0.2 || { DETAIL="guest does not answer"; return 1; }
+    for i in $(seq 21 28); do
+        ip netns exec "$NS" "$BUSYBOX" ping -c 10 -i 0.2 -W 3 -I "10.0.0.$i" 10.0.0.2 > "$TMP/$CASE-ping-$i.log" 2>&1 &
+        pids+=($!)
+        track $!
+    done
+    for i in "${pids[@]}"; do wait "$i"; done
+    for i in $(seq 21 28); do
+        n=$(sed -n 's/.* \([0-9]*\) packets received.*/\1/p' "$TMP/$CASE-ping-$i.log")
+        total=$((total + ${n:-0}))
+        [[ ${n:-0} -eq 10 ]] || lost+=" 10.0.0.$i:${n:-0}/10"
+    done
+    [[ -z $lost ]] || { ok=0; err+=" pings lost:$lost"; }
+    local fwd="" tries
+    for tries in $(seq 20); do
+        fwd=$(ip netns exec "$NS" iperf3 -c 10.0.0.2 -P 4 -t 3 -f m 2>&1 | grep -a 'SUM.*receiver' | grep -o '[0-9.]* Mbits/sec') && break
+        (($(left) > 0)) || break
+        sleep 1
+    done
+    [[ -n $fwd ]] || { ok=0; err+=" no iperf3 result"; }
+    # The counters while the guest still uses one pair (it goes back to two 3 s after iperf3;
+    # then, and while QEMU stops the rings at poweroff, q2 may drop frames for want of buffers).
+    vq_stats_now "$sock" 3 || { ok=0; err+=" no statistics on SIGUSR1"; }
+    local d1
+    d1=$(qstat "$sock" 2 drops)
+    [[ -n $d0 && $d1 == "$d0" ]] || { ok=0; err+=" disabled q2 dropped ${d0:-?} -> ${d1:-?} at one pair"; }
+    wait_guests g1
+    err+=$(check_guests g1)
+    local guest_ok=$?
+    vq_stop
+    local stop_ok=$? stop=$STOP_ERR
+    local ch
+    ch=$(grep -a 'VIRTQ: channels' "${GLOG[g1]}" | tr -d '\r' | sed 's/.*combined //' | paste -sd' ')
+    grep -aq 'TAP queue 1 attached' "$VQ_LOG" || { ok=0; err+=" TAP queue 1 not attached again at 2 pairs"; }
+    DETAIL="guest pairs ${ch:-?}; ns->guest pings from 8 addresses $total/80; iperf3 -P 4 ns->guest ${fwd:-none}"
+    DETAIL+="; TAP queue 1 $(grep -ac 'TAP queue 1 detached' "$VQ_LOG")x detached, $(grep -ac 'TAP queue 1 attached' "$VQ_LOG")x attached"
+    DETAIL+="; RX q2 drops at one pair ${d0:-?} -> ${d1:-?}; at exit RX q0 $(qstat "$sock" 0) pkts, q2 $(qstat "$sock" 2) pkts $(qstat "$sock" 2 drops) drops"
+    ((ok && guest_ok == 0 && stop_ok == 0)) || { DETAIL+="; $err $stop"; return 1; }
 }
 
 # The guest powers off; then a guest is SIGKILLed mid-iperf3; then a NEW guest on the same
@@ -667,6 +791,8 @@ MATRIX=(
     "switch-qemu-server|case_switch server on"
     "switch-qemu-server-mrg-off|case_switch server off"
     "switch-queues2|case_switch client on 2 2"
+    "switch-mq-combined1|case_switch_mq_combined1"
+    "tap-mq-combined1|case_tap_mq_combined1"
     "poweroff-kill-new-guest|case_kill client"
     "poweroff-kill-new-guest-qemu-server|case_kill server"
     "iperf3|case_iperf3"

@@ -189,10 +189,13 @@ impl Dataplane {
             PortBackend::Sink | PortBackend::Source(_) => {}
             PortBackend::Reflect => {
                 let (refs, n) = burst_refs(self.frames[..n].iter().map(|f| f.frame()));
-                dev.enqueue_burst(pair, &refs[..n]);
+                dev.enqueue_burst(dev.rx_pair(pair).unwrap_or(pair), &refs[..n]);
             }
             PortBackend::Tap(_) => {
-                if let Some(q) = tap.get(pair as usize % tap.len().max(1)) {
+                // The TAP queues attached are those of the pairs that can receive
+                // (`PortHandler::rx_pairs_changed`): write to one of them.
+                let q = dev.rx_pair(pair).unwrap_or(pair);
+                if let Some(q) = tap.get(q as usize % tap.len().max(1)) {
                     for f in &self.frames[..n] {
                         let hdr = tap_header(f.raw(), f.frame());
                         if let Err(e) = q.write(&hdr, f.frame()) {
@@ -241,6 +244,10 @@ impl Dataplane {
     /// the TAP gave it: partial checksums and GSO frames pass through as the guest negotiated
     /// them (the TAP's offloads follow the guest's features, see `tap::offload_flags`); a
     /// header the guest cannot take is refused by the device and counted.
+    ///
+    /// TAP queue `n` feeds pair `n` while the guest receives on it; a queue whose pair it does
+    /// not use is detached from the TAP (so the kernel steers no new frame there), and what it
+    /// still holds, or what arrives before the detach, goes to a pair the guest uses.
     pub fn poll_port_taps(&mut self) -> usize {
         let mut work = 0;
         for p in &self.ports {
@@ -253,7 +260,8 @@ impl Dataplane {
                     for (slot, (buf, &len)) in burst.iter_mut().zip(self.tap_bufs.iter().zip(&lens)).take(n) {
                         *slot = (parse_header(&buf[..TAP_HDR_LEN]), &buf[TAP_HDR_LEN..len]);
                     }
-                    dev.enqueue_burst_with_headers(pair as u16, &burst[..n]);
+                    let to = dev.rx_pair(pair as u16).unwrap_or(pair as u16);
+                    dev.enqueue_burst_with_headers(to, &burst[..n]);
                     work += n;
                 }
             }
@@ -339,12 +347,14 @@ fn is_switch_port(p: &Port) -> bool {
 }
 
 /// Sends a batch to one port: one enqueue burst for a guest (on the pair matching the
-/// ingress queue), or writes to a TAP.
+/// ingress queue among those the guest receives on), or writes to a TAP.
 fn deliver(port: &Port, pair: u16, frames: &[&[u8]]) {
     match port {
         Port::Vhost { dev, .. } => {
-            let pairs = dev.queue_pairs().max(1);
-            dev.enqueue_burst(pair % pairs, frames);
+            // With no pair to receive on, the burst goes to a stopped or disabled queue, which
+            // drops and counts it.
+            let to = dev.rx_pair(pair).unwrap_or(pair % dev.queue_pairs().max(1));
+            dev.enqueue_burst(to, frames);
         }
         Port::SwitchTap { queues, name, counters } => {
             let q = &queues[pair as usize % queues.len()];

@@ -237,12 +237,86 @@ fn install_signals() {
     }
 }
 
-/// A port's control-thread callbacks: logs, and for a tap port the TAP's offloads.
+/// A port's control-thread callbacks: logs, and for a tap port the TAP's offloads and which of
+/// its queues are attached.
 struct PortHandler {
-    /// A second fd of the port's TAP (tap ports): `TUNSETOFFLOAD` is issued here, on the
-    /// control thread, when the guest sets its features (rings are stopped then, so no frame
-    /// of the data plane is in flight), never on the data path.
-    tap: Option<tap::TapQueue>,
+    /// Second fds (dups) of the port's TAP queues, one per pair (tap ports; empty otherwise).
+    /// `TUNSETOFFLOAD` and `TUNSETQUEUE` are issued here, on the control thread, never on the
+    /// data path. Offloads change when the guest sets its features (rings are stopped then,
+    /// so no frame of the data plane is in flight).
+    tap: Vec<tap::TapQueue>,
+    /// Whether each TAP queue is attached (all are when opened).
+    attached: Vec<bool>,
+}
+
+impl PortHandler {
+    fn new(tap: Vec<tap::TapQueue>) -> PortHandler {
+        let attached = vec![true; tap.len()];
+        PortHandler { tap, attached }
+    }
+
+    /// Attaches the TAP queues of the pairs the guest receives on and detaches the others
+    /// (a multiqueue TAP only): the kernel spreads flows over every attached queue, and a
+    /// frame read from the queue of a pair the guest disabled could only be moved to another
+    /// pair after the fact. One log line per change. Attaching comes first, and the last
+    /// attached queue is never detached, so the TAP keeps a queue (a TAP without one drops
+    /// every frame, and kernels differ on whether they refuse to detach it).
+    fn steer_tap(&mut self, dev: &NetDevice, pairs: u64) {
+        if self.tap.len() < 2 {
+            return;
+        }
+        let want = tap_queues_wanted(pairs, &self.attached);
+        for (q, t) in self.tap.iter().enumerate() {
+            if want[q] && !self.attached[q] {
+                match t.set_attached(true) {
+                    Ok(()) => {
+                        self.attached[q] = true;
+                        limited!(info, "{}: TAP queue {q} attached (the guest receives on pair {q} again)", dev.name());
+                    }
+                    Err(e) => limited!(warn, "{}: TAP queue {q}: attach: {e}", dev.name()),
+                }
+            }
+        }
+        for (q, t) in self.tap.iter().enumerate() {
+            if !want[q] && self.attached[q] && self.attached.iter().filter(|&&a| a).count() > 1 {
+                match t.set_attached(false) {
+                    Ok(()) => {
+                        self.attached[q] = false;
+                        limited!(
+                            info,
+                            "{}: TAP queue {q} detached (the guest does not receive on pair {q})",
+                            dev.name()
+                        );
+                    }
+                    Err(e) => limited!(warn, "{}: TAP queue {q}: detach: {e}", dev.name()),
+                }
+            }
+        }
+    }
+}
+
+/// Which TAP queues should be attached when the guest receives on `pairs` (bit `n`: pair `n`,
+/// whose TAP queue is `n`) and `attached` are now: those of its pairs. With none of them
+/// (no guest, or one that has not started a receive queue yet) every frame is dropped
+/// whichever queue takes it, so the queues stay as they are rather than change twice around a
+/// reconnect.
+fn tap_queues_wanted(pairs: u64, attached: &[bool]) -> Vec<bool> {
+    let want: Vec<bool> = (0..attached.len()).map(|q| q < 64 && pairs & (1 << q) != 0).collect();
+    if want.contains(&true) {
+        want
+    } else {
+        attached.to_vec()
+    }
+}
+
+/// `pairs` as a list: `0,1`, or `none`.
+fn describe_pairs(pairs: u64) -> String {
+    let v: Vec<String> = (0..64).filter(|p| pairs & (1 << p) != 0).map(|p| p.to_string()).collect();
+    if v.is_empty() {
+        "none".to_string()
+    } else {
+        v.join(",")
+    }
 }
 
 impl DeviceHandler for PortHandler {
@@ -254,7 +328,8 @@ impl DeviceHandler for PortHandler {
     }
     fn features_changed(&mut self, dev: &NetDevice, features: u64) {
         limited!(info, "{}: features {features:#x}", dev.name());
-        if let Some(t) = &self.tap {
+        // Any queue will do (offloads are the device's); an attached one for certain.
+        if let Some(t) = self.tap.iter().zip(&self.attached).find(|(_, &a)| a).map(|(t, _)| t) {
             // What the kernel hands over must be what the guest accepts; a frame with an
             // offload the guest lacks would be refused (and counted) by the device.
             let flags = tap::offload_flags(features);
@@ -263,6 +338,12 @@ impl DeviceHandler for PortHandler {
                 Err(e) => limited!(warn, "{}: TUNSETOFFLOAD {flags:#x}: {e}", dev.name()),
             }
         }
+    }
+    fn rx_pairs_changed(&mut self, dev: &NetDevice, pairs: u64) {
+        if dev.queue_pairs() > 1 {
+            info!("{}: guest receives on pair(s) {}", dev.name(), describe_pairs(pairs));
+        }
+        self.steer_tap(dev, pairs);
     }
 }
 
@@ -324,12 +405,10 @@ fn run(args: Args) -> Result<(), String> {
             PortBackend::Tap(t) => tap::open(t, spec.queues as usize).map_err(|e| format!("TAP {t}: {e}"))?,
             _ => Vec::new(),
         };
-        let control = match tap.first() {
-            Some(q) => Some(q.try_clone().map_err(|e| format!("TAP: {e}"))?),
-            None => None,
-        };
+        let control =
+            tap.iter().map(|q| q.try_clone()).collect::<Result<Vec<_>, _>>().map_err(|e| format!("TAP: {e}"))?;
         let dev = backend
-            .add_device(&name, device_config(spec, i), socket, Box::new(PortHandler { tap: control }))
+            .add_device(&name, device_config(spec, i), socket, Box::new(PortHandler::new(control)))
             .map_err(|e| format!("{name}: {e}"))?;
         info!("{name}: {:?} back-end, {} queue pair(s)", spec.backend, spec.queues);
         ports.push(Port::Vhost { dev, backend: spec.backend.clone(), tap });
@@ -452,6 +531,23 @@ mod tests {
         assert_eq!(parse_port("path=x,backend=source:64", &defaults()).unwrap().backend, PortBackend::Source(64));
         assert!(parse_port("path=x,backend=source:20", &defaults()).is_err(), "below the Ethernet minimum");
         assert!(parse_port("path=x,backend=source:", &defaults()).is_err());
+    }
+
+    #[test]
+    fn tap_queues_follow_the_pairs_the_guest_receives_on() {
+        // `ethtool -L combined 1` on two pairs: queue 1 goes; back to two: it returns.
+        assert_eq!(tap_queues_wanted(0b01, &[true, true]), [true, false]);
+        assert_eq!(tap_queues_wanted(0b11, &[true, false]), [true, true]);
+        // Pair 1 alone: queue 0 can go too.
+        assert_eq!(tap_queues_wanted(0b10, &[true, true]), [false, true]);
+        // No pair (disconnect, or rings not started yet): nothing changes, so the TAP is never
+        // left without a queue.
+        assert_eq!(tap_queues_wanted(0, &[false, true]), [false, true]);
+        assert_eq!(tap_queues_wanted(0, &[true, true]), [true, true]);
+        // Pairs the TAP has no queue for do not count.
+        assert_eq!(tap_queues_wanted(0b100, &[true, false]), [true, false]);
+        assert_eq!(describe_pairs(0b101), "0,2");
+        assert_eq!(describe_pairs(0), "none");
     }
 
     #[test]

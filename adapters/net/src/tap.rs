@@ -3,6 +3,9 @@
 //! pass between guest and host stack unchanged. With several queue pairs the TAP is opened
 //! with `IFF_MULTI_QUEUE`, one fd per pair.
 //!
+//! A queue whose pair the guest does not use is detached from the TAP (`TUNSETQUEUE`,
+//! [`TapQueue::set_attached`]), so that the kernel steers no flow to it.
+//!
 //! What the kernel may hand over (partial checksums, TSO frames) is set with `TUNSETOFFLOAD`
 //! from the offloads the guest negotiated ([`offload_flags`]); what may be written to the TAP
 //! needs no set-up: the kernel takes any valid header.
@@ -15,10 +18,13 @@ use std::os::unix::fs::OpenOptionsExt;
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+const TUNSETQUEUE: libc::c_ulong = 0x4004_54d9;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_MULTI_QUEUE: libc::c_short = 0x0100;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
+const IFF_ATTACH_QUEUE: libc::c_short = 0x0200;
+const IFF_DETACH_QUEUE: libc::c_short = 0x0400;
 
 /// Bytes of virtio-net header on every TAP frame.
 pub const TAP_HDR_LEN: usize = 12;
@@ -134,6 +140,22 @@ impl TapQueue {
         // SAFETY: TUNSETOFFLOAD takes its argument by value (an unsigned long); no memory is
         // passed.
         if unsafe { libc::ioctl(self.fd.as_raw_fd(), TUNSETOFFLOAD, flags as libc::c_ulong) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// `TUNSETQUEUE`: attaches this queue to its multiqueue TAP (`IFF_ATTACH_QUEUE`) or
+    /// detaches it (`IFF_DETACH_QUEUE`). The kernel steers frames only to attached queues; a
+    /// detached queue keeps its fd and can be attached again. Doing either twice is an error (`EINVAL`), as is any use on a TAP
+    /// without `IFF_MULTI_QUEUE`. The kernel lets the last attached queue go too (the TAP
+    /// then drops everything): callers keep one attached.
+    pub fn set_attached(&self, attach: bool) -> io::Result<()> {
+        let flags = if attach { IFF_ATTACH_QUEUE } else { IFF_DETACH_QUEUE };
+        let mut req = IfReq { name: [0; 16], flags, _pad: [0; 22] };
+        // SAFETY: TUNSETQUEUE reads a struct ifreq (only its flags), which `IfReq` lays out;
+        // the fd is one of our TAP queues.
+        if unsafe { libc::ioctl(self.fd.as_raw_fd(), TUNSETQUEUE, &mut req) } < 0 {
             return Err(io::Error::last_os_error());
         }
         Ok(())

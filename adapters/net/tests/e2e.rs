@@ -662,3 +662,128 @@ fn a_front_end_that_shrinks_its_memory_costs_only_its_own_port() {
         assert!(last.ends_with("faults 0") && last.contains("errors 0"), "{last}");
     }
 }
+
+/// Disables both rings of pair `pair` (what QEMU sends when the guest runs `ethtool -L eth0
+/// combined N` with N <= `pair`), or enables them again, and waits until it is handled.
+fn set_pair_enabled(fe: &Frontend, pair: usize, enabled: bool) {
+    for ring in [2 * pair, 2 * pair + 1] {
+        fe.send(SET_VRING_ENABLE, 0, &state(ring as u32, enabled as u32), &[]);
+    }
+    fe.sync();
+}
+
+/// Lines of the virtq-net log at `log` that contain `what`.
+fn log_count(log: &Path, what: &str) -> usize {
+    std::fs::read_to_string(log).unwrap_or_default().lines().filter(|l| l.contains(what)).count()
+}
+
+/// Asks virtq-net for its statistics (SIGUSR1) and waits until the log at `log` has `want`.
+fn wait_stats(p: &Proc, log: &Path, want: &str) {
+    // SAFETY: signalling our own child by PID.
+    unsafe { libc::kill(p.0.id() as i32, libc::SIGUSR1) };
+    wait_log(log, want);
+}
+
+/// Two switch ports with two queue pairs each; guest B uses only pair 0 (pair 1 disabled, as
+/// after `ethtool -L eth0 combined 1`). Frames that A sends on its pair 1 would go to B's pair
+/// 1 (the ingress pair) and be dropped there: every one must reach B on pair 0, and B's
+/// disabled receive queue must not have been offered (nor have dropped) any.
+#[test]
+fn switch_port_whose_guest_enables_one_pair_receives_every_frame() {
+    let d = dir("switch-mq1");
+    let (a, b, log) = (d.join("a.sock"), d.join("b.sock"), d.join("log"));
+    let p = Proc::spawn_logged(
+        Command::new(BIN).args(["--queues", "2"]).arg("--socket-path").arg(&a).arg("--socket-path").arg(&b),
+        &log,
+    );
+    wait_for(&a);
+    wait_for(&b);
+    let (fa, fb) = (Frontend::connect(&a, 4, 256), Frontend::connect(&b, 4, 256));
+    let (mut na, mut nb) = (Nic::pairs(&fa), Nic::pairs(&fb));
+    for fe in [&fa, &fb] {
+        assert!(fe.qemu_start(FEATURES | (1 << 22)) & (1 << 22) != 0, "MQ negotiated");
+    }
+    set_pair_enabled(&fb, 1, false);
+    wait_log(&log, &format!("{}: guest receives on pair(s) 0\n", b.display()));
+    for n in na.iter_mut().chain(nb.iter_mut()) {
+        n.post_rx(64);
+    }
+    thread::sleep(Duration::from_millis(100));
+    // B makes itself known (on its pair 0), then A sends broadcasts and unicasts on its pair 1.
+    let hello = eth([0xff; 6], MAC_B, 0x88b5, b"hello from B");
+    nb[0].send(&hello);
+    assert_eq!(na[0].recv(Duration::from_secs(5)).expect("A got B's broadcast on pair 0"), hello);
+    for i in 0..20u8 {
+        let dst = if i % 4 == 0 { [0xff; 6] } else { MAC_B };
+        let f = eth(dst, MAC_A, 0x88b5, &[i; 100]);
+        na[1].send(&f);
+        assert_eq!(nb[0].recv(Duration::from_secs(5)).unwrap_or_else(|| panic!("frame {i} lost")), f);
+    }
+    assert!(nb[1].recv(Duration::from_millis(50)).is_none(), "nothing on B's disabled pair");
+    let bq2 = format!("stats {} q2(rx): packets 0 bytes 0 drops 0 ", b.display());
+    let bq0 = format!("stats {} q0(rx): packets 20 ", b.display());
+    let aq3 = format!("stats {} q3(tx): packets 20 ", a.display());
+    wait_stats(&p, &log, &aq3);
+    wait_log(&log, &bq0);
+    wait_log(&log, &bq2);
+    assert!(p.terminate().success());
+}
+
+/// A two-pair tap port (a multiqueue TAP, one TAP queue per pair) whose guest uses only pair 0:
+/// TAP queue 1 is detached, so every flow the kernel sends goes to queue 0 and reaches the
+/// guest (16 UDP flows from the namespace: each would land on either queue if both were
+/// attached, and half of them would be lost on the disabled pair). When the guest enables
+/// pair 1 again, the queue is attached again and flows reach both pairs.
+#[test]
+fn multiqueue_tap_detaches_the_queue_of_a_pair_the_guest_disabled() {
+    let Some((ns, p, sock)) = tap_backend("tap-mq1", "vqd0", ",queues=2") else { return };
+    let log = sock.with_file_name("log");
+    // The in-tree guest answers no ARP: a static neighbour entry for it.
+    assert!(run(&format!("ip -n {} neigh replace 192.0.2.2 lladdr 52:54:00:00:00:0a dev vqd0", ns.0)));
+    // One socket per flow: the TAP picks a queue by the flow's hash (addresses and ports).
+    let socks = in_netns(&ns.0, || {
+        (0..16).map(|_| UdpSocket::bind("192.0.2.1:0").expect("bind in the namespace")).collect::<Vec<_>>()
+    });
+    let fe = Frontend::connect(&sock, 4, 256);
+    let mut nics = Nic::pairs(&fe);
+    assert!(fe.qemu_start(FEATURES | (1 << 22)) & (1 << 22) != 0, "MQ negotiated");
+    for n in &mut nics {
+        n.post_rx(128);
+    }
+    wait_log(&log, "guest receives on pair(s) 0,1");
+
+    // Sends one datagram per flow, tagged `round`/flow; returns the pair each one arrived on.
+    let flows = |nics: &mut [Nic<'_>], round: u8| -> Vec<usize> {
+        for (i, s) in socks.iter().enumerate() {
+            s.send_to(&[round, i as u8, 0x5a, 0x5a], "192.0.2.2:5555").unwrap();
+        }
+        let mut got = vec![usize::MAX; socks.len()];
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while got.contains(&usize::MAX) && Instant::now() < deadline {
+            for n in nics.iter_mut() {
+                while let Some(f) = n.recv(Duration::from_millis(20)) {
+                    let udp_to_5555 = f.len() >= 46 && f[12..14] == [8, 0] && f[23] == 17 && f[36..38] == [0x15, 0xb3];
+                    if udp_to_5555 && f[42] == round && (f[43] as usize) < got.len() {
+                        got[f[43] as usize] = n.pair;
+                    }
+                }
+            }
+        }
+        got
+    };
+
+    // Rings start one by one, so queue 1 may have come and gone once already.
+    let detached = log_count(&log, "TAP queue 1 detached");
+    set_pair_enabled(&fe, 1, false);
+    wait("queue 1 detached", || (log_count(&log, "TAP queue 1 detached") > detached).then_some(()));
+    let got = flows(&mut nics, 1);
+    assert!(got.iter().all(|&p| p == 0), "every flow reaches the guest on pair 0 (pair per flow, MAX = lost): {got:?}");
+
+    let attached = log_count(&log, "TAP queue 1 attached");
+    set_pair_enabled(&fe, 1, true);
+    wait("queue 1 attached", || (log_count(&log, "TAP queue 1 attached") > attached).then_some(()));
+    let got = flows(&mut nics, 2);
+    assert!(!got.contains(&usize::MAX), "every flow reaches the guest: {got:?}");
+    assert!(got.contains(&1), "flows reach pair 1 again: {got:?}");
+    assert!(p.terminate().success());
+}

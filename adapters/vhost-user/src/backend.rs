@@ -54,7 +54,7 @@ pub enum SocketSpec {
 /// Callbacks from the control loop (all optional). They run on the control thread; keep them
 /// short.
 pub trait DeviceHandler: Send {
-    /// The device's first queue pair is started and enabled.
+    /// A queue pair of the device is started and enabled (traffic can flow).
     fn device_ready(&mut self, _dev: &NetDevice) {}
     /// The device stopped (disconnect, reset, rings stopped).
     fn device_destroyed(&mut self, _dev: &NetDevice) {}
@@ -62,6 +62,12 @@ pub trait DeviceHandler: Send {
     fn vring_state_changed(&mut self, _dev: &NetDevice, _index: u16, _enabled: bool) {}
     /// The front-end set features.
     fn features_changed(&mut self, _dev: &NetDevice, _features: u64) {}
+    /// The pairs the guest can receive on changed ([`NetDevice::rx_pairs`]: bit `n` for pair
+    /// `n`, whose receive queue is started and enabled). Called after any request that starts,
+    /// stops, enables or disables a ring, and after a reset; the data path already uses the
+    /// new set. A vring callback alone would miss rings that start after being enabled (QEMU
+    /// enables them before SET_VRING_KICK) and rings stopped by GET_VRING_BASE or a reset.
+    fn rx_pairs_changed(&mut self, _dev: &NetDevice, _pairs: u64) {}
 }
 
 /// A handler that does nothing.
@@ -354,6 +360,9 @@ impl Backend {
 
     fn dispatch_events(&mut self, id: usize) {
         let slot = &mut self.slots[id];
+        // Every change of a ring's state comes through here (after each request, and after a
+        // reset): the data path learns which pairs can receive before any callback runs.
+        let rx_pairs = slot.net.update_rx_pairs();
         for ev in slot.device.take_events() {
             match ev {
                 DeviceEvent::Ready => slot.handler.device_ready(&slot.net),
@@ -363,6 +372,9 @@ impl Backend {
                 }
                 DeviceEvent::FeaturesChanged(f) => slot.handler.features_changed(&slot.net, f),
             }
+        }
+        if let Some(pairs) = rx_pairs {
+            slot.handler.rx_pairs_changed(&slot.net, pairs);
         }
     }
 

@@ -149,7 +149,7 @@ pub enum DeviceEvent {
         /// New state.
         enabled: bool,
     },
-    /// Every vring of the first queue pair is started and enabled: traffic can flow.
+    /// Both vrings of at least one queue pair are started and enabled: traffic can flow.
     Ready,
     /// The device stopped being ready (rings stopped, reset, or disconnect).
     NotReady,
@@ -265,7 +265,7 @@ impl VhostUserDevice {
         std::mem::take(&mut self.events)
     }
 
-    /// Whether the first queue pair is started and enabled.
+    /// Whether at least one queue pair is started and enabled.
     pub fn is_ready(&self) -> bool {
         self.ready
     }
@@ -580,8 +580,12 @@ impl VhostUserDevice {
         c
     }
 
+    /// Ready while at least one queue pair (both its rings) is started and enabled, whichever
+    /// it is: a driver may use fewer pairs than offered (`ethtool -L eth0 combined 1` disables
+    /// the others), and nothing requires pair 0 to be among them. Which pairs can receive is
+    /// [`crate::net::NetDevice::rx_pairs`].
     fn update_ready(&mut self) {
-        let ready = self.vrings.len() >= 2 && self.vrings[..2].iter().all(|v| v.started() && v.enabled());
+        let ready = self.vrings.chunks_exact(2).any(|pair| pair.iter().all(|v| v.started() && v.enabled()));
         if ready != self.ready {
             self.ready = ready;
             self.events.push(if ready { DeviceEvent::Ready } else { DeviceEvent::NotReady });

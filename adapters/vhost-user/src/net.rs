@@ -173,6 +173,10 @@ pub struct NetDevice {
 struct NetInner {
     name: String,
     queues: Vec<Queue>,
+    /// Bit `n`: the receive queue of pair `n` is started and enabled ([`NetDevice::queue_ready`]),
+    /// as of the last [`NetDevice::update_rx_pairs`]. Written by the control thread only; the
+    /// data path reads it once per burst to pick a receive queue the guest uses.
+    rx_pairs: AtomicU64,
 }
 
 impl std::fmt::Debug for NetDevice {
@@ -185,7 +189,7 @@ impl NetDevice {
     /// Wraps a device's vrings (from [`crate::device::VhostUserDevice::vring_shared`]).
     pub fn new(name: &str, vrings: Vec<Arc<Mutex<VringShared>>>) -> NetDevice {
         let queues = vrings.into_iter().map(|shared| Queue { shared, stats: QueueStats::default() }).collect();
-        NetDevice { inner: Arc::new(NetInner { name: name.to_string(), queues }) }
+        NetDevice { inner: Arc::new(NetInner { name: name.to_string(), queues, rx_pairs: AtomicU64::new(0) }) }
     }
 
     /// The device's name (its socket path, or what the owner chose).
@@ -241,6 +245,40 @@ impl NetDevice {
             let s = q.shared.lock().unwrap_or_else(|p| p.into_inner());
             s.active.is_some() && s.enabled
         })
+    }
+
+    /// Recomputes which pairs can receive ([`NetDevice::rx_pairs`]) from the rings' state, for
+    /// the control loop after every request and reset (the only times a ring is started,
+    /// stopped, enabled or disabled). Returns the new set if it changed.
+    ///
+    /// The rule has one owner, [`NetDevice::queue_ready`]: the data path reads its result as
+    /// one atomic per burst instead of locking every receive queue to find one the guest uses.
+    /// [`crate::backend::Backend`] calls it; a control loop of its own must too (until then
+    /// the set is empty and [`NetDevice::rx_pair`] gives `None`).
+    pub fn update_rx_pairs(&self) -> Option<u64> {
+        let pairs = (0..self.queue_pairs().min(64)).filter(|&p| self.queue_ready(2 * p as usize));
+        let mask = pairs.fold(0u64, |m, p| m | 1 << p);
+        let old = self.inner.rx_pairs.swap(mask, Ordering::Release);
+        (old != mask).then_some(mask)
+    }
+
+    /// The pairs whose receive queue is started and enabled, bit `n` for pair `n` (the first 64
+    /// pairs), as of the last [`NetDevice::update_rx_pairs`].
+    pub fn rx_pairs(&self) -> u64 {
+        self.inner.rx_pairs.load(Ordering::Acquire)
+    }
+
+    /// The receive pair for frames meant for pair `pair` (e.g. the pair they came in on):
+    /// the `(pair % n)`-th of the `n` pairs the guest can receive on ([`NetDevice::rx_pairs`]),
+    /// `None` if there is none. A driver may use fewer pairs than the device has (`ethtool -L
+    /// eth0 combined 1`); a frame sent to a pair it disabled would be dropped. With every pair
+    /// enabled, and whenever the enabled pairs are `0..n` (how Linux and DPDK reduce them),
+    /// an enabled `pair` maps to itself.
+    ///
+    /// One atomic load per call and no lock: call it once per burst.
+    #[inline]
+    pub fn rx_pair(&self, pair: u16) -> Option<u16> {
+        nth_pair(self.inner.rx_pairs.load(Ordering::Relaxed), pair)
     }
 
     /// Busy-poll mode for virtqueue `index`: asks the guest not to kick (`NO_NOTIFY`, or a
@@ -443,5 +481,44 @@ impl NetDevice {
         if let Some(c) = call {
             signal(&c);
         }
+    }
+}
+
+/// The `(pair % n)`-th set bit of `mask`, which has `n` bits set; `None` for an empty mask.
+#[inline]
+fn nth_pair(mask: u64, pair: u16) -> Option<u16> {
+    let n = mask.count_ones();
+    if n == 0 {
+        return None;
+    }
+    let mut m = mask;
+    for _ in 0..u32::from(pair) % n {
+        m &= m - 1; // clears the lowest set bit
+    }
+    Some(m.trailing_zeros() as u16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::nth_pair;
+
+    #[test]
+    fn frames_for_a_disabled_pair_go_to_the_enabled_ones() {
+        assert_eq!(nth_pair(0, 0), None, "no pair can receive");
+        // Every pair enabled: each pair maps to itself, larger indices wrap.
+        for p in 0..4 {
+            assert_eq!(nth_pair(0b1111, p), Some(p));
+        }
+        assert_eq!(nth_pair(0b1111, 6), Some(2));
+        // `ethtool -L combined 1` on a 2-pair device: everything to pair 0.
+        assert_eq!((nth_pair(0b01, 0), nth_pair(0b01, 1)), (Some(0), Some(0)));
+        // Only pair 1 enabled.
+        assert_eq!((nth_pair(0b10, 0), nth_pair(0b10, 1)), (Some(1), Some(1)));
+        // Pairs 1 and 3 of 4: spread over both, never onto 0 or 2.
+        let got: Vec<_> = (0..4).map(|p| nth_pair(0b1010, p)).collect();
+        assert_eq!(got, [Some(1), Some(3), Some(1), Some(3)]);
+        // The 64th pair is reachable.
+        assert_eq!(nth_pair(1 << 63, 5), Some(63));
+        assert_eq!(nth_pair(u64::MAX, 63), Some(63));
     }
 }
