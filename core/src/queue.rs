@@ -23,6 +23,24 @@ use crate::used::UsedRing;
 /// Largest queue size the spec allows (§2.7: "The maximum Queue Size value is 32768").
 pub const MAX_QUEUE_SIZE: u16 = 32768;
 
+/// Checks a split queue's size (§2.7 "Split Virtqueues": "Queue Size value is always a power
+/// of 2. The maximum Queue Size value is 32768."). 0 is refused as well: it is no queue, and
+/// the ring halves index slots with the mask `size - 1`.
+///
+/// The one owner of this rule. [`SplitQueue::new`] and [`SplitQueue::with_ring_memory`] apply
+/// it, and so should a transport that learns the size before the queue is set up (vhost-user's
+/// `SET_VRING_NUM`), so that a size is judged the same wherever it arrives. A transport whose
+/// size field is wider than 16 bits must refuse larger values itself, not truncate them.
+pub const fn validate_size(size: u16) -> Result<(), QueueError> {
+    // `is_power_of_two` is false for 0. Every power of two a `u16` holds is ≤ 32768, so the
+    // maximum follows from the type; it is compared anyway so the check reads as the rule.
+    if size.is_power_of_two() && size <= MAX_QUEUE_SIZE {
+        Ok(())
+    } else {
+        Err(QueueError::InvalidSize { size })
+    }
+}
+
 /// Where the driver placed a queue (guest addresses, or front-end addresses for vhost-user
 /// rings) and its size.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -71,7 +89,7 @@ pub enum RingPart {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub enum QueueError {
-    /// Size 0, not a power of two, or above 32768 (§2.7).
+    /// Size 0, not a power of two, or above 32768 (§2.7; [`validate_size`]).
     InvalidSize {
         /// The size given.
         size: u16,
@@ -107,7 +125,7 @@ impl fmt::Display for QueueError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             QueueError::InvalidSize { size } => {
-                write!(f, "queue size {size} is not a power of two in 1..=32768")
+                write!(f, "queue size {size} is not a power of two in 1..={MAX_QUEUE_SIZE}")
             }
             QueueError::Misaligned { part, addr } => write!(f, "{part:?} at {addr:#x} is misaligned"),
             QueueError::Unmapped { part, error } => write!(f, "{part:?}: {error}"),
@@ -264,9 +282,7 @@ impl<'m, M: GuestMemory + ?Sized> SplitQueue<'m, M> {
         features: VirtioFeatures,
     ) -> Result<Self, QueueError> {
         let size = config.size;
-        if size == 0 || !size.is_power_of_two() || size > MAX_QUEUE_SIZE {
-            return Err(QueueError::InvalidSize { size });
-        }
+        validate_size(size)?;
         let parts = [
             (RingPart::DescTable, config.desc_table, config.desc_table_len(), 16u64),
             (RingPart::AvailRing, config.avail_ring, config.avail_ring_len(), 2),

@@ -45,6 +45,13 @@ fn setup_rejects_sizes_that_are_not_powers_of_two_up_to_32768() {
 }
 
 #[test]
+fn the_size_rule_accepts_exactly_the_sixteen_powers_of_two() {
+    let ok: Vec<u16> = (0..=u16::MAX).filter(|&s| virtq::queue::validate_size(s).is_ok()).collect();
+    assert_eq!(ok, (0..16).map(|b| 1u16 << b).collect::<Vec<_>>());
+    assert_eq!(virtq::queue::validate_size(0), Err(QueueError::InvalidSize { size: 0 }));
+}
+
+#[test]
 fn setup_checks_ring_alignment_16_2_4() {
     let g = Guest::new(1 << 16);
     let (cfg, _) = layout(GPA, SIZE);

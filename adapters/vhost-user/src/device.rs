@@ -38,11 +38,11 @@ use log::debug;
 use virtq::VirtioFeatures;
 
 use crate::limited;
-use crate::memory::{GuestMemoryMap, MemoryError, MemoryFault, MemoryRegionDesc, DEFAULT_MAX_MEM_SLOTS};
+use crate::memory::{GuestMemoryMap, MemoryError, MemoryFault, DEFAULT_MAX_MEM_SLOTS};
 use crate::message::{
     encode_ack, encode_backend_request, encode_get_config_error, encode_get_config_reply, encode_get_status_reply,
-    encode_u64_reply, encode_vring_state_reply, protocol_features as pf, FrontendMessage, Header, MemoryRegion,
-    MessageError, Request, BACKEND_CONFIG_CHANGE_MSG, VHOST_USER_F_PROTOCOL_FEATURES,
+    encode_u64_reply, encode_vring_state_reply, protocol_features as pf, FrontendMessage, Header, MessageError,
+    Request, BACKEND_CONFIG_CHANGE_MSG, VHOST_USER_F_PROTOCOL_FEATURES,
 };
 use crate::vring::{RingFault, Vring, VringAddrs, VringError, VringShared};
 
@@ -426,9 +426,8 @@ impl VhostUserDevice {
                 None
             }
             M::SetMemTable { regions, fds } => {
-                let descs: Vec<MemoryRegionDesc> = regions.iter().map(region_desc).collect();
-                let map = GuestMemoryMap::from_table(&descs, fds).map_err(RequestError::Memory)?;
-                debug!("vhost-user: memory table with {} regions", descs.len());
+                let map = GuestMemoryMap::from_table(&regions, fds).map_err(RequestError::Memory)?;
+                debug!("vhost-user: memory table with {} regions", regions.len());
                 self.set_memory(map);
                 None
             }
@@ -536,7 +535,7 @@ impl VhostUserDevice {
                     }
                     None => GuestMemoryMap::new(self.config.max_mem_slots),
                 };
-                map.add_region(region_desc(&region), fd).map_err(RequestError::Memory)?;
+                map.add_region(region, fd).map_err(RequestError::Memory)?;
                 self.set_memory(map);
                 None
             }
@@ -590,14 +589,5 @@ impl VhostUserDevice {
             self.ready = ready;
             self.events.push(if ready { DeviceEvent::Ready } else { DeviceEvent::NotReady });
         }
-    }
-}
-
-fn region_desc(r: &MemoryRegion) -> MemoryRegionDesc {
-    MemoryRegionDesc {
-        guest_phys_addr: r.guest_phys_addr,
-        memory_size: r.memory_size,
-        userspace_addr: r.userspace_addr,
-        mmap_offset: r.mmap_offset,
     }
 }

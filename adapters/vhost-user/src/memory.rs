@@ -61,6 +61,11 @@ pub const DEFAULT_MAX_MEM_SLOTS: usize = 32;
 /// One memory region as the front-end describes it (vhost-user.rst "Memory regions
 /// description"; the payload of `VHOST_USER_ADD_MEM_REG` / `VHOST_USER_REM_MEM_REG` is one of
 /// these after 8 bytes of padding). Plain numbers, not yet validated.
+///
+/// This is the crate's one region type: the message layer decodes it from the wire
+/// ([`crate::message::FrontendMessage::SetMemTable`], `AddMemReg`, `RemMemReg`; the wire form
+/// is [`MemoryRegionDesc::from_bytes`]) and hands it to the map unchanged. Its rules are
+/// checked in one place, [`MemoryRegionDesc::validate`], when the map takes it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct MemoryRegionDesc {
     /// Guest physical address of the first byte ("guest address").
@@ -75,9 +80,18 @@ pub struct MemoryRegionDesc {
 }
 
 impl MemoryRegionDesc {
-    /// Checks everything that can be checked without the fd; returns `mmap_offset +
-    /// memory_size`, the file length the region needs.
-    fn validate(&self) -> Result<u64, MemoryError> {
+    /// Checks everything that can be checked without the fd (hostile-inputs family 15):
+    /// `memory_size ≠ 0`, and `guest_phys_addr + memory_size`, `userspace_addr + memory_size`
+    /// and `mmap_offset + memory_size` representable in 64 bits (the exclusive end of each
+    /// range must exist, or the overlap and translation arithmetic would wrap), the last also
+    /// in `usize`. Returns `mmap_offset + memory_size`, the file length the region needs.
+    ///
+    /// The single owner of these rules: [`GuestMemoryMap::from_table`] and
+    /// [`GuestMemoryMap::add_region`] call it before anything is mapped, and the message layer
+    /// does not repeat it (every region reaches the map, and the map is also public API that
+    /// must check what it is given). Overlaps, slot limits and the fd's size need the table or
+    /// the fd and are checked by the map.
+    pub fn validate(&self) -> Result<u64, MemoryError> {
         let overflow = |field| MemoryError::Overflow { region: *self, field };
         if self.memory_size == 0 {
             return Err(MemoryError::ZeroSize { region: *self });
@@ -572,6 +586,10 @@ impl GuestMemoryMap {
     /// Removes the region with this guest address, user address and size
     /// (`VHOST_USER_REM_MEM_REG`; "the mmap offset is ignored"). It is unmapped once no clone
     /// of this map holds it any more.
+    ///
+    /// The triple needs no [`validate`](MemoryRegionDesc::validate) of its own: every region
+    /// held passed it, so a zero size or an overflowing end matches nothing and is
+    /// [`MemoryError::UnknownRegion`].
     pub fn remove_region(
         &mut self,
         guest_phys_addr: u64,
@@ -896,6 +914,8 @@ mod tests {
         assert_eq!(one(r), Some(MemoryError::FdTooSmall { region: r, file_size: 0x4000 }));
         // Exactly the file: accepted.
         assert_eq!(one(desc(0x1000, 0x1000, 0x1000, 0x3000)), None);
+        // The highest region whose exclusive end is still representable (2^64 - 1).
+        assert_eq!(desc(u64::MAX - 0x1000, 0x1000, 0, 0).validate(), Ok(0x1000));
 
         assert_eq!(GuestMemoryMap::from_table(&[], vec![]).err(), Some(MemoryError::NoRegions));
         assert_eq!(
@@ -1010,6 +1030,9 @@ mod tests {
         assert_eq!(map.remove_region(0x1000, 0x20_0000, 0x1000), Err(unknown(0x1000, 0x20_0000, 0x1000)));
         assert_eq!(map.remove_region(0x1000, 0x30_0000, 0x2000), Err(unknown(0x1000, 0x30_0000, 0x2000)));
         assert_eq!(map.remove_region(0x2000, 0x20_0000, 0x2000), Err(unknown(0x2000, 0x20_0000, 0x2000)));
+        // Triples that `validate` would refuse match no held region (family 15).
+        assert_eq!(map.remove_region(0x1000, 0x20_0000, 0), Err(unknown(0x1000, 0x20_0000, 0)));
+        assert_eq!(map.remove_region(u64::MAX, 0x20_0000, 2), Err(unknown(u64::MAX, 0x20_0000, 2)));
         assert_eq!(map.len(), 2);
 
         // A reader still holds the old table: the region stays mapped until it lets go.

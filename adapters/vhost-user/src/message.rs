@@ -10,10 +10,13 @@
 //! ## Trust model
 //! The front-end is untrusted (hostile-inputs families 12–16). Decoding is *structural*: exact
 //! payload sizes, the fd count each request carries, flag bits that must be zero, and address
-//! arithmetic that can be checked without device state (`gpa + size` etc. must not overflow).
-//! Values whose validity depends on device state — a vring index against the queue count, a
-//! `SET_VRING_NUM` size, ring addresses against the memory table — are decoded **untruncated**
-//! (indices stay `u32`, CVE-2020-10723) and checked later by the device.
+//! arithmetic of payloads that only this layer interprets (log, config and inflight ranges
+//! must not overflow). Values whose validity depends on device state — a vring index against
+//! the queue count, a `SET_VRING_NUM` size, ring addresses against the memory table — are
+//! decoded **untruncated** (indices stay `u32`, CVE-2020-10723) and checked later by the device.
+//! Memory regions are decoded as [`MemoryRegionDesc`] and passed on as received: their rules
+//! (size 0, `gpa + size` etc. overflowing) belong to [`MemoryRegionDesc::validate`], which the
+//! memory map applies to every region it is given, so they are not checked twice.
 //!
 //! File descriptors are owned ([`OwnedFd`]). [`FrontendMessage::decode`] consumes the
 //! `Vec<OwnedFd>` received with the message: fds that the request does not keep — surplus ones,
@@ -30,6 +33,8 @@
 
 use std::fmt;
 use std::os::fd::OwnedFd;
+
+use crate::memory::MemoryRegionDesc;
 
 // ---------------------------------------------------------------------------------------------
 // Header ("Message Specification" → "Header")
@@ -628,28 +633,24 @@ pub enum ReplyRule {
 // Payload structures ("Payload")
 // ---------------------------------------------------------------------------------------------
 
-/// "Memory region description": one region of front-end memory shared through an fd.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct MemoryRegion {
-    /// Guest physical address of the region's first byte.
-    pub guest_phys_addr: u64,
-    /// Size in bytes.
-    pub memory_size: u64,
-    /// Front-end virtual ("user") address of the region's first byte.
-    pub userspace_addr: u64,
-    /// Offset of the region's first byte in the fd.
-    pub mmap_offset: u64,
-}
-
-impl MemoryRegion {
-    /// Decodes the 32-byte wire form.
-    pub fn from_bytes(bytes: &[u8; MEMORY_REGION_SIZE]) -> MemoryRegion {
+/// The wire form of "Memory region description" (32 bytes: `guest_phys_addr`, `memory_size`,
+/// `userspace_addr`, `mmap_offset`, native byte order). The type is the memory map's own
+/// ([`MemoryRegionDesc`], one type from the wire to the map); only its encoding lives here,
+/// with the rest of the wire layout.
+impl MemoryRegionDesc {
+    /// Decodes the 32-byte wire form. No check: see [`MemoryRegionDesc::validate`].
+    pub fn from_bytes(bytes: &[u8; MEMORY_REGION_SIZE]) -> MemoryRegionDesc {
         let word = |i: usize| {
             let mut w = [0u8; 8];
             w.copy_from_slice(&bytes[i * 8..i * 8 + 8]);
             u64::from_ne_bytes(w)
         };
-        MemoryRegion { guest_phys_addr: word(0), memory_size: word(1), userspace_addr: word(2), mmap_offset: word(3) }
+        MemoryRegionDesc {
+            guest_phys_addr: word(0),
+            memory_size: word(1),
+            userspace_addr: word(2),
+            mmap_offset: word(3),
+        }
     }
 
     /// The 32-byte wire form.
@@ -660,52 +661,6 @@ impl MemoryRegion {
             out[i * 8..i * 8 + 8].copy_from_slice(&v.to_ne_bytes());
         }
         out
-    }
-
-    /// Decode-time sanity (family 15): `memory_size ≠ 0`, and `guest_phys_addr + memory_size`,
-    /// `userspace_addr + memory_size`, `mmap_offset + memory_size` all fit in 64 bits (the
-    /// exclusive end must be representable). Overlaps, fd sizes and slot limits need the
-    /// memory table and are checked by the memory module.
-    pub fn validate(&self) -> Result<(), MessageError> {
-        self.validate_fields(true)
-    }
-
-    fn validate_fields(&self, check_mmap_offset: bool) -> Result<(), MessageError> {
-        if self.memory_size == 0 {
-            return Err(MessageError::ZeroSizeRegion);
-        }
-        let mut fields =
-            vec![(RegionField::GuestPhysAddr, self.guest_phys_addr), (RegionField::UserspaceAddr, self.userspace_addr)];
-        if check_mmap_offset {
-            fields.push((RegionField::MmapOffset, self.mmap_offset));
-        }
-        for (field, base) in fields {
-            if base.checked_add(self.memory_size).is_none() {
-                return Err(MessageError::RegionOverflow { field, base, size: self.memory_size });
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Which field of a [`MemoryRegion`] overflows when the size is added.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum RegionField {
-    /// `guest_phys_addr + memory_size`.
-    GuestPhysAddr,
-    /// `userspace_addr + memory_size`.
-    UserspaceAddr,
-    /// `mmap_offset + memory_size`.
-    MmapOffset,
-}
-
-impl fmt::Display for RegionField {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            RegionField::GuestPhysAddr => "guest_phys_addr",
-            RegionField::UserspaceAddr => "userspace_addr",
-            RegionField::MmapOffset => "mmap_offset",
-        })
     }
 }
 
@@ -805,11 +760,11 @@ pub enum FrontendMessage {
     SetOwner,
     /// `RESET_OWNER` (deprecated).
     ResetOwner,
-    /// `SET_MEM_TABLE`: `1..=8` regions, each validated by [`MemoryRegion::validate`], and one
-    /// fd per region in the same order.
+    /// `SET_MEM_TABLE`: `1..=8` regions as received, and one fd per region in the same order.
+    /// The memory map validates the regions ([`MemoryRegionDesc::validate`]).
     SetMemTable {
         /// The regions.
-        regions: Vec<MemoryRegion>,
+        regions: Vec<MemoryRegionDesc>,
         /// `fds[i]` backs `regions[i]`.
         fds: Vec<OwnedFd>,
     },
@@ -960,18 +915,19 @@ pub enum FrontendMessage {
     },
     /// `GET_MAX_MEM_SLOTS`.
     GetMaxMemSlots,
-    /// `ADD_MEM_REG`: a validated region and its fd.
+    /// `ADD_MEM_REG`: a region as received (validated by the memory map) and its fd.
     AddMemReg {
         /// The region.
-        region: MemoryRegion,
+        region: MemoryRegionDesc,
         /// The memory.
         fd: OwnedFd,
     },
     /// `REM_MEM_REG`: identified by guest address, user address and size ("The mmap offset is
-    /// ignored"). An fd sent with it has already been closed.
+    /// ignored"). An fd sent with it has already been closed. Not validated: it names a region
+    /// the map already holds, so a size 0 or an overflowing end matches none.
     RemMemReg {
         /// The region.
-        region: MemoryRegion,
+        region: MemoryRegionDesc,
     },
     /// `SET_STATUS`: the virtio device status byte (the `u64` payload must fit in 8 bits).
     SetStatus(u8),
@@ -1161,17 +1117,10 @@ impl FrontendMessage {
             Request::VringKick => FrontendMessage::VringKick { index: r.u32()? },
             Request::GetMaxMemSlots => FrontendMessage::GetMaxMemSlots,
             Request::AddMemReg => {
-                let region = r.single_region()?;
-                region.validate()?;
-                FrontendMessage::AddMemReg { region, fd: take_one(request, &mut fds)? }
+                FrontendMessage::AddMemReg { region: r.single_region()?, fd: take_one(request, &mut fds)? }
             }
-            Request::RemMemReg => {
-                let region = r.single_region()?;
-                // The mmap offset is ignored for REM_MEM_REG, so it is not range-checked.
-                region.validate_fields(false)?;
-                // `fds` holds at most one fd here; it is closed when `fds` drops below.
-                FrontendMessage::RemMemReg { region }
-            }
+            // `fds` holds at most one fd here; it is closed when `fds` drops below.
+            Request::RemMemReg => FrontendMessage::RemMemReg { region: r.single_region()? },
             Request::SetStatus => {
                 let value = r.u64()?;
                 let status = u8::try_from(value).map_err(|_| MessageError::InvalidStatus(value))?;
@@ -1259,9 +1208,7 @@ fn decode_mem_table(r: &mut Reader<'_>, fds: Vec<OwnedFd>) -> Result<FrontendMes
     }
     let mut regions = Vec::with_capacity(count);
     for _ in 0..count {
-        let region = MemoryRegion::from_bytes(&r.array::<MEMORY_REGION_SIZE>()?);
-        region.validate()?;
-        regions.push(region);
+        regions.push(MemoryRegionDesc::from_bytes(&r.array::<MEMORY_REGION_SIZE>()?));
     }
     Ok(FrontendMessage::SetMemTable { regions, fds })
 }
@@ -1344,9 +1291,9 @@ impl<'a> Reader<'a> {
     }
 
     /// "Single memory region description": `u64` padding, then the region.
-    fn single_region(&mut self) -> Result<MemoryRegion, MessageError> {
+    fn single_region(&mut self) -> Result<MemoryRegionDesc, MessageError> {
         let _padding = self.u64()?;
-        Ok(MemoryRegion::from_bytes(&self.array::<MEMORY_REGION_SIZE>()?))
+        Ok(MemoryRegionDesc::from_bytes(&self.array::<MEMORY_REGION_SIZE>()?))
     }
 
     /// "Inflight description" (padding ignored).
@@ -1535,17 +1482,6 @@ pub enum MessageError {
         /// The value received.
         num_regions: u32,
     },
-    /// A memory region with `memory_size == 0` (family 15).
-    ZeroSizeRegion,
-    /// A memory region whose end overflows 64 bits (family 15).
-    RegionOverflow {
-        /// The field the size was added to.
-        field: RegionField,
-        /// That field's value.
-        base: u64,
-        /// `memory_size`.
-        size: u64,
-    },
     /// `GET_CONFIG`/`SET_CONFIG` `size` exceeds [`MAX_CONFIG_SIZE`] or differs from the bytes
     /// that follow the config header.
     ConfigSize {
@@ -1624,10 +1560,6 @@ impl fmt::Display for MessageError {
             MessageError::RegionCount { num_regions } => {
                 write!(f, "memory table with {num_regions} regions (must be 1 to {MAX_MEM_REGIONS})")
             }
-            MessageError::ZeroSizeRegion => f.write_str("memory region of size 0"),
-            MessageError::RegionOverflow { field, base, size } => {
-                write!(f, "memory region {field} {base:#x} + size {size:#x} overflows 64 bits")
-            }
             MessageError::ConfigSize { request, size, data } => {
                 write!(f, "{request}: config size {size} with {data} data bytes (maximum {MAX_CONFIG_SIZE})")
             }
@@ -1658,6 +1590,7 @@ impl std::error::Error for MessageError {}
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::memory::{GuestMemoryMap, MemoryError, OverflowField};
     use std::io::{ErrorKind, PipeWriter, Write};
 
     // --- helpers -----------------------------------------------------------------------------
@@ -1708,11 +1641,11 @@ mod tests {
         p
     }
 
-    fn region(gpa: u64, size: u64, uaddr: u64, off: u64) -> MemoryRegion {
-        MemoryRegion { guest_phys_addr: gpa, memory_size: size, userspace_addr: uaddr, mmap_offset: off }
+    fn region(gpa: u64, size: u64, uaddr: u64, off: u64) -> MemoryRegionDesc {
+        MemoryRegionDesc { guest_phys_addr: gpa, memory_size: size, userspace_addr: uaddr, mmap_offset: off }
     }
 
-    fn mem_table_payload(num_regions: u32, regions: &[MemoryRegion]) -> Vec<u8> {
+    fn mem_table_payload(num_regions: u32, regions: &[MemoryRegionDesc]) -> Vec<u8> {
         let mut p = num_regions.to_ne_bytes().to_vec();
         p.extend_from_slice(&0u32.to_ne_bytes());
         for r in regions {
@@ -1721,7 +1654,7 @@ mod tests {
         p
     }
 
-    fn single_region_payload(r: &MemoryRegion) -> Vec<u8> {
+    fn single_region_payload(r: &MemoryRegionDesc) -> Vec<u8> {
         let mut p = 0u64.to_ne_bytes().to_vec();
         p.extend_from_slice(&r.to_bytes());
         p
@@ -1741,7 +1674,7 @@ mod tests {
         p
     }
 
-    fn good_region() -> MemoryRegion {
+    fn good_region() -> MemoryRegionDesc {
         region(0, 0x4000_0000, 0x7f00_0000_0000, 0)
     }
 
@@ -2153,37 +2086,32 @@ mod tests {
         }
     }
 
+    /// Family 15, one owner: the decoder passes a region through as received and the memory
+    /// map refuses it with a typed [`MemoryError`], closing every fd.
     #[test]
-    fn mem_table_region_field_sanity() {
-        let cases = [
-            (region(0, 0, 0, 0), MessageError::ZeroSizeRegion),
-            (
-                region(u64::MAX - 0xfff, 0x1000, 0, 0),
-                MessageError::RegionOverflow {
-                    field: RegionField::GuestPhysAddr,
-                    base: u64::MAX - 0xfff,
-                    size: 0x1000,
-                },
-            ),
-            (
-                region(0, 0x1000, u64::MAX, 0),
-                MessageError::RegionOverflow { field: RegionField::UserspaceAddr, base: u64::MAX, size: 0x1000 },
-            ),
-            (
-                region(0, 0x1000, 0, u64::MAX - 1),
-                MessageError::RegionOverflow { field: RegionField::MmapOffset, base: u64::MAX - 1, size: 0x1000 },
-            ),
+    fn mem_table_regions_decode_as_received_and_the_map_refuses_them() {
+        let bad = [
+            (region(0, 0, 0, 0), None),
+            (region(u64::MAX - 0xfff, 0x1000, 0, 0), Some(OverflowField::GuestPhysAddr)),
+            (region(0, 0x1000, u64::MAX, 0), Some(OverflowField::UserspaceAddr)),
+            (region(0, 0x1000, 0, u64::MAX - 1), Some(OverflowField::MmapOffset)),
         ];
-        for (bad, err) in cases {
+        for (bad, field) in bad {
             let (fds, mut w) = probes(2);
-            assert_eq!(
-                decode(Request::SetMemTable, &mem_table_payload(2, &[good_region(), bad]), fds).unwrap_err(),
-                err
-            );
+            let table = [good_region(), bad];
+            let Ok(FrontendMessage::SetMemTable { regions, fds }) =
+                decode(Request::SetMemTable, &mem_table_payload(2, &table), fds)
+            else {
+                panic!("{bad:?} must decode");
+            };
+            assert_eq!(regions, table);
+            let err = match field {
+                None => MemoryError::ZeroSize { region: bad },
+                Some(field) => MemoryError::Overflow { region: bad, field },
+            };
+            assert_eq!(GuestMemoryMap::from_table(&regions, fds).err(), Some(err));
             assert!(all_closed(&mut w));
         }
-        // The largest region that still ends inside the address space is accepted.
-        assert!(region(u64::MAX - 0x1000, 0x1000, 0, 0).validate().is_ok());
     }
 
     #[test]
@@ -2203,18 +2131,23 @@ mod tests {
             decode(Request::AddMemReg, &single_region_payload(&r), vec![]).unwrap_err(),
             MessageError::FdCount { request: Request::AddMemReg, expected: 1, got: 0 }
         );
-        let (fds, mut w) = probes(1);
-        assert!(matches!(
-            decode(Request::AddMemReg, &single_region_payload(&region(0, 0x1000, 0, u64::MAX)), fds),
-            Err(MessageError::RegionOverflow { field: RegionField::MmapOffset, .. })
-        ));
-        assert!(all_closed(&mut w));
-        let (fds, mut w) = probes(1);
-        assert_eq!(
-            decode(Request::AddMemReg, &single_region_payload(&region(0, 0, 0, 0)), fds).unwrap_err(),
-            MessageError::ZeroSizeRegion
-        );
-        assert!(all_closed(&mut w));
+        // Decoded as received; the map refuses it before looking at the fd, and closes it.
+        let overflow = region(0, 0x1000, 0, u64::MAX);
+        let zero = region(0, 0, 0, 0);
+        for (bad, err) in [
+            (overflow, MemoryError::Overflow { region: overflow, field: OverflowField::MmapOffset }),
+            (zero, MemoryError::ZeroSize { region: zero }),
+        ] {
+            let (fds, mut w) = probes(1);
+            let Ok(FrontendMessage::AddMemReg { region, fd }) =
+                decode(Request::AddMemReg, &single_region_payload(&bad), fds)
+            else {
+                panic!("{bad:?} must decode");
+            };
+            assert_eq!(region, bad);
+            assert_eq!(GuestMemoryMap::new(MAX_MEM_REGIONS).add_region(region, fd), Err(err));
+            assert!(all_closed(&mut w));
+        }
     }
 
     #[test]
@@ -2233,9 +2166,12 @@ mod tests {
             MessageError::FdCount { request: Request::RemMemReg, expected: 1, got: 2 }
         );
         assert!(all_closed(&mut w));
+        // An overflowing region decodes as received; it names no region the map can hold
+        // (`GuestMemoryMap::remove_region` answers `UnknownRegion`).
+        let bad = region(u64::MAX, 2, 0, 0);
         assert!(matches!(
-            decode(Request::RemMemReg, &single_region_payload(&region(u64::MAX, 2, 0, 0)), vec![]),
-            Err(MessageError::RegionOverflow { field: RegionField::GuestPhysAddr, .. })
+            decode(Request::RemMemReg, &single_region_payload(&bad), vec![]),
+            Ok(FrontendMessage::RemMemReg { region }) if region == bad
         ));
     }
 

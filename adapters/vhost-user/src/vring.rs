@@ -22,6 +22,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use virtq::avail::AvailIndexError;
+use virtq::queue::{validate_size, MAX_QUEUE_SIZE};
 use virtq::{DetachedQueue, QueueConfig, QueueError, SplitQueue, VirtioFeatures};
 
 use crate::memory::{fault, GuestMemoryMap, MemoryFault};
@@ -53,7 +54,8 @@ impl std::fmt::Display for RingFault {
 /// Why a vring request was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VringError {
-    /// `SET_VRING_NUM` with 0, a non-power of two, or more than 32768 (family 17).
+    /// `SET_VRING_NUM` with 0, a non-power of two, or more than 32768 (family 17; the rule is
+    /// the core's [`validate_size`], §2.7). Holds the value as received, untruncated.
     InvalidSize(u32),
     /// `SET_VRING_BASE` above 0xffff (family 17).
     InvalidBase(u32),
@@ -70,7 +72,7 @@ pub enum VringError {
 impl std::fmt::Display for VringError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            VringError::InvalidSize(n) => write!(f, "vring size {n} is not a power of two in 1..=32768"),
+            VringError::InvalidSize(n) => write!(f, "vring size {n} is not a power of two in 1..={MAX_QUEUE_SIZE}"),
             VringError::InvalidBase(b) => write!(f, "vring base {b} does not fit 16 bits"),
             VringError::Started => f.write_str("the ring is started"),
             VringError::CannotStart(why) => write!(f, "cannot start ring: {why}"),
@@ -302,15 +304,16 @@ impl Vring {
         self.lock().enabled
     }
 
-    /// `SET_VRING_NUM`.
+    /// `SET_VRING_NUM`: the size, judged by the core's rule ([`validate_size`], §2.7). The
+    /// wire field is a `u32`; a value above `u16::MAX` is refused as received, never truncated
+    /// (65536 would wrap to 0, 0x1_0040 to the valid 64).
     pub fn set_num(&mut self, num: u32) -> Result<(), VringError> {
-        if num == 0 || num > 32768 || !num.is_power_of_two() {
-            return Err(VringError::InvalidSize(num));
-        }
+        let size = u16::try_from(num).map_err(|_| VringError::InvalidSize(num))?;
+        validate_size(size).map_err(|_| VringError::InvalidSize(num))?;
         if self.started() {
             return Err(VringError::Started);
         }
-        self.num = Some(num as u16);
+        self.num = Some(size);
         Ok(())
     }
 
@@ -464,7 +467,8 @@ mod tests {
     #[test]
     fn size_and_base_are_validated_without_truncation() {
         let mut v = Vring::default();
-        for bad in [0u32, 3, 65536, 32768 * 2, u32::MAX] {
+        // 0x1_0040 and 0x1_8000 truncate to valid sizes (64, 32768).
+        for bad in [0u32, 3, 32767, 65535, 65536, 0x1_0040, 0x1_8000, u32::MAX] {
             assert_eq!(v.set_num(bad), Err(VringError::InvalidSize(bad)));
         }
         assert_eq!(v.set_num(32768), Ok(()));
