@@ -43,6 +43,9 @@ step "clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo clippy -p virtq --all-targets --features defmt,testing --locked -- -D warnings
 
+step "rustdoc (warnings are errors: broken links, missing docs)"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace --locked
+
 step "MSRV: the core and the vhost-user library build with Rust 1.87"
 cargo +1.87 build -q -p virtq --features defmt,testing --locked
 cargo +1.87 build -q -p virtq-vhost-user --locked

@@ -5,7 +5,7 @@
 //! The walk is bounded without any allocation: each table (the queue's descriptor table, or one
 //! indirect table) may be visited at most as many times as it has entries, which rejects loops
 //! of any shape, including a zero-length self-loop (hostile-inputs family 2). Every descriptor is
-//! copied out once ([`crate::desc::read_descriptor`]) before its fields are checked.
+//! copied out once (`desc::read_descriptor`, with single atomic loads) before its fields are checked.
 
 use core::fmt;
 use core::marker::PhantomData;

@@ -32,7 +32,7 @@ bitflags! {
 
 /// `struct virtq_desc` exactly as the driver lays it out in guest memory (little-endian).
 /// Used by drivers (the test driver) to write tables; the device side reads with
-/// [`read_descriptor`] instead of referencing this type in guest memory.
+/// `read_descriptor` (atomic loads into a [`Descriptor`]) instead of referencing this type in guest memory.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
 pub struct RawDescriptor {
