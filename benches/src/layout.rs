@@ -7,8 +7,8 @@
 //! | offset   | what                                                         |
 //! |----------|--------------------------------------------------------------|
 //! | 0x0000   | descriptor table, 256 × 16 B                                 |
-//! | 0x1000   | avail ring: flags, idx, ring[256], used_event (518 B)        |
-//! | 0x2000   | used ring: flags, idx, ring[256] × 8 B, avail_event (2054 B) |
+//! | 0x1000   | avail ring: flags, idx, ring\[256\], used_event (518 B)        |
+//! | 0x2000   | used ring: flags, idx, ring\[256\] × 8 B, avail_event (2054 B) |
 //! | 0x3000   | indirect tables, 256 × 64 B (only `indirect4`)               |
 //! | 0x8000.. | data buffers, each 64-byte aligned and padded, never shared  |
 

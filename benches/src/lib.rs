@@ -96,7 +96,7 @@ pub struct Setup {
     pub mem_size: usize,
     /// Descriptor table (16-byte aligned; here 4 KiB aligned).
     pub desc_table: u64,
-    /// Avail ring: flags, idx, ring[queue_size], used_event.
+    /// Avail ring: flags, idx, ring\[queue_size\], used_event.
     pub avail_ring: u64,
     /// Used ring: flags, idx, ring[queue_size], avail_event.
     pub used_ring: u64,
