@@ -98,7 +98,7 @@ pub struct Setup {
     pub desc_table: u64,
     /// Avail ring: flags, idx, ring\[queue_size\], used_event.
     pub avail_ring: u64,
-    /// Used ring: flags, idx, ring[queue_size], avail_event.
+    /// Used ring: flags, idx, ring\[queue_size\], avail_event.
     pub used_ring: u64,
     /// Negotiated queue size (256).
     pub queue_size: u16,
