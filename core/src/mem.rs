@@ -71,6 +71,18 @@ impl fmt::Display for MemError {
 /// accessed through Rust references elsewhere in this process (only raw-pointer, atomic or
 /// volatile access, because the guest may write it concurrently). The core checks alignment of
 /// the returned pointers itself.
+///
+/// # Memory that can be taken away
+/// "Valid for reads and writes" means an access never faults, even if whoever provides the
+/// memory withdraws it while the borrow lives (a vhost-user front-end that shrinks the file
+/// backing guest RAM, a PCIe window that goes away). A translator over such memory must make
+/// the access complete anyway, for example by putting zero pages in its place the moment it
+/// faults (`virtq-vhost-user`'s `memory::fault` does that for `SIGBUS`), and must tell its
+/// owner out of band, so that the owner stops the device. It may not promise that the bytes
+/// read are the guest's: the core already treats every byte of guest memory as hostile, so
+/// zeroes (an empty available ring, a zero descriptor) only ever produce a typed error or an
+/// empty ring, never an access outside the translated ranges. A translator must never unmap
+/// memory it has handed out while the `&self` borrow lives.
 pub unsafe trait GuestMemory {
     /// Translates guest address `addr` for an access of up to `len` bytes (`len >= 1`).
     fn translate(&self, addr: u64, len: u64) -> Result<HostRange, MemError>;
