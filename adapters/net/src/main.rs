@@ -88,6 +88,13 @@ struct Args {
     #[arg(long)]
     busy_poll: bool,
 
+    /// Refuse guest memory that the front-end could shrink under the device: every region
+    /// must be a memfd sealed with F_SEAL_SHRINK (QEMU's memory-backend-memfd seals by
+    /// default; DPDK's virtio-user does not). Without it, a region whose file shrinks stops
+    /// only its own port.
+    #[arg(long)]
+    require_sealed_memory: bool,
+
     /// Print per-port and per-queue statistics every N seconds (0: only at exit and on
     /// SIGUSR1).
     #[arg(long, default_value_t = 0, value_name = "SECS")]
@@ -407,8 +414,10 @@ fn run(args: Args) -> Result<(), String> {
         };
         let control =
             tap.iter().map(|q| q.try_clone()).collect::<Result<Vec<_>, _>>().map_err(|e| format!("TAP: {e}"))?;
+        let mut config = device_config(spec, i);
+        config.require_sealed_memory = args.require_sealed_memory;
         let dev = backend
-            .add_device(&name, device_config(spec, i), socket, Box::new(PortHandler::new(control)))
+            .add_device(&name, config, socket, Box::new(PortHandler::new(control)))
             .map_err(|e| format!("{name}: {e}"))?;
         info!("{name}: {:?} back-end, {} queue pair(s)", spec.backend, spec.queues);
         ports.push(Port::Vhost { dev, backend: spec.backend.clone(), tap });

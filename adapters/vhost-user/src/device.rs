@@ -89,6 +89,10 @@ pub struct DeviceConfig {
     pub net: NetConfig,
     /// Memory slots for `CONFIGURE_MEM_SLOTS`.
     pub max_mem_slots: usize,
+    /// Refuse guest memory that the front-end could shrink: every region must be a memfd
+    /// sealed with `F_SEAL_SHRINK` (QEMU's `memory-backend-memfd` seals by default). A lost
+    /// region then cannot happen at all, instead of costing the device ([`crate::memory::fault`]).
+    pub require_sealed_memory: bool,
 }
 
 impl DeviceConfig {
@@ -123,6 +127,7 @@ impl DeviceConfig {
             queue_pairs: 1,
             net: NetConfig::default(),
             max_mem_slots: DEFAULT_MAX_MEM_SLOTS,
+            require_sealed_memory: false,
         }
     }
 
@@ -374,11 +379,16 @@ impl VhostUserDevice {
         VirtioFeatures::from_bits_retain(self.acked_features)
     }
 
-    fn set_memory(&mut self, map: GuestMemoryMap) {
-        let unsealed = map.regions().iter().filter(|r| !r.shrink_sealed()).count();
-        if unsealed > 0 {
+    /// Installs a new memory table (refused, and unmapped, if it must be sealed and is not).
+    fn set_memory(&mut self, map: GuestMemoryMap) -> Result<(), RequestError> {
+        let unsealed: Vec<_> = map.regions().iter().filter(|r| !r.shrink_sealed()).map(|r| r.desc()).collect();
+        if let Some(&region) = unsealed.first() {
+            if self.config.require_sealed_memory {
+                return Err(RequestError::Memory(MemoryError::NotSealed { region }));
+            }
             debug!(
-                "vhost-user: {unsealed} of {} memory regions are not sealed against shrinking (F_SEAL_SHRINK)",
+                "vhost-user: {} of {} memory regions are not sealed against shrinking (F_SEAL_SHRINK)",
+                unsealed.len(),
                 map.len()
             );
         }
@@ -387,6 +397,7 @@ impl VhostUserDevice {
             v.set_memory(&map);
         }
         self.mem = Some(map);
+        Ok(())
     }
 
     fn apply(&mut self, msg: FrontendMessage) -> Result<Option<Vec<u8>>, RequestError> {
@@ -428,7 +439,7 @@ impl VhostUserDevice {
             M::SetMemTable { regions, fds } => {
                 let map = GuestMemoryMap::from_table(&regions, fds).map_err(RequestError::Memory)?;
                 debug!("vhost-user: memory table with {} regions", regions.len());
-                self.set_memory(map);
+                self.set_memory(map)?;
                 None
             }
             M::SetVringNum { index, num } => {
@@ -536,7 +547,7 @@ impl VhostUserDevice {
                     None => GuestMemoryMap::new(self.config.max_mem_slots),
                 };
                 map.add_region(region, fd).map_err(RequestError::Memory)?;
-                self.set_memory(map);
+                self.set_memory(map)?;
                 None
             }
             M::RemMemReg { region } => {
@@ -546,7 +557,7 @@ impl VhostUserDevice {
                 };
                 map.remove_region(region.guest_phys_addr, region.userspace_addr, region.memory_size)
                     .map_err(RequestError::Memory)?;
-                self.set_memory(map);
+                self.set_memory(map)?;
                 None
             }
             M::SetStatus(0) => {

@@ -247,6 +247,12 @@ pub enum MemoryError {
         /// The `errno` value.
         errno: i32,
     },
+    /// The region's fd is not a memfd sealed with `F_SEAL_SHRINK`, and the device requires
+    /// sealed memory (`DeviceConfig::require_sealed_memory`).
+    NotSealed {
+        /// The offending region.
+        region: MemoryRegionDesc,
+    },
     /// The process already maps [`fault::MAX_REGIONS`] regions, the most the `SIGBUS` handler
     /// can tell apart; a region it cannot protect is not mapped.
     FaultTableFull {
@@ -283,6 +289,9 @@ impl fmt::Display for MemoryError {
                 write!(f, "{region}: fd holds only {file_size:#x} bytes")
             }
             MemoryError::Mmap { region, errno } => write!(f, "{region}: mmap failed: {}", os(*errno)),
+            MemoryError::NotSealed { region } => {
+                write!(f, "{region}: not sealed against shrinking (F_SEAL_SHRINK), and sealed memory is required")
+            }
             MemoryError::FaultTableFull { region } => {
                 write!(f, "{region}: the process already maps {} guest memory regions", fault::MAX_REGIONS)
             }

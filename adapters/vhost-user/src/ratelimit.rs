@@ -7,6 +7,10 @@
 //! window says how many were suppressed.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+/// The `log` crate, for [`limited!`](crate::limited) in crates that do not depend on it.
+#[doc(hidden)]
+pub use log as __log;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -75,9 +79,9 @@ macro_rules! limited {
         static LIMIT: $crate::ratelimit::RateLimit = $crate::ratelimit::RateLimit::new();
         if let Some(suppressed) = LIMIT.check() {
             if suppressed > 0 {
-                log::$level!("{} ({} similar lines suppressed)", format_args!($($arg)+), suppressed);
+                $crate::ratelimit::__log::$level!("{} ({} similar lines suppressed)", format_args!($($arg)+), suppressed);
             } else {
-                log::$level!($($arg)+);
+                $crate::ratelimit::__log::$level!($($arg)+);
             }
         }
     }};

@@ -1494,6 +1494,59 @@ fn hugetlbfs_memory_truncated_under_running_rings_stops_only_that_device() {
     });
 }
 
+/// `require_sealed_memory`: a memory table whose memfd could shrink is refused (and unmapped,
+/// its fd closed); one sealed with F_SEAL_SHRINK starts, and the seal keeps the attack of
+/// `guest_memory_file_shrinking_*` from happening at all (ftruncate fails).
+#[test]
+fn sealed_memory_can_be_required() {
+    let _serial = shared();
+    let dir = std::env::temp_dir().join(format!("virtq-vu-hostile-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("sealed.sock");
+    let mut b = Backend::new().unwrap();
+    let config = DeviceConfig { require_sealed_memory: true, ..DeviceConfig::net_default() };
+    let net = b.add_device(
+        "sealed",
+        config,
+        SocketSpec::Server { path: path.clone(), mode: None },
+        Box::new(Counting::default()),
+    );
+    let net = net.unwrap();
+    let handle = b.handle();
+    let thread = thread::spawn(move || b.run().unwrap());
+
+    let name = uniq("unsealed");
+    let fe = Frontend::connect_named(&path, 2, 64, &name);
+    negotiate(&fe, PF_MQ, NET_FEATURES);
+    let fd = fe.ram.fd.as_raw_fd();
+    assert_ne!(fe.ack_status(SET_MEM_TABLE, &fe.mem_table_payload(), &[fd]), 0, "unsealed memory refused");
+    assert_ne!(kick_status(&fe, 0), 0, "no memory table: no ring");
+    wait(&format!("memfd {name} unmapped and closed"), || {
+        (fds_named(&name) == 1 && maps_named(&name) == 1).then_some(())
+    });
+    drop(fe);
+
+    let name = uniq("sealed");
+    let sock = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    let fe = Frontend::with_ram(sock, 2, 64, GuestRam::sealed(16 << 20, &name));
+    let mut g = Guest::new(&fe);
+    negotiate(&fe, PF_MQ, NET_FEATURES);
+    set_mem(&fe);
+    for i in 0..2 {
+        enable(&fe, i as u32);
+        configure_ring(&fe, i);
+        assert_eq!(kick_status(&fe, i), 0);
+    }
+    guest_tx(&mut g, &fe, &net, 2);
+    // SAFETY: our own memfd; the seal refuses the shrink.
+    assert_ne!(unsafe { libc::ftruncate(fe.ram.fd.as_raw_fd(), 0) }, 0, "a sealed memfd cannot shrink");
+    guest_tx(&mut g, &fe, &net, 1);
+    drop(g);
+    fe.hang_up();
+    handle.shutdown();
+    thread.join().unwrap();
+}
+
 #[test]
 fn a_ring_that_cannot_go_on_stops_once_and_restarts_when_set_up_again() {
     run_case("ring-fault", ring_fault_stops_once_and_restarts);

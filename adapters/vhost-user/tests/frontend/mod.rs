@@ -72,6 +72,23 @@ impl GuestRam {
         Self::from_fd(memfd(name, len), len)
     }
 
+    /// Guest RAM in a memfd sealed against shrinking and growing (`F_SEAL_SHRINK |
+    /// F_SEAL_GROW`), as QEMU's `memory-backend-memfd` makes it.
+    pub fn sealed(len: usize, name: &str) -> GuestRam {
+        let cname = std::ffi::CString::new(name).unwrap();
+        // SAFETY: memfd_create with a NUL-terminated name; the fd is owned at once.
+        let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+        // SAFETY: fresh fd owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: plain syscalls on our own fd.
+        unsafe {
+            assert_eq!(libc::ftruncate(fd.as_raw_fd(), len as i64), 0);
+            assert_eq!(libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW), 0);
+        }
+        Self::from_fd(fd, len)
+    }
+
     /// Guest RAM in a hugetlbfs memfd (`MFD_HUGETLB`, 2 MiB pages), or `None` where the machine
     /// has no free huge pages for `len` bytes.
     pub fn hugetlb(len: usize, name: &str) -> Option<GuestRam> {
