@@ -122,6 +122,11 @@ impl AvailRing {
         self.next_avail -= n;
     }
 
+    /// Whether `VIRTIO_F_EVENT_IDX` is in use (which suppression field the device writes).
+    pub fn event_idx(&self) -> bool {
+        self.event_idx
+    }
+
     /// Asks the driver not to kick (§2.7.10). Without EVENT_IDX sets `used.flags` to
     /// `NO_NOTIFY`; with EVENT_IDX the device must keep `used.flags` 0 and simply stops moving
     /// `avail_event`, so this does nothing.

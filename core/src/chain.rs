@@ -12,6 +12,7 @@ use core::marker::PhantomData;
 use core::ptr::NonNull;
 
 use crate::desc::{read_descriptor, DescFlags, DESC_SIZE};
+use crate::dirty::{log_host, WriteLog};
 use crate::mem::{copy_bytes, GuestMemory, MemError};
 
 /// Default capacity of a [`Chain`]'s segment list.
@@ -205,6 +206,19 @@ impl<'m, const N: usize> Chain<'m, N> {
             // segment is device-writable, so writing it is allowed (§2.7.5.1).
             unsafe { copy_bytes(data.as_ptr().add(done), seg.as_ptr().add(at), n) }
         })
+    }
+
+    /// Reports to `log`, as guest ranges of `mem` (the memory this chain was walked in), the
+    /// `len` bytes of the device-writable part from byte `offset` on: what a device that wrote
+    /// them through [`write_at`](Self::write_at) or the segments reports ([`crate::dirty`]).
+    pub fn log_written<M: GuestMemory + ?Sized, L: WriteLog>(&self, mem: &M, offset: usize, len: usize, log: &L) {
+        if !L::ENABLED {
+            return;
+        }
+        copy_segments(self.writable(), offset, len, |seg, at, n, _| {
+            // `at < seg.len()`: the pointer stays inside the segment.
+            log_host(mem, log, seg.as_ptr().wrapping_add(at), n)
+        });
     }
 }
 

@@ -15,6 +15,7 @@
 //! | [`event`] | 2.7.7, 2.7.10 | `vring_need_event` |
 //! | [`queue`] | 2.7 | a split queue: validated set-up + both halves + in-order batching |
 //! | [`features`] | 6, 5.1.3 | feature bits and negotiation |
+//! | [`dirty`] | — | write tracking: every guest range the device writes, for live migration |
 //! | [`net`] | 5.1.6 | virtio-net header, TX parse, RX placement, mergeable RX buffers |
 //!
 //! ## Trust model
@@ -34,6 +35,7 @@ mod log;
 pub mod avail;
 pub mod chain;
 pub mod desc;
+pub mod dirty;
 pub mod event;
 pub mod features;
 pub mod mem;
@@ -45,6 +47,7 @@ pub mod used;
 pub mod testing;
 
 pub use chain::{Chain, ChainError, Segment};
+pub use dirty::{NoLog, WriteLog};
 pub use features::VirtioFeatures;
 pub use mem::{GuestMemory, HostRange, MemError, Region, RegionTable};
 pub use queue::{DetachedQueue, PopError, QueueConfig, QueueError, SplitQueue};

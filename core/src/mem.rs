@@ -87,6 +87,14 @@ pub unsafe trait GuestMemory {
     /// Translates guest address `addr` for an access of up to `len` bytes (`len >= 1`).
     fn translate(&self, addr: u64, len: u64) -> Result<HostRange, MemError>;
 
+    /// The inverse of [`translate`](Self::translate): the guest address of host address
+    /// `host`, if it lies in memory this translator hands out. Write tracking
+    /// ([`crate::dirty`]) reports the buffers the device wrote with it; a translator that
+    /// answers `None` (the default) cannot have its buffer writes tracked.
+    fn guest_address(&self, _host: NonNull<u8>) -> Option<u64> {
+        None
+    }
+
     /// Translates `[addr, addr + len)` and requires it to be contiguous in host memory.
     /// Used for rings and indirect tables, which the core accesses as one array.
     fn translate_contiguous(&self, addr: u64, len: u64) -> Result<NonNull<u8>, MemError> {
@@ -107,6 +115,10 @@ unsafe impl<T: GuestMemory + ?Sized> GuestMemory for &T {
     #[inline]
     fn translate(&self, addr: u64, len: u64) -> Result<HostRange, MemError> {
         (**self).translate(addr, len)
+    }
+    #[inline]
+    fn guest_address(&self, host: NonNull<u8>) -> Option<u64> {
+        (**self).guest_address(host)
     }
 }
 
@@ -281,6 +293,15 @@ unsafe impl<const N: usize> GuestMemory for RegionTable<N> {
             return Err(MemError::Overflow { addr, len });
         }
         Err(MemError::Unmapped { addr })
+    }
+
+    #[inline]
+    fn guest_address(&self, host: NonNull<u8>) -> Option<u64> {
+        let h = host.as_ptr() as usize;
+        self.regions.iter().find_map(|r| {
+            let off = h.wrapping_sub(r.host.as_ptr() as usize) as u64;
+            (off < r.len).then(|| r.gpa + off)
+        })
     }
 }
 

@@ -15,6 +15,7 @@ use core::ptr::NonNull;
 use crate::avail::{AvailIndexError, AvailRing};
 use crate::chain::{walk, walk_pieces, Chain, ChainError, ChainLimits, DescTable, WalkSummary};
 use crate::desc::DESC_SIZE;
+use crate::dirty::{log_host, NoLog, WriteLog};
 use crate::features::VirtioFeatures;
 use crate::log::log_warn;
 use crate::mem::{copy_bytes, GuestMemory, MemError};
@@ -450,6 +451,14 @@ impl<'m, M: GuestMemory + ?Sized> SplitQueue<'m, M> {
     /// [`CopiedChain::writable_len`] tells its size.
     #[inline]
     pub fn pop_write(&mut self, data: &[u8]) -> Result<Option<CopiedChain>, PopError> {
+        self.pop_write_logged(data, &NoLog)
+    }
+
+    /// [`pop_write`](Self::pop_write), reporting every piece written to `log` as a guest
+    /// range ([`crate::dirty`]).
+    #[inline]
+    pub fn pop_write_logged<L: WriteLog>(&mut self, data: &[u8], log: &L) -> Result<Option<CopiedChain>, PopError> {
+        let mem = self.mem;
         let mut done = 0usize;
         let written = &mut done;
         // `move`: the visitor holds the slice by value.
@@ -459,6 +468,7 @@ impl<'m, M: GuestMemory + ?Sized> SplitQueue<'m, M> {
                 // SAFETY: as in `pop_read`, with `data[done..done + n]` as the source; the
                 // piece is device-writable, so writing it is allowed (§2.7.5.1).
                 unsafe { copy_bytes(data.as_ptr().add(*written), ptr.as_ptr(), n) };
+                log_host(mem, log, ptr.as_ptr(), n);
                 *written += n;
             }
             Ok(())
@@ -582,6 +592,29 @@ impl<'m, M: GuestMemory + ?Sized> SplitQueue<'m, M> {
             return matches!(self.q.avail.refresh(), Ok(0));
         }
         notify
+    }
+
+    /// [`publish`](Self::publish), reporting to `log` the used elements and `used.idx` it
+    /// wrote ([`crate::dirty`]).
+    #[must_use]
+    #[inline]
+    pub fn publish_logged<L: WriteLog>(&mut self, log: &L) -> bool {
+        let old = self.q.used.published();
+        let notify = self.publish();
+        self.q.used.log_published(old, log);
+        notify
+    }
+
+    /// Reports to `log` the notification-suppression field the device writes (§2.7.10):
+    /// `avail_event` with `VIRTIO_F_EVENT_IDX`, `used.flags` without. Call it after
+    /// [`disable_notifications`](Self::disable_notifications) or
+    /// [`enable_notifications`](Self::enable_notifications) while tracking writes.
+    pub fn log_suppression<L: WriteLog>(&self, log: &L) {
+        if self.q.avail.event_idx() {
+            log.used_ring(4 + 8 * self.size() as u64, 2);
+        } else {
+            log.used_ring(0, 2);
+        }
     }
 
     /// Asks the driver not to kick (§2.7.10).

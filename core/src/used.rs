@@ -12,6 +12,7 @@ use core::num::Wrapping;
 use core::ptr::NonNull;
 use core::sync::atomic::{fence, Ordering};
 
+use crate::dirty::WriteLog;
 use crate::event::vring_need_event;
 use crate::mem::{load_u16, store_u16, store_u32};
 
@@ -69,6 +70,30 @@ impl UsedRing {
     /// Number of elements written but not yet published.
     pub fn unpublished(&self) -> u16 {
         (self.next_used - self.published).0
+    }
+
+    /// `used.idx` as last published.
+    pub fn published(&self) -> u16 {
+        self.published.0
+    }
+
+    /// Reports to `log` what publishing from `old` to the current `used.idx` wrote: the used
+    /// elements of slots `old..idx` (one range, or two where they wrap around the ring) and
+    /// `used.idx`. With IN_ORDER batches the slots a batch skipped are reported too (a superset
+    /// inside the used ring).
+    pub fn log_published<L: WriteLog>(&self, old: u16, log: &L) {
+        let count = self.published.0.wrapping_sub(old) as u64;
+        if !L::ENABLED || count == 0 {
+            return;
+        }
+        let size = self.mask as u64 + 1;
+        let first = (old & self.mask) as u64;
+        let head = count.min(size - first);
+        log.used_ring(4 + 8 * first, 8 * head);
+        if count > head {
+            log.used_ring(4, 8 * (count - head).min(first));
+        }
+        log.used_ring(2, 2);
     }
 
     /// Writes one used element `{id: head, len}` (not yet visible to the driver: see

@@ -26,6 +26,7 @@ use zerocopy::IntoBytes;
 
 use super::header::*;
 use crate::chain::{Chain, DEFAULT_SEGMENTS};
+use crate::dirty::{log_host, NoLog, WriteLog};
 use crate::features::VirtioFeatures;
 use crate::log::log_warn;
 use crate::mem::{copy_bytes, store_header, GuestMemory};
@@ -174,7 +175,23 @@ pub fn receive<'m, M: GuestMemory + ?Sized, const N: usize>(
     header: &VirtioNetHdr,
     frame: &[u8],
 ) -> Result<RxOutcome, RxError> {
-    receive_with(queue, scratch, features, header, frame, |dst, hdr, hdr_len| {
+    receive_logged(queue, scratch, features, header, frame, &NoLog)
+}
+
+/// [`receive`], reporting every byte written into the guest's buffers (header, `num_buffers`,
+/// frame) to `log` as guest ranges ([`crate::dirty`]). The used ring is reported by
+/// [`SplitQueue::publish_logged`].
+#[inline(always)]
+pub fn receive_logged<'m, M: GuestMemory + ?Sized, L: WriteLog, const N: usize>(
+    queue: &mut SplitQueue<'m, M>,
+    scratch: &mut RxScratch<'m, N>,
+    features: VirtioFeatures,
+    header: &VirtioNetHdr,
+    frame: &[u8],
+    log: &L,
+) -> Result<RxOutcome, RxError> {
+    let mem = queue.memory();
+    receive_with(queue, scratch, features, header, frame, log, |dst, hdr, hdr_len| {
         // SAFETY: `receive_with` passes the start of a validated device-writable buffer,
         // valid for reads and writes of `hdr_len + frame.len()` bytes of guest memory for 'm
         // (GuestMemory contract; `hdr_len` is 10 or 12, as `store_header` needs); header and
@@ -183,6 +200,7 @@ pub fn receive<'m, M: GuestMemory + ?Sized, const N: usize>(
             store_header(hdr.as_bytes().as_ptr(), dst, hdr_len);
             copy_bytes(frame.as_ptr(), dst.add(hdr_len), frame.len());
         }
+        log_host(mem, log, dst, hdr_len + frame.len());
     })
 }
 
@@ -227,6 +245,7 @@ struct PendingCopy<'f> {
 /// one after the other behind the ring reads. Measured with `benches/vs-dpdk.sh` (rx64-mrg),
 /// see CHANGELOG. Nothing is visible to the driver before `publish`, so the order of the
 /// copies does not matter.
+#[inline(always)]
 pub fn receive_burst<'m, 'f, M: GuestMemory + ?Sized, const N: usize>(
     queue: &mut SplitQueue<'m, M>,
     scratch: &mut RxScratch<'m, N>,
@@ -234,15 +253,31 @@ pub fn receive_burst<'m, 'f, M: GuestMemory + ?Sized, const N: usize>(
     count: usize,
     frame: impl Fn(usize) -> (VirtioNetHdr, &'f [u8]),
 ) -> RxBurst {
+    receive_burst_logged(queue, scratch, features, count, frame, &NoLog)
+}
+
+/// [`receive_burst`], reporting every byte written into the guest's buffers to `log` as guest
+/// ranges ([`crate::dirty`]), each after its copy. The used ring is reported by
+/// [`SplitQueue::publish_logged`]. With [`NoLog`] this is `receive_burst`, instruction for
+/// instruction.
+pub fn receive_burst_logged<'m, 'f, M: GuestMemory + ?Sized, L: WriteLog, const N: usize>(
+    queue: &mut SplitQueue<'m, M>,
+    scratch: &mut RxScratch<'m, N>,
+    features: VirtioFeatures,
+    count: usize,
+    frame: impl Fn(usize) -> (VirtioNetHdr, &'f [u8]),
+    log: &L,
+) -> RxBurst {
+    let mem = queue.memory();
     let hdr_len = header_len(features);
     let mut out = RxBurst::default();
     let mut pending: heapless::Vec<PendingCopy<'f>, RX_BURST> = heapless::Vec::new();
     for i in 0..count {
         if pending.is_full() {
-            flush_copies(&mut pending, hdr_len);
+            flush_copies(&mut pending, hdr_len, mem, log);
         }
         let (header, f) = frame(i);
-        let placed = receive_with(queue, scratch, features, &header, f, |dst, hdr, _| {
+        let placed = receive_with(queue, scratch, features, &header, f, log, |dst, hdr, _| {
             // Cannot fail: a full list was flushed above, and one frame adds one entry.
             let _ = pending.push(PendingCopy { dst, hdr: *hdr, frame: f });
         });
@@ -261,13 +296,18 @@ pub fn receive_burst<'m, 'f, M: GuestMemory + ?Sized, const N: usize>(
             }
         }
     }
-    flush_copies(&mut pending, hdr_len);
+    flush_copies(&mut pending, hdr_len, mem, log);
     out
 }
 
-/// The deferred copies of [`receive_burst`].
+/// The deferred copies of [`receive_burst`], each reported to `log` once made.
 #[inline(always)]
-fn flush_copies(pending: &mut heapless::Vec<PendingCopy<'_>, RX_BURST>, hdr_len: usize) {
+fn flush_copies<M: GuestMemory + ?Sized, L: WriteLog>(
+    pending: &mut heapless::Vec<PendingCopy<'_>, RX_BURST>,
+    hdr_len: usize,
+    mem: &M,
+    log: &L,
+) {
     for p in pending.iter() {
         // SAFETY: `p.dst` came from `receive_with` during this burst: the start of a validated
         // device-writable buffer, valid for reads and writes of `hdr_len + p.frame.len()`
@@ -278,6 +318,7 @@ fn flush_copies(pending: &mut heapless::Vec<PendingCopy<'_>, RX_BURST>, hdr_len:
             store_header(p.hdr.as_bytes().as_ptr(), p.dst, hdr_len);
             copy_bytes(p.frame.as_ptr(), p.dst.add(hdr_len), p.frame.len());
         }
+        log_host(mem, log, p.dst, hdr_len + p.frame.len());
     }
     pending.clear();
 }
@@ -287,12 +328,13 @@ fn flush_copies(pending: &mut heapless::Vec<PendingCopy<'_>, RX_BURST>, hdr_len:
 /// header to write (`num_buffers` set) and `hdr_len`, after the chain was taken and its used
 /// entry written. Frames that take the general path are written before it returns.
 #[inline(always)]
-fn receive_with<'m, M: GuestMemory + ?Sized, const N: usize>(
+fn receive_with<'m, M: GuestMemory + ?Sized, L: WriteLog, const N: usize>(
     queue: &mut SplitQueue<'m, M>,
     scratch: &mut RxScratch<'m, N>,
     features: VirtioFeatures,
     header: &VirtioNetHdr,
     frame: &[u8],
+    log: &L,
     place: impl FnOnce(*mut u8, &VirtioNetHdr, usize),
 ) -> Result<RxOutcome, RxError> {
     let mut header = *header;
@@ -350,21 +392,23 @@ fn receive_with<'m, M: GuestMemory + ?Sized, const N: usize>(
             Err(e @ PopError::AvailIndex(_)) => return Err(RxError::Ring(e)),
         }
     }
-    receive_spread(queue, scratch, features, hdr, frame, out)
+    receive_spread(queue, scratch, features, hdr, frame, out, log)
 }
 
 /// [`receive`] for a packet that does not fit the first piece of the next chain: reserves as
 /// many chains as it needs (with MRG_RXBUF), then writes them. `out` holds what the fast path
 /// met before (malformed chains), `hdr` the header to write.
 #[inline(never)]
-fn receive_spread<'m, M: GuestMemory + ?Sized, const N: usize>(
+fn receive_spread<'m, M: GuestMemory + ?Sized, L: WriteLog, const N: usize>(
     queue: &mut SplitQueue<'m, M>,
     scratch: &mut RxScratch<'m, N>,
     features: VirtioFeatures,
     mut hdr: VirtioNetHdr,
     frame: &[u8],
     mut out: RxOutcome,
+    log: &L,
 ) -> Result<RxOutcome, RxError> {
+    let mem = queue.memory();
     let hdr_len = header_len(features);
     let total = hdr_len + frame.len();
     // `receive` checked that the total fits in u32.
@@ -431,6 +475,7 @@ fn receive_spread<'m, M: GuestMemory + ?Sized, const N: usize>(
         if scratch.used.len() > 1 {
             let start = capacity as usize - hdr_len;
             let n = scratch.cur.write_at(0, &frame[start.min(frame.len())..]);
+            scratch.cur.log_written(mem, 0, n, log);
             if let Some(last) = scratch.used.last_mut() {
                 last.1 = n as u32;
             }
@@ -444,6 +489,7 @@ fn receive_spread<'m, M: GuestMemory + ?Sized, const N: usize>(
     let first = &scratch.first;
     first.write_at(0, &hdr.as_bytes()[..hdr_len]);
     let n0 = first.write_at(hdr_len, &frame[..frame.len().min(first.writable_len() as usize - hdr_len)]);
+    first.log_written(mem, 0, hdr_len + n0, log);
     scratch.used[0].1 = (hdr_len + n0) as u32;
 
     for &(head, len) in scratch.used.iter() {

@@ -12,5 +12,7 @@ pub mod mergeable;
 pub mod tx;
 
 pub use header::{header_len, VirtioNetHdr, VirtioNetHdrLegacy};
-pub use mergeable::{receive, receive_burst, RxBurst, RxError, RxOutcome, RxScratch, RX_BURST};
+pub use mergeable::{
+    receive, receive_burst, receive_burst_logged, receive_logged, RxBurst, RxError, RxOutcome, RxScratch, RX_BURST,
+};
 pub use tx::{parse_tx, parse_tx_copied, TxError, TxPacket};
