@@ -375,6 +375,10 @@ impl VhostUserDevice {
     /// Hands every ring the dirty log to mark: the log of `SET_LOG_BASE` while
     /// `VHOST_F_LOG_ALL` is negotiated, otherwise none. The one place [`VringShared::log`] is
     /// written; called after every request that changes either (and after a reset).
+    ///
+    /// `VHOST_F_LOG_ALL` without a log is worth one warning, not an error: QEMU's
+    /// `vhost_dev_start` during a migration sends `SET_FEATURES` with it, starts the rings, and
+    /// only then `SET_LOG_BASE`.
     fn update_log(&mut self) {
         let log_all = self.acked_features & VHOST_F_LOG_ALL != 0;
         let log = self.log.as_ref().filter(|_| log_all);
@@ -386,7 +390,7 @@ impl VhostUserDevice {
                 self.log_missing_reported = true;
                 limited!(
                     warn,
-                    "vhost-user: VHOST_F_LOG_ALL negotiated without SET_LOG_BASE: the device's writes to guest memory are not logged; a migration relying on this log loses those pages (front-end bug)"
+                    "vhost-user: VHOST_F_LOG_ALL negotiated but no SET_LOG_BASE (yet): the device's writes to guest memory are not logged until one arrives; a front-end that migrates without sending one loses those pages (a front-end bug)"
                 );
             }
         } else {
