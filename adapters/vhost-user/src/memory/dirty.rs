@@ -22,7 +22,7 @@
 //! mmap_size` and its page rounding must not overflow, and the fd must be a regular file at
 //! least `mmap_offset + mmap_size` bytes long ([`LogError`]). After mapping, a bit for a page
 //! past the end of the log is never written, only counted ([`DirtyLog::pages_outside`]); and a
-//! log whose file shrinks under the mapping is registered with the [`fault`](super::fault)
+//! log whose file shrinks under the mapping is registered with the [`fault`]
 //! handler like guest memory, so the resulting `SIGBUS` turns the log into zero pages and a
 //! flag ([`DirtyLog::faulted`]) instead of killing the process.
 
