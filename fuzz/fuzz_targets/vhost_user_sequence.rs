@@ -1,6 +1,11 @@
 //! The back-end's protocol state machine driven by arbitrary message sequences with real fds
 //! (memfd regions, eventfds).
 //!
+//! Besides raw requests, steps build the dirty log messages of a migration with real memfds
+//! (`SET_LOG_BASE` of any size and offset over a file of any length, `SET_LOG_FD`, LOG_SHMFD
+//! and LOG_ALL negotiated, `SET_VRING_ADDR` with `VHOST_VRING_F_LOG`), which random bytes
+//! would rarely assemble.
+//!
 //! Invariants: no panic; after the device is reset and dropped, no fd and no mapping created
 //! for the run remains (memfds are named so that /proc/self/maps and /proc/self/fd lines can
 //! be attributed).
@@ -11,7 +16,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use virtq_vhost_user::device::{DeviceConfig, VhostUserDevice};
-use virtq_vhost_user::message::{FrontendMessage, Header};
+use virtq_vhost_user::message::{protocol_features as pf, FrontendMessage, Header, Request, VHOST_F_LOG_ALL};
 
 const NAME: &str = "virtq-fuzz-seq";
 
@@ -29,6 +34,23 @@ struct Msg {
     flags: u8,
     payload: Vec<u8>,
     fds: Vec<Fd>,
+}
+
+#[derive(Arbitrary, Debug)]
+enum Step {
+    /// Any request code, flags, payload and fds.
+    Raw(Msg),
+    /// SET_PROTOCOL_FEATURES with LOG_SHMFD (and REPLY_ACK), then SET_FEATURES of VERSION_1
+    /// and PROTOCOL_FEATURES, with or without LOG_ALL (also while rings run).
+    Negotiate { log_all: bool, reply_ack: bool },
+    /// SET_LOG_BASE: a log of `size` bytes at `offset` in a memfd of `pages` pages (0..16).
+    LogBase { size: u16, offset: u16, pages: u8, need_reply: bool },
+    /// SET_LOG_BASE with a description far out of range.
+    LogBaseHuge { size: u64, offset: u64, pages: u8 },
+    /// SET_LOG_FD with this fd.
+    LogFd(Fd),
+    /// SET_VRING_ADDR with VHOST_VRING_F_LOG (or not) and this log address.
+    VringAddrLog { index: u8, flags: u8, addrs: [u16; 3], log_guest_addr: u64 },
 }
 
 fn memfd(pages: u8) -> OwnedFd {
@@ -62,28 +84,69 @@ fn ours() -> (usize, usize) {
     (m, f)
 }
 
-fuzz_target!(|msgs: Vec<Msg>| {
+fn fd(f: &Fd) -> Option<OwnedFd> {
+    match f {
+        Fd::None => None,
+        Fd::Eventfd => Some(eventfd()),
+        Fd::Memfd(p) => Some(memfd(*p)),
+    }
+}
+
+/// Frames one request as the wire has it and hands it to the device through the decoder.
+fn send(dev: &mut VhostUserDevice, request: u32, flags: u32, payload: &[u8], fds: Vec<OwnedFd>) {
+    let mut h = [0u8; 12];
+    h[0..4].copy_from_slice(&request.to_ne_bytes());
+    h[4..8].copy_from_slice(&(1 | (flags & 0x8)).to_ne_bytes());
+    h[8..12].copy_from_slice(&(payload.len() as u32).to_ne_bytes());
+    let Ok(header) = Header::parse(&h) else { return };
+    let decoded = FrontendMessage::decode(&header, payload, fds);
+    let _ = dev.handle(&header, decoded);
+    let _ = dev.take_events();
+}
+
+fn u64s(values: &[u64]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_ne_bytes()).collect()
+}
+
+fuzz_target!(|steps: Vec<Step>| {
     let mut dev = VhostUserDevice::new(DeviceConfig::net_default());
-    for m in msgs.iter().take(32) {
-        let payload: Vec<u8> = m.payload.iter().copied().take(300).collect();
-        let mut h = [0u8; 12];
-        h[0..4].copy_from_slice(&(m.request as u32 % 48).to_ne_bytes());
-        h[4..8].copy_from_slice(&(1 | (m.flags as u32 & 0x8)).to_ne_bytes());
-        h[8..12].copy_from_slice(&(payload.len() as u32).to_ne_bytes());
-        let Ok(header) = Header::parse(&h) else { continue };
-        let fds: Vec<OwnedFd> = m
-            .fds
-            .iter()
-            .take(9)
-            .filter_map(|f| match f {
-                Fd::None => None,
-                Fd::Eventfd => Some(eventfd()),
-                Fd::Memfd(p) => Some(memfd(*p)),
-            })
-            .collect();
-        let decoded = FrontendMessage::decode(&header, &payload, fds);
-        let _ = dev.handle(&header, decoded);
-        let _ = dev.take_events();
+    for step in steps.iter().take(32) {
+        match step {
+            Step::Raw(m) => {
+                let payload: Vec<u8> = m.payload.iter().copied().take(300).collect();
+                let fds = m.fds.iter().take(9).filter_map(fd).collect();
+                send(&mut dev, m.request as u32 % 48, m.flags as u32, &payload, fds);
+            }
+            Step::Negotiate { log_all, reply_ack } => {
+                let protocol = pf::LOG_SHMFD | if *reply_ack { pf::REPLY_ACK } else { 0 };
+                send(&mut dev, Request::SetProtocolFeatures as u32, 0, &u64s(&[protocol]), vec![]);
+                let features = (1 << 32) | (1 << 30) | if *log_all { VHOST_F_LOG_ALL } else { 0 };
+                send(&mut dev, Request::SetFeatures as u32, 0, &u64s(&[features]), vec![]);
+            }
+            Step::LogBase { size, offset, pages, need_reply } => {
+                let flags = if *need_reply { 0x8 } else { 0 };
+                let payload = u64s(&[u64::from(*size), u64::from(*offset)]);
+                send(&mut dev, Request::SetLogBase as u32, flags, &payload, vec![memfd(*pages)]);
+            }
+            Step::LogBaseHuge { size, offset, pages } => {
+                send(&mut dev, Request::SetLogBase as u32, 0, &u64s(&[*size, *offset]), vec![memfd(*pages)]);
+            }
+            Step::LogFd(f) => {
+                send(&mut dev, Request::SetLogFd as u32, 0, &[], fd(f).into_iter().collect());
+            }
+            Step::VringAddrLog { index, flags, addrs, log_guest_addr } => {
+                let mut p = (u32::from(*index) % 4).to_ne_bytes().to_vec();
+                p.extend_from_slice(&u32::from(*flags).to_ne_bytes());
+                let [desc, used, avail] = addrs.map(u64::from);
+                p.extend_from_slice(&u64s(&[desc, used, avail, *log_guest_addr]));
+                send(&mut dev, Request::SetVringAddr as u32, 0, &p, vec![]);
+            }
+        }
+        // What the data path would mark, where logging is on.
+        if let Some(log) = dev.dirty_log() {
+            log.mark(0, 0x10_0000);
+            log.mark(u64::MAX - 0xfff, 0x2000);
+        }
     }
     dev.reset();
     drop(dev);

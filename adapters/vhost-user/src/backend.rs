@@ -239,9 +239,17 @@ impl Backend {
 
     /// Stops every device whose guest memory lost its pages, once per fault: one log line, the
     /// rings' error eventfds (in `check_memory`), and a config change message where the
-    /// front-end negotiated the back-end channel.
+    /// front-end negotiated the back-end channel. A dirty log that lost its pages costs one
+    /// log line and nothing else (the device keeps running, unlogged).
     fn memory_faults(&mut self) {
         for slot in &mut self.slots {
+            if let Some(addr) = slot.device.check_log() {
+                limited!(
+                    error,
+                    "vhost-user {}: the dirty log's file shrank under the mapping (SIGBUS at {addr:#x}); the device's writes are no longer logged, so a migration in progress loses pages until the front-end sends a new SET_LOG_BASE",
+                    slot.net.name()
+                );
+            }
             let Some(f) = slot.device.check_memory() else { continue };
             limited!(
                 error,

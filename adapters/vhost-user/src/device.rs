@@ -16,6 +16,28 @@
 //! and the request set `NEED_REPLY` ("Communication"); requests with a mandatory reply get
 //! their reply regardless.
 //!
+//! `SET_LOG_BASE` is the exception to the REPLY_ACK rule: with `LOG_SHMFD` negotiated its
+//! reply is mandatory, and QEMU reads only the reply's request code, not a status. A refused
+//! log (a file too small for `mmap_offset + mmap_size`, an overflowing description, size 0:
+//! [`crate::memory::dirty::LogError`]) therefore closes the connection, so that the front-end
+//! fails the migration instead of running it without a log.
+//!
+//! ## Dirty page logging (vhost-user.rst "Migration")
+//! - `SET_LOG_BASE` (only with `LOG_SHMFD` negotiated) maps a new [`DirtyLog`] and answers
+//!   with a `u64` 0; the previous log is unmapped once no ring holds it. `SET_LOG_FD` keeps its
+//!   eventfd ([`VhostUserDevice::log_fd`]), closing the previous one.
+//! - The data path finds the log in [`VringShared::log`]: `Some` exactly while
+//!   `VHOST_F_LOG_ALL` is negotiated and a log is set. `SET_FEATURES` may switch
+//!   `VHOST_F_LOG_ALL` on and off while rings run (every other change is still refused), and
+//!   `SET_VRING_ADDR` may switch `VHOST_VRING_F_LOG` on a started ring if its addresses stay
+//!   the same ([`VringShared::log_guest_addr`]). `VHOST_F_LOG_ALL` without a log logs one
+//!   warning: nothing is marked, and a migration relying on it loses pages.
+//! - Disconnect and `RESET_DEVICE` unmap the log and close the log fd; `SET_STATUS` 0 keeps
+//!   them (they belong to the migration) but clears `VHOST_F_LOG_ALL` with the other features.
+//! - A log whose file shrinks under the mapping is caught like guest memory
+//!   ([`crate::memory::fault`]): one log line ([`VhostUserDevice::check_log`]), nothing more
+//!   is marked, the device keeps running.
+//!
 //! ## Device status (`VHOST_USER_PROTOCOL_F_STATUS`)
 //! - `SET_STATUS` 0 is a device reset (§2.1: "Writing 0 into this field resets the device"):
 //!   every ring stops and is disabled, negotiated features are forgotten, and the device
@@ -38,11 +60,12 @@ use log::debug;
 use virtq::VirtioFeatures;
 
 use crate::limited;
+use crate::memory::dirty::{DirtyLog, LogError};
 use crate::memory::{GuestMemoryMap, MemoryError, MemoryFault, DEFAULT_MAX_MEM_SLOTS};
 use crate::message::{
     encode_ack, encode_backend_request, encode_get_config_error, encode_get_config_reply, encode_get_status_reply,
     encode_u64_reply, encode_vring_state_reply, protocol_features as pf, FrontendMessage, Header, MessageError,
-    Request, BACKEND_CONFIG_CHANGE_MSG, VHOST_USER_F_PROTOCOL_FEATURES,
+    Request, BACKEND_CONFIG_CHANGE_MSG, VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES, VRING_F_LOG,
 };
 use crate::vring::{RingFault, Vring, VringAddrs, VringError, VringShared};
 
@@ -98,6 +121,10 @@ pub struct DeviceConfig {
 impl DeviceConfig {
     /// The features a virtio-net back-end on this library supports by default.
     ///
+    /// Live migration: `VHOST_F_LOG_ALL` and `LOG_SHMFD` are offered, so that a front-end can
+    /// have the device's writes logged ([`crate::memory::dirty`]); the data path marks the log
+    /// it finds in [`VringShared::log`].
+    ///
     /// `VIRTIO_F_IN_ORDER` (§2.7.8.2) is offered because [`crate::net::NetDevice`] uses every
     /// buffer in the order it was made available (bad chains included: they are completed
     /// with len 0 in place). A driver that negotiates it (DPDK virtio-user) recycles its
@@ -113,10 +140,12 @@ impl DeviceConfig {
                 | VirtioFeatures::NET_MAC
                 | VirtioFeatures::NET_MTU
                 | VirtioFeatures::NET_STATUS
-                | VirtioFeatures::NOTIFY_ON_EMPTY,
-            // Each of these is honoured end to end (see the module documentation). `RARP` and
-            // `LOG_SHMFD` come with live migration.
+                | VirtioFeatures::NOTIFY_ON_EMPTY
+                | VirtioFeatures::from_bits_retain(VHOST_F_LOG_ALL),
+            // Each of these is honoured end to end (see the module documentation). `RARP`
+            // (announcing the guest after migration) is not offered yet.
             protocol_features: pf::MQ
+                | pf::LOG_SHMFD
                 | pf::REPLY_ACK
                 | pf::CONFIG
                 | pf::STATUS
@@ -172,8 +201,14 @@ pub enum RequestError {
     /// `SET_FEATURES` that the virtio rules refuse: a bit not offered, or a feature without
     /// one it depends on (§5.1.3.1).
     Features(virtq::features::FeatureError),
-    /// `SET_FEATURES` while rings are started (family 18).
+    /// `SET_FEATURES` while rings are started that changes more than `VHOST_F_LOG_ALL`
+    /// (family 18).
     FeaturesWhileStarted,
+    /// A request that needs a protocol feature the front-end did not negotiate
+    /// (`SET_LOG_BASE` without `LOG_SHMFD`).
+    NotNegotiated(Request),
+    /// The dirty log of `SET_LOG_BASE` was refused (family 16).
+    Log(LogError),
     /// A vring request failed.
     Vring(VringError),
     /// The memory table was rejected.
@@ -193,7 +228,11 @@ impl std::fmt::Display for RequestError {
             RequestError::VringIndex(i) => write!(f, "vring index {i} out of range"),
             RequestError::FeaturesNotOffered(b) => write!(f, "features {b:#x} were not offered"),
             RequestError::Features(e) => write!(f, "{e}"),
-            RequestError::FeaturesWhileStarted => f.write_str("SET_FEATURES while rings are started"),
+            RequestError::FeaturesWhileStarted => {
+                f.write_str("SET_FEATURES changing more than VHOST_F_LOG_ALL while rings are started")
+            }
+            RequestError::NotNegotiated(r) => write!(f, "{r} needs a protocol feature that was not negotiated"),
+            RequestError::Log(e) => write!(f, "{e}"),
             RequestError::Vring(e) => write!(f, "{e}"),
             RequestError::Memory(e) => write!(f, "{e}"),
             RequestError::NotSupported(r) => write!(f, "{r} is not supported"),
@@ -227,6 +266,15 @@ pub struct VhostUserDevice {
     status: u8,
     /// The memory fault already reported by [`check_memory`](Self::check_memory).
     memory_fault: Option<MemoryFault>,
+    /// The dirty log of the last `SET_LOG_BASE` (vhost-user.rst "Migration"). Handed to the
+    /// rings only while `VHOST_F_LOG_ALL` is negotiated ([`update_log`](Self::update_log)).
+    log: Option<Arc<DirtyLog>>,
+    /// `SET_LOG_FD`: the eventfd "to inform the front-end that the log has been modified".
+    log_fd: Option<OwnedFd>,
+    /// The log's fault was reported by [`check_log`](Self::check_log).
+    log_fault_reported: bool,
+    /// `VHOST_F_LOG_ALL` without a log was reported (once until either changes).
+    log_missing_reported: bool,
     ready: bool,
     events: Vec<DeviceEvent>,
 }
@@ -245,6 +293,10 @@ impl VhostUserDevice {
             backend_req: None,
             status: 0,
             memory_fault: None,
+            log: None,
+            log_fd: None,
+            log_fault_reported: false,
+            log_missing_reported: false,
             ready: false,
             events: Vec::new(),
         }
@@ -276,7 +328,7 @@ impl VhostUserDevice {
     }
 
     /// Back to the initial state (disconnect, `RESET_DEVICE`): rings stopped, fds closed,
-    /// memory unmapped once the data path lets go of it.
+    /// memory and dirty log unmapped once the data path lets go of them.
     pub fn reset(&mut self) {
         for v in &mut self.vrings {
             v.reset();
@@ -286,9 +338,64 @@ impl VhostUserDevice {
         self.acked_protocol = 0;
         self.mem = None;
         self.memory_fault = None;
+        self.log = None;
+        self.log_fd = None;
         self.backend_req = None;
         self.status = 0;
+        self.update_log();
         self.update_ready();
+    }
+
+    /// The dirty log the data path marks, if logging is on: the one in every ring's
+    /// [`VringShared::log`].
+    pub fn dirty_log(&self) -> Option<&Arc<DirtyLog>> {
+        self.log.as_ref().filter(|_| self.acked_features & VHOST_F_LOG_ALL != 0)
+    }
+
+    /// The eventfd of `SET_LOG_FD`, if any: signal it after marking the log to "inform the
+    /// front-end that the log has been modified" (optional; QEMU does not send one).
+    pub fn log_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.log_fd.as_ref().map(|fd| fd.as_fd())
+    }
+
+    /// Looks for a dirty log whose file shrank under its mapping ([`crate::memory::fault`]);
+    /// call it when the fault handler signals. Returns the faulting host address the first
+    /// time, for the caller to log: from then on nothing is logged, so a migration in
+    /// progress loses the pages the device writes (the front-end truncated its own log). The
+    /// rings keep running; a new `SET_LOG_BASE` brings logging back.
+    pub fn check_log(&mut self) -> Option<usize> {
+        let addr = self.log.as_ref()?.faulted()?;
+        if self.log_fault_reported {
+            return None;
+        }
+        self.log_fault_reported = true;
+        Some(addr)
+    }
+
+    /// Hands every ring the dirty log to mark: the log of `SET_LOG_BASE` while
+    /// `VHOST_F_LOG_ALL` is negotiated, otherwise none. The one place [`VringShared::log`] is
+    /// written; called after every request that changes either (and after a reset).
+    ///
+    /// `VHOST_F_LOG_ALL` without a log is worth one warning, not an error: QEMU's
+    /// `vhost_dev_start` during a migration sends `SET_FEATURES` with it, starts the rings, and
+    /// only then `SET_LOG_BASE`.
+    fn update_log(&mut self) {
+        let log_all = self.acked_features & VHOST_F_LOG_ALL != 0;
+        let log = self.log.as_ref().filter(|_| log_all);
+        for v in &mut self.vrings {
+            v.set_log(log);
+        }
+        if log_all && self.log.is_none() {
+            if !self.log_missing_reported {
+                self.log_missing_reported = true;
+                limited!(
+                    warn,
+                    "vhost-user: VHOST_F_LOG_ALL negotiated but no SET_LOG_BASE (yet): the device's writes to guest memory are not logged until one arrives; a front-end that migrates without sending one loses those pages (a front-end bug)"
+                );
+            }
+        } else {
+            self.log_missing_reported = false;
+        }
     }
 
     /// The device status byte (`GET_STATUS`), including the device's own `NEEDS_RESET`.
@@ -331,6 +438,11 @@ impl VhostUserDevice {
     /// `GET_VRING_BASE`) and disabled, features and status cleared. The memory table, the
     /// protocol features and the back-end channel belong to the connection and stay, unless
     /// the memory lost its pages.
+    ///
+    /// So do the dirty log and the `SET_LOG_FD` eventfd: they belong to the migration, not to
+    /// the device state (QEMU stops the device with status 0 and syncs the log after it).
+    /// With the features cleared `VHOST_F_LOG_ALL` is off, so the data path has no log until
+    /// the next `SET_FEATURES` asks for it again.
     fn reset_status(&mut self) {
         for v in &mut self.vrings {
             v.stop();
@@ -339,6 +451,7 @@ impl VhostUserDevice {
         self.acked_features = 0;
         self.features_set = false;
         self.status = 0;
+        self.update_log();
         if self.memory_fault.is_some() {
             self.mem = None;
             self.memory_fault = None;
@@ -410,11 +523,15 @@ impl VhostUserDevice {
                 let offered = VirtioFeatures::from_bits_retain(self.config.offered_features());
                 VirtioFeatures::negotiate_net_external_ctrl_vq(offered, VirtioFeatures::from_bits_retain(f))
                     .map_err(RequestError::Features)?;
-                if self.vrings.iter().any(|v| v.started()) && f != self.acked_features {
+                // "To start/stop logging of data/used ring writes, the front-end may send
+                // messages VHOST_USER_SET_FEATURES with VHOST_F_LOG_ALL": during a migration
+                // the rings run, so that bit alone may change.
+                if self.vrings.iter().any(|v| v.started()) && (f ^ self.acked_features) & !VHOST_F_LOG_ALL != 0 {
                     return Err(RequestError::FeaturesWhileStarted);
                 }
                 self.acked_features = f;
                 self.features_set = true;
+                self.update_log();
                 if f & VHOST_USER_F_PROTOCOL_FEATURES == 0 {
                     // vhost-user.rst: "the back-end must enable all rings immediately".
                     for (i, v) in self.vrings.iter_mut().enumerate() {
@@ -446,8 +563,13 @@ impl VhostUserDevice {
                 self.vring(index)?.set_num(num).map_err(RequestError::Vring)?;
                 None
             }
-            M::SetVringAddr { index, desc_user_addr, used_user_addr, avail_user_addr, .. } => {
-                let addrs = VringAddrs { desc: desc_user_addr, avail: avail_user_addr, used: used_user_addr };
+            M::SetVringAddr { index, flags, desc_user_addr, used_user_addr, avail_user_addr, log_guest_addr } => {
+                let addrs = VringAddrs {
+                    desc: desc_user_addr,
+                    avail: avail_user_addr,
+                    used: used_user_addr,
+                    log: (flags & VRING_F_LOG != 0).then_some(log_guest_addr),
+                };
                 self.vring(index)?.set_addrs(addrs).map_err(RequestError::Vring)?;
                 None
             }
@@ -573,6 +695,30 @@ impl VhostUserDevice {
                 None
             }
             M::GetStatus => Some(encode_get_status_reply(self.status)),
+            M::SetLogBase { size, offset, fd } => {
+                // Only the shared-memory form exists across processes; without LOG_SHMFD the
+                // front-end would not wait for the reply below.
+                if self.acked_protocol & pf::LOG_SHMFD == 0 {
+                    return Err(RequestError::NotNegotiated(Request::SetLogBase));
+                }
+                let log = DirtyLog::new(size, offset, fd).map_err(RequestError::Log)?;
+                // The previous log is unmapped once no ring holds it (`update_log` replaces it
+                // in every ring before the reply goes out).
+                self.log = Some(Arc::new(log));
+                self.log_fault_reported = false;
+                self.update_log();
+                debug!("vhost-user: dirty log of {size:#x} bytes at offset {offset:#x}");
+                // "VHOST_USER_SET_LOG_BASE (if VHOST_USER_PROTOCOL_F_LOG_SHMFD)" must be
+                // answered. The spec gives the reply no body; QEMU only checks the request
+                // code, libvhost-user sends a u64: a REPLY_ACK-shaped 0. A failure closes the
+                // connection instead (see the error policy): a status QEMU does not read would
+                // have it migrate without a log.
+                Some(encode_ack(Request::SetLogBase, true))
+            }
+            M::SetLogFd(fd) => {
+                self.log_fd = Some(fd);
+                None
+            }
             other => return Err(RequestError::NotSupported(other.request())),
         })
     }
@@ -600,5 +746,196 @@ impl VhostUserDevice {
             self.ready = ready;
             self.events.push(if ready { DeviceEvent::Ready } else { DeviceEvent::NotReady });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::MemoryRegionDesc;
+    use crate::message::{FLAG_NEED_REPLY, VERSION_1};
+    use std::ffi::CString;
+    use std::os::fd::{AsRawFd, FromRawFd};
+
+    fn memfd(name: &str, size: u64) -> OwnedFd {
+        let cname = CString::new(name).unwrap();
+        // SAFETY: `cname` is NUL-terminated.
+        let raw = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(raw >= 0);
+        // SAFETY: a fresh descriptor nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: `fd` is open.
+        assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) }, 0);
+        fd
+    }
+
+    fn maps_of(name: &str) -> usize {
+        let needle = format!("/memfd:{name} (deleted)");
+        std::fs::read_to_string("/proc/self/maps").unwrap().lines().filter(|l| l.ends_with(&needle)).count()
+    }
+
+    fn send(dev: &mut VhostUserDevice, msg: FrontendMessage, flags: u32) -> Response {
+        let header = Header { request: msg.request() as u32, flags: VERSION_1 | flags, size: 0 };
+        dev.handle(&header, Ok(msg))
+    }
+
+    fn ok(dev: &mut VhostUserDevice, msg: FrontendMessage) -> Option<Vec<u8>> {
+        let r = send(dev, msg, 0);
+        assert!(!r.close, "request refused");
+        r.reply
+    }
+
+    const UADDR: u64 = 0x1000_0000;
+    const FEATURES: u64 = (1 << 32) | VHOST_USER_F_PROTOCOL_FEATURES;
+
+    fn addr(index: u32, flags: u32, log_guest_addr: u64) -> FrontendMessage {
+        FrontendMessage::SetVringAddr {
+            index,
+            flags,
+            desc_user_addr: UADDR,
+            avail_user_addr: UADDR + 0x1000,
+            used_user_addr: UADDR + 0x2000,
+            log_guest_addr,
+        }
+    }
+
+    /// A device with LOG_SHMFD + REPLY_ACK negotiated, VERSION_1 acked, memory, and ring 0
+    /// started (polling) with used-ring logging at guest address 0x2000.
+    fn started(mem: &str) -> VhostUserDevice {
+        let mut dev = VhostUserDevice::new(DeviceConfig::net_default());
+        assert_ne!(dev.config().offered_features() & VHOST_F_LOG_ALL, 0, "LOG_ALL offered");
+        assert_ne!(dev.config().protocol_features & pf::LOG_SHMFD, 0, "LOG_SHMFD offered");
+        ok(&mut dev, FrontendMessage::SetProtocolFeatures(pf::LOG_SHMFD | pf::REPLY_ACK));
+        ok(&mut dev, FrontendMessage::SetFeatures(FEATURES));
+        let region =
+            MemoryRegionDesc { guest_phys_addr: 0, memory_size: 0x10000, userspace_addr: UADDR, mmap_offset: 0 };
+        ok(&mut dev, FrontendMessage::SetMemTable { regions: vec![region], fds: vec![memfd(mem, 0x10000)] });
+        ok(&mut dev, FrontendMessage::SetVringNum { index: 0, num: 8 });
+        ok(&mut dev, addr(0, VRING_F_LOG, 0x2000));
+        ok(&mut dev, FrontendMessage::SetVringKick { index: 0, fd: None });
+        assert!(dev.vrings[0].started());
+        dev
+    }
+
+    fn ring_log(dev: &VhostUserDevice) -> (Option<Arc<DirtyLog>>, Option<u64>) {
+        let s = dev.vring_shared()[0].lock().unwrap().log.clone();
+        let a = dev.vring_shared()[0].lock().unwrap().log_guest_addr;
+        (s, a)
+    }
+
+    fn log_base(name: &str) -> FrontendMessage {
+        FrontendMessage::SetLogBase { size: 0x1000, offset: 0, fd: memfd(name, 0x1000) }
+    }
+
+    #[test]
+    fn the_rings_see_the_log_exactly_while_log_all_is_negotiated_and_a_log_is_set() {
+        let (mem, log_a, log_b) = ("virtq-dev-log-mem", "virtq-dev-log-a", "virtq-dev-log-b");
+        let mut dev = started(mem);
+        let (l, a) = ring_log(&dev);
+        assert!(l.is_none());
+        assert_eq!(a, Some(0x2000));
+
+        // SET_LOG_BASE alone: mapped and answered (u64 0), but not handed to the rings.
+        let reply = ok(&mut dev, log_base(log_a)).expect("SET_LOG_BASE is answered with LOG_SHMFD");
+        assert_eq!(reply, encode_ack(Request::SetLogBase, true));
+        assert_eq!(maps_of(log_a), 1);
+        assert!(ring_log(&dev).0.is_none() && dev.dirty_log().is_none());
+
+        // LOG_ALL switched on while the ring runs.
+        ok(&mut dev, FrontendMessage::SetFeatures(FEATURES | VHOST_F_LOG_ALL));
+        let log = ring_log(&dev).0.expect("log handed to the ring");
+        assert!(Arc::ptr_eq(&log, dev.dirty_log().unwrap()));
+        drop(log);
+        // Any other change while started is still refused.
+        let r = send(&mut dev, FrontendMessage::SetFeatures(VHOST_USER_F_PROTOCOL_FEATURES | VHOST_F_LOG_ALL), 0);
+        assert!(r.close);
+        let r = send(&mut dev, FrontendMessage::SetFeatures(FEATURES | VHOST_F_LOG_ALL | (1 << 15)), FLAG_NEED_REPLY);
+        assert_eq!(r.reply, Some(encode_ack(Request::SetFeatures, false)));
+
+        // A new log replaces the old one in every ring; the old one is unmapped.
+        ok(&mut dev, log_base(log_b));
+        assert_eq!((maps_of(log_a), maps_of(log_b)), (0, 1));
+        assert!(Arc::ptr_eq(&ring_log(&dev).0.unwrap(), dev.dirty_log().unwrap()));
+
+        // Used-ring logging on a started ring: the same addresses, with or without the flag.
+        ok(&mut dev, addr(0, 0, 0x2000));
+        assert_eq!(ring_log(&dev).1, None);
+        ok(&mut dev, addr(0, VRING_F_LOG, 0x3000));
+        assert_eq!(ring_log(&dev).1, Some(0x3000));
+        let mut moved = addr(0, VRING_F_LOG, 0x3000);
+        if let FrontendMessage::SetVringAddr { desc_user_addr, .. } = &mut moved {
+            *desc_user_addr += 0x100;
+        }
+        assert_eq!(send(&mut dev, moved, FLAG_NEED_REPLY).reply, Some(encode_ack(Request::SetVringAddr, false)));
+        let overflow = addr(0, VRING_F_LOG, u64::MAX - 0x1000);
+        assert_eq!(send(&mut dev, overflow, FLAG_NEED_REPLY).reply, Some(encode_ack(Request::SetVringAddr, false)));
+        assert_eq!(ring_log(&dev).1, Some(0x3000), "refused requests change nothing");
+        // Without the flag, log_guest_addr is ignored, however large.
+        ok(&mut dev, addr(0, 0, u64::MAX));
+
+        // LOG_ALL off: the rings have no log; the mapping stays for the next switch-on.
+        ok(&mut dev, FrontendMessage::SetFeatures(FEATURES));
+        assert!(ring_log(&dev).0.is_none());
+        assert_eq!(maps_of(log_b), 1);
+        ok(&mut dev, FrontendMessage::SetFeatures(FEATURES | VHOST_F_LOG_ALL));
+        assert!(ring_log(&dev).0.is_some());
+
+        // Status 0 clears the features (LOG_ALL with them) but keeps the log of the migration.
+        ok(&mut dev, FrontendMessage::SetStatus(0));
+        assert!(ring_log(&dev).0.is_none() && dev.dirty_log().is_none());
+        assert_eq!(maps_of(log_b), 1);
+        ok(&mut dev, FrontendMessage::SetFeatures(FEATURES | VHOST_F_LOG_ALL));
+        assert!(ring_log(&dev).0.is_some());
+
+        // RESET_DEVICE forgets it.
+        ok(&mut dev, FrontendMessage::ResetDevice);
+        let (l, a) = ring_log(&dev);
+        assert!(l.is_none() && a.is_none());
+        assert_eq!(maps_of(log_b), 0);
+        // So does a disconnect.
+        ok(&mut dev, FrontendMessage::SetProtocolFeatures(pf::LOG_SHMFD));
+        ok(&mut dev, log_base(log_a));
+        assert_eq!(maps_of(log_a), 1);
+        dev.reset();
+        assert_eq!((maps_of(log_a), maps_of(mem)), (0, 0));
+    }
+
+    #[test]
+    fn log_all_without_a_log_runs_unlogged_and_set_log_base_needs_log_shmfd() {
+        let mut dev = started("virtq-dev-nolog-mem");
+        ok(&mut dev, FrontendMessage::SetFeatures(FEATURES | VHOST_F_LOG_ALL));
+        assert!(ring_log(&dev).0.is_none() && dev.dirty_log().is_none());
+        assert_eq!(ok(&mut dev, FrontendMessage::GetStatus), Some(encode_get_status_reply(0)));
+        assert_eq!(
+            ok(&mut dev, FrontendMessage::GetFeatures),
+            Some(encode_u64_reply(Request::GetFeatures, dev.config().offered_features()))
+        );
+
+        // Without LOG_SHMFD: refused (acked where asked), the fd closed, nothing mapped.
+        let name = "virtq-dev-nolog-log";
+        ok(&mut dev, FrontendMessage::SetProtocolFeatures(pf::REPLY_ACK));
+        let r = send(&mut dev, log_base(name), FLAG_NEED_REPLY);
+        assert_eq!(r.reply, Some(encode_ack(Request::SetLogBase, false)));
+        assert_eq!(maps_of(name), 0);
+        // With it, a refused log closes the connection (a mandatory reply carries no status).
+        ok(&mut dev, FrontendMessage::SetProtocolFeatures(pf::REPLY_ACK | pf::LOG_SHMFD));
+        let small = FrontendMessage::SetLogBase { size: 0x2000, offset: 0, fd: memfd(name, 0x1000) };
+        assert_eq!(send(&mut dev, small, FLAG_NEED_REPLY), Response { reply: None, close: true });
+        assert_eq!(maps_of(name), 0);
+    }
+
+    #[test]
+    fn set_log_fd_is_kept_until_replaced_or_reset() {
+        let mut dev = VhostUserDevice::new(DeviceConfig::net_default());
+        let (a, b) = (memfd("virtq-dev-logfd", 0), memfd("virtq-dev-logfd", 0));
+        let (ra, rb) = (a.as_raw_fd(), b.as_raw_fd());
+        ok(&mut dev, FrontendMessage::SetLogFd(a));
+        assert_eq!(dev.log_fd().map(|f| f.as_raw_fd()), Some(ra));
+        ok(&mut dev, FrontendMessage::SetLogFd(b));
+        assert_eq!(dev.log_fd().map(|f| f.as_raw_fd()), Some(rb));
+        ok(&mut dev, FrontendMessage::SetStatus(0));
+        assert!(dev.log_fd().is_some(), "status 0 keeps it");
+        ok(&mut dev, FrontendMessage::ResetDevice);
+        assert!(dev.log_fd().is_none());
     }
 }

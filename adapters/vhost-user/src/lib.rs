@@ -10,7 +10,7 @@
 //! |---|---|
 //! | [`message`] | message header, every front-end request, payloads, the fd table, replies |
 //! | [`connection`] | unix sockets (server and client with reconnect), framing, SCM_RIGHTS |
-//! | [`memory`] | memory table: mmap'd regions, `virtq::GuestMemory` for guest physical and front-end virtual addresses |
+//! | [`memory`] | memory table: mmap'd regions, `virtq::GuestMemory` for guest physical and front-end virtual addresses; the dirty page log ([`memory::dirty`]) |
 //! | [`vring`] | per-ring state: started/stopped × enabled/disabled, kick/call/err fds |
 //! | [`net`] | the virtio-net data path: dequeue/enqueue bursts, per-queue counters |
 //! | [`device`] | the protocol state machine: every request applied to the device state and answered |

@@ -47,6 +47,7 @@ use std::sync::Arc;
 
 use virtq::{GuestMemory, HostRange, MemError};
 
+pub mod dirty;
 pub mod fault;
 
 /// Regions a `VHOST_USER_SET_MEM_TABLE` message can carry (`VHOST_MEMORY_BASELINE_NREGIONS`),

@@ -25,6 +25,7 @@ use virtq::avail::AvailIndexError;
 use virtq::queue::{validate_size, MAX_QUEUE_SIZE};
 use virtq::{DetachedQueue, QueueConfig, QueueError, SplitQueue, VirtioFeatures};
 
+use crate::memory::dirty::DirtyLog;
 use crate::memory::{fault, GuestMemoryMap, MemoryFault};
 
 /// Why a started ring stopped being served until it is set up again (see the module
@@ -67,6 +68,9 @@ pub enum VringError {
     /// The ring cannot start on a memory table that lost its pages: the front-end must send a
     /// new one (or reset the device) first.
     MemoryFaulted(MemoryFault),
+    /// `SET_VRING_ADDR` with `VHOST_VRING_F_LOG` and a `log_guest_addr` whose used ring (of the
+    /// largest size) would run past 2^64 (family 16).
+    LogAddrOverflow(u64),
 }
 
 impl std::fmt::Display for VringError {
@@ -77,6 +81,9 @@ impl std::fmt::Display for VringError {
             VringError::Started => f.write_str("the ring is started"),
             VringError::CannotStart(why) => write!(f, "cannot start ring: {why}"),
             VringError::MemoryFaulted(m) => write!(f, "cannot start ring: guest memory lost: {m}"),
+            VringError::LogAddrOverflow(a) => {
+                write!(f, "used ring log address {a:#x} + the used ring's length overflows 64 bits")
+            }
         }
     }
 }
@@ -92,7 +99,15 @@ pub struct VringAddrs {
     pub avail: u64,
     /// Used ring.
     pub used: u64,
+    /// `log_guest_addr` when the flags have `VHOST_VRING_F_LOG`, `None` otherwise: the guest
+    /// physical address at which used-ring writes are logged ("Migration").
+    pub log: Option<u64>,
 }
+
+/// The largest used ring, in bytes: flags, idx, 32768 elements of 8 bytes, avail_event
+/// (§2.7.8). `log_guest_addr` is checked against this length whatever the ring's size, since
+/// `SET_VRING_NUM` may come after `SET_VRING_ADDR` (or change later).
+pub const MAX_USED_RING_LEN: u64 = 6 + 8 * MAX_QUEUE_SIZE as u64;
 
 /// How the back-end learns of new buffers.
 #[derive(Debug, Default)]
@@ -152,6 +167,23 @@ pub struct VringShared {
     pub err: Option<Arc<OwnedFd>>,
     /// How many times the ring faulted ([`VringShared::fail`]).
     pub faults: u64,
+    /// The dirty page log (vhost-user.rst "Migration"): `Some` exactly while
+    /// `VHOST_F_LOG_ALL` is negotiated and `VHOST_USER_SET_LOG_BASE` gave a log. While it is,
+    /// the data path calls [`DirtyLog::mark`]`(gpa, len)` after every write into a descriptor
+    /// buffer ("All the modifications to memory pointed by vring 'descriptor' should be
+    /// marked"), and, if [`log_guest_addr`](Self::log_guest_addr) is `Some`,
+    /// `mark(log_guest_addr + offset, len)` after every write of `len` bytes at `offset` in the
+    /// used ring.
+    ///
+    /// Read it under the same lock as the burst that writes, never from a copy kept across
+    /// bursts: the control thread replaces it (a new `SET_LOG_BASE`, logging switched off)
+    /// under this lock before it answers the front-end, which then syncs and frees the old
+    /// log.
+    pub log: Option<Arc<DirtyLog>>,
+    /// `log_guest_addr` of `SET_VRING_ADDR` when its flags have `VHOST_VRING_F_LOG`: where
+    /// used-ring writes are logged ("the write to first byte of the used ring is logged at this
+    /// offset from log start"). `None`: used-ring writes are not logged.
+    pub log_guest_addr: Option<u64>,
 }
 
 impl VringShared {
@@ -318,12 +350,34 @@ impl Vring {
     }
 
     /// `SET_VRING_ADDR` (validated against memory when the ring starts).
+    ///
+    /// On a started ring only the logging part may change: QEMU switches used-ring logging on
+    /// and off for a running device by sending the same addresses again with or without
+    /// `VHOST_VRING_F_LOG` (vhost-user.rst "Migration"). Different ring addresses on a started
+    /// ring are refused ([`VringError::Started`]).
     pub fn set_addrs(&mut self, addrs: VringAddrs) -> Result<(), VringError> {
-        if self.started() {
-            return Err(VringError::Started);
+        if let Some(log) = addrs.log {
+            // Only overflow can be judged here: "this value might be outside the legal guest
+            // physical address range", and the log may not be set yet; `DirtyLog::mark`
+            // skips pages past its end.
+            log.checked_add(MAX_USED_RING_LEN).ok_or(VringError::LogAddrOverflow(log))?;
         }
+        let mut s = self.lock();
+        if s.active.is_some() {
+            let same = |a: &VringAddrs| (a.desc, a.avail, a.used) == (addrs.desc, addrs.avail, addrs.used);
+            if !self.addrs.as_ref().is_some_and(same) {
+                return Err(VringError::Started);
+            }
+        }
+        s.log_guest_addr = addrs.log;
+        drop(s);
         self.addrs = Some(addrs);
         Ok(())
+    }
+
+    /// Gives the data path the dirty log to mark, or none (see [`VringShared::log`]).
+    pub fn set_log(&mut self, log: Option<&Arc<DirtyLog>>) {
+        self.lock().log = log.cloned();
     }
 
     /// `SET_VRING_BASE`: the next available index (split rings).
@@ -457,6 +511,8 @@ impl Vring {
         s.call = None;
         s.err = None;
         s.enabled = false;
+        s.log = None;
+        s.log_guest_addr = None;
     }
 }
 

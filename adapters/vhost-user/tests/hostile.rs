@@ -859,40 +859,233 @@ fn log_desc(size: u64, offset: u64) -> Vec<u8> {
     p
 }
 
-fn f16_set_log_base_not_offered(h: &Harness, good: &mut Good<'_>) {
-    let (fe, name) = h.connect("f16-log");
-    assert_eq!(fe.get_u64(GET_FEATURES) & F_LOG_ALL, 0, "LOG_ALL not offered");
-    assert_eq!(fe.get_u64(GET_PROTOCOL_FEATURES) & PF_LOG_SHMFD, 0, "LOG_SHMFD not offered");
-    assert_ne!(fe.ack_status(SET_PROTOCOL_FEATURES, &u64p(PF_REPLY_ACK | PF_LOG_SHMFD), &[]), 0);
-    assert_ne!(fe.ack_status(SET_FEATURES, &u64p(NET_FEATURES | F_PROTOCOL_FEATURES | F_LOG_ALL), &[]), 0);
-    let m = uniq("f16-log-memfd");
-    for (what, size, offset) in [
-        ("well-formed", 0x1000, 0),
-        ("offset > size", 0x1000, 0x2000),
-        ("size + offset overflows", u64::MAX - 1, 2),
-        ("both huge", u64::MAX, u64::MAX),
-    ] {
-        let mfd = memfd(&m, 0x1000);
-        assert_ne!(fe.ack_status(SET_LOG_BASE, &log_desc(size, offset), &[mfd.as_raw_fd()]), 0, "{what}");
-        drop(mfd);
-        assert_eq!((fds_named(&m), maps_named(&m)), (0, 0), "{what}: log fd closed, nothing mapped");
-    }
-    assert_ne!(fe.ack_status(SET_LOG_BASE, &log_desc(0x1000, 0), &[]), 0, "without fd");
-    let (rd, wr) = probe();
-    assert_ne!(fe.ack_status(SET_LOG_FD, &[], &[rd.as_raw_fd()]), 0, "SET_LOG_FD");
-    drop(rd);
-    assert_probes_closed("SET_LOG_FD", &mut [wr]);
-    assert_eq!(fe.ack_status(SET_OWNER, &[], &[]), 0, "connection still up");
-    good.round();
-    h.hang_up(fe, &name);
+/// `VHOST_VRING_F_LOG` in the flags of SET_VRING_ADDR.
+const VRING_F_LOG: u32 = 1;
 
-    // Without NEED_REPLY: closed.
-    let (fe, name) = h.connect("f16-log-close");
+/// SET_LOG_BASE of `len` bytes of memfd `name` (the fd is closed here once sent). With
+/// LOG_SHMFD negotiated the reply is mandatory: request code SET_LOG_BASE, a u64 0.
+fn set_log_base(fe: &Frontend, name: &str, len: u64, flags: u32) {
+    let fd = memfd(name, len as usize);
+    fe.send(SET_LOG_BASE, flags, &log_desc(len, 0), &[fd.as_raw_fd()]);
+    drop(fd);
+    let (req, f, p) = fe.reply();
+    assert_eq!((req, f, p), (SET_LOG_BASE, 0x5, u64p(0)), "SET_LOG_BASE answered once, success");
+}
+
+/// SET_VRING_ADDR of ring `i` at its own addresses, with `flags` and `log_guest_addr`.
+fn vring_addr_logged(fe: &Frontend, i: usize, flags: u32, log: u64) -> Vec<u8> {
+    let c = fe.queues[i].cfg;
+    vring_addr(i as u32, flags, fe.ram.uaddr(c.desc_table), fe.ram.uaddr(c.used_ring), fe.ram.uaddr(c.avail_ring), log)
+}
+
+/// The start address of this process's mapping of memfd `name` (the back-end's log).
+fn mapping_of(name: &str) -> *mut u8 {
+    let tag = format!("/memfd:{name} ");
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    let line = maps.lines().find(|l| format!("{l} ").contains(&tag)).expect("log mapped");
+    let start = line.split('-').next().unwrap();
+    usize::from_str_radix(start, 16).unwrap() as *mut u8
+}
+
+/// Refused logs: offered features, SET_LOG_BASE without LOG_SHMFD (acked non-zero), and with
+/// it, logs that do not fit their file or overflow, size 0, no fd: the connection closes (a
+/// mandatory reply carries no status QEMU reads), nothing is mapped, every fd is closed.
+fn f16_set_log_base_refused(h: &Harness, good: &mut Good<'_>) {
+    let (fe, name) = h.connect("f16-log");
+    assert_eq!(fe.get_u64(GET_FEATURES) & F_LOG_ALL, F_LOG_ALL, "LOG_ALL offered");
+    assert_eq!(fe.get_u64(GET_PROTOCOL_FEATURES) & PF_LOG_SHMFD, PF_LOG_SHMFD, "LOG_SHMFD offered");
+    // LOG_SHMFD not negotiated: refused, the connection stays.
+    let m = uniq("f16-log-memfd");
     let mfd = memfd(&m, 0x1000);
-    fe.send(SET_LOG_BASE, 0, &log_desc(0x1000, 0x2000), &[mfd.as_raw_fd()]);
+    assert_ne!(fe.ack_status(SET_LOG_BASE, &log_desc(0x1000, 0), &[mfd.as_raw_fd()]), 0);
     drop(mfd);
-    h.expect_close(fe, &name, "SET_LOG_BASE");
+    assert_eq!(fe.ack_status(SET_OWNER, &[], &[]), 0, "connection still up");
     h.no_leak(&m);
+    h.hang_up(fe, &name);
+    good.round();
+
+    for (what, file, size, offset) in [
+        ("file smaller than the log", 0x1000, 0x2000, 0),
+        ("offset + size past the file", 0x1000, 0x800, 0x801),
+        ("size 0", 0x1000, 0, 0),
+        ("offset > size", 0x1000, 0x10, 0x800),
+        ("size + offset overflows", 0x1000, u64::MAX - 1, 2),
+        ("both huge", 0x1000, u64::MAX, u64::MAX),
+    ] {
+        let (fe, name) = h.connect("f16-log-bad");
+        negotiate(&fe, PF_LOG_SHMFD, NET_FEATURES | F_LOG_ALL);
+        let mfd = memfd(&m, file);
+        fe.send(SET_LOG_BASE, NEED_REPLY, &log_desc(size, offset), &[mfd.as_raw_fd()]);
+        drop(mfd);
+        h.expect_close(fe, &name, what);
+        h.no_leak(&m);
+        good.round();
+    }
+    let (fe, name) = h.connect("f16-log-nofd");
+    negotiate(&fe, PF_LOG_SHMFD, NET_FEATURES);
+    fe.send(SET_LOG_BASE, 0, &log_desc(0x1000, 0), &[]);
+    h.expect_close(fe, &name, "SET_LOG_BASE without fd");
+}
+
+/// LOG_ALL acknowledged, no SET_LOG_BASE ever: the device runs unlogged (one warning), status
+/// and features answer as usual.
+fn f16_log_all_without_log_base(h: &Harness, good: &mut Good<'_>) {
+    let (fe, name) = h.connect("f16-nolog");
+    let acked = negotiate(&fe, PF_MQ | PF_STATUS | PF_LOG_SHMFD, NET_FEATURES | F_LOG_ALL);
+    assert_eq!(acked & F_LOG_ALL, F_LOG_ALL);
+    set_mem(&fe);
+    for i in 0..2 {
+        enable(&fe, i as u32);
+        configure_ring(&fe, i);
+        assert_eq!(
+            fe.ack_status(SET_VRING_ADDR, &vring_addr_logged(&fe, i, VRING_F_LOG, fe.queues[i].cfg.used_ring), &[]),
+            0
+        );
+        assert_eq!(kick_status(&fe, i), 0, "ring {i} starts");
+    }
+    fe.send(SET_STATUS, 0, &u64p(S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK), &[]);
+    assert_eq!(fe.get_u64(GET_STATUS), S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
+    let mut g = Guest::new(&fe);
+    guest_tx(&mut g, &fe, &h.hostile, 2);
+    guest_rx(&mut g, &fe, &h.hostile, 2, 2048, 1);
+    good.round();
+    drop(g);
+    h.hang_up(fe, &name);
+}
+
+/// SET_LOG_BASE replaced twice: each new log unmaps the one before; SET_LOG_FD replaced closes
+/// the old eventfd; RESET_DEVICE and a disconnect release the log and the fd.
+fn f16_log_base_and_log_fd_replaced(h: &Harness, good: &mut Good<'_>) {
+    let (fe, name) = h.connect("f16-replace");
+    negotiate(&fe, PF_LOG_SHMFD | PF_RESET_DEVICE, NET_FEATURES | F_LOG_ALL);
+    let logs = [uniq("f16-log-a"), uniq("f16-log-b"), uniq("f16-log-c")];
+    let mapped = |n: &str| (fds_named(n), maps_named(n));
+    set_log_base(&fe, &logs[0], 0x1000, 0);
+    assert_eq!(mapped(&logs[0]), (0, 1), "mapped, fd closed once mapped");
+    // With NEED_REPLY (and REPLY_ACK): still one reply.
+    set_log_base(&fe, &logs[1], 0x2000, NEED_REPLY);
+    fe.sync();
+    assert_eq!(mapped(&logs[0]), (0, 0), "the first log is released");
+    assert_eq!(mapped(&logs[1]), (0, 1));
+
+    let (fds, mut writers) = probes(3);
+    assert_eq!(fe.ack_status(SET_LOG_FD, &[], &[fds[0].as_raw_fd()]), 0);
+    assert_eq!(fe.ack_status(SET_LOG_FD, &[], &[fds[1].as_raw_fd()]), 0);
+    let [a, b, c] = fds.try_into().unwrap();
+    drop((a, b));
+    assert_probes_closed("the replaced SET_LOG_FD", &mut writers[..1]);
+    assert!(!probe_closed(&mut writers[1]), "the current SET_LOG_FD is kept");
+    // Status 0 keeps both (they belong to the migration); RESET_DEVICE releases them.
+    fe.send(SET_STATUS, 0, &u64p(0), &[]);
+    fe.sync();
+    assert_eq!(mapped(&logs[1]), (0, 1));
+    assert_eq!(fe.ack_status(RESET_DEVICE, &[], &[]), 0);
+    assert_probes_closed("SET_LOG_FD after RESET_DEVICE", &mut writers[1..2]);
+    assert_eq!(mapped(&logs[1]), (0, 0), "RESET_DEVICE releases the log");
+    good.round();
+
+    // A disconnect releases them too.
+    set_log_base(&fe, &logs[2], 0x1000, 0);
+    assert_eq!(fe.ack_status(SET_LOG_FD, &[], &[c.as_raw_fd()]), 0);
+    drop(c);
+    h.hang_up(fe, &name);
+    assert_probes_closed("SET_LOG_FD after disconnect", &mut writers[2..]);
+    for l in &logs {
+        h.no_leak(l);
+    }
+}
+
+/// Migration with running rings, as QEMU does it: SET_LOG_BASE, SET_FEATURES with LOG_ALL and
+/// SET_VRING_ADDR with VRING_F_LOG while the rings run (allowed), traffic throughout, then
+/// logging off again. Any other change while started is still refused.
+fn f16_log_all_toggled_while_running(h: &Harness, good: &mut Good<'_>) {
+    let (fe, name) = h.connect("f16-toggle");
+    let r = running(h, fe, name, PF_MQ | PF_LOG_SHMFD);
+    let fe = &r.fe;
+    let acked = NET_FEATURES | F_PROTOCOL_FEATURES;
+    let mut g = Guest::new(fe);
+    guest_tx(&mut g, fe, &h.hostile, 1);
+    let log = uniq("f16-toggle-log");
+    set_log_base(fe, &log, 0x1000, 0);
+    assert_eq!(fe.ack_status(SET_FEATURES, &u64p(acked | F_LOG_ALL), &[]), 0, "LOG_ALL on while running");
+    for i in 0..2 {
+        let used = fe.queues[i].cfg.used_ring;
+        assert_eq!(
+            fe.ack_status(SET_VRING_ADDR, &vring_addr_logged(fe, i, VRING_F_LOG, used), &[]),
+            0,
+            "VRING_F_LOG on ring {i}"
+        );
+    }
+    guest_tx(&mut g, fe, &h.hostile, 2);
+    guest_rx(&mut g, fe, &h.hostile, 2, 2048, 1);
+    // Still refused while started: other features, other ring addresses, a log address whose
+    // used ring would wrap.
+    assert_ne!(fe.ack_status(SET_FEATURES, &u64p((acked | F_LOG_ALL) & !F_MRG_RXBUF), &[]), 0);
+    assert_ne!(fe.ack_status(SET_FEATURES, &u64p(acked & !F_MRG_RXBUF), &[]), 0);
+    let c = fe.queues[0].cfg;
+    let moved = vring_addr(
+        0,
+        VRING_F_LOG,
+        fe.ram.uaddr(c.desc_table) + 0x1000,
+        fe.ram.uaddr(c.used_ring),
+        fe.ram.uaddr(c.avail_ring),
+        0,
+    );
+    assert_ne!(fe.ack_status(SET_VRING_ADDR, &moved, &[]), 0, "other addresses on a started ring");
+    assert_ne!(fe.ack_status(SET_VRING_ADDR, &vring_addr_logged(fe, 0, VRING_F_LOG, u64::MAX - 0x100), &[]), 0);
+    // MRG_RXBUF is still in force: a 1000-byte frame is merged over two 512-byte buffers.
+    guest_rx(&mut g, fe, &h.hostile, 1, 512, 2);
+    good.round();
+    // Logging off, as QEMU ends a migration that was cancelled.
+    for i in 0..2 {
+        assert_eq!(fe.ack_status(SET_VRING_ADDR, &vring_addr_logged(fe, i, 0, 0), &[]), 0);
+    }
+    assert_eq!(fe.ack_status(SET_FEATURES, &u64p(acked), &[]), 0, "LOG_ALL off while running");
+    guest_tx(&mut g, fe, &h.hostile, 2);
+    drop(g);
+    let Running { fe, name, .. } = r;
+    h.hang_up(fe, &name);
+    h.no_leak(&log);
+}
+
+/// The front-end shrinks the log's file to 0 under running rings with logging on. A write to
+/// the log (here by this test, through the back-end's own mapping, standing in for the data
+/// path's `DirtyLog::mark`) raises SIGBUS: the handler turns the log into zero pages, the
+/// process survives, both devices keep their traffic, and a new SET_LOG_BASE is accepted.
+fn f16_log_file_shrunk_under_running_rings(h: &Harness, good: &mut Good<'_>) {
+    let (fe, name) = h.connect("f16-shrink");
+    let r = running(h, fe, name, PF_MQ | PF_LOG_SHMFD);
+    let fe = &r.fe;
+    // The device's counters live across connections: compare with what they were.
+    let faults = || (0..2).map(|q| h.hostile.stats(q).faults).sum::<u64>();
+    let before = faults();
+    let log = uniq("f16-shrink-log");
+    let lfd = memfd(&log, 0x2000);
+    fe.send(SET_LOG_BASE, 0, &log_desc(0x2000, 0), &[lfd.as_raw_fd()]);
+    assert_eq!(fe.reply().0, SET_LOG_BASE);
+    assert_eq!(fe.ack_status(SET_FEATURES, &u64p(NET_FEATURES | F_PROTOCOL_FEATURES | F_LOG_ALL), &[]), 0);
+    let base = mapping_of(&log);
+    // SAFETY: ftruncate of our own memfd.
+    assert_eq!(unsafe { libc::ftruncate(lfd.as_raw_fd(), 0) }, 0);
+    drop(lfd);
+    // SAFETY: `base + 0x1000` is inside the back-end's live mapping of the log (the device
+    // holds it until the hang-up below), now past the end of its file: the access faults and
+    // the back-end's SIGBUS handler completes it on a zero page. The byte is written with a
+    // volatile write, as an atomic OR into shared memory would.
+    unsafe { base.add(0x1000).write_volatile(1) };
+    assert_eq!(maps_named(&log), 0, "the handler replaced the log's mapping with zero pages");
+    let mut g = Guest::new(fe);
+    guest_tx(&mut g, fe, &h.hostile, 2);
+    guest_rx(&mut g, fe, &h.hostile, 1, 2048, 1);
+    good.round();
+    assert_eq!(faults(), before, "the rings did not fault");
+    // A new log replaces the lost one.
+    set_log_base(fe, &uniq("f16-shrink-log2"), 0x1000, 0);
+    guest_tx(&mut g, fe, &h.hostile, 1);
+    drop(g);
+    let Running { fe, name, .. } = r;
+    h.hang_up(fe, &name);
+    h.no_leak(&log);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1391,7 +1584,7 @@ fn status_config_and_acks(h: &Harness, good: &mut Good<'_>) {
         pf & (PF_RESET_DEVICE | PF_STATUS | PF_CONFIG | PF_BACKEND_REQ),
         PF_RESET_DEVICE | PF_STATUS | PF_CONFIG | PF_BACKEND_REQ
     );
-    assert_eq!(pf & (PF_RARP | PF_LOG_SHMFD), 0, "not offered: not honoured yet");
+    assert_eq!(pf & PF_RARP, 0, "not offered: not honoured yet");
     drop(fe);
     let _ = name;
     good.round();
@@ -1439,7 +1632,7 @@ fn status_config_and_acks(h: &Harness, good: &mut Good<'_>) {
 // Tests
 // ---------------------------------------------------------------------------------------------
 
-const CASES: [(&str, Case); 30] = [
+const CASES: [(&str, Case); 34] = [
     ("f12 short header", f12_short_header_then_close),
     ("f12 size", f12_size_above_max_payload),
     ("f12 version", f12_version_not_1),
@@ -1456,7 +1649,11 @@ const CASES: [(&str, Case); 30] = [
     ("f15 invalid regions", f15_mem_table_invalid_regions),
     ("f15 REM_MEM_REG", f15_rem_mem_reg_unknown_region),
     ("f15 ADD_MEM_REG slots", f15_more_add_mem_reg_than_max_slots),
-    ("f16 SET_LOG_BASE", f16_set_log_base_not_offered),
+    ("f16 SET_LOG_BASE refused", f16_set_log_base_refused),
+    ("f16 LOG_ALL without log", f16_log_all_without_log_base),
+    ("f16 log and log fd replaced", f16_log_base_and_log_fd_replaced),
+    ("f16 LOG_ALL toggled while running", f16_log_all_toggled_while_running),
+    ("f16 log file shrunk", f16_log_file_shrunk_under_running_rings),
     ("f17 SET_VRING_ADDR", f17_vring_addr_outside_unaligned_overlapping),
     ("f17 SET_VRING_NUM/BASE", f17_vring_num_and_base_out_of_range),
     ("f18 repeated requests", f18_repeated_requests_do_not_leak),
@@ -1638,8 +1835,28 @@ fn family15_more_add_mem_reg_than_max_mem_slots() {
 }
 
 #[test]
-fn family16_set_log_base_is_not_offered() {
-    run_case("f16-log", f16_set_log_base_not_offered);
+fn family16_set_log_base_refused_for_a_log_past_its_file_overflowing_or_empty() {
+    run_case("f16-log", f16_set_log_base_refused);
+}
+
+#[test]
+fn family16_log_all_without_set_log_base_runs_unlogged() {
+    run_case("f16-nolog", f16_log_all_without_log_base);
+}
+
+#[test]
+fn family16_set_log_base_and_set_log_fd_replaced_release_the_old_ones() {
+    run_case("f16-replace", f16_log_base_and_log_fd_replaced);
+}
+
+#[test]
+fn family16_log_all_toggled_while_rings_run() {
+    run_case("f16-toggle", f16_log_all_toggled_while_running);
+}
+
+#[test]
+fn family16_log_file_shrunk_under_running_rings_is_survived() {
+    run_case("f16-shrink", f16_log_file_shrunk_under_running_rings);
 }
 
 #[test]
