@@ -720,6 +720,17 @@ unsafe impl GuestMemory for GuestMemoryMap {
     fn translate(&self, addr: u64, len: u64) -> Result<HostRange, MemError> {
         translate_in(&self.slots, addr, len, |s| s.gpa)
     }
+
+    /// The inverse of `translate`, for write tracking: the guest address of a host address
+    /// inside one of the regions.
+    #[inline]
+    fn guest_address(&self, host: NonNull<u8>) -> Option<u64> {
+        let h = host.as_ptr() as usize;
+        self.slots.iter().find_map(|s| {
+            let off = h.wrapping_sub(s.host.as_ptr() as usize) as u64;
+            (off < s.size).then(|| s.gpa + off)
+        })
+    }
 }
 
 /// [`GuestMemoryMap`] seen through front-end virtual addresses (`userspace_addr`), for ring

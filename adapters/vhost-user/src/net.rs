@@ -286,9 +286,14 @@ impl NetDevice {
     /// polls anyway.
     pub fn suppress_kicks(&self, index: usize) {
         let Some(q) = self.inner.queues.get(index) else { return };
-        let mut s = q.shared.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(a) = s.active.as_mut() {
-            let _ = a.with_queue(|vq| vq.disable_notifications());
+        let mut s = q.lock();
+        if let (Some(a), _, log) = s.burst_parts() {
+            let _ = a.with_queue(|vq| {
+                vq.disable_notifications();
+                if let Some(log) = &log {
+                    vq.log_suppression(log);
+                }
+            });
         }
     }
 
@@ -302,8 +307,15 @@ impl NetDevice {
         let kick = {
             let mut s = q.lock();
             let kick = s.kick.clone();
-            let Some(a) = s.active.as_mut() else { return false };
-            match a.with_queue(|vq| vq.enable_notifications()) {
+            let (Some(a), _, log) = s.burst_parts() else { return false };
+            let enabled = a.with_queue(|vq| {
+                let r = vq.enable_notifications();
+                if let Some(log) = &log {
+                    vq.log_suppression(log);
+                }
+                r
+            });
+            match enabled {
                 Ok(Ok(true)) => return true,
                 Ok(Ok(false)) => {}
                 Ok(Err(PopError::AvailIndex(e))) => {
@@ -348,8 +360,7 @@ impl NetDevice {
         let index = 2 * pair as usize + 1;
         let Some(q) = self.inner.queues.get(index) else { return 0 };
         let mut s = q.lock();
-        let enabled = s.enabled;
-        let Some(active) = s.active.as_mut() else { return 0 };
+        let (Some(active), enabled, log) = s.burst_parts() else { return 0 };
         if active.fault().is_some() {
             return 0;
         }
@@ -391,7 +402,11 @@ impl NetDevice {
                     }
                 }
             }
-            vq.publish()
+            // Guest TX writes only the used ring. One branch per burst when not migrating.
+            match &log {
+                None => vq.publish(),
+                Some(log) => vq.publish_logged(log),
+            }
         });
         self.finish_burst(index, s, result, broken);
         q.stats.add(n as u64, bytes, drops, errors);
@@ -431,18 +446,32 @@ impl NetDevice {
         let index = 2 * pair as usize;
         let Some(q) = self.inner.queues.get(index) else { return 0 };
         let mut s = q.lock();
-        let enabled = s.enabled;
-        let Some(active) = s.active.as_mut().filter(|a| enabled && a.fault().is_none()) else {
+        let (Some(active), true, log) = s.burst_parts() else {
             drop(s);
             q.stats.add(0, 0, count as u64, 0);
             return 0;
         };
+        if active.fault().is_some() {
+            drop(s);
+            q.stats.add(0, 0, count as u64, 0);
+            return 0;
+        }
         let features: VirtioFeatures = active.features;
         let mut burst = net::RxBurst::default();
         let result = active.with_queue(|vq| {
             let mut scratch: RxScratch<'_> = RxScratch::new();
-            burst = net::receive_burst(vq, &mut scratch, features, count, frame);
-            vq.publish()
+            // While migrating, every buffer and used-ring write is marked in the dirty log;
+            // otherwise this is the same code without it (one branch per burst).
+            match &log {
+                None => {
+                    burst = net::receive_burst(vq, &mut scratch, features, count, frame);
+                    vq.publish()
+                }
+                Some(log) => {
+                    burst = net::receive_burst_logged(vq, &mut scratch, features, count, frame, log);
+                    vq.publish_logged(log)
+                }
+            }
         });
         let (n, bytes) = (burst.placed, burst.bytes);
         let errors = burst.refused as u64 + u64::from(burst.bad_chains);

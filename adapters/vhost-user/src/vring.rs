@@ -186,7 +186,47 @@ pub struct VringShared {
     pub log_guest_addr: Option<u64>,
 }
 
+/// The dirty log as a ring's data path writes it ([`virtq::WriteLog`]): buffers by guest
+/// address, the used ring at the ring's `log_guest_addr` (vhost-user.rst "Migration": used-ring
+/// writes are logged there when `SET_VRING_ADDR` set `VHOST_VRING_F_LOG`).
+#[derive(Clone, Copy, Debug)]
+pub struct RingLog<'a> {
+    /// The log.
+    pub log: &'a DirtyLog,
+    /// Guest address of the used ring, if the front-end asked for its writes to be logged.
+    pub used: Option<u64>,
+}
+
+impl virtq::WriteLog for RingLog<'_> {
+    #[inline]
+    fn buffer(&self, addr: u64, len: u64) {
+        self.log.mark(addr, len);
+    }
+
+    #[inline]
+    fn used_ring(&self, offset: u64, len: u64) {
+        if let Some(base) = self.used {
+            self.log.mark(base.wrapping_add(offset), len);
+        }
+    }
+}
+
 impl VringShared {
+    /// The dirty log this ring's writes go to, while logging is on (`LOG_ALL` and a log base):
+    /// borrow it for one burst, under the ring's lock.
+    #[inline]
+    pub fn ring_log(&self) -> Option<RingLog<'_>> {
+        self.log.as_deref().map(|log| RingLog { log, used: self.log_guest_addr })
+    }
+
+    /// What a burst needs, borrowed together: the started ring, whether it is enabled, and its
+    /// dirty log while logging is on.
+    #[inline]
+    pub fn burst_parts(&mut self) -> (Option<&mut ActiveRing>, bool, Option<RingLog<'_>>) {
+        let log = self.log.as_deref().map(|log| RingLog { log, used: self.log_guest_addr });
+        (self.active.as_mut(), self.enabled, log)
+    }
+
     /// Marks the started ring as faulted: it is no longer served, its error eventfd is
     /// signalled and the fault counted. Returns `true` if the ring was running and is now
     /// faulted (the caller logs it, once); `false` if it was stopped or had already faulted.

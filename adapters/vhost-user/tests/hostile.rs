@@ -1088,6 +1088,87 @@ fn f16_log_file_shrunk_under_running_rings(h: &Harness, good: &mut Good<'_>) {
     h.no_leak(&log);
 }
 
+/// Bytes of log for the test front-end's guest memory: one bit per 4 KiB page up to the end of
+/// its 16 MiB at GPA (1 GiB).
+const LOG_BYTES: u64 = (GPA + (16 << 20)) / 0x1000 / 8;
+
+/// The pages set in the log file `fd` (the front-end's view of the bitmap).
+fn logged_pages(fd: &OwnedFd) -> std::collections::BTreeSet<u64> {
+    let mut bits = vec![0u8; LOG_BYTES as usize];
+    // SAFETY: reads into `bits` from our own memfd.
+    let n = unsafe { libc::pread(fd.as_raw_fd(), bits.as_mut_ptr().cast(), bits.len(), 0) };
+    assert_eq!(n, bits.len() as isize);
+    let mut pages = std::collections::BTreeSet::new();
+    for (i, b) in bits.iter().enumerate() {
+        for bit in 0..8 {
+            if b & (1 << bit) != 0 {
+                pages.insert(i as u64 * 8 + bit);
+            }
+        }
+    }
+    pages
+}
+
+fn pages_of(addr: u64, len: u64) -> impl Iterator<Item = u64> {
+    (addr / 0x1000)..=((addr + len - 1) / 0x1000)
+}
+
+/// Logging on (LOG_ALL, SET_LOG_BASE, VRING_F_LOG with each used ring's guest address): guest
+/// TX and RX traffic, single and merged buffers, set exactly the pages of the receive buffers
+/// the device wrote and of the used-ring slots and indices it wrote; the avail rings,
+/// descriptor tables and TX buffers, which only the guest writes, stay clear. Then the log's
+/// file shrinks to 0 under the running rings: the data path's next mark faults, the handler
+/// makes it zero pages, and the device goes on serving unlogged.
+fn dirty_log_marks_exactly_what_the_device_wrote(h: &Harness, good: &mut Good<'_>) {
+    let (fe, name) = h.connect("f16-exact");
+    let r = running(h, fe, name, PF_MQ | PF_LOG_SHMFD);
+    let fe = &r.fe;
+    let mut g = Guest::new(fe);
+    let log = uniq("f16-exact-log");
+    let lfd = memfd(&log, LOG_BYTES as usize);
+    fe.send(SET_LOG_BASE, 0, &log_desc(LOG_BYTES, 0), &[lfd.as_raw_fd()]);
+    assert_eq!(fe.reply().0, SET_LOG_BASE);
+    assert_eq!(fe.ack_status(SET_FEATURES, &u64p(NET_FEATURES | F_PROTOCOL_FEATURES | F_LOG_ALL), &[]), 0);
+    for i in 0..2 {
+        let used = fe.queues[i].cfg.used_ring;
+        assert_eq!(fe.ack_status(SET_VRING_ADDR, &vring_addr_logged(fe, i, VRING_F_LOG, used), &[]), 0);
+    }
+    let (tx0, rx0) = (g.seen[1], g.seen[0]);
+    guest_tx(&mut g, fe, &h.hostile, 3);
+    guest_rx(&mut g, fe, &h.hostile, 2, 2048, 1);
+    guest_rx(&mut g, fe, &h.hostile, 1, 512, 2);
+    let mut want = std::collections::BTreeSet::new();
+    for (q, from) in [(0usize, rx0), (1, tx0)] {
+        let cfg = fe.queues[q].cfg;
+        want.extend(pages_of(cfg.used_ring + 2, 2));
+        let mut i = from;
+        while i != g.seen[q] {
+            let slot = (i % cfg.size) as u64;
+            want.extend(pages_of(cfg.used_ring + 4 + 8 * slot, 8));
+            if q == 0 {
+                let (id, len) = g.drv[0].used_elem(i);
+                want.extend(pages_of(g.drv[0].read_desc(id as u16).addr, len as u64));
+            }
+            i = i.wrapping_add(1);
+        }
+    }
+    assert_eq!(logged_pages(&lfd), want, "logged pages = pages the device wrote");
+
+    // The log's file shrinks under the running rings: the next burst's mark faults.
+    // SAFETY: ftruncate of our own memfd.
+    assert_eq!(unsafe { libc::ftruncate(lfd.as_raw_fd(), 0) }, 0);
+    guest_rx(&mut g, fe, &h.hostile, 1, 2048, 1);
+    wait("log mapping replaced", || (maps_named(&log) == 0).then_some(()));
+    guest_tx(&mut g, fe, &h.hostile, 2);
+    guest_rx(&mut g, fe, &h.hostile, 2, 2048, 1);
+    good.round();
+    drop(g);
+    drop(lfd);
+    let Running { fe, name, .. } = r;
+    h.hang_up(fe, &name);
+    h.no_leak(&log);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Family 17: ring addresses, size, base
 // ---------------------------------------------------------------------------------------------
@@ -1632,7 +1713,7 @@ fn status_config_and_acks(h: &Harness, good: &mut Good<'_>) {
 // Tests
 // ---------------------------------------------------------------------------------------------
 
-const CASES: [(&str, Case); 34] = [
+const CASES: [(&str, Case); 35] = [
     ("f12 short header", f12_short_header_then_close),
     ("f12 size", f12_size_above_max_payload),
     ("f12 version", f12_version_not_1),
@@ -1665,6 +1746,7 @@ const CASES: [(&str, Case); 34] = [
     ("vhost #247", kick_before_enable_is_not_lost),
     ("vhost #227", set_features_without_protocol_features_enables_rings),
     ("memfd shrinks under running rings", memfd_shrinks_under_running_rings),
+    ("f16 dirty log exact", dirty_log_marks_exactly_what_the_device_wrote),
     ("ring fault stops once", ring_fault_stops_once_and_restarts),
     ("status, config, acks", status_config_and_acks),
 ];
@@ -1852,6 +1934,11 @@ fn family16_set_log_base_and_set_log_fd_replaced_release_the_old_ones() {
 #[test]
 fn family16_log_all_toggled_while_rings_run() {
     run_case("f16-toggle", f16_log_all_toggled_while_running);
+}
+
+#[test]
+fn family16_dirty_log_marks_exactly_what_the_device_wrote_and_survives_its_file_shrinking() {
+    run_case("f16-exact", dirty_log_marks_exactly_what_the_device_wrote);
 }
 
 #[test]
