@@ -6,7 +6,7 @@
 # the same for any N, so they cancel.
 #
 # Environment (all optional):
-#   IMPLS="memcpy virtq rustvmm"    implementations to run
+#   IMPLS="memcpy virtq virtq-log rustvmm"  implementations to run (virtq-log: with a dirty log)
 #   SHAPES="1desc 2desc indirect4"  chain shapes
 #   SIZES="64 1500"                 payload sizes
 #   DIRS="tx rx"                    directions
@@ -24,7 +24,7 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-IMPLS=${IMPLS:-"memcpy virtq rustvmm"}
+IMPLS=${IMPLS:-"memcpy virtq virtq-log rustvmm"}
 SHAPES=${SHAPES:-"1desc 2desc indirect4"}
 SIZES=${SIZES:-"64 1500"}
 DIRS=${DIRS:-"tx rx"}
@@ -40,7 +40,7 @@ TSV=${TSV:-}
 die() { echo "ringbench.sh: $*" >&2; exit 2; }
 
 for i in $IMPLS; do
-    case $i in memcpy | virtq | rustvmm) ;; *) die "unknown impl '$i' in IMPLS" ;; esac
+    case $i in memcpy | virtq | virtq-log | rustvmm) ;; *) die "unknown impl '$i' in IMPLS" ;; esac
 done
 [[ $N2 -gt $N1 ]] || die "N2 ($N2) must be greater than N1 ($N1)"
 if [[ $CALLGRIND == 1 ]] && ! command -v valgrind > /dev/null; then

@@ -277,6 +277,9 @@ impl Driver<'_> {
 pub enum Impl {
     /// Our core (`virtq_impl.rs`).
     Virtq,
+    /// Our core with write tracking into a vhost-user dirty log (every used-ring and buffer
+    /// write marked), as while a VM migrates.
+    VirtqLog,
     /// rust-vmm `virtio-queue` 0.18 (`rustvmm_impl.rs`).
     RustVmm,
     /// Copies only (`memcpy_impl.rs`).
@@ -288,6 +291,7 @@ impl Impl {
     pub fn device<'a>(self, w: &'a Workload) -> Box<dyn Device + 'a> {
         match self {
             Impl::Virtq => Box::new(virtq_impl::VirtqDevice::new(&w.setup)),
+            Impl::VirtqLog => Box::new(virtq_impl::VirtqLogDevice::new(&w.setup)),
             Impl::RustVmm => Box::new(rustvmm_impl::RustVmmDevice::new(&w.mem, &w.setup)),
             Impl::Memcpy => Box::new(memcpy_impl::MemcpyDevice::new(&w.setup, &w.chains)),
         }

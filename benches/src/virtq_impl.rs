@@ -19,9 +19,12 @@
 //! validation pass and no segment list.
 
 use std::hint::black_box;
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::ptr::NonNull;
 
 use virtq::{Region, RegionTable, SplitQueue, VirtioFeatures};
+use virtq_vhost_user::memory::dirty::{DirtyLog, LOG_PAGE};
+use virtq_vhost_user::vring::RingLog;
 
 use crate::{rx_frame, Device, Dir, Setup, FRAME_BUF};
 
@@ -33,6 +36,15 @@ pub struct VirtqDevice<'a> {
     rx: [u8; FRAME_BUF],
     tx: [u8; FRAME_BUF],
     tx_len: usize,
+}
+
+/// `--impl virtq-log`: the same device marking every write it makes in a vhost-user dirty log
+/// (a memfd covering all of guest memory), as a back-end does while its VM migrates. A type of
+/// its own, so that the plain device's code is not changed by the logged path next to it.
+pub struct VirtqLogDevice<'a> {
+    dev: VirtqDevice<'a>,
+    log: DirtyLog,
+    used_ring: u64,
 }
 
 impl<'a> VirtqDevice<'a> {
@@ -56,6 +68,53 @@ impl<'a> VirtqDevice<'a> {
         let features = VirtioFeatures::from_bits_retain(setup.features);
         let queue = SplitQueue::new(table, cfg, features).expect("valid queue");
         VirtqDevice { queue, dir: setup.dir, chain_len: setup.chain_len, rx: rx_frame(), tx: [0; FRAME_BUF], tx_len: 0 }
+    }
+}
+
+impl<'a> VirtqLogDevice<'a> {
+    /// Attaches to the queue described by `setup`, with a fresh dirty log.
+    pub fn new(setup: &'a Setup) -> Self {
+        let bytes = (setup.gpa_base + setup.mem_size as u64).div_ceil(LOG_PAGE * 8);
+        // SAFETY: memfd_create with a NUL-terminated name; the fd is owned at once below.
+        let raw = unsafe { libc::memfd_create(c"ringbench-log".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(raw >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+        // SAFETY: a fresh descriptor nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: sizing our own memfd.
+        assert_eq!(unsafe { libc::ftruncate(raw, bytes as libc::off_t) }, 0);
+        let log = DirtyLog::new(bytes, 0, fd).expect("dirty log");
+        VirtqLogDevice { dev: VirtqDevice::new(setup), log, used_ring: setup.used_ring }
+    }
+}
+
+impl Device for VirtqLogDevice<'_> {
+    fn run_batch(&mut self, batch: u16) -> bool {
+        let log = RingLog { log: &self.log, used: Some(self.used_ring) };
+        let d = &mut self.dev;
+        for _ in 0..batch {
+            match d.dir {
+                // Guest TX writes only the used ring, logged at publish.
+                Dir::Tx => {
+                    let c = d.queue.pop_read(&mut d.tx).expect("well-formed chain").expect("a full batch");
+                    d.tx_len = c.bytes as usize;
+                    black_box(&d.tx[..d.tx_len]);
+                    d.queue.push(c.head, 0);
+                }
+                Dir::Rx => {
+                    let c = d
+                        .queue
+                        .pop_write_logged(&d.rx[..d.chain_len], &log)
+                        .expect("well-formed chain")
+                        .expect("a full batch");
+                    d.queue.push(c.head, c.bytes);
+                }
+            }
+        }
+        d.queue.publish_logged(&log)
+    }
+
+    fn tx_frame(&self) -> &[u8] {
+        self.dev.tx_frame()
     }
 }
 

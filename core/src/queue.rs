@@ -15,7 +15,7 @@ use core::ptr::NonNull;
 use crate::avail::{AvailIndexError, AvailRing};
 use crate::chain::{walk, walk_pieces, Chain, ChainError, ChainLimits, DescTable, WalkSummary};
 use crate::desc::DESC_SIZE;
-use crate::dirty::{log_host, NoLog, WriteLog};
+use crate::dirty::{log_host, WriteLog};
 use crate::features::VirtioFeatures;
 use crate::log::log_warn;
 use crate::mem::{copy_bytes, GuestMemory, MemError};
@@ -421,7 +421,7 @@ impl<'m, M: GuestMemory + ?Sized> SplitQueue<'m, M> {
     /// If `buf` is shorter than the readable part, the first `buf.len()` bytes are copied and
     /// [`CopiedChain::readable_len`] tells how much there was. On [`PopError::Chain`] the head
     /// was completed with len 0 and `buf` holds garbage.
-    #[inline]
+    #[inline(always)]
     pub fn pop_read(&mut self, buf: &mut [u8]) -> Result<Option<CopiedChain>, PopError> {
         let mut done = 0usize;
         let copied = &mut done;
@@ -449,14 +449,27 @@ impl<'m, M: GuestMemory + ?Sized> SplitQueue<'m, M> {
     /// `Ok(None)` when the ring is empty. The chain is not completed: push `head` with
     /// [`CopiedChain::bytes`]. If the writable part is shorter than `data`, it is filled and
     /// [`CopiedChain::writable_len`] tells its size.
-    #[inline]
+    #[inline(always)]
     pub fn pop_write(&mut self, data: &[u8]) -> Result<Option<CopiedChain>, PopError> {
-        self.pop_write_logged(data, &NoLog)
+        let mut done = 0usize;
+        let written = &mut done;
+        // `move`: the visitor holds the slice by value.
+        self.pop_with(move |ptr, len, writable| {
+            if writable {
+                let n = (len as usize).min(data.len() - *written);
+                // SAFETY: as in `pop_read`, with `data[done..done + n]` as the source; the
+                // piece is device-writable, so writing it is allowed (§2.7.5.1).
+                unsafe { copy_bytes(data.as_ptr().add(*written), ptr.as_ptr(), n) };
+                *written += n;
+            }
+            Ok(())
+        })
+        .map(|o| o.map(|(head, sum)| CopiedChain::new(head, done, sum)))
     }
 
     /// [`pop_write`](Self::pop_write), reporting every piece written to `log` as a guest
     /// range ([`crate::dirty`]).
-    #[inline]
+    #[inline(always)]
     pub fn pop_write_logged<L: WriteLog>(&mut self, data: &[u8], log: &L) -> Result<Option<CopiedChain>, PopError> {
         let mem = self.mem;
         let mut done = 0usize;

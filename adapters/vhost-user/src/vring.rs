@@ -198,12 +198,12 @@ pub struct RingLog<'a> {
 }
 
 impl virtq::WriteLog for RingLog<'_> {
-    #[inline]
+    #[inline(always)]
     fn buffer(&self, addr: u64, len: u64) {
         self.log.mark(addr, len);
     }
 
-    #[inline]
+    #[inline(always)]
     fn used_ring(&self, offset: u64, len: u64) {
         if let Some(base) = self.used {
             self.log.mark(base.wrapping_add(offset), len);
