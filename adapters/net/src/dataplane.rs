@@ -3,12 +3,12 @@
 //! that each destination queue is locked and notified once per burst.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use virtq::net::VirtioNetHdr;
 use virtq_vhost_user::limited;
-use virtq_vhost_user::net::{parse_header, NetDevice, TxFrame, MAX_TX_FRAME};
+use virtq_vhost_user::net::{parse_header, rarp_announce, NetDevice, TxFrame, MAX_TX_FRAME};
 
 use crate::generate;
 use crate::switch::{Forward, PortId, Switch};
@@ -34,6 +34,30 @@ pub enum PortBackend {
     Source(usize),
 }
 
+/// MAC addresses a port's front-end asked to announce (`SEND_RARP` after a live migration),
+/// handed from the control thread to the data plane.
+#[derive(Debug, Default)]
+pub struct Announcements {
+    pending: AtomicBool,
+    macs: Mutex<Vec<[u8; 6]>>,
+}
+
+impl Announcements {
+    /// Queues `mac` (control thread).
+    pub fn push(&self, mac: [u8; 6]) {
+        self.macs.lock().unwrap_or_else(|p| p.into_inner()).push(mac);
+        self.pending.store(true, Ordering::Release);
+    }
+
+    /// The queued addresses, if any (data plane; one atomic load when there are none).
+    fn take(&self) -> Vec<[u8; 6]> {
+        if !self.pending.swap(false, Ordering::Acquire) {
+            return Vec::new();
+        }
+        std::mem::take(&mut *self.macs.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
 /// A port of the data plane.
 pub enum Port {
     /// A vhost-user device.
@@ -44,6 +68,8 @@ pub enum Port {
         backend: PortBackend,
         /// Its TAP queues, for `PortBackend::Tap`.
         tap: Vec<TapQueue>,
+        /// RARP announcements its front-end asked for.
+        announce: Arc<Announcements>,
     },
     /// A TAP device attached to the switch.
     SwitchTap {
@@ -127,6 +153,7 @@ impl Dataplane {
                     self.suppress_kicks();
                     last_suppress = Some(Instant::now());
                 }
+                self.announce();
                 if last_expire.elapsed() > Duration::from_secs(10) {
                     self.switch.expire(Instant::now());
                     last_expire = Instant::now();
@@ -143,6 +170,34 @@ impl Dataplane {
                 std::thread::sleep(Duration::from_micros(us));
             } else {
                 std::hint::spin_loop();
+            }
+        }
+    }
+
+    /// Sends the RARP broadcasts front-ends asked for (`SEND_RARP`, after a live migration)
+    /// into each port's network, as if the guest had sent them: through the switch (which
+    /// learns the address on this port and floods the frame to every other port and TAP), or
+    /// to the port's TAP. Checked with the housekeeping, at most about a millisecond late.
+    fn announce(&mut self) {
+        for p in 0..self.ports.len() {
+            let Port::Vhost { announce, backend, tap, dev } = &self.ports[p] else { continue };
+            for mac in announce.take() {
+                let frame = rarp_announce(mac);
+                match backend {
+                    PortBackend::Switch => {
+                        switch_burst(&mut self.switch, &mut self.dest, &self.ports, p, 0, &[&frame[..]]);
+                    }
+                    PortBackend::Tap(name) => {
+                        if let Some(q) = tap.first() {
+                            if let Err(e) = q.write(&[0u8; TAP_HDR_LEN], &frame) {
+                                limited!(warn, "virtq-net: TAP {name}: announce: {e}");
+                            }
+                        }
+                    }
+                    // Not attached to a network: nobody to tell.
+                    PortBackend::Reflect | PortBackend::Sink | PortBackend::Source(_) => {}
+                }
+                limited!(info, "{}: announced {mac:02x?} (RARP)", dev.name());
             }
         }
     }
@@ -179,7 +234,7 @@ impl Dataplane {
     }
 
     fn poll_vhost(&mut self, p: PortId, pair: u16) -> usize {
-        let Port::Vhost { dev, backend, tap } = &self.ports[p] else { return 0 };
+        let Port::Vhost { dev, backend, tap, .. } = &self.ports[p] else { return 0 };
         let n = dev.dequeue_burst(pair, &mut self.frames);
         if n == 0 {
             return 0;
@@ -251,7 +306,7 @@ impl Dataplane {
     pub fn poll_port_taps(&mut self) -> usize {
         let mut work = 0;
         for p in &self.ports {
-            let Port::Vhost { dev, backend: PortBackend::Tap(name), tap } = p else { continue };
+            let Port::Vhost { dev, backend: PortBackend::Tap(name), tap, .. } = p else { continue };
             for (pair, q) in tap.iter().enumerate() {
                 let mut lens = [0usize; BURST];
                 let n = read_tap_burst(q, &mut self.tap_bufs, &mut lens, name);

@@ -35,7 +35,7 @@ use virtq_vhost_user::device::DeviceConfig;
 use virtq_vhost_user::limited;
 use virtq_vhost_user::net::NetDevice;
 
-use dataplane::{Dataplane, Port, PortBackend, TapCounters};
+use dataplane::{Announcements, Dataplane, Port, PortBackend, TapCounters};
 
 /// Command line.
 #[derive(Parser, Debug)]
@@ -209,6 +209,13 @@ fn device_config(p: &PortSpec, i: usize) -> DeviceConfig {
     if !p.mrg {
         c.features.remove(virtq::VirtioFeatures::NET_MRG_RXBUF);
     }
+    // A port attached to a network (the switch, a TAP) announces a migrated guest: RARP for
+    // QEMU's SEND_RARP, and GUEST_ANNOUNCE passed through so that a guest that can announce
+    // itself does (the front-end owns the control queue that carries it).
+    if matches!(p.backend, PortBackend::Switch | PortBackend::Tap(_)) {
+        c.protocol_features |= virtq_vhost_user::message::protocol_features::RARP;
+        c.features |= virtq::VirtioFeatures::NET_GUEST_ANNOUNCE;
+    }
     // Only a TAP can take and give offloaded frames: the kernel finishes checksums and
     // segments where it has to. The switch, reflect and benchmark back-ends offer none.
     if p.offload && matches!(p.backend, PortBackend::Tap(_)) {
@@ -254,12 +261,14 @@ struct PortHandler {
     tap: Vec<tap::TapQueue>,
     /// Whether each TAP queue is attached (all are when opened).
     attached: Vec<bool>,
+    /// Where `SEND_RARP` goes: the data plane sends the announcement into the port's network.
+    announce: Arc<Announcements>,
 }
 
 impl PortHandler {
-    fn new(tap: Vec<tap::TapQueue>) -> PortHandler {
+    fn new(tap: Vec<tap::TapQueue>, announce: Arc<Announcements>) -> PortHandler {
         let attached = vec![true; tap.len()];
-        PortHandler { tap, attached }
+        PortHandler { tap, attached, announce }
     }
 
     /// Attaches the TAP queues of the pairs the guest receives on and detaches the others
@@ -333,6 +342,10 @@ impl DeviceHandler for PortHandler {
     fn device_destroyed(&mut self, dev: &NetDevice) {
         limited!(info, "{}: stopped", dev.name());
     }
+    fn announce(&mut self, _dev: &NetDevice, mac: [u8; 6]) {
+        self.announce.push(mac);
+    }
+
     fn features_changed(&mut self, dev: &NetDevice, features: u64) {
         limited!(info, "{}: features {features:#x}", dev.name());
         // Any queue will do (offloads are the device's); an attached one for certain.
@@ -414,13 +427,14 @@ fn run(args: Args) -> Result<(), String> {
         };
         let control =
             tap.iter().map(|q| q.try_clone()).collect::<Result<Vec<_>, _>>().map_err(|e| format!("TAP: {e}"))?;
+        let announce = Arc::new(Announcements::default());
         let mut config = device_config(spec, i);
         config.require_sealed_memory = args.require_sealed_memory;
         let dev = backend
-            .add_device(&name, config, socket, Box::new(PortHandler::new(control)))
+            .add_device(&name, config, socket, Box::new(PortHandler::new(control, Arc::clone(&announce))))
             .map_err(|e| format!("{name}: {e}"))?;
         info!("{name}: {:?} back-end, {} queue pair(s)", spec.backend, spec.queues);
-        ports.push(Port::Vhost { dev, backend: spec.backend.clone(), tap });
+        ports.push(Port::Vhost { dev, backend: spec.backend.clone(), tap, announce });
         Ok(())
     };
     if let Some(fd) = args.fd {
@@ -582,8 +596,9 @@ mod tests {
         let off = parse_port("path=x,backend=tap:vt0,offload=off", &defaults()).unwrap();
         assert!(!off.offload);
         assert!(!device_config(&off, 1).features.intersects(TAP_OFFLOADS));
-        // What is offered satisfies §5.1.3.1 on its own (every dependency offered too).
+        // What is offered satisfies §5.1.3.1 on its own (every dependency offered too, but
+        // the control queue, which the front-end keeps).
         let f = device_config(&p, 1).features;
-        assert_eq!(virtq::VirtioFeatures::negotiate_net(f, f), Ok(f));
+        assert_eq!(virtq::VirtioFeatures::negotiate_net_external_ctrl_vq(f, f), Ok(f));
     }
 }

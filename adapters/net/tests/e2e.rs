@@ -832,3 +832,51 @@ fn a_broken_ring_costs_one_log_line() {
         text.lines().count()
     );
 }
+
+/// `SEND_RARP` (QEMU sends it after a live migration when the guest cannot announce itself):
+/// the switch floods a RARP broadcast from the given MAC to the other ports, and learns that
+/// the MAC is now behind the announcing port, so unicast to it goes there and nowhere else.
+#[test]
+fn send_rarp_announces_the_mac_through_the_switch() {
+    const SET_PROTOCOL_FEATURES: u32 = 16;
+    const SEND_RARP: u32 = 19;
+    const PF_RARP: u64 = 1 << 2;
+    let d = dir("rarp");
+    let (a, b, c) = (d.join("a.sock"), d.join("b.sock"), d.join("c.sock"));
+    let p = Proc::spawn(
+        Command::new(BIN).args(["--socket-path"]).arg(&a).arg("--socket-path").arg(&b).arg("--socket-path").arg(&c),
+    );
+    for s in [&a, &b, &c] {
+        wait_for(s);
+    }
+    let (fa, fb, fc) = (Frontend::connect(&a, 2, 256), Frontend::connect(&b, 2, 256), Frontend::connect(&c, 2, 256));
+    let (mut na, mut nb, mut nc) = (Nic::new(&fa), Nic::new(&fb), Nic::new(&fc));
+    for f in [&fa, &fb, &fc] {
+        f.qemu_start(FEATURES);
+    }
+    for n in [&mut na, &mut nb, &mut nc] {
+        n.post_rx(16);
+    }
+    let pf = fa.get_u64(GET_PROTOCOL_FEATURES);
+    assert_ne!(pf & PF_RARP, 0, "switch ports offer RARP");
+    fa.send(SET_PROTOCOL_FEATURES, 0, &u64p(pf & (PF_RARP | PF_REPLY_ACK | PF_MQ)), &[]);
+    let migrated = [0x52, 0x54, 0, 0, 0, 0x77];
+    let mut payload = migrated.to_vec();
+    payload.resize(8, 0);
+    fa.send(SEND_RARP, 0, &payload, &[]);
+    for (n, who) in [(&mut nb, "B"), (&mut nc, "C")] {
+        let f = n.recv(Duration::from_secs(5)).unwrap_or_else(|| panic!("{who} got the RARP announcement"));
+        assert_eq!(f[..6], [0xff; 6], "broadcast");
+        assert_eq!(f[6..12], migrated, "from the migrated MAC");
+        assert_eq!(f[12..14], [0x80, 0x35], "EtherType RARP");
+        assert_eq!(f[20..22], [0, 3], "reverse request");
+        assert_eq!((&f[22..28], &f[32..38]), (&migrated[..], &migrated[..]));
+    }
+    assert!(na.recv(Duration::from_millis(100)).is_none(), "not back to the announcing port");
+    // The switch learned it: unicast to the MAC goes to A only.
+    let hello = eth(migrated, MAC_B, 0x88b5, b"to the migrated guest");
+    nb.send(&hello);
+    assert_eq!(na.recv(Duration::from_secs(5)).expect("A got the unicast"), hello);
+    assert!(nc.recv(Duration::from_millis(200)).is_none(), "not flooded");
+    assert!(p.terminate().success());
+}

@@ -68,6 +68,11 @@ pub trait DeviceHandler: Send {
     /// new set. A vring callback alone would miss rings that start after being enabled (QEMU
     /// enables them before SET_VRING_KICK) and rings stopped by GET_VRING_BASE or a reset.
     fn rx_pairs_changed(&mut self, _dev: &NetDevice, _pairs: u64) {}
+    /// `SEND_RARP` after a live migration: send a RARP broadcast from `mac` into the network
+    /// the device is attached to ([`crate::net::rarp_announce`] builds it), so that every
+    /// switch learns where the guest is now. A device offers the `RARP` protocol feature
+    /// only if its handler does this (`DeviceConfig::net_default` does not offer it).
+    fn announce(&mut self, _dev: &NetDevice, _mac: [u8; 6]) {}
 }
 
 /// A handler that does nothing.
@@ -379,6 +384,7 @@ impl Backend {
                     slot.handler.vring_state_changed(&slot.net, index, enabled)
                 }
                 DeviceEvent::FeaturesChanged(f) => slot.handler.features_changed(&slot.net, f),
+                DeviceEvent::Announce(mac) => slot.handler.announce(&slot.net, mac),
             }
         }
         if let Some(pairs) = rx_pairs {

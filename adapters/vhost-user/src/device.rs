@@ -187,6 +187,11 @@ pub enum DeviceEvent {
     Ready,
     /// The device stopped being ready (rings stopped, reset, or disconnect).
     NotReady,
+    /// `SEND_RARP` (after a live migration): announce this MAC address into the network the
+    /// device is attached to ([`crate::net::rarp_announce`]), so that switches learn the
+    /// guest's new location. Only with the `RARP` protocol feature, which a device offers
+    /// only if its owner does that ([`crate::backend::DeviceHandler::announce`]).
+    Announce([u8; 6]),
 }
 
 /// Why a request failed.
@@ -614,6 +619,10 @@ impl VhostUserDevice {
                 if self.vring(index)?.set_enabled(enable) {
                     self.events.push(DeviceEvent::VringStateChanged { index: index as u16, enabled: enable });
                 }
+                None
+            }
+            M::SendRarp(mac) if self.acked_protocol & pf::RARP != 0 => {
+                self.events.push(DeviceEvent::Announce(mac));
                 None
             }
             M::NetSetMtu(mtu) => {

@@ -29,6 +29,22 @@ pub const MAX_GSO_FRAME: usize = 65535 + 40 + 18;
 /// frame behind the 12-byte virtio-net header.
 pub const MAX_TX_FRAME: usize = MAX_GSO_FRAME + 12;
 
+/// The frame a back-end sends for `SEND_RARP` (vhost-user.rst "Migration"; what QEMU's
+/// `qemu_announce_self` and DPDK's `make_rarp_packet` send): an Ethernet broadcast from `mac`,
+/// EtherType RARP (0x8035), a reverse request (opcode 3) for `mac`, padded to 60 bytes. A
+/// switch that sees it learns that `mac` is now behind the port it came from.
+pub fn rarp_announce(mac: [u8; 6]) -> [u8; 60] {
+    let mut f = [0u8; 60];
+    f[0..6].copy_from_slice(&[0xff; 6]);
+    f[6..12].copy_from_slice(&mac);
+    f[12..14].copy_from_slice(&0x8035u16.to_be_bytes());
+    // htype Ethernet, ptype IPv4, hlen 6, plen 4, op 3 (reverse request).
+    f[14..22].copy_from_slice(&[0, 1, 0x08, 0x00, 6, 4, 0, 3]);
+    f[22..28].copy_from_slice(&mac); // sender hardware address
+    f[32..38].copy_from_slice(&mac); // target hardware address; both IPs 0
+    f
+}
+
 /// Per-queue counters.
 #[derive(Debug, Default)]
 pub struct QueueStats {
