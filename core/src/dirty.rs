@@ -3,12 +3,12 @@
 //! it writes so that the front-end copies them again) and for DPUs whose host migrates a VM.
 //!
 //! What the device writes:
-//! - the used ring: used elements and `used.idx` ([`SplitQueue::publish_logged`]), and the
+//! - the used ring: used elements and `used.idx` ([`SplitQueue::publish_logged`](crate::SplitQueue::publish_logged)), and the
 //!   notification-suppression field it owns, `used.flags` or `avail_event`
-//!   ([`SplitQueue::log_suppression`]);
+//!   ([`SplitQueue::log_suppression`](crate::SplitQueue::log_suppression));
 //! - device-writable buffers: virtio-net receive buffers with their header and `num_buffers`
 //!   ([`crate::net::receive_burst_logged`], [`crate::net::receive_logged`]), and
-//!   [`SplitQueue::pop_write_logged`]; a device that writes through a chain's segments itself
+//!   [`SplitQueue::pop_write_logged`](crate::SplitQueue::pop_write_logged); a device that writes through a chain's segments itself
 //!   reports them with [`Chain::log_written`](crate::Chain::log_written).
 //!
 //! Buffers are reported as guest ranges (the addresses descriptors hold), found with
