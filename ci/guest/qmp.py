@@ -9,7 +9,8 @@
       SECS (default 10; the greeting too: QEMU answers only once its start-up is done): exit 2.
 
   qmp.py --ram-diff FILE-A FILE-B
-      Compares two guest RAM dumps (QMP pmemsave) 4 KiB page by page. Prints `pages=N` and
+      Compares two guest RAM images (a stopped QEMU's memfd through /proc/PID/fd/N, or a QMP
+      pmemsave dump) 4 KiB page by page. Prints `pages=N` and
       `differ=M`, and up to 8 differing page ranges (`ranges=0x...-0x...; ...`); exit 1 if any
       page differs or the sizes differ.
 """
