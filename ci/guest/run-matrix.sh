@@ -18,8 +18,8 @@
 # Live migration (case_migrate documents them): migrate-dpdk migrates a guest between two QEMUs
 # with DPDK testpmd's net_vhost as the back-end (the reference; needs dpdk-testpmd like
 # iperf3-vs-dpdk), migrate, migrate-mrg-off and migrate-client the same with virtq-net (QEMU as
-# client, mrg_rxbuf off, QEMU as server). If QEMU reports that virtq-net lacks dirty logging
-# (VHOST_F_LOG_ALL / LOG_SHMFD, query-migrate blocked-reasons), the virtq-net ones are SKIPs.
+# client, mrg_rxbuf off, QEMU as server). Each compares both QEMUs' guest RAM page by page after
+# the migration: a dirty log that misses a page the back-end wrote fails the case.
 # Knobs: MIG_MIBS (migration bandwidth, MiB/s, default 16), MIG_SECS (stream length, default 20),
 # MIG_MAX_LOST (ping replies that may be lost, default 5). QMP through ci/guest/qmp.py (python3).
 #
@@ -827,8 +827,7 @@ case_iperf3_vs_dpdk() {
 # learning switch); virtq = virtq-net in switch mode with the three sockets (it learns m's MAC
 # on DST from m's first frame there). QEMU refuses to migrate while a vhost-user back-end lacks
 # VHOST_F_LOG_ALL or VHOST_USER_PROTOCOL_F_LOG_SHMFD (dirty logging) and says so in
-# query-migrate's blocked-reasons; for virtq-net that is a SKIP (builds from before it offered
-# them), for DPDK a FAIL. A virtq-net that offers both runs in full.
+# query-migrate's blocked-reasons: a FAIL for either back-end (virtq-net offers both).
 MIG_MEM=262136K
 MIG_MIBS=${MIG_MIBS:-16}
 MIG_SECS=${MIG_SECS:-20}
@@ -849,15 +848,6 @@ guest_ram() { # QEMU-PID
 all_sockets() {
     local s
     for s in "$@"; do [[ -S $s ]] || return 1; done
-}
-
-# QEMU's reasons (qmp.py joins them with "; ") are all about vhost dirty logging.
-vhost_log_blockers() {
-    local r
-    while IFS= read -r r; do
-        [[ -z $r ]] && continue
-        [[ $r == *vhost* && ($r == *LOG_ALL* || $r == *LOG_SHMFD*) ]] || return 1
-    done <<< "${1//; /$'\n'}"
 }
 
 # dpdk-testpmd, interactive (commands through a fifo kept open read-write), pinned to CPU 0:
@@ -955,10 +945,6 @@ case_migrate() { # BACKEND(dpdk|virtq) ROLE(client|server: QEMU's socket role) M
     out=$(qmp "$qs" query-migrate) || { DETAIL="query-migrate failed"; return 1; }
     blocked=$(qval "$out" blocked-reasons)
     if [[ -n $blocked ]]; then
-        if [[ $be == virtq ]] && vhost_log_blockers "$blocked"; then
-            SKIP_REASON="this virtq-net does not offer dirty logging (VHOST_F_LOG_ALL, VHOST_USER_PROTOCOL_F_LOG_SHMFD); QEMU: $blocked"
-            return 0
-        fi
         DETAIL="migration blocked: $blocked"
         return 1
     fi
@@ -971,10 +957,6 @@ case_migrate() { # BACKEND(dpdk|virtq) ROLE(client|server: QEMU's socket role) M
     # 3. Migrate, slowed down.
     out=$(qmp "$qs" migrate-set-parameters "{\"max-bandwidth\": $((MIG_MIBS * 1048576))}" 2>&1) || { DETAIL="migrate-set-parameters: $out"; return 1; }
     out=$(qmp "$qs" migrate "{\"uri\": \"unix:$mig\"}" 2>&1) || {
-        if [[ $be == virtq ]] && vhost_log_blockers "$out"; then
-            SKIP_REASON="this virtq-net does not offer dirty logging; QEMU: $out"
-            return 0
-        fi
         DETAIL="migrate: $out"
         return 1
     }
