@@ -49,5 +49,5 @@ pub mod testing;
 pub use chain::{Chain, ChainError, Segment};
 pub use dirty::{NoLog, WriteLog};
 pub use features::VirtioFeatures;
-pub use mem::{GuestMemory, HostRange, MemError, Region, RegionTable};
-pub use queue::{DetachedQueue, PopError, QueueConfig, QueueError, SplitQueue};
+pub use mem::{GuestMemory, HostRange, MemError, Region, RegionError, RegionTable};
+pub use queue::{CopiedChain, DetachedQueue, PopError, QueueConfig, QueueError, SplitQueue};
