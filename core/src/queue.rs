@@ -451,6 +451,9 @@ impl<'m, M: GuestMemory + ?Sized> SplitQueue<'m, M> {
     /// [`CopiedChain::writable_len`] tells its size.
     #[inline(always)]
     pub fn pop_write(&mut self, data: &[u8]) -> Result<Option<CopiedChain>, PopError> {
+        // Not `pop_write_logged(data, &NoLog)`: its visitor also captures the memory and the
+        // logger, which cost 5 instructions per chain even with `NoLog` (ringbench, 1desc 64
+        // rx: 137 -> 142).
         let mut done = 0usize;
         let written = &mut done;
         // `move`: the visitor holds the slice by value.
