@@ -40,8 +40,7 @@
 //! is dropped, never under a reader.
 
 use std::fmt;
-use std::mem::MaybeUninit;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
@@ -49,6 +48,9 @@ use virtq::{GuestMemory, HostRange, MemError};
 
 pub mod dirty;
 pub mod fault;
+mod mapping;
+
+use mapping::MapError;
 
 /// Regions a `VHOST_USER_SET_MEM_TABLE` message can carry (`VHOST_MEMORY_BASELINE_NREGIONS`),
 /// and the slot limit of a map built by [`GuestMemoryMap::from_table`].
@@ -302,16 +304,6 @@ impl fmt::Display for MemoryError {
 
 impl std::error::Error for MemoryError {}
 
-fn errno() -> i32 {
-    std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
-}
-
-fn page_size() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    u64::try_from(page).ok().filter(|p| p.is_power_of_two()).unwrap_or(4096)
-}
-
 /// One region of guest memory mapped into this process: `mmap(NULL, round_up(mmap_offset +
 /// memory_size), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0)`, the region
 /// starting `mmap_offset` bytes into the mapping. Unmapped when dropped.
@@ -332,17 +324,11 @@ fn page_size() -> u64 {
 #[derive(Debug)]
 pub struct MappedRegion {
     desc: MemoryRegionDesc,
-    /// Start of the mapping (file offset 0).
-    base: NonNull<u8>,
-    /// Length passed to `mmap`, as `munmap` needs it.
-    mapping_len: usize,
+    /// The mapping of the whole file up to the region's end (`mapping::FileMapping`: size
+    /// checks, `SIGBUS` registration, unmapped when dropped).
+    map: mapping::FileMapping,
     /// `base + mmap_offset`: host address of guest byte `desc.guest_phys_addr`.
     host: NonNull<u8>,
-    /// `F_SEAL_SHRINK` was set on the fd when it was mapped.
-    shrink_sealed: bool,
-    /// The mapping's registration with the SIGBUS handler; dropped before the mapping is
-    /// unmapped (field order does not matter: `Drop::drop` runs first and unregisters).
-    fault: Option<fault::FaultGuard>,
 }
 
 // SAFETY: a `MappedRegion` exclusively owns its mapping; `munmap` may run on any thread, and
@@ -364,76 +350,20 @@ impl MappedRegion {
     /// `mmap` to accept or refuse.
     pub fn new(desc: MemoryRegionDesc, fd: OwnedFd) -> Result<MappedRegion, MemoryError> {
         let file_end = desc.validate()?;
-
-        let mut st = MaybeUninit::<libc::stat>::uninit();
-        // SAFETY: `fd` is an open descriptor (OwnedFd) and `st` is valid for one `struct stat`.
-        if unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) } != 0 {
-            return Err(MemoryError::Fstat { errno: errno() });
-        }
-        // SAFETY: fstat returned 0, so it initialised `st`.
-        let st = unsafe { st.assume_init() };
-
-        let page = page_size();
-        let align = u64::try_from(st.st_blksize).ok().filter(|b| b.is_power_of_two() && *b > page).unwrap_or(page);
-        let mapping_len = file_end
-            .checked_add(align - 1)
-            .map(|end| end & !(align - 1))
-            .and_then(|len| usize::try_from(len).ok())
-            .filter(|&len| len <= isize::MAX as usize)
-            .ok_or(MemoryError::Overflow { region: desc, field: OverflowField::MappingLength })?;
-
-        if st.st_mode & libc::S_IFMT == libc::S_IFREG {
-            let file_size = u64::try_from(st.st_size).unwrap_or(0);
-            if file_size < file_end {
-                return Err(MemoryError::FdTooSmall { region: desc, file_size });
+        let map = mapping::FileMapping::new(fd, file_end, libc::MAP_NORESERVE, false).map_err(|e| match e {
+            MapError::Fstat { errno } => MemoryError::Fstat { errno },
+            MapError::TooSmall { file_size } => MemoryError::FdTooSmall { region: desc, file_size },
+            MapError::Length | MapError::NotAFile { .. } => {
+                MemoryError::Overflow { region: desc, field: OverflowField::MappingLength }
             }
-        }
-        // A memfd sealed with F_SEAL_SHRINK cannot lose the pages mapped here (other files
-        // answer EINVAL and count as unsealed).
-        // SAFETY: F_GET_SEALS only reads the fd's seals.
-        let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
-        let shrink_sealed = seals >= 0 && seals & libc::F_SEAL_SHRINK != 0;
-
-        // SAFETY: a new mapping chosen by the kernel (no MAP_FIXED), so no existing memory is
-        // affected; `fd` is open. `mapping_len > 0` because `memory_size > 0`.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                mapping_len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_NORESERVE,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(MemoryError::Mmap { region: desc, errno: errno() });
-        }
-        // The mapping holds its own reference to the file.
-        drop(fd);
-        let Some(base) = NonNull::new(p.cast::<u8>()) else {
-            // Only MAP_FIXED can map page 0; never build a region on it regardless.
-            // SAFETY: `p` .. `p + mapping_len` was mapped just above and nothing refers to it.
-            unsafe { libc::munmap(p, mapping_len) };
-            return Err(MemoryError::Mmap { region: desc, errno: libc::EINVAL });
-        };
-        // `file_end` fits in usize (validate) and `mmap_offset < file_end <= mapping_len`.
-        let offset = desc.mmap_offset as usize;
-        // SAFETY: `offset < mapping_len`, so the result is inside the mapping (hence non-null).
-        let host = unsafe { base.add(offset) };
-        let mut region = MappedRegion { desc, base, mapping_len, host, shrink_sealed, fault: None };
-        // On error `region` drops here and unmaps.
-        region.fault = Some(
-            fault::register(base.as_ptr(), mapping_len).map_err(|_| MemoryError::FaultTableFull { region: desc })?,
-        );
-
-        // Keep guest memory out of core dumps (size and confidentiality), as DPDK does.
-        // SAFETY: the range is exactly our own mapping; MADV_DONTDUMP only changes dump policy.
-        if unsafe { libc::madvise(p, mapping_len, libc::MADV_DONTDUMP) } != 0 {
-            crate::limited!(warn, "{desc}: madvise(MADV_DONTDUMP) failed: {}", std::io::Error::last_os_error());
-        }
-        log::debug!("mapped {desc} at {:p} (mapping {:p}+{:#x})", region.host, region.base, mapping_len);
-        Ok(region)
+            MapError::Mmap { errno } => MemoryError::Mmap { region: desc, errno },
+            MapError::FaultTableFull => MemoryError::FaultTableFull { region: desc },
+        })?;
+        // `file_end` fits in usize (validate) and `mmap_offset < file_end <= mapping length`.
+        // SAFETY: `mmap_offset` is inside the mapping, so the result is too (hence non-null).
+        let host = unsafe { map.base().add(desc.mmap_offset as usize) };
+        log::debug!("mapped {desc} at {host:p} (mapping {:p}+{:#x})", map.base(), map.len());
+        Ok(MappedRegion { desc, map, host })
     }
 
     /// The region as the front-end described it.
@@ -450,33 +380,20 @@ impl MappedRegion {
 
     /// Length of the whole mapping (from file offset 0, page-rounded), for diagnostics.
     pub fn mapping_len(&self) -> usize {
-        self.mapping_len
+        self.map.len()
     }
 
     /// Whether the file was sealed against shrinking (`F_SEAL_SHRINK`) when it was mapped, so
     /// that the front-end cannot take the pages away.
     pub fn shrink_sealed(&self) -> bool {
-        self.shrink_sealed
+        self.map.shrink_sealed()
     }
 
     /// `Some(host address)` of the first access that found the file's pages gone (the file
     /// shrank under the mapping). The region then holds zero pages, not guest memory, and the
     /// device using it must stop until it gets a new memory table or is reset.
     pub fn faulted(&self) -> Option<usize> {
-        self.fault.as_ref().and_then(|f| f.faulted())
-    }
-}
-
-impl Drop for MappedRegion {
-    fn drop(&mut self) {
-        // Unregister first: once unmapped, the addresses may be reused by another mapping.
-        drop(self.fault.take());
-        // SAFETY: `base`/`mapping_len` are exactly what mmap returned/was given; `drop` runs once
-        // and the type is not Clone, so the range is unmapped exactly once. Every pointer
-        // translated through a map holding this region borrowed that map, so none outlives it.
-        if unsafe { libc::munmap(self.base.as_ptr().cast(), self.mapping_len) } != 0 {
-            log::error!("munmap of {} failed: {}", self.desc, std::io::Error::last_os_error());
-        }
+        self.map.faulted()
     }
 }
 
@@ -758,7 +675,7 @@ unsafe impl GuestMemory for FrontendAddresses {
 mod tests {
     use super::*;
     use std::ffi::CString;
-    use std::os::fd::{AsFd, BorrowedFd, FromRawFd};
+    use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd};
 
     const PAGE: u64 = 0x1000;
 

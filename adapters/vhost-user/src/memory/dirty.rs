@@ -27,12 +27,12 @@
 //! flag ([`DirtyLog::faulted`]) instead of killing the process.
 
 use std::fmt;
-use std::mem::MaybeUninit;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
-use super::{errno, fault, page_size};
+use super::fault;
+use super::mapping::{FileMapping, MapError};
 
 /// `VHOST_LOG_PAGE`: the guest memory covered by one bit of the log.
 pub const LOG_PAGE: u64 = 0x1000;
@@ -118,10 +118,9 @@ impl std::error::Error for LogError {}
 /// bitmap: each bit is set through a raw pointer, as one atomic `fetch_or`.
 #[derive(Debug)]
 pub struct DirtyLog {
-    /// Start of the mapping (file offset 0).
-    base: NonNull<u8>,
-    /// Length passed to `mmap`, as `munmap` needs it.
-    mapping_len: usize,
+    /// The mapping of the log's file up to its end (`mapping::FileMapping`: size checks,
+    /// `SIGBUS` registration, unmapped when dropped).
+    map: super::mapping::FileMapping,
     /// `base + mmap_offset`: byte 0 of the bitmap.
     bitmap: NonNull<u8>,
     /// `mmap_size`: bytes of bitmap.
@@ -132,8 +131,6 @@ pub struct DirtyLog {
     pages: u64,
     /// Pages asked for past the end of the bitmap, never written.
     outside: AtomicU64,
-    /// The mapping's registration with the `SIGBUS` handler; dropped before `munmap`.
-    fault: Option<fault::FaultGuard>,
 }
 
 // SAFETY: a `DirtyLog` exclusively owns its mapping; `munmap` may run on any thread. Through
@@ -156,76 +153,20 @@ impl DirtyLog {
         }
         let overflow = LogError::Overflow { size, offset };
         let file_end = offset.checked_add(size).ok_or(overflow)?;
-
-        let mut st = MaybeUninit::<libc::stat>::uninit();
-        // SAFETY: `fd` is an open descriptor (OwnedFd) and `st` is valid for one `struct stat`.
-        if unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) } != 0 {
-            return Err(LogError::Fstat { errno: errno() });
-        }
-        // SAFETY: fstat returned 0, so it initialised `st`.
-        let st = unsafe { st.assume_init() };
         // Only a regular file has a size to check; anything else could fault past an end we
         // cannot see.
-        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
-            return Err(LogError::NotAFile { file_type: st.st_mode & libc::S_IFMT });
-        }
-        let page = page_size();
-        let align = u64::try_from(st.st_blksize).ok().filter(|b| b.is_power_of_two() && *b > page).unwrap_or(page);
-        let mapping_len = file_end
-            .checked_add(align - 1)
-            .map(|end| end & !(align - 1))
-            .and_then(|len| usize::try_from(len).ok())
-            .filter(|&len| len <= isize::MAX as usize)
-            .ok_or(overflow)?;
-        let file_size = u64::try_from(st.st_size).unwrap_or(0);
-        if file_size < file_end {
-            return Err(LogError::FdTooSmall { size, offset, file_size });
-        }
-
-        // SAFETY: a new mapping chosen by the kernel (no MAP_FIXED), so no existing memory is
-        // affected; `fd` is open; `mapping_len >= file_end > 0`.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                mapping_len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(LogError::Mmap { errno: errno() });
-        }
-        // The mapping holds its own reference to the file: a back-end serving many devices
-        // should not hold one more fd per device for the whole migration.
-        drop(fd);
-        let Some(base) = NonNull::new(p.cast::<u8>()) else {
-            // Only MAP_FIXED can map page 0; never build a log on it regardless.
-            // SAFETY: `p` .. `p + mapping_len` was mapped just above and nothing refers to it.
-            unsafe { libc::munmap(p, mapping_len) };
-            return Err(LogError::Mmap { errno: libc::EINVAL });
-        };
-        // `offset < file_end <= mapping_len <= isize::MAX`, so it fits in usize.
-        // SAFETY: `offset < mapping_len`, so the result is inside the mapping (hence non-null).
-        let bitmap = unsafe { base.add(offset as usize) };
-        let mut log = DirtyLog {
-            base,
-            mapping_len,
-            bitmap,
-            size,
-            offset,
-            pages: size.saturating_mul(8),
-            outside: AtomicU64::new(0),
-            fault: None,
-        };
-        // On error `log` drops here and unmaps.
-        log.fault = Some(fault::register(base.as_ptr(), mapping_len).map_err(|_| LogError::FaultTableFull)?);
-        // The log says which guest pages changed: no use in a core dump.
-        // SAFETY: the range is exactly our own mapping; MADV_DONTDUMP only changes dump policy.
-        if unsafe { libc::madvise(p, mapping_len, libc::MADV_DONTDUMP) } != 0 {
-            crate::limited!(warn, "dirty log: madvise(MADV_DONTDUMP) failed: {}", std::io::Error::last_os_error());
-        }
+        let map = FileMapping::new(fd, file_end, 0, true).map_err(|e| match e {
+            MapError::Fstat { errno } => LogError::Fstat { errno },
+            MapError::NotAFile { file_type } => LogError::NotAFile { file_type },
+            MapError::TooSmall { file_size } => LogError::FdTooSmall { size, offset, file_size },
+            MapError::Length => overflow,
+            MapError::Mmap { errno } => LogError::Mmap { errno },
+            MapError::FaultTableFull => LogError::FaultTableFull,
+        })?;
+        // `offset < file_end <= mapping length <= isize::MAX`, so it fits in usize.
+        // SAFETY: `offset` is inside the mapping, so the result is too (hence non-null).
+        let bitmap = unsafe { map.base().add(offset as usize) };
+        let log = DirtyLog { map, bitmap, size, offset, pages: size.saturating_mul(8), outside: AtomicU64::new(0) };
         log::debug!("dirty log mapped: {size:#x} bytes at offset {offset:#x} ({} pages)", log.pages);
         Ok(log)
     }
@@ -316,20 +257,7 @@ impl DirtyLog {
     /// mapping. The log then holds zero pages that nobody reads; [`mark`](Self::mark) writes
     /// there harmlessly.
     pub fn faulted(&self) -> Option<usize> {
-        self.fault.as_ref().and_then(|f| f.faulted())
-    }
-}
-
-impl Drop for DirtyLog {
-    fn drop(&mut self) {
-        // Unregister first: once unmapped, the addresses may be reused by another mapping.
-        drop(self.fault.take());
-        // SAFETY: `base`/`mapping_len` are exactly what mmap returned/was given; `drop` runs once
-        // and the type is not Clone, so the range is unmapped exactly once; nothing borrows
-        // the bitmap beyond a `mark` call, which borrows `self`.
-        if unsafe { libc::munmap(self.base.as_ptr().cast(), self.mapping_len) } != 0 {
-            log::error!("munmap of the dirty log failed: {}", std::io::Error::last_os_error());
-        }
+        self.map.faulted()
     }
 }
 
@@ -337,7 +265,7 @@ impl Drop for DirtyLog {
 mod tests {
     use super::*;
     use std::ffi::CString;
-    use std::os::fd::FromRawFd;
+    use std::os::fd::{AsRawFd, FromRawFd};
     use std::sync::atomic::AtomicBool;
     use std::sync::Arc;
 
