@@ -32,8 +32,9 @@ use log::{error, info};
 use virtq_vhost_user::backend::{Backend, DeviceHandler, SocketSpec};
 use virtq_vhost_user::connection::Reconnect;
 use virtq_vhost_user::device::DeviceConfig;
-use virtq_vhost_user::limited;
+use virtq_vhost_user::limited_by;
 use virtq_vhost_user::net::NetDevice;
+use virtq_vhost_user::ratelimit::RateLimit;
 
 use dataplane::{Announcements, Dataplane, Port, PortBackend, TapCounters};
 
@@ -263,12 +264,26 @@ struct PortHandler {
     attached: Vec<bool>,
     /// Where `SEND_RARP` goes: the data plane sends the announcement into the port's network.
     announce: Arc<Announcements>,
+    /// This port's limits for the lines a front-end or guest can make it log, one per line:
+    /// ports starting together each keep their lines, one port looping is still limited.
+    limits: PortLimits,
+}
+
+/// See [`PortHandler::limits`].
+#[derive(Default)]
+struct PortLimits {
+    ready: RateLimit,
+    stopped: RateLimit,
+    features: RateLimit,
+    offloads: RateLimit,
+    pairs: RateLimit,
+    tap_queue: RateLimit,
 }
 
 impl PortHandler {
     fn new(tap: Vec<tap::TapQueue>, announce: Arc<Announcements>) -> PortHandler {
         let attached = vec![true; tap.len()];
-        PortHandler { tap, attached, announce }
+        PortHandler { tap, attached, announce, limits: PortLimits::default() }
     }
 
     /// Attaches the TAP queues of the pairs the guest receives on and detaches the others
@@ -287,9 +302,14 @@ impl PortHandler {
                 match t.set_attached(true) {
                     Ok(()) => {
                         self.attached[q] = true;
-                        limited!(info, "{}: TAP queue {q} attached (the guest receives on pair {q} again)", dev.name());
+                        limited_by!(
+                            self.limits.tap_queue,
+                            info,
+                            "{}: TAP queue {q} attached (the guest receives on pair {q} again)",
+                            dev.name()
+                        );
                     }
-                    Err(e) => limited!(warn, "{}: TAP queue {q}: attach: {e}", dev.name()),
+                    Err(e) => limited_by!(self.limits.tap_queue, warn, "{}: TAP queue {q}: attach: {e}", dev.name()),
                 }
             }
         }
@@ -298,13 +318,14 @@ impl PortHandler {
                 match t.set_attached(false) {
                     Ok(()) => {
                         self.attached[q] = false;
-                        limited!(
+                        limited_by!(
+                            self.limits.tap_queue,
                             info,
                             "{}: TAP queue {q} detached (the guest does not receive on pair {q})",
                             dev.name()
                         );
                     }
-                    Err(e) => limited!(warn, "{}: TAP queue {q}: detach: {e}", dev.name()),
+                    Err(e) => limited_by!(self.limits.tap_queue, warn, "{}: TAP queue {q}: detach: {e}", dev.name()),
                 }
             }
         }
@@ -337,31 +358,37 @@ fn describe_pairs(pairs: u64) -> String {
 
 impl DeviceHandler for PortHandler {
     fn device_ready(&mut self, dev: &NetDevice) {
-        limited!(info, "{}: ready", dev.name());
+        limited_by!(self.limits.ready, info, "{}: ready", dev.name());
     }
     fn device_destroyed(&mut self, dev: &NetDevice) {
-        limited!(info, "{}: stopped", dev.name());
+        limited_by!(self.limits.stopped, info, "{}: stopped", dev.name());
     }
     fn announce(&mut self, _dev: &NetDevice, mac: [u8; 6]) {
         self.announce.push(mac);
     }
 
     fn features_changed(&mut self, dev: &NetDevice, features: u64) {
-        limited!(info, "{}: features {features:#x}", dev.name());
+        limited_by!(self.limits.features, info, "{}: features {features:#x}", dev.name());
         // Any queue will do (offloads are the device's); an attached one for certain.
         if let Some(t) = self.tap.iter().zip(&self.attached).find(|(_, &a)| a).map(|(t, _)| t) {
             // What the kernel hands over must be what the guest accepts; a frame with an
             // offload the guest lacks would be refused (and counted) by the device.
             let flags = tap::offload_flags(features);
             match t.set_offload(flags) {
-                Ok(()) => limited!(info, "{}: TAP offloads {}", dev.name(), tap::describe_offloads(flags)),
-                Err(e) => limited!(warn, "{}: TUNSETOFFLOAD {flags:#x}: {e}", dev.name()),
+                Ok(()) => limited_by!(
+                    self.limits.offloads,
+                    info,
+                    "{}: TAP offloads {}",
+                    dev.name(),
+                    tap::describe_offloads(flags)
+                ),
+                Err(e) => limited_by!(self.limits.offloads, warn, "{}: TUNSETOFFLOAD {flags:#x}: {e}", dev.name()),
             }
         }
     }
     fn rx_pairs_changed(&mut self, dev: &NetDevice, pairs: u64) {
         if dev.queue_pairs() > 1 {
-            info!("{}: guest receives on pair(s) {}", dev.name(), describe_pairs(pairs));
+            limited_by!(self.limits.pairs, info, "{}: guest receives on pair(s) {}", dev.name(), describe_pairs(pairs));
         }
         self.steer_tap(dev, pairs);
     }

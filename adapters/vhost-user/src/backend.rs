@@ -24,10 +24,11 @@ use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::connection::{self, ConnectionError, Listener, MessageReader, Reconnect};
 use crate::device::{DeviceConfig, DeviceEvent, VhostUserDevice};
-use crate::limited;
 use crate::memory::fault;
 use crate::message::FrontendMessage;
 use crate::net::NetDevice;
+use crate::ratelimit::RateLimit;
+use crate::{limited, limited_by};
 
 /// Where a device's socket comes from.
 #[derive(Debug)]
@@ -95,6 +96,18 @@ struct Slot {
     handler: Box<dyn DeviceHandler>,
     reconnect_at: Option<Instant>,
     attempts: u32,
+    /// This device's limits for the lines every device logs, one per kind: many devices
+    /// reconnecting at once each keep theirs, one device looping is still limited.
+    limits: SlotLimits,
+}
+
+/// See `Slot::limits`.
+#[derive(Default)]
+struct SlotLimits {
+    connected: RateLimit,
+    reset: RateLimit,
+    fault: RateLimit,
+    error: RateLimit,
 }
 
 /// Stops a running [`Backend`] from another thread.
@@ -197,6 +210,7 @@ impl Backend {
             handler,
             reconnect_at: Some(Instant::now()),
             attempts: 0,
+            limits: SlotLimits::default(),
         };
         if let Some(l) = slot.listener.as_mut() {
             self.poll.registry().register(l.source(), Token(2 * id), Interest::READABLE)?;
@@ -249,21 +263,23 @@ impl Backend {
     fn memory_faults(&mut self) {
         for slot in &mut self.slots {
             if let Some(addr) = slot.device.check_log() {
-                limited!(
+                limited_by!(
+                    slot.limits.fault,
                     error,
                     "vhost-user {}: the dirty log's file shrank under the mapping (SIGBUS at {addr:#x}); the device's writes are no longer logged, so a migration in progress loses pages until the front-end sends a new SET_LOG_BASE",
                     slot.net.name()
                 );
             }
             let Some(f) = slot.device.check_memory() else { continue };
-            limited!(
+            limited_by!(
+                slot.limits.fault,
                 error,
                 "vhost-user {}: {f}; device stopped (NEEDS_RESET) until the front-end sends a new memory table or resets it",
                 slot.net.name()
             );
             if let Some((fd, msg)) = slot.device.config_change_notice() {
                 if let Err(e) = connection::try_send(fd.as_raw_fd(), &msg) {
-                    limited!(warn, "vhost-user {}: back-end channel: {e}", slot.net.name());
+                    limited_by!(slot.limits.error, warn, "vhost-user {}: back-end channel: {e}", slot.net.name());
                 }
             }
         }
@@ -281,7 +297,8 @@ impl Backend {
             match l.accept() {
                 Ok(Some(stream)) => {
                     if slot.conn.is_some() {
-                        limited!(
+                        limited_by!(
+                            slot.limits.error,
                             warn,
                             "vhost-user {}: second front-end refused (one connection per device)",
                             slot.net.name()
@@ -289,12 +306,12 @@ impl Backend {
                         drop(stream);
                         continue;
                     }
-                    limited!(info, "vhost-user {}: front-end connected", slot.net.name());
+                    limited_by!(slot.limits.connected, info, "vhost-user {}: front-end connected", slot.net.name());
                     self.attach(id, stream);
                 }
                 Ok(None) => return,
                 Err(e) => {
-                    limited!(warn, "vhost-user {}: accept: {e}", slot.net.name());
+                    limited_by!(slot.limits.error, warn, "vhost-user {}: accept: {e}", slot.net.name());
                     return;
                 }
             }
@@ -322,7 +339,12 @@ impl Backend {
             let SocketSpec::Client { path, reconnect } = &slot.spec else { continue };
             match connection::connect(path) {
                 Ok(stream) => {
-                    limited!(info, "vhost-user {}: connected to the front-end", slot.net.name());
+                    limited_by!(
+                        slot.limits.connected,
+                        info,
+                        "vhost-user {}: connected to the front-end",
+                        slot.net.name()
+                    );
                     self.attach(id, stream);
                 }
                 Err(e) => {
@@ -349,7 +371,7 @@ impl Backend {
                     return;
                 }
                 Err(e) => {
-                    limited!(warn, "vhost-user {}: {e}", slot.net.name());
+                    limited_by!(slot.limits.error, warn, "vhost-user {}: {e}", slot.net.name());
                     self.teardown(id, "connection error", true);
                     return;
                 }
@@ -358,7 +380,7 @@ impl Backend {
             let resp = slot.device.handle(&raw.header, msg);
             if let Some(reply) = &resp.reply {
                 if let Err(e) = connection::send_with_fds(conn.stream.as_raw_fd(), reply, &[]) {
-                    limited!(warn, "vhost-user {}: reply: {e}", slot.net.name());
+                    limited_by!(slot.limits.error, warn, "vhost-user {}: reply: {e}", slot.net.name());
                     self.teardown(id, "reply failed", true);
                     return;
                 }
@@ -396,7 +418,7 @@ impl Backend {
         let slot = &mut self.slots[id];
         let mut conn = slot.conn.take();
         if let Some(conn) = &mut conn {
-            limited!(info, "vhost-user {}: {why}; device reset", slot.net.name());
+            limited_by!(slot.limits.reset, info, "vhost-user {}: {why}; device reset", slot.net.name());
             let _ = self.poll.registry().deregister(&mut conn.stream);
         }
         // Everything the front-end sent (memory table, eventfds, the fds of a half-read

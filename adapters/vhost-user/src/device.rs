@@ -114,7 +114,8 @@ pub struct DeviceConfig {
     pub max_mem_slots: usize,
     /// Refuse guest memory that the front-end could shrink: every region must be a memfd
     /// sealed with `F_SEAL_SHRINK` (QEMU's `memory-backend-memfd` seals by default). A lost
-    /// region then cannot happen at all, instead of costing the device ([`crate::memory::fault`]).
+    /// region cannot happen by truncation (a hole punched in a hugetlbfs file whose pool is
+    /// empty still can, and still costs only the device: [`crate::memory::fault`]).
     pub require_sealed_memory: bool,
 }
 
@@ -271,6 +272,9 @@ pub struct VhostUserDevice {
     status: u8,
     /// The memory fault already reported by [`check_memory`](Self::check_memory).
     memory_fault: Option<MemoryFault>,
+    /// The MAC the device was configured with: a reset forgets what `SET_CONFIG` wrote, so the
+    /// next front-end on the socket does not inherit the last one's.
+    configured_mac: [u8; 6],
     /// The dirty log of the last `SET_LOG_BASE` (vhost-user.rst "Migration"). Handed to the
     /// rings only while `VHOST_F_LOG_ALL` is negotiated ([`update_log`](Self::update_log)).
     log: Option<Arc<DirtyLog>>,
@@ -288,7 +292,9 @@ impl VhostUserDevice {
     /// A device in its initial state: no features, no memory, rings stopped and disabled.
     pub fn new(config: DeviceConfig) -> Self {
         let n = config.queue_pairs as usize * 2;
+        let configured_mac = config.net.mac;
         VhostUserDevice {
+            configured_mac,
             vrings: (0..n).map(|_| Vring::default()).collect(),
             config,
             acked_features: 0,
@@ -347,6 +353,7 @@ impl VhostUserDevice {
         self.log_fd = None;
         self.backend_req = None;
         self.status = 0;
+        self.config.net.mac = self.configured_mac;
         self.update_log();
         self.update_ready();
     }

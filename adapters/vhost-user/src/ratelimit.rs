@@ -87,6 +87,23 @@ macro_rules! limited {
     }};
 }
 
+/// [`limited!`](crate::limited) with a limiter of the caller's (`limited_by!(self.limit, info,
+/// "...")`): a per-device limit, for lines every device logs at start-up and on reconnects, so
+/// that many devices starting at once each keep their lines while each one alone is still
+/// limited.
+#[macro_export]
+macro_rules! limited_by {
+    ($limit:expr, $level:ident, $($arg:tt)+) => {{
+        if let Some(suppressed) = $crate::ratelimit::RateLimit::check(&$limit) {
+            if suppressed > 0 {
+                $crate::ratelimit::__log::$level!("{} ({} similar lines suppressed)", format_args!($($arg)+), suppressed);
+            } else {
+                $crate::ratelimit::__log::$level!($($arg)+);
+            }
+        }
+    }};
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,7 +12,8 @@
 //!   the ring no longer fits the memory table, or the guest memory lost its pages) stops being
 //!   served once. Its error eventfd (`SET_VRING_ERR`) is signalled, the fault is counted, and
 //!   the ring is left alone (no polling, no logging) until the front-end sets it up again
-//!   (`GET_VRING_BASE`, then `SET_VRING_KICK`) or resets the device. It still answers
+//!   (`GET_VRING_BASE`, then `SET_VRING_KICK`) or resets the device; a ring that no longer fit
+//!   the memory table also gets another try on the next table. It still answers
 //!   `GET_VRING_BASE` with its position.
 //!
 //! The control thread owns [`Vring`]; the data path sees only [`VringShared`] through an
@@ -273,10 +274,16 @@ impl ActiveRing {
     }
 
     /// Continues on a new memory table: the ring addresses are validated again at the next
-    /// burst.
+    /// burst. A ring that faulted because its addresses did not fit the previous table
+    /// ([`RingFault::Invalid`]) gets that chance too: a front-end that replaces a region with
+    /// `REM_MEM_REG` then `ADD_MEM_REG` leaves a moment without it, which a busy-polling data
+    /// path may see.
     pub fn set_memory(&mut self, mem: &Arc<GuestMemoryMap>) {
         self.view = None;
         self.mem = Arc::clone(mem);
+        if matches!(self.fault, Some(RingFault::Invalid(_))) {
+            self.fault = None;
+        }
     }
 
     /// Runs `f` on a queue view of the ring, then saves its indices. `Err` (and `f` is not

@@ -1650,6 +1650,30 @@ fn ring_fault_stops_once_and_restarts(h: &Harness, good: &mut Good<'_>) {
     h.hang_up(fe, &name);
 }
 
+/// The ring's region goes away (`REM_MEM_REG`) and comes back (`ADD_MEM_REG`), as QEMU does when
+/// it changes a region: a burst in between faults the ring (`RingFault::Invalid`), and the new
+/// table that fits it again brings it back without a ring set-up.
+fn ring_serves_again_once_its_region_is_back(h: &Harness, good: &mut Good<'_>) {
+    let (fe, name) = h.connect("region-back");
+    let r = running(h, fe, name, PF_MQ | PF_CONFIGURE_MEM_SLOTS);
+    let fe = &r.fe;
+    let mut g = Guest::new(fe);
+    guest_tx(&mut g, fe, &h.hostile, 1);
+    let ram = region(GPA, fe.ram.len as u64, fe.ram.uaddr(GPA), 0);
+    assert_eq!(fe.ack_status(REM_MEM_REG, &single_region(&ram), &[]), 0);
+    let mut bufs: Vec<TxFrame> = (0..8).map(|_| TxFrame::with_capacity(MAX_TX_FRAME)).collect();
+    assert_eq!(h.hostile.dequeue_burst(0, &mut bufs), 0);
+    assert!(matches!(h.hostile.fault(1), Some(RingFault::Invalid(_))), "{:?}", h.hostile.fault(1));
+    assert_eq!(fe.ack_status(ADD_MEM_REG, &single_region(&ram), &[fe.ram.fd.as_raw_fd()]), 0);
+    assert_eq!(h.hostile.fault(1), None, "a table the ring fits again clears the fault");
+    guest_tx(&mut g, fe, &h.hostile, 2);
+    guest_rx(&mut g, fe, &h.hostile, 1, 2048, 1);
+    good.round();
+    drop(g);
+    let Running { fe, name, .. } = r;
+    h.hang_up(fe, &name);
+}
+
 /// Device status and the features around it: status 0 resets the device but keeps the ring
 /// positions for QEMU's GET_VRING_BASE that follows it; FEATURES_OK without SET_FEATURES reads
 /// back clear; SET_CONFIG writes the MAC and refuses every other field; RESET_DEVICE is offered
@@ -1713,7 +1737,7 @@ fn status_config_and_acks(h: &Harness, good: &mut Good<'_>) {
 // Tests
 // ---------------------------------------------------------------------------------------------
 
-const CASES: [(&str, Case); 35] = [
+const CASES: [(&str, Case); 36] = [
     ("f12 short header", f12_short_header_then_close),
     ("f12 size", f12_size_above_max_payload),
     ("f12 version", f12_version_not_1),
@@ -1748,6 +1772,7 @@ const CASES: [(&str, Case); 35] = [
     ("memfd shrinks under running rings", memfd_shrinks_under_running_rings),
     ("f16 dirty log exact", dirty_log_marks_exactly_what_the_device_wrote),
     ("ring fault stops once", ring_fault_stops_once_and_restarts),
+    ("region back", ring_serves_again_once_its_region_is_back),
     ("status, config, acks", status_config_and_acks),
 ];
 
@@ -1824,6 +1849,11 @@ fn sealed_memory_can_be_required() {
     fe.hang_up();
     handle.shutdown();
     thread.join().unwrap();
+}
+
+#[test]
+fn a_ring_serves_again_once_its_region_is_back() {
+    run_case("region-back", ring_serves_again_once_its_region_is_back);
 }
 
 #[test]

@@ -135,7 +135,8 @@ fn check_offload_fields(h: &mut VirtioNetHdr, features: VirtioFeatures) -> Resul
         if h.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 {
             return Err(RxError::OffloadNotNegotiated);
         }
-        h.flags &= !VIRTIO_NET_HDR_F_DATA_VALID;
+        // DATA_VALID and any bit this core does not know.
+        h.flags = 0;
     }
     if h.flags & VIRTIO_NET_HDR_F_RSC_INFO != 0 {
         return Err(RxError::OffloadNotNegotiated);

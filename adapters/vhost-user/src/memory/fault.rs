@@ -17,8 +17,10 @@
 //!   write goes nowhere) and keeps every later access to that region from faulting again. It
 //!   then flags the region, bumps a global generation counter and writes to every registered
 //!   notification eventfd ([`add_notifier`]), and returns.
-//! - Anything else (an address outside every region, a signal sent with `kill`) goes to the
-//!   disposition that was there before: the process dies as it would have without this handler.
+//! - Anything else goes to the disposition that was there before, and the process dies as it
+//!   would have without this handler: an address outside every region, a fault other than
+//!   `BUS_ADRERR` (which zero pages would not cure), a second fault in a region already
+//!   replaced, a signal sent with `kill`.
 //!
 //! The owner learns of the fault out of band: data paths compare [`generation`] once per burst
 //! and look at their map only when it moved; the control loop reads its eventfd and marks the
@@ -37,7 +39,7 @@ use std::sync::OnceLock;
 
 /// Regions that can be registered at once in this process (mappings of every device). A device
 /// has at most `VHOST_USER_GET_MAX_MEM_SLOTS` regions (32 by default), so this covers 256
-/// devices at the largest slot count. The table is 128 KiB of zeroed static memory.
+/// devices at the largest slot count. The table is 320 KiB of zeroed static memory.
 pub const MAX_REGIONS: usize = 8192;
 
 /// Eventfds the handler writes to on a fault (one per control loop).
@@ -49,6 +51,11 @@ const LIVE: u8 = 2;
 
 struct Entry {
     state: AtomicU8,
+    /// A sequence count, odd while the slot is being rewritten, moved by every registration
+    /// and release: the handler reads it before and after the fields and trusts them only if
+    /// it did not change (a seqlock), so a slot released and reused for another mapping while
+    /// the handler looks at it is never taken for the old one.
+    seq: AtomicU64,
     faulted: AtomicBool,
     start: AtomicUsize,
     len: AtomicUsize,
@@ -60,6 +67,7 @@ impl Entry {
     const fn new() -> Entry {
         Entry {
             state: AtomicU8::new(FREE),
+            seq: AtomicU64::new(0),
             faulted: AtomicBool::new(false),
             start: AtomicUsize::new(0),
             len: AtomicUsize::new(0),
@@ -71,6 +79,9 @@ impl Entry {
 static TABLE: [Entry; MAX_REGIONS] = [const { Entry::new() }; MAX_REGIONS];
 static NOTIFIERS: [AtomicI32; MAX_NOTIFIERS] = [const { AtomicI32::new(-1) }; MAX_NOTIFIERS];
 static GENERATION: AtomicU64 = AtomicU64::new(0);
+/// Handlers running now: `remove_notifier` waits for them, so that no handler writes to an fd
+/// number that its owner has closed (and the kernel may have reused).
+static IN_HANDLER: AtomicUsize = AtomicUsize::new(0);
 /// The `SIGBUS` disposition before ours, set once before the handler is installed.
 static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
 
@@ -98,11 +109,13 @@ pub fn register(start: *mut u8, len: usize) -> Result<FaultGuard, TableFull> {
     install();
     for (slot, e) in TABLE.iter().enumerate() {
         if e.state.compare_exchange(FREE, CLAIMED, Ordering::Acquire, Ordering::Relaxed).is_ok() {
+            e.seq.fetch_add(1, Ordering::AcqRel); // odd: being written
             e.start.store(start as usize, Ordering::Relaxed);
             e.len.store(len, Ordering::Relaxed);
             e.addr.store(0, Ordering::Relaxed);
             e.faulted.store(false, Ordering::Relaxed);
-            // Publishes the fields above to the handler, which loads `state` with Acquire.
+            e.seq.fetch_add(1, Ordering::Release); // even: consistent
+                                                   // Publishes the fields above to the handler, which loads `state` with Acquire.
             e.state.store(LIVE, Ordering::Release);
             return Ok(FaultGuard { slot });
         }
@@ -121,7 +134,10 @@ impl FaultGuard {
 
 impl Drop for FaultGuard {
     fn drop(&mut self) {
-        TABLE[self.slot].state.store(FREE, Ordering::Release);
+        let e = &TABLE[self.slot];
+        e.state.store(FREE, Ordering::Release);
+        // A handler that read the fields before this sees the count move and skips the slot.
+        e.seq.fetch_add(2, Ordering::Release);
     }
 }
 
@@ -132,10 +148,15 @@ pub fn add_notifier(fd: i32) -> bool {
     NOTIFIERS.iter().any(|n| n.compare_exchange(-1, fd, Ordering::AcqRel, Ordering::Relaxed).is_ok())
 }
 
-/// Undoes [`add_notifier`].
+/// Undoes [`add_notifier`]; when it returns, no handler will write to `fd` any more, so the
+/// caller may close it.
 pub fn remove_notifier(fd: i32) {
     for n in &NOTIFIERS {
         let _ = n.compare_exchange(fd, -1, Ordering::AcqRel, Ordering::Relaxed);
+    }
+    // A handler that loaded `fd` before the store above finishes within a few syscalls.
+    while IN_HANDLER.load(Ordering::Acquire) != 0 {
+        std::hint::spin_loop();
     }
 }
 
@@ -166,55 +187,83 @@ fn install() {
 }
 
 /// The `SIGBUS` handler. Async-signal-safe: atomics, `mmap`, `write` and `sigaction` only; no
-/// lock, no allocation, no logging.
+/// lock, no allocation, no logging; errno preserved.
 extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    IN_HANDLER.fetch_add(1, Ordering::AcqRel);
+    // SAFETY: `__errno_location` gives this thread's errno; saved and restored around the
+    // handler's syscalls, as a handler must.
+    let saved_errno = unsafe { *libc::__errno_location() };
+    let handled = handle(info);
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = saved_errno };
+    IN_HANDLER.fetch_sub(1, Ordering::AcqRel);
+    if !handled {
+        chain(sig, info, ctx);
+    }
+}
+
+/// Replaces the registered region that `info`'s address lies in, if the fault is one zero
+/// pages can cure: `BUS_ADRERR` (the page is past the end of the file, or a hugetlbfs page
+/// that cannot be supplied) in a region not already replaced. Anything else (another code,
+/// a signal sent by a process, a fault in memory that is not guest memory, a second fault in a
+/// region already replaced) is not ours: `false`.
+fn handle(info: *mut libc::siginfo_t) -> bool {
     // SAFETY: the kernel passes a valid siginfo_t for a handler installed with SA_SIGINFO.
     let (addr, code) = unsafe { ((*info).si_addr() as usize, (*info).si_code) };
-    // si_code > 0: raised by the kernel for a fault at `addr` (BUS_ADRERR for a page past the
-    // end of the file, BUS_MCEERR_* for poisoned memory); <= 0: sent by a process.
-    if code > 0 {
-        for e in &TABLE {
-            if e.state.load(Ordering::Acquire) != LIVE {
-                continue;
-            }
-            let start = e.start.load(Ordering::Relaxed);
-            let len = e.len.load(Ordering::Relaxed);
-            if addr.wrapping_sub(start) >= len {
-                continue;
-            }
-            // SAFETY: `[start, start + len)` is a live mapping of guest memory registered by
-            // `register` (it is unregistered before it is unmapped). Replacing it with private
-            // anonymous pages at the same address is what we want: the faulting access and
-            // every later one complete on zero pages. No Rust reference into guest memory
-            // exists (the GuestMemory contract), so no reference is invalidated.
-            let p = unsafe {
-                libc::mmap(
-                    start as *mut libc::c_void,
-                    len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
-                    -1,
-                    0,
-                )
-            };
-            if p == libc::MAP_FAILED {
-                break;
-            }
-            let _ = e.addr.compare_exchange(0, addr, Ordering::Relaxed, Ordering::Relaxed);
-            e.faulted.store(true, Ordering::Release);
-            GENERATION.fetch_add(1, Ordering::AcqRel);
-            let one = 1u64;
-            for n in &NOTIFIERS {
-                let fd = n.load(Ordering::Acquire);
-                if fd >= 0 {
-                    // SAFETY: writes 8 bytes from `one`; a closed or invalid fd only fails.
-                    unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
-                }
-            }
-            return;
-        }
+    if code != libc::BUS_ADRERR {
+        return false;
     }
-    chain(sig, info, ctx);
+    for e in &TABLE {
+        // Seqlock read: the count, the state and the fields, then the count again.
+        let seq = e.seq.load(Ordering::Acquire);
+        if seq % 2 == 1 || e.state.load(Ordering::Acquire) != LIVE {
+            continue;
+        }
+        let start = e.start.load(Ordering::Relaxed);
+        let len = e.len.load(Ordering::Relaxed);
+        let faulted = e.faulted.load(Ordering::Relaxed);
+        std::sync::atomic::fence(Ordering::Acquire);
+        if e.seq.load(Ordering::Relaxed) != seq || addr.wrapping_sub(start) >= len {
+            continue;
+        }
+        if faulted {
+            // Zero pages do not fault: this one is not what we cured.
+            return false;
+        }
+        // SAFETY: `[start, start + len)` is a live mapping of guest memory registered by
+        // `register` (it is unregistered before it is unmapped, and the seqlock above saw the
+        // registration unchanged). Replacing it with private anonymous pages at the same
+        // address is what we want: the faulting access and every later one complete on zero
+        // pages. No Rust reference into guest memory exists (the GuestMemory contract), so no
+        // reference is invalidated.
+        let p = unsafe {
+            libc::mmap(
+                start as *mut libc::c_void,
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return false;
+        }
+        let _ = e.addr.compare_exchange(0, addr, Ordering::Relaxed, Ordering::Relaxed);
+        e.faulted.store(true, Ordering::Release);
+        GENERATION.fetch_add(1, Ordering::AcqRel);
+        let one = 1u64;
+        for n in &NOTIFIERS {
+            let fd = n.load(Ordering::Acquire);
+            if fd >= 0 {
+                // SAFETY: writes 8 bytes from `one` to a registered eventfd, which stays open
+                // while this handler runs (`remove_notifier` waits for `IN_HANDLER`).
+                unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+            }
+        }
+        return true;
+    }
+    false
 }
 
 /// Hands a signal that is not ours to the disposition installed before ours.
