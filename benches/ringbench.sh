@@ -6,7 +6,8 @@
 # the same for any N, so they cancel.
 #
 # Environment (all optional):
-#   IMPLS="memcpy virtq virtq-log rustvmm"  implementations to run (virtq-log: with a dirty log)
+#   IMPLS="memcpy virtq virtq-log rustvmm"  implementations to run (virtq-log: with a dirty log;
+#                                   also virtq-net, virtq-net-log: the virtio-net RX/TX path)
 #   SHAPES="1desc 2desc indirect4"  chain shapes
 #   SIZES="64 1500"                 payload sizes
 #   DIRS="tx rx"                    directions
@@ -40,7 +41,7 @@ TSV=${TSV:-}
 die() { echo "ringbench.sh: $*" >&2; exit 2; }
 
 for i in $IMPLS; do
-    case $i in memcpy | virtq | virtq-log | rustvmm) ;; *) die "unknown impl '$i' in IMPLS" ;; esac
+    case $i in memcpy | virtq | virtq-log | virtq-net | virtq-net-log | rustvmm) ;; *) die "unknown impl '$i' in IMPLS" ;; esac
 done
 [[ $N2 -gt $N1 ]] || die "N2 ($N2) must be greater than N1 ($N1)"
 if [[ $CALLGRIND == 1 ]] && ! command -v valgrind > /dev/null; then
@@ -138,15 +139,15 @@ ratio() {
 echo
 echo "Ir = instructions per chain (callgrind, ($N2 - $N1) batches x 32 chains); ns = best of $TIME_REPS x $TIME_ITERS batches; binary: $BIN"
 echo
-echo "| scenario | memcpy floor Ir | virtq Ir | rust-vmm Ir | virtq/rust-vmm | memcpy ns | virtq ns | rust-vmm ns |"
-echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+echo "| scenario | memcpy floor Ir | virtq Ir | rust-vmm Ir | virtq/rust-vmm | virtq-log Ir | log/virtq | memcpy ns | virtq ns | rust-vmm ns |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 [[ -n $TSV ]] && printf 'scenario\timpl\tir_per_chain\tns_per_chain\n' > "$TSV"
 for shape in $SHAPES; do
     for size in $SIZES; do
         for dir in $DIRS; do
             sc="$shape/$size/$dir"
-            m=$(get IR "$sc,memcpy") v=$(get IR "$sc,virtq") r=$(get IR "$sc,rustvmm")
-            echo "| $shape $size $dir | $m | $v | $r | $(ratio "$v" "$r") | $(get NS "$sc,memcpy") | $(get NS "$sc,virtq") | $(get NS "$sc,rustvmm") |"
+            m=$(get IR "$sc,memcpy") v=$(get IR "$sc,virtq") r=$(get IR "$sc,rustvmm") l=$(get IR "$sc,virtq-log")
+            echo "| $shape $size $dir | $m | $v | $r | $(ratio "$v" "$r") | $l | $(ratio "$l" "$v") | $(get NS "$sc,memcpy") | $(get NS "$sc,virtq") | $(get NS "$sc,rustvmm") |"
             if [[ -n $TSV ]]; then
                 for impl in $IMPLS; do
                     printf '%s\t%s\t%s\t%s\n' "$sc" "$impl" "$(get IR "$sc,$impl")" "$(get NS "$sc,$impl")" >> "$TSV"
@@ -155,6 +156,23 @@ for shape in $SHAPES; do
         done
     done
 done
+
+if [[ " $IMPLS " == *" virtq-net "* || " $IMPLS " == *" virtq-net-log "* ]]; then
+    echo
+    echo "virtio-net path (net::receive_burst / parse_tx_copied, as virtq-net runs it), per frame:"
+    echo
+    echo "| scenario | virtq-net Ir | virtq-net-log Ir | log/net |"
+    echo "|---|---:|---:|---:|"
+    for shape in $SHAPES; do
+        for size in $SIZES; do
+            for dir in $DIRS; do
+                sc="$shape/$size/$dir"
+                n=$(get IR "$sc,virtq-net") l=$(get IR "$sc,virtq-net-log")
+                echo "| $shape $size $dir | $n | $l | $(ratio "$l" "$n") |"
+            done
+        done
+    done
+fi
 
 if [[ $failed -ne 0 ]]; then
     echo "ringbench.sh: some runs FAILED (see above)" >&2

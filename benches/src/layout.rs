@@ -185,6 +185,15 @@ pub fn build(mem: &GuestMemoryMmap, shape: Shape, size: usize, dir: Dir) -> (Set
         }
     }
 
+    // A TX chain starts with a zeroed virtio-net header (no offloads), as a driver sends it,
+    // so that a device applying the TX rules (`--impl virtq-net`) takes the usual path.
+    if dir == Dir::Tx {
+        for segs in by_head.iter().flatten() {
+            let first = &segs[0];
+            w.bytes(first.gpa, &[0; NET_HDR_LEN][..NET_HDR_LEN.min(first.len as usize)]);
+        }
+    }
+
     // Avail ring: flags 0, idx 0, every slot pre-filled, used_event 0.
     let chains: Vec<Chain> = (0..q)
         .map(|slot| {

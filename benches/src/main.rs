@@ -1,4 +1,4 @@
-//! `ringbench --impl {virtq|virtq-log|rustvmm|memcpy} --shape {1desc|2desc|indirect4} --size {64|1500}
+//! `ringbench --impl {virtq|virtq-log|virtq-net|virtq-net-log|rustvmm|memcpy} --shape {1desc|2desc|indirect4} --size {64|1500}
 //! --dir {tx|rx} --iters N [--time [--warmup W] [--reps R]]`
 //!
 //! Without `--time`: setup, then N batches of 32 chains, then verification. Setup and
@@ -13,7 +13,8 @@ use std::time::Instant;
 
 use virtq_benches::{run, Dir, Impl, Shape, Workload, BATCH};
 
-const USAGE: &str = "usage: ringbench --impl {virtq|virtq-log|rustvmm|memcpy} --shape {1desc|2desc|indirect4} \
+const USAGE: &str =
+    "usage: ringbench --impl {virtq|virtq-log|virtq-net|virtq-net-log|rustvmm|memcpy} --shape {1desc|2desc|indirect4} \
 --size BYTES --dir {tx|rx} --iters BATCHES [--time [--warmup BATCHES] [--reps R]]";
 
 struct Args {
@@ -52,6 +53,8 @@ fn parse() -> Result<Args, String> {
                 imp = Some(match v.as_str() {
                     "virtq" => Impl::Virtq,
                     "virtq-log" => Impl::VirtqLog,
+                    "virtq-net" => Impl::VirtqNet,
+                    "virtq-net-log" => Impl::VirtqNetLog,
                     "rustvmm" | "rust-vmm" => Impl::RustVmm,
                     "memcpy" => Impl::Memcpy,
                     _ => return Err(format!("unknown impl {v}")),

@@ -22,7 +22,7 @@ use std::hint::black_box;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::ptr::NonNull;
 
-use virtq::{Region, RegionTable, SplitQueue, VirtioFeatures};
+use virtq::{net, Region, RegionTable, SplitQueue, VirtioFeatures};
 use virtq_vhost_user::memory::dirty::{DirtyLog, LOG_PAGE};
 use virtq_vhost_user::vring::RingLog;
 
@@ -74,17 +74,21 @@ impl<'a> VirtqDevice<'a> {
 impl<'a> VirtqLogDevice<'a> {
     /// Attaches to the queue described by `setup`, with a fresh dirty log.
     pub fn new(setup: &'a Setup) -> Self {
-        let bytes = (setup.gpa_base + setup.mem_size as u64).div_ceil(LOG_PAGE * 8);
-        // SAFETY: memfd_create with a NUL-terminated name; the fd is owned at once below.
-        let raw = unsafe { libc::memfd_create(c"ringbench-log".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(raw >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-        // SAFETY: a fresh descriptor nobody else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: sizing our own memfd.
-        assert_eq!(unsafe { libc::ftruncate(raw, bytes as libc::off_t) }, 0);
-        let log = DirtyLog::new(bytes, 0, fd).expect("dirty log");
-        VirtqLogDevice { dev: VirtqDevice::new(setup), log, used_ring: setup.used_ring }
+        VirtqLogDevice { dev: VirtqDevice::new(setup), log: dirty_log(setup), used_ring: setup.used_ring }
     }
+}
+
+/// A dirty log covering all of `setup`'s guest memory, in a memfd as a front-end gives it.
+fn dirty_log(setup: &Setup) -> DirtyLog {
+    let bytes = (setup.gpa_base + setup.mem_size as u64).div_ceil(LOG_PAGE * 8);
+    // SAFETY: memfd_create with a NUL-terminated name; the fd is owned at once below.
+    let raw = unsafe { libc::memfd_create(c"ringbench-log".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(raw >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: a fresh descriptor nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: sizing our own memfd.
+    assert_eq!(unsafe { libc::ftruncate(raw, bytes as libc::off_t) }, 0);
+    DirtyLog::new(bytes, 0, fd).expect("dirty log")
 }
 
 impl Device for VirtqLogDevice<'_> {
@@ -143,5 +147,78 @@ impl Device for VirtqDevice<'_> {
 
     fn tx_frame(&self) -> &[u8] {
         &self.tx[..self.tx_len]
+    }
+}
+
+/// `--impl virtq-net` / `virtq-net-log`: the product's virtio-net path over the same queue, as
+/// `virtq-net` runs it per burst. RX places the batch with `net::receive_burst` (a zeroed
+/// virtio-net header, then `rx_frame()[12..chain_len]`, `MRG_RXBUF` negotiated), or with
+/// `net::receive_burst_logged` into a dirty log; TX pops with `pop_read` and applies the
+/// core's TX rules (`net::parse_tx_copied`). The harness checks the bytes after the header.
+pub struct VirtqNetDevice<'a> {
+    dev: VirtqDevice<'a>,
+    /// While "migrating": the dirty log and the used ring's guest address.
+    log: Option<(DirtyLog, u64)>,
+    features: VirtioFeatures,
+}
+
+impl<'a> VirtqNetDevice<'a> {
+    /// Attaches to the queue described by `setup`; with `log`, writes are marked in a fresh
+    /// dirty log as `VirtqLogDevice` does.
+    pub fn new(setup: &'a Setup, log: bool) -> Self {
+        let log = log.then(|| (dirty_log(setup), setup.used_ring));
+        let features = VirtioFeatures::from_bits_retain(setup.features) | VirtioFeatures::NET_MRG_RXBUF;
+        VirtqNetDevice { dev: VirtqDevice::new(setup), log, features }
+    }
+}
+
+impl Device for VirtqNetDevice<'_> {
+    fn run_batch(&mut self, batch: u16) -> bool {
+        let d = &mut self.dev;
+        let features = self.features;
+        match d.dir {
+            Dir::Tx => {
+                for _ in 0..batch {
+                    let c = d.queue.pop_read(&mut d.tx).expect("well-formed chain").expect("a full batch");
+                    let pkt = net::parse_tx_copied(&c, &d.tx, features).expect("a zeroed header and a frame");
+                    d.tx_len = c.bytes as usize;
+                    black_box(pkt);
+                    d.queue.push(c.head, 0);
+                }
+            }
+            Dir::Rx => {
+                let hdr_len = net::header_len(features);
+                let frame = &d.rx[hdr_len..d.chain_len];
+                let mut scratch: net::RxScratch<'_> = net::RxScratch::new();
+                let zero = net::VirtioNetHdr::default();
+                let burst = match &self.log {
+                    None => net::receive_burst(&mut d.queue, &mut scratch, features, batch as usize, |_| (zero, frame)),
+                    Some((log, used)) => {
+                        let log = RingLog { log, used: Some(*used) };
+                        net::receive_burst_logged(
+                            &mut d.queue,
+                            &mut scratch,
+                            features,
+                            batch as usize,
+                            |_| (zero, frame),
+                            &log,
+                        )
+                    }
+                };
+                assert_eq!(burst.placed, batch as usize, "{burst:?}");
+            }
+        }
+        match &self.log {
+            None => d.queue.publish(),
+            Some((log, used)) => d.queue.publish_logged(&RingLog { log, used: Some(*used) }),
+        }
+    }
+
+    fn tx_frame(&self) -> &[u8] {
+        self.dev.tx_frame()
+    }
+
+    fn header_len(&self) -> usize {
+        net::header_len(self.features)
     }
 }

@@ -282,7 +282,9 @@ pub struct WalkSummary {
 }
 
 /// Walks the chain starting at `head` of `table`, handing every host-contiguous piece of every
-/// non-empty buffer to `piece(ptr, len, writable)` in chain order. This is the one place the
+/// non-empty buffer to `piece(ptr, len, writable, addr)` in chain order, `addr` being the
+/// piece's guest address (so that a visitor reporting writes to a [`crate::WriteLog`] needs no
+/// inverse lookup). This is the one place the
 /// rules of §2.7.5 are enforced; [`Chain`] (segment lists) and the queue's fused copy paths
 /// are visitors.
 ///
@@ -307,7 +309,7 @@ pub(crate) fn walk_pieces<M, F>(
 ) -> Result<WalkSummary, ChainError>
 where
     M: GuestMemory + ?Sized,
-    F: FnMut(NonNull<u8>, u32, bool) -> Result<(), ChainError>,
+    F: FnMut(NonNull<u8>, u32, bool, u64) -> Result<(), ChainError>,
 {
     let mut error = None;
     match walk_checked(mem, table, head, limits, piece, &mut error) {
@@ -342,7 +344,7 @@ fn walk_checked<M, F>(
 ) -> Result<WalkSummary, Failed>
 where
     M: GuestMemory + ?Sized,
-    F: FnMut(NonNull<u8>, u32, bool) -> Result<(), ChainError>,
+    F: FnMut(NonNull<u8>, u32, bool, u64) -> Result<(), ChainError>,
 {
     let mut cursor = Cursor { table, index: head, budget: table.entries, in_indirect: false };
     // Two loops, one per part of the chain: device-readable buffers, then device-writable ones
@@ -464,7 +466,7 @@ fn buffer<M, F>(
 ) -> Result<(), Failed>
 where
     M: GuestMemory + ?Sized,
-    F: FnMut(NonNull<u8>, u32, bool) -> Result<(), ChainError>,
+    F: FnMut(NonNull<u8>, u32, bool, u64) -> Result<(), ChainError>,
 {
     if addr.checked_add(len as u64).is_none() {
         return Err(fail(err, ChainError::AddressOverflow { addr, len }));
@@ -476,7 +478,7 @@ where
         // Never trust the translator beyond what was asked (RUSTSEC-2023-0056): only a range
         // at least as long as the buffer covers it.
         if r.len as u64 >= len as u64 {
-            return piece(r.ptr, len, writable).map_err(|e| fail(err, e));
+            return piece(r.ptr, len, writable, addr).map_err(|e| fail(err, e));
         }
     }
     buffer_split(mem, addr, len, writable, piece).map_err(|e| fail(err, e))
@@ -489,7 +491,7 @@ where
 fn buffer_split<M, F>(mem: &M, addr: u64, len: u32, writable: bool, piece: &mut F) -> Result<(), ChainError>
 where
     M: GuestMemory + ?Sized,
-    F: FnMut(NonNull<u8>, u32, bool) -> Result<(), ChainError>,
+    F: FnMut(NonNull<u8>, u32, bool, u64) -> Result<(), ChainError>,
 {
     let mut left = len as u64;
     let mut at = addr;
@@ -500,7 +502,7 @@ where
         if n == 0 {
             return Err(ChainError::Unmapped { addr: at });
         }
-        piece(range.ptr, n as u32, writable)?;
+        piece(range.ptr, n as u32, writable, at)?;
         left -= n;
         at += n;
         if left == 0 {
@@ -522,7 +524,7 @@ pub(crate) fn walk<'m, M: GuestMemory + ?Sized, const N: usize>(
     let mut segs = 0usize;
     let mut readable = 0usize;
     let segments = &mut out.segments;
-    let result = walk_pieces(mem, table, head, limits, |ptr, len, writable| {
+    let result = walk_pieces(mem, table, head, limits, |ptr, len, writable, _| {
         let seg = segments.get_mut(segs).ok_or(ChainError::TooManySegments)?;
         *seg = Segment { ptr, len, _mem: PhantomData };
         segs += 1;

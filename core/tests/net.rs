@@ -398,6 +398,15 @@ fn tx_ecn_bit_without_host_ecn_is_rejected_family10() {
     assert!(tx_hdr(&ecn, 60, feats(tso | VirtioFeatures::NET_HOST_ECN)).is_ok());
 }
 
+/// The ECN bit on a frame without GSO names no segmentation to apply it to: refused even with
+/// `HOST_ECN`, as Linux's `virtio_net_hdr_to_skb` refuses it.
+#[test]
+fn tx_ecn_bit_without_a_gso_type_is_rejected_family10() {
+    let h = VirtioNetHdr { gso_type: VIRTIO_NET_HDR_GSO_ECN, ..hdr(0, 0) };
+    let f = feats(VirtioFeatures::NET_CSUM | VirtioFeatures::NET_HOST_TSO4 | VirtioFeatures::NET_HOST_ECN);
+    assert_eq!(tx_hdr(&h, 60, f), Err(TxError::GsoType { gso_type: 0x80 }));
+}
+
 /// §5.1.6.2.2: with both UDP-tunnel bits set the device "MUST NOT accept the packet", whatever
 /// else the header says; a single tunnel bit is a GSO type this core never offers.
 #[test]

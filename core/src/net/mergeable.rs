@@ -26,7 +26,7 @@ use zerocopy::IntoBytes;
 
 use super::header::*;
 use crate::chain::{Chain, DEFAULT_SEGMENTS};
-use crate::dirty::{log_host, NoLog, WriteLog};
+use crate::dirty::{NoLog, WriteLog};
 use crate::features::VirtioFeatures;
 use crate::log::log_warn;
 use crate::mem::{copy_bytes, store_header, GuestMemory};
@@ -191,8 +191,7 @@ pub fn receive_logged<'m, M: GuestMemory + ?Sized, L: WriteLog, const N: usize>(
     frame: &[u8],
     log: &L,
 ) -> Result<RxOutcome, RxError> {
-    let mem = queue.memory();
-    receive_with(queue, scratch, features, header, frame, log, |dst, hdr, hdr_len| {
+    receive_with(queue, scratch, features, header, frame, log, |dst, addr, hdr, hdr_len| {
         // SAFETY: `receive_with` passes the start of a validated device-writable buffer,
         // valid for reads and writes of `hdr_len + frame.len()` bytes of guest memory for 'm
         // (GuestMemory contract; `hdr_len` is 10 or 12, as `store_header` needs); header and
@@ -201,7 +200,9 @@ pub fn receive_logged<'m, M: GuestMemory + ?Sized, L: WriteLog, const N: usize>(
             store_header(hdr.as_bytes().as_ptr(), dst, hdr_len);
             copy_bytes(frame.as_ptr(), dst.add(hdr_len), frame.len());
         }
-        log_host(mem, log, dst, hdr_len + frame.len());
+        if L::ENABLED {
+            log.buffer(addr, (hdr_len + frame.len()) as u64);
+        }
     })
 }
 
@@ -229,6 +230,8 @@ pub struct RxBurst {
 /// A fast-path frame whose copy is deferred: destination in guest memory, header, frame.
 struct PendingCopy<'f> {
     dst: *mut u8,
+    /// `dst`'s guest address, for the dirty log.
+    addr: u64,
     hdr: VirtioNetHdr,
     frame: &'f [u8],
 }
@@ -269,18 +272,17 @@ pub fn receive_burst_logged<'m, 'f, M: GuestMemory + ?Sized, L: WriteLog, const 
     frame: impl Fn(usize) -> (VirtioNetHdr, &'f [u8]),
     log: &L,
 ) -> RxBurst {
-    let mem = queue.memory();
     let hdr_len = header_len(features);
     let mut out = RxBurst::default();
     let mut pending: heapless::Vec<PendingCopy<'f>, RX_BURST> = heapless::Vec::new();
     for i in 0..count {
         if pending.is_full() {
-            flush_copies(&mut pending, hdr_len, mem, log);
+            flush_copies(&mut pending, hdr_len, log);
         }
         let (header, f) = frame(i);
-        let placed = receive_with(queue, scratch, features, &header, f, log, |dst, hdr, _| {
+        let placed = receive_with(queue, scratch, features, &header, f, log, |dst, addr, hdr, _| {
             // Cannot fail: a full list was flushed above, and one frame adds one entry.
-            let _ = pending.push(PendingCopy { dst, hdr: *hdr, frame: f });
+            let _ = pending.push(PendingCopy { dst, addr, hdr: *hdr, frame: f });
         });
         match placed {
             Ok(o) => {
@@ -297,18 +299,13 @@ pub fn receive_burst_logged<'m, 'f, M: GuestMemory + ?Sized, L: WriteLog, const 
             }
         }
     }
-    flush_copies(&mut pending, hdr_len, mem, log);
+    flush_copies(&mut pending, hdr_len, log);
     out
 }
 
 /// The deferred copies of [`receive_burst`], each reported to `log` once made.
 #[inline(always)]
-fn flush_copies<M: GuestMemory + ?Sized, L: WriteLog>(
-    pending: &mut heapless::Vec<PendingCopy<'_>, RX_BURST>,
-    hdr_len: usize,
-    mem: &M,
-    log: &L,
-) {
+fn flush_copies<L: WriteLog>(pending: &mut heapless::Vec<PendingCopy<'_>, RX_BURST>, hdr_len: usize, log: &L) {
     for p in pending.iter() {
         // SAFETY: `p.dst` came from `receive_with` during this burst: the start of a validated
         // device-writable buffer, valid for reads and writes of `hdr_len + p.frame.len()`
@@ -319,13 +316,16 @@ fn flush_copies<M: GuestMemory + ?Sized, L: WriteLog>(
             store_header(p.hdr.as_bytes().as_ptr(), p.dst, hdr_len);
             copy_bytes(p.frame.as_ptr(), p.dst.add(hdr_len), p.frame.len());
         }
-        log_host(mem, log, p.dst, hdr_len + p.frame.len());
+        if L::ENABLED {
+            log.buffer(p.addr, (hdr_len + p.frame.len()) as u64);
+        }
     }
     pending.clear();
 }
 
 /// [`receive`] with the fast path's write left to `place`: it is called at most once, with
-/// the start of a buffer valid for reads and writes of `hdr_len + frame.len()` bytes, the
+/// the start of a buffer valid for reads and writes of `hdr_len + frame.len()` bytes and its
+/// guest address, the
 /// header to write (`num_buffers` set) and `hdr_len`, after the chain was taken and its used
 /// entry written. Frames that take the general path are written before it returns.
 #[inline(always)]
@@ -336,7 +336,7 @@ fn receive_with<'m, M: GuestMemory + ?Sized, L: WriteLog, const N: usize>(
     header: &VirtioNetHdr,
     frame: &[u8],
     log: &L,
-    place: impl FnOnce(*mut u8, &VirtioNetHdr, usize),
+    place: impl FnOnce(*mut u8, u64, &VirtioNetHdr, usize),
 ) -> Result<RxOutcome, RxError> {
     let mut header = *header;
     check_offloads(&mut header, features)?;
@@ -365,9 +365,9 @@ fn receive_with<'m, M: GuestMemory + ?Sized, L: WriteLog, const N: usize>(
                     continue;
                 }
                 match first {
-                    Some((ptr, len)) if len as usize >= total => {
+                    Some((ptr, len, addr)) if len as usize >= total => {
                         queue.push(head, needed);
-                        place(ptr.as_ptr(), &hdr, hdr_len);
+                        place(ptr.as_ptr(), addr, &hdr, hdr_len);
                         out.buffers = 1;
                         out.bytes = needed;
                         return Ok(out);
