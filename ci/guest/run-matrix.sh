@@ -17,7 +17,8 @@
 #
 # Live migration (case_migrate documents them): migrate-dpdk migrates a guest between two QEMUs
 # with DPDK testpmd's net_vhost as the back-end (the reference; needs dpdk-testpmd like
-# iperf3-vs-dpdk), migrate, migrate-mrg-off and migrate-client the same with virtq-net (QEMU as
+# iperf3-vs-dpdk), migrate, migrate-mrg-off-rarp (and guest_announce=off: virtq-net announces m on
+# QEMU's SEND_RARP) and migrate-client the same with virtq-net (QEMU as
 # client, mrg_rxbuf off, QEMU as server). Each compares both QEMUs' guest RAM page by page after
 # the migration: a dirty log that misses a page the back-end wrote fails the case.
 # Knobs: MIG_MIBS (migration bandwidth, MiB/s, default 16), MIG_SECS (stream length, default 20),
@@ -199,18 +200,21 @@ wait_for() { # DESCRIPTION COMMAND...: polls every 0.1 s until the case deadline
 # [queues=1] [smp=1] [cpus=LIST (taskset)] [timeout=SECS (of cmd; default case limit - 10)].
 # For the migration cases also: [mem=256M (guest RAM = its memfd)] [kargs=EXTRA KERNEL ARGS]
 # [qmp=PATH (QMP unix socket)] [incoming=URI (a migration destination)] [paused=1 (-S)]
-# [serial=FILE (appended to, not truncated: a source and its destination share one log)].
+# [serial=FILE (appended to, not truncated: a source and its destination share one log)]
+# [announce=off (no VIRTIO_NET_F_GUEST_ANNOUNCE: after a migration QEMU asks the back-end to
+# announce the guest, SEND_RARP)].
 # Sets GPID[name] and GLOG[name].
 declare -A GPID GLOG
 guest() {
     local name sock mac ip cmd role=client mrg=on queues=1 smp=1 cpus="" timeout=$((CASE_LIMIT - 10))
-    local mem=256M kargs="" qmp="" incoming="" paused="" serial=""
+    local mem=256M kargs="" qmp="" incoming="" paused="" serial="" announce=on
     local "$@"
     local pin=() extra=()
     [[ -n $cpus ]] && pin=(taskset -c "$cpus")
     local log=$TMP/$CASE-$name.serial chardev="socket,id=c0,path=$sock" netdev="vhost-user,id=n0,chardev=c0"
     local device="virtio-net-pci,netdev=n0,mac=$mac,mrg_rxbuf=$mrg,vectors=0,romfile="
     [[ $role == server ]] && chardev+=",server=on,wait=off"
+    [[ $announce == off ]] && device+=",guest_announce=off"
     if ((queues > 1)); then
         netdev+=",queues=$queues"
         device+=",mq=on"
@@ -913,8 +917,8 @@ tp_quit() { # 0 if testpmd ended on `quit` within 10 s
     rm -rf "/var/run/dpdk/virtq-guests-$TAG-$CASE"
 }
 
-case_migrate() { # BACKEND(dpdk|virtq) ROLE(client|server: QEMU's socket role) MRG(on|off)
-    local be=$1 role=$2 mrg=$3 ok=1 err="" out status blocked
+case_migrate() { # BACKEND(dpdk|virtq) ROLE(client|server: QEMU's socket role) MRG(on|off) [ANNOUNCE(on|off)]
+    local be=$1 role=$2 mrg=$3 announce=${4:-on} ok=1 err="" out status blocked
     local ss=$TMP/$CASE-src.sock sd=$TMP/$CASE-dst.sock sp=$TMP/$CASE-peer.sock mig=$TMP/$CASE-migration.sock
     local qs=$TMP/$CASE-src.qmp qd=$TMP/$CASE-dst.qmp log=$TMP/$CASE-m.serial
     if [[ $be == dpdk ]]; then
@@ -931,7 +935,7 @@ case_migrate() { # BACKEND(dpdk|virtq) ROLE(client|server: QEMU's socket role) M
     local mcmd="iperf3 -s -1 -i 1 -f m & vt-wait-peer 10.0.0.12 60 && ping -i 0.2 -w $((MIG_SECS + 2)) 10.0.0.12 && wait"
     local pcmd="vt-wait-peer 10.0.0.11 90 && vt-iperf 10.0.0.11 $MIG_SECS -u -b $MIG_RATE && vt-wait-echos 20 60 3"
     local m=(sock="$ss" role="$role" mrg="$mrg" mac=52:54:00:00:0a:11 ip=10.0.0.11 mem="$MIG_MEM" kargs=init_on_alloc=0
-        serial="$log" cmd="$mcmd")
+        serial="$log" cmd="$mcmd" announce="$announce")
     guest name=src "${m[@]}" qmp="$qs"
     guest "${m[@]}" name=dst sock="$sd" qmp="$qd" incoming="unix:$mig" paused=1
     guest name=p sock="$sp" role="$role" mrg="$mrg" mac=52:54:00:00:0a:12 ip=10.0.0.12 cmd="$pcmd"
@@ -1037,6 +1041,21 @@ case_migrate() { # BACKEND(dpdk|virtq) ROLE(client|server: QEMU's socket role) M
     DETAIL+="; UDP stream p->m $MIG_RATE: ${recv:-?} lost, $ivl intervals after the switch-over (slowest ${slow:-?} Mbit/s)"
     DETAIL+=", $(vline dst eth0 | grep -o 'mrg_rxbuf=[01]')"
     [[ $mrg == off ]] && ! vline dst eth0 | grep -q 'mrg_rxbuf=0' && { ok=0; err+=" MRG_RXBUF negotiated although off"; }
+    # Who announced m at its new place: the guest itself (GUEST_ANNOUNCE, QEMU sends no
+    # SEND_RARP), or, with guest_announce=off, virtq-net on QEMU's SEND_RARP: a RARP from m's
+    # MAC into the switch, logged, once per round of QEMU's announce (announce-rounds, 5 by
+    # default).
+    if [[ $be == virtq ]]; then
+        local rarps
+        rarps=$(grep -ac 'announced \[52, 54, 00, 00, 0a, 11\] (RARP)' "$VQ_LOG")
+        if [[ $announce == off ]]; then
+            ((rarps >= 1)) || { ok=0; err+=" virtq-net never announced m (no SEND_RARP acted on)"; }
+            DETAIL+=", announced by virtq-net ($rarps RARPs on SEND_RARP)"
+        else
+            ((rarps == 0)) || { ok=0; err+=" virtq-net announced m although the guest announces itself"; }
+            DETAIL+=", announced by the guest"
+        fi
+    fi
     MIG_REPORT+=("$CASE: migration $(awk -v t="${total:-0}" 'BEGIN { printf "%.1f", t / 1000 }') s, downtime ${down:-?} ms, ping lost $lost of ${tx:-?}")
     ((ok && guest_ok == 0 && stop_ok == 0)) || { DETAIL+="; $err $STOP_ERR"; return 1; }
 }
@@ -1061,7 +1080,7 @@ MATRIX=(
     "iperf3-vs-dpdk|case_iperf3_vs_dpdk|300"
     "migrate-dpdk|case_migrate dpdk client on"
     "migrate|case_migrate virtq client on"
-    "migrate-mrg-off|case_migrate virtq client off"
+    "migrate-mrg-off-rarp|case_migrate virtq client off off"
     "migrate-client|case_migrate virtq server on"
 )
 PASS=0

@@ -267,7 +267,19 @@ fn handle(info: *mut libc::siginfo_t) -> bool {
 }
 
 /// Hands a signal that is not ours to the disposition installed before ours.
+///
+/// A `SIGBUS` another process sent (`kill -BUS`: `si_code <= 0`, `SI_USER`, `SI_QUEUE`,
+/// `SI_TKILL`) gets the default action, the end of the process, and is not handed on: the
+/// handler before ours is usually Rust std's stack-overflow handler, which for an address
+/// outside a guard page resets the disposition to the default and returns, expecting the
+/// faulting access to raise the signal again. A sent signal is not raised again, so the
+/// process would go on with no handler at all, and the next fault in guest memory would kill
+/// it.
 fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo_t for a handler installed with SA_SIGINFO.
+    if unsafe { (*info).si_code } <= 0 {
+        return restore_default_and_raise(sig);
+    }
     let Some(prev) = PREVIOUS.get() else {
         return restore_default_and_raise(sig);
     };
@@ -303,6 +315,50 @@ fn restore_default_and_raise(sig: libc::c_int) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `kill -BUS` from another process ends this one (the default action) rather than being
+    /// handed to std's handler, which would uninstall ours and let the process go on. Run in a
+    /// child process: this test binary again, with only the child half selected.
+    #[test]
+    fn a_sigbus_sent_by_a_process_ends_the_process() {
+        const CHILD: &str = "VIRTQ_FAULT_TEST_CHILD";
+        if std::env::var_os(CHILD).is_some() {
+            // The default action dumps core: not here.
+            let none = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+            // SAFETY: sets this process's core size limit from a valid rlimit.
+            unsafe { libc::setrlimit(libc::RLIMIT_CORE, &none) };
+            let len = 4096;
+            // SAFETY: a new private anonymous mapping, no MAP_FIXED.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            assert_ne!(p, libc::MAP_FAILED);
+            let _guard = register(p.cast(), len).unwrap();
+            // SAFETY: sends SIGBUS to this process (SI_USER, as `kill -BUS` does).
+            unsafe { libc::kill(libc::getpid(), libc::SIGBUS) };
+            // Any thread may take it (libtest runs this one beside its main thread). Still
+            // here after a while: the signal was swallowed.
+            std::thread::sleep(std::time::Duration::from_secs(10));
+            std::process::exit(3);
+        }
+        let exe = std::env::current_exe().unwrap();
+        let status = std::process::Command::new(exe)
+            .args(["--exact", "memory::fault::tests::a_sigbus_sent_by_a_process_ends_the_process", "--nocapture"])
+            .env(CHILD, "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(libc::SIGBUS), "child ended with {status:?}");
+    }
 
     /// A shared mapping of a memfd that is then truncated: the access that would have raised
     /// SIGBUS completes on a zero page, the guard reports it, and the generation moves.
