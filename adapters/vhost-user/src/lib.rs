@@ -8,7 +8,7 @@
 //!
 //! | module | what |
 //! |---|---|
-//! | [`message`] | message header, every front-end request, payloads, the fd table, replies |
+//! | [`message`] | header, the request table (one list: codes, names, payload / fd / reply rules), payload decoding with fds, replies, errors |
 //! | [`connection`] | unix sockets (server and client with reconnect), framing, SCM_RIGHTS |
 //! | [`memory`] | memory table: mmap'd regions, `virtq::GuestMemory` for guest physical and front-end virtual addresses; the dirty page log ([`memory::dirty`]) |
 //! | [`vring`] | per-ring state: started/stopped × enabled/disabled, kick/call/err fds |
