@@ -16,7 +16,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use virtq_vhost_user::device::{DeviceConfig, VhostUserDevice};
-use virtq_vhost_user::message::{protocol_features as pf, FrontendMessage, Header, Request, VHOST_F_LOG_ALL};
+use virtq_vhost_user::message::{FrontendMessage, Header, ProtocolFeatures as Pf, Request, VHOST_F_LOG_ALL};
 
 const NAME: &str = "virtq-fuzz-seq";
 
@@ -118,9 +118,9 @@ fuzz_target!(|steps: Vec<Step>| {
                 send(&mut dev, m.request as u32 % 48, m.flags as u32, &payload, fds);
             }
             Step::Negotiate { log_all, reply_ack } => {
-                let protocol = pf::LOG_SHMFD | if *reply_ack { pf::REPLY_ACK } else { 0 };
+                let protocol = (Pf::LOG_SHMFD | if *reply_ack { Pf::REPLY_ACK } else { Pf::empty() }).bits();
                 send(&mut dev, Request::SetProtocolFeatures as u32, 0, &u64s(&[protocol]), vec![]);
-                let features = (1 << 32) | (1 << 30) | if *log_all { VHOST_F_LOG_ALL } else { 0 };
+                let features = (1 << 32) | (1 << 30) | if *log_all { VHOST_F_LOG_ALL.bits() } else { 0 };
                 send(&mut dev, Request::SetFeatures as u32, 0, &u64s(&[features]), vec![]);
             }
             Step::LogBase { size, offset, pages, need_reply } => {

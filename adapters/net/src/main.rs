@@ -214,7 +214,7 @@ fn device_config(p: &PortSpec, i: usize) -> DeviceConfig {
     // QEMU's SEND_RARP, and GUEST_ANNOUNCE passed through so that a guest that can announce
     // itself does (the front-end owns the control queue that carries it).
     if matches!(p.backend, PortBackend::Switch | PortBackend::Tap(_)) {
-        c.protocol_features |= virtq_vhost_user::message::protocol_features::RARP;
+        c.protocol_features |= virtq_vhost_user::message::ProtocolFeatures::RARP;
         c.features |= virtq::VirtioFeatures::NET_GUEST_ANNOUNCE;
     }
     // Only a TAP can take and give offloaded frames: the kernel finishes checksums and
@@ -367,7 +367,7 @@ impl DeviceHandler for PortHandler {
         self.announce.push(mac);
     }
 
-    fn features_changed(&mut self, dev: &NetDevice, features: u64) {
+    fn features_changed(&mut self, dev: &NetDevice, features: virtq::VirtioFeatures) {
         limited_by!(self.limits.features, info, "{}: features {features:#x}", dev.name());
         // Any queue will do (offloads are the device's); an attached one for certain.
         if let Some(t) = self.tap.iter().zip(&self.attached).find(|(_, &a)| a).map(|(t, _)| t) {

@@ -180,7 +180,7 @@ impl DeviceHandler for Handler {
     fn vring_state_changed(&mut self, _: &NetDevice, _: u16, _: bool) {
         self.generation.fetch_add(1, Ordering::Release);
     }
-    fn features_changed(&mut self, dev: &NetDevice, features: u64) {
+    fn features_changed(&mut self, dev: &NetDevice, features: virtq::VirtioFeatures) {
         log::info!("reflect {}: features {features:#x}", dev.name());
     }
 }

@@ -62,7 +62,7 @@ pub trait DeviceHandler: Send {
     /// A vring was enabled or disabled.
     fn vring_state_changed(&mut self, _dev: &NetDevice, _index: u16, _enabled: bool) {}
     /// The front-end set features.
-    fn features_changed(&mut self, _dev: &NetDevice, _features: u64) {}
+    fn features_changed(&mut self, _dev: &NetDevice, _features: virtq::VirtioFeatures) {}
     /// The pairs the guest can receive on changed ([`NetDevice::rx_pairs`]: bit `n` for pair
     /// `n`, whose receive queue is started and enabled). Called after any request that starts,
     /// stops, enables or disables a ring, and after a reset; the data path already uses the

@@ -64,8 +64,8 @@ use crate::memory::dirty::{DirtyLog, LogError};
 use crate::memory::{GuestMemoryMap, MemoryError, MemoryFault, DEFAULT_MAX_MEM_SLOTS};
 use crate::message::{
     encode_ack, encode_backend_request, encode_get_config_error, encode_get_config_reply, encode_get_status_reply,
-    encode_u64_reply, encode_vring_state_reply, protocol_features as pf, FrontendMessage, Header, MessageError,
-    Request, BACKEND_CONFIG_CHANGE_MSG, VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES, VRING_F_LOG,
+    encode_u64_reply, encode_vring_state_reply, FrontendMessage, Header, MessageError, ProtocolFeatures as Pf, Request,
+    BACKEND_CONFIG_CHANGE_MSG, VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES, VRING_F_LOG,
 };
 use crate::vring::{RingFault, Vring, VringAddrs, VringError, VringShared};
 
@@ -105,7 +105,7 @@ pub struct DeviceConfig {
     /// Virtio features offered (`VHOST_USER_F_PROTOCOL_FEATURES` is added).
     pub features: VirtioFeatures,
     /// Protocol features offered.
-    pub protocol_features: u64,
+    pub protocol_features: Pf,
     /// Queue pairs (virtio-net: RX queue `2n`, TX queue `2n + 1`).
     pub queue_pairs: u16,
     /// Config space contents.
@@ -142,18 +142,18 @@ impl DeviceConfig {
                 | VirtioFeatures::NET_MTU
                 | VirtioFeatures::NET_STATUS
                 | VirtioFeatures::NOTIFY_ON_EMPTY
-                | VirtioFeatures::from_bits_retain(VHOST_F_LOG_ALL),
+                | VHOST_F_LOG_ALL,
             // Each of these is honoured end to end (see the module documentation). `RARP`
             // (announcing the guest after migration) is not offered yet.
-            protocol_features: pf::MQ
-                | pf::LOG_SHMFD
-                | pf::REPLY_ACK
-                | pf::CONFIG
-                | pf::STATUS
-                | pf::BACKEND_REQ
-                | pf::CONFIGURE_MEM_SLOTS
-                | pf::NET_MTU
-                | pf::RESET_DEVICE,
+            protocol_features: Pf::MQ
+                | Pf::LOG_SHMFD
+                | Pf::REPLY_ACK
+                | Pf::CONFIG
+                | Pf::STATUS
+                | Pf::BACKEND_REQ
+                | Pf::CONFIGURE_MEM_SLOTS
+                | Pf::NET_MTU
+                | Pf::RESET_DEVICE,
             queue_pairs: 1,
             net: NetConfig::default(),
             max_mem_slots: DEFAULT_MAX_MEM_SLOTS,
@@ -162,12 +162,12 @@ impl DeviceConfig {
     }
 
     /// Virtio features offered on the wire.
-    pub fn offered_features(&self) -> u64 {
+    pub fn offered_features(&self) -> VirtioFeatures {
         let mut f = self.features;
         if self.queue_pairs > 1 {
             f |= VirtioFeatures::NET_MQ;
         }
-        f.bits() | VHOST_USER_F_PROTOCOL_FEATURES
+        f | VHOST_USER_F_PROTOCOL_FEATURES
     }
 }
 
@@ -176,7 +176,7 @@ impl DeviceConfig {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DeviceEvent {
     /// `SET_FEATURES` accepted.
-    FeaturesChanged(u64),
+    FeaturesChanged(VirtioFeatures),
     /// A vring was enabled or disabled.
     VringStateChanged {
         /// Vring index.
@@ -203,7 +203,7 @@ pub enum RequestError {
     /// A vring index ≥ the number of vrings (family 14).
     VringIndex(u32),
     /// Acknowledged features that were not offered (`SET_PROTOCOL_FEATURES`).
-    FeaturesNotOffered(u64),
+    FeaturesNotOffered(Pf),
     /// `SET_FEATURES` that the virtio rules refuse: a bit not offered, or a feature without
     /// one it depends on (§5.1.3.1).
     Features(virtq::features::FeatureError),
@@ -232,7 +232,7 @@ impl std::fmt::Display for RequestError {
         match self {
             RequestError::Message(e) => write!(f, "{e}"),
             RequestError::VringIndex(i) => write!(f, "vring index {i} out of range"),
-            RequestError::FeaturesNotOffered(b) => write!(f, "features {b:#x} were not offered"),
+            RequestError::FeaturesNotOffered(b) => write!(f, "protocol features {:#x} were not offered", b.bits()),
             RequestError::Features(e) => write!(f, "{e}"),
             RequestError::FeaturesWhileStarted => {
                 f.write_str("SET_FEATURES changing more than VHOST_F_LOG_ALL while rings are started")
@@ -263,9 +263,9 @@ pub struct Response {
 #[derive(Debug)]
 pub struct VhostUserDevice {
     config: DeviceConfig,
-    acked_features: u64,
+    acked_features: VirtioFeatures,
     features_set: bool,
-    acked_protocol: u64,
+    acked_protocol: Pf,
     mem: Option<Arc<GuestMemoryMap>>,
     vrings: Vec<Vring>,
     backend_req: Option<OwnedFd>,
@@ -297,9 +297,9 @@ impl VhostUserDevice {
             configured_mac,
             vrings: (0..n).map(|_| Vring::default()).collect(),
             config,
-            acked_features: 0,
+            acked_features: VirtioFeatures::empty(),
             features_set: false,
-            acked_protocol: 0,
+            acked_protocol: Pf::empty(),
             mem: None,
             backend_req: None,
             status: 0,
@@ -325,7 +325,7 @@ impl VhostUserDevice {
 
     /// Features acknowledged by `SET_FEATURES`.
     pub fn acked_features(&self) -> VirtioFeatures {
-        VirtioFeatures::from_bits_retain(self.acked_features)
+        self.acked_features
     }
 
     /// Events since the last call.
@@ -344,9 +344,9 @@ impl VhostUserDevice {
         for v in &mut self.vrings {
             v.reset();
         }
-        self.acked_features = 0;
+        self.acked_features = VirtioFeatures::empty();
         self.features_set = false;
-        self.acked_protocol = 0;
+        self.acked_protocol = Pf::empty();
         self.mem = None;
         self.memory_fault = None;
         self.log = None;
@@ -361,7 +361,7 @@ impl VhostUserDevice {
     /// The dirty log the data path marks, if logging is on: the one in every ring's
     /// [`VringShared::log`].
     pub fn dirty_log(&self) -> Option<&Arc<DirtyLog>> {
-        self.log.as_ref().filter(|_| self.acked_features & VHOST_F_LOG_ALL != 0)
+        self.log.as_ref().filter(|_| self.acked_features.contains(VHOST_F_LOG_ALL))
     }
 
     /// The eventfd of `SET_LOG_FD`, if any: signal it after marking the log to "inform the
@@ -392,7 +392,7 @@ impl VhostUserDevice {
     /// `vhost_dev_start` during a migration sends `SET_FEATURES` with it, starts the rings, and
     /// only then `SET_LOG_BASE`.
     fn update_log(&mut self) {
-        let log_all = self.acked_features & VHOST_F_LOG_ALL != 0;
+        let log_all = self.acked_features.contains(VHOST_F_LOG_ALL);
         let log = self.log.as_ref().filter(|_| log_all);
         for v in &mut self.vrings {
             v.set_log(log);
@@ -441,7 +441,7 @@ impl VhostUserDevice {
     /// tell the front-end that the status or config space changed. Never with `NEED_REPLY`,
     /// so that the control loop does not wait on a front-end.
     pub fn config_change_notice(&self) -> Option<(BorrowedFd<'_>, Vec<u8>)> {
-        let negotiated = self.acked_protocol & (pf::BACKEND_REQ | pf::CONFIG) == pf::BACKEND_REQ | pf::CONFIG;
+        let negotiated = self.acked_protocol.contains(Pf::BACKEND_REQ | Pf::CONFIG);
         let fd = self.backend_req.as_ref().filter(|_| negotiated)?;
         Some((fd.as_fd(), encode_backend_request(BACKEND_CONFIG_CHANGE_MSG)))
     }
@@ -460,7 +460,7 @@ impl VhostUserDevice {
             v.stop();
             v.set_enabled(false);
         }
-        self.acked_features = 0;
+        self.acked_features = VirtioFeatures::empty();
         self.features_set = false;
         self.status = 0;
         self.update_log();
@@ -478,7 +478,7 @@ impl VhostUserDevice {
         let result = msg.map_err(RequestError::Message).and_then(|m| self.apply(m));
         let reply_mandatory = request.is_some_and(|r| r.reply_required(0, self.acked_protocol));
         // "REPLY_ACK": an ack only where the feature was negotiated and the request asked.
-        let ack = header.need_reply() && self.acked_protocol & pf::REPLY_ACK != 0;
+        let ack = header.need_reply() && self.acked_protocol.contains(Pf::REPLY_ACK);
         let response = match result {
             Ok(Some(reply)) => Response { reply: Some(reply), close: false },
             Ok(None) if ack => Response { reply: request.map(|r| encode_ack(r, true)), close: false },
@@ -498,10 +498,6 @@ impl VhostUserDevice {
 
     fn vring(&mut self, index: u32) -> Result<&mut Vring, RequestError> {
         self.vrings.get_mut(index as usize).ok_or(RequestError::VringIndex(index))
-    }
-
-    fn features(&self) -> VirtioFeatures {
-        VirtioFeatures::from_bits_retain(self.acked_features)
     }
 
     /// Installs a new memory table (refused, and unmapped, if it must be sealed and is not).
@@ -528,23 +524,25 @@ impl VhostUserDevice {
     fn apply(&mut self, msg: FrontendMessage) -> Result<Option<Vec<u8>>, RequestError> {
         use FrontendMessage as M;
         Ok(match msg {
-            M::GetFeatures => Some(encode_u64_reply(Request::GetFeatures, self.config.offered_features())),
-            M::SetFeatures(f) => {
+            M::GetFeatures => Some(encode_u64_reply(Request::GetFeatures, self.config.offered_features().bits())),
+            M::SetFeatures(bits) => {
+                let f = VirtioFeatures::from_bits_retain(bits);
                 // The core's negotiation (§2.2 subset, §5.1.3.1 dependencies), with the
                 // control queue on the front-end's side as vhost-user has it.
-                let offered = VirtioFeatures::from_bits_retain(self.config.offered_features());
-                VirtioFeatures::negotiate_net_external_ctrl_vq(offered, VirtioFeatures::from_bits_retain(f))
+                VirtioFeatures::negotiate_net_external_ctrl_vq(self.config.offered_features(), f)
                     .map_err(RequestError::Features)?;
                 // "To start/stop logging of data/used ring writes, the front-end may send
                 // messages VHOST_USER_SET_FEATURES with VHOST_F_LOG_ALL": during a migration
                 // the rings run, so that bit alone may change.
-                if self.vrings.iter().any(|v| v.started()) && (f ^ self.acked_features) & !VHOST_F_LOG_ALL != 0 {
+                if self.vrings.iter().any(|v| v.started())
+                    && !(f ^ self.acked_features).difference(VHOST_F_LOG_ALL).is_empty()
+                {
                     return Err(RequestError::FeaturesWhileStarted);
                 }
                 self.acked_features = f;
                 self.features_set = true;
                 self.update_log();
-                if f & VHOST_USER_F_PROTOCOL_FEATURES == 0 {
+                if !f.contains(VHOST_USER_F_PROTOCOL_FEATURES) {
                     // vhost-user.rst: "the back-end must enable all rings immediately".
                     for (i, v) in self.vrings.iter_mut().enumerate() {
                         if v.set_enabled(true) {
@@ -552,7 +550,7 @@ impl VhostUserDevice {
                         }
                     }
                 }
-                limited!(info, "vhost-user: features {f:#x}");
+                limited!(info, "vhost-user: features {bits:#x}");
                 self.events.push(DeviceEvent::FeaturesChanged(f));
                 None
             }
@@ -594,7 +592,7 @@ impl VhostUserDevice {
                 Some(encode_vring_state_reply(Request::GetVringBase, index, base as u32))
             }
             M::SetVringKick { index, fd } => {
-                let features = self.features();
+                let features = self.acked_features;
                 let mem = self.mem.clone();
                 self.vring(index as u32)?.set_kick(fd, mem.as_ref(), features).map_err(RequestError::Vring)?;
                 None
@@ -608,11 +606,12 @@ impl VhostUserDevice {
                 None
             }
             M::GetProtocolFeatures => {
-                Some(encode_u64_reply(Request::GetProtocolFeatures, self.config.protocol_features))
+                Some(encode_u64_reply(Request::GetProtocolFeatures, self.config.protocol_features.bits()))
             }
-            M::SetProtocolFeatures(f) => {
-                let extra = f & !self.config.protocol_features;
-                if extra != 0 {
+            M::SetProtocolFeatures(bits) => {
+                let f = Pf::from_bits_retain(bits);
+                let extra = f.difference(self.config.protocol_features);
+                if !extra.is_empty() {
                     return Err(RequestError::FeaturesNotOffered(extra));
                 }
                 self.acked_protocol = f;
@@ -628,7 +627,7 @@ impl VhostUserDevice {
                 }
                 None
             }
-            M::SendRarp(mac) if self.acked_protocol & pf::RARP != 0 => {
+            M::SendRarp(mac) if self.acked_protocol.contains(Pf::RARP) => {
                 self.events.push(DeviceEvent::Announce(mac));
                 None
             }
@@ -714,7 +713,7 @@ impl VhostUserDevice {
             M::SetLogBase { size, offset, fd } => {
                 // Only the shared-memory form exists across processes; without LOG_SHMFD the
                 // front-end would not wait for the reply below.
-                if self.acked_protocol & pf::LOG_SHMFD == 0 {
+                if !self.acked_protocol.contains(Pf::LOG_SHMFD) {
                     return Err(RequestError::NotNegotiated(Request::SetLogBase));
                 }
                 let log = DirtyLog::new(size, offset, fd).map_err(RequestError::Log)?;
@@ -802,7 +801,8 @@ mod tests {
     }
 
     const UADDR: u64 = 0x1000_0000;
-    const FEATURES: u64 = (1 << 32) | VHOST_USER_F_PROTOCOL_FEATURES;
+    const FEATURES: u64 = (1 << 32) | VHOST_USER_F_PROTOCOL_FEATURES.bits();
+    const LOG_ALL: u64 = VHOST_F_LOG_ALL.bits();
 
     fn addr(index: u32, flags: u32, log_guest_addr: u64) -> FrontendMessage {
         FrontendMessage::SetVringAddr {
@@ -819,9 +819,9 @@ mod tests {
     /// started (polling) with used-ring logging at guest address 0x2000.
     fn started(mem: &str) -> VhostUserDevice {
         let mut dev = VhostUserDevice::new(DeviceConfig::net_default());
-        assert_ne!(dev.config().offered_features() & VHOST_F_LOG_ALL, 0, "LOG_ALL offered");
-        assert_ne!(dev.config().protocol_features & pf::LOG_SHMFD, 0, "LOG_SHMFD offered");
-        ok(&mut dev, FrontendMessage::SetProtocolFeatures(pf::LOG_SHMFD | pf::REPLY_ACK));
+        assert!(dev.config().offered_features().contains(VHOST_F_LOG_ALL), "LOG_ALL offered");
+        assert!(dev.config().protocol_features.contains(Pf::LOG_SHMFD), "LOG_SHMFD offered");
+        ok(&mut dev, FrontendMessage::SetProtocolFeatures((Pf::LOG_SHMFD | Pf::REPLY_ACK).bits()));
         ok(&mut dev, FrontendMessage::SetFeatures(FEATURES));
         let region =
             MemoryRegionDesc { guest_phys_addr: 0, memory_size: 0x10000, userspace_addr: UADDR, mmap_offset: 0 };
@@ -858,14 +858,14 @@ mod tests {
         assert!(ring_log(&dev).0.is_none() && dev.dirty_log().is_none());
 
         // LOG_ALL switched on while the ring runs.
-        ok(&mut dev, FrontendMessage::SetFeatures(FEATURES | VHOST_F_LOG_ALL));
+        ok(&mut dev, FrontendMessage::SetFeatures(FEATURES | LOG_ALL));
         let log = ring_log(&dev).0.expect("log handed to the ring");
         assert!(Arc::ptr_eq(&log, dev.dirty_log().unwrap()));
         drop(log);
         // Any other change while started is still refused.
-        let r = send(&mut dev, FrontendMessage::SetFeatures(VHOST_USER_F_PROTOCOL_FEATURES | VHOST_F_LOG_ALL), 0);
+        let r = send(&mut dev, FrontendMessage::SetFeatures(VHOST_USER_F_PROTOCOL_FEATURES.bits() | LOG_ALL), 0);
         assert!(r.close);
-        let r = send(&mut dev, FrontendMessage::SetFeatures(FEATURES | VHOST_F_LOG_ALL | (1 << 15)), FLAG_NEED_REPLY);
+        let r = send(&mut dev, FrontendMessage::SetFeatures(FEATURES | LOG_ALL | (1 << 15)), FLAG_NEED_REPLY);
         assert_eq!(r.reply, Some(encode_ack(Request::SetFeatures, false)));
 
         // A new log replaces the old one in every ring; the old one is unmapped.
@@ -893,14 +893,14 @@ mod tests {
         ok(&mut dev, FrontendMessage::SetFeatures(FEATURES));
         assert!(ring_log(&dev).0.is_none());
         assert_eq!(maps_of(log_b), 1);
-        ok(&mut dev, FrontendMessage::SetFeatures(FEATURES | VHOST_F_LOG_ALL));
+        ok(&mut dev, FrontendMessage::SetFeatures(FEATURES | LOG_ALL));
         assert!(ring_log(&dev).0.is_some());
 
         // Status 0 clears the features (LOG_ALL with them) but keeps the log of the migration.
         ok(&mut dev, FrontendMessage::SetStatus(0));
         assert!(ring_log(&dev).0.is_none() && dev.dirty_log().is_none());
         assert_eq!(maps_of(log_b), 1);
-        ok(&mut dev, FrontendMessage::SetFeatures(FEATURES | VHOST_F_LOG_ALL));
+        ok(&mut dev, FrontendMessage::SetFeatures(FEATURES | LOG_ALL));
         assert!(ring_log(&dev).0.is_some());
 
         // RESET_DEVICE forgets it.
@@ -909,7 +909,7 @@ mod tests {
         assert!(l.is_none() && a.is_none());
         assert_eq!(maps_of(log_b), 0);
         // So does a disconnect.
-        ok(&mut dev, FrontendMessage::SetProtocolFeatures(pf::LOG_SHMFD));
+        ok(&mut dev, FrontendMessage::SetProtocolFeatures(Pf::LOG_SHMFD.bits()));
         ok(&mut dev, log_base(log_a));
         assert_eq!(maps_of(log_a), 1);
         dev.reset();
@@ -919,22 +919,22 @@ mod tests {
     #[test]
     fn log_all_without_a_log_runs_unlogged_and_set_log_base_needs_log_shmfd() {
         let mut dev = started("virtq-dev-nolog-mem");
-        ok(&mut dev, FrontendMessage::SetFeatures(FEATURES | VHOST_F_LOG_ALL));
+        ok(&mut dev, FrontendMessage::SetFeatures(FEATURES | LOG_ALL));
         assert!(ring_log(&dev).0.is_none() && dev.dirty_log().is_none());
         assert_eq!(ok(&mut dev, FrontendMessage::GetStatus), Some(encode_get_status_reply(0)));
         assert_eq!(
             ok(&mut dev, FrontendMessage::GetFeatures),
-            Some(encode_u64_reply(Request::GetFeatures, dev.config().offered_features()))
+            Some(encode_u64_reply(Request::GetFeatures, dev.config().offered_features().bits()))
         );
 
         // Without LOG_SHMFD: refused (acked where asked), the fd closed, nothing mapped.
         let name = "virtq-dev-nolog-log";
-        ok(&mut dev, FrontendMessage::SetProtocolFeatures(pf::REPLY_ACK));
+        ok(&mut dev, FrontendMessage::SetProtocolFeatures(Pf::REPLY_ACK.bits()));
         let r = send(&mut dev, log_base(name), FLAG_NEED_REPLY);
         assert_eq!(r.reply, Some(encode_ack(Request::SetLogBase, false)));
         assert_eq!(maps_of(name), 0);
         // With it, a refused log closes the connection (a mandatory reply carries no status).
-        ok(&mut dev, FrontendMessage::SetProtocolFeatures(pf::REPLY_ACK | pf::LOG_SHMFD));
+        ok(&mut dev, FrontendMessage::SetProtocolFeatures((Pf::REPLY_ACK | Pf::LOG_SHMFD).bits()));
         let small = FrontendMessage::SetLogBase { size: 0x2000, offset: 0, fd: memfd(name, 0x1000) };
         assert_eq!(send(&mut dev, small, FLAG_NEED_REPLY), Response { reply: None, close: true });
         assert_eq!(maps_of(name), 0);

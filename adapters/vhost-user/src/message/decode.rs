@@ -103,8 +103,8 @@ pub enum FrontendMessage {
     },
     /// `GET_PROTOCOL_FEATURES`.
     GetProtocolFeatures,
-    /// `SET_PROTOCOL_FEATURES`: protocol feature bits (see
-    /// [`protocol_features`](super::protocol_features)).
+    /// `SET_PROTOCOL_FEATURES`: protocol feature bits as received (see
+    /// [`ProtocolFeatures`](super::ProtocolFeatures)).
     SetProtocolFeatures(u64),
     /// `GET_QUEUE_NUM`.
     GetQueueNum,

@@ -58,7 +58,7 @@ pub mod request;
 
 pub use decode::FrontendMessage;
 pub use error::MessageError;
-pub use features::{protocol_features, VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES};
+pub use features::{ProtocolFeatures, VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES};
 pub use header::{
     Header, CONFIG_HEADER_SIZE, FLAGS_KNOWN, FLAG_NEED_REPLY, FLAG_REPLY, FLAG_VERSION_MASK, HEADER_SIZE,
     MAX_CONFIG_SIZE, MAX_FDS, MAX_MEM_REGIONS, MAX_PAYLOAD, MEMORY_REGION_SIZE, VERSION_1,

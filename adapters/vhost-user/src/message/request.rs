@@ -11,8 +11,7 @@
 
 use std::fmt;
 
-use super::protocol_features::{INFLIGHT_SHMFD, LOG_SHMFD, REPLY_ACK};
-use super::{FrontendMessage, MessageError, FLAG_NEED_REPLY};
+use super::{FrontendMessage, MessageError, ProtocolFeatures, FLAG_NEED_REPLY};
 
 /// Builds everything that is per request from one table. A row is
 ///
@@ -100,7 +99,7 @@ requests! {
     // "VHOST_USER_SET_LOG_BASE (if VHOST_USER_PROTOCOL_F_LOG_SHMFD)" in both the reply
     // list and the fd list; without LOG_SHMFD the message is meaningless across
     // processes, so only the shared-memory form (16-byte log description + fd) decodes.
-    SetLogBase = 6, "SET_LOG_BASE", Exact(16), Exactly(1), IfProtocolFeature(LOG_SHMFD) => SetLogBase;
+    SetLogBase = 6, "SET_LOG_BASE", Exact(16), Exactly(1), IfProtocolFeature(ProtocolFeatures::LOG_SHMFD) => SetLogBase;
     /// 7 `SET_LOG_FD`: eventfd to signal log updates.
     SetLogFd = 7, "SET_LOG_FD", Exact(0), Exactly(1), OnNeedReply => SetLogFd;
     /// 8 `SET_VRING_NUM`: ring size.
@@ -153,7 +152,7 @@ requests! {
     /// 31 `GET_INFLIGHT_FD`: back-end allocates the inflight buffer.
     // "Inflight description": 2 × u64 + 2 × u16, padded to 24 by C alignment.
     // No fd on the request (CVE-2022-0669); the reply carries one.
-    GetInflightFd = 31, "GET_INFLIGHT_FD", Exact(24), None, IfProtocolFeature(INFLIGHT_SHMFD) => GetInflightFd;
+    GetInflightFd = 31, "GET_INFLIGHT_FD", Exact(24), None, IfProtocolFeature(ProtocolFeatures::INFLIGHT_SHMFD) => GetInflightFd;
     /// 32 `SET_INFLIGHT_FD`: front-end hands the inflight buffer back.
     SetInflightFd = 32, "SET_INFLIGHT_FD", Exact(24), Exactly(1), OnNeedReply => SetInflightFd;
     /// 33 `GPU_SET_SOCKET`: vhost-user-gpu protocol socket.
@@ -198,11 +197,11 @@ impl Request {
     ///
     /// [`ReplyRule::Postcopy`] replies (after `POSTCOPY_LISTEN`) are not covered: this back-end
     /// does not offer `PAGEFAULT`.
-    pub const fn reply_required(self, flags: u32, acked_protocol_features: u64) -> bool {
-        let ack = flags & FLAG_NEED_REPLY != 0 && acked_protocol_features & REPLY_ACK != 0;
+    pub const fn reply_required(self, flags: u32, acked_protocol_features: ProtocolFeatures) -> bool {
+        let ack = flags & FLAG_NEED_REPLY != 0 && acked_protocol_features.contains(ProtocolFeatures::REPLY_ACK);
         match self.spec().reply {
             ReplyRule::Always => true,
-            ReplyRule::IfProtocolFeature(feature) => acked_protocol_features & feature != 0 || ack,
+            ReplyRule::IfProtocolFeature(feature) => acked_protocol_features.intersects(feature) || ack,
             ReplyRule::OnNeedReply | ReplyRule::Postcopy => ack,
         }
     }
@@ -277,8 +276,8 @@ pub enum FdRule {
 pub enum ReplyRule {
     /// Always: the request has a reply body.
     Always,
-    /// Always when this protocol feature (a mask) is negotiated.
-    IfProtocolFeature(u64),
+    /// Always when this protocol feature is negotiated.
+    IfProtocolFeature(ProtocolFeatures),
     /// With a reply body only in postcopy mode (after `POSTCOPY_LISTEN`); otherwise as
     /// [`ReplyRule::OnNeedReply`].
     Postcopy,

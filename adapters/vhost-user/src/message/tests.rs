@@ -756,8 +756,8 @@ fn scalar_payloads() {
         MessageError::InvalidStatus(0x10f)
     );
     assert!(matches!(
-        decode(Request::SetProtocolFeatures, &u64_payload(protocol_features::MQ), vec![]),
-        Ok(FrontendMessage::SetProtocolFeatures(protocol_features::MQ))
+        decode(Request::SetProtocolFeatures, &u64_payload(ProtocolFeatures::MQ.bits()), vec![]),
+        Ok(FrontendMessage::SetProtocolFeatures(m)) if m == ProtocolFeatures::MQ.bits()
     ));
     let mut rarp = [0u8; 8];
     rarp[..6].copy_from_slice(&[0x52, 0x54, 0, 0, 0, 1]);
@@ -839,7 +839,8 @@ fn no_panics_on_arbitrary_payloads() {
 
 #[test]
 fn reply_rules() {
-    let ack = protocol_features::REPLY_ACK;
+    let ack = ProtocolFeatures::REPLY_ACK;
+    let none = ProtocolFeatures::empty();
     for request in [
         Request::GetFeatures,
         Request::GetProtocolFeatures,
@@ -852,14 +853,14 @@ fn reply_rules() {
         Request::SetDeviceStateFd,
         Request::CheckDeviceState,
     ] {
-        assert!(request.reply_required(VERSION_1, 0), "{request}");
+        assert!(request.reply_required(VERSION_1, none), "{request}");
     }
-    assert!(!Request::SetLogBase.reply_required(VERSION_1, 0));
-    assert!(Request::SetLogBase.reply_required(VERSION_1, protocol_features::LOG_SHMFD));
-    assert!(Request::GetInflightFd.reply_required(VERSION_1, protocol_features::INFLIGHT_SHMFD));
+    assert!(!Request::SetLogBase.reply_required(VERSION_1, none));
+    assert!(Request::SetLogBase.reply_required(VERSION_1, ProtocolFeatures::LOG_SHMFD));
+    assert!(Request::GetInflightFd.reply_required(VERSION_1, ProtocolFeatures::INFLIGHT_SHMFD));
     // need_reply counts only with REPLY_ACK negotiated.
-    assert!(!Request::SetMemTable.reply_required(VERSION_1, 0));
-    assert!(!Request::SetMemTable.reply_required(VERSION_1 | FLAG_NEED_REPLY, 0));
+    assert!(!Request::SetMemTable.reply_required(VERSION_1, none));
+    assert!(!Request::SetMemTable.reply_required(VERSION_1 | FLAG_NEED_REPLY, none));
     assert!(Request::SetMemTable.reply_required(VERSION_1 | FLAG_NEED_REPLY, ack));
     assert!(!Request::SetVringKick.reply_required(VERSION_1, ack));
     assert!(Request::SetBackendReqFd.reply_required(VERSION_1 | FLAG_NEED_REPLY, ack));
