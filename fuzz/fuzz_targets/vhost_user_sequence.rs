@@ -16,6 +16,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use virtq_vhost_user::device::{DeviceConfig, VhostUserDevice};
+use virtq_vhost_user::net::NetModel;
 use virtq_vhost_user::message::{FrontendMessage, Header, ProtocolFeatures as Pf, Request, VHOST_F_LOG_ALL};
 
 const NAME: &str = "virtq-fuzz-seq";
@@ -93,7 +94,7 @@ fn fd(f: &Fd) -> Option<OwnedFd> {
 }
 
 /// Frames one request as the wire has it and hands it to the device through the decoder.
-fn send(dev: &mut VhostUserDevice, request: u32, flags: u32, payload: &[u8], fds: Vec<OwnedFd>) {
+fn send(dev: &mut VhostUserDevice<NetModel>, request: u32, flags: u32, payload: &[u8], fds: Vec<OwnedFd>) {
     let mut h = [0u8; 12];
     h[0..4].copy_from_slice(&request.to_ne_bytes());
     h[4..8].copy_from_slice(&(1 | (flags & 0x8)).to_ne_bytes());
@@ -109,7 +110,7 @@ fn u64s(values: &[u64]) -> Vec<u8> {
 }
 
 fuzz_target!(|steps: Vec<Step>| {
-    let mut dev = VhostUserDevice::new(DeviceConfig::net_default());
+    let mut dev = VhostUserDevice::new(DeviceConfig::new(NetModel::default()));
     for step in steps.iter().take(32) {
         match step {
             Step::Raw(m) => {
