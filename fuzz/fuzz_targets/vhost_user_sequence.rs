@@ -16,7 +16,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use virtq_vhost_user::device::{DeviceConfig, VhostUserDevice};
-use virtq_vhost_user::message::{protocol_features as pf, FrontendMessage, Header, Request, VHOST_F_LOG_ALL};
+use virtq_vhost_user::net::NetModel;
+use virtq_vhost_user::message::{FrontendMessage, Header, ProtocolFeatures as Pf, Request, VHOST_F_LOG_ALL};
 
 const NAME: &str = "virtq-fuzz-seq";
 
@@ -93,7 +94,7 @@ fn fd(f: &Fd) -> Option<OwnedFd> {
 }
 
 /// Frames one request as the wire has it and hands it to the device through the decoder.
-fn send(dev: &mut VhostUserDevice, request: u32, flags: u32, payload: &[u8], fds: Vec<OwnedFd>) {
+fn send(dev: &mut VhostUserDevice<NetModel>, request: u32, flags: u32, payload: &[u8], fds: Vec<OwnedFd>) {
     let mut h = [0u8; 12];
     h[0..4].copy_from_slice(&request.to_ne_bytes());
     h[4..8].copy_from_slice(&(1 | (flags & 0x8)).to_ne_bytes());
@@ -109,7 +110,7 @@ fn u64s(values: &[u64]) -> Vec<u8> {
 }
 
 fuzz_target!(|steps: Vec<Step>| {
-    let mut dev = VhostUserDevice::new(DeviceConfig::net_default());
+    let mut dev = VhostUserDevice::new(DeviceConfig::new(NetModel::default()));
     for step in steps.iter().take(32) {
         match step {
             Step::Raw(m) => {
@@ -118,9 +119,9 @@ fuzz_target!(|steps: Vec<Step>| {
                 send(&mut dev, m.request as u32 % 48, m.flags as u32, &payload, fds);
             }
             Step::Negotiate { log_all, reply_ack } => {
-                let protocol = pf::LOG_SHMFD | if *reply_ack { pf::REPLY_ACK } else { 0 };
+                let protocol = (Pf::LOG_SHMFD | if *reply_ack { Pf::REPLY_ACK } else { Pf::empty() }).bits();
                 send(&mut dev, Request::SetProtocolFeatures as u32, 0, &u64s(&[protocol]), vec![]);
-                let features = (1 << 32) | (1 << 30) | if *log_all { VHOST_F_LOG_ALL } else { 0 };
+                let features = (1 << 32) | (1 << 30) | if *log_all { VHOST_F_LOG_ALL.bits() } else { 0 };
                 send(&mut dev, Request::SetFeatures as u32, 0, &u64s(&[features]), vec![]);
             }
             Step::LogBase { size, offset, pages, need_reply } => {

@@ -33,7 +33,7 @@ use virtq_vhost_user::backend::{Backend, DeviceHandler, SocketSpec};
 use virtq_vhost_user::connection::Reconnect;
 use virtq_vhost_user::device::DeviceConfig;
 use virtq_vhost_user::limited_by;
-use virtq_vhost_user::net::NetDevice;
+use virtq_vhost_user::net::{NetDevice, NetEvent, NetModel};
 use virtq_vhost_user::ratelimit::RateLimit;
 
 use dataplane::{Announcements, Dataplane, Port, PortBackend, TapCounters};
@@ -202,25 +202,25 @@ const TAP_OFFLOADS: virtq::VirtioFeatures = virtq::VirtioFeatures::NET_CSUM
     .union(virtq::VirtioFeatures::NET_GUEST_TSO6)
     .union(virtq::VirtioFeatures::NET_GUEST_ECN);
 
-fn device_config(p: &PortSpec, i: usize) -> DeviceConfig {
-    let mut c = DeviceConfig::net_default();
-    c.queue_pairs = p.queues;
-    c.net.mac = p.mac.unwrap_or_else(|| default_mac(i));
-    c.net.mtu = p.mtu;
+fn device_config(p: &PortSpec, i: usize) -> DeviceConfig<NetModel> {
+    let mut c = DeviceConfig::new(NetModel::default());
+    c.model.queue_pairs = p.queues;
+    c.model.config.mac = p.mac.unwrap_or_else(|| default_mac(i));
+    c.model.config.mtu = p.mtu;
     if !p.mrg {
-        c.features.remove(virtq::VirtioFeatures::NET_MRG_RXBUF);
+        c.model.features.remove(virtq::VirtioFeatures::NET_MRG_RXBUF);
     }
     // A port attached to a network (the switch, a TAP) announces a migrated guest: RARP for
     // QEMU's SEND_RARP, and GUEST_ANNOUNCE passed through so that a guest that can announce
     // itself does (the front-end owns the control queue that carries it).
     if matches!(p.backend, PortBackend::Switch | PortBackend::Tap(_)) {
-        c.protocol_features |= virtq_vhost_user::message::protocol_features::RARP;
-        c.features |= virtq::VirtioFeatures::NET_GUEST_ANNOUNCE;
+        c.model.protocol_features |= virtq_vhost_user::message::ProtocolFeatures::RARP;
+        c.model.features |= virtq::VirtioFeatures::NET_GUEST_ANNOUNCE;
     }
     // Only a TAP can take and give offloaded frames: the kernel finishes checksums and
     // segments where it has to. The switch, reflect and benchmark back-ends offer none.
     if p.offload && matches!(p.backend, PortBackend::Tap(_)) {
-        c.features |= TAP_OFFLOADS;
+        c.model.features |= TAP_OFFLOADS;
     }
     c
 }
@@ -356,18 +356,15 @@ fn describe_pairs(pairs: u64) -> String {
     }
 }
 
-impl DeviceHandler for PortHandler {
+impl DeviceHandler<NetModel> for PortHandler {
     fn device_ready(&mut self, dev: &NetDevice) {
         limited_by!(self.limits.ready, info, "{}: ready", dev.name());
     }
     fn device_destroyed(&mut self, dev: &NetDevice) {
         limited_by!(self.limits.stopped, info, "{}: stopped", dev.name());
     }
-    fn announce(&mut self, _dev: &NetDevice, mac: [u8; 6]) {
-        self.announce.push(mac);
-    }
 
-    fn features_changed(&mut self, dev: &NetDevice, features: u64) {
+    fn features_changed(&mut self, dev: &NetDevice, features: virtq::VirtioFeatures) {
         limited_by!(self.limits.features, info, "{}: features {features:#x}", dev.name());
         // Any queue will do (offloads are the device's); an attached one for certain.
         if let Some(t) = self.tap.iter().zip(&self.attached).find(|(_, &a)| a).map(|(t, _)| t) {
@@ -386,11 +383,22 @@ impl DeviceHandler for PortHandler {
             }
         }
     }
-    fn rx_pairs_changed(&mut self, dev: &NetDevice, pairs: u64) {
-        if dev.queue_pairs() > 1 {
-            limited_by!(self.limits.pairs, info, "{}: guest receives on pair(s) {}", dev.name(), describe_pairs(pairs));
+    fn event(&mut self, dev: &NetDevice, event: NetEvent) {
+        match event {
+            NetEvent::Announce(mac) => self.announce.push(mac),
+            NetEvent::RxPairsChanged(pairs) => {
+                if dev.queue_pairs() > 1 {
+                    limited_by!(
+                        self.limits.pairs,
+                        info,
+                        "{}: guest receives on pair(s) {}",
+                        dev.name(),
+                        describe_pairs(pairs)
+                    );
+                }
+                self.steer_tap(dev, pairs);
+            }
         }
-        self.steer_tap(dev, pairs);
     }
 }
 
@@ -606,9 +614,9 @@ mod tests {
         p.mrg = false;
         p.queues = 4;
         let c = device_config(&p, 3);
-        assert!(!c.features.contains(virtq::VirtioFeatures::NET_MRG_RXBUF));
-        assert_eq!(c.queue_pairs, 4);
-        assert_eq!(c.net.mac, default_mac(3));
+        assert!(!c.model.features.contains(virtq::VirtioFeatures::NET_MRG_RXBUF));
+        assert_eq!(c.model.queue_pairs, 4);
+        assert_eq!(c.model.config.mac, default_mac(3));
     }
 
     #[test]
@@ -616,16 +624,20 @@ mod tests {
         let mut p = defaults();
         for b in [PortBackend::Switch, PortBackend::Reflect, PortBackend::Sink, PortBackend::Source(64)] {
             p.backend = b;
-            assert!(!device_config(&p, 1).features.intersects(TAP_OFFLOADS), "{:?} offers no offloads", p.backend);
+            assert!(
+                !device_config(&p, 1).model.features.intersects(TAP_OFFLOADS),
+                "{:?} offers no offloads",
+                p.backend
+            );
         }
         p.backend = PortBackend::Tap("vt0".into());
-        assert!(device_config(&p, 1).features.contains(TAP_OFFLOADS));
+        assert!(device_config(&p, 1).model.features.contains(TAP_OFFLOADS));
         let off = parse_port("path=x,backend=tap:vt0,offload=off", &defaults()).unwrap();
         assert!(!off.offload);
-        assert!(!device_config(&off, 1).features.intersects(TAP_OFFLOADS));
+        assert!(!device_config(&off, 1).model.features.intersects(TAP_OFFLOADS));
         // What is offered satisfies §5.1.3.1 on its own (every dependency offered too, but
         // the control queue, which the front-end keeps).
-        let f = device_config(&p, 1).features;
+        let f = device_config(&p, 1).model.features;
         assert_eq!(virtq::VirtioFeatures::negotiate_net_external_ctrl_vq(f, f), Ok(f));
     }
 }

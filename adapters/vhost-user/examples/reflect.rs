@@ -47,7 +47,7 @@ use std::time::{Duration, Instant};
 use virtq_vhost_user::backend::{Backend, DeviceHandler, SocketSpec};
 use virtq_vhost_user::connection::Reconnect;
 use virtq_vhost_user::device::DeviceConfig;
-use virtq_vhost_user::net::{NetDevice, TxFrame};
+use virtq_vhost_user::net::{NetDevice, NetModel, TxFrame};
 
 /// Frames moved per burst.
 const BURST: usize = 32;
@@ -168,7 +168,7 @@ struct Handler {
     generation: Arc<AtomicU64>,
 }
 
-impl DeviceHandler for Handler {
+impl DeviceHandler<NetModel> for Handler {
     fn device_ready(&mut self, dev: &NetDevice) {
         log::info!("reflect {}: device ready", dev.name());
         self.generation.fetch_add(1, Ordering::Release);
@@ -180,7 +180,7 @@ impl DeviceHandler for Handler {
     fn vring_state_changed(&mut self, _: &NetDevice, _: u16, _: bool) {
         self.generation.fetch_add(1, Ordering::Release);
     }
-    fn features_changed(&mut self, dev: &NetDevice, features: u64) {
+    fn features_changed(&mut self, dev: &NetDevice, features: virtq::VirtioFeatures) {
         log::info!("reflect {}: features {features:#x}", dev.name());
     }
 }
@@ -307,10 +307,10 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args) -> std::io::Result<()> {
-    let mut config = DeviceConfig::net_default();
-    config.queue_pairs = args.queues;
+    let mut config = DeviceConfig::new(NetModel::default());
+    config.model.queue_pairs = args.queues;
     if !args.mrg_rxbuf {
-        config.features.remove(virtq::VirtioFeatures::NET_MRG_RXBUF);
+        config.model.features.remove(virtq::VirtioFeatures::NET_MRG_RXBUF);
     }
     let spec = if args.client {
         SocketSpec::Client { path: args.socket.clone(), reconnect: Reconnect::default() }

@@ -1,6 +1,8 @@
 //! The control loop: many vhost-user sockets in one process on one mio poll, each a device
-//! with its own protocol state. The data path runs on other threads through [`NetDevice`]
-//! handles; the control loop only handles messages.
+//! with its own protocol state and device model ([`crate::model`]); devices of different types
+//! can share one loop. The data path runs on other threads through the handles the models
+//! build ([`DeviceModel::DataPath`], e.g. [`crate::net::NetDevice`]); the control loop only
+//! handles messages.
 //!
 //! A connection that breaks or misbehaves is torn down alone: its device is reset (rings
 //! stopped, fds closed, memory unmapped once the data path lets go), the handler is told, and
@@ -12,7 +14,7 @@
 //! ([`VhostUserDevice::check_memory`]), logs one line and tells the front-end where it can.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -22,11 +24,13 @@ use log::{info, warn};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 
+use virtq::VirtioFeatures;
+
 use crate::connection::{self, ConnectionError, Listener, MessageReader, Reconnect};
-use crate::device::{DeviceConfig, DeviceEvent, VhostUserDevice};
-use crate::memory::fault;
-use crate::message::FrontendMessage;
-use crate::net::NetDevice;
+use crate::device::{DeviceConfig, DeviceEvent, Response, VhostUserDevice};
+use crate::memory::{fault, MemoryFault};
+use crate::message::{FrontendMessage, Header, MessageError};
+use crate::model::DeviceModel;
 use crate::ratelimit::RateLimit;
 use crate::{limited, limited_by};
 
@@ -52,33 +56,89 @@ pub enum SocketSpec {
     ListenFd(OwnedFd),
 }
 
-/// Callbacks from the control loop (all optional). They run on the control thread; keep them
-/// short.
-pub trait DeviceHandler: Send {
-    /// A queue pair of the device is started and enabled (traffic can flow).
-    fn device_ready(&mut self, _dev: &NetDevice) {}
+/// Callbacks from the control loop (all optional), for a device of type `M`. They run on the
+/// control thread; keep them short. `dev` is the device's data path handle
+/// ([`DeviceModel::DataPath`]).
+pub trait DeviceHandler<M: DeviceModel>: Send {
+    /// The device's ready rule holds ([`DeviceModel::is_ready`]; virtio-net: a queue pair is
+    /// started and enabled, traffic can flow).
+    fn device_ready(&mut self, _dev: &M::DataPath) {}
     /// The device stopped (disconnect, reset, rings stopped).
-    fn device_destroyed(&mut self, _dev: &NetDevice) {}
+    fn device_destroyed(&mut self, _dev: &M::DataPath) {}
     /// A vring was enabled or disabled.
-    fn vring_state_changed(&mut self, _dev: &NetDevice, _index: u16, _enabled: bool) {}
+    fn vring_state_changed(&mut self, _dev: &M::DataPath, _index: u16, _enabled: bool) {}
     /// The front-end set features.
-    fn features_changed(&mut self, _dev: &NetDevice, _features: u64) {}
-    /// The pairs the guest can receive on changed ([`NetDevice::rx_pairs`]: bit `n` for pair
-    /// `n`, whose receive queue is started and enabled). Called after any request that starts,
-    /// stops, enables or disables a ring, and after a reset; the data path already uses the
-    /// new set. A vring callback alone would miss rings that start after being enabled (QEMU
-    /// enables them before SET_VRING_KICK) and rings stopped by GET_VRING_BASE or a reset.
-    fn rx_pairs_changed(&mut self, _dev: &NetDevice, _pairs: u64) {}
-    /// `SEND_RARP` after a live migration: send a RARP broadcast from `mac` into the network
-    /// the device is attached to ([`crate::net::rarp_announce`] builds it), so that every
-    /// switch learns where the guest is now. A device offers the `RARP` protocol feature
-    /// only if its handler does this (`DeviceConfig::net_default` does not offer it).
-    fn announce(&mut self, _dev: &NetDevice, _mac: [u8; 6]) {}
+    fn features_changed(&mut self, _dev: &M::DataPath, _features: VirtioFeatures) {}
+    /// What the device model reports ([`DeviceModel::Event`]; virtio-net:
+    /// [`crate::net::NetEvent`]), in order with the other callbacks of the same request; what
+    /// [`DeviceModel::sync`] reports comes last.
+    fn event(&mut self, _dev: &M::DataPath, _event: M::Event) {}
 }
 
 /// A handler that does nothing.
 pub struct NoHandler;
-impl DeviceHandler for NoHandler {}
+impl<M: DeviceModel> DeviceHandler<M> for NoHandler {}
+
+/// A device as the control loop serves it, whatever its model: the protocol state, the data
+/// path handle and the owner's callbacks.
+struct Served<M: DeviceModel> {
+    name: String,
+    device: VhostUserDevice<M>,
+    data_path: M::DataPath,
+    handler: Box<dyn DeviceHandler<M>>,
+}
+
+/// What the control loop needs of a [`Served`] device, so that devices of different models
+/// share one loop.
+trait ServedDevice: Send {
+    fn name(&self) -> &str;
+    fn handle(&mut self, header: &Header, msg: Result<FrontendMessage, MessageError>) -> Response;
+    fn reset(&mut self);
+    fn check_log(&mut self) -> Option<usize>;
+    fn check_memory(&mut self) -> Option<MemoryFault>;
+    fn config_change_notice(&self) -> Option<(BorrowedFd<'_>, Vec<u8>)>;
+    /// Brings the data path up to date, then runs the callbacks for what happened.
+    fn dispatch_events(&mut self);
+}
+
+impl<M: DeviceModel> ServedDevice for Served<M> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn handle(&mut self, header: &Header, msg: Result<FrontendMessage, MessageError>) -> Response {
+        self.device.handle(header, msg)
+    }
+    fn reset(&mut self) {
+        self.device.reset();
+    }
+    fn check_log(&mut self) -> Option<usize> {
+        self.device.check_log()
+    }
+    fn check_memory(&mut self) -> Option<MemoryFault> {
+        self.device.check_memory()
+    }
+    fn config_change_notice(&self) -> Option<(BorrowedFd<'_>, Vec<u8>)> {
+        self.device.config_change_notice()
+    }
+    fn dispatch_events(&mut self) {
+        // Every change of a ring's state comes through here (after each request, and after a
+        // reset): the data path learns of it before any callback runs.
+        let synced = self.device.model_mut().sync(&self.data_path);
+        let (dev, handler) = (&self.data_path, &mut self.handler);
+        for ev in self.device.take_events() {
+            match ev {
+                DeviceEvent::Ready => handler.device_ready(dev),
+                DeviceEvent::NotReady => handler.device_destroyed(dev),
+                DeviceEvent::VringStateChanged { index, enabled } => handler.vring_state_changed(dev, index, enabled),
+                DeviceEvent::FeaturesChanged(f) => handler.features_changed(dev, f),
+                DeviceEvent::Model(e) => handler.event(dev, e),
+            }
+        }
+        if let Some(e) = synced {
+            handler.event(dev, e);
+        }
+    }
+}
 
 /// Fields drop in declaration order: the fds of a half-read message go before the socket
 /// closes (see `teardown`).
@@ -91,9 +151,7 @@ struct Slot {
     spec: SocketSpec,
     listener: Option<Listener>,
     conn: Option<Conn>,
-    device: VhostUserDevice,
-    net: NetDevice,
-    handler: Box<dyn DeviceHandler>,
+    device: Box<dyn ServedDevice>,
     reconnect_at: Option<Instant>,
     attempts: u32,
     /// This device's limits for the lines every device logs, one per kind: many devices
@@ -184,17 +242,18 @@ impl Backend {
         BackendHandle { stop: Arc::clone(&self.stop), waker: Arc::clone(&self.waker) }
     }
 
-    /// Registers a device on a socket. Servers listen at once; clients connect on the first
-    /// loop iteration (and keep trying with backoff if the front-end is not there yet).
-    pub fn add_device(
+    /// Registers a device of model `M` on a socket and returns its data path handle (for
+    /// virtio-net a [`crate::net::NetDevice`]). Servers listen at once; clients connect on the
+    /// first loop iteration (and keep trying with backoff if the front-end is not there yet).
+    pub fn add_device<M: DeviceModel>(
         &mut self,
         name: &str,
-        config: DeviceConfig,
+        config: DeviceConfig<M>,
         spec: SocketSpec,
-        handler: Box<dyn DeviceHandler>,
-    ) -> io::Result<NetDevice> {
+        handler: Box<dyn DeviceHandler<M>>,
+    ) -> io::Result<M::DataPath> {
         let device = VhostUserDevice::new(config);
-        let net = NetDevice::new(name, device.vring_shared());
+        let data_path = device.model().data_path(name, device.vring_shared());
         let id = self.slots.len();
         let listener = match &spec {
             SocketSpec::Server { path, mode } => Some(Listener::bind(path, *mode)?),
@@ -205,9 +264,7 @@ impl Backend {
             spec,
             listener,
             conn: None,
-            device,
-            net: net.clone(),
-            handler,
+            device: Box::new(Served { name: name.to_string(), device, data_path: data_path.clone(), handler }),
             reconnect_at: Some(Instant::now()),
             attempts: 0,
             limits: SlotLimits::default(),
@@ -217,7 +274,7 @@ impl Backend {
             slot.reconnect_at = None;
         }
         self.slots.push(slot);
-        Ok(net)
+        Ok(data_path)
     }
 
     /// Runs until [`BackendHandle::shutdown`].
@@ -267,7 +324,7 @@ impl Backend {
                     slot.limits.fault,
                     error,
                     "vhost-user {}: the dirty log's file shrank under the mapping (SIGBUS at {addr:#x}); the device's writes are no longer logged, so a migration in progress loses pages until the front-end sends a new SET_LOG_BASE",
-                    slot.net.name()
+                    slot.device.name()
                 );
             }
             let Some(f) = slot.device.check_memory() else { continue };
@@ -275,11 +332,11 @@ impl Backend {
                 slot.limits.fault,
                 error,
                 "vhost-user {}: {f}; device stopped (NEEDS_RESET) until the front-end sends a new memory table or resets it",
-                slot.net.name()
+                slot.device.name()
             );
             if let Some((fd, msg)) = slot.device.config_change_notice() {
                 if let Err(e) = connection::try_send(fd.as_raw_fd(), &msg) {
-                    limited_by!(slot.limits.error, warn, "vhost-user {}: back-end channel: {e}", slot.net.name());
+                    limited_by!(slot.limits.error, warn, "vhost-user {}: back-end channel: {e}", slot.device.name());
                 }
             }
         }
@@ -301,17 +358,17 @@ impl Backend {
                             slot.limits.error,
                             warn,
                             "vhost-user {}: second front-end refused (one connection per device)",
-                            slot.net.name()
+                            slot.device.name()
                         );
                         drop(stream);
                         continue;
                     }
-                    limited_by!(slot.limits.connected, info, "vhost-user {}: front-end connected", slot.net.name());
+                    limited_by!(slot.limits.connected, info, "vhost-user {}: front-end connected", slot.device.name());
                     self.attach(id, stream);
                 }
                 Ok(None) => return,
                 Err(e) => {
-                    limited_by!(slot.limits.error, warn, "vhost-user {}: accept: {e}", slot.net.name());
+                    limited_by!(slot.limits.error, warn, "vhost-user {}: accept: {e}", slot.device.name());
                     return;
                 }
             }
@@ -343,7 +400,7 @@ impl Backend {
                         slot.limits.connected,
                         info,
                         "vhost-user {}: connected to the front-end",
-                        slot.net.name()
+                        slot.device.name()
                     );
                     self.attach(id, stream);
                 }
@@ -351,7 +408,7 @@ impl Backend {
                     let delay = reconnect.delay(slot.attempts);
                     slot.attempts = slot.attempts.saturating_add(1);
                     if slot.attempts == 1 || slot.attempts.is_multiple_of(20) {
-                        info!("vhost-user {}: connect: {e}; retrying", slot.net.name());
+                        info!("vhost-user {}: connect: {e}; retrying", slot.device.name());
                     }
                     slot.reconnect_at = Some(now + delay);
                 }
@@ -371,7 +428,7 @@ impl Backend {
                     return;
                 }
                 Err(e) => {
-                    limited_by!(slot.limits.error, warn, "vhost-user {}: {e}", slot.net.name());
+                    limited_by!(slot.limits.error, warn, "vhost-user {}: {e}", slot.device.name());
                     self.teardown(id, "connection error", true);
                     return;
                 }
@@ -379,8 +436,9 @@ impl Backend {
             let msg = FrontendMessage::decode(&raw.header, &raw.payload, raw.fds);
             let resp = slot.device.handle(&raw.header, msg);
             if let Some(reply) = &resp.reply {
-                if let Err(e) = connection::send_with_fds(conn.stream.as_raw_fd(), reply, &[]) {
-                    limited_by!(slot.limits.error, warn, "vhost-user {}: reply: {e}", slot.net.name());
+                let fds: Vec<RawFd> = resp.fds.iter().map(|f| f.as_raw_fd()).collect();
+                if let Err(e) = connection::send_with_fds(conn.stream.as_raw_fd(), reply, &fds) {
+                    limited_by!(slot.limits.error, warn, "vhost-user {}: reply: {e}", slot.device.name());
                     self.teardown(id, "reply failed", true);
                     return;
                 }
@@ -394,31 +452,14 @@ impl Backend {
     }
 
     fn dispatch_events(&mut self, id: usize) {
-        let slot = &mut self.slots[id];
-        // Every change of a ring's state comes through here (after each request, and after a
-        // reset): the data path learns which pairs can receive before any callback runs.
-        let rx_pairs = slot.net.update_rx_pairs();
-        for ev in slot.device.take_events() {
-            match ev {
-                DeviceEvent::Ready => slot.handler.device_ready(&slot.net),
-                DeviceEvent::NotReady => slot.handler.device_destroyed(&slot.net),
-                DeviceEvent::VringStateChanged { index, enabled } => {
-                    slot.handler.vring_state_changed(&slot.net, index, enabled)
-                }
-                DeviceEvent::FeaturesChanged(f) => slot.handler.features_changed(&slot.net, f),
-                DeviceEvent::Announce(mac) => slot.handler.announce(&slot.net, mac),
-            }
-        }
-        if let Some(pairs) = rx_pairs {
-            slot.handler.rx_pairs_changed(&slot.net, pairs);
-        }
+        self.slots[id].device.dispatch_events();
     }
 
     fn teardown(&mut self, id: usize, why: &str, reconnect: bool) {
         let slot = &mut self.slots[id];
         let mut conn = slot.conn.take();
         if let Some(conn) = &mut conn {
-            limited_by!(slot.limits.reset, info, "vhost-user {}: {why}; device reset", slot.net.name());
+            limited_by!(slot.limits.reset, info, "vhost-user {}: {why}; device reset", slot.device.name());
             let _ = self.poll.registry().deregister(&mut conn.stream);
         }
         // Everything the front-end sent (memory table, eventfds, the fds of a half-read

@@ -2,6 +2,11 @@
 //! request decoded by [`crate::message`] is applied here to the device state (features, memory
 //! table, vrings, status, config space) and answered.
 //!
+//! The state machine is the same for every device type; what differs is its
+//! [`DeviceModel`] ([`crate::model`]): the features offered and their negotiation, the
+//! configuration space, the number of queues and the ready rule, device-type requests and
+//! protocol features. [`crate::net::NetModel`] is virtio-net.
+//!
 //! No I/O happens here: [`VhostUserDevice::handle`] takes a decoded message and returns what to
 //! send and whether to close, so tests and fuzzers drive it directly.
 //!
@@ -49,11 +54,13 @@
 //!   back clear from `GET_STATUS`, which is how a device refuses features (§3.1.1 step 6).
 //! - `NEEDS_RESET` (§2.1.2) is set by the device when its guest memory was lost
 //!   ([`VhostUserDevice::check_memory`]) and stays set until the front-end resets the device
-//!   (status 0, `RESET_DEVICE`, or a new connection). Where `CONFIG` and `BACKEND_REQ` are
+//!   (status 0, `RESET_DEVICE`, or a new connection). The model sees it in the status it is
+//!   given ([`DeviceView::status`]; virtio-net shows its link down). Where `CONFIG` and
+//!   `BACKEND_REQ` are
 //!   negotiated the front-end is also sent `BACKEND_CONFIG_CHANGE_MSG` ("the device MUST send
 //!   a device configuration change notification to the driver").
 
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
 use log::debug;
@@ -64,9 +71,10 @@ use crate::memory::dirty::{DirtyLog, LogError};
 use crate::memory::{GuestMemoryMap, MemoryError, MemoryFault, DEFAULT_MAX_MEM_SLOTS};
 use crate::message::{
     encode_ack, encode_backend_request, encode_get_config_error, encode_get_config_reply, encode_get_status_reply,
-    encode_u64_reply, encode_vring_state_reply, protocol_features as pf, FrontendMessage, Header, MessageError,
-    Request, BACKEND_CONFIG_CHANGE_MSG, VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES, VRING_F_LOG,
+    encode_u64_reply, encode_vring_state_reply, FrontendMessage, Header, MessageError, ProtocolFeatures as Pf, Request,
+    BACKEND_CONFIG_CHANGE_MSG, VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES, VRING_F_LOG,
 };
+use crate::model::{ConfigError, DeviceModel, DeviceView, Reply, ResetKind};
 use crate::vring::{RingFault, Vring, VringAddrs, VringError, VringShared};
 
 /// `VIRTIO_CONFIG_S_DRIVER_OK` in the device status byte (§2.1).
@@ -76,40 +84,12 @@ pub const STATUS_FEATURES_OK: u8 = 8;
 /// `VIRTIO_CONFIG_S_NEEDS_RESET` (§2.1): the device hit an error it cannot recover from.
 pub const STATUS_NEEDS_RESET: u8 = 0x40;
 
-/// `VIRTIO_NET_S_LINK_UP` in the virtio-net config `status` (§5.1.4).
-const NET_S_LINK_UP: u16 = 1;
-/// Offset and length of `mac` in `struct virtio_net_config` (§5.1.4).
-const NET_CONFIG_MAC: std::ops::Range<usize> = 0..6;
-
-/// The virtio-net configuration space the back-end presents (`GET_CONFIG`, VIRTIO 1.2
-/// §5.1.4 `struct virtio_net_config`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct NetConfig {
-    /// `mac` (with `VIRTIO_NET_F_MAC`).
-    pub mac: [u8; 6],
-    /// `status`: `VIRTIO_NET_S_LINK_UP` = 1.
-    pub status: u16,
-    /// `mtu` (with `VIRTIO_NET_F_MTU`).
-    pub mtu: u16,
-}
-
-impl Default for NetConfig {
-    fn default() -> Self {
-        NetConfig { mac: [0x52, 0x54, 0x00, 0x12, 0x34, 0x56], status: 1, mtu: 1500 }
-    }
-}
-
-/// What a device offers and how it is laid out.
+/// A device: its model (the device type, [`crate::model`]) and the options of the protocol
+/// state machine that do not depend on it.
 #[derive(Clone, Debug)]
-pub struct DeviceConfig {
-    /// Virtio features offered (`VHOST_USER_F_PROTOCOL_FEATURES` is added).
-    pub features: VirtioFeatures,
-    /// Protocol features offered.
-    pub protocol_features: u64,
-    /// Queue pairs (virtio-net: RX queue `2n`, TX queue `2n + 1`).
-    pub queue_pairs: u16,
-    /// Config space contents.
-    pub net: NetConfig,
+pub struct DeviceConfig<M> {
+    /// The device type and its configuration, e.g. [`crate::net::NetModel`].
+    pub model: M,
     /// Memory slots for `CONFIGURE_MEM_SLOTS`.
     pub max_mem_slots: usize,
     /// Refuse guest memory that the front-end could shrink: every region must be a memfd
@@ -119,64 +99,19 @@ pub struct DeviceConfig {
     pub require_sealed_memory: bool,
 }
 
-impl DeviceConfig {
-    /// The features a virtio-net back-end on this library supports by default.
-    ///
-    /// Live migration: `VHOST_F_LOG_ALL` and `LOG_SHMFD` are offered, so that a front-end can
-    /// have the device's writes logged ([`crate::memory::dirty`]); the data path marks the log
-    /// it finds in [`VringShared::log`].
-    ///
-    /// `VIRTIO_F_IN_ORDER` (§2.7.8.2) is offered because [`crate::net::NetDevice`] uses every
-    /// buffer in the order it was made available (bad chains included: they are completed
-    /// with len 0 in place). A driver that negotiates it (DPDK virtio-user) recycles its
-    /// descriptors without a free list. An application that completes chains out of order
-    /// through its own queue views must remove it.
-    pub fn net_default() -> DeviceConfig {
-        DeviceConfig {
-            features: VirtioFeatures::VERSION_1
-                | VirtioFeatures::IN_ORDER
-                | VirtioFeatures::RING_INDIRECT_DESC
-                | VirtioFeatures::RING_EVENT_IDX
-                | VirtioFeatures::NET_MRG_RXBUF
-                | VirtioFeatures::NET_MAC
-                | VirtioFeatures::NET_MTU
-                | VirtioFeatures::NET_STATUS
-                | VirtioFeatures::NOTIFY_ON_EMPTY
-                | VirtioFeatures::from_bits_retain(VHOST_F_LOG_ALL),
-            // Each of these is honoured end to end (see the module documentation). `RARP`
-            // (announcing the guest after migration) is not offered yet.
-            protocol_features: pf::MQ
-                | pf::LOG_SHMFD
-                | pf::REPLY_ACK
-                | pf::CONFIG
-                | pf::STATUS
-                | pf::BACKEND_REQ
-                | pf::CONFIGURE_MEM_SLOTS
-                | pf::NET_MTU
-                | pf::RESET_DEVICE,
-            queue_pairs: 1,
-            net: NetConfig::default(),
-            max_mem_slots: DEFAULT_MAX_MEM_SLOTS,
-            require_sealed_memory: false,
-        }
-    }
-
-    /// Virtio features offered on the wire.
-    pub fn offered_features(&self) -> u64 {
-        let mut f = self.features;
-        if self.queue_pairs > 1 {
-            f |= VirtioFeatures::NET_MQ;
-        }
-        f.bits() | VHOST_USER_F_PROTOCOL_FEATURES
+impl<M> DeviceConfig<M> {
+    /// `model` with the default options: [`DEFAULT_MAX_MEM_SLOTS`], unsealed memory accepted.
+    pub fn new(model: M) -> DeviceConfig<M> {
+        DeviceConfig { model, max_mem_slots: DEFAULT_MAX_MEM_SLOTS, require_sealed_memory: false }
     }
 }
 
 /// Something the owner of the device should know about (turned into callbacks by the
 /// control loop).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum DeviceEvent {
+pub enum DeviceEvent<E> {
     /// `SET_FEATURES` accepted.
-    FeaturesChanged(u64),
+    FeaturesChanged(VirtioFeatures),
     /// A vring was enabled or disabled.
     VringStateChanged {
         /// Vring index.
@@ -184,15 +119,13 @@ pub enum DeviceEvent {
         /// New state.
         enabled: bool,
     },
-    /// Both vrings of at least one queue pair are started and enabled: traffic can flow.
+    /// The model's ready rule ([`DeviceModel::is_ready`]) holds: the device can work (for
+    /// virtio-net: both rings of at least one queue pair are started and enabled).
     Ready,
     /// The device stopped being ready (rings stopped, reset, or disconnect).
     NotReady,
-    /// `SEND_RARP` (after a live migration): announce this MAC address into the network the
-    /// device is attached to ([`crate::net::rarp_announce`]), so that switches learn the
-    /// guest's new location. Only with the `RARP` protocol feature, which a device offers
-    /// only if its owner does that ([`crate::backend::DeviceHandler::announce`]).
-    Announce([u8; 6]),
+    /// Something the device model reports ([`DeviceModel::Event`]).
+    Model(E),
 }
 
 /// Why a request failed.
@@ -203,7 +136,7 @@ pub enum RequestError {
     /// A vring index ≥ the number of vrings (family 14).
     VringIndex(u32),
     /// Acknowledged features that were not offered (`SET_PROTOCOL_FEATURES`).
-    FeaturesNotOffered(u64),
+    FeaturesNotOffered(Pf),
     /// `SET_FEATURES` that the virtio rules refuse: a bit not offered, or a feature without
     /// one it depends on (§5.1.3.1).
     Features(virtq::features::FeatureError),
@@ -221,10 +154,14 @@ pub enum RequestError {
     Memory(MemoryError),
     /// A request for a feature this back-end does not offer.
     NotSupported(Request),
-    /// `GET_CONFIG` / `SET_CONFIG` outside the config space, or a read-only field.
-    Config,
+    /// `GET_CONFIG` / `SET_CONFIG` refused by the model: outside the config space, or a
+    /// read-only field.
+    Config(ConfigError),
     /// `NET_SET_MTU` above the MTU the device offers.
     Mtu(u16),
+    /// A device-type request refused by the model for a reason of its own
+    /// ([`DeviceModel::request`]).
+    Device(Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl std::fmt::Display for RequestError {
@@ -232,7 +169,7 @@ impl std::fmt::Display for RequestError {
         match self {
             RequestError::Message(e) => write!(f, "{e}"),
             RequestError::VringIndex(i) => write!(f, "vring index {i} out of range"),
-            RequestError::FeaturesNotOffered(b) => write!(f, "features {b:#x} were not offered"),
+            RequestError::FeaturesNotOffered(b) => write!(f, "protocol features {:#x} were not offered", b.bits()),
             RequestError::Features(e) => write!(f, "{e}"),
             RequestError::FeaturesWhileStarted => {
                 f.write_str("SET_FEATURES changing more than VHOST_F_LOG_ALL while rings are started")
@@ -242,8 +179,9 @@ impl std::fmt::Display for RequestError {
             RequestError::Vring(e) => write!(f, "{e}"),
             RequestError::Memory(e) => write!(f, "{e}"),
             RequestError::NotSupported(r) => write!(f, "{r} is not supported"),
-            RequestError::Config => f.write_str("config space access out of range or read-only"),
+            RequestError::Config(e) => write!(f, "{e}"),
             RequestError::Mtu(m) => write!(f, "MTU {m} is above the device's"),
+            RequestError::Device(e) => write!(f, "{e}"),
         }
     }
 }
@@ -251,30 +189,39 @@ impl std::fmt::Display for RequestError {
 impl std::error::Error for RequestError {}
 
 /// What to do after a request.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct Response {
     /// Bytes to send back (a reply or REPLY_ACK), if any.
     pub reply: Option<Vec<u8>>,
+    /// File descriptors to send with `reply` (SCM_RIGHTS), e.g. `GET_INFLIGHT_FD`'s buffer.
+    pub fds: Vec<OwnedFd>,
     /// Close the connection (after sending `reply`).
     pub close: bool,
 }
 
-/// Protocol state of one vhost-user device.
+/// Equal when the same bytes go out with the same descriptors.
+impl PartialEq for Response {
+    fn eq(&self, other: &Response) -> bool {
+        let raw = |fds: &[OwnedFd]| fds.iter().map(|f| f.as_raw_fd()).collect::<Vec<_>>();
+        self.reply == other.reply && self.close == other.close && raw(&self.fds) == raw(&other.fds)
+    }
+}
+
+impl Eq for Response {}
+
+/// Protocol state of one vhost-user device whose device type is `M`.
 #[derive(Debug)]
-pub struct VhostUserDevice {
-    config: DeviceConfig,
-    acked_features: u64,
+pub struct VhostUserDevice<M: DeviceModel> {
+    config: DeviceConfig<M>,
+    acked_features: VirtioFeatures,
     features_set: bool,
-    acked_protocol: u64,
+    acked_protocol: Pf,
     mem: Option<Arc<GuestMemoryMap>>,
     vrings: Vec<Vring>,
     backend_req: Option<OwnedFd>,
     status: u8,
     /// The memory fault already reported by [`check_memory`](Self::check_memory).
     memory_fault: Option<MemoryFault>,
-    /// The MAC the device was configured with: a reset forgets what `SET_CONFIG` wrote, so the
-    /// next front-end on the socket does not inherit the last one's.
-    configured_mac: [u8; 6],
     /// The dirty log of the last `SET_LOG_BASE` (vhost-user.rst "Migration"). Handed to the
     /// rings only while `VHOST_F_LOG_ALL` is negotiated ([`update_log`](Self::update_log)).
     log: Option<Arc<DirtyLog>>,
@@ -285,21 +232,19 @@ pub struct VhostUserDevice {
     /// `VHOST_F_LOG_ALL` without a log was reported (once until either changes).
     log_missing_reported: bool,
     ready: bool,
-    events: Vec<DeviceEvent>,
+    events: Vec<DeviceEvent<M::Event>>,
 }
 
-impl VhostUserDevice {
+impl<M: DeviceModel> VhostUserDevice<M> {
     /// A device in its initial state: no features, no memory, rings stopped and disabled.
-    pub fn new(config: DeviceConfig) -> Self {
-        let n = config.queue_pairs as usize * 2;
-        let configured_mac = config.net.mac;
+    pub fn new(config: DeviceConfig<M>) -> Self {
+        let n = config.model.num_queues();
         VhostUserDevice {
-            configured_mac,
             vrings: (0..n).map(|_| Vring::default()).collect(),
             config,
-            acked_features: 0,
+            acked_features: VirtioFeatures::empty(),
             features_set: false,
-            acked_protocol: 0,
+            acked_protocol: Pf::empty(),
             mem: None,
             backend_req: None,
             status: 0,
@@ -314,8 +259,39 @@ impl VhostUserDevice {
     }
 
     /// The device's configuration.
-    pub fn config(&self) -> &DeviceConfig {
+    pub fn config(&self) -> &DeviceConfig<M> {
         &self.config
+    }
+
+    /// The device model.
+    pub fn model(&self) -> &M {
+        &self.config.model
+    }
+
+    /// The device model, to bring its data path up to date ([`DeviceModel::sync`]).
+    pub fn model_mut(&mut self) -> &mut M {
+        &mut self.config.model
+    }
+
+    /// Virtio features offered on the wire (`GET_FEATURES`): the model's and
+    /// `VHOST_USER_F_PROTOCOL_FEATURES`.
+    pub fn offered_features(&self) -> VirtioFeatures {
+        self.config.model.features() | VHOST_USER_F_PROTOCOL_FEATURES
+    }
+
+    /// Protocol features offered (`GET_PROTOCOL_FEATURES`): the model's.
+    pub fn offered_protocol_features(&self) -> Pf {
+        self.config.model.protocol_features()
+    }
+
+    /// Protocol features acknowledged by `SET_PROTOCOL_FEATURES`.
+    pub fn acked_protocol_features(&self) -> Pf {
+        self.acked_protocol
+    }
+
+    /// What the model may need to know of the state machine.
+    fn view(&self) -> DeviceView {
+        DeviceView { acked_features: self.acked_features, acked_protocol: self.acked_protocol, status: self.status }
     }
 
     /// Shared vring state, for the data path (index = virtqueue index).
@@ -325,15 +301,15 @@ impl VhostUserDevice {
 
     /// Features acknowledged by `SET_FEATURES`.
     pub fn acked_features(&self) -> VirtioFeatures {
-        VirtioFeatures::from_bits_retain(self.acked_features)
+        self.acked_features
     }
 
     /// Events since the last call.
-    pub fn take_events(&mut self) -> Vec<DeviceEvent> {
+    pub fn take_events(&mut self) -> Vec<DeviceEvent<M::Event>> {
         std::mem::take(&mut self.events)
     }
 
-    /// Whether at least one queue pair is started and enabled.
+    /// Whether the model's ready rule held after the last request.
     pub fn is_ready(&self) -> bool {
         self.ready
     }
@@ -344,16 +320,16 @@ impl VhostUserDevice {
         for v in &mut self.vrings {
             v.reset();
         }
-        self.acked_features = 0;
+        self.acked_features = VirtioFeatures::empty();
         self.features_set = false;
-        self.acked_protocol = 0;
+        self.acked_protocol = Pf::empty();
         self.mem = None;
         self.memory_fault = None;
         self.log = None;
         self.log_fd = None;
         self.backend_req = None;
         self.status = 0;
-        self.config.net.mac = self.configured_mac;
+        self.config.model.reset(ResetKind::Full);
         self.update_log();
         self.update_ready();
     }
@@ -361,7 +337,7 @@ impl VhostUserDevice {
     /// The dirty log the data path marks, if logging is on: the one in every ring's
     /// [`VringShared::log`].
     pub fn dirty_log(&self) -> Option<&Arc<DirtyLog>> {
-        self.log.as_ref().filter(|_| self.acked_features & VHOST_F_LOG_ALL != 0)
+        self.log.as_ref().filter(|_| self.acked_features.contains(VHOST_F_LOG_ALL))
     }
 
     /// The eventfd of `SET_LOG_FD`, if any: signal it after marking the log to "inform the
@@ -392,7 +368,7 @@ impl VhostUserDevice {
     /// `vhost_dev_start` during a migration sends `SET_FEATURES` with it, starts the rings, and
     /// only then `SET_LOG_BASE`.
     fn update_log(&mut self) {
-        let log_all = self.acked_features & VHOST_F_LOG_ALL != 0;
+        let log_all = self.acked_features.contains(VHOST_F_LOG_ALL);
         let log = self.log.as_ref().filter(|_| log_all);
         for v in &mut self.vrings {
             v.set_log(log);
@@ -418,7 +394,7 @@ impl VhostUserDevice {
     /// Looks for guest memory that lost its pages ([`crate::memory::fault`]); call it when the
     /// fault handler signals. The first time a fault of the current memory table is seen, the
     /// device stops: every started ring faults (its error eventfd is signalled), the status
-    /// gets `NEEDS_RESET`, the link reads down in the config space, and the fault is returned
+    /// gets `NEEDS_RESET` (which the model may show in its config space), and the fault is returned
     /// for the caller to log and to tell the front-end ([`config_change_notice`]). Later calls
     /// return `None` until a new memory table or a reset.
     ///
@@ -441,7 +417,7 @@ impl VhostUserDevice {
     /// tell the front-end that the status or config space changed. Never with `NEED_REPLY`,
     /// so that the control loop does not wait on a front-end.
     pub fn config_change_notice(&self) -> Option<(BorrowedFd<'_>, Vec<u8>)> {
-        let negotiated = self.acked_protocol & (pf::BACKEND_REQ | pf::CONFIG) == pf::BACKEND_REQ | pf::CONFIG;
+        let negotiated = self.acked_protocol.contains(Pf::BACKEND_REQ | Pf::CONFIG);
         let fd = self.backend_req.as_ref().filter(|_| negotiated)?;
         Some((fd.as_fd(), encode_backend_request(BACKEND_CONFIG_CHANGE_MSG)))
     }
@@ -460,9 +436,10 @@ impl VhostUserDevice {
             v.stop();
             v.set_enabled(false);
         }
-        self.acked_features = 0;
+        self.acked_features = VirtioFeatures::empty();
         self.features_set = false;
         self.status = 0;
+        self.config.model.reset(ResetKind::Status);
         self.update_log();
         if self.memory_fault.is_some() {
             self.mem = None;
@@ -478,17 +455,18 @@ impl VhostUserDevice {
         let result = msg.map_err(RequestError::Message).and_then(|m| self.apply(m));
         let reply_mandatory = request.is_some_and(|r| r.reply_required(0, self.acked_protocol));
         // "REPLY_ACK": an ack only where the feature was negotiated and the request asked.
-        let ack = header.need_reply() && self.acked_protocol & pf::REPLY_ACK != 0;
+        let ack = header.need_reply() && self.acked_protocol.contains(Pf::REPLY_ACK);
+        let send = |reply: Vec<u8>| Response { reply: Some(reply), ..Response::default() };
         let response = match result {
-            Ok(Some(reply)) => Response { reply: Some(reply), close: false },
-            Ok(None) if ack => Response { reply: request.map(|r| encode_ack(r, true)), close: false },
+            Ok(Some(Reply { message, fds })) => Response { reply: Some(message), fds, close: false },
+            Ok(None) if ack => Response { reply: request.map(|r| encode_ack(r, true)), ..Response::default() },
             Ok(None) => Response::default(),
             Err(e) => {
                 limited!(warn, "vhost-user: {name} failed: {e}");
                 match request {
-                    Some(r) if ack && !reply_mandatory => Response { reply: Some(encode_ack(r, false)), close: false },
-                    Some(Request::GetConfig) => Response { reply: Some(encode_get_config_error()), close: false },
-                    _ => Response { reply: None, close: true },
+                    Some(r) if ack && !reply_mandatory => send(encode_ack(r, false)),
+                    Some(Request::GetConfig) => send(encode_get_config_error()),
+                    _ => Response { close: true, ..Response::default() },
                 }
             }
         };
@@ -498,10 +476,6 @@ impl VhostUserDevice {
 
     fn vring(&mut self, index: u32) -> Result<&mut Vring, RequestError> {
         self.vrings.get_mut(index as usize).ok_or(RequestError::VringIndex(index))
-    }
-
-    fn features(&self) -> VirtioFeatures {
-        VirtioFeatures::from_bits_retain(self.acked_features)
     }
 
     /// Installs a new memory table (refused, and unmapped, if it must be sealed and is not).
@@ -525,26 +499,36 @@ impl VhostUserDevice {
         Ok(())
     }
 
-    fn apply(&mut self, msg: FrontendMessage) -> Result<Option<Vec<u8>>, RequestError> {
+    /// A request the model handles ([`DeviceModel::request`]), with the events it reports.
+    fn model_request(&mut self, msg: FrontendMessage) -> Result<Option<Reply>, RequestError> {
+        let view = self.view();
+        let mut events = Vec::new();
+        let result = self.config.model.request(msg, &view, &mut events);
+        self.events.extend(events.into_iter().map(DeviceEvent::Model));
+        result
+    }
+
+    fn apply(&mut self, msg: FrontendMessage) -> Result<Option<Reply>, RequestError> {
         use FrontendMessage as M;
-        Ok(match msg {
-            M::GetFeatures => Some(encode_u64_reply(Request::GetFeatures, self.config.offered_features())),
-            M::SetFeatures(f) => {
-                // The core's negotiation (§2.2 subset, §5.1.3.1 dependencies), with the
-                // control queue on the front-end's side as vhost-user has it.
-                let offered = VirtioFeatures::from_bits_retain(self.config.offered_features());
-                VirtioFeatures::negotiate_net_external_ctrl_vq(offered, VirtioFeatures::from_bits_retain(f))
-                    .map_err(RequestError::Features)?;
+        let reply = match msg {
+            M::GetFeatures => Some(encode_u64_reply(Request::GetFeatures, self.offered_features().bits())),
+            M::SetFeatures(bits) => {
+                let f = VirtioFeatures::from_bits_retain(bits);
+                // The device type's rules (§2.2 subset; for virtio-net the §5.1.3.1
+                // dependencies).
+                self.config.model.negotiate(self.offered_features(), f).map_err(RequestError::Features)?;
                 // "To start/stop logging of data/used ring writes, the front-end may send
                 // messages VHOST_USER_SET_FEATURES with VHOST_F_LOG_ALL": during a migration
                 // the rings run, so that bit alone may change.
-                if self.vrings.iter().any(|v| v.started()) && (f ^ self.acked_features) & !VHOST_F_LOG_ALL != 0 {
+                if self.vrings.iter().any(|v| v.started())
+                    && !(f ^ self.acked_features).difference(VHOST_F_LOG_ALL).is_empty()
+                {
                     return Err(RequestError::FeaturesWhileStarted);
                 }
                 self.acked_features = f;
                 self.features_set = true;
                 self.update_log();
-                if f & VHOST_USER_F_PROTOCOL_FEATURES == 0 {
+                if !f.contains(VHOST_USER_F_PROTOCOL_FEATURES) {
                     // vhost-user.rst: "the back-end must enable all rings immediately".
                     for (i, v) in self.vrings.iter_mut().enumerate() {
                         if v.set_enabled(true) {
@@ -552,7 +536,7 @@ impl VhostUserDevice {
                         }
                     }
                 }
-                limited!(info, "vhost-user: features {f:#x}");
+                limited!(info, "vhost-user: features {bits:#x}");
                 self.events.push(DeviceEvent::FeaturesChanged(f));
                 None
             }
@@ -594,7 +578,7 @@ impl VhostUserDevice {
                 Some(encode_vring_state_reply(Request::GetVringBase, index, base as u32))
             }
             M::SetVringKick { index, fd } => {
-                let features = self.features();
+                let features = self.acked_features;
                 let mem = self.mem.clone();
                 self.vring(index as u32)?.set_kick(fd, mem.as_ref(), features).map_err(RequestError::Vring)?;
                 None
@@ -608,11 +592,12 @@ impl VhostUserDevice {
                 None
             }
             M::GetProtocolFeatures => {
-                Some(encode_u64_reply(Request::GetProtocolFeatures, self.config.protocol_features))
+                Some(encode_u64_reply(Request::GetProtocolFeatures, self.offered_protocol_features().bits()))
             }
-            M::SetProtocolFeatures(f) => {
-                let extra = f & !self.config.protocol_features;
-                if extra != 0 {
+            M::SetProtocolFeatures(bits) => {
+                let f = Pf::from_bits_retain(bits);
+                let extra = f.difference(self.offered_protocol_features());
+                if !extra.is_empty() {
                     return Err(RequestError::FeaturesNotOffered(extra));
                 }
                 self.acked_protocol = f;
@@ -628,38 +613,19 @@ impl VhostUserDevice {
                 }
                 None
             }
-            M::SendRarp(mac) if self.acked_protocol & pf::RARP != 0 => {
-                self.events.push(DeviceEvent::Announce(mac));
-                None
-            }
-            M::NetSetMtu(mtu) => {
-                if mtu > self.config.net.mtu {
-                    return Err(RequestError::Mtu(mtu));
-                }
-                None
-            }
             M::SetBackendReqFd(fd) => {
                 self.backend_req = Some(fd);
                 None
             }
             M::GetConfig { offset, size, flags } => {
-                let space = self.config_space();
-                let start = offset as usize;
-                let end = start.checked_add(size as usize).ok_or(RequestError::Config)?;
-                let data = space.get(start..end).ok_or(RequestError::Config)?;
-                Some(encode_get_config_reply(offset, flags, data))
+                let mut data = vec![0; size as usize];
+                let view = self.view();
+                self.config.model.read_config(offset, &mut data, &view).map_err(RequestError::Config)?;
+                Some(encode_get_config_reply(offset, flags, &data))
             }
-            M::SetConfig { offset, payload: data, .. } => {
-                // §5.1.4: only `mac` is ever written by a driver (legacy drivers may; a
-                // front-end such as DPDK's virtio-user sets it this way). Every other field is
-                // read-only.
-                let start = offset as usize;
-                let end = start.checked_add(data.len()).ok_or(RequestError::Config)?;
-                if !NET_CONFIG_MAC.contains(&start) || end > NET_CONFIG_MAC.end || start >= end {
-                    return Err(RequestError::Config);
-                }
-                self.config.net.mac[start..end].copy_from_slice(&data);
-                limited!(info, "vhost-user: MAC set to {:02x?}", self.config.net.mac);
+            M::SetConfig { offset, payload, flags, .. } => {
+                let view = self.view();
+                self.config.model.write_config(offset, &payload, flags, &view).map_err(RequestError::Config)?;
                 None
             }
             M::ResetDevice => {
@@ -714,7 +680,7 @@ impl VhostUserDevice {
             M::SetLogBase { size, offset, fd } => {
                 // Only the shared-memory form exists across processes; without LOG_SHMFD the
                 // front-end would not wait for the reply below.
-                if self.acked_protocol & pf::LOG_SHMFD == 0 {
+                if !self.acked_protocol.contains(Pf::LOG_SHMFD) {
                     return Err(RequestError::NotNegotiated(Request::SetLogBase));
                 }
                 let log = DirtyLog::new(size, offset, fd).map_err(RequestError::Log)?;
@@ -735,29 +701,16 @@ impl VhostUserDevice {
                 self.log_fd = Some(fd);
                 None
             }
-            other => return Err(RequestError::NotSupported(other.request())),
-        })
+            // SEND_RARP, NET_SET_MTU, GET/SET_INFLIGHT_FD and whatever else the state machine
+            // does not handle: the device type's, or not supported.
+            other => return self.model_request(other),
+        };
+        Ok(reply.map(Reply::from))
     }
 
-    /// `struct virtio_net_config` bytes (little-endian, VERSION_1).
-    fn config_space(&self) -> Vec<u8> {
-        let n = &self.config.net;
-        let mut c = Vec::with_capacity(12);
-        c.extend_from_slice(&n.mac);
-        // A device whose memory was lost carries no traffic: its link reads down.
-        let status = if self.status & STATUS_NEEDS_RESET != 0 { n.status & !NET_S_LINK_UP } else { n.status };
-        c.extend_from_slice(&status.to_le_bytes());
-        c.extend_from_slice(&self.config.queue_pairs.to_le_bytes());
-        c.extend_from_slice(&n.mtu.to_le_bytes());
-        c
-    }
-
-    /// Ready while at least one queue pair (both its rings) is started and enabled, whichever
-    /// it is: a driver may use fewer pairs than offered (`ethtool -L eth0 combined 1` disables
-    /// the others), and nothing requires pair 0 to be among them. Which pairs can receive is
-    /// [`crate::net::NetDevice::rx_pairs`].
+    /// Evaluates the model's ready rule ([`DeviceModel::is_ready`]) and reports a change.
     fn update_ready(&mut self) {
-        let ready = self.vrings.chunks_exact(2).any(|pair| pair.iter().all(|v| v.started() && v.enabled()));
+        let ready = self.config.model.is_ready(&self.vrings);
         if ready != self.ready {
             self.ready = ready;
             self.events.push(if ready { DeviceEvent::Ready } else { DeviceEvent::NotReady });
@@ -770,6 +723,7 @@ mod tests {
     use super::*;
     use crate::memory::MemoryRegionDesc;
     use crate::message::{FLAG_NEED_REPLY, VERSION_1};
+    use crate::net::NetModel;
     use std::ffi::CString;
     use std::os::fd::{AsRawFd, FromRawFd};
 
@@ -790,19 +744,20 @@ mod tests {
         std::fs::read_to_string("/proc/self/maps").unwrap().lines().filter(|l| l.ends_with(&needle)).count()
     }
 
-    fn send(dev: &mut VhostUserDevice, msg: FrontendMessage, flags: u32) -> Response {
+    fn send<M: DeviceModel>(dev: &mut VhostUserDevice<M>, msg: FrontendMessage, flags: u32) -> Response {
         let header = Header { request: msg.request() as u32, flags: VERSION_1 | flags, size: 0 };
         dev.handle(&header, Ok(msg))
     }
 
-    fn ok(dev: &mut VhostUserDevice, msg: FrontendMessage) -> Option<Vec<u8>> {
+    fn ok<M: DeviceModel>(dev: &mut VhostUserDevice<M>, msg: FrontendMessage) -> Option<Vec<u8>> {
         let r = send(dev, msg, 0);
         assert!(!r.close, "request refused");
         r.reply
     }
 
     const UADDR: u64 = 0x1000_0000;
-    const FEATURES: u64 = (1 << 32) | VHOST_USER_F_PROTOCOL_FEATURES;
+    const FEATURES: u64 = (1 << 32) | VHOST_USER_F_PROTOCOL_FEATURES.bits();
+    const LOG_ALL: u64 = VHOST_F_LOG_ALL.bits();
 
     fn addr(index: u32, flags: u32, log_guest_addr: u64) -> FrontendMessage {
         FrontendMessage::SetVringAddr {
@@ -817,11 +772,11 @@ mod tests {
 
     /// A device with LOG_SHMFD + REPLY_ACK negotiated, VERSION_1 acked, memory, and ring 0
     /// started (polling) with used-ring logging at guest address 0x2000.
-    fn started(mem: &str) -> VhostUserDevice {
-        let mut dev = VhostUserDevice::new(DeviceConfig::net_default());
-        assert_ne!(dev.config().offered_features() & VHOST_F_LOG_ALL, 0, "LOG_ALL offered");
-        assert_ne!(dev.config().protocol_features & pf::LOG_SHMFD, 0, "LOG_SHMFD offered");
-        ok(&mut dev, FrontendMessage::SetProtocolFeatures(pf::LOG_SHMFD | pf::REPLY_ACK));
+    fn started(mem: &str) -> VhostUserDevice<NetModel> {
+        let mut dev = VhostUserDevice::new(DeviceConfig::new(NetModel::default()));
+        assert!(dev.offered_features().contains(VHOST_F_LOG_ALL), "LOG_ALL offered");
+        assert!(dev.offered_protocol_features().contains(Pf::LOG_SHMFD), "LOG_SHMFD offered");
+        ok(&mut dev, FrontendMessage::SetProtocolFeatures((Pf::LOG_SHMFD | Pf::REPLY_ACK).bits()));
         ok(&mut dev, FrontendMessage::SetFeatures(FEATURES));
         let region =
             MemoryRegionDesc { guest_phys_addr: 0, memory_size: 0x10000, userspace_addr: UADDR, mmap_offset: 0 };
@@ -833,7 +788,7 @@ mod tests {
         dev
     }
 
-    fn ring_log(dev: &VhostUserDevice) -> (Option<Arc<DirtyLog>>, Option<u64>) {
+    fn ring_log(dev: &VhostUserDevice<NetModel>) -> (Option<Arc<DirtyLog>>, Option<u64>) {
         let s = dev.vring_shared()[0].lock().unwrap().log.clone();
         let a = dev.vring_shared()[0].lock().unwrap().log_guest_addr;
         (s, a)
@@ -858,14 +813,14 @@ mod tests {
         assert!(ring_log(&dev).0.is_none() && dev.dirty_log().is_none());
 
         // LOG_ALL switched on while the ring runs.
-        ok(&mut dev, FrontendMessage::SetFeatures(FEATURES | VHOST_F_LOG_ALL));
+        ok(&mut dev, FrontendMessage::SetFeatures(FEATURES | LOG_ALL));
         let log = ring_log(&dev).0.expect("log handed to the ring");
         assert!(Arc::ptr_eq(&log, dev.dirty_log().unwrap()));
         drop(log);
         // Any other change while started is still refused.
-        let r = send(&mut dev, FrontendMessage::SetFeatures(VHOST_USER_F_PROTOCOL_FEATURES | VHOST_F_LOG_ALL), 0);
+        let r = send(&mut dev, FrontendMessage::SetFeatures(VHOST_USER_F_PROTOCOL_FEATURES.bits() | LOG_ALL), 0);
         assert!(r.close);
-        let r = send(&mut dev, FrontendMessage::SetFeatures(FEATURES | VHOST_F_LOG_ALL | (1 << 15)), FLAG_NEED_REPLY);
+        let r = send(&mut dev, FrontendMessage::SetFeatures(FEATURES | LOG_ALL | (1 << 15)), FLAG_NEED_REPLY);
         assert_eq!(r.reply, Some(encode_ack(Request::SetFeatures, false)));
 
         // A new log replaces the old one in every ring; the old one is unmapped.
@@ -893,14 +848,14 @@ mod tests {
         ok(&mut dev, FrontendMessage::SetFeatures(FEATURES));
         assert!(ring_log(&dev).0.is_none());
         assert_eq!(maps_of(log_b), 1);
-        ok(&mut dev, FrontendMessage::SetFeatures(FEATURES | VHOST_F_LOG_ALL));
+        ok(&mut dev, FrontendMessage::SetFeatures(FEATURES | LOG_ALL));
         assert!(ring_log(&dev).0.is_some());
 
         // Status 0 clears the features (LOG_ALL with them) but keeps the log of the migration.
         ok(&mut dev, FrontendMessage::SetStatus(0));
         assert!(ring_log(&dev).0.is_none() && dev.dirty_log().is_none());
         assert_eq!(maps_of(log_b), 1);
-        ok(&mut dev, FrontendMessage::SetFeatures(FEATURES | VHOST_F_LOG_ALL));
+        ok(&mut dev, FrontendMessage::SetFeatures(FEATURES | LOG_ALL));
         assert!(ring_log(&dev).0.is_some());
 
         // RESET_DEVICE forgets it.
@@ -909,7 +864,7 @@ mod tests {
         assert!(l.is_none() && a.is_none());
         assert_eq!(maps_of(log_b), 0);
         // So does a disconnect.
-        ok(&mut dev, FrontendMessage::SetProtocolFeatures(pf::LOG_SHMFD));
+        ok(&mut dev, FrontendMessage::SetProtocolFeatures(Pf::LOG_SHMFD.bits()));
         ok(&mut dev, log_base(log_a));
         assert_eq!(maps_of(log_a), 1);
         dev.reset();
@@ -919,30 +874,30 @@ mod tests {
     #[test]
     fn log_all_without_a_log_runs_unlogged_and_set_log_base_needs_log_shmfd() {
         let mut dev = started("virtq-dev-nolog-mem");
-        ok(&mut dev, FrontendMessage::SetFeatures(FEATURES | VHOST_F_LOG_ALL));
+        ok(&mut dev, FrontendMessage::SetFeatures(FEATURES | LOG_ALL));
         assert!(ring_log(&dev).0.is_none() && dev.dirty_log().is_none());
         assert_eq!(ok(&mut dev, FrontendMessage::GetStatus), Some(encode_get_status_reply(0)));
         assert_eq!(
             ok(&mut dev, FrontendMessage::GetFeatures),
-            Some(encode_u64_reply(Request::GetFeatures, dev.config().offered_features()))
+            Some(encode_u64_reply(Request::GetFeatures, dev.offered_features().bits()))
         );
 
         // Without LOG_SHMFD: refused (acked where asked), the fd closed, nothing mapped.
         let name = "virtq-dev-nolog-log";
-        ok(&mut dev, FrontendMessage::SetProtocolFeatures(pf::REPLY_ACK));
+        ok(&mut dev, FrontendMessage::SetProtocolFeatures(Pf::REPLY_ACK.bits()));
         let r = send(&mut dev, log_base(name), FLAG_NEED_REPLY);
         assert_eq!(r.reply, Some(encode_ack(Request::SetLogBase, false)));
         assert_eq!(maps_of(name), 0);
         // With it, a refused log closes the connection (a mandatory reply carries no status).
-        ok(&mut dev, FrontendMessage::SetProtocolFeatures(pf::REPLY_ACK | pf::LOG_SHMFD));
+        ok(&mut dev, FrontendMessage::SetProtocolFeatures((Pf::REPLY_ACK | Pf::LOG_SHMFD).bits()));
         let small = FrontendMessage::SetLogBase { size: 0x2000, offset: 0, fd: memfd(name, 0x1000) };
-        assert_eq!(send(&mut dev, small, FLAG_NEED_REPLY), Response { reply: None, close: true });
+        assert_eq!(send(&mut dev, small, FLAG_NEED_REPLY), Response { close: true, ..Response::default() });
         assert_eq!(maps_of(name), 0);
     }
 
     #[test]
     fn set_log_fd_is_kept_until_replaced_or_reset() {
-        let mut dev = VhostUserDevice::new(DeviceConfig::net_default());
+        let mut dev = VhostUserDevice::new(DeviceConfig::new(NetModel::default()));
         let (a, b) = (memfd("virtq-dev-logfd", 0), memfd("virtq-dev-logfd", 0));
         let (ra, rb) = (a.as_raw_fd(), b.as_raw_fd());
         ok(&mut dev, FrontendMessage::SetLogFd(a));
@@ -953,5 +908,147 @@ mod tests {
         assert!(dev.log_fd().is_some(), "status 0 keeps it");
         ok(&mut dev, FrontendMessage::ResetDevice);
         assert!(dev.log_fd().is_none());
+    }
+
+    /// A device model with no net code, shaped like vhost-user-blk: one queue per vring, ready
+    /// with any one ring, a config space with a read-only `capacity` and a writable
+    /// `writeback`, `INFLIGHT_SHMFD` with `GET_INFLIGHT_FD` answered with an fd.
+    #[derive(Debug, Default)]
+    struct BlockLike {
+        writeback: u8,
+        inflight: Option<OwnedFd>,
+    }
+
+    /// `VIRTIO_BLK_F_FLUSH` (bit 9): the same bit as `VIRTIO_NET_F_GUEST_ECN`, which is why a
+    /// device type owns its feature bits.
+    const BLK_F_FLUSH: VirtioFeatures = VirtioFeatures::from_bits_retain(1 << 9);
+
+    impl DeviceModel for BlockLike {
+        type DataPath = Arc<Vec<Arc<Mutex<VringShared>>>>;
+        type Event = &'static str;
+
+        fn num_queues(&self) -> usize {
+            2
+        }
+        fn features(&self) -> VirtioFeatures {
+            VirtioFeatures::VERSION_1 | BLK_F_FLUSH
+        }
+        fn protocol_features(&self) -> Pf {
+            Pf::MQ | Pf::REPLY_ACK | Pf::CONFIG | Pf::INFLIGHT_SHMFD
+        }
+        fn read_config(&self, offset: u32, buf: &mut [u8], _: &DeviceView) -> Result<(), ConfigError> {
+            let mut space = [0u8; 9];
+            space[..8].copy_from_slice(&0x1000u64.to_le_bytes());
+            space[8] = self.writeback;
+            let range = crate::model::config_range(offset, buf.len(), space.len())?;
+            buf.copy_from_slice(&space[range]);
+            Ok(())
+        }
+        fn write_config(&mut self, offset: u32, data: &[u8], _: u32, _: &DeviceView) -> Result<(), ConfigError> {
+            match (offset, data) {
+                (8, &[w]) => {
+                    self.writeback = w;
+                    Ok(())
+                }
+                _ => Err(ConfigError::ReadOnly { offset, len: data.len() }),
+            }
+        }
+        fn is_ready(&self, rings: &[Vring]) -> bool {
+            rings.iter().any(|v| v.started() && v.enabled())
+        }
+        fn request(
+            &mut self,
+            msg: FrontendMessage,
+            _: &DeviceView,
+            events: &mut Vec<&'static str>,
+        ) -> Result<Option<Reply>, RequestError> {
+            match msg {
+                FrontendMessage::GetInflightFd(i) => {
+                    let inflight = crate::message::Inflight { mmap_size: 0x1000, mmap_offset: 0, ..i };
+                    let message = crate::message::encode_get_inflight_fd_reply(&inflight);
+                    Ok(Some(Reply { message, fds: vec![memfd("virtq-dev-blk-inflight", 0x1000)] }))
+                }
+                FrontendMessage::SetInflightFd { fd, .. } => {
+                    self.inflight = Some(fd);
+                    events.push("inflight");
+                    Ok(None)
+                }
+                other => Err(RequestError::NotSupported(other.request())),
+            }
+        }
+        fn reset(&mut self, kind: ResetKind) {
+            if kind == ResetKind::Full {
+                *self = BlockLike::default();
+            }
+        }
+        fn data_path(&self, _: &str, rings: Vec<Arc<Mutex<VringShared>>>) -> Self::DataPath {
+            Arc::new(rings)
+        }
+    }
+
+    #[test]
+    fn a_device_model_without_net_code_is_served() {
+        let mut dev = VhostUserDevice::new(DeviceConfig::new(BlockLike::default()));
+        let rings = dev.model().data_path("blk", dev.vring_shared());
+        assert_eq!(rings.len(), 2);
+        let features = (VirtioFeatures::VERSION_1 | BLK_F_FLUSH | VHOST_USER_F_PROTOCOL_FEATURES).bits();
+        assert_eq!(ok(&mut dev, FrontendMessage::GetFeatures), Some(encode_u64_reply(Request::GetFeatures, features)));
+        assert_eq!(ok(&mut dev, FrontendMessage::GetQueueNum), Some(encode_u64_reply(Request::GetQueueNum, 2)));
+        ok(&mut dev, FrontendMessage::SetProtocolFeatures((Pf::REPLY_ACK | Pf::INFLIGHT_SHMFD).bits()));
+
+        // The default negotiation: a subset of what was offered, no net rules.
+        let r = send(&mut dev, FrontendMessage::SetFeatures(features | (1 << 22)), FLAG_NEED_REPLY);
+        assert_eq!(r.reply, Some(encode_ack(Request::SetFeatures, false)));
+        ok(&mut dev, FrontendMessage::SetFeatures(features));
+        assert_eq!(dev.acked_features(), VirtioFeatures::from_bits_retain(features));
+
+        // The config space is the model's, writes included.
+        let reply = ok(&mut dev, FrontendMessage::GetConfig { offset: 0, size: 9, flags: 0 });
+        assert_eq!(reply, Some(encode_get_config_reply(0, 0, &[0, 0x10, 0, 0, 0, 0, 0, 0, 0])));
+        ok(&mut dev, FrontendMessage::SetConfig { offset: 8, size: 1, flags: 0, payload: vec![1] });
+        let reply = ok(&mut dev, FrontendMessage::GetConfig { offset: 8, size: 1, flags: 0 });
+        assert_eq!(reply, Some(encode_get_config_reply(8, 0, &[1])));
+        let r = send(
+            &mut dev,
+            FrontendMessage::SetConfig { offset: 0, size: 1, flags: 0, payload: vec![1] },
+            FLAG_NEED_REPLY,
+        );
+        assert_eq!(r.reply, Some(encode_ack(Request::SetConfig, false)), "capacity is read-only");
+        let r = send(&mut dev, FrontendMessage::GetConfig { offset: 8, size: 2, flags: 0 }, 0);
+        assert_eq!(r.reply, Some(encode_get_config_error()), "past the end");
+
+        // Device-type requests reach the model; a reply carries its fd.
+        let inflight = crate::message::Inflight { num_queues: 2, queue_size: 8, ..Default::default() };
+        let r = send(&mut dev, FrontendMessage::GetInflightFd(inflight), 0);
+        assert_eq!(r.fds.len(), 1);
+        assert!(!r.close && r.reply.is_some());
+        let fd = r.fds.into_iter().next().unwrap();
+        ok(&mut dev, FrontendMessage::SetInflightFd { inflight, fd });
+        assert!(dev.model().inflight.is_some());
+        assert_eq!(
+            dev.take_events(),
+            [DeviceEvent::FeaturesChanged(VirtioFeatures::from_bits_retain(features)), DeviceEvent::Model("inflight")]
+        );
+        // Net requests are not this model's.
+        let r = send(&mut dev, FrontendMessage::NetSetMtu(1500), FLAG_NEED_REPLY);
+        assert_eq!(r.reply, Some(encode_ack(Request::NetSetMtu, false)));
+
+        // Its ready rule: any one ring, here ring 1 alone.
+        let region =
+            MemoryRegionDesc { guest_phys_addr: 0, memory_size: 0x10000, userspace_addr: UADDR, mmap_offset: 0 };
+        ok(
+            &mut dev,
+            FrontendMessage::SetMemTable { regions: vec![region], fds: vec![memfd("virtq-dev-blk-mem", 0x10000)] },
+        );
+        ok(&mut dev, FrontendMessage::SetVringNum { index: 1, num: 8 });
+        ok(&mut dev, addr(1, 0, 0));
+        ok(&mut dev, FrontendMessage::SetVringEnable { index: 1, enable: true });
+        ok(&mut dev, FrontendMessage::SetVringKick { index: 1, fd: None });
+        assert!(dev.is_ready());
+        assert!(dev.take_events().contains(&DeviceEvent::Ready));
+
+        // A full reset resets the model too.
+        ok(&mut dev, FrontendMessage::ResetDevice);
+        assert!(!dev.is_ready() && dev.model().inflight.is_none() && dev.model().writeback == 0);
     }
 }

@@ -20,6 +20,9 @@ use zerocopy_shim::read_header;
 use crate::limited;
 use crate::vring::{signal, RingFault, VringShared};
 
+mod model;
+pub use model::{NetConfig, NetEvent, NetModel};
+
 /// Largest frame a GSO packet can make: 65535 bytes of IP payload behind an IPv6 header (40),
 /// an Ethernet header and one VLAN tag (18). A guest that negotiated HOST_TSO4/6 may send
 /// frames this large, and a TAP with TSO enabled may hand them over.

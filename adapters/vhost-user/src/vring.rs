@@ -65,7 +65,7 @@ pub enum VringError {
     Started,
     /// The ring cannot start: its size, addresses or the memory table are missing, or the
     /// addresses do not validate (unaligned, outside memory, overlapping — family 17).
-    CannotStart(String),
+    CannotStart(StartError),
     /// The ring cannot start on a memory table that lost its pages: the front-end must send a
     /// new one (or reset the device) first.
     MemoryFaulted(MemoryFault),
@@ -90,6 +90,30 @@ impl std::fmt::Display for VringError {
 }
 
 impl std::error::Error for VringError {}
+
+/// Why `SET_VRING_KICK` could not start a ring ([`VringError::CannotStart`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartError {
+    /// No `SET_VRING_NUM` yet.
+    NoSize,
+    /// No `SET_VRING_ADDR` yet.
+    NoAddresses,
+    /// No memory table yet.
+    NoMemory,
+    /// The core refused the ring against the memory table (§2.7 layout, family 17).
+    Invalid(QueueError),
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartError::NoSize => f.write_str("no SET_VRING_NUM"),
+            StartError::NoAddresses => f.write_str("no SET_VRING_ADDR"),
+            StartError::NoMemory => f.write_str("no memory table"),
+            StartError::Invalid(e) => write!(f, "{e}"),
+        }
+    }
+}
 
 /// Ring addresses from `SET_VRING_ADDR` (front-end virtual addresses).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -505,15 +529,15 @@ impl Vring {
                 return Ok(());
             }
         }
-        let num = self.num.ok_or_else(|| VringError::CannotStart("no SET_VRING_NUM".into()))?;
-        let addrs = self.addrs.ok_or_else(|| VringError::CannotStart("no SET_VRING_ADDR".into()))?;
-        let mem = mem.ok_or_else(|| VringError::CannotStart("no memory table".into()))?;
+        let num = self.num.ok_or(VringError::CannotStart(StartError::NoSize))?;
+        let addrs = self.addrs.ok_or(VringError::CannotStart(StartError::NoAddresses))?;
+        let mem = mem.ok_or(VringError::CannotStart(StartError::NoMemory))?;
         if let Some(m) = mem.faulted() {
             return Err(VringError::MemoryFaulted(m));
         }
         let config = QueueConfig { size: num, desc_table: addrs.desc, avail_ring: addrs.avail, used_ring: addrs.used };
         let next_used = SplitQueue::with_ring_memory(&**mem, mem.frontend(), config, features)
-            .map_err(|e| VringError::CannotStart(e.to_string()))?
+            .map_err(|e| VringError::CannotStart(StartError::Invalid(e)))?
             .next_used();
         let mut s = self.lock();
         s.kick = kick;
@@ -582,7 +606,7 @@ mod tests {
     #[test]
     fn kick_without_configuration_records_the_source_but_does_not_start() {
         let mut v = Vring::default();
-        assert!(matches!(v.set_kick(None, None, VirtioFeatures::empty()), Err(VringError::CannotStart(_))));
+        assert_eq!(v.set_kick(None, None, VirtioFeatures::empty()), Err(VringError::CannotStart(StartError::NoSize)));
         assert!(!v.started());
         assert!(matches!(v.kick, Kick::Polling));
     }

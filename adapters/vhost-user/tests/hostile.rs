@@ -27,7 +27,7 @@ use frontend::*;
 use virtq::testing::Buf;
 use virtq_vhost_user::backend::{Backend, BackendHandle, SocketSpec};
 use virtq_vhost_user::device::DeviceConfig;
-use virtq_vhost_user::net::{NetDevice, TxFrame, MAX_TX_FRAME};
+use virtq_vhost_user::net::{NetDevice, NetModel, TxFrame, MAX_TX_FRAME};
 use virtq_vhost_user::vring::RingFault;
 
 // Request codes and feature bits the front-end helper does not define (vhost-user.rst).
@@ -99,8 +99,14 @@ impl Harness {
         let (ready, destroyed) = (Arc::clone(&counting.ready), Arc::clone(&counting.destroyed));
         let mut b = Backend::new().unwrap();
         let server = |p: &PathBuf| SocketSpec::Server { path: p.clone(), mode: None };
-        let hostile = b.add_device("hostile", DeviceConfig::net_default(), server(&path), Box::new(counting)).unwrap();
-        let good = b.add_device("good", DeviceConfig::net_default(), server(&good_path), Box::new(Counting::default()));
+        let hostile =
+            b.add_device("hostile", DeviceConfig::new(NetModel::default()), server(&path), Box::new(counting)).unwrap();
+        let good = b.add_device(
+            "good",
+            DeviceConfig::new(NetModel::default()),
+            server(&good_path),
+            Box::new(Counting::default()),
+        );
         let good = good.unwrap();
         let handle = b.handle();
         let thread = thread::spawn(move || b.run().unwrap());
@@ -1808,7 +1814,7 @@ fn sealed_memory_can_be_required() {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("sealed.sock");
     let mut b = Backend::new().unwrap();
-    let config = DeviceConfig { require_sealed_memory: true, ..DeviceConfig::net_default() };
+    let config = DeviceConfig { require_sealed_memory: true, ..DeviceConfig::new(NetModel::default()) };
     let net = b.add_device(
         "sealed",
         config,

@@ -17,7 +17,7 @@ use virtq::VirtioFeatures;
 use virtq_vhost_user::backend::{Backend, BackendHandle, DeviceHandler, NoHandler, SocketSpec};
 use virtq_vhost_user::connection::Reconnect;
 use virtq_vhost_user::device::DeviceConfig;
-use virtq_vhost_user::net::{parse_header, NetDevice, TxFrame, MAX_TX_FRAME};
+use virtq_vhost_user::net::{parse_header, NetDevice, NetEvent, NetModel, TxFrame, MAX_TX_FRAME};
 
 fn sock_path(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("virtq-vu-{}", std::process::id()));
@@ -39,7 +39,10 @@ impl Drop for Running {
     }
 }
 
-fn start(devices: Vec<(&str, DeviceConfig, SocketSpec, Box<dyn DeviceHandler>)>) -> (Running, Vec<NetDevice>) {
+/// One virtio-net device to serve: name, configuration, socket, callbacks.
+type NetSpec<'a> = (&'a str, DeviceConfig<NetModel>, SocketSpec, Box<dyn DeviceHandler<NetModel>>);
+
+fn start(devices: Vec<NetSpec<'_>>) -> (Running, Vec<NetDevice>) {
     let mut b = Backend::new().unwrap();
     let nets = devices.into_iter().map(|(n, c, s, h)| b.add_device(n, c, s, h).unwrap()).collect();
     let handle = b.handle();
@@ -120,7 +123,8 @@ fn guest_rx(g: &mut Guest<'_>, fe: &Frontend, net: &NetDevice, pair: u16, count:
 fn qemu_message_order_frames_both_ways_with_and_without_mrg_rxbuf() {
     for (name, features, mrg) in [("qemu-mrg", NET_FEATURES, true), ("qemu-nomrg", NO_MRG, false)] {
         let path = sock_path(name);
-        let (_run, nets) = start(vec![(name, DeviceConfig::net_default(), server(&path), Box::new(NoHandler))]);
+        let (_run, nets) =
+            start(vec![(name, DeviceConfig::new(NetModel::default()), server(&path), Box::new(NoHandler))]);
         let fe = Frontend::connect(&path, 2, 256);
         let mut g = Guest::new(&fe);
         let acked = fe.qemu_start(features);
@@ -140,7 +144,8 @@ fn qemu_message_order_frames_both_ways_with_and_without_mrg_rxbuf() {
 #[test]
 fn dpdk_message_order_works_and_ring_restarts_from_base() {
     let path = sock_path("dpdk");
-    let (_run, nets) = start(vec![("dpdk", DeviceConfig::net_default(), server(&path), Box::new(NoHandler))]);
+    let (_run, nets) =
+        start(vec![("dpdk", DeviceConfig::new(NetModel::default()), server(&path), Box::new(NoHandler))]);
     let fe = Frontend::connect(&path, 2, 256);
     let mut g = Guest::new(&fe);
     fe.dpdk_start(NET_FEATURES);
@@ -160,8 +165,8 @@ fn dpdk_message_order_works_and_ring_restarts_from_base() {
 #[test]
 fn two_queue_pairs_carry_traffic_independently() {
     let path = sock_path("mq");
-    let mut cfg = DeviceConfig::net_default();
-    cfg.queue_pairs = 2;
+    let mut cfg = DeviceConfig::new(NetModel::default());
+    cfg.model.queue_pairs = 2;
     let (_run, nets) = start(vec![("mq", cfg, server(&path), Box::new(NoHandler))]);
     let fe = Frontend::connect(&path, 4, 128);
     let mut g = Guest::new(&fe);
@@ -180,7 +185,7 @@ fn server_device_serves_a_new_front_end_after_a_disconnect() {
     let path = sock_path("reconnect-server");
     let h = Counting::default();
     let (ready, destroyed) = (h.ready.clone(), h.destroyed.clone());
-    let (_run, nets) = start(vec![("s", DeviceConfig::net_default(), server(&path), Box::new(h))]);
+    let (_run, nets) = start(vec![("s", DeviceConfig::new(NetModel::default()), server(&path), Box::new(h))]);
     let net = &nets[0];
     for round in 1..=3 {
         let fe = Frontend::connect(&path, 2, 64);
@@ -202,7 +207,7 @@ fn client_device_reconnects_to_a_front_end_that_restarts() {
     let listener = UnixListener::bind(&path).unwrap();
     let reconnect = Reconnect { enabled: true, initial: Duration::from_millis(20), max: Duration::from_millis(200) };
     let spec = SocketSpec::Client { path: path.clone(), reconnect };
-    let (_run, nets) = start(vec![("c", DeviceConfig::net_default(), spec, Box::new(NoHandler))]);
+    let (_run, nets) = start(vec![("c", DeviceConfig::new(NetModel::default()), spec, Box::new(NoHandler))]);
     let net = &nets[0];
     for _ in 0..2 {
         let (sock, _) = listener.accept().unwrap();
@@ -231,8 +236,8 @@ fn client_device_reconnects_to_a_front_end_that_restarts() {
 #[test]
 fn features_offered_follow_the_configuration() {
     let path = sock_path("features");
-    let mut cfg = DeviceConfig::net_default();
-    cfg.features = VirtioFeatures::VERSION_1 | VirtioFeatures::RING_EVENT_IDX;
+    let mut cfg = DeviceConfig::new(NetModel::default());
+    cfg.model.features = VirtioFeatures::VERSION_1 | VirtioFeatures::RING_EVENT_IDX;
     let (_run, _nets) = start(vec![("f", cfg, server(&path), Box::new(NoHandler))]);
     let fe = Frontend::connect(&path, 2, 64);
     let f = fe.get_u64(GET_FEATURES);
@@ -245,7 +250,7 @@ fn features_offered_follow_the_configuration() {
 #[test]
 fn event_driven_data_path_sleeps_until_the_guest_kicks() {
     let path = sock_path("event-driven");
-    let (_run, nets) = start(vec![("e", DeviceConfig::net_default(), server(&path), Box::new(NoHandler))]);
+    let (_run, nets) = start(vec![("e", DeviceConfig::new(NetModel::default()), server(&path), Box::new(NoHandler))]);
     let fe = Frontend::connect(&path, 2, 64);
     let mut g = Guest::new(&fe);
     fe.qemu_start(NET_FEATURES);
@@ -298,8 +303,8 @@ fn enqueue_with_headers_passes_offloads_through_and_refuses_unnegotiated_ones() 
     const GUEST_CSUM: u64 = 1 << 1;
     for (name, guest_csum) in [("hdr-guest-csum", true), ("hdr-no-guest-csum", false)] {
         let path = sock_path(name);
-        let mut cfg = DeviceConfig::net_default();
-        cfg.features |= VirtioFeatures::NET_CSUM
+        let mut cfg = DeviceConfig::new(NetModel::default());
+        cfg.model.features |= VirtioFeatures::NET_CSUM
             | VirtioFeatures::NET_GUEST_CSUM
             | VirtioFeatures::NET_GUEST_TSO4
             | VirtioFeatures::NET_HOST_TSO4;
@@ -364,10 +369,12 @@ struct PairLog {
     destroyed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
-impl DeviceHandler for PairLog {
-    fn rx_pairs_changed(&mut self, dev: &NetDevice, pairs: u64) {
-        assert_eq!(dev.rx_pairs(), pairs, "the data path sees the set before the callback");
-        self.changes.lock().unwrap().push(pairs);
+impl DeviceHandler<NetModel> for PairLog {
+    fn event(&mut self, dev: &NetDevice, event: NetEvent) {
+        if let NetEvent::RxPairsChanged(pairs) = event {
+            assert_eq!(dev.rx_pairs(), pairs, "the data path sees the set before the callback");
+            self.changes.lock().unwrap().push(pairs);
+        }
     }
     fn device_ready(&mut self, _: &NetDevice) {
         self.ready.fetch_add(1, Ordering::SeqCst);
@@ -385,8 +392,8 @@ impl DeviceHandler for PairLog {
 #[test]
 fn receive_pairs_follow_enable_start_stop_and_reset() {
     let path = sock_path("rx-pairs");
-    let mut cfg = DeviceConfig::net_default();
-    cfg.queue_pairs = 2;
+    let mut cfg = DeviceConfig::new(NetModel::default());
+    cfg.model.queue_pairs = 2;
     let h = PairLog::default();
     let (_run, nets) = start(vec![("rx-pairs", cfg, server(&path), Box::new(h.clone()))]);
     let net = &nets[0];

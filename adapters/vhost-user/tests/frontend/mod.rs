@@ -634,7 +634,7 @@ pub struct Counting {
     pub destroyed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
-impl virtq_vhost_user::backend::DeviceHandler for Counting {
+impl virtq_vhost_user::backend::DeviceHandler<virtq_vhost_user::net::NetModel> for Counting {
     fn device_ready(&mut self, _: &virtq_vhost_user::net::NetDevice) {
         self.ready.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
