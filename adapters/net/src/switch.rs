@@ -21,18 +21,33 @@ pub enum Forward {
 }
 
 /// The MAC table.
+///
+/// The table is a `HashMap` with std's keyed SipHash: source addresses are chosen by guests,
+/// and a predictable hash would let one guest make every lookup slow. A lookup then costs
+/// about 100 instructions, which was a third of a 64-byte frame's cost between two guests
+/// (`benches/switchbench.sh`); the frames of a burst mostly share their source and
+/// destination, so the switch remembers the last source it learned and the last destination
+/// it looked up, valid for one `now` (the burst's) and until the table changes.
 #[derive(Debug)]
 pub struct Switch {
     table: HashMap<[u8; 6], (PortId, Instant)>,
     aging: Duration,
     capacity: usize,
+    /// The last source learned: `(mac, port, now)`; learning it again at the same `now` would
+    /// change nothing. Addresses as [`mac_key`]s: one compare.
+    last_learned: Option<(u64, PortId, Instant)>,
+    /// The last destination looked up: `(mac, where it is, now, generation)`.
+    last_lookup: Option<(u64, Option<PortId>, Instant, u64)>,
+    /// Bumped whenever an address is added, moves or is removed: a remembered lookup is valid
+    /// only in the generation it was made in.
+    generation: u64,
 }
 
 impl Switch {
     /// A switch whose entries expire after `aging` and whose table holds at most `capacity`
     /// addresses (a guest spraying random source MACs cannot grow it without bound).
     pub fn new(aging: Duration, capacity: usize) -> Switch {
-        Switch { table: HashMap::new(), aging, capacity }
+        Switch { table: HashMap::new(), aging, capacity, last_learned: None, last_lookup: None, generation: 0 }
     }
 
     /// Learns the frame's source and decides where it goes.
@@ -42,21 +57,29 @@ impl Switch {
         }
         let dst: [u8; 6] = frame[0..6].try_into().expect("6 bytes");
         let src: [u8; 6] = frame[6..12].try_into().expect("6 bytes");
-        if src[0] & 1 == 0 {
+        let (dst_key, src_key) = (mac_key(dst), mac_key(src));
+        if src[0] & 1 == 0 && self.last_learned != Some((src_key, ingress, now)) {
             self.learn(src, ingress, now);
+            self.last_learned = Some((src_key, ingress, now));
         }
         if dst[0] & 1 != 0 {
             return Forward::Flood; // broadcast or multicast
         }
-        match self.table.get(&dst) {
-            Some(&(port, seen)) if now.duration_since(seen) < self.aging => {
-                if port == ingress {
-                    Forward::Drop
-                } else {
-                    Forward::Port(port)
-                }
+        let at = match self.last_lookup {
+            Some((mac, at, t, g)) if mac == dst_key && t == now && g == self.generation => at,
+            _ => {
+                let at = match self.table.get(&dst) {
+                    Some(&(port, seen)) if now.duration_since(seen) < self.aging => Some(port),
+                    _ => None,
+                };
+                self.last_lookup = Some((dst_key, at, now, self.generation));
+                at
             }
-            _ => Forward::Flood,
+        };
+        match at {
+            Some(port) if port == ingress => Forward::Drop,
+            Some(port) => Forward::Port(port),
+            None => Forward::Flood,
         }
     }
 
@@ -70,20 +93,40 @@ impl Switch {
                 }
             }
         }
-        self.table.insert(mac, (port, now));
+        // New, moved, or back after aging out: what a lookup finds changes.
+        let aging = self.aging;
+        if self
+            .table
+            .insert(mac, (port, now))
+            .is_none_or(|(was, seen)| was != port || now.duration_since(seen) >= aging)
+        {
+            self.generation += 1;
+        }
     }
 
     /// Drops entries older than the aging time.
     pub fn expire(&mut self, now: Instant) {
         let aging = self.aging;
+        let before = self.table.len();
         self.table.retain(|_, (_, seen)| now.duration_since(*seen) < aging);
+        if self.table.len() != before {
+            self.generation += 1;
+        }
     }
 
     /// Number of learned addresses.
     #[cfg(test)]
-    pub fn len(&self) -> usize {
+    fn len(&self) -> usize {
         self.table.len()
     }
+}
+
+/// A MAC address as one integer, for cheap compares.
+#[inline]
+fn mac_key(mac: [u8; 6]) -> u64 {
+    let mut b = [0u8; 8];
+    b[..6].copy_from_slice(&mac);
+    u64::from_le_bytes(b)
 }
 
 #[cfg(test)]
@@ -113,6 +156,27 @@ mod tests {
         assert_eq!(s.forward(0, &frame(A, B), t), Forward::Drop, "destination behind the ingress");
         assert_eq!(s.forward(0, &[0u8; 13], t), Forward::Drop, "runt");
         assert_eq!(s.forward(0, &frame([1, 0, 0x5e, 0, 0, 1], A), t), Forward::Flood, "multicast");
+    }
+
+    /// Within one burst (one `now`) the remembered source and lookup never hide a change:
+    /// an address learned, moved, or back after aging out is seen by the next frame.
+    #[test]
+    fn what_the_switch_remembers_within_a_burst_follows_the_table() {
+        let mut s = Switch::new(Duration::from_secs(10), 16);
+        let t = Instant::now();
+        assert_eq!(s.forward(1, &frame(A, B), t), Forward::Flood, "A unknown");
+        assert_eq!(s.forward(1, &frame(A, B), t), Forward::Flood, "still unknown");
+        assert_eq!(s.forward(0, &frame(B, A), t), Forward::Port(1), "A learned, B known");
+        assert_eq!(s.forward(1, &frame(A, B), t), Forward::Port(0), "the next frame to A is unicast");
+        assert_eq!(s.forward(2, &frame(BCAST, A), t), Forward::Flood, "A moves to port 2");
+        assert_eq!(s.forward(1, &frame(A, B), t), Forward::Port(2), "and is found there");
+        // A ages out; B's frame floods; A comes back on port 2 in the same burst.
+        let later = t + Duration::from_secs(11);
+        assert_eq!(s.forward(1, &frame(A, B), later), Forward::Flood, "aged out");
+        assert_eq!(s.forward(2, &frame(BCAST, A), later), Forward::Flood);
+        assert_eq!(s.forward(1, &frame(A, B), later), Forward::Port(2), "back after aging out");
+        s.expire(later + Duration::from_secs(11));
+        assert_eq!(s.forward(1, &frame(A, B), later), Forward::Flood, "expired");
     }
 
     #[test]
