@@ -123,7 +123,8 @@ impl Dataplane {
             .collect();
         Dataplane {
             ports,
-            switch: Switch::new(Duration::from_secs(300), 4096),
+            // 4096 addresses, at most 1024 behind one port (Linux bridge's `max_learned`, per port).
+            switch: Switch::new(Duration::from_secs(300), 4096, 1024),
             frames: (0..BURST).map(|_| TxFrame::with_capacity(MAX_TX_FRAME)).collect(),
             tap_bufs: (0..BURST).map(|_| vec![0u8; TAP_BUF_LEN]).collect(),
             dest: vec![Vec::with_capacity(BURST); n],
