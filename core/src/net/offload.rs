@@ -333,9 +333,10 @@ impl OffloadFrame {
     pub fn segments(&self) -> u32 {
         match self.layout {
             Some(l) => {
-                let payload = self.frame_len - l.headers_len as u32;
+                // Neither can underflow or be 0 for what check_frame returned; the fields are
+                // public, so a hand-made value must not panic either.
+                let payload = self.frame_len.saturating_sub(l.headers_len as u32);
                 let mss = self.header.gso_size.get() as u32;
-                // `mss` is not 0 for a validated GSO frame; `max(1)` keeps this total anyway.
                 payload.div_ceil(mss.max(1)).max(1)
             }
             None => 1,
