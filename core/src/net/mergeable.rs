@@ -11,7 +11,8 @@
 //!   ring runs short the reserved heads are given back ([`crate::avail::AvailRing::rewind`]) and
 //!   [`RxError::NoBuffers`] is returned, so the caller can wait for a kick or drop the frame.
 //! - Without `VIRTIO_NET_F_GUEST_CSUM` the header's `flags` must be 0, and only negotiated GSO
-//!   types may be set ([`RxError::OffloadNotNegotiated`]).
+//!   types may be set ([`RxError::OffloadNotNegotiated`]); the rules are
+//!   [`offload::rx_delivery`]'s.
 //!
 //! A malformed receive chain (one the chain walk rejects, one with device-readable buffers, or a
 //! first buffer shorter than the header, families 6 and 11) is completed with len 0 and skipped.
@@ -25,6 +26,7 @@ use zerocopy::little_endian::U16;
 use zerocopy::IntoBytes;
 
 use super::header::*;
+use super::offload::{self, Delivery};
 use crate::chain::{Chain, DEFAULT_SEGMENTS};
 use crate::dirty::{NoLog, WriteLog};
 use crate::features::VirtioFeatures;
@@ -124,36 +126,19 @@ fn check_offloads(h: &mut VirtioNetHdr, features: VirtioFeatures) -> Result<(), 
     check_offload_fields(h, features)
 }
 
-/// The rest of [`check_offloads`], for a header that sets flags or a GSO type.
-///
-/// Without `GUEST_CSUM` "the device MUST set flags to zero" (§5.1.6.4.1): `DATA_VALID`, a
-/// hint that the checksum was already verified, is cleared and the frame delivered;
-/// `NEEDS_CSUM` describes a checksum still to be completed, so that frame is refused.
+/// The rest of [`check_offloads`], for a header that sets flags or a GSO type: the rules of
+/// §5.1.6.4.1 as [`offload::rx_delivery`] states them. A frame that would need its checksum
+/// completed or to be segmented cannot be placed as it is: that is the caller's software
+/// fallback ([`offload`]), not this function's. `DATA_VALID` without `GUEST_CSUM` (a hint) is
+/// cleared and the frame delivered.
 #[inline(never)]
 fn check_offload_fields(h: &mut VirtioNetHdr, features: VirtioFeatures) -> Result<(), RxError> {
-    if !features.contains(VirtioFeatures::NET_GUEST_CSUM) {
-        if h.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 {
-            return Err(RxError::OffloadNotNegotiated);
+    match offload::rx_delivery(h, features) {
+        Delivery::Pass(out) => {
+            *h = out;
+            Ok(())
         }
-        // DATA_VALID and any bit this core does not know.
-        h.flags = 0;
-    }
-    if h.flags & VIRTIO_NET_HDR_F_RSC_INFO != 0 {
-        return Err(RxError::OffloadNotNegotiated);
-    }
-    let needed = match h.gso_type & !VIRTIO_NET_HDR_GSO_ECN {
-        VIRTIO_NET_HDR_GSO_NONE => return Ok(()),
-        VIRTIO_NET_HDR_GSO_TCPV4 => VirtioFeatures::NET_GUEST_TSO4,
-        VIRTIO_NET_HDR_GSO_TCPV6 => VirtioFeatures::NET_GUEST_TSO6,
-        VIRTIO_NET_HDR_GSO_UDP => VirtioFeatures::NET_GUEST_UFO,
-        VIRTIO_NET_HDR_GSO_UDP_L4 => VirtioFeatures::NET_GUEST_USO4 | VirtioFeatures::NET_GUEST_USO6,
-        _ => return Err(RxError::OffloadNotNegotiated),
-    };
-    let ecn_ok = h.gso_type & VIRTIO_NET_HDR_GSO_ECN == 0 || features.contains(VirtioFeatures::NET_GUEST_ECN);
-    if features.intersects(needed) && ecn_ok {
-        Ok(())
-    } else {
-        Err(RxError::OffloadNotNegotiated)
+        Delivery::CompleteCsum(_) | Delivery::Segment(_) | Delivery::Drop => Err(RxError::OffloadNotNegotiated),
     }
 }
 
