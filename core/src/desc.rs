@@ -85,6 +85,10 @@ impl Descriptor {
 
 /// Copies descriptor `index` out of the table at `table`.
 ///
+/// The packed ring's descriptors (§2.8.13: `le64 addr; le32 len; le16 id; le16 flags`) are
+/// read here too: the layouts share `addr` and `len`, and the packed `id` and `flags` land in
+/// the split layout's `flags` and `next` fields of the result (see [`packed_fields`]).
+///
 /// Two relaxed 64-bit atomic loads when the host address is 8-aligned (always, for tables in
 /// page-aligned mappings at the 16-aligned guest addresses the spec requires), four 32-bit
 /// loads on targets without 64-bit atomics, byte-wise atomic loads for an unaligned address
@@ -133,6 +137,12 @@ pub(crate) unsafe fn read_descriptor(table: *mut u8, index: u16, aligned8: bool)
     let lo = u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
     let hi = u64::from_le_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]);
     Descriptor::from_words(lo, hi)
+}
+
+/// A packed-ring descriptor (§2.8.13) read with [`read_descriptor`]: `(addr, len, id, flags)`.
+#[inline(always)]
+pub(crate) fn packed_fields(d: Descriptor) -> (u64, u32, u16, u16) {
+    (d.addr, d.len, d.flags.bits(), d.next)
 }
 
 #[cfg(test)]

@@ -144,10 +144,18 @@ impl fmt::Display for QueueError {
 pub enum PopError {
     /// `avail.idx` is invalid; nothing was consumed.
     AvailIndex(AvailIndexError),
-    /// The ring slot held a head index ≥ queue size; the slot was consumed.
+    /// The ring slot held a head index ≥ queue size (packed ring: the chain's buffer id
+    /// ≥ queue size); the slot (the chain's descriptors) was consumed.
     HeadOutOfRange {
         /// The head index read from the ring.
         head: u16,
+    },
+    /// Packed ring (§2.8): the chain's buffer id is already in flight (the driver made a
+    /// buffer available twice); its descriptors were consumed, nothing was completed
+    /// ([`crate::packed`]'s error policy).
+    IdInUse {
+        /// The buffer id.
+        id: u16,
     },
     /// The chain at `head` is malformed; it was completed with used `len` 0.
     Chain {
@@ -171,6 +179,7 @@ impl fmt::Display for PopError {
                 write!(f, "avail.idx {} is more than the queue size ahead of {}", e.avail_idx, e.next_avail)
             }
             PopError::HeadOutOfRange { head } => write!(f, "head index {head} out of range"),
+            PopError::IdInUse { id } => write!(f, "buffer id {id} is already in flight"),
             PopError::Chain { head, error } => write!(f, "chain at head {head}: {error}"),
         }
     }

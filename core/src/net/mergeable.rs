@@ -389,7 +389,7 @@ fn receive_with<'m, M: GuestMemory + ?Sized, L: WriteLog, const N: usize>(
                 out.bad_chains += 1;
                 out.completed_empty += 1;
             }
-            Err(PopError::HeadOutOfRange { .. }) => out.bad_chains += 1,
+            Err(PopError::HeadOutOfRange { .. } | PopError::IdInUse { .. }) => out.bad_chains += 1,
             Err(e @ PopError::AvailIndex(_)) => return Err(RxError::Ring(e)),
         }
     }
@@ -441,7 +441,7 @@ fn receive_spread<'m, M: GuestMemory + ?Sized, L: WriteLog, const N: usize>(
                 return Err(RxError::NoBuffers);
             }
             Err(PopError::Chain { head, .. }) => Some(head),
-            Err(PopError::HeadOutOfRange { .. }) => {
+            Err(PopError::HeadOutOfRange { .. } | PopError::IdInUse { .. }) => {
                 // Nothing to complete; the slot is consumed. Buffers reserved before it can no
                 // longer be given back in order, so return them empty.
                 out.bad_chains += 1;
