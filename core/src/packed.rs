@@ -42,7 +42,7 @@ use crate::chain::{
     fail, indirect_table, walk_source, walk_source_into, Chain, ChainError, ChainLimits, DescSource, DescTable, Failed,
     WalkDesc, WalkSummary,
 };
-use crate::desc::{packed_fields, read_descriptor, DescFlags, DESC_SIZE};
+use crate::desc::{read_packed, DescFlags, DESC_SIZE};
 use crate::dirty::{NoLog, WriteLog};
 use crate::event::vring_need_event;
 use crate::features::VirtioFeatures;
@@ -209,9 +209,8 @@ impl DescSource for PackedCursor {
                 // `index < entries` (checked by `advance`); the table was translated whole.
                 // SAFETY: entry `index` lies inside the `16 * entries` bytes of the table.
                 let p = unsafe { self.table.ptr.as_ptr().add(self.index as usize * DESC_SIZE) };
-                // SAFETY: 16 valid bytes at `p`; the flag states `p`'s own alignment.
-                let (addr, len, _, flags) =
-                    packed_fields(unsafe { read_descriptor(p, 0, (p as usize).is_multiple_of(8)) });
+                // SAFETY: 16 valid bytes at `p`, inside the table.
+                let (addr, len, _, flags) = unsafe { read_packed(p) };
                 // §2.8.7: "The driver MUST NOT set any flags except DESC_F_WRITE within an
                 // indirect descriptor". A nested table is refused as in the split ring; NEXT
                 // and the id are ignored (the table's entries are consecutive).
@@ -220,11 +219,10 @@ impl DescSource for PackedCursor {
                 }
                 return Ok(WalkDesc { addr, len, flags: flags & DescFlags::WRITE.bits(), next: 0 });
             }
-            let ring = self.ring.as_ptr();
-            // SAFETY: `slot < size` and the ring is valid for `16 * size` bytes; the flag states
-            // the ring's own 8-byte alignment. Ordered after the acquire loads of `extent`.
-            let d = unsafe { read_descriptor(ring, self.slot, (ring as usize).is_multiple_of(8)) };
-            let (addr, len, _, flags) = packed_fields(d);
+            // SAFETY: `slot < size` and the ring is valid for `16 * size` bytes. Ordered after
+            // the acquire loads of `extent`. The flags are read again here: the extent fixed
+            // the chain's length from NEXT; WRITE and INDIRECT are judged on this copy.
+            let (addr, len, _, flags) = unsafe { read_packed(self.ring.as_ptr().add(self.slot as usize * DESC_SIZE)) };
             let first = core::mem::replace(&mut self.first, false);
             if flags & DescFlags::INDIRECT.bits() != 0 {
                 if !first {
