@@ -48,7 +48,7 @@ use crate::event::vring_need_event;
 use crate::features::VirtioFeatures;
 use crate::log::log_warn;
 use crate::mem::{copy_bytes, load_u16, store_u16, store_u32, GuestMemory};
-use crate::queue::{CopiedChain, PopError, QueueConfig, QueueError, RingPart, MAX_QUEUE_SIZE};
+use crate::queue::{CopiedChain, FirstWritable, PopError, QueueConfig, QueueError, RingPart, MAX_QUEUE_SIZE};
 
 /// `VIRTQ_DESC_F_AVAIL` (§2.8.1): equal to the driver's wrap counter when the driver makes a
 /// descriptor available.
@@ -103,6 +103,16 @@ pub struct RingPosition {
 impl RingPosition {
     /// The start of a fresh ring: slot 0, wrap counter 1 (§2.8.1).
     pub const START: RingPosition = RingPosition { index: 0, wrap: true };
+
+    /// The position `n ≤ size` slots back.
+    #[inline(always)]
+    fn back(self, n: u16, size: u16) -> RingPosition {
+        if n > self.index {
+            RingPosition { index: (self.index as u32 + size as u32 - n as u32) as u16, wrap: !self.wrap }
+        } else {
+            RingPosition { index: self.index - n, wrap: self.wrap }
+        }
+    }
 
     /// The position `n ≤ size` slots further on.
     #[inline(always)]
@@ -260,15 +270,31 @@ impl DescSource for PackedCursor {
     }
 }
 
-/// A buffer taken and not yet completed: how many ring descriptors it occupied and where the
-/// ring position was after it.
-#[derive(Clone, Copy, Debug, Default)]
+/// A buffer taken and not yet completed: how many ring descriptors it occupied, where the
+/// ring position was after it, and which buffer was taken before it (the chain of takes that
+/// `rewind` walks back).
+#[derive(Clone, Copy, Debug)]
 struct InFlight {
     /// 0: not in flight.
     descs: u16,
     /// [`RingPosition::to_bits`] of the position after the chain (IN_ORDER batches jump there).
     end: u16,
+    /// The buffer id taken just before this one, or [`NO_ID`].
+    prev: u16,
 }
+
+impl InFlight {
+    const NONE: InFlight = InFlight { descs: 0, end: 0, prev: NO_ID };
+}
+
+impl Default for InFlight {
+    fn default() -> Self {
+        InFlight::NONE
+    }
+}
+
+/// No buffer id (ids are below the queue size, at most 32768).
+const NO_ID: u16 = u16::MAX;
 
 /// A [`PackedQueue`] between bursts: its validated state without the borrow of guest memory
 /// (see [`PackedQueue::detach`]).
@@ -287,6 +313,8 @@ pub struct DetachedPackedQueue<const IDS: usize = DEFAULT_IDS> {
     used: RingPosition,
     /// `used` at the last publish: the start of the window a notification decision covers.
     signalled: RingPosition,
+    /// The buffer id taken last and not completed since, or [`NO_ID`].
+    last_taken: u16,
     /// Slot and flags of the first used descriptor written since the last publish: its flags
     /// are stored last, by `publish`, so the driver sees the batch at once (the rest already
     /// carry theirs, but the driver reads the ring in order and stops at the first).
@@ -389,8 +417,9 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize> PackedQueue<'m, M, IDS> {
                 avail: RingPosition::START,
                 used: RingPosition::START,
                 signalled: RingPosition::START,
+                last_taken: NO_ID,
                 pending: None,
-                inflight: [InFlight::default(); IDS],
+                inflight: [InFlight::NONE; IDS],
                 config,
             },
         })
@@ -444,8 +473,9 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize> PackedQueue<'m, M, IDS> {
         self.q.avail = RingPosition { index: avail.index % size, wrap: avail.wrap };
         self.q.used = RingPosition { index: used.index % size, wrap: used.wrap };
         self.q.signalled = self.q.used;
+        self.q.last_taken = NO_ID;
         self.q.pending = None;
-        self.q.inflight = [InFlight::default(); IDS];
+        self.q.inflight = [InFlight::NONE; IDS];
     }
 
     /// Takes the next chain into `chain` (cleared first; its [`Chain::head`] is the buffer
@@ -455,14 +485,71 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize> PackedQueue<'m, M, IDS> {
     /// error policy): log it and keep popping.
     #[inline]
     pub fn pop_into<const N: usize>(&mut self, chain: &mut Chain<'m, N>) -> Result<bool, PopError> {
-        let Some((id, start, descs)) = self.take()? else {
+        self.pop_chain(chain, true)
+    }
+
+    /// [`pop_into`](Self::pop_into), but a malformed chain is handed back without being
+    /// completed (as [`SplitQueue`](crate::SplitQueue)'s): the caller completes its id (len
+    /// 0) or gives it back with [`rewind`](Self::rewind).
+    pub(crate) fn pop_uncompleted<const N: usize>(&mut self, chain: &mut Chain<'m, N>) -> Result<bool, PopError> {
+        self.pop_chain(chain, false)
+    }
+
+    #[inline(always)]
+    fn pop_chain<const N: usize>(&mut self, chain: &mut Chain<'m, N>, complete_bad: bool) -> Result<bool, PopError> {
+        let Some((id, start, descs)) = self.take(complete_bad)? else {
             return Ok(false);
         };
         let cursor = self.cursor(start, descs);
         if let Err(error) = walk_source_into(self.mem, cursor, id, &self.q.limits, chain) {
-            return Err(self.fail_chain(id, error));
+            if complete_bad {
+                return Err(self.fail_chain(id, error));
+            }
+            return Err(PopError::Chain { head: id, error });
         }
         Ok(true)
+    }
+
+    /// Gives back the last `n` chains taken and not completed (the net receive path's
+    /// reservations, §5.1.6.4: no partial packet): the position moves back to the first of
+    /// them. Only chains taken after the last completion may be given back; the walk back
+    /// stops at the first that is not in flight.
+    pub fn rewind(&mut self, n: u16) {
+        let q = &mut self.q;
+        for _ in 0..n {
+            let id = q.last_taken;
+            let Some(&entry) = q.inflight.get(id as usize) else {
+                return;
+            };
+            if entry.descs == 0 {
+                return;
+            }
+            // The end was recorded by a pop of this queue, so its slot is below the size.
+            let end = RingPosition::from_bits(entry.end, q.size).unwrap_or(q.avail);
+            q.avail = end.back(entry.descs, q.size);
+            q.last_taken = entry.prev;
+            q.inflight[id as usize] = InFlight::NONE;
+        }
+    }
+
+    /// Takes the next chain, validating it in one pass, and returns its first buffer if that
+    /// one is device-writable (as [`SplitQueue`](crate::SplitQueue)'s, for the net receive
+    /// path's fast path).
+    // Always inlined: the net receive path's fast path calls it once per frame (through
+    // `ring::sealed::RxQueue`); left to LLVM behind the trait it stayed a call (ringbench
+    // virtq-net 1desc 64 rx: +33 instructions per chain).
+    #[inline(always)]
+    pub(crate) fn pop_first_writable(&mut self) -> Result<Option<FirstWritable>, PopError> {
+        let mut first = None;
+        let mut pieces = 0u32;
+        self.pop_with(|ptr, len, writable, addr| {
+            if pieces == 0 && writable {
+                first = Some((ptr, len, addr));
+            }
+            pieces += 1;
+            Ok(())
+        })
+        .map(|o| o.map(|(head, sum)| FirstWritable { head, sum, first }))
     }
 
     /// Takes the next chain, returned by value (see [`pop_into`](Self::pop_into)).
@@ -530,7 +617,7 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize> PackedQueue<'m, M, IDS> {
     where
         F: FnMut(NonNull<u8>, u32, bool, u64) -> Result<(), ChainError>,
     {
-        let Some((id, start, descs)) = self.take()? else {
+        let Some((id, start, descs)) = self.take(true)? else {
             return Ok(None);
         };
         let cursor = self.cursor(start, descs);
@@ -542,9 +629,9 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize> PackedQueue<'m, M, IDS> {
 
     /// Finds the next available chain's extent and consumes its descriptors; returns its
     /// buffer id, first position and descriptor count, or the error policy's outcome for a
-    /// chain whose extent or id is bad.
+    /// chain whose extent or id is bad (completed only if `complete_bad`).
     #[inline(always)]
-    fn take(&mut self) -> Result<Option<(u16, RingPosition, u16)>, PopError> {
+    fn take(&mut self, complete_bad: bool) -> Result<Option<(u16, RingPosition, u16)>, PopError> {
         let q = &mut self.q;
         let start = q.avail;
         // SAFETY: the ring was validated for `16 * size` bytes, 4-aligned, at set-up, and
@@ -564,9 +651,13 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize> PackedQueue<'m, M, IDS> {
             log_warn!("virtq: packed buffer id {=u16} made available twice", id);
             return Err(PopError::IdInUse { id });
         }
-        *entry = InFlight { descs: ext.descs, end: q.avail.to_bits() };
+        *entry = InFlight { descs: ext.descs, end: q.avail.to_bits(), prev: q.last_taken };
+        q.last_taken = id;
         if let Some(error) = ext.error {
-            return Err(self.fail_chain(id, error));
+            if complete_bad {
+                return Err(self.fail_chain(id, error));
+            }
+            return Err(PopError::Chain { head: id, error });
         }
         Ok(Some((id, start, ext.descs)))
     }
@@ -608,7 +699,9 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize> PackedQueue<'m, M, IDS> {
         self.write_used(id, len);
         let q = &mut self.q;
         q.used = q.used.advance(entry.descs, q.size);
-        q.inflight[id as usize] = InFlight::default();
+        // Cleared, so a `rewind` walking back through `prev` links stops here: a completed
+        // chain cannot be given back.
+        q.inflight[id as usize] = InFlight::NONE;
     }
 
     /// IN_ORDER batched completion (§2.8.9 "In-order use of descriptors": "the device can
@@ -631,7 +724,7 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize> PackedQueue<'m, M, IDS> {
         let q = &mut self.q;
         // The end was recorded by a pop of this queue, so its slot is below the size.
         q.used = RingPosition::from_bits(entry.end, q.size).unwrap_or(q.used);
-        q.inflight[last_id as usize] = InFlight::default();
+        q.inflight[last_id as usize] = InFlight::NONE;
         true
     }
 

@@ -29,7 +29,7 @@ use crate::queue::{CopiedChain, PopError, SplitQueue};
 /// methods of the same name.
 pub trait Virtqueue<'m> {
     /// The guest memory buffers are translated in.
-    type Memory: GuestMemory + ?Sized;
+    type Memory: GuestMemory + ?Sized + 'm;
 
     /// The guest memory buffers are translated in.
     fn memory(&self) -> &'m Self::Memory;
@@ -130,4 +130,49 @@ impl<'m, M: GuestMemory + ?Sized> Virtqueue<'m> for SplitQueue<'m, M> {
 
 impl<'m, M: GuestMemory + ?Sized, const IDS: usize> Virtqueue<'m> for PackedQueue<'m, M, IDS> {
     forward_virtqueue!();
+}
+
+/// What the virtio-net receive path needs of a queue beyond [`Virtqueue`]: reserving chains
+/// without completing malformed ones, giving reservations back, and the one-pass look at a
+/// chain's first buffer. Sealed: implemented by both queues, named by no one outside the
+/// crate, so these stay crate-internal contracts.
+pub(crate) mod sealed {
+    use super::*;
+    use crate::queue::FirstWritable;
+
+    /// See the module's documentation.
+    pub trait RxQueue<'m>: Virtqueue<'m> {
+        /// The next chain, validated in one pass, with its first buffer if device-writable;
+        /// malformed chains are completed with len 0.
+        fn pop_first_writable(&mut self) -> Result<Option<FirstWritable>, PopError>;
+        /// [`Virtqueue::pop_into`] leaving a malformed chain uncompleted.
+        fn pop_uncompleted<const N: usize>(&mut self, chain: &mut Chain<'m, N>) -> Result<bool, PopError>;
+        /// Gives back the last `n` chains taken and not completed.
+        fn rewind(&mut self, n: u16);
+    }
+
+    macro_rules! forward_rx {
+        () => {
+            #[inline(always)]
+            fn pop_first_writable(&mut self) -> Result<Option<FirstWritable>, PopError> {
+                Self::pop_first_writable(self)
+            }
+            #[inline(always)]
+            fn pop_uncompleted<const N: usize>(&mut self, chain: &mut Chain<'m, N>) -> Result<bool, PopError> {
+                Self::pop_uncompleted(self, chain)
+            }
+            #[inline(always)]
+            fn rewind(&mut self, n: u16) {
+                Self::rewind(self, n)
+            }
+        };
+    }
+
+    impl<'m, M: GuestMemory + ?Sized> RxQueue<'m> for SplitQueue<'m, M> {
+        forward_rx!();
+    }
+
+    impl<'m, M: GuestMemory + ?Sized, const IDS: usize> RxQueue<'m> for PackedQueue<'m, M, IDS> {
+        forward_rx!();
+    }
 }
