@@ -2,7 +2,9 @@
 //! (AVAIL/USED in every combination, NEXT chains that run on or into unavailable
 //! descriptors, indirect tables), any buffer ids, any starting positions and wrap counters,
 //! any driver event suppression state, through all three consumers (segment lists, fused read,
-//! fused write) and both completion forms (one by one, IN_ORDER batches).
+//! fused write), the virtio-net receive path (single and mergeable buffers, whose reservations
+//! are given back with `rewind` when the ring runs short) and both completion forms (one by
+//! one, IN_ORDER batches).
 //!
 //! Invariants: no panic; every segment lies inside guest memory; every pop that does not find
 //! the ring empty consumes at least one descriptor (the queue never stalls on a bad chain); a
@@ -70,11 +72,24 @@ fuzz_target!(|inp: Input| {
     let (lo, hi) = (base as usize, base as usize + MEM);
     let mut chain = Chain::<8>::new();
     let mut buf = vec![0u8; 4096];
+    let mut scratch: virtq::net::RxScratch<'_, 8> = virtq::net::RxScratch::new();
+    let frame = [0x5au8; 3000];
     let mut last_ok = None;
     let mut ok_count = 0u16;
     for step in 0..(2 * size as usize + 2) {
         let consumer = inp.consumer.get(step).copied().unwrap_or(0);
         let before = q.next_avail();
+        if consumer % 5 == 3 {
+            // virtio-net receive: whatever it meets, it must leave the queue consistent (the
+            // next pops below check progress and ranges again).
+            let mut nf = f | VirtioFeatures::VERSION_1;
+            if consumer & 16 != 0 {
+                nf |= VirtioFeatures::NET_MRG_RXBUF;
+            }
+            let len = (consumer as usize * 37) % frame.len();
+            let _ = virtq::net::receive(&mut q, &mut scratch, nf, &virtq::net::VirtioNetHdr::default(), &frame[..len]);
+            continue;
+        }
         let r = match consumer % 3 {
             0 => q.pop_into(&mut chain).map(|ok| {
                 ok.then(|| {
