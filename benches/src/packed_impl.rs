@@ -54,8 +54,8 @@ pub struct VirtqPackedDevice<'a> {
     /// The driver's next slot and wrap counter.
     next: u16,
     wrap: bool,
-    /// The first slot of each chain of the last batch, with the wrap it was made available in.
-    last_batch: Vec<(u16, bool)>,
+    /// Chains in the last batch (for `check_ring`, which walks back from `next`).
+    last_batch: u16,
 }
 
 impl<'a> VirtqPackedDevice<'a> {
@@ -125,7 +125,7 @@ impl<'a> VirtqPackedDevice<'a> {
             descs,
             next: 0,
             wrap: true,
-            last_batch: Vec::with_capacity(32),
+            last_batch: 0,
         }
     }
 
@@ -137,7 +137,7 @@ impl<'a> VirtqPackedDevice<'a> {
         let used = self.next | (self.wrap as u16) << 15;
         // SAFETY: the driver area's `desc`, 2-aligned, inside the mapping.
         unsafe { AtomicU16::from_ptr(self.driver_area.cast()).store(used.to_le(), Ordering::Relaxed) };
-        self.last_batch.clear();
+        self.last_batch = batch;
         for _ in 0..batch {
             let head = self.next;
             let avail = if self.wrap { VIRTQ_DESC_F_AVAIL } else { VIRTQ_DESC_F_USED };
@@ -155,7 +155,6 @@ impl<'a> VirtqPackedDevice<'a> {
                 AtomicU16::from_ptr(d.add(12).cast()).store(head.to_le(), Ordering::Relaxed);
                 AtomicU16::from_ptr(d.add(14).cast()).store((init.flags | avail).to_le(), Ordering::Release);
             }
-            self.last_batch.push((head, self.wrap));
             self.next += self.descs;
             if self.next == q {
                 self.next = 0;
@@ -198,7 +197,13 @@ impl Device for VirtqPackedDevice<'_> {
             Dir::Tx => 0,
             Dir::Rx => self.chain_len as u32,
         };
-        for &(head, wrap) in &self.last_batch {
+        let (mut head, mut wrap) = (self.next, self.wrap);
+        for _ in 0..self.last_batch {
+            if head == 0 {
+                head = QUEUE_SIZE;
+                wrap = !wrap;
+            }
+            head -= self.descs;
             let d = self.ring.wrapping_add(16 * usize::from(head));
             // SAFETY: a descriptor of the ring inside the mapping; the device is idle.
             let (len, id, flags) = unsafe {
