@@ -410,7 +410,9 @@ impl NetDevice {
                         n += 1;
                     }
                     Ok(None) => break,
-                    Err(PopError::Chain { .. }) | Err(PopError::HeadOutOfRange { .. }) => {
+                    Err(PopError::Chain { .. })
+                    | Err(PopError::HeadOutOfRange { .. })
+                    | Err(PopError::IdInUse { .. }) => {
                         taken += 1;
                         errors += 1;
                     }
