@@ -256,6 +256,7 @@ fn bench(a: &Args, dir: &Path) -> Result<(), String> {
             backend: PortBackend::Switch,
             tap: Vec::new(),
             announce: Arc::new(Announcements::default()),
+            mtu: spec.mtu,
         });
     }
     let handle = backend.handle();

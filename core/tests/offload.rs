@@ -636,7 +636,12 @@ fn delivery_follows_the_receivers_features() {
         gso_size: U16::new(1448),
         ..VirtioNetHdr::default()
     };
-    let partial = VirtioNetHdr { flags: VIRTIO_NET_HDR_F_NEEDS_CSUM, ..VirtioNetHdr::default() };
+    let partial = VirtioNetHdr {
+        flags: VIRTIO_NET_HDR_F_NEEDS_CSUM,
+        csum_start: U16::new(34),
+        csum_offset: U16::new(16),
+        ..VirtioNetHdr::default()
+    };
     let plain = VirtioNetHdr::default();
     let valid = VirtioNetHdr { flags: VIRTIO_NET_HDR_F_DATA_VALID, ..plain };
     let none = feat(&[]);
@@ -719,14 +724,13 @@ fn lying_gso_fields_are_refused() {
     let mut b = good();
     b.hdr.csum_offset = U16::new(6);
     assert_eq!(err(&b), OffloadError::CsumMismatch { start: 34, offset: 6, l4_offset: 34 });
-    let mut b = good();
-    let len = b.frame.len() as u32;
-    b.hdr.hdr_len = U16::new(len as u16 + 1);
-    assert_eq!(err(&b), OffloadError::HdrLenBeyondFrame { hdr_len: len as u16 + 1, frame_len: len });
-    for short in [0, 1, 53, 65] {
-        let mut b = good(); // 14 + 20 + 32 (12 bytes of options) = 66
-        b.hdr.hdr_len = U16::new(short);
-        assert_eq!(err(&b), OffloadError::HdrLenShort { hdr_len: short, headers_len: 66 });
+    // hdr_len is a hint (§5.1.6.2.2): whatever the driver wrote, receivers get the true
+    // length of the headers, 14 + 20 + 32 (12 bytes of TCP options) = 66.
+    let len = good().frame.len() as u16;
+    for hint in [0, 1, 53, 65, 66, 67, len, len + 1, 0xFFFF] {
+        let mut b = good();
+        b.hdr.hdr_len = U16::new(hint);
+        assert_eq!(check_frame(&b.hdr, &b.frame, b.frame.len()).unwrap().header.hdr_len.get(), 66, "hdr_len {hint}");
     }
     // gso_size larger than the payload is one segment, not an error (Linux alike).
     let mut b = good();
@@ -866,10 +870,7 @@ fn oversized_headers_and_frames_are_refused() {
     b.frame.push(0);
     assert_eq!(err(&b), OffloadError::TooLarge { ip_len: MAX_GSO_IP_LEN as u32 + 1 });
     // The same through a snapshot, with a frame length that does not fit u32.
-    assert!(matches!(
-        check_frame(&b.hdr, &b.frame[..MAX_HEADERS_LEN], usize::MAX),
-        Err(OffloadError::HdrLenShort { .. } | OffloadError::TooLarge { .. })
-    ));
+    assert!(matches!(check_frame(&b.hdr, &b.frame[..MAX_HEADERS_LEN], usize::MAX), Err(OffloadError::TooLarge { .. })));
 }
 
 /// The segmenter's own refusals: not GSO, UFO, index, buffer, source length.

@@ -10,9 +10,10 @@
 //! Ports with a `tap:NAME` back-end offer checksum and TCP segmentation offloads (CSUM,
 //! GUEST_CSUM, HOST/GUEST_TSO4/6, HOST/GUEST_ECN): the guest's virtio-net header goes to the
 //! TAP unchanged, the TAP's header goes to the guest, and the TAP's offloads
-//! (`TUNSETOFFLOAD`) follow what the guest negotiated. Switch and reflect ports offer none: a
-//! frame from a guest with offloads could reach a guest or TAP without them, which would need
-//! software checksums and segmentation.
+//! (`TUNSETOFFLOAD`) follow what the guest negotiated. Switch ports offer the same and UDP
+//! segmentation (USO): a frame keeps its header through the switch to a receiver that
+//! negotiated its offloads, and is completed or segmented in software for one that did not
+//! (`dataplane`). Reflect ports offer none.
 
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
@@ -57,19 +58,22 @@ struct Args {
 
     /// A fully specified port (repeatable): `path=P[,client][,backend=switch|reflect|tap:NAME|sink|source:BYTES]
     /// [,queues=N][,mac=52:54:00:00:00:01][,mtu=1500][,mrg=on|off][,offload=on|off]`. `offload=off`: a tap
-    /// port offers no checksum/TSO offloads (other back-ends never do).
+    /// or switch port offers no checksum/TSO offloads (other back-ends never do). `mtu=`: the
+    /// MTU the guest is told (VIRTIO_NET_F_MTU) and the largest frame a switch port delivers
+    /// to it (a larger frame that is not a GSO frame is dropped and counted).
     #[arg(long = "port", value_name = "SPEC")]
     ports: Vec<String>,
 
     /// Back-end of the --socket-path/--fd ports: the L2 switch, back to the sender, a host TAP,
     /// or for benchmarks a sink (count and discard what the guest sends) or a source (the guest
-    /// receives BYTES-byte UDP frames as fast as it posts buffers). Only tap ports offer
-    /// checksum and TSO offloads to the guest; switch and reflect ports offer none (a switch
-    /// would need software checksums and segmentation for receivers without them).
+    /// receives BYTES-byte UDP frames as fast as it posts buffers). Tap and switch ports offer
+    /// checksum and segmentation offloads to the guest; the switch completes checksums and
+    /// segments in software for receivers without them.
     #[arg(long, default_value = "switch", value_name = "switch|reflect|tap:NAME|sink|source:BYTES")]
     backend: String,
 
-    /// Attach a host TAP device to the switch (repeatable; no offloads, as on every switch port).
+    /// Attach a host TAP device to the switch (repeatable). The kernel takes offloaded frames
+    /// from the switch and finishes them itself; it hands over plain frames.
     #[arg(long = "tap", value_name = "NAME")]
     taps: Vec<String>,
 
@@ -350,7 +354,7 @@ fn run(args: Args) -> Result<(), String> {
             .add_device(&name, config, socket, Box::new(PortHandler::new(control, Arc::clone(&announce))))
             .map_err(|e| format!("{name}: {e}"))?;
         info!("{name}: {:?} back-end, {} queue pair(s)", spec.backend, spec.queues);
-        ports.push(Port::Vhost { dev, backend: spec.backend.clone(), tap, announce });
+        ports.push(Port::Vhost { dev, backend: spec.backend.clone(), tap, announce, mtu: spec.mtu });
         Ok(())
     };
     if let Some(fd) = args.fd {

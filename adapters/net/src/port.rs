@@ -110,6 +110,14 @@ pub const TAP_OFFLOADS: virtq::VirtioFeatures = virtq::VirtioFeatures::NET_CSUM
     .union(virtq::VirtioFeatures::NET_GUEST_TSO6)
     .union(virtq::VirtioFeatures::NET_GUEST_ECN);
 
+/// The offloads a switch port offers: those of a tap port, plus UDP segmentation (`HOST_USO`,
+/// `GUEST_USO4/6`) for front-ends that know it. Every receiver that lacks one gets the
+/// frame completed or segmented in software (`virtq::net::offload`).
+pub const SWITCH_OFFLOADS: virtq::VirtioFeatures = TAP_OFFLOADS
+    .union(virtq::VirtioFeatures::NET_HOST_USO)
+    .union(virtq::VirtioFeatures::NET_GUEST_USO4)
+    .union(virtq::VirtioFeatures::NET_GUEST_USO6);
+
 /// The vhost-user device port `p` (the `i`-th) is served as: features, MAC, MTU, queue pairs,
 /// the announce and offload policy of its back-end.
 pub fn device_config(p: &PortSpec, i: usize) -> DeviceConfig<NetModel> {
@@ -127,10 +135,14 @@ pub fn device_config(p: &PortSpec, i: usize) -> DeviceConfig<NetModel> {
         c.model.protocol_features |= virtq_vhost_user::message::ProtocolFeatures::RARP;
         c.model.features |= virtq::VirtioFeatures::NET_GUEST_ANNOUNCE;
     }
-    // Only a TAP can take and give offloaded frames: the kernel finishes checksums and
-    // segments where it has to. The switch, reflect and benchmark back-ends offer none.
-    if p.offload && matches!(p.backend, PortBackend::Tap(_)) {
-        c.model.features |= TAP_OFFLOADS;
+    // A TAP takes and gives offloaded frames (the kernel finishes checksums and segments
+    // where it has to); the switch passes a frame's header through to a receiver that
+    // negotiated the same offloads, and completes checksums or segments in software for one
+    // that did not (`dataplane`). Reflect and the benchmark back-ends offer none.
+    match p.backend {
+        PortBackend::Tap(_) if p.offload => c.model.features |= TAP_OFFLOADS,
+        PortBackend::Switch if p.offload => c.model.features |= SWITCH_OFFLOADS,
+        _ => {}
     }
     c
 }
@@ -184,9 +196,9 @@ mod tests {
     }
 
     #[test]
-    fn only_tap_ports_offer_offloads() {
+    fn tap_and_switch_ports_offer_offloads() {
         let mut p = defaults();
-        for b in [PortBackend::Switch, PortBackend::Reflect, PortBackend::Sink, PortBackend::Source(64)] {
+        for b in [PortBackend::Reflect, PortBackend::Sink, PortBackend::Source(64)] {
             p.backend = b;
             assert!(
                 !device_config(&p, 1).model.features.intersects(TAP_OFFLOADS),
@@ -196,12 +208,19 @@ mod tests {
         }
         p.backend = PortBackend::Tap("vt0".into());
         assert!(device_config(&p, 1).model.features.contains(TAP_OFFLOADS));
-        let off = parse_port("path=x,backend=tap:vt0,offload=off", &defaults()).unwrap();
-        assert!(!off.offload);
-        assert!(!device_config(&off, 1).model.features.intersects(TAP_OFFLOADS));
+        p.backend = PortBackend::Switch;
+        assert!(device_config(&p, 1).model.features.contains(SWITCH_OFFLOADS));
+        for spec in ["path=x,backend=tap:vt0,offload=off", "path=x,backend=switch,offload=off"] {
+            let off = parse_port(spec, &defaults()).unwrap();
+            assert!(!off.offload);
+            assert!(!device_config(&off, 1).model.features.intersects(SWITCH_OFFLOADS), "{spec}");
+        }
         // What is offered satisfies §5.1.3.1 on its own (every dependency offered too, but
         // the control queue, which the front-end keeps).
-        let f = device_config(&p, 1).model.features;
-        assert_eq!(virtq::VirtioFeatures::negotiate_net_external_ctrl_vq(f, f), Ok(f));
+        for b in [PortBackend::Tap("vt0".into()), PortBackend::Switch] {
+            p.backend = b;
+            let f = device_config(&p, 1).model.features;
+            assert_eq!(virtq::VirtioFeatures::negotiate_net_external_ctrl_vq(f, f), Ok(f));
+        }
     }
 }

@@ -157,20 +157,6 @@ pub enum OffloadError {
         /// Where the transport header really starts.
         l4_offset: u16,
     },
-    /// `hdr_len` beyond the frame.
-    HdrLenBeyondFrame {
-        /// `hdr_len`.
-        hdr_len: u16,
-        /// Frame length.
-        frame_len: u32,
-    },
-    /// `hdr_len` below the length of the frame's Ethernet, IP and transport headers.
-    HdrLenShort {
-        /// `hdr_len`.
-        hdr_len: u16,
-        /// The real header length.
-        headers_len: u16,
-    },
     /// The headers are longer than [`MAX_HEADERS_LEN`].
     HeadersTooLong {
         /// Bytes up to the end of the headers parsed so far.
@@ -250,10 +236,6 @@ impl fmt::Display for OffloadError {
             CsumMismatch { start, offset, l4_offset } => {
                 write!(f, "checksum at {start}+{offset}, transport header at {l4_offset}")
             }
-            HdrLenBeyondFrame { hdr_len, frame_len } => {
-                write!(f, "hdr_len {hdr_len} beyond a {frame_len}-byte frame")
-            }
-            HdrLenShort { hdr_len, headers_len } => write!(f, "hdr_len {hdr_len} below the {headers_len} header bytes"),
             HeadersTooLong { len } => write!(f, "headers of {len} bytes or more"),
             TooLarge { ip_len } => write!(f, "GSO frame with a {ip_len}-byte IP packet"),
             NotGso => f.write_str("not a GSO frame"),
@@ -361,7 +343,7 @@ impl OffloadFrame {
 /// A frame without a GSO type needs only its checksum field inside the frame: completing a
 /// checksum is the same sum whatever the protocol. A GSO frame is parsed down to its transport
 /// header, and must agree with its header on every point listed in [`OffloadError`].
-/// `hdr_len` is checked for GSO frames only (it means nothing without one).
+/// `hdr_len` is rewritten to the true length of the headers for GSO frames (a hint, §5.1.6.2).
 pub fn check_frame(header: &VirtioNetHdr, head: &[u8], frame_len: usize) -> Result<OffloadFrame, OffloadError> {
     let frame_len32 = u32::try_from(frame_len).unwrap_or(u32::MAX);
     let head = &head[..head.len().min(frame_len)];
@@ -398,13 +380,11 @@ pub fn check_frame(header: &VirtioNetHdr, head: &[u8], frame_len: usize) -> Resu
     if start != layout.l4_offset || offset != layout.csum_offset() {
         return Err(OffloadError::CsumMismatch { start, offset, l4_offset: layout.l4_offset });
     }
-    let hdr_len = h.hdr_len.get();
-    if hdr_len as usize > frame_len {
-        return Err(OffloadError::HdrLenBeyondFrame { hdr_len, frame_len: frame_len32 });
-    }
-    if hdr_len < layout.headers_len {
-        return Err(OffloadError::HdrLenShort { hdr_len, headers_len: layout.headers_len });
-    }
+    // `hdr_len` "is a hint to the device as to how much of the header needs to be kept to
+    // copy into each packet" (§5.1.6.2); only with VIRTIO_NET_F_GUEST_HDRLEN, never offered,
+    // is it exact. A wrong hint is no reason to drop the frame: receivers get the true length
+    // of the headers, which the segmenter uses anyway.
+    h.hdr_len = U16::new(layout.headers_len);
     let ip_len = frame_len - layout.l3_offset as usize;
     if ip_len > MAX_GSO_IP_LEN {
         return Err(OffloadError::TooLarge { ip_len: u32::try_from(ip_len).unwrap_or(u32::MAX) });
@@ -603,7 +583,13 @@ fn delivery(h: &VirtioNetHdr, ip: Option<IpVersion>, features: VirtioFeatures) -
     let (needed, fallback) = match h.gso_type & !VIRTIO_NET_HDR_GSO_ECN {
         VIRTIO_NET_HDR_GSO_NONE => {
             out.gso_type = VIRTIO_NET_HDR_GSO_NONE;
-            return if needs_csum && !guest_csum { Delivery::CompleteCsum(out) } else { Delivery::Pass(out) };
+            if needs_csum && !guest_csum {
+                // The completed frame carries no checksum request: nothing left to describe.
+                out.csum_start = U16::new(0);
+                out.csum_offset = U16::new(0);
+                return Delivery::CompleteCsum(out);
+            }
+            return Delivery::Pass(out);
         }
         VIRTIO_NET_HDR_GSO_TCPV4 => (VirtioFeatures::NET_GUEST_TSO4, true),
         VIRTIO_NET_HDR_GSO_TCPV6 => (VirtioFeatures::NET_GUEST_TSO6, true),
