@@ -1,0 +1,398 @@
+//! virtq-blk end to end: the in-tree vhost-user front-end (real socket, memfd guest memory,
+//! eventfds, the core's test driver on the rings) drives real requests against a temporary
+//! image file, through the library's control loop and this crate's data path, and the image
+//! is checked on disk. Also the binary's conventions: `--print-capabilities`, SIGTERM.
+
+#[path = "../../vhost-user/tests/frontend/mod.rs"]
+mod frontend;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+
+use frontend::*;
+use virtq::testing::{Buf, TestDriver};
+use virtq::{RegionTable, VirtioFeatures};
+use virtq_blk::{run_data_path, BlkDevice, BlkModel, Image};
+use virtq_vhost_user::backend::{Backend, BackendHandle, NoHandler, SocketSpec};
+use virtq_vhost_user::device::DeviceConfig;
+
+const IN: u32 = 0;
+const OUT: u32 = 1;
+const FLUSH: u32 = 4;
+const GET_ID: u32 = 8;
+const DISCARD: u32 = 11;
+const WRITE_ZEROES: u32 = 13;
+const S_OK: u8 = 0;
+const S_IOERR: u8 = 1;
+const S_UNSUPP: u8 = 2;
+
+/// 1 MiB image: 2048 sectors.
+const IMAGE_LEN: usize = 1 << 20;
+
+fn blk_features() -> u64 {
+    (VirtioFeatures::VERSION_1
+        | VirtioFeatures::RING_INDIRECT_DESC
+        | VirtioFeatures::BLK_FLUSH
+        | VirtioFeatures::BLK_SEG_MAX
+        | VirtioFeatures::BLK_DISCARD
+        | VirtioFeatures::BLK_WRITE_ZEROES
+        | VirtioFeatures::BLK_CONFIG_WCE
+        | VirtioFeatures::BLK_MQ)
+        .bits()
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len).map(|i| seed.wrapping_mul(37) ^ (i as u8).wrapping_mul(11) ^ (i >> 9) as u8).collect()
+}
+
+fn hdr(kind: u32, sector: u64) -> Vec<u8> {
+    let mut h = kind.to_le_bytes().to_vec();
+    h.extend_from_slice(&0u32.to_le_bytes());
+    h.extend_from_slice(&sector.to_le_bytes());
+    h
+}
+
+fn seg(sector: u64, num_sectors: u32, flags: u32) -> Vec<u8> {
+    let mut s = sector.to_le_bytes().to_vec();
+    s.extend_from_slice(&num_sectors.to_le_bytes());
+    s.extend_from_slice(&flags.to_le_bytes());
+    s
+}
+
+fn unique(name: &str) -> PathBuf {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    std::env::temp_dir().join(format!("virtq-blk-{name}-{}-{n}", std::process::id()))
+}
+
+/// A back-end serving a fresh image (filled with `pattern(0xA5, ..)`) on its own socket, with
+/// the data path on a thread.
+struct Rig {
+    socket: PathBuf,
+    image: PathBuf,
+    dev: BlkDevice,
+    handle: BackendHandle,
+    stop: Arc<AtomicBool>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+impl Rig {
+    fn new(name: &str, queues: u16, read_only: bool) -> Rig {
+        let image = unique(&format!("{name}.img"));
+        std::fs::write(&image, pattern(0xA5, IMAGE_LEN)).unwrap();
+        let socket = unique(&format!("{name}.sock"));
+        let img = Arc::new(Image::open(&image, read_only).unwrap());
+        let model = BlkModel::new(img, queues, "virtq-test-disk");
+        let mut b = Backend::new().unwrap();
+        let spec = SocketSpec::Server { path: socket.clone(), mode: None };
+        let dev = b.add_device(name, DeviceConfig::new(model), spec, Box::new(NoHandler)).unwrap();
+        let handle = b.handle();
+        let stop = Arc::new(AtomicBool::new(false));
+        let control = thread::spawn(move || b.run().unwrap());
+        let (d, s) = (vec![dev.clone()], Arc::clone(&stop));
+        let data = thread::spawn(move || run_data_path(&d, &s, false));
+        Rig { socket, image, dev, handle, stop, threads: vec![control, data] }
+    }
+
+    fn on_disk(&self, offset: usize, len: usize) -> Vec<u8> {
+        std::fs::read(&self.image).unwrap()[offset..offset + len].to_vec()
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.handle.shutdown();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.image);
+    }
+}
+
+type Driver<'a> = TestDriver<'a, RegionTable<1>>;
+
+/// Publishes `bufs` as one chain on queue `q`, kicks, waits for its completion and returns
+/// (used length, the last writable byte, the buffers' guest addresses).
+fn submit(fe: &Frontend, drv: &mut Driver<'_>, q: usize, bufs: &[Buf<'_>]) -> (u32, Option<u8>, Vec<u64>) {
+    let mut addrs = vec![0u64; bufs.len()];
+    let head = drv.build_chain(bufs, &mut addrs);
+    let last = bufs.iter().rposition(|b| b.write && b.len > 0);
+    if let Some(i) = last {
+        drv.write(addrs[i] + bufs[i].len as u64 - 1, &[0xEE]);
+    }
+    let before = drv.used_idx();
+    drv.publish(head);
+    fe.kick(q);
+    wait("the request's completion", || (drv.used_idx() != before).then_some(()));
+    let (id, len) = drv.used_elem(before);
+    assert_eq!(id, head as u32);
+    let status = last.map(|i| {
+        let mut b = [0u8];
+        drv.read(addrs[i] + bufs[i].len as u64 - 1, &mut b);
+        b[0]
+    });
+    (len, status, addrs)
+}
+
+fn read_guest(drv: &Driver<'_>, addr: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    drv.read(addr, &mut v);
+    v
+}
+
+#[test]
+fn writes_reach_the_image_and_reads_bring_them_back() {
+    let rig = Rig::new("rw", 1, false);
+    let fe = Frontend::connect(&rig.socket, 1, 64);
+    let mut drv = fe.drivers().remove(0);
+    let acked = fe.qemu_start(blk_features());
+    assert!(acked & VirtioFeatures::BLK_FLUSH.bits() != 0);
+
+    // Three sectors over two data buffers, header and status apart (Linux's layout).
+    let data = pattern(1, 1536);
+    let h = hdr(OUT, 10);
+    let (len, status, _) = submit(
+        &fe,
+        &mut drv,
+        0,
+        &[Buf::readable(&h), Buf::readable(&data[..1024]), Buf::readable(&data[1024..]), Buf::writable(1)],
+    );
+    assert_eq!((len, status), (1, Some(S_OK)));
+    let h = hdr(FLUSH, 0);
+    assert_eq!(submit(&fe, &mut drv, 0, &[Buf::readable(&h), Buf::writable(1)]).1, Some(S_OK));
+    assert_eq!(rig.on_disk(10 * 512, 1536), data, "on disk after FLUSH");
+    assert_eq!(rig.on_disk(9 * 512, 512), pattern(0xA5, IMAGE_LEN)[9 * 512..10 * 512], "neighbours untouched");
+
+    // Read back into three buffers of other sizes, the last one shared with the status byte.
+    let h = hdr(IN, 10);
+    let (len, status, addrs) =
+        submit(&fe, &mut drv, 0, &[Buf::readable(&h), Buf::writable(100), Buf::writable(900), Buf::writable(537)]);
+    assert_eq!((len, status), (1537, Some(S_OK)));
+    let mut got = read_guest(&drv, addrs[1], 100);
+    got.extend(read_guest(&drv, addrs[2], 900));
+    got.extend(read_guest(&drv, addrs[3], 536));
+    assert_eq!(got, data);
+
+    // The device ID, NUL-padded.
+    let h = hdr(GET_ID, 0);
+    let (len, status, addrs) = submit(&fe, &mut drv, 0, &[Buf::readable(&h), Buf::writable(20), Buf::writable(1)]);
+    assert_eq!((len, status), (21, Some(S_OK)));
+    assert_eq!(read_guest(&drv, addrs[1], 20), b"virtq-test-disk\0\0\0\0\0");
+
+    let c = rig.dev.stats(0);
+    assert_eq!((c.requests, c.written_bytes, c.read_bytes, c.errors), (4, 1536, 1536, 0));
+}
+
+#[test]
+fn discard_and_write_zeroes_read_back_as_zeroes_on_disk() {
+    let rig = Rig::new("zero", 1, false);
+    let fe = Frontend::connect(&rig.socket, 1, 64);
+    let mut drv = fe.drivers().remove(0);
+    fe.qemu_start(blk_features());
+    let mut b = hdr(WRITE_ZEROES, 0);
+    b.extend(seg(4, 8, 0));
+    b.extend(seg(100, 16, 1)); // UNMAP: a punched hole, still zeroes
+    assert_eq!(submit(&fe, &mut drv, 0, &[Buf::readable(&b), Buf::writable(1)]).1, Some(S_OK));
+    assert!(rig.on_disk(4 * 512, 8 * 512).iter().all(|&x| x == 0));
+    assert!(rig.on_disk(100 * 512, 16 * 512).iter().all(|&x| x == 0));
+    assert_eq!(rig.on_disk(12 * 512, 512), pattern(0xA5, IMAGE_LEN)[12 * 512..13 * 512]);
+    let mut b = hdr(DISCARD, 0);
+    b.extend(seg(200, 8, 0));
+    assert_eq!(submit(&fe, &mut drv, 0, &[Buf::readable(&b), Buf::writable(1)]).1, Some(S_OK));
+    // Discarding with UNMAP is refused as unsupported, and nothing is discarded.
+    let mut b = hdr(DISCARD, 0);
+    b.extend(seg(300, 8, 1));
+    assert_eq!(submit(&fe, &mut drv, 0, &[Buf::readable(&b), Buf::writable(1)]).1, Some(S_UNSUPP));
+    assert_eq!(rig.on_disk(300 * 512, 4096), pattern(0xA5, IMAGE_LEN)[300 * 512..300 * 512 + 4096]);
+}
+
+#[test]
+fn hostile_requests_get_an_error_status_and_the_queue_keeps_moving() {
+    let rig = Rig::new("hostile", 1, false);
+    let fe = Frontend::connect(&rig.socket, 1, 64);
+    let mut drv = fe.drivers().remove(0);
+    fe.qemu_start(blk_features());
+    let before = std::fs::read(&rig.image).unwrap();
+    let junk = pattern(9, 4096);
+    let far = seg(2040, 9, 0);
+    let cases: Vec<(Vec<u8>, Vec<Buf<'_>>, u8)> = vec![
+        // Beyond capacity, overflowing, not whole sectors, wrong direction.
+        (hdr(OUT, 2047), vec![Buf::readable(&junk[..1024])], S_IOERR),
+        (hdr(OUT, u64::MAX), vec![Buf::readable(&junk[..512])], S_IOERR),
+        (hdr(OUT, 0), vec![Buf::readable(&junk[..700])], S_IOERR),
+        (hdr(IN, 0), vec![Buf::readable(&junk[..512])], S_IOERR),
+        (hdr(OUT, 0), vec![Buf::readable(&junk[..512]), Buf::writable(512)], S_IOERR),
+        // Unknown types.
+        (hdr(2, 0), vec![], S_UNSUPP),
+        (hdr(14, 0), vec![], S_UNSUPP),
+        // Too many segments, a segment beyond capacity.
+        (hdr(DISCARD, 0), vec![Buf::readable(&[0; 16 * 33])], S_IOERR),
+        (hdr(WRITE_ZEROES, 0), vec![Buf::readable(&far)], S_IOERR),
+        // GET_ID into too small a buffer.
+        (hdr(GET_ID, 0), vec![Buf::writable(8)], S_IOERR),
+    ];
+    for (h, data, want) in &cases {
+        let mut bufs = vec![Buf::readable(h)];
+        bufs.extend(data.iter().copied());
+        bufs.push(Buf::writable(1));
+        let (len, status, _) = submit(&fe, &mut drv, 0, &bufs);
+        assert_eq!((len, status), (1, Some(*want)), "header {:?}", &h[..4]);
+    }
+    // A header cut short, and no status byte at all (used length 0).
+    let h = hdr(IN, 0);
+    assert_eq!(submit(&fe, &mut drv, 0, &[Buf::readable(&h[..9]), Buf::writable(513)]).1, Some(S_IOERR));
+    assert_eq!(submit(&fe, &mut drv, 0, &[Buf::readable(&h)]).0, 0);
+    // A chain the walk refuses (next out of range): completed with 0 by the core.
+    let mut addr = [0u64; 2];
+    let head = drv.build_chain(&[Buf::readable(&h), Buf::writable(513)], &mut addr);
+    drv.write_desc(
+        head,
+        virtq::desc::Descriptor { addr: addr[0], len: 16, flags: virtq::desc::DescFlags::NEXT, next: 999 },
+    );
+    let used = drv.used_idx();
+    drv.publish(head);
+    fe.kick(0);
+    wait("the broken chain back", || (drv.used_idx() != used).then_some(()));
+    assert_eq!(drv.used_elem(used), (head as u32, 0));
+    drv.reset_alloc();
+
+    // Nothing was written, and a good request is still served.
+    assert_eq!(std::fs::read(&rig.image).unwrap(), before);
+    let h = hdr(IN, 2047);
+    let (len, status, addrs) = submit(&fe, &mut drv, 0, &[Buf::readable(&h), Buf::writable(512), Buf::writable(1)]);
+    assert_eq!((len, status), (513, Some(S_OK)));
+    assert_eq!(read_guest(&drv, addrs[1], 512), before[2047 * 512..]);
+    assert_eq!(rig.dev.stats(0).errors, cases.len() as u64 + 3);
+}
+
+#[test]
+fn a_read_only_device_offers_ro_refuses_writes_and_serves_reads() {
+    let rig = Rig::new("ro", 1, true);
+    let fe = Frontend::connect(&rig.socket, 1, 64);
+    let mut drv = fe.drivers().remove(0);
+    let offered = fe.get_u64(GET_FEATURES);
+    assert!(offered & VirtioFeatures::BLK_RO.bits() != 0);
+    assert_eq!(offered & (VirtioFeatures::BLK_DISCARD | VirtioFeatures::BLK_WRITE_ZEROES).bits(), 0);
+    // The driver ignores RO: the device refuses writes anyway (§5.2.6.2).
+    fe.qemu_start(blk_features());
+    let data = pattern(3, 512);
+    let h = hdr(OUT, 0);
+    assert_eq!(submit(&fe, &mut drv, 0, &[Buf::readable(&h), Buf::readable(&data), Buf::writable(1)]).1, Some(S_IOERR));
+    let mut b = hdr(WRITE_ZEROES, 0);
+    b.extend(seg(0, 1, 0));
+    assert_eq!(submit(&fe, &mut drv, 0, &[Buf::readable(&b), Buf::writable(1)]).1, Some(S_UNSUPP), "not negotiated");
+    assert_eq!(rig.on_disk(0, 512), pattern(0xA5, IMAGE_LEN)[..512]);
+    let h = hdr(IN, 1);
+    let (_, status, addrs) = submit(&fe, &mut drv, 0, &[Buf::readable(&h), Buf::writable(512), Buf::writable(1)]);
+    assert_eq!(status, Some(S_OK));
+    assert_eq!(read_guest(&drv, addrs[1], 512), pattern(0xA5, IMAGE_LEN)[512..1024]);
+}
+
+#[test]
+fn every_request_queue_is_served() {
+    let rig = Rig::new("mq", 2, false);
+    let fe = Frontend::connect(&rig.socket, 2, 64);
+    let mut drvs = fe.drivers();
+    assert_eq!(fe.get_u64(GET_QUEUE_NUM), 2);
+    fe.qemu_start(blk_features());
+    for (q, drv) in drvs.iter_mut().enumerate() {
+        let data = pattern(q as u8 + 10, 4096);
+        let h = hdr(OUT, 64 * q as u64);
+        assert_eq!(submit(&fe, drv, q, &[Buf::readable(&h), Buf::readable(&data), Buf::writable(1)]).1, Some(S_OK));
+        assert_eq!(rig.on_disk(64 * 512 * q, 4096), data);
+        assert_eq!(rig.dev.stats(q).written_bytes, 4096);
+    }
+}
+
+/// GET_CONFIG: `struct virtio_blk_config` as the front-end reads it.
+fn get_config(fe: &Frontend, offset: u32, size: u32) -> Vec<u8> {
+    let mut p = offset.to_ne_bytes().to_vec();
+    p.extend_from_slice(&size.to_ne_bytes());
+    p.extend_from_slice(&0u32.to_ne_bytes());
+    p.extend(vec![0u8; size as usize]);
+    fe.send(GET_CONFIG, 0, &p, &[]);
+    let (req, _, reply) = fe.reply();
+    assert_eq!(req, GET_CONFIG);
+    reply[12..].to_vec()
+}
+
+#[test]
+fn the_config_space_is_virtio_blk_config_and_writeback_is_writable() {
+    let rig = Rig::new("config", 2, false);
+    let fe = Frontend::connect(&rig.socket, 2, 64);
+    fe.qemu_start(blk_features());
+    // QEMU reads the whole structure its headers know (60, 72 or 96 bytes).
+    let c = get_config(&fe, 0, 96);
+    assert_eq!(c.len(), 96);
+    assert_eq!(u64::from_le_bytes(c[0..8].try_into().unwrap()), (IMAGE_LEN / 512) as u64);
+    assert_eq!(u32::from_le_bytes(c[12..16].try_into().unwrap()), virtq_blk::device::SEG_MAX);
+    assert_eq!(u32::from_le_bytes(c[20..24].try_into().unwrap()), 512);
+    assert_eq!(c[32], 1, "writeback");
+    assert_eq!(u16::from_le_bytes(c[34..36].try_into().unwrap()), 2);
+    assert_eq!(u32::from_le_bytes(c[40..44].try_into().unwrap()), 32, "max_discard_seg");
+    // The driver switches to writethrough (QEMU forwards the `wce` write as SET_CONFIG).
+    let mut p = 32u32.to_ne_bytes().to_vec();
+    p.extend_from_slice(&1u32.to_ne_bytes());
+    p.extend_from_slice(&0u32.to_ne_bytes());
+    p.push(0);
+    assert_eq!(fe.acked(SET_CONFIG, &p, &[]), 0);
+    assert_eq!(get_config(&fe, 32, 1), [0]);
+    // Capacity is read-only.
+    let mut p = 0u32.to_ne_bytes().to_vec();
+    p.extend_from_slice(&8u32.to_ne_bytes());
+    p.extend_from_slice(&0u32.to_ne_bytes());
+    p.extend_from_slice(&[0xff; 8]);
+    assert_ne!(fe.acked(SET_CONFIG, &p, &[]), 0);
+}
+
+const SET_CONFIG: u32 = 25;
+
+// ---- the binary ----------------------------------------------------------------------------
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_virtq-blk"))
+}
+
+#[test]
+fn print_capabilities_names_the_block_type_and_its_options() {
+    let out = std::process::Command::new(bin()).arg("--print-capabilities").output().unwrap();
+    assert!(out.status.success());
+    let s = String::from_utf8(out.stdout).unwrap();
+    assert!(s.contains("\"type\": \"block\""), "{s}");
+    assert!(s.contains("\"read-only\"") && s.contains("\"blk-file\""), "{s}");
+}
+
+#[test]
+fn the_binary_serves_an_image_and_exits_cleanly_on_sigterm() {
+    let image = unique("bin.img");
+    std::fs::write(&image, vec![0u8; IMAGE_LEN]).unwrap();
+    let socket = unique("bin.sock");
+    let mut child = std::process::Command::new(bin())
+        .args(["--socket-path", socket.to_str().unwrap(), "--blk-file", image.to_str().unwrap(), "--queues", "2"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    {
+        let fe = Frontend::connect(&socket, 2, 64);
+        let mut drvs = fe.drivers();
+        fe.qemu_start(blk_features());
+        let data = pattern(7, 8192);
+        let h = hdr(OUT, 8);
+        assert_eq!(
+            submit(&fe, &mut drvs[1], 1, &[Buf::readable(&h), Buf::readable(&data), Buf::writable(1)]).1,
+            Some(S_OK)
+        );
+        let h = hdr(FLUSH, 0);
+        assert_eq!(submit(&fe, &mut drvs[1], 1, &[Buf::readable(&h), Buf::writable(1)]).1, Some(S_OK));
+        assert_eq!(std::fs::read(&image).unwrap()[4096..4096 + 8192], data[..]);
+        // SAFETY: sends SIGTERM to our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let status = child.wait().unwrap();
+        assert!(status.success(), "{status:?}");
+    }
+    assert!(!socket.exists(), "socket file removed");
+    std::fs::remove_file(image).unwrap();
+}
