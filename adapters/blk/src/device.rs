@@ -23,12 +23,18 @@ use virtq_vhost_user::vring::{signal, RingFault, VringShared};
 use crate::image::Image;
 use crate::model::MAX_DISCARD_SEGMENTS;
 
-/// Segments a request chain may have: `seg_max` data segments plus the header and the
-/// status byte (Linux puts each in its own descriptor).
-pub const CHAIN_SEGMENTS: usize = 130;
+/// `seg_max` (§5.2.4): data segments per request the driver may use. Linux adds a descriptor
+/// for the header and one for the status byte, and the whole chain (an indirect table
+/// included) may not be longer than the queue size (§2.7.5.2; the chain walk refuses a longer
+/// indirect table): 126 fits queues of 128 entries and more, QEMU's vhost-user-blk default
+/// (QEMU's own virtio-blk advertises queue size − 2 the same way). The configuration space is
+/// read before the queue size is known, so this is fixed.
+pub const SEG_MAX: u32 = 126;
 
-/// `seg_max` (§5.2.4): data segments per request the driver may use.
-pub const SEG_MAX: u32 = CHAIN_SEGMENTS as u32 - 2;
+/// Segments a request chain may have in the walk's list: `seg_max` data buffers, the header
+/// and the status byte, and room for buffers that span two memory regions (each such buffer
+/// is one more segment).
+pub const CHAIN_SEGMENTS: usize = 160;
 
 /// Requests served per ring per burst.
 pub const BURST: usize = 32;
