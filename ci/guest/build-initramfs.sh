@@ -25,6 +25,7 @@
 #   vt-iperf IP SECS [ARGS]         iperf3 client, retrying the connect until the server is up
 #   vt-channels N                   ethtool -L eth0 combined N, checked with ethtool -l
 #   vt-blk                          the block test on /dev/vda (see its heredoc)
+#   vt-blk-stream [MIB]             a streamed write to /dev/vda, read back and compared
 set -euo pipefail
 
 OUT=${1:?usage: build-initramfs.sh OUTDIR}
@@ -364,6 +365,36 @@ echo "VIRTQ: dd write $(mbs 67108864 "$t0" "$t1") MB/s read $(mbs 67108864 "$t1"
 yes virtq-blk-raw | head -c 1048576 > /tmp/raw
 dd if=/tmp/raw of=/dev/vda bs=1M seek=240 conv=fsync 2> /dev/null || { echo "VIRTQ: raw write failed"; exit 1; }
 echo "VIRTQ: raw pattern sha256 $(sha256sum < /tmp/raw | cut -d' ' -f1)"
+EOF
+
+cat > "$ROOT/bin/vt-blk-stream" << 'EOF'
+#!/bin/sh
+# vt-blk-stream [MIB]: writes MIB MiB (default 64) of a known pattern (`yes virtq-blk-stream`)
+# to /dev/vda at 16 MiB, one 1 MiB O_DIRECT write at a time, printing `VIRTQ: chunk N` after
+# each (the host kills the back-end and restarts it meanwhile); then reads it back with the
+# caches dropped and compares SHA-256.
+mib=${1:-64}
+n=0
+while [ ! -b /dev/vda ]; do
+    n=$((n + 1))
+    [ $n -gt 100 ] && { echo "VIRTQ: no /dev/vda"; exit 1; }
+    sleep 0.1
+done
+yes virtq-blk-stream | head -c $((mib * 1048576)) > /tmp/stream
+want=$(sha256sum < /tmp/stream | cut -d' ' -f1)
+t0=$(cut -d' ' -f1 /proc/uptime)
+i=0
+while [ $i -lt "$mib" ]; do
+    dd if=/tmp/stream of=/dev/vda bs=1M count=1 skip=$i seek=$((16 + i)) oflag=direct 2> /dev/null \
+        || { echo "VIRTQ: chunk $i failed"; exit 1; }
+    echo "VIRTQ: chunk $i"
+    i=$((i + 1))
+done
+t1=$(cut -d' ' -f1 /proc/uptime)
+echo 3 > /proc/sys/vm/drop_caches
+got=$(dd if=/dev/vda bs=1M skip=16 count="$mib" 2> /dev/null | sha256sum | cut -d' ' -f1)
+echo "VIRTQ: stream of $mib MiB written in $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }')s, sha256 wrote $want read $got"
+[ "$want" = "$got" ]
 EOF
 
 chmod +x "$ROOT/init" "$ROOT"/bin/vt-*

@@ -53,7 +53,7 @@ if [[ -z ${VIRTQ_NET:-} ]]; then
     VIRTQ_NET=${CARGO_TARGET_DIR:-$ROOT/target}/release/virtq-net
 fi
 [[ -x $VIRTQ_NET ]] || die "no virtq-net binary at $VIRTQ_NET"
-if case_selected blk && [[ -z ${VIRTQ_BLK:-} ]]; then
+if { case_selected blk || case_selected blk-kill-restart; } && [[ -z ${VIRTQ_BLK:-} ]]; then
     say "building virtq-blk (release)"
     cargo build --release -p virtq-blk --locked >&2 || die "cargo build failed"
     VIRTQ_BLK=${CARGO_TARGET_DIR:-$ROOT/target}/release/virtq-blk
@@ -1116,6 +1116,58 @@ case_blk() {
     ((guest_ok == 0 && stop_ok == 0)) || { DETAIL+="; $err $stop"; return 1; }
 }
 
+# virtq-blk killed with SIGKILL in the middle of a guest's streamed write and started again on
+# the same socket; QEMU (client, reconnect=1) reconnects and sets the rings up again, and the
+# guest's write completes with its checksum intact, read back in the guest and on the host.
+# Requests are completed in order, so every request not yet in the used ring is at or after
+# the used index QEMU restores as the rings' base, and the new back-end serves it again.
+case_blk_kill() {
+    local sock=$TMP/$CASE.sock img=$TMP/$CASE.img log=$TMP/$CASE-g1.serial err mib=64
+    rm -f "$img"
+    truncate -s 256M "$img" || { DETAIL="image"; return 1; }
+    VQ_LOG=$TMP/$CASE-virtq-blk.log
+    "$VIRTQ_BLK" --socket-path "$sock" --image "$img" > "$VQ_LOG" 2>&1 &
+    VQ_PID=$!
+    track "$VQ_PID"
+    wait_for "socket" test -S "$sock" || { DETAIL="virtq-blk did not listen"; return 1; }
+    qemu-system-x86_64 -accel tcg -cpu max -machine q35,memory-backend=mem -m 256M -smp 1 \
+        -object "memory-backend-memfd,id=mem,size=256M,share=on" \
+        -display none -nodefaults -no-reboot -serial "file:$log" \
+        -kernel "$KERNEL" -initrd "$INITRD" \
+        -append "console=ttyS0 panic=-1 loglevel=4 virtq.timeout=$((CASE_LIMIT - 20)) virtq.cmd=\"vt-blk-stream $mib\"" \
+        -chardev "socket,id=c0,path=$sock,reconnect=1" -device vhost-user-blk-pci,chardev=c0 \
+        > "$TMP/$CASE-g1.qemu" 2>&1 &
+    GPID[g1]=$!
+    GLOG[g1]=$log
+    track "${GPID[g1]}"
+    GLOG[g1]=$log
+    wait_for "the guest's 8th chunk" grep -aq 'VIRTQ: chunk 8' "$log" || { DETAIL="the guest did not start writing"; return 1; }
+    kill -KILL "$VQ_PID"
+    wait "$VQ_PID" 2> /dev/null
+    local killed_at
+    killed_at=$(grep -a 'VIRTQ: chunk' "$log" | tail -1 | tr -d '\r' | sed 's/.*chunk //')
+    sleep 1
+    VQ_LOG=$TMP/$CASE-virtq-blk-2.log
+    "$VIRTQ_BLK" --socket-path "$sock" --image "$img" > "$VQ_LOG" 2>&1 &
+    VQ_PID=$!
+    track "$VQ_PID"
+    wait_guests g1
+    err=$(check_guests g1)
+    local guest_ok=$?
+    vq_stop
+    local stop_ok=$? stop=${STOP_ERR//virtq-net/virtq-blk}
+    local want got requests
+    want=$(yes virtq-blk-stream | head -c $((mib << 20)) | sha256sum | cut -d' ' -f1)
+    got=$(dd if="$img" bs=1M skip=16 count=$mib 2> /dev/null | sha256sum | cut -d' ' -f1)
+    requests=$(grep -a 'stats .* q0:' "$VQ_LOG" | sed -n 's/.* requests \([0-9]*\).*/\1/p' | tail -1)
+    DETAIL="killed after chunk ${killed_at:-?} of $mib; $(vline g1 'stream' | sed 's/.*VIRTQ: //' | sed 's/, sha256.*//')"
+    DETAIL+=", guest checksum $(vline g1 'stream' | awk '{ print ($(NF - 2) == $NF) ? "intact" : "DIFFERS" }'), host checksum $([[ $want == "$got" ]] && echo intact || echo DIFFERS)"
+    DETAIL+="; the restarted back-end served ${requests:-?} requests"
+    [[ $want == "$got" ]] || { DETAIL+="; the image lost data"; return 1; }
+    ((${requests:-0} > 0)) || { DETAIL+="; the restarted back-end served nothing"; return 1; }
+    ((guest_ok == 0 && stop_ok == 0)) || { DETAIL+="; $err $stop"; return 1; }
+}
+
 # --- runner --------------------------------------------------------------------------------
 MATRIX=(
     "tap|case_tap on"
@@ -1139,6 +1191,7 @@ MATRIX=(
     "migrate-mrg-off-rarp|case_migrate virtq client off off"
     "migrate-client|case_migrate virtq server on"
     "blk|case_blk"
+    "blk-kill-restart|case_blk_kill"
 )
 PASS=0
 FAIL=0
