@@ -369,10 +369,12 @@ EOF
 
 cat > "$ROOT/bin/vt-blk-stream" << 'EOF'
 #!/bin/sh
-# vt-blk-stream [MIB]: writes MIB MiB (default 64) of a known pattern (`yes virtq-blk-stream`)
-# to /dev/vda at 16 MiB, one 1 MiB O_DIRECT write at a time, printing `VIRTQ: chunk N` after
-# each (the host kills the back-end and restarts it meanwhile); then reads it back with the
-# caches dropped and compares SHA-256.
+# vt-blk-stream [MIB] [writethrough]: writes MIB MiB (default 64) of a known pattern (`yes
+# virtq-blk-stream`) to /dev/vda at 16 MiB, one 1 MiB O_DIRECT write at a time, printing
+# `VIRTQ: chunk N` after each (the host kills the back-end and restarts it meanwhile); then
+# reads it back with the caches dropped and compares SHA-256. With `writethrough` the disk's
+# write cache is switched off first (virtio-blk `writeback` = 0 through CONFIG_WCE: the
+# back-end makes every write stable before completing it).
 mib=${1:-64}
 n=0
 while [ ! -b /dev/vda ]; do
@@ -380,6 +382,12 @@ while [ ! -b /dev/vda ]; do
     [ $n -gt 100 ] && { echo "VIRTQ: no /dev/vda"; exit 1; }
     sleep 0.1
 done
+if [ "$2" = writethrough ]; then
+    # virtio_blk's own attribute writes `writeback` in the config space (queue/write_cache
+    # would only change the guest's view).
+    echo "write through" > /sys/block/vda/cache_type || { echo "VIRTQ: cannot set write through"; exit 1; }
+    echo "VIRTQ: cache $(cat /sys/block/vda/cache_type)"
+fi
 yes virtq-blk-stream | head -c $((mib * 1048576)) > /tmp/stream
 want=$(sha256sum < /tmp/stream | cut -d' ' -f1)
 t0=$(cut -d' ' -f1 /proc/uptime)

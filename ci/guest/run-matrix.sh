@@ -1116,16 +1116,40 @@ case_blk() {
     ((guest_ok == 0 && stop_ok == 0)) || { DETAIL+="; $err $stop"; return 1; }
 }
 
-# virtq-blk killed with SIGKILL in the middle of a guest's streamed write and started again on
-# the same socket; QEMU (client, reconnect=1) reconnects and sets the rings up again, and the
-# guest's write completes with its checksum intact, read back in the guest and on the host.
-# Requests are completed in order, so every request not yet in the used ring is at or after
-# the used index QEMU restores as the rings' base, and the new back-end serves it again.
+# virtq-blk killed with SIGKILL three times during a guest's streamed write (after chunks 8, 24
+# and 40 of 64, each time preferably inside a write: kill_mid_request; the guest runs its disk
+# in writethrough mode, so that every write is synced before it completes) and started again on the same socket each time; QEMU (client, reconnect=1)
+# reconnects and sets the rings up again, and the guest's write completes with its checksum
+# intact, read back in the guest and on the host. With INFLIGHT_SHMFD, QEMU keeps the inflight
+# area across the restarts: a request the killed back-end had taken and not completed is served
+# again by the next one (counted in DETAIL from its log; a kill between two requests leaves
+# none). Requests complete in order, so they are also the ones from the used index on, which
+# QEMU restores as the rings' base.
+# SIGKILL to virtq-blk, preferably while one of its threads is inside fdatasync(2) (syscall 75
+# on x86-64; in writethrough mode every write is synced before it completes), i.e. with a
+# request taken from the ring and not completed; polls /proc/PID/task/*/syscall (no fork per
+# poll) for up to 3 s, then kills anyway. Sets MID=1 if it caught one.
+kill_mid_request() { # PID
+    local t f end=$((SECONDS + 3))
+    MID=0
+    while ((SECONDS < end)); do
+        for f in /proc/"$1"/task/*/syscall; do
+            read -r t _ < "$f" 2> /dev/null || continue
+            if [[ $t == 75 ]]; then
+                kill -KILL "$1"
+                MID=1
+                return 0
+            fi
+        done
+    done
+    kill -KILL "$1"
+}
+
 case_blk_kill() {
-    local sock=$TMP/$CASE.sock img=$TMP/$CASE.img log=$TMP/$CASE-g1.serial err mib=64
+    local sock=$TMP/$CASE.sock img=$TMP/$CASE.img log=$TMP/$CASE-g1.serial err mib=64 k n=0 killed="" mid=0
     rm -f "$img"
     truncate -s 256M "$img" || { DETAIL="image"; return 1; }
-    VQ_LOG=$TMP/$CASE-virtq-blk.log
+    VQ_LOG=$TMP/$CASE-virtq-blk-0.log
     "$VIRTQ_BLK" --socket-path "$sock" --image "$img" > "$VQ_LOG" 2>&1 &
     VQ_PID=$!
     track "$VQ_PID"
@@ -1134,37 +1158,41 @@ case_blk_kill() {
         -object "memory-backend-memfd,id=mem,size=256M,share=on" \
         -display none -nodefaults -no-reboot -serial "file:$log" \
         -kernel "$KERNEL" -initrd "$INITRD" \
-        -append "console=ttyS0 panic=-1 loglevel=4 virtq.timeout=$((CASE_LIMIT - 20)) virtq.cmd=\"vt-blk-stream $mib\"" \
+        -append "console=ttyS0 panic=-1 loglevel=4 virtq.timeout=$((CASE_LIMIT - 20)) virtq.cmd=\"vt-blk-stream $mib writethrough\"" \
         -chardev "socket,id=c0,path=$sock,reconnect=1" -device vhost-user-blk-pci,chardev=c0 \
         > "$TMP/$CASE-g1.qemu" 2>&1 &
     GPID[g1]=$!
     GLOG[g1]=$log
     track "${GPID[g1]}"
-    GLOG[g1]=$log
-    wait_for "the guest's 8th chunk" grep -aq 'VIRTQ: chunk 8' "$log" || { DETAIL="the guest did not start writing"; return 1; }
-    kill -KILL "$VQ_PID"
-    wait "$VQ_PID" 2> /dev/null
-    local killed_at
-    killed_at=$(grep -a 'VIRTQ: chunk' "$log" | tail -1 | tr -d '\r' | sed 's/.*chunk //')
-    sleep 1
-    VQ_LOG=$TMP/$CASE-virtq-blk-2.log
-    "$VIRTQ_BLK" --socket-path "$sock" --image "$img" > "$VQ_LOG" 2>&1 &
-    VQ_PID=$!
-    track "$VQ_PID"
+    for k in 8 24 40; do
+        wait_for "the guest's chunk $k" grep -aq "VIRTQ: chunk $k" "$log" || { DETAIL="the guest did not reach chunk $k"; return 1; }
+        kill_mid_request "$VQ_PID"
+        mid=$((mid + MID))
+        wait "$VQ_PID" 2> /dev/null
+        killed+="${killed:+, }$(grep -a 'VIRTQ: chunk' "$log" | tail -1 | tr -d '\r' | sed 's/.*chunk //')"
+        sleep 1
+        n=$((n + 1))
+        VQ_LOG=$TMP/$CASE-virtq-blk-$n.log
+        "$VIRTQ_BLK" --socket-path "$sock" --image "$img" > "$VQ_LOG" 2>&1 &
+        VQ_PID=$!
+        track "$VQ_PID"
+    done
     wait_guests g1
     err=$(check_guests g1)
     local guest_ok=$?
     vq_stop
     local stop_ok=$? stop=${STOP_ERR//virtq-net/virtq-blk}
-    local want got requests
+    local want got requests resubmitted tracked
     want=$(yes virtq-blk-stream | head -c $((mib << 20)) | sha256sum | cut -d' ' -f1)
     got=$(dd if="$img" bs=1M skip=16 count=$mib 2> /dev/null | sha256sum | cut -d' ' -f1)
     requests=$(grep -a 'stats .* q0:' "$VQ_LOG" | sed -n 's/.* requests \([0-9]*\).*/\1/p' | tail -1)
-    DETAIL="killed after chunk ${killed_at:-?} of $mib; $(vline g1 'stream' | sed 's/.*VIRTQ: //' | sed 's/, sha256.*//')"
+    resubmitted=$(cat "$TMP/$CASE"-virtq-blk-*.log | sed -n 's/.* \([0-9]*\) request(s) in flight before the restart.*/\1/p' | awk '{ s += $1 } END { print s + 0 }')
+    tracked=$(grep -al 'requests tracked in the inflight area' "$TMP/$CASE"-virtq-blk-*.log | wc -l)
+    DETAIL="killed after chunks $killed of $mib ($mid of 3 inside a write's fdatasync); $(vline g1 'stream' | sed 's/.*VIRTQ: //' | sed 's/, sha256.*//')"
     DETAIL+=", guest checksum $(vline g1 'stream' | awk '{ print ($(NF - 2) == $NF) ? "intact" : "DIFFERS" }'), host checksum $([[ $want == "$got" ]] && echo intact || echo DIFFERS)"
-    DETAIL+="; the restarted back-end served ${requests:-?} requests"
+    DETAIL+="; inflight area used by $tracked of $((n + 1)) back-ends, $resubmitted request(s) in flight at a kill served again; the last back-end served ${requests:-?} requests"
     [[ $want == "$got" ]] || { DETAIL+="; the image lost data"; return 1; }
-    ((${requests:-0} > 0)) || { DETAIL+="; the restarted back-end served nothing"; return 1; }
+    ((tracked == n + 1)) || { DETAIL+="; INFLIGHT_SHMFD not in use"; return 1; }
     ((guest_ok == 0 && stop_ok == 0)) || { DETAIL+="; $err $stop"; return 1; }
 }
 

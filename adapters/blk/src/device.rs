@@ -7,6 +7,10 @@
 //! `preadv`/`pwritev` over the buffers' host pieces, and the status byte is written. The used
 //! index is published once per burst and the guest signalled at most once.
 //!
+//! With `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD` every request is recorded in the front-end's
+//! inflight area ([`crate::inflight`]) from the moment it is taken until its completion is in
+//! the used ring, and a ring that starts with requests in flight serves them again.
+//!
 //! Requests complete in the order they were made available. Malformed requests get
 //! `VIRTIO_BLK_S_IOERR` or `VIRTIO_BLK_S_UNSUPP` (a chain without a status byte, or one the
 //! chain walk refused, gets used length 0) and a rate-limited log line; the queue keeps moving.
@@ -21,6 +25,7 @@ use virtq_vhost_user::limited;
 use virtq_vhost_user::vring::{signal, RingFault, VringShared};
 
 use crate::image::Image;
+use crate::inflight::InflightArea;
 use crate::model::MAX_DISCARD_SEGMENTS;
 
 /// `seg_max` (§5.2.4): data segments per request the driver may use. Linux adds a descriptor
@@ -66,6 +71,13 @@ pub struct BlkCounters {
 struct Queue {
     shared: Arc<Mutex<VringShared>>,
     stats: QueueStats,
+    /// The ring, started, was looked at by [`BlkDevice::sync_rings`] (inflight recovery done):
+    /// the data path serves it only then. Read and written under the ring's lock.
+    ready: AtomicBool,
+    /// Requests of this start are recorded in the inflight area.
+    tracking: AtomicBool,
+    /// The next `counter` for the inflight area (the order requests were taken in).
+    counter: AtomicU64,
 }
 
 impl Queue {
@@ -90,6 +102,8 @@ struct Inner {
     id: [u8; ID_BYTES],
     /// `writeback` as the driver set it ([`crate::model::BlkModel`] keeps it up to date).
     writeback: AtomicBool,
+    /// The inflight area of `SET_INFLIGHT_FD`, while there is one.
+    inflight: Mutex<Option<Arc<InflightArea>>>,
 }
 
 impl std::fmt::Debug for BlkDevice {
@@ -115,8 +129,25 @@ impl BlkDevice {
         config: BlkConfig,
         id: [u8; ID_BYTES],
     ) -> BlkDevice {
-        let queues = rings.into_iter().map(|shared| Queue { shared, stats: QueueStats::default() }).collect();
-        let inner = Inner { name: name.to_string(), queues, image, config, id, writeback: AtomicBool::new(true) };
+        let queues = rings
+            .into_iter()
+            .map(|shared| Queue {
+                shared,
+                stats: QueueStats::default(),
+                ready: AtomicBool::new(false),
+                tracking: AtomicBool::new(false),
+                counter: AtomicU64::new(0),
+            })
+            .collect();
+        let inner = Inner {
+            name: name.to_string(),
+            queues,
+            image,
+            config,
+            id,
+            writeback: AtomicBool::new(true),
+            inflight: Mutex::new(None),
+        };
         BlkDevice { inner: Arc::new(inner) }
     }
 
@@ -133,6 +164,67 @@ impl BlkDevice {
     /// Sets the write cache mode (`writeback` of the configuration space).
     pub fn set_writeback(&self, writeback: bool) {
         self.inner.writeback.store(writeback, Ordering::Release);
+    }
+
+    /// Whether the data path runs in writeback mode (else every write is made stable before
+    /// it completes).
+    pub fn writeback(&self) -> bool {
+        self.inner.writeback.load(Ordering::Acquire)
+    }
+
+    /// Sets the inflight area (`SET_INFLIGHT_FD`; `None` after a reset).
+    pub fn set_inflight(&self, area: Option<Arc<InflightArea>>) {
+        *self.inflight_lock() = area;
+    }
+
+    fn inflight_lock(&self) -> MutexGuard<'_, Option<Arc<InflightArea>>> {
+        self.inner.inflight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// For the control thread after every request: a ring that started since the last call is
+    /// handed to the data path, after its inflight region (if there is one for it) was set up
+    /// or repaired. Requests the region shows in flight are served again: they are the ones
+    /// the available ring holds from the used index on (requests complete in order), so the
+    /// ring resumes there. Returns `(queue, requests in flight)` for each ring that resumed
+    /// with requests in flight.
+    pub fn sync_rings(&self) -> Vec<(usize, u16)> {
+        let area = self.inflight_lock().clone();
+        let mut resumed = Vec::new();
+        for (i, q) in self.inner.queues.iter().enumerate() {
+            let mut s = q.lock();
+            let Some(active) = s.active.as_mut() else {
+                q.ready.store(false, Ordering::Relaxed);
+                continue;
+            };
+            if q.ready.load(Ordering::Relaxed) {
+                continue;
+            }
+            let recovered =
+                area.as_ref().and_then(|a| a.queue(i)).and_then(|r| r.recover(active.next_used, active.config.size));
+            match recovered {
+                Some((inflight, counter)) => {
+                    q.tracking.store(true, Ordering::Relaxed);
+                    q.counter.store(counter, Ordering::Relaxed);
+                    limited!(info, "{}: queue {i}: requests tracked in the inflight area", self.name());
+                    if inflight > 0 {
+                        active.next_avail = active.next_used;
+                        resumed.push((i, inflight));
+                    }
+                }
+                None => {
+                    if area.is_some() {
+                        limited!(
+                            warn,
+                            "{}: queue {i}: the inflight area does not fit the ring; not tracked",
+                            self.name()
+                        );
+                    }
+                    q.tracking.store(false, Ordering::Relaxed);
+                }
+            }
+            q.ready.store(true, Ordering::Relaxed);
+        }
+        resumed
     }
 
     /// Counters of request queue `index`.
@@ -153,10 +245,18 @@ impl BlkDevice {
     pub fn process(&self, index: usize, budget: usize) -> usize {
         let Some(q) = self.inner.queues.get(index) else { return 0 };
         let mut s = q.lock();
+        if !q.ready.load(Ordering::Relaxed) {
+            return 0;
+        }
         let (Some(active), true, _) = s.burst_parts() else { return 0 };
         if active.fault().is_some() {
             return 0;
         }
+        let area = if q.tracking.load(Ordering::Relaxed) { self.inflight_lock().clone() } else { None };
+        let region = area.as_ref().and_then(|a| a.queue(index));
+        let mut counter = q.counter.load(Ordering::Relaxed);
+        let mut batch = [0u16; BURST];
+        let mut batched = 0;
         let features = active.features;
         let limits = Limits::new(&self.inner.config, features, self.inner.image.read_only());
         // §5.2.6.2: a write is stable at completion without FLUSH negotiated (case 1), or with
@@ -171,6 +271,13 @@ impl BlkDevice {
             while done < budget {
                 match vq.pop_into(&mut chain) {
                     Ok(true) => {
+                        // In flight from here until its completion is in the used ring.
+                        if let Some(r) = &region {
+                            r.take(chain.head(), counter);
+                            counter = counter.wrapping_add(1);
+                            batch[batched] = chain.head();
+                            batched += 1;
+                        }
                         let used = self.serve(index, &chain, &limits, writethrough, &mut tally);
                         vq.push(chain.head(), used);
                         done += 1;
@@ -189,8 +296,14 @@ impl BlkDevice {
                     }
                 }
             }
-            vq.publish()
+            let Some(r) = &region else { return vq.publish() };
+            // "When supplying used buffers": link the batch, move the used index, then clear.
+            r.link_batch(&batch[..batched]);
+            let notify = vq.publish();
+            r.complete_batch(&batch[..batched], vq.next_used());
+            notify
         });
+        q.counter.store(counter, Ordering::Relaxed);
         let notify = match result {
             Ok(notify) => notify,
             Err(fault) => {

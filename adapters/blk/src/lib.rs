@@ -8,7 +8,8 @@
 //! | module | what |
 //! |---|---|
 //! | [`image`] | the raw image file: vectored reads and writes straight into guest buffers, flush, discard, write zeroes |
-//! | [`model`] | the virtio-blk device model: features, `virtio_blk_config`, `writeback`, queues, ready rule |
+//! | [`model`] | the virtio-blk device model: features, `virtio_blk_config`, `writeback`, queues, ready rule, `GET/SET_INFLIGHT_FD` |
+//! | [`inflight`] | inflight I/O tracking in the front-end's area (vhost-user.rst "Inflight I/O tracking", split layout) |
 //! | [`device`] | the data path: one burst per ring, each request parsed by the core and served from the image |
 //!
 //! The binary (`src/main.rs`) follows the conventions of vhost-user back-end programs
@@ -19,6 +20,7 @@
 
 pub mod device;
 pub mod image;
+pub mod inflight;
 pub mod model;
 
 pub use device::{run_data_path, BlkCounters, BlkDevice};

@@ -324,8 +324,15 @@ fn the_config_space_is_virtio_blk_config_and_writeback_is_writable() {
     let rig = Rig::new("config", 2, false);
     let fe = Frontend::connect(&rig.socket, 2, 64);
     fe.qemu_start(blk_features());
+    // Until the front-end has read `writeback` on this connection, writes are made stable
+    // before they complete: a front-end reconnecting to a running guest may hold a 0 the
+    // driver wrote to a back-end that died.
+    fe.sync();
+    assert!(!rig.dev.writeback());
     // QEMU reads the whole structure its headers know (60, 72 or 96 bytes).
     let c = get_config(&fe, 0, 96);
+    fe.sync();
+    assert!(rig.dev.writeback(), "the driver saw writeback = 1");
     assert_eq!(c.len(), 96);
     assert_eq!(u64::from_le_bytes(c[0..8].try_into().unwrap()), (IMAGE_LEN / 512) as u64);
     assert_eq!(u32::from_le_bytes(c[12..16].try_into().unwrap()), virtq_blk::device::SEG_MAX);
@@ -340,6 +347,7 @@ fn the_config_space_is_virtio_blk_config_and_writeback_is_writable() {
     p.push(0);
     assert_eq!(fe.acked(SET_CONFIG, &p, &[]), 0);
     assert_eq!(get_config(&fe, 32, 1), [0]);
+    assert!(!rig.dev.writeback());
     // Capacity is read-only.
     let mut p = 0u32.to_ne_bytes().to_vec();
     p.extend_from_slice(&8u32.to_ne_bytes());
@@ -420,4 +428,124 @@ fn a_request_of_seg_max_segments_in_an_indirect_table_fits_a_128_entry_queue() {
     assert_eq!(drv.used_elem(before).1, 1, "completed with its status byte");
     assert_eq!(rig.on_disk(0, n * 512), data);
     assert_eq!(rig.dev.stats(0).errors, 0);
+}
+
+// ---- inflight I/O tracking -------------------------------------------------------------------
+
+const SET_INFLIGHT_FD: u32 = 32;
+const PF_INFLIGHT_SHMFD: u64 = 1 << 12;
+
+/// The front-end's inflight area (what QEMU keeps from `GET_INFLIGHT_FD`): one queue of 64
+/// entries, `region_size(64)` bytes, mapped here too so the test can look inside.
+struct Area {
+    fd: std::os::fd::OwnedFd,
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl Area {
+    fn new() -> Area {
+        let len = virtq_blk::inflight::region_size(64) as usize;
+        let fd = memfd("virtq-test-inflight", len);
+        // SAFETY: a fresh shared mapping of our own memfd.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                0,
+            )
+        };
+        assert_ne!(ptr, libc::MAP_FAILED);
+        Area { fd, ptr: ptr.cast(), len }
+    }
+    fn u16(&self, off: usize) -> u16 {
+        // SAFETY: inside our mapping; the back-end writes with atomics, a plain read is a test
+        // snapshot after the request completed.
+        unsafe { std::ptr::read_volatile(self.ptr.add(off).cast::<u16>()) }
+    }
+    fn entry(&self, head: u16) -> (u8, u64) {
+        let e = 16 + 16 * head as usize;
+        // SAFETY: as `u16`.
+        unsafe {
+            (std::ptr::read_volatile(self.ptr.add(e)), std::ptr::read_volatile(self.ptr.add(e + 8).cast::<u64>()))
+        }
+    }
+    fn set_entry(&self, head: u16, inflight: u8, counter: u64) {
+        let e = 16 + 16 * head as usize;
+        // SAFETY: as `u16`; the back-end's ring is stopped while the test writes.
+        unsafe {
+            std::ptr::write_volatile(self.ptr.add(e + 8).cast::<u64>(), counter);
+            std::ptr::write_volatile(self.ptr.add(e), inflight);
+        }
+    }
+}
+
+impl Drop for Area {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+fn inflight_payload(len: usize) -> Vec<u8> {
+    let mut p = (len as u64).to_ne_bytes().to_vec();
+    p.extend_from_slice(&0u64.to_ne_bytes());
+    p.extend_from_slice(&1u16.to_ne_bytes());
+    p.extend_from_slice(&64u16.to_ne_bytes());
+    p.extend_from_slice(&[0; 4]);
+    p
+}
+
+#[test]
+fn requests_in_flight_when_a_ring_stopped_are_served_again_when_it_starts() {
+    use std::os::fd::AsRawFd;
+    let rig = Rig::new("inflight", 1, false);
+    let fe = Frontend::connect(&rig.socket, 1, 64);
+    let mut drv = fe.drivers().remove(0);
+    let area = Area::new();
+    assert!(fe.get_u64(GET_PROTOCOL_FEATURES) & PF_INFLIGHT_SHMFD != 0, "offered");
+    fe.send(SET_PROTOCOL_FEATURES, 0, &u64p(PF_MQ | PF_REPLY_ACK | PF_CONFIG | PF_INFLIGHT_SHMFD), &[]);
+    fe.send(SET_OWNER, 0, &[], &[]);
+    let acked = (blk_features() & fe.get_u64(GET_FEATURES)) | F_PROTOCOL_FEATURES;
+    fe.send(SET_FEATURES, 0, &u64p(acked), &[]);
+    // An area the device cannot use is refused (too small for one queue of 64).
+    assert_ne!(fe.acked(SET_INFLIGHT_FD, &inflight_payload(64), &[area.fd.as_raw_fd()]), 0);
+    assert_eq!(fe.acked(SET_INFLIGHT_FD, &inflight_payload(area.len), &[area.fd.as_raw_fd()]), 0);
+    assert_eq!(fe.acked(SET_MEM_TABLE, &fe.mem_table_payload(), &[fe.ram.fd.as_raw_fd()]), 0);
+    fe.start_queue(0);
+    fe.send(SET_VRING_ENABLE, 0, &state(0, 1), &[]);
+
+    // A request is recorded while in flight and cleared once in the used ring.
+    let data = pattern(21, 1024);
+    let h = hdr(OUT, 0);
+    let (_, status, _) = submit(&fe, &mut drv, 0, &[Buf::readable(&h), Buf::readable(&data), Buf::writable(1)]);
+    assert_eq!(status, Some(S_OK));
+    let first = drv.used_elem(0).0 as u16;
+    assert_eq!((area.u16(8), area.u16(10), area.u16(14)), (1, 64, 1), "version, desc_num, used_idx");
+    assert_eq!(area.u16(12), first, "last_batch_head");
+    assert_eq!(area.entry(first), (0, 0), "completed; counter 0");
+
+    // The ring stops (as when a back-end dies); a request was taken by the back-end and never
+    // completed: it is in the available ring and marked in flight, and the front-end's base
+    // is past it. The ring starts again: the request is served.
+    let base = fe.get_vring_base(0);
+    assert_eq!(base, 1);
+    let data = pattern(22, 2048);
+    let h = hdr(OUT, 100);
+    let mut addrs = [0u64; 3];
+    let head = drv.build_chain(&[Buf::readable(&h), Buf::readable(&data), Buf::writable(1)], &mut addrs);
+    drv.publish(head);
+    area.set_entry(head, 1, 1);
+    fe.send(SET_VRING_BASE, 0, &state(0, 2), &[]);
+    let kick = fe.queues[0].kick.as_raw_fd();
+    fe.send(SET_VRING_KICK, 0, &u64p(0), &[kick]);
+    wait("the request in flight served again", || (drv.used_idx() == 2).then_some(()));
+    assert_eq!(drv.used_elem(1), (head as u32, 1));
+    assert_eq!(read_guest(&drv, addrs[2], 1), [S_OK]);
+    assert_eq!(rig.on_disk(100 * 512, 2048), data);
+    assert_eq!(area.entry(head).0, 0, "no longer in flight");
+    assert_eq!(area.u16(14), 2);
 }
