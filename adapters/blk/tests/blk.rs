@@ -549,3 +549,40 @@ fn requests_in_flight_when_a_ring_stopped_are_served_again_when_it_starts() {
     assert_eq!(area.entry(head).0, 0, "no longer in flight");
     assert_eq!(area.u16(14), 2);
 }
+
+#[test]
+fn the_binary_connects_as_a_client_to_a_listening_front_end() {
+    let image = unique("client.img");
+    std::fs::write(&image, vec![0u8; IMAGE_LEN]).unwrap();
+    let socket = unique("client.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let mut child = std::process::Command::new(bin())
+        .args(["--client", "--socket-path", socket.to_str().unwrap(), "--image", image.to_str().unwrap()])
+        .args(["--read-only", "--serial", "ro-disk"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let (sock, _) = listener.accept().unwrap();
+    {
+        let fe = Frontend::with_socket(sock, 1, 64);
+        let mut drv = fe.drivers().remove(0);
+        assert!(fe.get_u64(GET_FEATURES) & VirtioFeatures::BLK_RO.bits() != 0, "--read-only offers RO");
+        fe.qemu_start(blk_features() | VirtioFeatures::BLK_RO.bits());
+        let h = hdr(GET_ID, 0);
+        let (_, status, addrs) = submit(&fe, &mut drv, 0, &[Buf::readable(&h), Buf::writable(20), Buf::writable(1)]);
+        assert_eq!(status, Some(S_OK));
+        assert_eq!(read_guest(&drv, addrs[1], 7), b"ro-disk");
+        let h = hdr(OUT, 0);
+        let data = pattern(1, 512);
+        assert_eq!(
+            submit(&fe, &mut drv, 0, &[Buf::readable(&h), Buf::readable(&data), Buf::writable(1)]).1,
+            Some(S_IOERR)
+        );
+        // SAFETY: sends SIGTERM to our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        assert!(child.wait().unwrap().success());
+    }
+    assert!(std::fs::read(&image).unwrap().iter().all(|&b| b == 0), "nothing written");
+    std::fs::remove_file(image).unwrap();
+    let _ = std::fs::remove_file(socket);
+}
