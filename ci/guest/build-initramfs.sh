@@ -26,6 +26,7 @@
 #   vt-channels N                   ethtool -L eth0 combined N, checked with ethtool -l
 #   vt-blk                          the block test on /dev/vda (see its heredoc)
 #   vt-blk-stream [MIB]             a streamed write to /dev/vda, read back and compared
+#   vt-blk-ro                       /dev/vda read-only: contents checked, a write refused
 set -euo pipefail
 
 OUT=${1:?usage: build-initramfs.sh OUTDIR}
@@ -403,6 +404,23 @@ echo 3 > /proc/sys/vm/drop_caches
 got=$(dd if=/dev/vda bs=1M skip=16 count="$mib" 2> /dev/null | sha256sum | cut -d' ' -f1)
 echo "VIRTQ: stream of $mib MiB written in $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }')s, sha256 wrote $want read $got"
 [ "$want" = "$got" ]
+EOF
+
+cat > "$ROOT/bin/vt-blk-ro" << 'EOF'
+#!/bin/sh
+# vt-blk-ro: /dev/vda must be read-only (VIRTIO_BLK_F_RO), its first 4 MiB read back as the host
+# wrote them (`yes virtq-blk-ro`, compared by SHA-256), and a write refused.
+n=0
+while [ ! -b /dev/vda ]; do
+    n=$((n + 1))
+    [ $n -gt 100 ] && { echo "VIRTQ: no /dev/vda"; exit 1; }
+    sleep 0.1
+done
+want=$(yes virtq-blk-ro | head -c 4194304 | sha256sum | cut -d' ' -f1)
+got=$(dd if=/dev/vda bs=1M count=4 2> /dev/null | sha256sum | cut -d' ' -f1)
+if dd if=/dev/zero of=/dev/vda bs=4096 count=1 oflag=direct 2> /dev/null; then wrote=yes; else wrote=no; fi
+echo "VIRTQ: ro $(cat /sys/block/vda/ro), read $([ "$want" = "$got" ] && echo intact || echo DIFFERS), write accepted $wrote"
+[ "$(cat /sys/block/vda/ro)" = 1 ] && [ "$want" = "$got" ] && [ $wrote = no ]
 EOF
 
 chmod +x "$ROOT/init" "$ROOT"/bin/vt-*

@@ -53,7 +53,7 @@ if [[ -z ${VIRTQ_NET:-} ]]; then
     VIRTQ_NET=${CARGO_TARGET_DIR:-$ROOT/target}/release/virtq-net
 fi
 [[ -x $VIRTQ_NET ]] || die "no virtq-net binary at $VIRTQ_NET"
-if { case_selected blk || case_selected blk-kill-restart; } && [[ -z ${VIRTQ_BLK:-} ]]; then
+if { case_selected blk || case_selected blk-kill-restart || case_selected blk-ro; } && [[ -z ${VIRTQ_BLK:-} ]]; then
     say "building virtq-blk (release)"
     cargo build --release -p virtq-blk --locked >&2 || die "cargo build failed"
     VIRTQ_BLK=${CARGO_TARGET_DIR:-$ROOT/target}/release/virtq-blk
@@ -1196,6 +1196,41 @@ case_blk_kill() {
     ((guest_ok == 0 && stop_ok == 0)) || { DETAIL+="; $err $stop"; return 1; }
 }
 
+# virtq-blk --read-only: the guest sees a read-only disk (VIRTIO_BLK_F_RO), reads what the host
+# wrote, and cannot write; the image is unchanged afterwards.
+case_blk_ro() {
+    local sock=$TMP/$CASE.sock img=$TMP/$CASE.img log=$TMP/$CASE-g1.serial err before after
+    rm -f "$img"
+    # `yes` ends on SIGPIPE, which pipefail would count: its status is not checked, the size is.
+    yes virtq-blk-ro | head -c 4194304 > "$img"
+    (($(stat -c %s "$img") == 4194304)) && truncate -s 64M "$img" || { DETAIL="image"; return 1; }
+    before=$(sha256sum < "$img" | cut -d' ' -f1)
+    VQ_LOG=$TMP/$CASE-virtq-blk.log
+    "$VIRTQ_BLK" --socket-path "$sock" --image "$img" --read-only > "$VQ_LOG" 2>&1 &
+    VQ_PID=$!
+    track "$VQ_PID"
+    wait_for "socket" test -S "$sock" || { DETAIL="virtq-blk did not listen"; return 1; }
+    qemu-system-x86_64 -accel tcg -cpu max -machine q35,memory-backend=mem -m 256M -smp 1 \
+        -object "memory-backend-memfd,id=mem,size=256M,share=on" \
+        -display none -nodefaults -no-reboot -serial "file:$log" \
+        -kernel "$KERNEL" -initrd "$INITRD" \
+        -append "console=ttyS0 panic=-1 loglevel=4 virtq.timeout=$((CASE_LIMIT - 20)) virtq.cmd=vt-blk-ro" \
+        -chardev "socket,id=c0,path=$sock" -device vhost-user-blk-pci,chardev=c0 \
+        > "$TMP/$CASE-g1.qemu" 2>&1 &
+    GPID[g1]=$!
+    GLOG[g1]=$log
+    track "${GPID[g1]}"
+    wait_guests g1
+    err=$(check_guests g1)
+    local guest_ok=$?
+    vq_stop
+    local stop_ok=$? stop=${STOP_ERR//virtq-net/virtq-blk}
+    after=$(sha256sum < "$img" | cut -d' ' -f1)
+    DETAIL="$(vline g1 'ro ' | sed 's/.*VIRTQ: //'); image $([[ $before == "$after" ]] && echo unchanged || echo CHANGED)"
+    [[ $before == "$after" ]] || return 1
+    ((guest_ok == 0 && stop_ok == 0)) || { DETAIL+="; $err $stop"; return 1; }
+}
+
 # --- runner --------------------------------------------------------------------------------
 MATRIX=(
     "tap|case_tap on"
@@ -1220,6 +1255,7 @@ MATRIX=(
     "migrate-client|case_migrate virtq server on"
     "blk|case_blk"
     "blk-kill-restart|case_blk_kill"
+    "blk-ro|case_blk_ro"
 )
 PASS=0
 FAIL=0
