@@ -586,3 +586,33 @@ fn the_binary_connects_as_a_client_to_a_listening_front_end() {
     std::fs::remove_file(image).unwrap();
     let _ = std::fs::remove_file(socket);
 }
+
+#[test]
+fn repeated_set_inflight_fd_keeps_one_mapping_and_no_fd() {
+    use std::os::fd::AsRawFd;
+    // DPDK CVE-2020-10726 / CVE-2022-0669: inflight requests in a loop leaked fds and mappings.
+    // Counted by memfd name, so tests running alongside do not disturb the counts.
+    let name = "virtq-test-inflight-repeat";
+    let len = virtq_blk::inflight::region_size(64) as usize;
+    let rig = Rig::new("inflight-repeat", 1, false);
+    let fe = Frontend::connect(&rig.socket, 1, 64);
+    fe.send(SET_PROTOCOL_FEATURES, 0, &u64p(PF_REPLY_ACK | PF_INFLIGHT_SHMFD), &[]);
+    for _ in 0..50 {
+        let fd = memfd(name, len);
+        assert_eq!(fe.acked(SET_INFLIGHT_FD, &inflight_payload(len), &[fd.as_raw_fd()]), 0);
+        // Refused ones leak nothing either: more queues than the device has.
+        let mut p = inflight_payload(len);
+        p[16..18].copy_from_slice(&9u16.to_ne_bytes());
+        assert_ne!(fe.acked(SET_INFLIGHT_FD, &p, &[fd.as_raw_fd()]), 0);
+    }
+    assert_eq!((fds_named(name), maps_named(name)), (0, 1), "only the last area is mapped, no fd kept");
+    // Not negotiated: refused, and the fd closed.
+    drop(fe);
+    let fe = Frontend::connect(&rig.socket, 1, 64);
+    wait("the disconnect's reset to unmap the area", || (maps_named(name) == 0).then_some(()));
+    fe.send(SET_PROTOCOL_FEATURES, 0, &u64p(PF_REPLY_ACK), &[]);
+    let fd = memfd(name, len);
+    assert_ne!(fe.acked(SET_INFLIGHT_FD, &inflight_payload(len), &[fd.as_raw_fd()]), 0);
+    drop(fd);
+    assert_eq!((fds_named(name), maps_named(name)), (0, 0));
+}
