@@ -7,7 +7,9 @@
 #
 # Environment (all optional):
 #   IMPLS="memcpy virtq virtq-log rustvmm"  implementations to run (virtq-log: with a dirty log;
-#                                   also virtq-net, virtq-net-log: the virtio-net RX/TX path)
+#                                   also virtq-net, virtq-net-log: the virtio-net RX/TX path;
+#                                   virtq-packed: the packed ring, same chains, its driver's
+#                                   per-chain work included, see benches/src/packed_impl.rs)
 #   SHAPES="1desc 2desc indirect4"  chain shapes
 #   SIZES="64 1500"                 payload sizes
 #   DIRS="tx rx"                    directions
@@ -41,7 +43,7 @@ TSV=${TSV:-}
 die() { echo "ringbench.sh: $*" >&2; exit 2; }
 
 for i in $IMPLS; do
-    case $i in memcpy | virtq | virtq-log | virtq-net | virtq-net-log | rustvmm) ;; *) die "unknown impl '$i' in IMPLS" ;; esac
+    case $i in memcpy | virtq | virtq-log | virtq-net | virtq-net-log | virtq-packed | rustvmm) ;; *) die "unknown impl '$i' in IMPLS" ;; esac
 done
 [[ $N2 -gt $N1 ]] || die "N2 ($N2) must be greater than N1 ($N1)"
 if [[ $CALLGRIND == 1 ]] && ! command -v valgrind > /dev/null; then
@@ -169,6 +171,24 @@ if [[ " $IMPLS " == *" virtq-net "* || " $IMPLS " == *" virtq-net-log "* ]]; the
                 sc="$shape/$size/$dir"
                 n=$(get IR "$sc,virtq-net") l=$(get IR "$sc,virtq-net-log")
                 echo "| $shape $size $dir | $n | $l | $(ratio "$l" "$n") |"
+            done
+        done
+    done
+fi
+
+if [[ " $IMPLS " == *" virtq-packed "* ]]; then
+    echo
+    echo "packed ring (PackedQueue, same buffers and chains; includes the packed driver's per-chain"
+    echo "re-publishing, see benches/src/packed_impl.rs), per chain:"
+    echo
+    echo "| scenario | virtq split Ir | virtq packed Ir | packed/split | memcpy floor Ir |"
+    echo "|---|---:|---:|---:|---:|"
+    for shape in $SHAPES; do
+        for size in $SIZES; do
+            for dir in $DIRS; do
+                sc="$shape/$size/$dir"
+                v=$(get IR "$sc,virtq") p=$(get IR "$sc,virtq-packed")
+                echo "| $shape $size $dir | $v | $p | $(ratio "$p" "$v") | $(get IR "$sc,memcpy") |"
             done
         done
     done

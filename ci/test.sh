@@ -87,6 +87,12 @@ step "ring benchmark (callgrind instruction counts; a report, not a gate)"
 N1=20 N2=120 TIME=0 bash benches/ringbench.sh
 N1=20 N2=120 TIME=0 PROFILE=ringbench-cargo-default bash benches/ringbench.sh
 
+step "switch benchmark (virtq-net's data plane between two guests, in-process; a report, not a gate)"
+bash benches/switchbench.sh
+
+step "software offload fallback (callgrind instructions per 64 KiB segmented and per checksum; a report)"
+bash benches/offloadbench.sh
+
 if [[ -z ${SKIP_PEERS:-} ]]; then
     step "virtq-net against DPDK's vhost back-end (short run; a report, not a gate: README Benchmarks)"
     # One short round of every case proves the benchmark runs on a fresh machine; the figures

@@ -1,4 +1,4 @@
-//! `ringbench --impl {virtq|virtq-log|virtq-net|virtq-net-log|rustvmm|memcpy} --shape {1desc|2desc|indirect4} --size {64|1500}
+//! `ringbench --impl {virtq|virtq-log|virtq-net|virtq-net-log|virtq-packed|rustvmm|memcpy} --shape {1desc|2desc|indirect4} --size {64|1500}
 //! --dir {tx|rx} --iters N [--time [--warmup W] [--reps R]]`
 //!
 //! Without `--time`: setup, then N batches of 32 chains, then verification. Setup and
@@ -14,7 +14,7 @@ use std::time::Instant;
 use virtq_benches::{run, Dir, Impl, Shape, Workload, BATCH};
 
 const USAGE: &str =
-    "usage: ringbench --impl {virtq|virtq-log|virtq-net|virtq-net-log|rustvmm|memcpy} --shape {1desc|2desc|indirect4} \
+    "usage: ringbench --impl {virtq|virtq-log|virtq-net|virtq-net-log|virtq-packed|rustvmm|memcpy} --shape {1desc|2desc|indirect4} \
 --size BYTES --dir {tx|rx} --iters BATCHES [--time [--warmup BATCHES] [--reps R]]";
 
 struct Args {
@@ -57,6 +57,7 @@ fn parse() -> Result<Args, String> {
                     "virtq-net-log" => Impl::VirtqNetLog,
                     "rustvmm" | "rust-vmm" => Impl::RustVmm,
                     "memcpy" => Impl::Memcpy,
+                    "virtq-packed" => Impl::VirtqPacked,
                     _ => return Err(format!("unknown impl {v}")),
                 })
             }
@@ -139,7 +140,7 @@ fn main() -> ExitCode {
         eprintln!("ringbench: {notifications} notifications for {batches} batches (expected one per batch)");
         return ExitCode::FAILURE;
     }
-    if let Err(e) = w.verify(dev.as_ref(), chains, a.imp != Impl::Memcpy) {
+    if let Err(e) = w.verify(dev.as_ref(), chains, a.imp.writes_split_used_ring()).and_then(|()| dev.check_ring()) {
         eprintln!("ringbench: verification failed: {e}");
         return ExitCode::FAILURE;
     }

@@ -70,6 +70,18 @@ pub enum ChainError {
     },
     /// The chain has more non-empty buffer pieces than the segment list holds.
     TooManySegments,
+    /// Packed ring (§2.8.6, §2.8.4): a descriptor after the first of a chain (the previous one
+    /// had `VIRTQ_DESC_F_NEXT`) was not made available in the device's current round: its
+    /// AVAIL/USED flags do not match the driver-ring wrap counter. The driver makes the first
+    /// descriptor of a chain available last, so the rest must already be available.
+    NotAvailable {
+        /// Ring slot of the descriptor that is not available.
+        index: u16,
+    },
+    /// Packed ring (§2.8.7): a descriptor with `VIRTQ_DESC_F_INDIRECT` inside a list linked by
+    /// `VIRTQ_DESC_F_NEXT` ("A driver MUST NOT write direct descriptors with DESC_F_INDIRECT
+    /// set in a scatter-gather list linked by VIRTQ_DESC_F_NEXT").
+    IndirectInChain,
 }
 
 impl fmt::Display for ChainError {
@@ -96,6 +108,10 @@ impl fmt::Display for ChainError {
                 write!(f, "indirect table at {addr:#x} is not contiguous in host memory")
             }
             ChainError::TooManySegments => f.write_str("chain has more segments than the device accepts"),
+            ChainError::NotAvailable { index } => {
+                write!(f, "descriptor {index} in the middle of a chain is not available")
+            }
+            ChainError::IndirectInChain => f.write_str("indirect descriptor inside a chain of descriptors"),
         }
     }
 }
@@ -311,8 +327,46 @@ where
     M: GuestMemory + ?Sized,
     F: FnMut(NonNull<u8>, u32, bool, u64) -> Result<(), ChainError>,
 {
+    walk_source(mem, Cursor { table, index: head, budget: table.entries, in_indirect: false }, limits, piece)
+}
+
+/// Where a walk reads its descriptors from: the layout-specific half of the chain rules.
+///
+/// [`walk_pieces`] (the split ring's queue table, §2.7.5) and the packed ring's descriptor ring
+/// (§2.8.6, `crate::packed`) differ only in how the next descriptor of a chain is found and
+/// how it is laid out; everything else (readable before writable, the 2^32 total, address
+/// overflow, translation, the indirect table's own rules in [`indirect_table`]) is
+/// [`walk_source`]'s, once, for both.
+pub(crate) trait DescSource {
+    /// Reads the chain's next buffer descriptor, following an indirect descriptor into its
+    /// table; errors are recorded in `err` (see [`fail`]).
+    fn next<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        limits: &ChainLimits,
+        err: &mut Option<ChainError>,
+    ) -> Result<WalkDesc, Failed>;
+
+    /// Whether the chain continues after `d`, the descriptor [`next`](Self::next) returned
+    /// last; if it does, the source moves to the successor.
+    fn advance(&mut self, d: &WalkDesc) -> bool;
+}
+
+/// [`walk_pieces`] over any [`DescSource`].
+#[inline(always)]
+pub(crate) fn walk_source<M, S, F>(
+    mem: &M,
+    source: S,
+    limits: &ChainLimits,
+    piece: F,
+) -> Result<WalkSummary, ChainError>
+where
+    M: GuestMemory + ?Sized,
+    S: DescSource,
+    F: FnMut(NonNull<u8>, u32, bool, u64) -> Result<(), ChainError>,
+{
     let mut error = None;
-    match walk_checked(mem, table, head, limits, piece, &mut error) {
+    match walk_checked(mem, source, limits, piece, &mut error) {
         Ok(sum) => Ok(sum),
         // `Failed` is only made by `fail`, which records the error first.
         Err(Failed) => Err(error.unwrap_or(ChainError::ChainTooLong)),
@@ -322,31 +376,30 @@ where
 /// A walk step failed; the [`ChainError`] is in the walk's error slot (see [`fail`]). Keeping
 /// the error's payload out of the walk's return values keeps them small: the walk's hot path
 /// carries no enum of addresses and indices from step to step.
-struct Failed;
+pub(crate) struct Failed;
 
 /// Records `e` in the walk's error slot.
 #[cold]
 #[inline(never)]
-fn fail(slot: &mut Option<ChainError>, e: ChainError) -> Failed {
+pub(crate) fn fail(slot: &mut Option<ChainError>, e: ChainError) -> Failed {
     *slot = Some(e);
     Failed
 }
 
-/// [`walk_pieces`], with errors recorded in `err`.
+/// [`walk_source`], with errors recorded in `err`.
 #[inline(always)]
-fn walk_checked<M, F>(
+fn walk_checked<M, S, F>(
     mem: &M,
-    table: DescTable,
-    head: u16,
+    mut cursor: S,
     limits: &ChainLimits,
     mut piece: F,
     err: &mut Option<ChainError>,
 ) -> Result<WalkSummary, Failed>
 where
     M: GuestMemory + ?Sized,
+    S: DescSource,
     F: FnMut(NonNull<u8>, u32, bool, u64) -> Result<(), ChainError>,
 {
-    let mut cursor = Cursor { table, index: head, budget: table.entries, in_indirect: false };
     // Two loops, one per part of the chain: device-readable buffers, then device-writable ones
     // (§2.7.5.2 "MUST place any device-writable descriptor elements after any device-readable
     // descriptor elements"). Which part the walk is in is the loop it runs in, and the visitor
@@ -360,20 +413,18 @@ where
         }
         readable += d.len as u64;
         buffer(mem, d.addr, d.len, false, &mut piece, err)?;
-        if d.flags & DescFlags::NEXT.bits() == 0 {
+        if !cursor.advance(&d) {
             return summary(readable, 0, err);
         }
-        cursor.index = d.next;
     };
     let mut d = first_writable;
     let mut writable = 0u64;
     loop {
         writable += d.len as u64;
         buffer(mem, d.addr, d.len, true, &mut piece, err)?;
-        if d.flags & DescFlags::NEXT.bits() == 0 {
+        if !cursor.advance(&d) {
             return summary(readable, writable, err);
         }
-        cursor.index = d.next;
         d = cursor.next(mem, limits, err)?;
         if d.flags & DescFlags::WRITE.bits() == 0 {
             return Err(fail(err, ChainError::ReadableAfterWritable));
@@ -392,11 +443,12 @@ fn summary(readable: u64, writable: u64, err: &mut Option<ChainError>) -> Result
 
 /// A descriptor as the walk uses it: flags as raw bits.
 #[derive(Clone, Copy)]
-struct WalkDesc {
-    addr: u64,
-    len: u32,
-    flags: u16,
-    next: u16,
+pub(crate) struct WalkDesc {
+    pub(crate) addr: u64,
+    pub(crate) len: u32,
+    pub(crate) flags: u16,
+    /// Split ring: the `next` field; unused by the packed ring, whose chains are consecutive.
+    pub(crate) next: u16,
 }
 
 /// Where the walk is: the table it reads (the queue's, or the one indirect table), the next
@@ -410,7 +462,7 @@ struct Cursor {
     in_indirect: bool,
 }
 
-impl Cursor {
+impl DescSource for Cursor {
     /// Reads the descriptor at `index`, following an indirect descriptor into its table
     /// (§2.7.5.3), and returns the next buffer descriptor.
     #[inline(always)]
@@ -449,6 +501,16 @@ impl Cursor {
             }
             return Ok(WalkDesc { addr: d.addr, len: d.len, flags, next: d.next });
         }
+    }
+
+    /// §2.7.5.2: `VIRTQ_DESC_F_NEXT` continues the chain at `next`.
+    #[inline(always)]
+    fn advance(&mut self, d: &WalkDesc) -> bool {
+        if d.flags & DescFlags::NEXT.bits() == 0 {
+            return false;
+        }
+        self.index = d.next;
+        true
     }
 }
 
@@ -521,10 +583,24 @@ pub(crate) fn walk<'m, M: GuestMemory + ?Sized, const N: usize>(
     limits: &ChainLimits,
     out: &mut Chain<'m, N>,
 ) -> Result<(), ChainError> {
+    let cursor = Cursor { table, index: head, budget: table.entries, in_indirect: false };
+    walk_source_into(mem, cursor, head, limits, out)
+}
+
+/// [`walk`] over any [`DescSource`]; `head` is what the chain reports as its
+/// [`Chain::head`] (the split ring's head index, the packed ring's buffer id).
+#[inline(always)]
+pub(crate) fn walk_source_into<'m, M: GuestMemory + ?Sized, S: DescSource, const N: usize>(
+    mem: &'m M,
+    source: S,
+    head: u16,
+    limits: &ChainLimits,
+    out: &mut Chain<'m, N>,
+) -> Result<(), ChainError> {
     let mut segs = 0usize;
     let mut readable = 0usize;
     let segments = &mut out.segments;
-    let result = walk_pieces(mem, table, head, limits, |ptr, len, writable, _| {
+    let result = walk_source(mem, source, limits, |ptr, len, writable, _| {
         let seg = segments.get_mut(segs).ok_or(ChainError::TooManySegments)?;
         *seg = Segment { ptr, len, _mem: PhantomData };
         segs += 1;
@@ -553,7 +629,7 @@ pub(crate) fn walk<'m, M: GuestMemory + ?Sized, const N: usize>(
 /// Out of line: it runs at most once per chain, and keeping it out of the walk loop keeps the
 /// loop's state in registers.
 #[inline(never)]
-fn indirect_table<M: GuestMemory + ?Sized>(
+pub(crate) fn indirect_table<M: GuestMemory + ?Sized>(
     mem: &M,
     addr: u64,
     len: u32,

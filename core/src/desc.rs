@@ -14,6 +14,8 @@ use bitflags::bitflags;
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
+use crate::mem::{load_u16, load_u32};
+
 /// Size of one descriptor in the table, in bytes.
 pub const DESC_SIZE: usize = 16;
 
@@ -135,6 +137,52 @@ pub(crate) unsafe fn read_descriptor(table: *mut u8, index: u16, aligned8: bool)
     Descriptor::from_words(lo, hi)
 }
 
+/// Copies a packed-ring descriptor (§2.8.13: `le64 addr; le32 len; le16 id; le16 flags`) at
+/// `p` out as `(addr, len, id, flags)`, one relaxed atomic load per field, of the field's own
+/// size: the driver writes the fields one by one and the device writes `len`, `id` and
+/// `flags` of used descriptors at the same places, so every location is accessed at one width
+/// by both sides (a descriptor ring is written concurrently, unlike a split table). Ordering
+/// comes from the acquire load of the chain's flags that made it available. A `p` that is not
+/// 4-aligned (an indirect table, whose alignment the spec does not constrain, and which only
+/// the driver writes, before making it available) is read byte by byte.
+///
+/// # Safety
+/// `p` must be valid for reads of 16 bytes and only accessed atomically or by the guest.
+#[inline(always)]
+pub(crate) unsafe fn read_packed(p: *mut u8) -> (u64, u32, u16, u16) {
+    if (p as usize).is_multiple_of(4) {
+        // SAFETY: 16 valid bytes at a 4-aligned address: `addr` (8-aligned on the 64-bit path),
+        // `len` at 8, `id` at 12 and `flags` at 14 are aligned for their sizes.
+        unsafe {
+            #[cfg(target_has_atomic = "64")]
+            let addr = if (p as usize).is_multiple_of(8) {
+                u64::from_le(AtomicU64::from_ptr(p.cast::<u64>()).load(Ordering::Relaxed))
+            } else {
+                load_u32(p, Ordering::Relaxed) as u64 | (load_u32(p.add(4), Ordering::Relaxed) as u64) << 32
+            };
+            #[cfg(not(target_has_atomic = "64"))]
+            let addr = load_u32(p, Ordering::Relaxed) as u64 | (load_u32(p.add(4), Ordering::Relaxed) as u64) << 32;
+            return (
+                addr,
+                load_u32(p.add(8), Ordering::Relaxed),
+                load_u16(p.add(12), Ordering::Relaxed),
+                load_u16(p.add(14), Ordering::Relaxed),
+            );
+        }
+    }
+    let mut b = [0u8; DESC_SIZE];
+    for (i, byte) in b.iter_mut().enumerate() {
+        // SAFETY: byte `i < 16` of the descriptor, valid by the caller's contract.
+        *byte = unsafe { AtomicU8::from_ptr(p.add(i)) }.load(Ordering::Relaxed);
+    }
+    (
+        u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]),
+        u32::from_le_bytes([b[8], b[9], b[10], b[11]]),
+        u16::from_le_bytes([b[12], b[13]]),
+        u16::from_le_bytes([b[14], b[15]]),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,5 +210,25 @@ mod tests {
             assert_eq!(read_descriptor(base.add(36), 0, false), d);
         }
         assert_eq!(core::mem::size_of::<RawDescriptor>(), DESC_SIZE);
+    }
+
+    #[test]
+    fn packed_layout_reads_aligned_and_unaligned() {
+        let mut raw = [0u8; DESC_SIZE];
+        raw[..8].copy_from_slice(&0x1122_3344_5566_7788u64.to_le_bytes());
+        raw[8..12].copy_from_slice(&0x99aa_bbccu32.to_le_bytes());
+        raw[12..14].copy_from_slice(&0xbeefu16.to_le_bytes());
+        raw[14..].copy_from_slice(&0x8083u16.to_le_bytes());
+        let mut buf = [0u64; 8];
+        let bytes = buf.as_mut_bytes();
+        for at in [0, 20, 41] {
+            bytes[at..at + DESC_SIZE].copy_from_slice(&raw);
+        }
+        let base = bytes.as_mut_ptr();
+        for at in [0, 20, 41] {
+            // SAFETY: 16 bytes inside `buf`.
+            let d = unsafe { read_packed(base.add(at)) };
+            assert_eq!(d, (0x1122_3344_5566_7788, 0x99aa_bbcc, 0xbeef, 0x8083), "offset {at}");
+        }
     }
 }

@@ -118,7 +118,11 @@ impl fmt::Display for FeatureError {
     }
 }
 
-/// §5.1.3.1 "The driver MUST NOT negotiate …" rules: (feature, a feature it requires).
+/// The first entries of [`NET_DEPENDENCIES`]: the offloads and what they require.
+const NET_OFFLOAD_DEPENDENCIES: usize = 9;
+
+/// §5.1.3.1 "The driver MUST NOT negotiate …" rules: (feature, a feature it requires). The
+/// offload rules come first ([`NET_OFFLOAD_DEPENDENCIES`]).
 const NET_DEPENDENCIES: &[(VirtioFeatures, VirtioFeatures)] = &[
     (VirtioFeatures::NET_GUEST_TSO4, VirtioFeatures::NET_GUEST_CSUM),
     (VirtioFeatures::NET_GUEST_TSO6, VirtioFeatures::NET_GUEST_CSUM),
@@ -164,6 +168,37 @@ impl VirtioFeatures {
         Ok(acked)
     }
 
+    /// This selection without the offload features whose §5.1.3.1 dependency is missing
+    /// (`GUEST_TSO4` without `GUEST_CSUM`, `HOST_ECN` without `HOST_TSO4`/`TSO6`, ...), applied
+    /// until nothing changes.
+    ///
+    /// A driver "MUST NOT" accept those, but Linux does when the device offers them and QEMU
+    /// forwards it: `-device virtio-net-pci,guest_csum=off` leaves `GUEST_TSO4` offered, the
+    /// driver acks it, and QEMU sends it to a vhost-user back-end as is. Failing that guest's
+    /// `SET_FEATURES` would leave it without a network; an offload that cannot be used alone
+    /// is simply not used (the device sends no GSO frame to a driver without `GUEST_CSUM`,
+    /// and takes none from one without `CSUM`).
+    #[must_use]
+    pub fn without_orphan_offloads(self) -> VirtioFeatures {
+        let mut f = self;
+        loop {
+            let before = f;
+            for &(feature, requires) in &NET_DEPENDENCIES[..NET_OFFLOAD_DEPENDENCIES] {
+                if f.contains(feature) && !f.contains(requires) {
+                    f.remove(feature);
+                }
+            }
+            for &(feature, any_of) in NET_ANY_OF {
+                if f.contains(feature) && !f.intersects(any_of) {
+                    f.remove(feature);
+                }
+            }
+            if f == before {
+                return f;
+            }
+        }
+    }
+
     /// [`negotiate_net`](Self::negotiate_net) for a device whose control virtqueue is served by
     /// someone else. A vhost-user back-end is one: the front-end keeps `VIRTIO_NET_F_CTRL_VQ`
     /// and the control queue to itself (QEMU answers the guest's control commands) and
@@ -193,6 +228,24 @@ impl VirtioFeatures {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// QEMU with `guest_csum=off` forwards a Linux driver's `GUEST_TSO4` (and `GUEST_ECN`)
+    /// without `GUEST_CSUM`: dropped, with everything that depended on them, and the rest
+    /// stays.
+    #[test]
+    fn orphan_offloads_are_dropped_until_nothing_changes() {
+        use VirtioFeatures as F;
+        let acked =
+            F::VERSION_1 | F::NET_CSUM | F::NET_HOST_TSO4 | F::NET_HOST_ECN | F::NET_GUEST_TSO4 | F::NET_GUEST_ECN;
+        let f = acked.without_orphan_offloads();
+        assert_eq!(f, F::VERSION_1 | F::NET_CSUM | F::NET_HOST_TSO4 | F::NET_HOST_ECN);
+        assert_eq!(VirtioFeatures::negotiate_net_external_ctrl_vq(acked, f), Ok(f));
+        // HOST_ECN hangs on HOST_TSO4, which hangs on CSUM.
+        assert_eq!((F::NET_HOST_TSO4 | F::NET_HOST_ECN | F::NET_MRG_RXBUF).without_orphan_offloads(), F::NET_MRG_RXBUF);
+        // A valid selection is unchanged; non-offload rules are not this function's.
+        let valid = F::NET_CSUM | F::NET_HOST_TSO6 | F::NET_GUEST_CSUM | F::NET_GUEST_USO4 | F::NET_MQ;
+        assert_eq!(valid.without_orphan_offloads(), valid);
+    }
 
     #[test]
     fn spec_bit_positions() {

@@ -1,4 +1,4 @@
-//! # virtq — device-side virtio split virtqueues for hostile guests
+//! # virtq — device-side virtio virtqueues (split and packed) for hostile guests
 //!
 //! `#![no_std]`, no `alloc`: the same code serves virtqueues on bare metal (a DPU or SmartNIC
 //! presenting virtio to a host, a hypervisor without an OS) and in a hosted vhost-user backend.
@@ -14,6 +14,8 @@
 //! | [`chain`] | 2.7.5.3, 2.7.13 | descriptor chain walk (direct and indirect), typed [`chain::ChainError`] |
 //! | [`event`] | 2.7.7, 2.7.10 | `vring_need_event` |
 //! | [`queue`] | 2.7 | a split queue: validated set-up + both halves + in-order batching |
+//! | [`packed`] | 2.8 | a packed queue: descriptor ring, wrap counters, buffer ids, event suppression |
+//! | [`ring`] | 2.7, 2.8 | [`ring::Virtqueue`]: one device API over both layouts |
 //! | [`features`] | 6, 5.1.3 | feature bits and negotiation |
 //! | [`dirty`] | — | write tracking: every guest range the device writes, for live migration |
 //! | [`net`] | 5.1.6 | virtio-net header, TX parse, RX placement, mergeable RX buffers |
@@ -42,7 +44,9 @@ pub mod event;
 pub mod features;
 pub mod mem;
 pub mod net;
+pub mod packed;
 pub mod queue;
+pub mod ring;
 pub mod used;
 
 #[cfg(any(test, feature = "testing"))]
@@ -52,4 +56,6 @@ pub use chain::{Chain, ChainError, Segment};
 pub use dirty::{NoLog, WriteLog};
 pub use features::VirtioFeatures;
 pub use mem::{GuestMemory, HostRange, MemError, Region, RegionError, RegionTable};
+pub use packed::{DetachedPackedQueue, PackedQueue, RingPosition};
 pub use queue::{CopiedChain, DetachedQueue, PopError, QueueConfig, QueueError, SplitQueue};
+pub use ring::Virtqueue;

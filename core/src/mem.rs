@@ -429,7 +429,6 @@ pub(crate) unsafe fn store_u32(p: *mut u8, v: u32, order: Ordering) {
 ///
 /// # Safety
 /// As for [`store_u32`].
-#[cfg(any(test, feature = "testing"))]
 #[inline(always)]
 pub(crate) unsafe fn load_u32(p: *mut u8, order: Ordering) -> u32 {
     // SAFETY: guaranteed by the caller (valid, aligned, only atomic accesses in this process).

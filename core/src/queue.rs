@@ -144,10 +144,18 @@ impl fmt::Display for QueueError {
 pub enum PopError {
     /// `avail.idx` is invalid; nothing was consumed.
     AvailIndex(AvailIndexError),
-    /// The ring slot held a head index ≥ queue size; the slot was consumed.
+    /// The ring slot held a head index ≥ queue size (packed ring: the chain's buffer id
+    /// ≥ queue size); the slot (the chain's descriptors) was consumed.
     HeadOutOfRange {
         /// The head index read from the ring.
         head: u16,
+    },
+    /// Packed ring (§2.8): the chain's buffer id is already in flight (the driver made a
+    /// buffer available twice); its descriptors were consumed, nothing was completed
+    /// ([`crate::packed`]'s error policy).
+    IdInUse {
+        /// The buffer id.
+        id: u16,
     },
     /// The chain at `head` is malformed; it was completed with used `len` 0.
     Chain {
@@ -171,6 +179,7 @@ impl fmt::Display for PopError {
                 write!(f, "avail.idx {} is more than the queue size ahead of {}", e.avail_idx, e.next_avail)
             }
             PopError::HeadOutOfRange { head } => write!(f, "head index {head} out of range"),
+            PopError::IdInUse { id } => write!(f, "buffer id {id} is already in flight"),
             PopError::Chain { head, error } => write!(f, "chain at head {head}: {error}"),
         }
     }
@@ -215,7 +224,8 @@ pub struct SplitQueue<'m, M: GuestMemory + ?Sized> {
 
 /// A chain taken by `pop_first_writable`: its head, its totals, and its first buffer's host
 /// range if that buffer is device-writable.
-pub(crate) struct FirstWritable {
+#[doc(hidden)]
+pub struct FirstWritable {
     pub head: u16,
     pub sum: WalkSummary,
     /// The first piece if it is device-writable: host pointer, length, guest address.
@@ -488,7 +498,10 @@ impl<'m, M: GuestMemory + ?Sized> SplitQueue<'m, M> {
     /// Malformed chains are completed with len 0 as in [`pop_read`](Self::pop_read). Used by
     /// virtio-net receive to place a packet that fits one buffer, writing nothing before the
     /// whole chain has been validated.
-    #[inline]
+    // Always inlined: the net receive path's fast path calls it once per frame (through
+    // `ring::sealed::RxQueue`); left to LLVM behind the trait it stayed a call (ringbench
+    // virtq-net 1desc 64 rx: +33 instructions per chain).
+    #[inline(always)]
     pub(crate) fn pop_first_writable(&mut self) -> Result<Option<FirstWritable>, PopError> {
         let mut first = None;
         let mut pieces = 0u32;

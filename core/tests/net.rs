@@ -628,6 +628,28 @@ fn rx_checksum_flags_need_guest_csum() {
     assert_eq!(read(&drv, addr, 12), rx_hdr(&h, 1));
 }
 
+/// §5.1.6.4.1 (the rules are `offload::rx_delivery`'s): flag bits the core does not know
+/// (e.g. 0x08, `UDP_TUNNEL_CSUM`, which "the device MUST NOT set" without its feature) never
+/// reach a driver, with GUEST_CSUM as without; a lone ECN bit without a GSO type is cleared.
+#[test]
+fn rx_unknown_flag_bits_and_a_lone_ecn_bit_are_cleared() {
+    let g = Guest::new(1 << 20);
+    let (cfg, mut drv) = setup(&g, 16);
+    let f = feats(VirtioFeatures::NET_GUEST_CSUM);
+    let mut q = queue(&g, cfg, f);
+    let mut s: RxScratch<'_> = RxScratch::new();
+    let fr = frame(60);
+    let sent = [csum_hdr(34, 16), hdr(VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_HDR_GSO_ECN)];
+    let seen = [csum_hdr(34, 16), hdr(VIRTIO_NET_HDR_F_DATA_VALID, 0)];
+    for (i, (h, want)) in sent.iter().zip(seen).enumerate() {
+        let (_, addr) = add_rx(&mut drv, 200);
+        let h = VirtioNetHdr { flags: h.flags | 0x08 | 0x40, ..*h };
+        receive(&mut q, &mut s, f, &h, &fr).unwrap();
+        assert!(q.publish());
+        assert_eq!(read(&drv, addr, 12), rx_hdr(&want, 1), "frame {i}");
+    }
+}
+
 /// §5.1.6.4.1: the device must not set GSO types the driver did not negotiate (GUEST_TSO4 for
 /// TCPV4, GUEST_ECN for the ECN bit; unknown types never).
 #[test]

@@ -106,6 +106,7 @@ fuzz_target!(|inp: Input| {
             }
             Err(PopError::HeadOutOfRange { head }) => assert!(head >= size),
             Err(PopError::AvailIndex(_)) => break,
+            Err(PopError::IdInUse { .. }) => unreachable!("the split ring has no buffer ids"),
         }
     }
     let _ = q.publish();

@@ -283,8 +283,9 @@ impl BlkDevice {
                         done += 1;
                     }
                     Ok(false) => break,
-                    Err(e @ (PopError::Chain { .. } | PopError::HeadOutOfRange { .. })) => {
-                        // The core completed the head (if valid) with used length 0.
+                    Err(e @ (PopError::Chain { .. } | PopError::HeadOutOfRange { .. } | PopError::IdInUse { .. })) => {
+                        // The core completed the head (if valid) with used length 0 (`IdInUse` is
+                        // the packed layout's, which this split-ring device does not offer).
                         limited!(warn, "{}: queue {index}: {e}", self.inner.name);
                         tally.errors += 1;
                         done += 1;

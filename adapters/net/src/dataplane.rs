@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use virtq::net::VirtioNetHdr;
+use virtq::net::header::VIRTIO_NET_HDR_GSO_NONE;
+use virtq::net::{complete_csum, Delivery, OffloadFrame, Segmenter, VirtioNetHdr};
 use virtq_vhost_user::limited;
 use virtq_vhost_user::net::{parse_header, rarp_announce, NetDevice, TxFrame, MAX_TX_FRAME};
 
@@ -70,6 +71,9 @@ pub enum Port {
         tap: Vec<TapQueue>,
         /// RARP announcements its front-end asked for.
         announce: Arc<Announcements>,
+        /// Its MTU (advertised with `VIRTIO_NET_F_MTU`): the switch delivers no larger frame
+        /// to it, but GSO frames its guest takes as they are.
+        mtu: u16,
     },
     /// A TAP device attached to the switch.
     SwitchTap {
@@ -98,6 +102,8 @@ pub struct Dataplane {
     ports: Vec<Port>,
     switch: Switch,
     frames: Vec<TxFrame>,
+    /// Where frames completed or segmented for a receiver are written.
+    fallback: Fallback,
     tap_bufs: Vec<Vec<u8>>,
     /// Per destination port, indices of the frames of the current burst going there.
     dest: Vec<Vec<usize>>,
@@ -123,8 +129,10 @@ impl Dataplane {
             .collect();
         Dataplane {
             ports,
-            switch: Switch::new(Duration::from_secs(300), 4096),
+            // 4096 addresses, at most 1024 behind one port (Linux bridge's `max_learned`, per port).
+            switch: Switch::new(Duration::from_secs(300), 4096, 1024),
             frames: (0..BURST).map(|_| TxFrame::with_capacity(MAX_TX_FRAME)).collect(),
+            fallback: Fallback::new(),
             tap_bufs: (0..BURST).map(|_| vec![0u8; TAP_BUF_LEN]).collect(),
             dest: vec![Vec::with_capacity(BURST); n],
             sources,
@@ -180,12 +188,22 @@ impl Dataplane {
     /// to the port's TAP. Checked with the housekeeping, at most about a millisecond late.
     fn announce(&mut self) {
         for p in 0..self.ports.len() {
-            let Port::Vhost { announce, backend, tap, dev } = &self.ports[p] else { continue };
+            let Port::Vhost { announce, backend, tap, dev, .. } = &self.ports[p] else { continue };
             for mac in announce.take() {
                 let frame = rarp_announce(mac);
                 match backend {
                     PortBackend::Switch => {
-                        switch_burst(&mut self.switch, &mut self.dest, &self.ports, p, 0, &[&frame[..]]);
+                        let f = [SwitchFrame { frame: &frame[..], offload: None }];
+                        switch_burst(
+                            &mut self.switch,
+                            &mut self.dest,
+                            &self.ports,
+                            p,
+                            0,
+                            &f,
+                            |f| *f,
+                            &mut self.fallback,
+                        );
                     }
                     PortBackend::Tap(name) => {
                         if let Some(q) = tap.first() {
@@ -260,8 +278,22 @@ impl Dataplane {
                 }
             }
             PortBackend::Switch => {
-                let (refs, n) = burst_refs(self.frames[..n].iter().map(|f| f.frame()));
-                switch_burst(&mut self.switch, &mut self.dest, &self.ports, p, pair, &refs[..n]);
+                // Each frame's slice and offload computed once, in place (returning the array
+                // by value would copy it).
+                let mut burst = [SwitchFrame { frame: &[], offload: None }; BURST];
+                for (slot, f) in burst.iter_mut().zip(&self.frames[..n]) {
+                    *slot = SwitchFrame::from(f);
+                }
+                switch_burst(
+                    &mut self.switch,
+                    &mut self.dest,
+                    &self.ports,
+                    p,
+                    pair,
+                    &burst[..n],
+                    |f| *f,
+                    &mut self.fallback,
+                );
             }
         }
         n
@@ -290,8 +322,20 @@ impl Dataplane {
             return 0;
         }
         counters.rx.fetch_add(n as u64, Ordering::Relaxed);
-        let (refs, n) = burst_refs((0..n).map(|i| &self.tap_bufs[i][TAP_HDR_LEN..lens[i]]));
-        switch_burst(&mut self.switch, &mut self.dest, &self.ports, p, q as u16, &refs[..n]);
+        // The TAP's offloads are off (TUNSETOFFLOAD 0): the kernel hands over plain frames.
+        let bufs = &self.tap_bufs[..n];
+        let frame = |i: usize| SwitchFrame { frame: &bufs[i][TAP_HDR_LEN..lens[i]], offload: None };
+        let idx: [usize; BURST] = std::array::from_fn(|i| i);
+        switch_burst(
+            &mut self.switch,
+            &mut self.dest,
+            &self.ports,
+            p,
+            q as u16,
+            &idx[..n],
+            |&i| frame(i),
+            &mut self.fallback,
+        );
         n
     }
 
@@ -325,22 +369,41 @@ impl Dataplane {
     }
 }
 
-/// Switches one burst that entered on port `ingress`: learns, then sends each destination its
-/// frames in one batch.
-fn switch_burst(
+/// A frame crossing the switch: its bytes, and for a frame its sender gave offloads (a
+/// partial checksum, a GSO type) the header checked against the frame.
+#[derive(Clone, Copy, Debug)]
+pub struct SwitchFrame<'a> {
+    /// The Ethernet frame.
+    pub frame: &'a [u8],
+    /// Its offloads ([`TxFrame::offload`]); `None` for a plain frame.
+    pub offload: Option<&'a OffloadFrame>,
+}
+
+impl<'a> From<&'a TxFrame> for SwitchFrame<'a> {
+    fn from(f: &'a TxFrame) -> SwitchFrame<'a> {
+        SwitchFrame { frame: f.frame(), offload: f.offload() }
+    }
+}
+
+/// Switches one burst that entered on port `ingress` (`get` gives each element's frame):
+/// learns, then sends each destination its frames in one batch.
+#[allow(clippy::too_many_arguments)]
+fn switch_burst<'a, T>(
     switch: &mut Switch,
     dest: &mut [Vec<usize>],
     ports: &[Port],
     ingress: PortId,
     pair: u16,
-    frames: &[&[u8]],
+    frames: &'a [T],
+    get: impl Fn(&'a T) -> SwitchFrame<'a> + Copy,
+    fallback: &mut Fallback,
 ) {
     let now = Instant::now();
     for d in dest.iter_mut() {
         d.clear();
     }
     for (i, f) in frames.iter().enumerate() {
-        match switch.forward(ingress, f, now) {
+        match switch.forward(ingress, get(f).frame, now) {
             Forward::Port(to) => dest[to].push(i),
             Forward::Flood => {
                 for (to, d) in dest.iter_mut().enumerate() {
@@ -356,8 +419,7 @@ fn switch_burst(
         if d.is_empty() {
             continue;
         }
-        let (refs, n) = burst_refs(d.iter().map(|&i| frames[i]));
-        deliver(&ports[to], pair, &refs[..n]);
+        deliver(&ports[to], pair, d.iter().map(|&i| get(&frames[i])), fallback);
     }
 }
 
@@ -401,22 +463,17 @@ fn is_switch_port(p: &Port) -> bool {
     matches!(p, Port::SwitchTap { .. } | Port::Vhost { backend: PortBackend::Switch, .. })
 }
 
-/// Sends a batch to one port: one enqueue burst for a guest (on the pair matching the
-/// ingress queue among those the guest receives on), or writes to a TAP.
-fn deliver(port: &Port, pair: u16, frames: &[&[u8]]) {
+/// Sends a batch to one switch port: to a guest ([`deliver_to_guest`]), or written to a TAP
+/// with each frame's header (the kernel completes checksums and segments what it has to).
+fn deliver<'a>(port: &Port, pair: u16, frames: impl Iterator<Item = SwitchFrame<'a>> + Clone, fallback: &mut Fallback) {
     match port {
-        Port::Vhost { dev, .. } => {
-            // With no pair to receive on, the burst goes to a stopped or disabled queue, which
-            // drops and counts it.
-            let to = dev.rx_pair(pair).unwrap_or(pair % dev.queue_pairs().max(1));
-            dev.enqueue_burst(to, frames);
-        }
+        Port::Vhost { dev, mtu, .. } => deliver_to_guest(dev, *mtu, pair, frames, fallback),
         Port::SwitchTap { queues, name, counters } => {
             let q = &queues[pair as usize % queues.len()];
-            let hdr = [0u8; TAP_HDR_LEN];
             let (mut tx, mut drops) = (0, 0);
             for f in frames {
-                match q.write(&hdr, f) {
+                let hdr = f.offload.map_or([0u8; TAP_HDR_LEN], |of| tap_vnet_header(&of.header));
+                match q.write(&hdr, f.frame) {
                     Ok(true) => tx += 1,
                     Ok(false) => drops += 1,
                     Err(e) => {
@@ -428,6 +485,216 @@ fn deliver(port: &Port, pair: u16, frames: &[&[u8]]) {
             counters.tx.fetch_add(tx, Ordering::Relaxed);
             counters.drops.fetch_add(drops, Ordering::Relaxed);
         }
+    }
+}
+
+/// A header as a TAP with `IFF_VNET_HDR` takes it: the 10 bytes of `struct virtio_net_hdr`,
+/// little-endian, `num_buffers` (bytes 10..12) 0.
+fn tap_vnet_header(h: &VirtioNetHdr) -> [u8; TAP_HDR_LEN] {
+    let mut b = [0u8; TAP_HDR_LEN];
+    b[0] = h.flags;
+    b[1] = h.gso_type;
+    b[2..4].copy_from_slice(&h.hdr_len.get().to_le_bytes());
+    b[4..6].copy_from_slice(&h.gso_size.get().to_le_bytes());
+    b[6..8].copy_from_slice(&h.csum_start.get().to_le_bytes());
+    b[8..10].copy_from_slice(&h.csum_offset.get().to_le_bytes());
+    b
+}
+
+/// Whether `frame` fits an MTU of `mtu` bytes: its length past the Ethernet header (and one
+/// 802.1Q tag, which the MTU does not count).
+#[inline]
+fn fits_mtu(frame: &[u8], mtu: u16) -> bool {
+    let max = 14 + mtu as usize;
+    frame.len() <= max || (frame.len() <= max + 4 && frame[12] == 0x81 && frame[13] == 0x00)
+}
+
+/// Sends a batch to a guest: one enqueue burst (on the pair matching the ingress queue among
+/// those the guest receives on), or several when frames are segmented for it.
+///
+/// Each frame with offloads gets what the receiver's features call for
+/// ([`OffloadFrame::delivery`], §5.1.6.4.1): its header as it is (with what the receiver may
+/// not see cleared), its checksum completed in a copy, or segments written into the
+/// fallback's buffers. A frame larger than the port's MTU that is not a GSO frame the guest
+/// takes as it is, is dropped and counted, as is a frame with an offload that has no
+/// fallback. Segmenting stops when the guest has no more buffers: a guest that sends GSO
+/// frames with a tiny `gso_size` costs the switch at most what the receiver can take.
+fn deliver_to_guest<'a>(
+    dev: &NetDevice,
+    mtu: u16,
+    pair: u16,
+    frames: impl Iterator<Item = SwitchFrame<'a>> + Clone,
+    fb: &mut Fallback,
+) {
+    // With no pair to receive on, the burst goes to a stopped or disabled queue, which drops
+    // and counts it.
+    let to = dev.rx_pair(pair).unwrap_or(pair % dev.queue_pairs().max(1));
+    // The usual burst: plain frames within the MTU, delivered with a zero header.
+    let mut refs: [&[u8]; BURST] = [&[]; BURST];
+    let mut n = 0;
+    for f in frames.clone() {
+        if f.offload.is_some() || !fits_mtu(f.frame, mtu) {
+            n = usize::MAX;
+            break;
+        }
+        refs[n] = f.frame;
+        n += 1;
+    }
+    if n != usize::MAX {
+        dev.enqueue_burst(to, &refs[..n]);
+        return;
+    }
+    let Some(features) = dev.rx_features(to) else {
+        dev.count_rx_drops(to, frames.count() as u64);
+        return;
+    };
+    let mut out = OutBurst::default();
+    let mut drops = 0u64;
+    'frames: for f in frames {
+        let Some(of) = f.offload else {
+            if fits_mtu(f.frame, mtu) {
+                out.push_frame(dev, to, fb, VirtioNetHdr::default(), f.frame);
+            } else {
+                drops += 1;
+            }
+            continue;
+        };
+        match of.delivery(features) {
+            Delivery::Pass(h) => {
+                if h.gso_type == VIRTIO_NET_HDR_GSO_NONE && !fits_mtu(f.frame, mtu) {
+                    drops += 1;
+                } else {
+                    out.push_frame(dev, to, fb, h, f.frame);
+                }
+            }
+            Delivery::CompleteCsum(h) => {
+                if !fits_mtu(f.frame, mtu) {
+                    drops += 1;
+                    continue;
+                }
+                if !out.make_room(dev, to, fb) {
+                    drops += 1;
+                    continue;
+                }
+                let k = out.scratch;
+                let buf = &mut fb.bufs[k][..f.frame.len()];
+                buf.copy_from_slice(f.frame);
+                match complete_csum(&of.header, buf) {
+                    Ok(_) => out.push_scratch(h, k, f.frame.len()),
+                    Err(_) => drops += 1,
+                }
+            }
+            Delivery::Segment(csum) => {
+                let Ok(seg) = Segmenter::new(of, f.frame, csum) else {
+                    drops += 1;
+                    continue;
+                };
+                let h = seg.segment_header();
+                let count = seg.count();
+                for i in 0..count {
+                    if !out.make_room(dev, to, fb) {
+                        // The guest is out of buffers: the rest of this frame cannot land.
+                        drops += u64::from(count - i);
+                        continue 'frames;
+                    }
+                    let k = out.scratch;
+                    match seg.write_segment(i, f.frame, &mut fb.bufs[k]) {
+                        Ok(n) if fits_mtu(&fb.bufs[k][..n], mtu) => out.push_scratch(h, k, n),
+                        _ => {
+                            drops += u64::from(count - i);
+                            continue 'frames;
+                        }
+                    }
+                }
+            }
+            Delivery::Drop => drops += 1,
+        }
+    }
+    out.flush(dev, to, fb);
+    if drops > 0 {
+        dev.count_rx_drops(to, drops);
+    }
+}
+
+/// Buffers for frames the switch writes itself: a checksum completed in a copy, segments cut
+/// from a GSO frame. One per frame of a burst, each large enough for any frame.
+pub struct Fallback {
+    bufs: Vec<Vec<u8>>,
+}
+
+impl Fallback {
+    fn new() -> Fallback {
+        // Zeroed allocations: pages are touched only when a frame is written there.
+        Fallback { bufs: (0..BURST).map(|_| vec![0u8; MAX_TX_FRAME]).collect() }
+    }
+}
+
+/// Where an outgoing frame's bytes are: the frame as it crossed the switch, or a fallback
+/// buffer.
+#[derive(Clone, Copy)]
+enum Src<'a> {
+    Frame(&'a [u8]),
+    Scratch(usize, usize),
+}
+
+/// A burst being gathered for one guest, flushed when full.
+struct OutBurst<'a> {
+    entries: [(VirtioNetHdr, Src<'a>); BURST],
+    len: usize,
+    /// The next free fallback buffer (buffers are used in order within a burst).
+    scratch: usize,
+    /// Whether every flush so far placed all its frames.
+    room: bool,
+}
+
+impl Default for OutBurst<'_> {
+    fn default() -> Self {
+        OutBurst { entries: [(VirtioNetHdr::default(), Src::Frame(&[])); BURST], len: 0, scratch: 0, room: true }
+    }
+}
+
+impl<'a> OutBurst<'a> {
+    /// Makes room for one more frame, flushing a full burst; `false` once the guest ran out
+    /// of buffers (a flush placed fewer frames than it held).
+    fn make_room(&mut self, dev: &NetDevice, to: u16, fb: &Fallback) -> bool {
+        if self.len == BURST {
+            self.flush(dev, to, fb);
+        }
+        self.room
+    }
+
+    fn push_frame(&mut self, dev: &NetDevice, to: u16, fb: &Fallback, h: VirtioNetHdr, frame: &'a [u8]) {
+        if self.make_room(dev, to, fb) {
+            self.entries[self.len] = (h, Src::Frame(frame));
+            self.len += 1;
+        } else {
+            dev.count_rx_drops(to, 1);
+        }
+    }
+
+    /// Adds the frame just written to fallback buffer `k` (the one `scratch` named).
+    fn push_scratch(&mut self, h: VirtioNetHdr, k: usize, len: usize) {
+        self.entries[self.len] = (h, Src::Scratch(k, len));
+        self.len += 1;
+        self.scratch = k + 1;
+    }
+
+    /// Enqueues what was gathered, each frame with its header.
+    fn flush(&mut self, dev: &NetDevice, to: u16, fb: &Fallback) {
+        if self.len == 0 {
+            return;
+        }
+        let mut burst: [(VirtioNetHdr, &[u8]); BURST] = [(VirtioNetHdr::default(), &[]); BURST];
+        for (slot, (h, src)) in burst.iter_mut().zip(&self.entries[..self.len]) {
+            *slot = match *src {
+                Src::Frame(f) => (*h, f),
+                Src::Scratch(k, n) => (*h, &fb.bufs[k][..n]),
+            };
+        }
+        let placed = dev.enqueue_burst_with_headers(to, &burst[..self.len]);
+        self.room &= placed == self.len;
+        self.len = 0;
+        self.scratch = 0;
     }
 }
 

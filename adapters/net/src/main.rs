@@ -10,14 +10,10 @@
 //! Ports with a `tap:NAME` back-end offer checksum and TCP segmentation offloads (CSUM,
 //! GUEST_CSUM, HOST/GUEST_TSO4/6, HOST/GUEST_ECN): the guest's virtio-net header goes to the
 //! TAP unchanged, the TAP's header goes to the guest, and the TAP's offloads
-//! (`TUNSETOFFLOAD`) follow what the guest negotiated. Switch and reflect ports offer none: a
-//! frame from a guest with offloads could reach a guest or TAP without them, which would need
-//! software checksums and segmentation.
-
-mod dataplane;
-mod generate;
-mod switch;
-mod tap;
+//! (`TUNSETOFFLOAD`) follow what the guest negotiated. Switch ports offer the same and UDP
+//! segmentation (USO): a frame keeps its header through the switch to a receiver that
+//! negotiated its offloads, and is completed or segmented in software for one that did not
+//! (`dataplane`). Reflect ports offer none.
 
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
@@ -31,12 +27,13 @@ use clap::Parser;
 use log::{error, info};
 use virtq_vhost_user::backend::{Backend, DeviceHandler, SocketSpec};
 use virtq_vhost_user::connection::Reconnect;
-use virtq_vhost_user::device::DeviceConfig;
 use virtq_vhost_user::limited_by;
 use virtq_vhost_user::net::{NetDevice, NetEvent, NetModel};
 use virtq_vhost_user::ratelimit::RateLimit;
 
-use dataplane::{Announcements, Dataplane, Port, PortBackend, TapCounters};
+use virtq_net::dataplane::{Announcements, Dataplane, Port, PortBackend, TapCounters};
+use virtq_net::port::{device_config, parse_backend, parse_port, PortSpec};
+use virtq_net::tap;
 
 /// Command line.
 #[derive(Parser, Debug)]
@@ -61,19 +58,22 @@ struct Args {
 
     /// A fully specified port (repeatable): `path=P[,client][,backend=switch|reflect|tap:NAME|sink|source:BYTES]
     /// [,queues=N][,mac=52:54:00:00:00:01][,mtu=1500][,mrg=on|off][,offload=on|off]`. `offload=off`: a tap
-    /// port offers no checksum/TSO offloads (other back-ends never do).
+    /// or switch port offers no checksum/TSO offloads (other back-ends never do). `mtu=`: the
+    /// MTU the guest is told (VIRTIO_NET_F_MTU) and the largest frame a switch port delivers
+    /// to it (a larger frame that is not a GSO frame is dropped and counted).
     #[arg(long = "port", value_name = "SPEC")]
     ports: Vec<String>,
 
     /// Back-end of the --socket-path/--fd ports: the L2 switch, back to the sender, a host TAP,
     /// or for benchmarks a sink (count and discard what the guest sends) or a source (the guest
-    /// receives BYTES-byte UDP frames as fast as it posts buffers). Only tap ports offer
-    /// checksum and TSO offloads to the guest; switch and reflect ports offer none (a switch
-    /// would need software checksums and segmentation for receivers without them).
+    /// receives BYTES-byte UDP frames as fast as it posts buffers). Tap and switch ports offer
+    /// checksum and segmentation offloads to the guest; the switch completes checksums and
+    /// segments in software for receivers without them.
     #[arg(long, default_value = "switch", value_name = "switch|reflect|tap:NAME|sink|source:BYTES")]
     backend: String,
 
-    /// Attach a host TAP device to the switch (repeatable; no offloads, as on every switch port).
+    /// Attach a host TAP device to the switch (repeatable). The kernel takes offloaded frames
+    /// from the switch and finishes them itself; it hands over plain frames.
     #[arg(long = "tap", value_name = "NAME")]
     taps: Vec<String>,
 
@@ -108,121 +108,6 @@ struct Args {
     /// Print the back-end's capabilities as JSON (vhost-user.json) and exit.
     #[arg(long)]
     print_capabilities: bool,
-}
-
-/// One port as configured.
-#[derive(Clone, Debug, PartialEq)]
-struct PortSpec {
-    path: PathBuf,
-    client: bool,
-    backend: PortBackend,
-    queues: u16,
-    mac: Option<[u8; 6]>,
-    mtu: u16,
-    mrg: bool,
-    /// Offer checksum/TSO offloads (tap ports only).
-    offload: bool,
-}
-
-fn parse_mac(s: &str) -> Result<[u8; 6], String> {
-    let parts: Vec<&str> = s.split(':').collect();
-    if parts.len() != 6 {
-        return Err(format!("bad MAC address {s:?}"));
-    }
-    let mut mac = [0u8; 6];
-    for (m, p) in mac.iter_mut().zip(parts) {
-        *m = u8::from_str_radix(p, 16).map_err(|_| format!("bad MAC address {s:?}"))?;
-    }
-    Ok(mac)
-}
-
-fn parse_backend(s: &str) -> Result<PortBackend, String> {
-    match s {
-        "switch" => Ok(PortBackend::Switch),
-        "reflect" => Ok(PortBackend::Reflect),
-        "sink" => Ok(PortBackend::Sink),
-        _ => {
-            if let Some(name) = s.strip_prefix("tap:").filter(|n| !n.is_empty()) {
-                return Ok(PortBackend::Tap(name.to_string()));
-            }
-            if let Some(size) = s.strip_prefix("source:") {
-                return match size.parse::<usize>() {
-                    Ok(n) if (generate::MIN_FRAME..=generate::MAX_FRAME).contains(&n) => Ok(PortBackend::Source(n)),
-                    _ => Err(format!(
-                        "source frame size {size:?} must be {}..={} bytes",
-                        generate::MIN_FRAME,
-                        generate::MAX_FRAME
-                    )),
-                };
-            }
-            Err(format!("unknown back-end {s:?} (switch, reflect, tap:NAME, sink or source:BYTES)"))
-        }
-    }
-}
-
-fn parse_port(spec: &str, defaults: &PortSpec) -> Result<PortSpec, String> {
-    let mut p = PortSpec { path: PathBuf::new(), ..defaults.clone() };
-    for item in spec.split(',') {
-        let (k, v) = item.split_once('=').unwrap_or((item, ""));
-        match k {
-            "path" => p.path = PathBuf::from(v),
-            "client" => p.client = true,
-            "backend" => p.backend = parse_backend(v)?,
-            "queues" => p.queues = v.parse().map_err(|_| format!("bad queues {v:?}"))?,
-            "mac" => p.mac = Some(parse_mac(v)?),
-            "mtu" => p.mtu = v.parse().map_err(|_| format!("bad mtu {v:?}"))?,
-            "mrg" => p.mrg = v != "off",
-            "offload" => p.offload = v != "off",
-            _ => return Err(format!("unknown port option {k:?}")),
-        }
-    }
-    if p.path.as_os_str().is_empty() {
-        return Err(format!("port {spec:?} has no path="));
-    }
-    if p.queues == 0 || p.queues > 16 {
-        return Err(format!("port {spec:?}: queues must be 1..=16"));
-    }
-    Ok(p)
-}
-
-/// A locally administered MAC for port `i` when none was given.
-fn default_mac(i: usize) -> [u8; 6] {
-    [0x52, 0x54, 0x00, 0x9e, (i >> 8) as u8, i as u8]
-}
-
-/// The offloads a tap port offers: partial checksums and TSO (with ECN) both ways. The TAP
-/// takes whatever the guest sends; what it hands over follows the guest's features
-/// (`tap::offload_flags`). UFO and USO are left out (Linux guests no longer send UFO).
-const TAP_OFFLOADS: virtq::VirtioFeatures = virtq::VirtioFeatures::NET_CSUM
-    .union(virtq::VirtioFeatures::NET_GUEST_CSUM)
-    .union(virtq::VirtioFeatures::NET_HOST_TSO4)
-    .union(virtq::VirtioFeatures::NET_HOST_TSO6)
-    .union(virtq::VirtioFeatures::NET_HOST_ECN)
-    .union(virtq::VirtioFeatures::NET_GUEST_TSO4)
-    .union(virtq::VirtioFeatures::NET_GUEST_TSO6)
-    .union(virtq::VirtioFeatures::NET_GUEST_ECN);
-
-fn device_config(p: &PortSpec, i: usize) -> DeviceConfig<NetModel> {
-    let mut c = DeviceConfig::new(NetModel::default());
-    c.model.queue_pairs = p.queues;
-    c.model.config.mac = p.mac.unwrap_or_else(|| default_mac(i));
-    c.model.config.mtu = p.mtu;
-    if !p.mrg {
-        c.model.features.remove(virtq::VirtioFeatures::NET_MRG_RXBUF);
-    }
-    // A port attached to a network (the switch, a TAP) announces a migrated guest: RARP for
-    // QEMU's SEND_RARP, and GUEST_ANNOUNCE passed through so that a guest that can announce
-    // itself does (the front-end owns the control queue that carries it).
-    if matches!(p.backend, PortBackend::Switch | PortBackend::Tap(_)) {
-        c.model.protocol_features |= virtq_vhost_user::message::ProtocolFeatures::RARP;
-        c.model.features |= virtq::VirtioFeatures::NET_GUEST_ANNOUNCE;
-    }
-    // Only a TAP can take and give offloaded frames: the kernel finishes checksums and
-    // segments where it has to. The switch, reflect and benchmark back-ends offer none.
-    if p.offload && matches!(p.backend, PortBackend::Tap(_)) {
-        c.model.features |= TAP_OFFLOADS;
-    }
-    c
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -469,7 +354,7 @@ fn run(args: Args) -> Result<(), String> {
             .add_device(&name, config, socket, Box::new(PortHandler::new(control, Arc::clone(&announce))))
             .map_err(|e| format!("{name}: {e}"))?;
         info!("{name}: {:?} back-end, {} queue pair(s)", spec.backend, spec.queues);
-        ports.push(Port::Vhost { dev, backend: spec.backend.clone(), tap, announce });
+        ports.push(Port::Vhost { dev, backend: spec.backend.clone(), tap, announce, mtu: spec.mtu });
         Ok(())
     };
     if let Some(fd) = args.fd {
@@ -558,39 +443,6 @@ fn main() -> ExitCode {
 mod tests {
     use super::*;
 
-    fn defaults() -> PortSpec {
-        PortSpec {
-            path: PathBuf::new(),
-            client: false,
-            backend: PortBackend::Switch,
-            queues: 1,
-            mac: None,
-            mtu: 1500,
-            mrg: true,
-            offload: true,
-        }
-    }
-
-    #[test]
-    fn port_specs_parse_and_reject_nonsense() {
-        let p =
-            parse_port("path=/tmp/a.sock,client,backend=tap:vt0,queues=2,mac=52:54:00:00:00:07,mrg=off", &defaults())
-                .unwrap();
-        assert_eq!(p.path, PathBuf::from("/tmp/a.sock"));
-        assert!(p.client && !p.mrg);
-        assert_eq!(p.backend, PortBackend::Tap("vt0".into()));
-        assert_eq!((p.queues, p.mac), (2, Some([0x52, 0x54, 0, 0, 0, 7])));
-        assert!(parse_port("client", &defaults()).is_err(), "no path");
-        assert!(parse_port("path=x,queues=0", &defaults()).is_err());
-        assert!(parse_port("path=x,backend=tap:", &defaults()).is_err());
-        assert!(parse_port("path=x,mac=1:2:3", &defaults()).is_err());
-        assert!(parse_port("path=x,colour=blue", &defaults()).is_err());
-        assert_eq!(parse_port("path=x,backend=sink", &defaults()).unwrap().backend, PortBackend::Sink);
-        assert_eq!(parse_port("path=x,backend=source:64", &defaults()).unwrap().backend, PortBackend::Source(64));
-        assert!(parse_port("path=x,backend=source:20", &defaults()).is_err(), "below the Ethernet minimum");
-        assert!(parse_port("path=x,backend=source:", &defaults()).is_err());
-    }
-
     #[test]
     fn tap_queues_follow_the_pairs_the_guest_receives_on() {
         // `ethtool -L combined 1` on two pairs: queue 1 goes; back to two: it returns.
@@ -606,38 +458,5 @@ mod tests {
         assert_eq!(tap_queues_wanted(0b100, &[true, false]), [true, false]);
         assert_eq!(describe_pairs(0b101), "0,2");
         assert_eq!(describe_pairs(0), "none");
-    }
-
-    #[test]
-    fn device_config_follows_the_port() {
-        let mut p = defaults();
-        p.mrg = false;
-        p.queues = 4;
-        let c = device_config(&p, 3);
-        assert!(!c.model.features.contains(virtq::VirtioFeatures::NET_MRG_RXBUF));
-        assert_eq!(c.model.queue_pairs, 4);
-        assert_eq!(c.model.config.mac, default_mac(3));
-    }
-
-    #[test]
-    fn only_tap_ports_offer_offloads() {
-        let mut p = defaults();
-        for b in [PortBackend::Switch, PortBackend::Reflect, PortBackend::Sink, PortBackend::Source(64)] {
-            p.backend = b;
-            assert!(
-                !device_config(&p, 1).model.features.intersects(TAP_OFFLOADS),
-                "{:?} offers no offloads",
-                p.backend
-            );
-        }
-        p.backend = PortBackend::Tap("vt0".into());
-        assert!(device_config(&p, 1).model.features.contains(TAP_OFFLOADS));
-        let off = parse_port("path=x,backend=tap:vt0,offload=off", &defaults()).unwrap();
-        assert!(!off.offload);
-        assert!(!device_config(&off, 1).model.features.intersects(TAP_OFFLOADS));
-        // What is offered satisfies §5.1.3.1 on its own (every dependency offered too, but
-        // the control queue, which the front-end keeps).
-        let f = device_config(&p, 1).model.features;
-        assert_eq!(virtq::VirtioFeatures::negotiate_net_external_ctrl_vq(f, f), Ok(f));
     }
 }

@@ -608,7 +608,10 @@ fn a_front_end_that_shrinks_its_memory_costs_only_its_own_port() {
     let (mut na, mut nb) = (Nic::new(&fa), Nic::new(&fb));
     fa.qemu_start(FEATURES);
     fb.qemu_start(FEATURES);
-    fc.qemu_start(FEATURES);
+    // C acks GUEST_TSO4 without GUEST_CSUM, as Linux does behind QEMU's guest_csum=off: its
+    // SET_FEATURES is accepted and the orphan is not used.
+    let acked = fc.qemu_start(FEATURES | F_GUEST_TSO4);
+    assert_eq!(acked & (F_GUEST_CSUM | F_GUEST_TSO4), F_GUEST_TSO4);
     na.post_rx(16);
     nb.post_rx(16);
     {
@@ -879,4 +882,147 @@ fn send_rarp_announces_the_mac_through_the_switch() {
     assert_eq!(na.recv(Duration::from_secs(5)).expect("A got the unicast"), hello);
     assert!(nc.recv(Duration::from_millis(200)).is_none(), "not flooded");
     assert!(p.terminate().success());
+}
+
+// ---- offloads through the switch (issue 16) --------------------------------------------------
+
+const F_GUEST_TSO4: u64 = 1 << 7;
+const F_HOST_TSO4: u64 = 1 << 11;
+
+/// The TCP checksum of an IPv4 packet `ip` (20-byte header), complemented: what belongs in
+/// the field. With the field as sent, a valid packet sums to 0xffff.
+fn tcp4_sum(ip: &[u8]) -> u32 {
+    let tcp_len = (ip.len() - 20) as u32;
+    csum_add(csum_add(0, &ip[12..20]), &[0, 6, (tcp_len >> 8) as u8, tcp_len as u8])
+}
+
+/// A TCPv4 frame from A (10.0.0.1:5000 -> 10.0.0.2:6000) with `payload`, as Linux sends a TSO
+/// frame: NEEDS_CSUM at the TCP checksum (the field holds the pseudo-header sum without the
+/// length), GSO_TCPV4 with `mss`, hdr_len 54. With `mss` 0 a plain frame with a partial
+/// checksum (the pseudo-header sum with the length).
+fn tcp4_offloaded(dst: [u8; 6], payload: &[u8], mss: u16) -> ([u8; 12], Vec<u8>) {
+    let total = 40 + payload.len();
+    let mut ip = vec![0x45, 0, (total >> 8) as u8, total as u8, 0x12, 0x34, 0x40, 0, 64, 6, 0, 0];
+    ip.extend_from_slice(&[10, 0, 0, 1, 10, 0, 0, 2]);
+    let hc = !csum_fold(csum_add(0, &ip));
+    ip[10..12].copy_from_slice(&hc.to_be_bytes());
+    // TCP: ports, seq 1000, ack 1, data offset 5, ACK|PSH, window, checksum, urgent.
+    ip.extend_from_slice(&[0x13, 0x88, 0x17, 0x70, 0, 0, 0x03, 0xe8, 0, 0, 0, 1, 0x50, 0x18, 0xff, 0xff, 0, 0, 0, 0]);
+    ip.extend_from_slice(payload);
+    let len_for_pseudo = if mss == 0 { (total - 20) as u32 } else { 0 };
+    let pseudo =
+        csum_fold(csum_add(csum_add(0, &ip[12..20]), &[0, 6, (len_for_pseudo >> 8) as u8, len_for_pseudo as u8]));
+    ip[36..38].copy_from_slice(&pseudo.to_be_bytes());
+    let frame = eth(dst, MAC_A, 0x0800, &ip);
+    let gso_type = if mss == 0 { 0 } else { 1 };
+    let hdr_len = if mss == 0 { 0u16 } else { 54 };
+    let mut hdr = [1u8, gso_type, 0, 0, 0, 0, 34, 0, 16, 0, 0, 0];
+    hdr[2..4].copy_from_slice(&hdr_len.to_le_bytes());
+    hdr[4..6].copy_from_slice(&mss.to_le_bytes());
+    (hdr, frame)
+}
+
+/// Checks a segment a receiver without offloads got: a plain header, valid IPv4 header and
+/// TCP checksums, lengths that match; returns (seq, payload).
+fn plain_segment(hdr: &[u8; 12], f: &[u8]) -> (u32, Vec<u8>) {
+    assert_eq!(hdr[..10], [0; 10], "a plain header");
+    let ip = &f[14..];
+    assert_eq!(u16::from_be_bytes([ip[2], ip[3]]) as usize, ip.len(), "IPv4 total length");
+    assert_eq!(csum_fold(csum_add(0, &ip[..20])), 0xffff, "IPv4 header checksum");
+    assert_eq!(csum_fold(csum_add(tcp4_sum(ip), &ip[20..])), 0xffff, "TCP checksum");
+    (u32::from_be_bytes(ip[24..28].try_into().unwrap()), ip[40..].to_vec())
+}
+
+/// Three guests on the switch. A (CSUM, HOST_TSO4) sends a 20000-byte TSO frame to B, which
+/// negotiated GUEST_CSUM and GUEST_TSO4: B gets it as one frame with the header passed
+/// through. A broadcasts the same frame: B gets it whole again, C (no offloads, but an orphan
+/// GUEST_TSO4 acked without GUEST_CSUM) gets 14
+/// segments of at most 1448 bytes with complete checksums and consecutive sequence numbers,
+/// whose payloads make the original. A plain frame with a partial checksum reaches C with
+/// the checksum completed. A TSO frame whose header lies about its checksum field is dropped
+/// and counted; a plain frame over C's MTU (1500) is dropped and counted, one under it is not.
+#[test]
+fn switch_carries_offloads_and_falls_back_in_software_per_receiver() {
+    let d = dir("switch-offload");
+    let (a, b, c, log) = (d.join("a.sock"), d.join("b.sock"), d.join("c.sock"), d.join("log"));
+    let p = Proc::spawn_logged(
+        Command::new(BIN).arg("--socket-path").arg(&a).arg("--socket-path").arg(&b).arg("--socket-path").arg(&c),
+        &log,
+    );
+    for s in [&a, &b, &c] {
+        wait_for(s);
+    }
+    let (fa, fb, fc) = (Frontend::connect(&a, 2, 256), Frontend::connect(&b, 2, 256), Frontend::connect(&c, 2, 256));
+    let (mut na, mut nb, mut nc) = (Nic::new(&fa), Nic::new(&fb), Nic::new(&fc));
+    let acked = fa.qemu_start(FEATURES | F_CSUM | F_HOST_TSO4);
+    assert_eq!(acked & (F_CSUM | F_HOST_TSO4), F_CSUM | F_HOST_TSO4, "a switch port offers CSUM and HOST_TSO4");
+    let acked = fb.qemu_start(FEATURES | F_GUEST_CSUM | F_GUEST_TSO4);
+    assert_eq!(acked & (F_GUEST_CSUM | F_GUEST_TSO4), F_GUEST_CSUM | F_GUEST_TSO4);
+    // C acks GUEST_TSO4 without GUEST_CSUM, as Linux does behind QEMU's guest_csum=off: its
+    // SET_FEATURES is accepted and the orphan is not used.
+    let acked = fc.qemu_start(FEATURES | F_GUEST_TSO4);
+    assert_eq!(acked & (F_GUEST_CSUM | F_GUEST_TSO4), F_GUEST_TSO4);
+    na.post_rx(16);
+    nb.post_rx(64);
+    nc.post_rx(64);
+    thread::sleep(Duration::from_millis(100));
+    // B and C speak first: the switch learns where they are.
+    nb.send(&eth([0xff; 6], MAC_B, 0x88b5, b"B"));
+    nc.send(&eth([0xff; 6], MAC_C, 0x88b5, b"C"));
+    assert!(na.recv(Duration::from_secs(5)).is_some() && na.recv(Duration::from_secs(5)).is_some());
+    assert!(nb.recv(Duration::from_secs(5)).is_some() && nc.recv(Duration::from_secs(5)).is_some());
+
+    let payload: Vec<u8> = (0..20000u32).map(|i| (i * 7 % 251) as u8).collect();
+    // Unicast to B: one frame, header and bytes as sent (num_buffers aside).
+    let (hdr, frame) = tcp4_offloaded(MAC_B, &payload, 1448);
+    na.send_with_header(&hdr, &frame);
+    let (h, f) = nb.recv_with_header(Duration::from_secs(5)).expect("B got the TSO frame");
+    assert_eq!((h[..10].to_vec(), f.as_slice()), (hdr[..10].to_vec(), &frame[..]), "passed through whole");
+    assert!(nc.recv(Duration::from_millis(100)).is_none(), "unicast to B only");
+
+    // Broadcast: B whole, C in segments.
+    let (hdr, frame) = tcp4_offloaded([0xff; 6], &payload, 1448);
+    na.send_with_header(&hdr, &frame);
+    let (h, f) = nb.recv_with_header(Duration::from_secs(5)).expect("B got the broadcast TSO frame");
+    assert_eq!((h[1], f.len()), (1, frame.len()), "B: one GSO frame");
+    let mut got = Vec::new();
+    let mut seq = 1000u32;
+    for i in 0..payload.len().div_ceil(1448) {
+        let (h, f) = nc.recv_with_header(Duration::from_secs(5)).unwrap_or_else(|| panic!("C: segment {i}"));
+        let (s, data) = plain_segment(&h, &f);
+        assert_eq!(s, seq, "segment {i}: sequence number");
+        assert!(data.len() <= 1448);
+        seq += data.len() as u32;
+        got.extend_from_slice(&data);
+    }
+    assert_eq!(got, payload, "C's segments make the original payload");
+    assert!(nc.recv(Duration::from_millis(100)).is_none(), "no more segments");
+
+    // A partial checksum (no GSO) to C: completed.
+    let (hdr, frame) = tcp4_offloaded(MAC_C, &payload[..1000], 0);
+    na.send_with_header(&hdr, &frame);
+    let (h, f) = nc.recv_with_header(Duration::from_secs(5)).expect("C got the frame");
+    plain_segment(&h, &f);
+    // The TCP checksum field is at 14 + 20 + 16 = 50.
+    assert!(f[..50] == frame[..50] && f[52..] == frame[52..], "only the checksum field differs");
+
+    // Lies and oversized frames: dropped, counted, nothing delivered.
+    let (mut hdr, frame) = tcp4_offloaded(MAC_B, &payload, 1448);
+    hdr[6] = 30; // csum_start inside the IP header
+    na.send_with_header(&hdr, &frame);
+    na.send(&eth(MAC_C, MAC_A, 0x88b5, &[7; 1501]));
+    na.send(&eth(MAC_C, MAC_A, 0x88b5, &[8; 1500]));
+    let f = nc.recv(Duration::from_secs(5)).expect("C got the frame within its MTU");
+    assert_eq!(f.len(), 1514);
+    assert!(nb.recv(Duration::from_millis(100)).is_none(), "the lying frame went nowhere");
+    wait_log(&log, "TX frame dropped");
+    let st = p.terminate();
+    assert!(st.success(), "exit status {st}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let stats = |sock: &Path, q: &str| {
+        let tag = format!("stats {} {q}", sock.display());
+        text.lines().find(|l| l.contains(&tag)).unwrap_or_else(|| panic!("no {tag} line")).to_string()
+    };
+    assert!(stats(&a, "q1(tx)").contains("errors 1"), "the lie counted on A's TX: {}", stats(&a, "q1(tx)"));
+    assert!(stats(&c, "q0(rx)").contains("drops 1 "), "the oversized frame counted on C's RX: {}", stats(&c, "q0(rx)"));
 }

@@ -513,10 +513,17 @@ impl<M: DeviceModel> VhostUserDevice<M> {
         let reply = match msg {
             M::GetFeatures => Some(encode_u64_reply(Request::GetFeatures, self.offered_features().bits())),
             M::SetFeatures(bits) => {
-                let f = VirtioFeatures::from_bits_retain(bits);
+                let acked = VirtioFeatures::from_bits_retain(bits);
                 // The device type's rules (§2.2 subset; for virtio-net the §5.1.3.1
-                // dependencies).
-                self.config.model.negotiate(self.offered_features(), f).map_err(RequestError::Features)?;
+                // dependencies), and the features the device then works with.
+                let f = self.config.model.negotiate(self.offered_features(), acked).map_err(RequestError::Features)?;
+                if f != acked {
+                    limited!(
+                        warn,
+                        "vhost-user: features {bits:#x} acked; {:#x} left unused (acked without what they require)",
+                        acked.difference(f).bits()
+                    );
+                }
                 // "To start/stop logging of data/used ring writes, the front-end may send
                 // messages VHOST_USER_SET_FEATURES with VHOST_F_LOG_ALL": during a migration
                 // the rings run, so that bit alone may change.

@@ -84,13 +84,16 @@ pub trait DeviceModel: Send + 'static {
     fn features(&self) -> VirtioFeatures;
 
     /// Accepts or refuses the front-end's `SET_FEATURES` selection `acked` (§3.1.1 step 5–6),
-    /// `offered` being what `GET_FEATURES` answered. The default accepts any subset of what
-    /// was offered (§2.2); a device type with dependency rules between its bits (virtio-net
-    /// §5.1.3.1) checks them here.
-    fn negotiate(&self, offered: VirtioFeatures, acked: VirtioFeatures) -> Result<(), FeatureError> {
+    /// `offered` being what `GET_FEATURES` answered, and returns the features the device works
+    /// with: `acked`, or less where the model chooses not to use a bit the driver should not
+    /// have acked (virtio-net: an offload without the feature it requires, which Linux acks
+    /// behind QEMU's `guest_csum=off`). The default accepts any subset of what was offered
+    /// (§2.2); a device type with dependency rules between its bits (virtio-net §5.1.3.1)
+    /// checks them here.
+    fn negotiate(&self, offered: VirtioFeatures, acked: VirtioFeatures) -> Result<VirtioFeatures, FeatureError> {
         let extra = acked.difference(offered);
         if extra.is_empty() {
-            Ok(())
+            Ok(acked)
         } else {
             Err(FeatureError::NotOffered { bits: extra.bits() })
         }

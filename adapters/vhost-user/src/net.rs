@@ -13,12 +13,14 @@ use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use virtq::net::{self, RxScratch, VirtioNetHdr};
+use virtq::net::header::{VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_NONE};
+use virtq::net::{self, OffloadFrame, RxScratch, VirtioNetHdr};
 use virtq::{PopError, VirtioFeatures};
 use zerocopy_shim::read_header;
 
-use crate::limited;
+use crate::ratelimit::RateLimit;
 use crate::vring::{signal, RingFault, VringShared};
+use crate::{limited, limited_by};
 
 mod model;
 pub use model::{NetConfig, NetEvent, NetModel};
@@ -112,16 +114,29 @@ pub struct TxFrame {
     buf: Vec<u8>,
     len: usize,
     hdr_len: usize,
+    /// For a frame with a partial checksum or a GSO type: its header checked against the
+    /// frame ([`net::check_frame`]) and normalised.
+    offload: Option<OffloadFrame>,
 }
 
 impl TxFrame {
     /// A buffer for frames up to `capacity` bytes including the virtio-net header (use
     /// [`MAX_TX_FRAME`] to accept every frame; larger chains are dropped and counted).
     pub fn with_capacity(capacity: usize) -> TxFrame {
-        TxFrame { buf: vec![0; capacity], len: 0, hdr_len: 0 }
+        TxFrame { buf: vec![0; capacity], len: 0, hdr_len: 0, offload: None }
+    }
+
+    /// For a frame the guest sent with a partial checksum (`NEEDS_CSUM`) or as a GSO frame:
+    /// its header, checked against the frame's own headers and normalised
+    /// ([`net::check_frame`]), and where those headers are. `None` for a frame without
+    /// offloads, whose header is all zeroes as far as a receiver is concerned.
+    #[inline]
+    pub fn offload(&self) -> Option<&OffloadFrame> {
+        self.offload.as_ref()
     }
 
     /// The Ethernet frame.
+    #[inline]
     pub fn frame(&self) -> &[u8] {
         &self.buf[self.hdr_len..self.len]
     }
@@ -196,6 +211,8 @@ struct NetInner {
     /// as of the last [`NetDevice::update_rx_pairs`]. Written by the control thread only; the
     /// data path reads it once per burst to pick a receive queue the guest uses.
     rx_pairs: AtomicU64,
+    /// This device's limit for the line a dropped TX frame logs (every device may log it).
+    tx_drops_log: RateLimit,
 }
 
 impl std::fmt::Debug for NetDevice {
@@ -208,7 +225,14 @@ impl NetDevice {
     /// Wraps a device's vrings (from [`crate::device::VhostUserDevice::vring_shared`]).
     pub fn new(name: &str, vrings: Vec<Arc<Mutex<VringShared>>>) -> NetDevice {
         let queues = vrings.into_iter().map(|shared| Queue { shared, stats: QueueStats::default() }).collect();
-        NetDevice { inner: Arc::new(NetInner { name: name.to_string(), queues, rx_pairs: AtomicU64::new(0) }) }
+        NetDevice {
+            inner: Arc::new(NetInner {
+                name: name.to_string(),
+                queues,
+                rx_pairs: AtomicU64::new(0),
+                tx_drops_log: RateLimit::new(),
+            }),
+        }
     }
 
     /// The device's name (its socket path, or what the owner chose).
@@ -228,6 +252,24 @@ impl NetDevice {
             .get(index)
             .map(|q| QueueCounters { faults: q.lock().faults, ..q.stats.snapshot() })
             .unwrap_or_default()
+    }
+
+    /// The features the guest negotiated, as the receive queue of pair `pair` runs with them;
+    /// `None` while that queue is not started. A forwarding data path asks once per burst,
+    /// and only for a burst holding frames with offloads (to decide, per receiver, what
+    /// [`net::OffloadFrame::delivery`] takes).
+    pub fn rx_features(&self, pair: u16) -> Option<VirtioFeatures> {
+        let q = self.inner.queues.get(2 * pair as usize)?;
+        let s = q.lock();
+        s.active.as_ref().map(|a| a.features)
+    }
+
+    /// Counts `n` frames for the receive queue of pair `pair` as dropped before they reached
+    /// it (e.g. larger than the port's MTU, or an offload its guest lacks with no fallback).
+    pub fn count_rx_drops(&self, pair: u16, n: u64) {
+        if let Some(q) = self.inner.queues.get(2 * pair as usize) {
+            q.stats.add(0, 0, n, 0);
+        }
     }
 
     /// The fault that stopped virtqueue `index`, while it is started and faulted.
@@ -406,11 +448,33 @@ impl NetDevice {
                         };
                         frame.hdr_len = pkt.header_len;
                         frame.len = pkt.header_len + pkt.frame_len as usize;
+                        // A frame with offloads: its header must describe the frame, which a
+                        // receiver's stack and the software fallback rely on. Checked on the
+                        // copy, so the guest cannot change what was checked.
+                        frame.offload = None;
+                        // `flags` and `gso_type` are the header's first two bytes.
+                        if frame.buf[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 || frame.buf[1] != VIRTIO_NET_HDR_GSO_NONE {
+                            match net::check_frame(&pkt.header, frame.frame(), frame.len - frame.hdr_len) {
+                                Ok(of) => frame.offload = Some(of),
+                                Err(e) => {
+                                    limited_by!(
+                                        self.inner.tx_drops_log,
+                                        warn,
+                                        "{}: TX frame dropped: {e}",
+                                        self.inner.name
+                                    );
+                                    errors += 1;
+                                    continue;
+                                }
+                            }
+                        }
                         bytes += u64::from(pkt.frame_len);
                         n += 1;
                     }
                     Ok(None) => break,
-                    Err(PopError::Chain { .. }) | Err(PopError::HeadOutOfRange { .. }) => {
+                    Err(PopError::Chain { .. })
+                    | Err(PopError::HeadOutOfRange { .. })
+                    | Err(PopError::IdInUse { .. }) => {
                         taken += 1;
                         errors += 1;
                     }

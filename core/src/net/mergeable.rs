@@ -8,10 +8,17 @@
 //!   buffers) completely up to the full length of each buffer"; `num_buffers` is the number of
 //!   buffers; all buffers of one packet are published together by one used-index update.
 //! - Never a partial packet: every buffer is reserved before the packet is committed; when the
-//!   ring runs short the reserved heads are given back ([`crate::avail::AvailRing::rewind`]) and
-//!   [`RxError::NoBuffers`] is returned, so the caller can wait for a kick or drop the frame.
+//!   ring runs short the reserved heads are given back ([`crate::SplitQueue::rewind`],
+//!   [`crate::PackedQueue::rewind`]) and [`RxError::NoBuffers`] is returned, so the caller can
+//!   wait for a kick or drop the frame.
+//!
+//! The functions take either ring layout ([`crate::SplitQueue`], [`crate::PackedQueue`]): the
+//! queue's head index or buffer id is what is completed. The dirty-log variants report buffer
+//! writes for both; only the split ring reports its used-ring writes so far
+//! (`SplitQueue::publish_logged`).
 //! - Without `VIRTIO_NET_F_GUEST_CSUM` the header's `flags` must be 0, and only negotiated GSO
-//!   types may be set ([`RxError::OffloadNotNegotiated`]).
+//!   types may be set ([`RxError::OffloadNotNegotiated`]); the rules are
+//!   [`offload::rx_delivery`]'s.
 //!
 //! A malformed receive chain (one the chain walk rejects, one with device-readable buffers, or a
 //! first buffer shorter than the header, families 6 and 11) is completed with len 0 and skipped.
@@ -25,12 +32,14 @@ use zerocopy::little_endian::U16;
 use zerocopy::IntoBytes;
 
 use super::header::*;
+use super::offload::{self, Delivery};
 use crate::chain::{Chain, DEFAULT_SEGMENTS};
 use crate::dirty::{NoLog, WriteLog};
 use crate::features::VirtioFeatures;
 use crate::log::log_warn;
-use crate::mem::{copy_bytes, store_header, GuestMemory};
-use crate::queue::{FirstWritable, PopError, SplitQueue};
+use crate::mem::{copy_bytes, store_header};
+use crate::queue::{FirstWritable, PopError};
+use crate::ring::sealed::RxQueue;
 
 /// Most buffers one merged packet may use (a 64 KiB GSO packet in 1526-byte buffers needs 44).
 pub const MAX_RX_BUFFERS: usize = 256;
@@ -41,7 +50,7 @@ pub const MAX_RX_BUFFERS: usize = 256;
 pub enum RxError {
     /// Not enough receive buffers are available yet; the buffers reserved for the frame were
     /// given back. Malformed chains met on the way were consumed and completed with len 0 (not
-    /// yet published: call [`SplitQueue::publish`] before waiting for a kick).
+    /// yet published: call [`Virtqueue::publish`](crate::Virtqueue::publish) before waiting for a kick).
     NoBuffers,
     /// The frame does not fit: without MRG_RXBUF the next buffer is too small, or with it even
     /// a full ring of buffers is too small. The buffers were given back; drop the frame (and
@@ -124,42 +133,25 @@ fn check_offloads(h: &mut VirtioNetHdr, features: VirtioFeatures) -> Result<(), 
     check_offload_fields(h, features)
 }
 
-/// The rest of [`check_offloads`], for a header that sets flags or a GSO type.
-///
-/// Without `GUEST_CSUM` "the device MUST set flags to zero" (§5.1.6.4.1): `DATA_VALID`, a
-/// hint that the checksum was already verified, is cleared and the frame delivered;
-/// `NEEDS_CSUM` describes a checksum still to be completed, so that frame is refused.
+/// The rest of [`check_offloads`], for a header that sets flags or a GSO type: the rules of
+/// §5.1.6.4.1 as [`offload::rx_delivery`] states them. A frame that would need its checksum
+/// completed or to be segmented cannot be placed as it is: that is the caller's software
+/// fallback ([`offload`]), not this function's. `DATA_VALID` without `GUEST_CSUM` (a hint) is
+/// cleared and the frame delivered.
 #[inline(never)]
 fn check_offload_fields(h: &mut VirtioNetHdr, features: VirtioFeatures) -> Result<(), RxError> {
-    if !features.contains(VirtioFeatures::NET_GUEST_CSUM) {
-        if h.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 {
-            return Err(RxError::OffloadNotNegotiated);
+    match offload::rx_delivery(h, features) {
+        Delivery::Pass(out) => {
+            *h = out;
+            Ok(())
         }
-        // DATA_VALID and any bit this core does not know.
-        h.flags = 0;
-    }
-    if h.flags & VIRTIO_NET_HDR_F_RSC_INFO != 0 {
-        return Err(RxError::OffloadNotNegotiated);
-    }
-    let needed = match h.gso_type & !VIRTIO_NET_HDR_GSO_ECN {
-        VIRTIO_NET_HDR_GSO_NONE => return Ok(()),
-        VIRTIO_NET_HDR_GSO_TCPV4 => VirtioFeatures::NET_GUEST_TSO4,
-        VIRTIO_NET_HDR_GSO_TCPV6 => VirtioFeatures::NET_GUEST_TSO6,
-        VIRTIO_NET_HDR_GSO_UDP => VirtioFeatures::NET_GUEST_UFO,
-        VIRTIO_NET_HDR_GSO_UDP_L4 => VirtioFeatures::NET_GUEST_USO4 | VirtioFeatures::NET_GUEST_USO6,
-        _ => return Err(RxError::OffloadNotNegotiated),
-    };
-    let ecn_ok = h.gso_type & VIRTIO_NET_HDR_GSO_ECN == 0 || features.contains(VirtioFeatures::NET_GUEST_ECN);
-    if features.intersects(needed) && ecn_ok {
-        Ok(())
-    } else {
-        Err(RxError::OffloadNotNegotiated)
+        Delivery::CompleteCsum(_) | Delivery::Segment(_) | Delivery::Drop => Err(RxError::OffloadNotNegotiated),
     }
 }
 
 /// Places one frame (`header` + `frame`) into the receive queue: one buffer, or with
 /// `VIRTIO_NET_F_MRG_RXBUF` in `features` as many as needed. The used entries are written but
-/// not published: call [`SplitQueue::publish`] once per batch.
+/// not published: call [`Virtqueue::publish`](crate::Virtqueue::publish) once per batch.
 ///
 /// `header.num_buffers` is overwritten. The header length follows [`header_len`].
 ///
@@ -169,8 +161,8 @@ fn check_offload_fields(h: &mut VirtioNetHdr, features: VirtioFeatures) -> Resul
 /// in its prologue, epilogue and offload checks. For a burst of frames, [`receive_burst`]
 /// is faster.
 #[inline(always)]
-pub fn receive<'m, M: GuestMemory + ?Sized, const N: usize>(
-    queue: &mut SplitQueue<'m, M>,
+pub fn receive<'m, Q: RxQueue<'m>, const N: usize>(
+    queue: &mut Q,
     scratch: &mut RxScratch<'m, N>,
     features: VirtioFeatures,
     header: &VirtioNetHdr,
@@ -181,10 +173,10 @@ pub fn receive<'m, M: GuestMemory + ?Sized, const N: usize>(
 
 /// [`receive`], reporting every byte written into the guest's buffers (header, `num_buffers`,
 /// frame) to `log` as guest ranges ([`crate::dirty`]). The used ring is reported by
-/// [`SplitQueue::publish_logged`].
+/// [`SplitQueue::publish_logged`](crate::SplitQueue::publish_logged).
 #[inline(always)]
-pub fn receive_logged<'m, M: GuestMemory + ?Sized, L: WriteLog, const N: usize>(
-    queue: &mut SplitQueue<'m, M>,
+pub fn receive_logged<'m, Q: RxQueue<'m>, L: WriteLog, const N: usize>(
+    queue: &mut Q,
     scratch: &mut RxScratch<'m, N>,
     features: VirtioFeatures,
     header: &VirtioNetHdr,
@@ -239,7 +231,7 @@ struct PendingCopy<'f> {
 /// Places up to `count` frames, `frame(i)` giving the header and bytes of the `i`-th, like
 /// [`receive`] called for each in turn, and stops at the first frame that finds no buffers
 /// or a broken ring. Used entries are written but not published: call
-/// [`SplitQueue::publish`] after it.
+/// [`Virtqueue::publish`](crate::Virtqueue::publish) after it.
 ///
 /// Frames that fit the first buffer of their chain (the usual case) are copied after the
 /// chains of the whole pass are taken, in one tight loop, as DPDK's vhost does for small
@@ -250,8 +242,8 @@ struct PendingCopy<'f> {
 /// see CHANGELOG. Nothing is visible to the driver before `publish`, so the order of the
 /// copies does not matter.
 #[inline(always)]
-pub fn receive_burst<'m, 'f, M: GuestMemory + ?Sized, const N: usize>(
-    queue: &mut SplitQueue<'m, M>,
+pub fn receive_burst<'m, 'f, Q: RxQueue<'m>, const N: usize>(
+    queue: &mut Q,
     scratch: &mut RxScratch<'m, N>,
     features: VirtioFeatures,
     count: usize,
@@ -262,10 +254,10 @@ pub fn receive_burst<'m, 'f, M: GuestMemory + ?Sized, const N: usize>(
 
 /// [`receive_burst`], reporting every byte written into the guest's buffers to `log` as guest
 /// ranges ([`crate::dirty`]), each after its copy. The used ring is reported by
-/// [`SplitQueue::publish_logged`]. With [`NoLog`] this is `receive_burst`, instruction for
+/// [`SplitQueue::publish_logged`](crate::SplitQueue::publish_logged). With [`NoLog`] this is `receive_burst`, instruction for
 /// instruction.
-pub fn receive_burst_logged<'m, 'f, M: GuestMemory + ?Sized, L: WriteLog, const N: usize>(
-    queue: &mut SplitQueue<'m, M>,
+pub fn receive_burst_logged<'m, 'f, Q: RxQueue<'m>, L: WriteLog, const N: usize>(
+    queue: &mut Q,
     scratch: &mut RxScratch<'m, N>,
     features: VirtioFeatures,
     count: usize,
@@ -329,8 +321,8 @@ fn flush_copies<L: WriteLog>(pending: &mut heapless::Vec<PendingCopy<'_>, RX_BUR
 /// header to write (`num_buffers` set) and `hdr_len`, after the chain was taken and its used
 /// entry written. Frames that take the general path are written before it returns.
 #[inline(always)]
-fn receive_with<'m, M: GuestMemory + ?Sized, L: WriteLog, const N: usize>(
-    queue: &mut SplitQueue<'m, M>,
+fn receive_with<'m, Q: RxQueue<'m>, L: WriteLog, const N: usize>(
+    queue: &mut Q,
     scratch: &mut RxScratch<'m, N>,
     features: VirtioFeatures,
     header: &VirtioNetHdr,
@@ -389,7 +381,7 @@ fn receive_with<'m, M: GuestMemory + ?Sized, L: WriteLog, const N: usize>(
                 out.bad_chains += 1;
                 out.completed_empty += 1;
             }
-            Err(PopError::HeadOutOfRange { .. }) => out.bad_chains += 1,
+            Err(PopError::HeadOutOfRange { .. } | PopError::IdInUse { .. }) => out.bad_chains += 1,
             Err(e @ PopError::AvailIndex(_)) => return Err(RxError::Ring(e)),
         }
     }
@@ -400,8 +392,8 @@ fn receive_with<'m, M: GuestMemory + ?Sized, L: WriteLog, const N: usize>(
 /// many chains as it needs (with MRG_RXBUF), then writes them. `out` holds what the fast path
 /// met before (malformed chains), `hdr` the header to write.
 #[inline(never)]
-fn receive_spread<'m, M: GuestMemory + ?Sized, L: WriteLog, const N: usize>(
-    queue: &mut SplitQueue<'m, M>,
+fn receive_spread<'m, Q: RxQueue<'m>, L: WriteLog, const N: usize>(
+    queue: &mut Q,
     scratch: &mut RxScratch<'m, N>,
     features: VirtioFeatures,
     mut hdr: VirtioNetHdr,
@@ -441,7 +433,7 @@ fn receive_spread<'m, M: GuestMemory + ?Sized, L: WriteLog, const N: usize>(
                 return Err(RxError::NoBuffers);
             }
             Err(PopError::Chain { head, .. }) => Some(head),
-            Err(PopError::HeadOutOfRange { .. }) => {
+            Err(PopError::HeadOutOfRange { .. } | PopError::IdInUse { .. }) => {
                 // Nothing to complete; the slot is consumed. Buffers reserved before it can no
                 // longer be given back in order, so return them empty.
                 out.bad_chains += 1;
@@ -502,10 +494,7 @@ fn receive_spread<'m, M: GuestMemory + ?Sized, L: WriteLog, const N: usize>(
 }
 
 /// Completes every reserved buffer with len 0 (in ring order) and forgets them.
-fn release_empty<M: GuestMemory + ?Sized, const N: usize>(
-    queue: &mut SplitQueue<'_, M>,
-    scratch: &mut RxScratch<'_, N>,
-) -> u16 {
+fn release_empty<'m, Q: RxQueue<'m>, const N: usize>(queue: &mut Q, scratch: &mut RxScratch<'m, N>) -> u16 {
     for &(head, _) in scratch.used.iter() {
         queue.push(head, 0);
     }

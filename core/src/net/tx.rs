@@ -153,8 +153,8 @@ pub fn validate_tx_header(h: &VirtioNetHdr, frame_len: u32, features: VirtioFeat
         if !features.contains(VirtioFeatures::NET_CSUM) {
             return Err(TxError::CsumNotNegotiated);
         }
-        let (start, offset) = (h.csum_start.get(), h.csum_offset.get());
-        if start as u32 + offset as u32 + 2 > frame_len {
+        if !csum_field_fits(h, frame_len as usize) {
+            let (start, offset) = (h.csum_start.get(), h.csum_offset.get());
             return Err(TxError::CsumOutOfRange { start, offset, frame_len });
         }
     }

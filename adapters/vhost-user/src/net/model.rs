@@ -159,9 +159,11 @@ impl DeviceModel for NetModel {
     }
 
     /// The core's negotiation (§2.2 subset, §5.1.3.1 dependencies), with the control queue on
-    /// the front-end's side as vhost-user has it.
-    fn negotiate(&self, offered: VirtioFeatures, acked: VirtioFeatures) -> Result<(), FeatureError> {
-        VirtioFeatures::negotiate_net_external_ctrl_vq(offered, acked).map(|_| ())
+    /// the front-end's side as vhost-user has it, after dropping offloads acked without what
+    /// they require ([`VirtioFeatures::without_orphan_offloads`]: QEMU forwards them).
+    fn negotiate(&self, offered: VirtioFeatures, acked: VirtioFeatures) -> Result<VirtioFeatures, FeatureError> {
+        let usable = acked.without_orphan_offloads();
+        VirtioFeatures::negotiate_net_external_ctrl_vq(offered, usable)
     }
 
     fn protocol_features(&self) -> ProtocolFeatures {

@@ -488,7 +488,7 @@ pub fn maps_named(name: &str) -> usize {
 
 /// An fd whose closing can be observed: the read end of a pipe (send it) and the write end
 /// (keep it). Once every copy of the read end is closed, writing fails with EPIPE
-/// ([`all_closed`]). Rust ignores SIGPIPE, so the write just fails.
+/// ([`probe_closed`]). Rust ignores SIGPIPE, so the write just fails.
 pub fn probe() -> (OwnedFd, std::io::PipeWriter) {
     let (rd, wr) = std::io::pipe().unwrap();
     (OwnedFd::from(rd), wr)

@@ -1,0 +1,340 @@
+//! `switchbench`: virtq-net's data plane between two guests, in-process and deterministic.
+//!
+//! Two switch ports of the product's data plane (`virtq_net::dataplane::Dataplane`, devices
+//! configured by `virtq_net::port::device_config` and served by the vhost-user control loop),
+//! each connected to an in-tree front-end over a real unix socket with memfd guest memory.
+//! Guest A sends bursts of 32 frames to guest B, which posts 32 receive buffers per burst;
+//! every step is one `Dataplane::poll_once`, which takes A's burst, switches it and places it
+//! in B's buffers (and polls B's empty TX ring, as the product does).
+//!
+//! Run under `valgrind --tool=callgrind --toggle-collect='*switchbench*step*'` (what
+//! `benches/switchbench.sh` does): only the data plane's work is counted, not the guests',
+//! and every step moves exactly one full burst, so instructions per frame do not depend on
+//! timing as `IR=1 benches/vs-dpdk.sh` does (its bursts are as full as the front-end keeps
+//! them).
+//!
+//! `switchbench --size BYTES [--mrg on|off] [--log] [--steps N]`: `--log` runs as while both
+//! guests migrate: `LOG_SHMFD` and `LOG_ALL` negotiated, a dirty log set, `VRING_F_LOG` on
+//! every ring.
+
+#[path = "../../adapters/vhost-user/tests/frontend/mod.rs"]
+mod frontend;
+
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use frontend::*;
+use virtq::testing::{Buf, TestDriver};
+use virtq::RegionTable;
+use virtq_net::dataplane::{Announcements, Dataplane, Port, PortBackend};
+use virtq_net::port::{device_config, PortSpec};
+use virtq_vhost_user::backend::{Backend, NoHandler, SocketSpec};
+use virtq_vhost_user::net::NetDevice;
+
+/// Frames per step: one burst of the data plane.
+const BURST: u16 = 32;
+/// VERSION_1, INDIRECT_DESC, EVENT_IDX, MAC; MRG_RXBUF with `--mrg on`.
+const FEATURES: u64 = (1 << 32) | (1 << 28) | (1 << 29) | (1 << 5);
+const F_MRG_RXBUF: u64 = 1 << 15;
+const F_LOG_ALL: u64 = 1 << 26;
+const PF_LOG_SHMFD: u64 = 1 << 1;
+/// `VHOST_VRING_F_LOG` in SET_VRING_ADDR's flags.
+const VRING_F_LOG: u32 = 1;
+const MAC_A: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0x0a];
+const MAC_B: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0x0b];
+
+struct Args {
+    size: usize,
+    mrg: bool,
+    log: bool,
+    steps: u32,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut a = Args { size: 64, mrg: true, log: false, steps: 1000 };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        if k == "--log" {
+            a.log = true;
+            continue;
+        }
+        let v = it.next().ok_or_else(|| format!("{k} needs a value"))?;
+        match k.as_str() {
+            "--size" => a.size = v.parse().map_err(|_| format!("bad size {v}"))?,
+            "--mrg" => a.mrg = v != "off",
+            "--steps" => a.steps = v.parse().map_err(|_| format!("bad steps {v}"))?,
+            _ => return Err(format!("unknown option {k}")),
+        }
+    }
+    if !(60..=1514).contains(&a.size) {
+        return Err(format!("--size {} out of 60..=1514", a.size));
+    }
+    Ok(a)
+}
+
+/// An Ethernet frame of `len` bytes from `src` to `dst` (experimental ethertype).
+fn eth(dst: [u8; 6], src: [u8; 6], len: usize) -> Vec<u8> {
+    let mut f = Vec::with_capacity(len);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&0x88b5u16.to_be_bytes());
+    f.extend((14..len).map(|i| i as u8));
+    f
+}
+
+/// QEMU's start sequence (the front-end module's `qemu_start`), with the dirty log when `log`:
+/// `LOG_SHMFD`, a log base covering guest memory, `LOG_ALL`, and `VRING_F_LOG` with each
+/// ring's used-ring address as `log_guest_addr`. Returns the dirty log's memfd (kept open).
+fn start(fe: &Frontend, features: u64, log: bool) -> Option<std::os::fd::OwnedFd> {
+    let offered = fe.get_u64(GET_FEATURES);
+    let pf = fe.get_u64(GET_PROTOCOL_FEATURES);
+    let mut want = pf & (PF_MQ | PF_REPLY_ACK | PF_CONFIG | PF_STATUS);
+    if log {
+        assert!(pf & PF_LOG_SHMFD != 0, "LOG_SHMFD offered");
+        want |= PF_LOG_SHMFD;
+    }
+    fe.send(SET_PROTOCOL_FEATURES, 0, &u64p(want), &[]);
+    fe.send(SET_OWNER, 0, &[], &[]);
+    for i in 0..fe.queues.len() {
+        fe.send(SET_VRING_CALL, 0, &u64p(i as u64), &[fe.queues[i].call.as_raw_fd()]);
+        fe.send(SET_VRING_ENABLE, 0, &state(i as u32, 1), &[]);
+    }
+    let mut acked = (features & offered) | F_PROTOCOL_FEATURES;
+    if log {
+        assert!(offered & F_LOG_ALL != 0, "LOG_ALL offered");
+        acked |= F_LOG_ALL;
+    }
+    fe.send(SET_FEATURES, 0, &u64p(acked), &[]);
+    let mt = fe.mem_table_payload();
+    assert_eq!(fe.acked(SET_MEM_TABLE, &mt, &[fe.ram.fd.as_raw_fd()]), 0, "SET_MEM_TABLE acked");
+    let log_fd = log.then(|| {
+        // One bit per 4 KiB page of guest memory (GPA + len), rounded up.
+        let bytes = (GPA as usize + fe.ram.len).div_ceil(4096 * 8).next_multiple_of(4096);
+        let fd = memfd("switchbench-log", bytes);
+        let mut p = (bytes as u64).to_ne_bytes().to_vec();
+        p.extend_from_slice(&0u64.to_ne_bytes());
+        fe.send(SET_LOG_BASE, 0, &p, &[fd.as_raw_fd()]);
+        let (req, _, _) = fe.reply();
+        assert_eq!(req, SET_LOG_BASE, "SET_LOG_BASE answered");
+        fd
+    });
+    for i in 0..fe.queues.len() {
+        if log {
+            let c = fe.queues[i].cfg;
+            let size = c.size as u32;
+            fe.send(SET_VRING_NUM, 0, &state(i as u32, size), &[]);
+            fe.send(SET_VRING_BASE, 0, &state(i as u32, 0), &[]);
+            let addr = vring_addr(
+                i as u32,
+                VRING_F_LOG,
+                fe.ram.uaddr(c.desc_table),
+                fe.ram.uaddr(c.used_ring),
+                fe.ram.uaddr(c.avail_ring),
+                c.used_ring,
+            );
+            fe.send(SET_VRING_ADDR, 0, &addr, &[]);
+            fe.send(SET_VRING_KICK, 0, &u64p(i as u64), &[fe.queues[i].kick.as_raw_fd()]);
+            fe.send(SET_VRING_CALL, 0, &u64p(i as u64), &[fe.queues[i].call.as_raw_fd()]);
+        } else {
+            fe.start_queue(i);
+        }
+    }
+    log_fd
+}
+
+fn wait_ready(dev: &NetDevice) {
+    let t0 = Instant::now();
+    while !(dev.queue_ready(0) && dev.queue_ready(1)) {
+        assert!(t0.elapsed() < Duration::from_secs(5), "{}: rings not started", dev.name());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// A guest's side of the benchmark: sends from its TX ring, posts and reclaims RX buffers.
+struct Guest<'a> {
+    rx: TestDriver<'a, RegionTable<1>>,
+    tx: TestDriver<'a, RegionTable<1>>,
+    rx_seen: u16,
+    tx_seen: u16,
+}
+
+impl<'a> Guest<'a> {
+    fn new(fe: &'a Frontend) -> Guest<'a> {
+        let mut d = fe.drivers().into_iter();
+        let (rx, tx) = (d.next().unwrap(), d.next().unwrap());
+        Guest { rx, tx, rx_seen: 0, tx_seen: 0 }
+    }
+
+    /// Makes `n` TX chains of one descriptor (header + frame, as Linux and DPDK send) and
+    /// publishes them with one index update. The data area is reused from its start: every
+    /// earlier chain was completed (checked by `reclaim`).
+    fn send(&mut self, n: u16, hdr: &[u8], frame: &[u8]) {
+        let mut pkt = hdr.to_vec();
+        pkt.extend_from_slice(frame);
+        self.tx.reset_alloc();
+        for _ in 0..n {
+            let head = self.tx.build_chain(&[Buf::readable(&pkt)], &mut []);
+            self.tx.stage(head);
+        }
+        self.tx.kick();
+    }
+
+    /// Posts `n` receive buffers of 2048 bytes (one descriptor each).
+    fn post(&mut self, n: u16) -> Vec<u64> {
+        self.rx.reset_alloc();
+        let mut addrs = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            let mut a = [0u64];
+            let head = self.rx.build_chain(&[Buf::writable(2048)], &mut a);
+            self.rx.stage(head);
+            addrs.push(a[0]);
+        }
+        self.rx.kick();
+        addrs
+    }
+
+    /// Checks that `tx` and `rx` chains were completed since the last call.
+    fn reclaim(&mut self, tx: u16, rx: u16) -> Result<(), String> {
+        let (t, r) = (self.tx.used_idx(), self.rx.used_idx());
+        if t.wrapping_sub(self.tx_seen) != tx || r.wrapping_sub(self.rx_seen) != rx {
+            return Err(format!(
+                "completed {} TX and {} RX chains, expected {tx} and {rx}",
+                t.wrapping_sub(self.tx_seen),
+                r.wrapping_sub(self.rx_seen)
+            ));
+        }
+        self.tx_seen = t;
+        self.rx_seen = r;
+        Ok(())
+    }
+}
+
+/// One data-plane pass: what callgrind counts (`--toggle-collect`).
+#[inline(never)]
+fn step(dp: &mut Dataplane) -> usize {
+    dp.poll_once()
+}
+
+fn run(a: &Args) -> Result<(), String> {
+    let dir = std::env::temp_dir().join(format!("switchbench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let result = bench(a, &dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn bench(a: &Args, dir: &Path) -> Result<(), String> {
+    let mut backend = Backend::new().map_err(|e| e.to_string())?;
+    let mut ports = Vec::new();
+    let mut devs = Vec::new();
+    let socks = [dir.join("a.sock"), dir.join("b.sock")];
+    for (i, path) in socks.iter().enumerate() {
+        let spec = PortSpec {
+            path: path.clone(),
+            client: false,
+            backend: PortBackend::Switch,
+            queues: 1,
+            mac: None,
+            mtu: 1500,
+            mrg: a.mrg,
+            offload: true,
+        };
+        let dev = backend
+            .add_device(
+                &path.display().to_string(),
+                device_config(&spec, i + 1),
+                SocketSpec::Server { path: path.clone(), mode: None },
+                Box::new(NoHandler),
+            )
+            .map_err(|e| e.to_string())?;
+        devs.push(dev.clone());
+        ports.push(Port::Vhost {
+            dev,
+            backend: PortBackend::Switch,
+            tap: Vec::new(),
+            announce: Arc::new(Announcements::default()),
+            mtu: spec.mtu,
+        });
+    }
+    let handle = backend.handle();
+    let control = std::thread::spawn(move || backend.run());
+
+    let features = FEATURES | if a.mrg { F_MRG_RXBUF } else { 0 };
+    let (fa, fb) = (Frontend::connect(&socks[0], 2, 256), Frontend::connect(&socks[1], 2, 256));
+    let (mut ga, mut gb) = (Guest::new(&fa), Guest::new(&fb));
+    let _log_a = start(&fa, features, a.log);
+    let _log_b = start(&fb, features, a.log);
+    wait_ready(&devs[0]);
+    wait_ready(&devs[1]);
+    let mut dp = Dataplane::new(ports, true);
+
+    // B speaks first, so that the switch knows where MAC_B is (A's frames are unicast).
+    // VERSION_1: the 12-byte header with or without MRG_RXBUF (§5.1.6).
+    let hdr = &[0u8; 12][..];
+    ga.post(1);
+    gb.send(1, hdr, &eth(MAC_A, MAC_B, 60));
+    step(&mut dp);
+    ga.reclaim(0, 1)?;
+    gb.reclaim(1, 0)?;
+
+    let frame = eth(MAC_B, MAC_A, a.size);
+    let mut moved = 0usize;
+    let mut last = Vec::new();
+    for _ in 0..a.steps {
+        last = gb.post(BURST);
+        ga.send(BURST, hdr, &frame);
+        moved += step(&mut dp);
+        ga.reclaim(BURST, 0)?;
+        gb.reclaim(0, BURST)?;
+    }
+    // B got A's frame, behind a header with num_buffers 1, in every buffer of the last burst.
+    let last_addrs = last.clone();
+    for addr in last {
+        let mut got = vec![0u8; 12 + frame.len()];
+        gb.rx.read(addr, &mut got);
+        if got[12..] != frame[..] || got[10..12] != [1, 0] {
+            return Err(format!("B's buffer at {addr:#x} does not hold A's frame"));
+        }
+    }
+    // With the log: the pages of B's buffers are marked (the back-end wrote them).
+    if let Some(fd) = &_log_b {
+        for &addr in &last_addrs {
+            let page = addr / 4096;
+            let mut byte = [0u8];
+            // SAFETY: reads one byte of our own memfd into a local buffer.
+            let n = unsafe { libc::pread(fd.as_raw_fd(), byte.as_mut_ptr().cast(), 1, (page / 8) as libc::off_t) };
+            if n != 1 || byte[0] & (1 << (page % 8)) == 0 {
+                return Err(format!("the dirty log does not mark B's buffer at {addr:#x}"));
+            }
+        }
+    }
+    let expected = a.steps as usize * BURST as usize;
+    if moved != expected {
+        return Err(format!("moved {moved} frames, expected {expected}"));
+    }
+    println!("frames={moved} steps={} size={} mrg={} log={}", a.steps, a.size, a.mrg, a.log);
+    // Front-ends hang up before the control loop stops (the guests' drivers borrow them).
+    drop(dp);
+    let _ = (ga, gb);
+    drop((fa, fb));
+    handle.shutdown();
+    control.join().map_err(|_| "control loop panicked".to_string())?.map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+fn main() {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("switchbench: {e}\nusage: switchbench --size BYTES [--mrg on|off] [--log] [--steps N]");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = run(&args) {
+        eprintln!("switchbench: {e}");
+        std::process::exit(1);
+    }
+}

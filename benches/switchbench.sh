@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Instructions per frame of virtq-net's data plane between two guests on its switch
+# (benches/src/switchbench.rs): in-process, every data-plane pass moves one full burst of 32
+# frames from guest A to guest B, and callgrind counts only the passes (--toggle-collect), so
+# the figures do not depend on timing. With the dirty log on (as while both guests migrate)
+# and off.
+#
+# Ir/frame = (Ir(N2 passes) - Ir(N1 passes)) / ((N2 - N1) * 32): the first pass (which moves
+# B's one frame that teaches the switch where B is) cancels out.
+#
+# Environment (all optional):
+#   SIZES="64 1500"     frame sizes
+#   MRG="on"            VIRTIO_NET_F_MRG_RXBUF ("on off": both; a frame that fits one buffer
+#                       takes the same path either way)
+#   LOG="off on"        the dirty log
+#   N1=50 N2=250        passes of the two callgrind runs
+#   SWITCHBENCH=PATH    use this binary, skip the build (default: cargo's release profile,
+#                       the profile virtq-net ships with)
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+SIZES=${SIZES:-"64 1500"}
+MRG=${MRG:-"on"}
+LOG=${LOG:-"off on"}
+N1=${N1:-50}
+N2=${N2:-250}
+
+die() { echo "switchbench.sh: $*" >&2; exit 2; }
+command -v valgrind > /dev/null || die "valgrind not found"
+[[ $N2 -gt $N1 ]] || die "N2 ($N2) must be greater than N1 ($N1)"
+
+if [[ -n ${SWITCHBENCH:-} ]]; then
+    BIN=$SWITCHBENCH
+else
+    echo "building switchbench (release)..." >&2
+    (cd "$HERE" && cargo build --release -p virtq-benches --bin switchbench) >&2 || die "cargo build failed"
+    BIN=${CARGO_TARGET_DIR:-$HERE/../target}/release/switchbench
+fi
+[[ -x $BIN ]] || die "no switchbench binary at $BIN"
+
+# ir_of ARGS...: the instructions callgrind counted inside the data-plane passes.
+ir_of() {
+    local err rc=0
+    err=$(valgrind --tool=callgrind --callgrind-out-file=/dev/null --toggle-collect='switchbench::step' \
+        "$BIN" "$@" 2>&1 > /dev/null) || rc=$?
+    if [[ $rc -ne 0 ]]; then
+        echo "switchbench.sh: FAILED (exit $rc): $BIN $*" >&2
+        grep -v '^==[0-9]*==' <<< "$err" | tail -n 15 >&2
+        return 1
+    fi
+    awk '/Collected :/ { print $NF; found = 1 } END { exit !found }' <<< "$err"
+}
+
+declare -A IR
+failed=0
+for size in $SIZES; do
+    for mrg in $MRG; do
+        for log in $LOG; do
+            args=(--size "$size" --mrg "$mrg")
+            [[ $log == on ]] && args+=(--log)
+            echo "  size $size mrg $mrg log $log" >&2
+            if a=$(ir_of "${args[@]}" --steps "$N1") && b=$(ir_of "${args[@]}" --steps "$N2"); then
+                IR[$size,$mrg,$log]=$(awk -v a="$a" -v b="$b" -v n1="$N1" -v n2="$N2" \
+                    'BEGIN { printf "%.1f", (b - a) / ((n2 - n1) * 32) }')
+            else
+                IR[$size,$mrg,$log]=FAIL
+                failed=1
+            fi
+        done
+    done
+done
+
+echo
+echo "Ir per frame, guest A -> switch -> guest B (callgrind, ($N2 - $N1) passes x 32 frames); binary: $BIN"
+echo
+echo "| frame | mrg_rxbuf | Ir/frame | with dirty log | ratio |"
+echo "|---:|---|---:|---:|---:|"
+for size in $SIZES; do
+    for mrg in $MRG; do
+        off=${IR[$size,$mrg,off]:--} on=${IR[$size,$mrg,on]:--}
+        ratio=$(awk -v a="$on" -v b="$off" 'BEGIN { if (a + 0 > 0 && b + 0 > 0) printf "%.2f", a / b; else print "-" }')
+        echo "| $size | $mrg | $off | $on | $ratio |"
+    done
+done
+if [[ $failed -ne 0 ]]; then
+    echo "switchbench.sh: some runs FAILED (see above)" >&2
+    exit 1
+fi

@@ -1,0 +1,887 @@
+//! A packed virtqueue, device side (VIRTIO 1.2 §2.8): one descriptor ring that the driver and
+//! the device both write, the two event suppression structures, and the chain walk over the
+//! ring, over guest memory borrowed for `'m`.
+//!
+//! ```text
+//! struct pvirtq_desc { le64 addr; le32 len; le16 id; le16 flags; }          // §2.8.13, ring of `size`
+//! struct pvirtq_event_suppress { le16 desc /* off:15, wrap:1 */; le16 flags; } // §2.8.10
+//! ```
+//!
+//! [`QueueConfig`] carries the three areas as vhost-user and the PCI transport name them:
+//! `desc_table` is the descriptor ring, `avail_ring` the driver area (the driver's event
+//! suppression structure, which the device reads) and `used_ring` the device area (the device's
+//! event suppression structure, which the device writes).
+//!
+//! ## How a chain is taken
+//! 1. The flags of the descriptor at the device's position are loaded with acquire; the
+//!    descriptor is available when its AVAIL bit equals the device's driver-ring wrap counter
+//!    and its USED bit does not (§2.8.1). The acquire orders every later read of the chain after
+//!    the driver's release of those flags (§2.8.21.1: the driver makes the first descriptor of a
+//!    chain available last, after a write barrier).
+//! 2. The chain's extent is found from the flags alone (`extent`): consecutive descriptors
+//!    (wrapping at the ring's end, toggling the wrap counter) while `VIRTQ_DESC_F_NEXT` is set,
+//!    each one loaded with acquire and required to be available, bounded by the ring size. The
+//!    `id` of the last one is the buffer id (§2.8.6).
+//! 3. The descriptors are consumed (the position moves past them) before anything else can
+//!    fail, and the chain's buffers are walked by the one walk both layouts share
+//!    ([`crate::chain`]'s `walk_source`, with this module's `PackedCursor` as the source of
+//!    descriptors): readable before writable, the 2^32 total, address overflow, translation, and
+//!    the indirect rules of §2.8.7.
+//!
+//! ## Error policy
+//! | error | what the queue does |
+//! |---|---|
+//! | [`PopError::HeadOutOfRange`] (buffer id ≥ queue size) | the chain's descriptors are consumed; nothing is completed (no valid id to return; Linux marks a ring broken on an unknown used id). |
+//! | [`PopError::IdInUse`] (buffer id already in flight: a buffer made available twice) | consumed; nothing is completed (returning the id would also complete the first buffer). Not checked with `VIRTIO_F_IN_ORDER`, whose batched completions do not name every id. |
+//! | [`PopError::Chain`] (any [`ChainError`], including [`ChainError::NotAvailable`] and [`ChainError::ChainTooLong`] from the extent) | the descriptors up to the chain's end are consumed (a chain that does not end within the ring size is cut at the ring size; one that runs into a descriptor that is not available is cut before it) and the buffer id of the last consumed descriptor is completed with `len` 0, so the driver gets it back and the queue never stalls. Visible at the next [`PackedQueue::publish`]. |
+
+use core::ptr::NonNull;
+use core::sync::atomic::{fence, Ordering};
+
+use crate::chain::{
+    fail, indirect_table, walk_source, walk_source_into, Chain, ChainError, ChainLimits, DescSource, DescTable, Failed,
+    WalkDesc, WalkSummary,
+};
+use crate::desc::{read_packed, DescFlags, DESC_SIZE};
+use crate::dirty::{NoLog, WriteLog};
+use crate::event::vring_need_event;
+use crate::features::VirtioFeatures;
+use crate::log::log_warn;
+use crate::mem::{copy_bytes, load_u16, store_u16, store_u32, GuestMemory};
+use crate::queue::{CopiedChain, FirstWritable, PopError, QueueConfig, QueueError, RingPart, MAX_QUEUE_SIZE};
+
+/// `VIRTQ_DESC_F_AVAIL` (§2.8.1): equal to the driver's wrap counter when the driver makes a
+/// descriptor available.
+pub const VIRTQ_DESC_F_AVAIL: u16 = 1 << 7;
+/// `VIRTQ_DESC_F_USED` (§2.8.1): the inverse of the wrap counter when available, equal to it
+/// when the device has used the descriptor.
+pub const VIRTQ_DESC_F_USED: u16 = 1 << 15;
+
+/// `RING_EVENT_FLAGS_ENABLE` (§2.8.10): notifications enabled.
+pub const RING_EVENT_FLAGS_ENABLE: u16 = 0;
+/// `RING_EVENT_FLAGS_DISABLE` (§2.8.10): notifications disabled.
+pub const RING_EVENT_FLAGS_DISABLE: u16 = 1;
+/// `RING_EVENT_FLAGS_DESC` (§2.8.10, only with `VIRTIO_F_EVENT_IDX`): notify when the
+/// descriptor at `desc_event_off` in the round `desc_event_wrap` is made available / used.
+pub const RING_EVENT_FLAGS_DESC: u16 = 2;
+
+/// Bytes of one event suppression structure (§2.8.10).
+pub const EVENT_SUPPRESS_SIZE: u64 = 4;
+
+/// Default capacity of a [`PackedQueue`]'s in-flight table: the largest queue size it accepts.
+pub const DEFAULT_IDS: usize = 1024;
+
+/// Checks a packed queue's size: §2.8 "Packed Virtqueues" allows any size up to 2^15 (not only
+/// powers of two); 0 is no queue.
+pub const fn validate_packed_size(size: u16) -> Result<(), QueueError> {
+    if size != 0 && size <= MAX_QUEUE_SIZE {
+        Ok(())
+    } else {
+        Err(QueueError::InvalidSize { size })
+    }
+}
+
+/// Whether a descriptor with `flags` is available in the round whose wrap counter is `wrap`
+/// (§2.8.1: AVAIL equal to the wrap counter, USED different from it). The one owner of this
+/// rule: a descriptor the device used in the previous round (both bits equal to the old
+/// counter) or written by a driver confused about the round is not available.
+#[inline(always)]
+pub fn is_available(flags: u16, wrap: bool) -> bool {
+    (flags & VIRTQ_DESC_F_AVAIL != 0) == wrap && (flags & VIRTQ_DESC_F_USED != 0) != wrap
+}
+
+/// A position in the descriptor ring: a slot and the wrap counter of the round (§2.8.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct RingPosition {
+    /// Slot, below the queue size.
+    pub index: u16,
+    /// Wrap counter: starts at 1 (`true`) and toggles each time the position passes the end.
+    pub wrap: bool,
+}
+
+impl RingPosition {
+    /// The start of a fresh ring: slot 0, wrap counter 1 (§2.8.1).
+    pub const START: RingPosition = RingPosition { index: 0, wrap: true };
+
+    /// The position `n ≤ size` slots back.
+    #[inline(always)]
+    fn back(self, n: u16, size: u16) -> RingPosition {
+        if n > self.index {
+            RingPosition { index: (self.index as u32 + size as u32 - n as u32) as u16, wrap: !self.wrap }
+        } else {
+            RingPosition { index: self.index - n, wrap: self.wrap }
+        }
+    }
+
+    /// The position `n ≤ size` slots further on.
+    #[inline(always)]
+    fn advance(self, n: u16, size: u16) -> RingPosition {
+        let i = self.index as u32 + n as u32;
+        if i >= size as u32 {
+            RingPosition { index: (i - size as u32) as u16, wrap: !self.wrap }
+        } else {
+            RingPosition { index: i as u16, wrap: self.wrap }
+        }
+    }
+
+    /// The 16-bit encoding vhost-user and the event suppression structure use: the slot in
+    /// bits 0..15, the wrap counter in bit 15.
+    pub fn to_bits(self) -> u16 {
+        self.index | (self.wrap as u16) << 15
+    }
+
+    /// Decodes [`to_bits`](Self::to_bits); `None` if the slot is not below `size`.
+    pub fn from_bits(bits: u16, size: u16) -> Option<RingPosition> {
+        let index = bits & 0x7fff;
+        (index < size).then_some(RingPosition { index, wrap: bits & 0x8000 != 0 })
+    }
+}
+
+/// A chain's extent in the ring, found from the descriptors' flags.
+#[derive(Clone, Copy, Debug)]
+struct Extent {
+    /// Descriptors the chain occupies (consumed, whatever else is wrong with it).
+    descs: u16,
+    /// The buffer id: the `id` of its last descriptor.
+    id: u16,
+    /// Why the chain ended where it did, if it did not end at a descriptor without NEXT.
+    error: Option<ChainError>,
+}
+
+/// Finds the chain that starts at `start` (§2.8.6): `None` if the descriptor there is not
+/// available; otherwise its consecutive descriptors while `VIRTQ_DESC_F_NEXT` is set, each
+/// loaded with acquire and required to be available ([`ChainError::NotAvailable`]), at most
+/// `size` of them ([`ChainError::ChainTooLong`]: §2.8.6 "MUST NOT create a descriptor chain
+/// longer than the Queue Size", and a NEXT flag on every descriptor would otherwise never end).
+///
+/// # Safety
+/// `ring` must be valid for `16 * size` bytes, 4-aligned, accessed only atomically or by the
+/// guest; `start.index < size`.
+#[inline(always)]
+unsafe fn extent(ring: NonNull<u8>, size: u16, start: RingPosition) -> Option<Extent> {
+    let mut pos = start;
+    let mut descs = 0u16;
+    let mut id = 0u16;
+    loop {
+        let p = ring.as_ptr();
+        // SAFETY: `pos.index < size`: its `flags` at offset 14 and `id` at 12 are 2-aligned
+        // fields inside the validated ring. Acquire: the descriptor's body and the buffers it
+        // names were written before the driver's release of these flags (§2.8.21.1).
+        let flags = unsafe { load_u16(p.add(pos.index as usize * DESC_SIZE + 14), Ordering::Acquire) };
+        if !is_available(flags, pos.wrap) {
+            if descs == 0 {
+                return None;
+            }
+            return Some(Extent { descs, id, error: Some(ChainError::NotAvailable { index: pos.index }) });
+        }
+        // SAFETY: as above; ordered after the acquire load of this descriptor's flags.
+        id = unsafe { load_u16(p.add(pos.index as usize * DESC_SIZE + 12), Ordering::Relaxed) };
+        descs += 1;
+        if flags & DescFlags::NEXT.bits() == 0 {
+            return Some(Extent { descs, id, error: None });
+        }
+        if descs == size {
+            return Some(Extent { descs, id, error: Some(ChainError::ChainTooLong) });
+        }
+        pos = pos.advance(1, size);
+    }
+}
+
+/// The packed ring as a [`DescSource`] for the shared chain walk: the `left` descriptors of a
+/// chain's extent, consecutive from `slot` (wrapping at `size`), or the entries of the one
+/// indirect table the chain refers to.
+struct PackedCursor {
+    ring: NonNull<u8>,
+    size: u16,
+    slot: u16,
+    /// Ring descriptors of the chain not yet returned, counting the current one.
+    left: u16,
+    /// Whether no ring descriptor was returned yet (an indirect descriptor must be the first,
+    /// and only, one: §2.8.7).
+    first: bool,
+    table: DescTable,
+    /// Next entry of `table`.
+    index: u32,
+    in_indirect: bool,
+}
+
+impl DescSource for PackedCursor {
+    #[inline(always)]
+    fn next<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        limits: &ChainLimits,
+        err: &mut Option<ChainError>,
+    ) -> Result<WalkDesc, Failed> {
+        loop {
+            if self.in_indirect {
+                // `index < entries` (checked by `advance`); the table was translated whole.
+                // SAFETY: entry `index` lies inside the `16 * entries` bytes of the table.
+                let p = unsafe { self.table.ptr.as_ptr().add(self.index as usize * DESC_SIZE) };
+                // SAFETY: 16 valid bytes at `p`, inside the table.
+                let (addr, len, _, flags) = unsafe { read_packed(p) };
+                // §2.8.7: "The driver MUST NOT set any flags except DESC_F_WRITE within an
+                // indirect descriptor". A nested table is refused as in the split ring; NEXT
+                // and the id are ignored (the table's entries are consecutive).
+                if flags & DescFlags::INDIRECT.bits() != 0 {
+                    return Err(fail(err, ChainError::NestedIndirect));
+                }
+                return Ok(WalkDesc { addr, len, flags: flags & DescFlags::WRITE.bits(), next: 0 });
+            }
+            // SAFETY: `slot < size` and the ring is valid for `16 * size` bytes. Ordered after
+            // the acquire loads of `extent`. The flags are read again here: the extent fixed
+            // the chain's length from NEXT; WRITE and INDIRECT are judged on this copy.
+            let (addr, len, _, flags) = unsafe { read_packed(self.ring.as_ptr().add(self.slot as usize * DESC_SIZE)) };
+            let first = core::mem::replace(&mut self.first, false);
+            if flags & DescFlags::INDIRECT.bits() != 0 {
+                if !first {
+                    return Err(fail(err, ChainError::IndirectInChain));
+                }
+                self.table = match indirect_table(mem, addr, len, flags, false, limits) {
+                    Ok(table) => table,
+                    Err(e) => return Err(fail(err, e)),
+                };
+                self.index = 0;
+                self.in_indirect = true;
+                continue;
+            }
+            return Ok(WalkDesc { addr, len, flags, next: 0 });
+        }
+    }
+
+    /// §2.8.6: a chain's descriptors are consecutive in the ring; its extent was fixed from the
+    /// flags before the walk. An indirect table's entries are consecutive too (§2.8.7).
+    #[inline(always)]
+    fn advance(&mut self, _: &WalkDesc) -> bool {
+        if self.in_indirect {
+            self.index += 1;
+            return self.index < self.table.entries;
+        }
+        self.left -= 1;
+        if self.left == 0 {
+            return false;
+        }
+        self.slot += 1;
+        if self.slot == self.size {
+            self.slot = 0;
+        }
+        true
+    }
+}
+
+/// A buffer taken and not yet completed: how many ring descriptors it occupied, where the
+/// ring position was after it, and which buffer was taken before it (the chain of takes that
+/// `rewind` walks back).
+#[derive(Clone, Copy, Debug)]
+struct InFlight {
+    /// 0: not in flight.
+    descs: u16,
+    /// [`RingPosition::to_bits`] of the position after the chain (IN_ORDER batches jump there).
+    end: u16,
+    /// The buffer id taken just before this one, or [`NO_ID`].
+    prev: u16,
+}
+
+impl InFlight {
+    const NONE: InFlight = InFlight { descs: 0, end: 0, prev: NO_ID };
+}
+
+impl Default for InFlight {
+    fn default() -> Self {
+        InFlight::NONE
+    }
+}
+
+/// No buffer id (ids are below the queue size, at most 32768).
+const NO_ID: u16 = u16::MAX;
+
+/// A [`PackedQueue`] between bursts: its validated state without the borrow of guest memory
+/// (see [`PackedQueue::detach`]).
+#[derive(Debug)]
+pub struct DetachedPackedQueue<const IDS: usize = DEFAULT_IDS> {
+    ring: NonNull<u8>,
+    driver: NonNull<u8>,
+    device: NonNull<u8>,
+    size: u16,
+    limits: ChainLimits,
+    in_order: bool,
+    event_idx: bool,
+    /// Next descriptor to take, and the device's copy of the driver-ring wrap counter.
+    avail: RingPosition,
+    /// Where the next used descriptor goes, and the device-ring wrap counter.
+    used: RingPosition,
+    /// `used` at the last publish: the start of the window a notification decision covers.
+    signalled: RingPosition,
+    /// The buffer id taken last and not completed since, or [`NO_ID`].
+    last_taken: u16,
+    /// Slot and flags of the first used descriptor written since the last publish: its flags
+    /// are stored last, by `publish`, so the driver sees the batch at once (the rest already
+    /// carry theirs, but the driver reads the ring in order and stops at the first).
+    pending: Option<(u16, u16)>,
+    /// Per buffer id: the descriptors its chain took (§2.8.6: "The driver needs to keep track
+    /// of the size of the list corresponding to each buffer ID, to be able to skip to where
+    /// the next used descriptor is written by the device"; the device must skip the same).
+    inflight: [InFlight; IDS],
+    config: QueueConfig,
+}
+
+impl<const IDS: usize> DetachedPackedQueue<IDS> {
+    /// The configuration the queue was set up with.
+    pub fn config(&self) -> &QueueConfig {
+        &self.config
+    }
+
+    /// The queue again, over `mem`.
+    ///
+    /// # Safety
+    /// As for [`DetachedQueue::attach`](crate::DetachedQueue::attach).
+    pub unsafe fn attach<'m, M: GuestMemory + ?Sized>(self, mem: &'m M) -> PackedQueue<'m, M, IDS> {
+        PackedQueue { mem, q: self }
+    }
+}
+
+/// A packed virtqueue, device side, over guest memory `M` borrowed for `'m`; `IDS` bounds the
+/// queue size (the in-flight table holds one entry per buffer id, 4 bytes each).
+///
+/// Its methods are the [`SplitQueue`](crate::SplitQueue)'s, with the buffer id where the split
+/// ring has the head index, so a device is written once over [`crate::ring::Virtqueue`].
+#[derive(Debug)]
+pub struct PackedQueue<'m, M: GuestMemory + ?Sized, const IDS: usize = DEFAULT_IDS> {
+    mem: &'m M,
+    q: DetachedPackedQueue<IDS>,
+}
+
+impl<'m, M: GuestMemory + ?Sized, const IDS: usize> PackedQueue<'m, M, IDS> {
+    /// Sets up a queue whose rings and buffers are both addressed in `mem`, at the start of a
+    /// fresh ring (both wrap counters 1, slot 0).
+    pub fn new(mem: &'m M, config: QueueConfig, features: VirtioFeatures) -> Result<Self, QueueError> {
+        Self::with_ring_memory(mem, mem, config, features)
+    }
+
+    /// Sets up a queue whose ring addresses are translated by `rings` and whose buffers are
+    /// translated by `mem` (as [`SplitQueue::with_ring_memory`](crate::SplitQueue::with_ring_memory)).
+    ///
+    /// Checks: the size (1..=32768 and at most `IDS`), the alignments of §2.8.10 (descriptor
+    /// ring 16, both event suppression structures 4), that every area is mapped and
+    /// host-contiguous, and that no two areas overlap (the device writes the ring and the
+    /// device area; it must not write what only the driver writes).
+    pub fn with_ring_memory<R: GuestMemory + ?Sized>(
+        mem: &'m M,
+        rings: &'m R,
+        config: QueueConfig,
+        features: VirtioFeatures,
+    ) -> Result<Self, QueueError> {
+        let size = config.size;
+        validate_packed_size(size)?;
+        if size as usize > IDS {
+            return Err(QueueError::InvalidSize { size });
+        }
+        let parts = [
+            (RingPart::DescTable, config.desc_table, DESC_SIZE as u64 * size as u64, 16u64),
+            (RingPart::AvailRing, config.avail_ring, EVENT_SUPPRESS_SIZE, 4),
+            (RingPart::UsedRing, config.used_ring, EVENT_SUPPRESS_SIZE, 4),
+        ];
+        let mut ptrs = [NonNull::dangling(); 3];
+        for (i, &(part, addr, len, align)) in parts.iter().enumerate() {
+            if addr % align != 0 {
+                return Err(QueueError::Misaligned { part, addr });
+            }
+            let ptr = rings.translate_contiguous(addr, len).map_err(|error| QueueError::Unmapped { part, error })?;
+            // The device stores `len` (u32) and `id`/`flags` (u16) atomically.
+            if !(ptr.as_ptr() as usize).is_multiple_of(4) {
+                return Err(QueueError::HostMisaligned { part });
+            }
+            ptrs[i] = ptr;
+        }
+        for (i, &(_, a, alen, _)) in parts.iter().enumerate() {
+            for &(part, b, blen, _) in &parts[i + 1..] {
+                if a < b + blen && b < a + alen {
+                    return Err(QueueError::Overlap { part });
+                }
+            }
+        }
+        Ok(PackedQueue {
+            mem,
+            q: DetachedPackedQueue {
+                ring: ptrs[0],
+                driver: ptrs[1],
+                device: ptrs[2],
+                size,
+                limits: ChainLimits {
+                    indirect: features.contains(VirtioFeatures::RING_INDIRECT_DESC),
+                    max_indirect_entries: size as u32,
+                },
+                in_order: features.contains(VirtioFeatures::IN_ORDER),
+                event_idx: features.contains(VirtioFeatures::RING_EVENT_IDX),
+                avail: RingPosition::START,
+                used: RingPosition::START,
+                signalled: RingPosition::START,
+                last_taken: NO_ID,
+                pending: None,
+                inflight: [InFlight::NONE; IDS],
+                config,
+            },
+        })
+    }
+
+    /// Gives up the borrow of guest memory and keeps everything else (see
+    /// [`SplitQueue::detach`](crate::SplitQueue::detach)).
+    pub fn detach(self) -> DetachedPackedQueue<IDS> {
+        self.q
+    }
+
+    /// The configuration the queue was set up with.
+    pub fn config(&self) -> &QueueConfig {
+        &self.q.config
+    }
+
+    /// Queue size.
+    pub fn size(&self) -> u16 {
+        self.q.size
+    }
+
+    /// The guest memory buffers are translated in.
+    pub fn memory(&self) -> &'m M {
+        self.mem
+    }
+
+    /// Sets the largest indirect table accepted, in entries (default: the queue size).
+    pub fn set_max_indirect_entries(&mut self, entries: u32) {
+        self.q.limits.max_indirect_entries = entries;
+    }
+
+    /// Whether `VIRTIO_F_IN_ORDER` was negotiated.
+    pub fn in_order(&self) -> bool {
+        self.q.in_order
+    }
+
+    /// The next descriptor the device will look at, with the driver-ring wrap counter.
+    pub fn next_avail(&self) -> RingPosition {
+        self.q.avail
+    }
+
+    /// Where the next used descriptor will be written, with the device-ring wrap counter.
+    pub fn next_used(&self) -> RingPosition {
+        self.q.used
+    }
+
+    /// Resumes at `avail` / `used` (vhost-user `SET_VRING_BASE` for packed rings). Forgets
+    /// every buffer in flight.
+    pub fn set_positions(&mut self, avail: RingPosition, used: RingPosition) {
+        let size = self.q.size;
+        self.q.avail = RingPosition { index: avail.index % size, wrap: avail.wrap };
+        self.q.used = RingPosition { index: used.index % size, wrap: used.wrap };
+        self.q.signalled = self.q.used;
+        self.q.last_taken = NO_ID;
+        self.q.pending = None;
+        self.q.inflight = [InFlight::NONE; IDS];
+    }
+
+    /// Takes the next chain into `chain` (cleared first; its [`Chain::head`] is the buffer
+    /// id). `Ok(false)` when no descriptor is available.
+    ///
+    /// On [`PopError::Chain`] the buffer id was already completed with len 0 (see the module's
+    /// error policy): log it and keep popping.
+    #[inline]
+    pub fn pop_into<const N: usize>(&mut self, chain: &mut Chain<'m, N>) -> Result<bool, PopError> {
+        self.pop_chain(chain, true)
+    }
+
+    /// [`pop_into`](Self::pop_into), but a malformed chain is handed back without being
+    /// completed (as [`SplitQueue`](crate::SplitQueue)'s): the caller completes its id (len
+    /// 0) or gives it back with [`rewind`](Self::rewind).
+    pub(crate) fn pop_uncompleted<const N: usize>(&mut self, chain: &mut Chain<'m, N>) -> Result<bool, PopError> {
+        self.pop_chain(chain, false)
+    }
+
+    #[inline(always)]
+    fn pop_chain<const N: usize>(&mut self, chain: &mut Chain<'m, N>, complete_bad: bool) -> Result<bool, PopError> {
+        let Some((id, start, descs)) = self.take(complete_bad)? else {
+            return Ok(false);
+        };
+        let cursor = self.cursor(start, descs);
+        if let Err(error) = walk_source_into(self.mem, cursor, id, &self.q.limits, chain) {
+            if complete_bad {
+                return Err(self.fail_chain(id, error));
+            }
+            return Err(PopError::Chain { head: id, error });
+        }
+        Ok(true)
+    }
+
+    /// Gives back the last `n` chains taken and not completed (the net receive path's
+    /// reservations, §5.1.6.4: no partial packet): the position moves back to the first of
+    /// them. Only chains taken after the last completion may be given back; the walk back
+    /// stops at the first that is not in flight.
+    pub fn rewind(&mut self, n: u16) {
+        let q = &mut self.q;
+        for _ in 0..n {
+            let id = q.last_taken;
+            let Some(&entry) = q.inflight.get(id as usize) else {
+                return;
+            };
+            if entry.descs == 0 {
+                return;
+            }
+            // The end was recorded by a pop of this queue, so its slot is below the size.
+            let end = RingPosition::from_bits(entry.end, q.size).unwrap_or(q.avail);
+            q.avail = end.back(entry.descs, q.size);
+            q.last_taken = entry.prev;
+            q.inflight[id as usize] = InFlight::NONE;
+        }
+    }
+
+    /// Takes the next chain, validating it in one pass, and returns its first buffer if that
+    /// one is device-writable (as [`SplitQueue`](crate::SplitQueue)'s, for the net receive
+    /// path's fast path).
+    // Always inlined: the net receive path's fast path calls it once per frame (through
+    // `ring::sealed::RxQueue`); left to LLVM behind the trait it stayed a call (ringbench
+    // virtq-net 1desc 64 rx: +33 instructions per chain).
+    #[inline(always)]
+    pub(crate) fn pop_first_writable(&mut self) -> Result<Option<FirstWritable>, PopError> {
+        let mut first = None;
+        let mut pieces = 0u32;
+        self.pop_with(|ptr, len, writable, addr| {
+            if pieces == 0 && writable {
+                first = Some((ptr, len, addr));
+            }
+            pieces += 1;
+            Ok(())
+        })
+        .map(|o| o.map(|(head, sum)| FirstWritable { head, sum, first }))
+    }
+
+    /// Takes the next chain, returned by value (see [`pop_into`](Self::pop_into)).
+    pub fn pop<const N: usize>(&mut self) -> Result<Option<Chain<'m, N>>, PopError> {
+        let mut chain = Chain::new();
+        Ok(self.pop_into(&mut chain)?.then_some(chain))
+    }
+
+    /// Takes the next chain and copies its device-readable part into `buf` in the same pass
+    /// that validates it (as [`SplitQueue::pop_read`](crate::SplitQueue::pop_read));
+    /// [`CopiedChain::head`] is the buffer id.
+    #[inline(always)]
+    pub fn pop_read(&mut self, buf: &mut [u8]) -> Result<Option<CopiedChain>, PopError> {
+        let mut done = 0usize;
+        let copied = &mut done;
+        let dst = buf.as_mut_ptr();
+        let cap = buf.len();
+        self.pop_with(move |ptr, len, writable, _| {
+            if !writable {
+                let n = (len as usize).min(cap - *copied);
+                // SAFETY: `ptr` is valid for `len >= n` bytes of guest memory (GuestMemory
+                // contract, borrowed for 'm); `done + n <= cap` bytes of `buf`; guest memory
+                // never overlaps a Rust buffer.
+                unsafe { copy_bytes(ptr.as_ptr(), dst.add(*copied), n) };
+                *copied += n;
+            }
+            Ok(())
+        })
+        .map(|o| o.map(|(head, sum)| copied_chain(head, done, sum)))
+    }
+
+    /// Takes the next chain and writes `data` into its device-writable part in the same pass
+    /// that validates it (as [`SplitQueue::pop_write`](crate::SplitQueue::pop_write)).
+    #[inline(always)]
+    pub fn pop_write(&mut self, data: &[u8]) -> Result<Option<CopiedChain>, PopError> {
+        self.pop_write_logged(data, &NoLog)
+    }
+
+    /// [`pop_write`](Self::pop_write), reporting every piece written to `log` as a guest range.
+    #[inline(always)]
+    pub fn pop_write_logged<L: WriteLog>(&mut self, data: &[u8], log: &L) -> Result<Option<CopiedChain>, PopError> {
+        let mut done = 0usize;
+        let written = &mut done;
+        self.pop_with(
+            #[inline(always)]
+            move |ptr, len, writable, addr| {
+                if writable {
+                    let n = (len as usize).min(data.len() - *written);
+                    // SAFETY: as in `pop_read`, with `data[done..done + n]` as the source; the
+                    // piece is device-writable, so writing it is allowed (§2.8.13).
+                    unsafe { copy_bytes(data.as_ptr().add(*written), ptr.as_ptr(), n) };
+                    if L::ENABLED && n != 0 {
+                        log.buffer(addr, n as u64);
+                    }
+                    *written += n;
+                }
+                Ok(())
+            },
+        )
+        .map(|o| o.map(|(head, sum)| copied_chain(head, done, sum)))
+    }
+
+    #[inline(always)]
+    fn pop_with<F>(&mut self, piece: F) -> Result<Option<(u16, WalkSummary)>, PopError>
+    where
+        F: FnMut(NonNull<u8>, u32, bool, u64) -> Result<(), ChainError>,
+    {
+        let Some((id, start, descs)) = self.take(true)? else {
+            return Ok(None);
+        };
+        let cursor = self.cursor(start, descs);
+        match walk_source(self.mem, cursor, &self.q.limits, piece) {
+            Ok(sum) => Ok(Some((id, sum))),
+            Err(error) => Err(self.fail_chain(id, error)),
+        }
+    }
+
+    /// Finds the next available chain's extent and consumes its descriptors; returns its
+    /// buffer id, first position and descriptor count, or the error policy's outcome for a
+    /// chain whose extent or id is bad (completed only if `complete_bad`).
+    #[inline(always)]
+    fn take(&mut self, complete_bad: bool) -> Result<Option<(u16, RingPosition, u16)>, PopError> {
+        let q = &mut self.q;
+        let start = q.avail;
+        // SAFETY: the ring was validated for `16 * size` bytes, 4-aligned, at set-up, and
+        // `avail.index < size` always holds.
+        let Some(ext) = (unsafe { extent(q.ring, q.size, start) }) else {
+            return Ok(None);
+        };
+        q.avail = start.advance(ext.descs, q.size);
+        let id = ext.id;
+        if id >= q.size {
+            log_warn!("virtq: packed buffer id {=u16} out of range", id);
+            return Err(PopError::HeadOutOfRange { head: id });
+        }
+        // `id < size <= IDS`.
+        let entry = &mut q.inflight[id as usize];
+        if entry.descs != 0 && !q.in_order {
+            log_warn!("virtq: packed buffer id {=u16} made available twice", id);
+            return Err(PopError::IdInUse { id });
+        }
+        *entry = InFlight { descs: ext.descs, end: q.avail.to_bits(), prev: q.last_taken };
+        q.last_taken = id;
+        if let Some(error) = ext.error {
+            if complete_bad {
+                return Err(self.fail_chain(id, error));
+            }
+            return Err(PopError::Chain { head: id, error });
+        }
+        Ok(Some((id, start, ext.descs)))
+    }
+
+    #[inline(always)]
+    fn cursor(&self, start: RingPosition, descs: u16) -> PackedCursor {
+        PackedCursor {
+            ring: self.q.ring,
+            size: self.q.size,
+            slot: start.index,
+            left: descs,
+            first: true,
+            table: DescTable::new(NonNull::dangling(), 0),
+            index: 0,
+            in_indirect: false,
+        }
+    }
+
+    /// Completes a malformed chain's buffer id with len 0 (the error policy).
+    #[cold]
+    fn fail_chain(&mut self, id: u16, error: ChainError) -> PopError {
+        log_warn!("virtq: malformed packed chain, buffer id {=u16}: {}", id, error);
+        self.push(id, 0);
+        PopError::Chain { head: id, error }
+    }
+
+    /// Completes buffer `id` (one taken by a pop and not completed yet): writes a used
+    /// descriptor `{id, len}` at the device's position and moves past as many descriptors as
+    /// the buffer's chain took (§2.8.6). Visible at the next [`publish`](Self::publish). An id
+    /// that is not in flight is ignored: writing it would desynchronise the driver.
+    #[inline]
+    pub fn push(&mut self, id: u16, len: u32) {
+        let Some(&entry) = self.q.inflight.get(id as usize) else {
+            return;
+        };
+        if entry.descs == 0 || id >= self.q.size {
+            return;
+        }
+        self.write_used(id, len);
+        let q = &mut self.q;
+        q.used = q.used.advance(entry.descs, q.size);
+        // Cleared, so a `rewind` walking back through `prev` links stops here: a completed
+        // chain cannot be given back.
+        q.inflight[id as usize] = InFlight::NONE;
+    }
+
+    /// IN_ORDER batched completion (§2.8.9 "In-order use of descriptors": "the device can
+    /// write out a single used descriptor with the Buffer ID corresponding to the last
+    /// descriptor in the batch", then skip the batch's descriptors): one used descriptor for
+    /// `last_id`, the position moved past `last_id`'s chain. Returns `false` and writes nothing
+    /// if IN_ORDER was not negotiated.
+    #[must_use]
+    pub fn push_in_order_batch(&mut self, last_id: u16, last_len: u32, count: u16) -> bool {
+        if !self.q.in_order {
+            return false;
+        }
+        let Some(&entry) = self.q.inflight.get(last_id as usize) else {
+            return true;
+        };
+        if count == 0 || entry.descs == 0 || last_id >= self.q.size {
+            return true;
+        }
+        self.write_used(last_id, last_len);
+        let q = &mut self.q;
+        // The end was recorded by a pop of this queue, so its slot is below the size.
+        q.used = RingPosition::from_bits(entry.end, q.size).unwrap_or(q.used);
+        q.inflight[last_id as usize] = InFlight::NONE;
+        true
+    }
+
+    /// Writes the used descriptor for `id` at the device's position: body first, flags
+    /// (AVAIL = USED = the device-ring wrap counter, §2.8.1) with release after it, except for
+    /// the first of a batch, whose flags `publish` stores.
+    #[inline(always)]
+    fn write_used(&mut self, id: u16, len: u32) {
+        let q = &mut self.q;
+        let slot = q.used.index;
+        let flags = if q.used.wrap { VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED } else { 0 };
+        // SAFETY: `slot < size`: the descriptor's `len` (offset 8, 4-aligned) and `id`
+        // (offset 12, 2-aligned) are inside the validated, 4-aligned ring. Relaxed: the
+        // release store of the flags orders them.
+        let d = unsafe { q.ring.as_ptr().add(slot as usize * DESC_SIZE) };
+        // SAFETY: as above.
+        unsafe {
+            store_u32(d.add(8), len, Ordering::Relaxed);
+            store_u16(d.add(12), id, Ordering::Relaxed);
+        }
+        if q.pending.is_none() {
+            q.pending = Some((slot, flags));
+        } else {
+            // SAFETY: `flags` at offset 14 of the same descriptor. Release: its `len` and `id`
+            // (and the buffer contents) are visible before it is used (§2.8.21.3).
+            unsafe { store_u16(d.add(14), flags, Ordering::Release) };
+        }
+    }
+
+    /// Makes every completion since the last call visible (the first used descriptor's flags,
+    /// stored last with release) and returns whether the driver must be notified, from the
+    /// driver's event suppression structure (§2.8.10): `ENABLE` notifies, `DISABLE` does not,
+    /// `DESC` (with `VIRTIO_F_EVENT_IDX`) notifies when the used descriptor at its offset and
+    /// wrap counter was among those just published. Publishing nothing never notifies.
+    #[must_use]
+    #[inline]
+    pub fn publish(&mut self) -> bool {
+        let q = &mut self.q;
+        let Some((slot, flags)) = q.pending.take() else {
+            return false;
+        };
+        // SAFETY: `flags` of descriptor `slot < size` in the validated ring. Release: every
+        // used descriptor's body and the buffers before it (§2.8.21.3).
+        unsafe { store_u16(q.ring.as_ptr().add(slot as usize * DESC_SIZE + 14), flags, Ordering::Release) };
+        let old = q.signalled;
+        let new = q.used;
+        q.signalled = new;
+        // Store-load ordering: the used flags must be visible before the driver's suppression
+        // state is read, or a driver that just enabled notifications could be missed.
+        fence(Ordering::SeqCst);
+        // SAFETY: the driver area's `flags` (offset 2) and `desc` (offset 0), 2-aligned
+        // inside the validated 4-byte structure.
+        let (event_flags, off_wrap) = unsafe {
+            (load_u16(q.driver.as_ptr().add(2), Ordering::Relaxed), load_u16(q.driver.as_ptr(), Ordering::Relaxed))
+        };
+        match event_flags & 3 {
+            RING_EVENT_FLAGS_DISABLE => false,
+            RING_EVENT_FLAGS_DESC if q.event_idx => packed_need_event(off_wrap, old, new, q.size),
+            // ENABLE; DESC without EVENT_IDX and the reserved value 3 notify too: a spurious
+            // notification costs the driver a look, a missing one can stall it.
+            _ => true,
+        }
+    }
+
+    /// Asks the driver not to notify (device area `flags` = `DISABLE`, §2.8.10).
+    pub fn disable_notifications(&mut self) {
+        // SAFETY: the device area's `flags`, 2-aligned inside the validated structure.
+        unsafe { store_u16(self.q.device.as_ptr().add(2), RING_EVENT_FLAGS_DISABLE, Ordering::Relaxed) };
+    }
+
+    /// Asks the driver to notify again (with `VIRTIO_F_EVENT_IDX`: when the descriptor at the
+    /// device's position is made available, `DESC` mode; otherwise `ENABLE`), then looks at
+    /// that descriptor again. `Ok(true)` means a buffer arrived meanwhile and must be processed
+    /// before sleeping (the full fence closes the race with a driver that read the old state).
+    pub fn enable_notifications(&mut self) -> Result<bool, PopError> {
+        let q = &mut self.q;
+        let dev = q.device.as_ptr();
+        if q.event_idx {
+            // SAFETY: the device area's `desc` and `flags`, 2-aligned inside the structure.
+            unsafe {
+                store_u16(dev, q.avail.to_bits(), Ordering::Relaxed);
+                store_u16(dev.add(2), RING_EVENT_FLAGS_DESC, Ordering::Relaxed);
+            }
+        } else {
+            // SAFETY: as above.
+            unsafe { store_u16(dev.add(2), RING_EVENT_FLAGS_ENABLE, Ordering::Relaxed) };
+        }
+        fence(Ordering::SeqCst);
+        // SAFETY: `flags` of descriptor `avail.index < size` in the validated ring.
+        let flags =
+            unsafe { load_u16(q.ring.as_ptr().add(q.avail.index as usize * DESC_SIZE + 14), Ordering::Acquire) };
+        Ok(is_available(flags, q.avail.wrap))
+    }
+}
+
+/// The notification decision of `DESC` mode (§2.8.10, the packed form of `vring_need_event`):
+/// did the used descriptors published between positions `old` and `new` include the one at
+/// `off_wrap`'s offset in its round? Positions of the round before `new`'s are taken as
+/// offsets minus `size`, so one comparison covers a window that wraps.
+#[inline]
+pub fn packed_need_event(off_wrap: u16, old: RingPosition, new: RingPosition, size: u16) -> bool {
+    let mut old_i = old.index;
+    if new.index <= old.index {
+        old_i = old_i.wrapping_sub(size);
+    }
+    let mut off = off_wrap & 0x7fff;
+    if (off_wrap & 0x8000 != 0) != new.wrap {
+        off = off.wrapping_sub(size);
+    }
+    vring_need_event(off, new.index, old_i)
+}
+
+#[inline(always)]
+fn copied_chain(head: u16, bytes: usize, sum: WalkSummary) -> CopiedChain {
+    CopiedChain { head, bytes: bytes as u32, readable_len: sum.readable_len, writable_len: sum.writable_len }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn availability_follows_the_wrap_counter() {
+        assert!(is_available(VIRTQ_DESC_F_AVAIL, true));
+        assert!(!is_available(VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED, true));
+        assert!(!is_available(0, true));
+        assert!(is_available(VIRTQ_DESC_F_USED, false));
+        assert!(!is_available(0, false));
+        assert!(!is_available(VIRTQ_DESC_F_AVAIL, false));
+    }
+
+    #[test]
+    fn positions_wrap_and_encode() {
+        let p = RingPosition { index: 3, wrap: true };
+        assert_eq!(p.advance(2, 5), RingPosition { index: 0, wrap: false });
+        assert_eq!(p.advance(1, 5), RingPosition { index: 4, wrap: true });
+        assert_eq!(p.advance(5, 5), RingPosition { index: 3, wrap: false });
+        assert_eq!(RingPosition::from_bits(p.to_bits(), 5), Some(p));
+        assert_eq!(RingPosition::from_bits(0x8005, 5), None);
+    }
+
+    #[test]
+    fn need_event_equals_brute_force_over_rounds() {
+        let size = 6u16;
+        // Every start, batch length and event position in the current or previous round.
+        for start in 0..2 * size {
+            let old = RingPosition { index: start % size, wrap: start < size };
+            for n in 1..=size {
+                let new = old.advance(n, size);
+                for off in 0..size {
+                    for wrap in [false, true] {
+                        let want = (0..n).any(|k| old.advance(k, size) == RingPosition { index: off, wrap });
+                        let bits = RingPosition { index: off, wrap }.to_bits();
+                        assert_eq!(packed_need_event(bits, old, new, size), want, "{old:?} +{n} event {off}/{wrap}");
+                    }
+                }
+            }
+        }
+    }
+}

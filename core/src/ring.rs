@@ -1,0 +1,178 @@
+//! One device-side API over both ring layouts (VIRTIO 1.2 §2.7 split, §2.8 packed), so that a
+//! device is written once: [`Virtqueue`], implemented by [`SplitQueue`] and [`PackedQueue`].
+//!
+//! Both take chains through the same walk (`crate::chain`), which owns the rules of §2.7.5 /
+//! §2.8.7 for both; they differ in where descriptors come from, how a chain is found, and how a
+//! completion is written. What a device sees is the same: a [`Chain`] or a [`CopiedChain`]
+//! whose `head` is the token to complete (the split ring's head index, the packed ring's
+//! buffer id), the same [`PopError`] policy (a malformed chain was already completed with
+//! `len` 0), and one notification decision per [`publish`](Virtqueue::publish).
+//!
+//! ```ignore
+//! fn drain_tx<'m, Q: Virtqueue<'m>>(q: &mut Q, buf: &mut [u8]) -> bool {
+//!     while let Ok(Some(c)) = q.pop_read(buf) {
+//!         consume(&buf[..c.bytes as usize]);
+//!         q.push(c.head, 0);
+//!     }
+//!     q.publish()
+//! }
+//! ```
+
+use crate::chain::Chain;
+use crate::dirty::{NoLog, WriteLog};
+use crate::mem::GuestMemory;
+use crate::packed::PackedQueue;
+use crate::queue::{CopiedChain, PopError, SplitQueue};
+
+/// A virtqueue's device side, whichever its layout. See the module documentation; each method
+/// is documented on [`SplitQueue`] and [`PackedQueue`], which implement it with their inherent
+/// methods of the same name.
+pub trait Virtqueue<'m> {
+    /// The guest memory buffers are translated in.
+    type Memory: GuestMemory + ?Sized + 'm;
+
+    /// The guest memory buffers are translated in.
+    fn memory(&self) -> &'m Self::Memory;
+
+    /// Queue size.
+    fn size(&self) -> u16;
+
+    /// Whether `VIRTIO_F_IN_ORDER` was negotiated.
+    fn in_order(&self) -> bool;
+
+    /// Takes the next chain into `chain`; `Ok(false)` when none is available.
+    fn pop_into<const N: usize>(&mut self, chain: &mut Chain<'m, N>) -> Result<bool, PopError>;
+
+    /// Takes the next chain, copying its device-readable part into `buf` as it is validated.
+    fn pop_read(&mut self, buf: &mut [u8]) -> Result<Option<CopiedChain>, PopError>;
+
+    /// Takes the next chain, writing `data` into its device-writable part as it is validated.
+    fn pop_write(&mut self, data: &[u8]) -> Result<Option<CopiedChain>, PopError> {
+        self.pop_write_logged(data, &NoLog)
+    }
+
+    /// [`pop_write`](Self::pop_write), reporting every piece written to `log`.
+    fn pop_write_logged<L: WriteLog>(&mut self, data: &[u8], log: &L) -> Result<Option<CopiedChain>, PopError>;
+
+    /// Completes the chain `head` with `len` bytes written (visible at the next publish).
+    fn push(&mut self, head: u16, len: u32);
+
+    /// IN_ORDER batched completion; `false` (nothing written) without IN_ORDER.
+    #[must_use]
+    fn push_in_order_batch(&mut self, last_head: u16, last_len: u32, count: u16) -> bool;
+
+    /// Makes the completions visible; `true` if the driver must be notified.
+    #[must_use]
+    fn publish(&mut self) -> bool;
+
+    /// Asks the driver not to notify the device.
+    fn disable_notifications(&mut self);
+
+    /// Asks the driver to notify again; `Ok(true)` if buffers arrived meanwhile.
+    fn enable_notifications(&mut self) -> Result<bool, PopError>;
+}
+
+/// Implements [`Virtqueue`] by forwarding to the inherent methods, which stay the fast path
+/// for code written against one layout.
+macro_rules! forward_virtqueue {
+    () => {
+        type Memory = M;
+        #[inline(always)]
+        fn memory(&self) -> &'m M {
+            Self::memory(self)
+        }
+        #[inline(always)]
+        fn size(&self) -> u16 {
+            Self::size(self)
+        }
+        #[inline(always)]
+        fn in_order(&self) -> bool {
+            Self::in_order(self)
+        }
+        #[inline(always)]
+        fn pop_into<const N: usize>(&mut self, chain: &mut Chain<'m, N>) -> Result<bool, PopError> {
+            Self::pop_into(self, chain)
+        }
+        #[inline(always)]
+        fn pop_read(&mut self, buf: &mut [u8]) -> Result<Option<CopiedChain>, PopError> {
+            Self::pop_read(self, buf)
+        }
+        #[inline(always)]
+        fn pop_write_logged<L: WriteLog>(&mut self, data: &[u8], log: &L) -> Result<Option<CopiedChain>, PopError> {
+            Self::pop_write_logged(self, data, log)
+        }
+        #[inline(always)]
+        fn push(&mut self, head: u16, len: u32) {
+            Self::push(self, head, len)
+        }
+        #[inline(always)]
+        fn push_in_order_batch(&mut self, last_head: u16, last_len: u32, count: u16) -> bool {
+            Self::push_in_order_batch(self, last_head, last_len, count)
+        }
+        #[inline(always)]
+        fn publish(&mut self) -> bool {
+            Self::publish(self)
+        }
+        #[inline(always)]
+        fn disable_notifications(&mut self) {
+            Self::disable_notifications(self)
+        }
+        #[inline(always)]
+        fn enable_notifications(&mut self) -> Result<bool, PopError> {
+            Self::enable_notifications(self)
+        }
+    };
+}
+
+impl<'m, M: GuestMemory + ?Sized> Virtqueue<'m> for SplitQueue<'m, M> {
+    forward_virtqueue!();
+}
+
+impl<'m, M: GuestMemory + ?Sized, const IDS: usize> Virtqueue<'m> for PackedQueue<'m, M, IDS> {
+    forward_virtqueue!();
+}
+
+/// What the virtio-net receive path needs of a queue beyond [`Virtqueue`]: reserving chains
+/// without completing malformed ones, giving reservations back, and the one-pass look at a
+/// chain's first buffer. Sealed: implemented by both queues, named by no one outside the
+/// crate, so these stay crate-internal contracts.
+pub(crate) mod sealed {
+    use super::*;
+    use crate::queue::FirstWritable;
+
+    /// See the module's documentation.
+    pub trait RxQueue<'m>: Virtqueue<'m> {
+        /// The next chain, validated in one pass, with its first buffer if device-writable;
+        /// malformed chains are completed with len 0.
+        fn pop_first_writable(&mut self) -> Result<Option<FirstWritable>, PopError>;
+        /// [`Virtqueue::pop_into`] leaving a malformed chain uncompleted.
+        fn pop_uncompleted<const N: usize>(&mut self, chain: &mut Chain<'m, N>) -> Result<bool, PopError>;
+        /// Gives back the last `n` chains taken and not completed.
+        fn rewind(&mut self, n: u16);
+    }
+
+    macro_rules! forward_rx {
+        () => {
+            #[inline(always)]
+            fn pop_first_writable(&mut self) -> Result<Option<FirstWritable>, PopError> {
+                Self::pop_first_writable(self)
+            }
+            #[inline(always)]
+            fn pop_uncompleted<const N: usize>(&mut self, chain: &mut Chain<'m, N>) -> Result<bool, PopError> {
+                Self::pop_uncompleted(self, chain)
+            }
+            #[inline(always)]
+            fn rewind(&mut self, n: u16) {
+                Self::rewind(self, n)
+            }
+        };
+    }
+
+    impl<'m, M: GuestMemory + ?Sized> RxQueue<'m> for SplitQueue<'m, M> {
+        forward_rx!();
+    }
+
+    impl<'m, M: GuestMemory + ?Sized, const IDS: usize> RxQueue<'m> for PackedQueue<'m, M, IDS> {
+        forward_rx!();
+    }
+}
