@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the test guest for ci/guest/run-matrix.sh: a busybox-static initramfs with Debian's
-# virtio-net modules, iperf3 and ethtool, plus the uncompressed kernel (vmlinux, PVH entry), which boots
+# virtio-net and virtio-blk modules, ext4, iperf3, ethtool and mkfs.ext4, plus the uncompressed kernel (vmlinux, PVH entry), which boots
 # several seconds faster than the bzImage under TCG.
 #
 #   ci/guest/build-initramfs.sh OUTDIR
@@ -10,7 +10,8 @@
 # or through sudo). Env: KVER=6.1.0-NN-amd64 picks a kernel among those installed.
 #
 # The guest's /init reads these kernel command line parameters:
-#   virtq.ip=ADDR/PREFIX   address of eth0 (required for networking)
+#   virtq.ip=ADDR/PREFIX   address of eth0 (required for networking; without it eth0 is not
+#                          waited for, as in the block cases, whose guest has no NIC)
 #   virtq.mtu=N            MTU of eth0
 #   virtq.arp=IP@MAC       a static neighbour entry (repeatable)
 #   virtq.cmd="..."        the test command (sh -c); its exit status gives the verdict
@@ -23,6 +24,9 @@
 #                                   the last QUIET seconds (the peer finished pinging us)
 #   vt-iperf IP SECS [ARGS]         iperf3 client, retrying the connect until the server is up
 #   vt-channels N                   ethtool -L eth0 combined N, checked with ethtool -l
+#   vt-blk                          the block test on /dev/vda (see its heredoc)
+#   vt-blk-stream [MIB]             a streamed write to /dev/vda, read back and compared
+#   vt-blk-ro                       /dev/vda read-only: contents checked, a write refused
 set -euo pipefail
 
 OUT=${1:?usage: build-initramfs.sh OUTDIR}
@@ -39,6 +43,7 @@ if [[ ! -x /bin/busybox ]] || ldd /bin/busybox > /dev/null 2>&1; then need+=(bus
 command -v cpio > /dev/null || need+=(cpio)
 command -v iperf3 > /dev/null || need+=(iperf3)
 command -v ethtool > /dev/null || need+=(ethtool)
+command -v mke2fs > /dev/null || need+=(e2fsprogs)
 command -v xz > /dev/null || need+=(xz-utils)
 command -v zstd > /dev/null || need+=(zstd)
 command -v ldd > /dev/null || need+=(libc-bin)
@@ -61,11 +66,12 @@ MODDIR=/lib/modules/$KVER
 BUSYBOX=/bin/busybox
 IPERF=$(command -v iperf3)
 ETHTOOL=$(command -v ethtool)
+MKE2FS=$(command -v mke2fs)
 
 key() {
     echo "kernel $KVER $(stat -c %s /boot/vmlinuz-"$KVER")"
     "$BUSYBOX" 2>&1 | head -1
-    dpkg-query -W -f '${Package} ${Version}\n' iperf3 libiperf0 ethtool libmnl0 2>/dev/null || true
+    dpkg-query -W -f '${Package} ${Version}\n' iperf3 libiperf0 ethtool libmnl0 e2fsprogs 2>/dev/null || true
     sha256sum "$HERE/build-initramfs.sh" | cut -d' ' -f1
 }
 mkdir -p "$OUT"
@@ -136,7 +142,8 @@ walk() {
     for d in ${DEP[$path]}; do walk "$d"; done
     ORDER+=("$path")
 }
-for want in virtio_pci virtio_net; do
+# virtio_blk, ext4 (and crc32c, which ext4 asks the crypto API for) for the block cases.
+for want in virtio_pci virtio_net virtio_blk crc32c_generic ext4; do
     path=""
     for k in "${!DEP[@]}"; do
         if [[ $(basename "$k") =~ ^$want\.ko(\.(xz|zst|gz))?$ ]]; then path=$k; fi
@@ -163,9 +170,9 @@ for path in "${ORDER[@]}"; do
 done
 log "modules: $(tr '\n' ' ' < "$ROOT/lib/modules/load.order")"
 
-# iperf3 and ethtool (busybox has no channel settings: `ethtool -L` sets the guest's queue pairs)
-# and the shared libraries they link (from the installed .debs).
-for bin in "$IPERF" "$ETHTOOL"; do
+# iperf3 and ethtool (busybox has no channel settings: `ethtool -L` sets the guest's queue pairs),
+# mke2fs (busybox's makes only ext2) and the shared libraries they link (from the installed .debs).
+for bin in "$IPERF" "$ETHTOOL" "$MKE2FS"; do
     cp "$bin" "$ROOT/usr/bin/$(basename "$bin")"
     ldd "$bin" | awk '/=>/ { print $3 } /^\t\/[^ ]*ld-linux/ { print $1 }' | while read -r lib; do
         [[ -f $lib ]] || continue
@@ -173,6 +180,8 @@ for bin in "$IPERF" "$ETHTOOL"; do
         cp -L "$lib" "$ROOT$lib"
     done
 done
+ln -sf mke2fs "$ROOT/usr/bin/mkfs.ext4"
+[[ -f /etc/mke2fs.conf ]] && cp /etc/mke2fs.conf "$ROOT/etc/"
 # The dynamic loader at its canonical path, whichever directory ldd named.
 [[ -e $ROOT/lib64/ld-linux-x86-64.so.2 ]] || cp -L /lib64/ld-linux-x86-64.so.2 "$ROOT/lib64/"
 echo "root:x:0:0:root:/root:/bin/sh" > "$ROOT/etc/passwd"
@@ -213,28 +222,31 @@ echo "VIRTQ: init up $(cut -d' ' -f1 /proc/uptime)s, $(nproc) cpu(s)"
 for m in $(cat /lib/modules/load.order); do
     insmod "/lib/modules/$m" || finish "FAIL (insmod $m)"
 done
-n=0
-while [ ! -e /sys/class/net/eth0 ]; do
-    n=$((n + 1))
-    [ $n -gt 100 ] && finish "FAIL (no eth0)"
-    sleep 0.1
-done
 ip link set lo up
-[ -n "$MTU" ] && ip link set eth0 mtu "$MTU"
-ip link set eth0 up
-[ -n "$IP" ] && ip addr add "$IP" dev eth0
-for e in $ARPS; do arp -s "${e%@*}" "${e#*@}"; done
-feat=$(cat /sys/class/net/eth0/device/features 2>/dev/null)
-# Feature bits, as the guest driver negotiated them: 15 MRG_RXBUF, 22 MQ, 32 VERSION_1.
-bit() { echo "$feat" | cut -c$(($1 + 1)); }
-echo "VIRTQ: eth0 $IP mac $(cat /sys/class/net/eth0/address) mrg_rxbuf=$(bit 15) mq=$(bit 22) version_1=$(bit 32)" \
-    "queues=$(ls /sys/class/net/eth0/queues | tr '\n' ' ')"
-echo "VIRTQ: features $feat"
+# A guest without virtq.ip has no NIC (the block cases): eth0 is neither waited for nor set up.
+if [ -n "$IP" ]; then
+    n=0
+    while [ ! -e /sys/class/net/eth0 ]; do
+        n=$((n + 1))
+        [ $n -gt 100 ] && finish "FAIL (no eth0)"
+        sleep 0.1
+    done
+    [ -n "$MTU" ] && ip link set eth0 mtu "$MTU"
+    ip link set eth0 up
+    ip addr add "$IP" dev eth0
+    for e in $ARPS; do arp -s "${e%@*}" "${e#*@}"; done
+    feat=$(cat /sys/class/net/eth0/device/features 2>/dev/null)
+    # Feature bits, as the guest driver negotiated them: 15 MRG_RXBUF, 22 MQ, 32 VERSION_1.
+    bit() { echo "$feat" | cut -c$(($1 + 1)); }
+    echo "VIRTQ: eth0 $IP mac $(cat /sys/class/net/eth0/address) mrg_rxbuf=$(bit 15) mq=$(bit 22) version_1=$(bit 32)" \
+        "queues=$(ls /sys/class/net/eth0/queues | tr '\n' ' ')"
+    echo "VIRTQ: features $feat"
+fi
 echo "VIRTQ: running: $CMD"
 timeout "$TIMEOUT" sh -c "$CMD"
 rc=$?
 st=/sys/class/net/eth0/statistics
-echo "VIRTQ: counters eth0 rx $(cat $st/rx_packets) pkts $(cat $st/rx_dropped) dropped, tx $(cat $st/tx_packets) pkts $(cat $st/tx_dropped) dropped"
+[ -d $st ] && echo "VIRTQ: counters eth0 rx $(cat $st/rx_packets) pkts $(cat $st/rx_dropped) dropped, tx $(cat $st/tx_packets) pkts $(cat $st/tx_dropped) dropped"
 if [ $rc -eq 0 ]; then finish "PASS"; else finish "FAIL (rc=$rc)"; fi
 EOF
 
@@ -314,6 +326,101 @@ max=$(echo "$out" | awk '/^Pre-set/ { s = 1 } /^Current/ { s = 0 } s && /^Combin
 cur=$(echo "$out" | awk '/^Current/ { s = 1 } s && /^Combined:/ { print $2 }')
 echo "VIRTQ: channels combined $cur of $max"
 [ "$cur" = "$n" ]
+EOF
+
+cat > "$ROOT/bin/vt-blk" << 'EOF'
+#!/bin/sh
+# vt-blk: the block test on /dev/vda (at least 256 MiB). An ext4 file system on its first
+# 128 MiB: a file of known content written, synced, read back after a remount (so from the
+# device, not the page cache) and compared by SHA-256. Then raw throughput, 64 MiB written
+# (fsync) and read (caches dropped) at 160 MiB; last a known 1 MiB pattern at 240 MiB
+# (`yes virtq-blk-raw | head -c 1048576`, fsync) that the host checks in the image.
+n=0
+while [ ! -b /dev/vda ]; do
+    n=$((n + 1))
+    [ $n -gt 100 ] && { echo "VIRTQ: no /dev/vda"; exit 1; }
+    sleep 0.1
+done
+q=/sys/block/vda/queue
+echo "VIRTQ: vda $(cat /sys/block/vda/size) sectors, $(ls /sys/block/vda/mq | wc -l) hw queue(s), serial $(cat /sys/block/vda/serial 2>/dev/null), ro $(cat /sys/block/vda/ro), cache $(cat $q/write_cache), discard_max $(cat $q/discard_max_bytes), write_zeroes_max $(cat $q/write_zeroes_max_bytes)"
+now() { cut -d' ' -f1 /proc/uptime; }
+mbs() { awk -v b="$1" -v t0="$2" -v t1="$3" 'BEGIN { t = t1 - t0; if (t <= 0) t = 0.01; printf "%.1f", b / 1048576 / t }'; }
+mkfs.ext4 -q -F /dev/vda 128M || { echo "VIRTQ: mkfs.ext4 failed"; exit 1; }
+mkdir -p /mnt
+mount -t ext4 /dev/vda /mnt || { echo "VIRTQ: mount failed"; exit 1; }
+yes virtq-blk-file | head -c 8388608 > /tmp/file
+want=$(sha256sum < /tmp/file | cut -d' ' -f1)
+cp /tmp/file /mnt/file && sync || { echo "VIRTQ: write failed"; exit 1; }
+umount /mnt && mount -t ext4 /dev/vda /mnt || { echo "VIRTQ: remount failed"; exit 1; }
+got=$(sha256sum < /mnt/file | cut -d' ' -f1)
+umount /mnt
+echo "VIRTQ: ext4 file sha256 wrote $want read $got"
+[ "$want" = "$got" ] || exit 1
+t0=$(now)
+dd if=/dev/zero of=/dev/vda bs=1M count=64 seek=160 conv=fsync 2> /dev/null || { echo "VIRTQ: dd write failed"; exit 1; }
+t1=$(now)
+echo 3 > /proc/sys/vm/drop_caches
+dd if=/dev/vda of=/dev/null bs=1M count=64 skip=160 2> /dev/null || { echo "VIRTQ: dd read failed"; exit 1; }
+t2=$(now)
+echo "VIRTQ: dd write $(mbs 67108864 "$t0" "$t1") MB/s read $(mbs 67108864 "$t1" "$t2") MB/s"
+yes virtq-blk-raw | head -c 1048576 > /tmp/raw
+dd if=/tmp/raw of=/dev/vda bs=1M seek=240 conv=fsync 2> /dev/null || { echo "VIRTQ: raw write failed"; exit 1; }
+echo "VIRTQ: raw pattern sha256 $(sha256sum < /tmp/raw | cut -d' ' -f1)"
+EOF
+
+cat > "$ROOT/bin/vt-blk-stream" << 'EOF'
+#!/bin/sh
+# vt-blk-stream [MIB] [writethrough]: writes MIB MiB (default 64) of a known pattern (`yes
+# virtq-blk-stream`) to /dev/vda at 16 MiB, one 1 MiB O_DIRECT write at a time, printing
+# `VIRTQ: chunk N` after each (the host kills the back-end and restarts it meanwhile); then
+# reads it back with the caches dropped and compares SHA-256. With `writethrough` the disk's
+# write cache is switched off first (virtio-blk `writeback` = 0 through CONFIG_WCE: the
+# back-end makes every write stable before completing it).
+mib=${1:-64}
+n=0
+while [ ! -b /dev/vda ]; do
+    n=$((n + 1))
+    [ $n -gt 100 ] && { echo "VIRTQ: no /dev/vda"; exit 1; }
+    sleep 0.1
+done
+if [ "$2" = writethrough ]; then
+    # virtio_blk's own attribute writes `writeback` in the config space (queue/write_cache
+    # would only change the guest's view).
+    echo "write through" > /sys/block/vda/cache_type || { echo "VIRTQ: cannot set write through"; exit 1; }
+    echo "VIRTQ: cache $(cat /sys/block/vda/cache_type)"
+fi
+yes virtq-blk-stream | head -c $((mib * 1048576)) > /tmp/stream
+want=$(sha256sum < /tmp/stream | cut -d' ' -f1)
+t0=$(cut -d' ' -f1 /proc/uptime)
+i=0
+while [ $i -lt "$mib" ]; do
+    dd if=/tmp/stream of=/dev/vda bs=1M count=1 skip=$i seek=$((16 + i)) oflag=direct 2> /dev/null \
+        || { echo "VIRTQ: chunk $i failed"; exit 1; }
+    echo "VIRTQ: chunk $i"
+    i=$((i + 1))
+done
+t1=$(cut -d' ' -f1 /proc/uptime)
+echo 3 > /proc/sys/vm/drop_caches
+got=$(dd if=/dev/vda bs=1M skip=16 count="$mib" 2> /dev/null | sha256sum | cut -d' ' -f1)
+echo "VIRTQ: stream of $mib MiB written in $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }')s, sha256 wrote $want read $got"
+[ "$want" = "$got" ]
+EOF
+
+cat > "$ROOT/bin/vt-blk-ro" << 'EOF'
+#!/bin/sh
+# vt-blk-ro: /dev/vda must be read-only (VIRTIO_BLK_F_RO), its first 4 MiB read back as the host
+# wrote them (`yes virtq-blk-ro`, compared by SHA-256), and a write refused.
+n=0
+while [ ! -b /dev/vda ]; do
+    n=$((n + 1))
+    [ $n -gt 100 ] && { echo "VIRTQ: no /dev/vda"; exit 1; }
+    sleep 0.1
+done
+want=$(yes virtq-blk-ro | head -c 4194304 | sha256sum | cut -d' ' -f1)
+got=$(dd if=/dev/vda bs=1M count=4 2> /dev/null | sha256sum | cut -d' ' -f1)
+if dd if=/dev/zero of=/dev/vda bs=4096 count=1 oflag=direct 2> /dev/null; then wrote=yes; else wrote=no; fi
+echo "VIRTQ: ro $(cat /sys/block/vda/ro), read $([ "$want" = "$got" ] && echo intact || echo DIFFERS), write accepted $wrote"
+[ "$(cat /sys/block/vda/ro)" = 1 ] && [ "$want" = "$got" ] && [ $wrote = no ]
 EOF
 
 chmod +x "$ROOT/init" "$ROOT"/bin/vt-*

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Real guests against virtq-net: Linux's virtio-net driver in QEMU 7.2 (TCG) over vhost-user.
+# Real guests against virtq-net: Linux's virtio-net driver in QEMU 7.2 (TCG) over vhost-user;
+# and against virtq-blk: Linux's virtio-blk driver (case blk, see case_blk).
 #
 #   ci/guest/run-matrix.sh                 the whole matrix
 #   GUEST_CASES="tap iperf3" ...           only these cases (names as printed)
@@ -52,10 +53,15 @@ if [[ -z ${VIRTQ_NET:-} ]]; then
     VIRTQ_NET=${CARGO_TARGET_DIR:-$ROOT/target}/release/virtq-net
 fi
 [[ -x $VIRTQ_NET ]] || die "no virtq-net binary at $VIRTQ_NET"
+if { case_selected blk || case_selected blk-kill-restart || case_selected blk-ro; } && [[ -z ${VIRTQ_BLK:-} ]]; then
+    say "building virtq-blk (release)"
+    cargo build --release -p virtq-blk --locked >&2 || die "cargo build failed"
+    VIRTQ_BLK=${CARGO_TARGET_DIR:-$ROOT/target}/release/virtq-blk
+fi
 if [[ $(id -u) -ne 0 ]]; then
     say "re-running as root (network namespaces and TAP devices)"
     exec sudo --preserve-env=GUEST_CASES,GUEST_SUMMARY,GUEST_DIR,GUEST_LOGDIR,CASE_TIMEOUT,SKIP_INSTALL,MIG_MIBS,MIG_SECS,MIG_MAX_LOST \
-        VIRTQ_NET="$VIRTQ_NET" bash "$0" "$@"
+        VIRTQ_NET="$VIRTQ_NET" VIRTQ_BLK="${VIRTQ_BLK:-}" bash "$0" "$@"
 fi
 
 if [[ -z ${SKIP_INSTALL:-} ]]; then
@@ -65,6 +71,7 @@ if [[ -z ${SKIP_INSTALL:-} ]]; then
     command -v iperf3 > /dev/null || need+=(iperf3)
     if [[ ! -x /bin/busybox ]] || ldd /bin/busybox > /dev/null 2>&1; then need+=(busybox-static); fi
     command -v python3 > /dev/null || need+=(python3)
+    command -v e2fsck > /dev/null || need+=(e2fsprogs)
     if { case_selected iperf3-vs-dpdk || case_selected migrate-dpdk; } && ! command -v dpdk-testpmd > /dev/null; then
         need+=(dpdk-dev)
     fi
@@ -1113,6 +1120,170 @@ case_migrate() { # BACKEND(dpdk|virtq) ROLE(client|server: QEMU's socket role) M
     ((ok && guest_ok == 0 && stop_ok == 0)) || { DETAIL+="; $err $STOP_ERR"; return 1; }
 }
 
+# virtq-blk: Linux's virtio-blk driver over vhost-user-blk-pci (two request queues on two
+# vCPUs) against a 256 MiB sparse raw image. In the guest (vt-blk): mkfs.ext4, a file written,
+# synced, read back after a remount and compared by SHA-256, dd throughput, and a known raw
+# pattern; after the guest powers off the host checks the pattern's bytes in the image, runs
+# e2fsck on the file system, and reads virtq-blk's statistics (both queues served, no errors).
+case_blk() {
+    local sock=$TMP/$CASE.sock img=$TMP/$CASE.img log=$TMP/$CASE-g1.serial err
+    rm -f "$img"
+    truncate -s 256M "$img" || { DETAIL="image"; return 1; }
+    VQ_LOG=$TMP/$CASE-virtq-blk.log
+    "$VIRTQ_BLK" --socket-path "$sock" --image "$img" --queues 2 --serial virtq-blk-ci > "$VQ_LOG" 2>&1 &
+    VQ_PID=$!
+    track "$VQ_PID"
+    wait_for "socket" test -S "$sock" || { DETAIL="virtq-blk did not listen"; return 1; }
+    qemu-system-x86_64 -accel tcg -cpu max -machine q35,memory-backend=mem -m 256M -smp 2 \
+        -object "memory-backend-memfd,id=mem,size=256M,share=on" \
+        -display none -nodefaults -no-reboot -serial "file:$log" \
+        -kernel "$KERNEL" -initrd "$INITRD" \
+        -append "console=ttyS0 panic=-1 loglevel=4 virtq.timeout=$((CASE_LIMIT - 20)) virtq.cmd=vt-blk" \
+        -chardev "socket,id=c0,path=$sock" -device vhost-user-blk-pci,chardev=c0,num-queues=2 \
+        > "$TMP/$CASE-g1.qemu" 2>&1 &
+    GPID[g1]=$!
+    GLOG[g1]=$log
+    track "${GPID[g1]}"
+    wait_guests g1
+    err=$(check_guests g1)
+    local guest_ok=$?
+    vq_stop
+    local stop_ok=$? stop=${STOP_ERR//virtq-net/virtq-blk}
+    # The raw pattern, on the host, where the guest wrote it.
+    local want got fsck
+    want=$(yes virtq-blk-raw | head -c 1048576 | sha256sum | cut -d' ' -f1)
+    got=$(dd if="$img" bs=1M skip=240 count=1 2> /dev/null | sha256sum | cut -d' ' -f1)
+    fsck=$(e2fsck -fn "$img" 2>&1)
+    local fsck_ok=$?
+    fsck=$(echo "$fsck" | tail -1)
+    local q0 q1 errors
+    q0=$(grep -a 'stats .* q0:' "$VQ_LOG" | sed -n 's/.* requests \([0-9]*\).*/\1/p' | tail -1)
+    q1=$(grep -a 'stats .* q1:' "$VQ_LOG" | sed -n 's/.* requests \([0-9]*\).*/\1/p' | tail -1)
+    errors=$(grep -a 'stats .* q[01]:' "$VQ_LOG" | sed -n 's/.* errors \([0-9]*\).*/\1/p' | awk '{ s += $1 } END { print s + 0 }')
+    DETAIL="$(vline g1 'vda' | sed 's/.*VIRTQ: //'); $(vline g1 'ext4' | sed 's/.*VIRTQ: //' | cut -c1-40)...; $(vline g1 'dd' | sed 's/.*VIRTQ: //')"
+    DETAIL+="; host: raw pattern $([[ $want == "$got" ]] && echo intact || echo DIFFERS), e2fsck: ${fsck:-?}; requests q0/q1 ${q0:-?}/${q1:-?}, errors $errors"
+    [[ $want == "$got" ]] || { DETAIL+="; raw pattern not in the image"; return 1; }
+    ((fsck_ok == 0)) || { DETAIL+="; e2fsck found errors"; return 1; }
+    ((${q0:-0} > 0 && ${q1:-0} > 0)) || { DETAIL+="; not both queues served"; return 1; }
+    ((errors == 0)) || { DETAIL+="; request errors"; return 1; }
+    ((guest_ok == 0 && stop_ok == 0)) || { DETAIL+="; $err $stop"; return 1; }
+}
+
+# virtq-blk killed with SIGKILL three times during a guest's streamed write (after chunks 8, 24
+# and 40 of 64, each time preferably inside a write: kill_mid_request; the guest runs its disk
+# in writethrough mode, so that every write is synced before it completes) and started again on the same socket each time; QEMU (client, reconnect=1)
+# reconnects and sets the rings up again, and the guest's write completes with its checksum
+# intact, read back in the guest and on the host. With INFLIGHT_SHMFD, QEMU keeps the inflight
+# area across the restarts: a request the killed back-end had taken and not completed is served
+# again by the next one (counted in DETAIL from its log; a kill between two requests leaves
+# none). Requests complete in order, so they are also the ones from the used index on, which
+# QEMU restores as the rings' base.
+# SIGKILL to virtq-blk, preferably while one of its threads is inside fdatasync(2) (syscall 75
+# on x86-64; in writethrough mode every write is synced before it completes), i.e. with a
+# request taken from the ring and not completed; polls /proc/PID/task/*/syscall (no fork per
+# poll) for up to 3 s, then kills anyway. Sets MID=1 if it caught one.
+kill_mid_request() { # PID
+    local t f end=$((SECONDS + 3))
+    MID=0
+    while ((SECONDS < end)); do
+        for f in /proc/"$1"/task/*/syscall; do
+            read -r t _ < "$f" 2> /dev/null || continue
+            if [[ $t == 75 ]]; then
+                kill -KILL "$1"
+                MID=1
+                return 0
+            fi
+        done
+    done
+    kill -KILL "$1"
+}
+
+case_blk_kill() {
+    local sock=$TMP/$CASE.sock img=$TMP/$CASE.img log=$TMP/$CASE-g1.serial err mib=64 k n=0 killed="" mid=0
+    rm -f "$img"
+    truncate -s 256M "$img" || { DETAIL="image"; return 1; }
+    VQ_LOG=$TMP/$CASE-virtq-blk-0.log
+    "$VIRTQ_BLK" --socket-path "$sock" --image "$img" > "$VQ_LOG" 2>&1 &
+    VQ_PID=$!
+    track "$VQ_PID"
+    wait_for "socket" test -S "$sock" || { DETAIL="virtq-blk did not listen"; return 1; }
+    qemu-system-x86_64 -accel tcg -cpu max -machine q35,memory-backend=mem -m 256M -smp 1 \
+        -object "memory-backend-memfd,id=mem,size=256M,share=on" \
+        -display none -nodefaults -no-reboot -serial "file:$log" \
+        -kernel "$KERNEL" -initrd "$INITRD" \
+        -append "console=ttyS0 panic=-1 loglevel=4 virtq.timeout=$((CASE_LIMIT - 20)) virtq.cmd=\"vt-blk-stream $mib writethrough\"" \
+        -chardev "socket,id=c0,path=$sock,reconnect=1" -device vhost-user-blk-pci,chardev=c0 \
+        > "$TMP/$CASE-g1.qemu" 2>&1 &
+    GPID[g1]=$!
+    GLOG[g1]=$log
+    track "${GPID[g1]}"
+    for k in 8 24 40; do
+        wait_for "the guest's chunk $k" grep -aq "VIRTQ: chunk $k" "$log" || { DETAIL="the guest did not reach chunk $k"; return 1; }
+        kill_mid_request "$VQ_PID"
+        mid=$((mid + MID))
+        wait "$VQ_PID" 2> /dev/null
+        killed+="${killed:+, }$(grep -a 'VIRTQ: chunk' "$log" | tail -1 | tr -d '\r' | sed 's/.*chunk //')"
+        sleep 1
+        n=$((n + 1))
+        VQ_LOG=$TMP/$CASE-virtq-blk-$n.log
+        "$VIRTQ_BLK" --socket-path "$sock" --image "$img" > "$VQ_LOG" 2>&1 &
+        VQ_PID=$!
+        track "$VQ_PID"
+    done
+    wait_guests g1
+    err=$(check_guests g1)
+    local guest_ok=$?
+    vq_stop
+    local stop_ok=$? stop=${STOP_ERR//virtq-net/virtq-blk}
+    local want got requests resubmitted tracked
+    want=$(yes virtq-blk-stream | head -c $((mib << 20)) | sha256sum | cut -d' ' -f1)
+    got=$(dd if="$img" bs=1M skip=16 count=$mib 2> /dev/null | sha256sum | cut -d' ' -f1)
+    requests=$(grep -a 'stats .* q0:' "$VQ_LOG" | sed -n 's/.* requests \([0-9]*\).*/\1/p' | tail -1)
+    resubmitted=$(cat "$TMP/$CASE"-virtq-blk-*.log | sed -n 's/.* \([0-9]*\) request(s) in flight before the restart.*/\1/p' | awk '{ s += $1 } END { print s + 0 }')
+    tracked=$(grep -al 'requests tracked in the inflight area' "$TMP/$CASE"-virtq-blk-*.log | wc -l)
+    DETAIL="killed after chunks $killed of $mib ($mid of 3 inside a write's fdatasync); $(vline g1 'stream' | sed 's/.*VIRTQ: //' | sed 's/, sha256.*//')"
+    DETAIL+=", guest checksum $(vline g1 'stream' | awk '{ print ($(NF - 2) == $NF) ? "intact" : "DIFFERS" }'), host checksum $([[ $want == "$got" ]] && echo intact || echo DIFFERS)"
+    DETAIL+="; inflight area used by $tracked of $((n + 1)) back-ends, $resubmitted request(s) in flight at a kill served again; the last back-end served ${requests:-?} requests"
+    [[ $want == "$got" ]] || { DETAIL+="; the image lost data"; return 1; }
+    ((tracked == n + 1)) || { DETAIL+="; INFLIGHT_SHMFD not in use"; return 1; }
+    ((guest_ok == 0 && stop_ok == 0)) || { DETAIL+="; $err $stop"; return 1; }
+}
+
+# virtq-blk --read-only: the guest sees a read-only disk (VIRTIO_BLK_F_RO), reads what the host
+# wrote, and cannot write; the image is unchanged afterwards.
+case_blk_ro() {
+    local sock=$TMP/$CASE.sock img=$TMP/$CASE.img log=$TMP/$CASE-g1.serial err before after
+    rm -f "$img"
+    # `yes` ends on SIGPIPE, which pipefail would count: its status is not checked, the size is.
+    yes virtq-blk-ro | head -c 4194304 > "$img"
+    (($(stat -c %s "$img") == 4194304)) && truncate -s 64M "$img" || { DETAIL="image"; return 1; }
+    before=$(sha256sum < "$img" | cut -d' ' -f1)
+    VQ_LOG=$TMP/$CASE-virtq-blk.log
+    "$VIRTQ_BLK" --socket-path "$sock" --image "$img" --read-only > "$VQ_LOG" 2>&1 &
+    VQ_PID=$!
+    track "$VQ_PID"
+    wait_for "socket" test -S "$sock" || { DETAIL="virtq-blk did not listen"; return 1; }
+    qemu-system-x86_64 -accel tcg -cpu max -machine q35,memory-backend=mem -m 256M -smp 1 \
+        -object "memory-backend-memfd,id=mem,size=256M,share=on" \
+        -display none -nodefaults -no-reboot -serial "file:$log" \
+        -kernel "$KERNEL" -initrd "$INITRD" \
+        -append "console=ttyS0 panic=-1 loglevel=4 virtq.timeout=$((CASE_LIMIT - 20)) virtq.cmd=vt-blk-ro" \
+        -chardev "socket,id=c0,path=$sock" -device vhost-user-blk-pci,chardev=c0 \
+        > "$TMP/$CASE-g1.qemu" 2>&1 &
+    GPID[g1]=$!
+    GLOG[g1]=$log
+    track "${GPID[g1]}"
+    wait_guests g1
+    err=$(check_guests g1)
+    local guest_ok=$?
+    vq_stop
+    local stop_ok=$? stop=${STOP_ERR//virtq-net/virtq-blk}
+    after=$(sha256sum < "$img" | cut -d' ' -f1)
+    DETAIL="$(vline g1 'ro ' | sed 's/.*VIRTQ: //'); image $([[ $before == "$after" ]] && echo unchanged || echo CHANGED)"
+    [[ $before == "$after" ]] || return 1
+    ((guest_ok == 0 && stop_ok == 0)) || { DETAIL+="; $err $stop"; return 1; }
+}
+
 # --- runner --------------------------------------------------------------------------------
 MATRIX=(
     "tap|case_tap on"
@@ -1136,6 +1307,9 @@ MATRIX=(
     "migrate|case_migrate virtq client on"
     "migrate-mrg-off-rarp|case_migrate virtq client off off"
     "migrate-client|case_migrate virtq server on"
+    "blk|case_blk"
+    "blk-kill-restart|case_blk_kill"
+    "blk-ro|case_blk_ro"
 )
 PASS=0
 FAIL=0

@@ -19,6 +19,7 @@
 //! | [`features`] | 6, 5.1.3 | feature bits and negotiation |
 //! | [`dirty`] | — | write tracking: every guest range the device writes, for live migration |
 //! | [`net`] | 5.1.6 | virtio-net header, TX parse, RX placement, mergeable RX buffers |
+//! | [`blk`] | 5.2 | virtio-blk features, configuration, request parsing and completion |
 //!
 //! ## Trust model
 //! Everything read from guest memory is untrusted. Ring indices and flags are read with single
@@ -35,6 +36,7 @@ extern crate std;
 mod log;
 
 pub mod avail;
+pub mod blk;
 pub mod chain;
 pub mod desc;
 pub mod dirty;

@@ -48,7 +48,7 @@ use virtq::{GuestMemory, HostRange, MemError};
 
 pub mod dirty;
 pub mod fault;
-mod mapping;
+pub mod mapping;
 
 use mapping::MapError;
 

@@ -21,24 +21,37 @@ use super::fault;
 
 /// Why a file could not be mapped (each user turns it into its own typed error).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum MapError {
+pub enum MapError {
     /// `fstat` failed.
-    Fstat { errno: i32 },
+    Fstat {
+        /// `errno`.
+        errno: i32,
+    },
     /// Not a regular file, where the caller needs a size to check.
-    NotAFile { file_type: u32 },
+    NotAFile {
+        /// `st_mode & S_IFMT`.
+        file_type: u32,
+    },
     /// The file is shorter than the end the caller needs.
-    TooSmall { file_size: u64 },
+    TooSmall {
+        /// The file's size.
+        file_size: u64,
+    },
     /// The page-rounded length overflows or does not fit the address space.
     Length,
     /// `mmap` failed.
-    Mmap { errno: i32 },
+    Mmap {
+        /// `errno`.
+        errno: i32,
+    },
     /// The `SIGBUS` handler's table is full.
     FaultTableFull,
 }
 
-/// See the module documentation.
+/// See the module documentation. Device models map front-end files with it too (virtq-blk's
+/// `GET/SET_INFLIGHT_FD` area), so the rules stay in one place.
 #[derive(Debug)]
-pub(crate) struct FileMapping {
+pub struct FileMapping {
     base: NonNull<u8>,
     len: usize,
     shrink_sealed: bool,
@@ -66,7 +79,7 @@ impl FileMapping {
     /// Maps `fd` from offset 0 to at least `end` bytes (`end > 0`), `flags` added to
     /// `MAP_SHARED`. With `regular_only`, an fd that is not a regular file is refused. `fd` is
     /// closed before this returns, in every case.
-    pub(crate) fn new(fd: OwnedFd, end: u64, flags: libc::c_int, regular_only: bool) -> Result<FileMapping, MapError> {
+    pub fn new(fd: OwnedFd, end: u64, flags: libc::c_int, regular_only: bool) -> Result<FileMapping, MapError> {
         let mut st = MaybeUninit::<libc::stat>::uninit();
         // SAFETY: `fd` is an open descriptor (OwnedFd) and `st` is valid for one `struct stat`.
         if unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) } != 0 {
@@ -132,7 +145,7 @@ impl FileMapping {
     }
 
     /// Start of the mapping (file offset 0).
-    pub(crate) fn base(&self) -> NonNull<u8> {
+    pub fn base(&self) -> NonNull<u8> {
         self.base
     }
 
@@ -147,7 +160,7 @@ impl FileMapping {
     }
 
     /// `Some(address)` of the first access that found the file's pages gone.
-    pub(crate) fn faulted(&self) -> Option<usize> {
+    pub fn faulted(&self) -> Option<usize> {
         self.fault.as_ref().and_then(|f| f.faulted())
     }
 }
