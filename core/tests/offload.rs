@@ -650,6 +650,13 @@ fn delivery_follows_the_receivers_features() {
         (valid, none, Delivery::Pass(plain)),
         (valid, feat(&[csum]), Delivery::Pass(valid)),
         (partial, none, Delivery::CompleteCsum(plain)),
+        // Without GSO, leftovers in hdr_len, gso_size and (without NEEDS_CSUM) the checksum
+        // fields reach no receiver.
+        (
+            VirtioNetHdr { hdr_len: U16::new(54), gso_size: U16::new(1448), csum_start: U16::new(34), ..plain },
+            feat(&[csum]),
+            Delivery::Pass(plain),
+        ),
         (partial, feat(&[csum]), Delivery::Pass(partial)),
         // Unknown flag bits (e.g. UDP_TUNNEL_CSUM, 0x08) never reach a driver.
         (VirtioNetHdr { flags: 0x09, ..partial }, feat(&[csum]), Delivery::Pass(partial)),

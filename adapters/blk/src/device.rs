@@ -240,9 +240,12 @@ impl BlkDevice {
         }
     }
 
-    /// Serves up to `budget` requests of queue `index`; returns how many were completed.
+    /// Serves up to `budget` requests (at most [`BURST`]) of queue `index`; returns how many were
+    /// completed.
     /// Nothing happens while the ring is stopped, disabled or faulted.
     pub fn process(&self, index: usize, budget: usize) -> usize {
+        // The in-flight batch holds one burst.
+        let budget = budget.min(BURST);
         let Some(q) = self.inner.queues.get(index) else { return 0 };
         let mut s = q.lock();
         if !q.ready.load(Ordering::Relaxed) {

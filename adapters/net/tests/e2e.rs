@@ -940,7 +940,8 @@ fn plain_segment(hdr: &[u8; 12], f: &[u8]) -> (u32, Vec<u8>) {
 /// segments of at most 1448 bytes with complete checksums and consecutive sequence numbers,
 /// whose payloads make the original. A plain frame with a partial checksum reaches C with
 /// the checksum completed. A TSO frame whose header lies about its checksum field is dropped
-/// and counted; a plain frame over C's MTU (1500) is dropped and counted, one under it is not.
+/// and counted; so are a TSO frame with `gso_size` 1 for C, a one-segment TSO frame over B's
+/// MTU, and a plain frame over C's MTU (1500); one within it is not.
 #[test]
 fn switch_carries_offloads_and_falls_back_in_software_per_receiver() {
     let d = dir("switch-offload");
@@ -1010,6 +1011,12 @@ fn switch_carries_offloads_and_falls_back_in_software_per_receiver() {
     let (mut hdr, frame) = tcp4_offloaded(MAC_B, &payload, 1448);
     hdr[6] = 30; // csum_start inside the IP header
     na.send_with_header(&hdr, &frame);
+    // gso_size 1: 20,000 segments for C, more than the switch cuts from one frame.
+    let (hdr, frame) = tcp4_offloaded(MAC_C, &payload, 1);
+    na.send_with_header(&hdr, &frame);
+    // One segment of 2000 bytes for B (TSO negotiated): a plain frame over B's MTU.
+    let (hdr, frame) = tcp4_offloaded(MAC_B, &payload[..2000], 4000);
+    na.send_with_header(&hdr, &frame);
     na.send(&eth(MAC_C, MAC_A, 0x88b5, &[7; 1501]));
     na.send(&eth(MAC_C, MAC_A, 0x88b5, &[8; 1500]));
     let f = nc.recv(Duration::from_secs(5)).expect("C got the frame within its MTU");
@@ -1024,5 +1031,14 @@ fn switch_carries_offloads_and_falls_back_in_software_per_receiver() {
         text.lines().find(|l| l.contains(&tag)).unwrap_or_else(|| panic!("no {tag} line")).to_string()
     };
     assert!(stats(&a, "q1(tx)").contains("errors 1"), "the lie counted on A's TX: {}", stats(&a, "q1(tx)"));
-    assert!(stats(&c, "q0(rx)").contains("drops 1 "), "the oversized frame counted on C's RX: {}", stats(&c, "q0(rx)"));
+    assert!(
+        stats(&c, "q0(rx)").contains("drops 2 "),
+        "gso_size 1 and the oversized frame on C's RX: {}",
+        stats(&c, "q0(rx)")
+    );
+    assert!(
+        stats(&b, "q0(rx)").contains("drops 1 "),
+        "the one-segment GSO frame over B's MTU: {}",
+        stats(&b, "q0(rx)")
+    );
 }

@@ -583,6 +583,15 @@ fn delivery(h: &VirtioNetHdr, ip: Option<IpVersion>, features: VirtioFeatures) -
     let (needed, fallback) = match h.gso_type & !VIRTIO_NET_HDR_GSO_ECN {
         VIRTIO_NET_HDR_GSO_NONE => {
             out.gso_type = VIRTIO_NET_HDR_GSO_NONE;
+            // Without GSO, `hdr_len` and `gso_size` describe nothing; without a checksum
+            // request neither do `csum_start`/`csum_offset`: the receiver sees zeroes, not
+            // what the sender left there.
+            out.hdr_len = U16::new(0);
+            out.gso_size = U16::new(0);
+            if out.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM == 0 {
+                out.csum_start = U16::new(0);
+                out.csum_offset = U16::new(0);
+            }
             if needs_csum && !guest_csum {
                 // The completed frame carries no checksum request: nothing left to describe.
                 out.csum_start = U16::new(0);

@@ -162,6 +162,11 @@ impl DeviceModel for NetModel {
     /// the front-end's side as vhost-user has it, after dropping offloads acked without what
     /// they require ([`VirtioFeatures::without_orphan_offloads`]: QEMU forwards them).
     fn negotiate(&self, offered: VirtioFeatures, acked: VirtioFeatures) -> Result<VirtioFeatures, FeatureError> {
+        // A bit that was never offered is refused, orphan or not (§2.2).
+        let extra = acked.difference(offered);
+        if !extra.is_empty() {
+            return Err(FeatureError::NotOffered { bits: extra.bits() });
+        }
         let usable = acked.without_orphan_offloads();
         VirtioFeatures::negotiate_net_external_ctrl_vq(offered, usable)
     }
