@@ -11,7 +11,8 @@
 # --client) × mrg_rxbuf on/off (both sides: testpmd's vdev argument and what the back-end
 # offers); two queue pairs in each socket role; and a front-end restart in each role (two testpmd
 # runs against one back-end process: it accepts again as a server, reconnects with backoff as a
-# client). Every testpmd session:
+# client). The same with packed virtqueues (virtio-user packed_vq=1; the back-end offers
+# VIRTIO_F_RING_PACKED by default), with and without in_order. Every testpmd session:
 #   1. testpmd (interactive, commands fed through a fifo) in `flowgen` mode with 64-byte
 #      frames: it transmits and also receives and counts what comes back (txonly never polls
 #      its RX queue). The back-end sends every frame back on the same pair.
@@ -86,14 +87,14 @@ port_stats() {
 PASSED=0 FAILED=0
 declare -a SUMMARY
 
-# run_case NAME FE_ROLE MRG QUEUES SESSIONS
+# run_case NAME FE_ROLE MRG QUEUES SESSIONS [PACKED [IN_ORDER]]
 #   FE_ROLE client: the back-end listens, virtio-user connects (server=0)
 #   FE_ROLE server: virtio-user listens (server=1), the back-end connects (--client)
 #   SESSIONS: testpmd runs one after the other against the same back-end process (2: the
 #   front-end restarts; the back-end accepts again, or reconnects with backoff as a client).
 #   The back-end's counters are totals over all sessions.
 run_case() {
-    local name=$1 role=$2 mrg=$3 queues=$4 sessions=$5
+    local name=$1 role=$2 mrg=$3 queues=$4 sessions=$5 packed=${6:-0} in_order=${7:-1}
     local dir=$WORK/$name sock be_pid="" tp_pid ok=1 why=() s
     mkdir -p "$dir"
     sock=$dir/vu.sock
@@ -119,7 +120,7 @@ run_case() {
         exec {FIFO_FD}<> "$dir/cmd-$1"
         stdbuf -oL "$TESTPMD" --lcores "0@$FE_CPU,1@$FE_CPU" --no-huge -m 64 --file-prefix="$prefix" \
             --no-pci --no-telemetry \
-            --vdev "net_virtio_user0,path=$sock,queues=$queues,queue_size=256,mrg_rxbuf=$mrg,in_order=1,packed_vq=0,server=$server" \
+            --vdev "net_virtio_user0,path=$sock,queues=$queues,queue_size=256,mrg_rxbuf=$mrg,in_order=$in_order,packed_vq=$packed,server=$server" \
             -- -i --forward-mode=flowgen --txpkts=64 --total-num-mbufs=8192 \
             --rxq="$queues" --txq="$queues" --nb-cores=1 \
             < "$dir/cmd-$1" > "$dir/testpmd-$1.log" 2>&1 &
@@ -243,8 +244,8 @@ run_case() {
     fi
 
     local line
-    line=$(printf '%-14s fe=%-6s mrg=%s q=%s sessions=%s  testpmd tx=%s rx=%s  backend rx=%s tx=%s dropped=%s  %ss' \
-        "$name" "$role" "$mrg" "$queues" "$sessions" "$tp_tx" "$tp_rx" "$be_rx" "$be_tx" "$be_drop" "$secs")
+    line=$(printf '%-22s fe=%-6s mrg=%s q=%s packed=%s in_order=%s sessions=%s  testpmd tx=%s rx=%s  backend rx=%s tx=%s dropped=%s  %ss' \
+        "$name" "$role" "$mrg" "$queues" "$packed" "$in_order" "$sessions" "$tp_tx" "$tp_rx" "$be_rx" "$be_tx" "$be_drop" "$secs")
     if ((${#why[@]} == 0)); then
         PASSED=$((PASSED + 1))
         line="PASS $line"
@@ -273,12 +274,18 @@ CASES=(
     "server-mq2 server 0 2 1"
     "client-restart client 1 1 2"
     "server-restart server 0 1 2"
+    "client-packed-mrg1 client 1 1 1 1 1"
+    "client-packed-mrg0-noio client 0 1 1 1 0"
+    "server-packed-mrg1-noio server 1 1 1 1 0"
+    "server-packed-mrg0 server 0 1 1 1 1"
+    "client-packed-mq2 client 1 2 1 1 1"
+    "client-packed-restart client 1 1 2 1 0"
 )
 echo "peer: $("$TESTPMD" -v --help 2>&1 | grep -o 'DPDK [0-9.]*' || true) testpmd (CPU $FE_CPU) <-> reflect (CPU $BE_CPU), ${SECS}s of 64-byte flowgen traffic per case"
 for c in "${CASES[@]}"; do
-    read -r name role mrg queues sessions <<< "$c"
+    read -r name role mrg queues sessions packed in_order <<< "$c"
     if [[ -n ${PEER_CASES:-} && " $PEER_CASES " != *" $name "* ]]; then continue; fi
-    run_case "$name" "$role" "$mrg" "$queues" "$sessions"
+    run_case "$name" "$role" "$mrg" "$queues" "$sessions" "${packed:-0}" "${in_order:-1}"
 done
 
 echo

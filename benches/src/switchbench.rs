@@ -240,6 +240,7 @@ fn bench(a: &Args, dir: &Path) -> Result<(), String> {
             mac: None,
             mtu: 1500,
             mrg: a.mrg,
+            packed: false,
             offload: true,
         };
         let dev = backend

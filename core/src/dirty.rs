@@ -6,6 +6,9 @@
 //! - the used ring: used elements and `used.idx` ([`SplitQueue::publish_logged`](crate::SplitQueue::publish_logged)), and the
 //!   notification-suppression field it owns, `used.flags` or `avail_event`
 //!   ([`SplitQueue::log_suppression`](crate::SplitQueue::log_suppression));
+//! - for a packed ring, the used descriptors written in place in the descriptor ring
+//!   ([`PackedQueue::publish_logged`](crate::PackedQueue::publish_logged)) and the device area
+//!   ([`PackedQueue::log_suppression`](crate::PackedQueue::log_suppression));
 //! - device-writable buffers: virtio-net receive buffers with their header and `num_buffers`
 //!   ([`crate::net::receive_burst_logged`], [`crate::net::receive_logged`]), and
 //!   [`SplitQueue::pop_write_logged`](crate::SplitQueue::pop_write_logged); a device that writes through a chain's segments itself
@@ -39,6 +42,15 @@ pub trait WriteLog {
     /// start: `flags` at 0, `idx` at 2, `ring[i]` at `4 + 8 i`, `avail_event` at
     /// `4 + 8 size` (§2.7.8).
     fn used_ring(&self, offset: u64, len: u64);
+
+    /// Packed rings (§2.8): the device wrote `len` bytes of the descriptor ring at `offset`
+    /// from its start. Used descriptors are written in place (`len`, `id` and `flags` at
+    /// `16 i + 8 .. 16 i + 16`, §2.8.13).
+    fn descriptor_ring(&self, offset: u64, len: u64);
+
+    /// Packed rings (§2.8.10): the device wrote `len` bytes of its event suppression
+    /// structure (the device area) at `offset`.
+    fn device_area(&self, offset: u64, len: u64);
 }
 
 /// The logger of a device that tracks nothing.
@@ -51,6 +63,10 @@ impl WriteLog for NoLog {
     fn buffer(&self, _: u64, _: u64) {}
     #[inline(always)]
     fn used_ring(&self, _: u64, _: u64) {}
+    #[inline(always)]
+    fn descriptor_ring(&self, _: u64, _: u64) {}
+    #[inline(always)]
+    fn device_area(&self, _: u64, _: u64) {}
 }
 
 impl<L: WriteLog + ?Sized> WriteLog for &L {
@@ -62,6 +78,14 @@ impl<L: WriteLog + ?Sized> WriteLog for &L {
     #[inline]
     fn used_ring(&self, offset: u64, len: u64) {
         (**self).used_ring(offset, len)
+    }
+    #[inline]
+    fn descriptor_ring(&self, offset: u64, len: u64) {
+        (**self).descriptor_ring(offset, len)
+    }
+    #[inline]
+    fn device_area(&self, offset: u64, len: u64) {
+        (**self).device_area(offset, len)
     }
 }
 

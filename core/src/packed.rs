@@ -35,6 +35,7 @@
 //! | [`PopError::IdInUse`] (buffer id already in flight: a buffer made available twice) | consumed; nothing is completed (returning the id would also complete the first buffer). Not checked with `VIRTIO_F_IN_ORDER`, whose batched completions do not name every id. |
 //! | [`PopError::Chain`] (any [`ChainError`], including [`ChainError::NotAvailable`] and [`ChainError::ChainTooLong`] from the extent) | the descriptors up to the chain's end are consumed (a chain that does not end within the ring size is cut at the ring size; one that runs into a descriptor that is not available is cut before it) and the buffer id of the last consumed descriptor is completed with `len` 0, so the driver gets it back and the queue never stalls. Visible at the next [`PackedQueue::publish`]. |
 
+use core::borrow::BorrowMut;
 use core::ptr::NonNull;
 use core::sync::atomic::{fence, Ordering};
 
@@ -339,6 +340,20 @@ impl<const IDS: usize> DetachedPackedQueue<IDS> {
     pub unsafe fn attach<'m, M: GuestMemory + ?Sized>(self, mem: &'m M) -> PackedQueue<'m, M, IDS> {
         PackedQueue { mem, q: self }
     }
+
+    /// The queue over `mem`, borrowing this state instead of moving it: a device that keeps
+    /// its detached queues in place (the in-flight table is `4 * IDS` bytes, which
+    /// [`attach`](Self::attach) and [`PackedQueue::detach`] would copy per burst) works on
+    /// them through this.
+    ///
+    /// # Safety
+    /// As for [`attach`](Self::attach).
+    pub unsafe fn attach_mut<'a, 'm, M: GuestMemory + ?Sized>(
+        &'a mut self,
+        mem: &'m M,
+    ) -> PackedQueue<'m, M, IDS, &'a mut DetachedPackedQueue<IDS>> {
+        PackedQueue { mem, q: self }
+    }
 }
 
 /// A packed virtqueue, device side, over guest memory `M` borrowed for `'m`; `IDS` bounds the
@@ -347,9 +362,14 @@ impl<const IDS: usize> DetachedPackedQueue<IDS> {
 /// Its methods are the [`SplitQueue`](crate::SplitQueue)'s, with the buffer id where the split
 /// ring has the head index, so a device is written once over [`crate::ring::Virtqueue`].
 #[derive(Debug)]
-pub struct PackedQueue<'m, M: GuestMemory + ?Sized, const IDS: usize = DEFAULT_IDS> {
+pub struct PackedQueue<
+    'm,
+    M: GuestMemory + ?Sized,
+    const IDS: usize = DEFAULT_IDS,
+    S: BorrowMut<DetachedPackedQueue<IDS>> = DetachedPackedQueue<IDS>,
+> {
     mem: &'m M,
-    q: DetachedPackedQueue<IDS>,
+    q: S,
 }
 
 impl<'m, M: GuestMemory + ?Sized, const IDS: usize> PackedQueue<'m, M, IDS> {
@@ -430,15 +450,27 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize> PackedQueue<'m, M, IDS> {
     pub fn detach(self) -> DetachedPackedQueue<IDS> {
         self.q
     }
+}
+
+impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQueue<IDS>>> PackedQueue<'m, M, IDS, S> {
+    #[inline(always)]
+    fn st(&self) -> &DetachedPackedQueue<IDS> {
+        self.q.borrow()
+    }
+
+    #[inline(always)]
+    fn st_mut(&mut self) -> &mut DetachedPackedQueue<IDS> {
+        self.q.borrow_mut()
+    }
 
     /// The configuration the queue was set up with.
     pub fn config(&self) -> &QueueConfig {
-        &self.q.config
+        &self.st().config
     }
 
     /// Queue size.
     pub fn size(&self) -> u16 {
-        self.q.size
+        self.st().size
     }
 
     /// The guest memory buffers are translated in.
@@ -448,34 +480,35 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize> PackedQueue<'m, M, IDS> {
 
     /// Sets the largest indirect table accepted, in entries (default: the queue size).
     pub fn set_max_indirect_entries(&mut self, entries: u32) {
-        self.q.limits.max_indirect_entries = entries;
+        self.st_mut().limits.max_indirect_entries = entries;
     }
 
     /// Whether `VIRTIO_F_IN_ORDER` was negotiated.
     pub fn in_order(&self) -> bool {
-        self.q.in_order
+        self.st().in_order
     }
 
     /// The next descriptor the device will look at, with the driver-ring wrap counter.
     pub fn next_avail(&self) -> RingPosition {
-        self.q.avail
+        self.st().avail
     }
 
     /// Where the next used descriptor will be written, with the device-ring wrap counter.
     pub fn next_used(&self) -> RingPosition {
-        self.q.used
+        self.st().used
     }
 
     /// Resumes at `avail` / `used` (vhost-user `SET_VRING_BASE` for packed rings). Forgets
     /// every buffer in flight.
     pub fn set_positions(&mut self, avail: RingPosition, used: RingPosition) {
-        let size = self.q.size;
-        self.q.avail = RingPosition { index: avail.index % size, wrap: avail.wrap };
-        self.q.used = RingPosition { index: used.index % size, wrap: used.wrap };
-        self.q.signalled = self.q.used;
-        self.q.last_taken = NO_ID;
-        self.q.pending = None;
-        self.q.inflight = [InFlight::NONE; IDS];
+        let q = self.st_mut();
+        let size = q.size;
+        q.avail = RingPosition { index: avail.index % size, wrap: avail.wrap };
+        q.used = RingPosition { index: used.index % size, wrap: used.wrap };
+        q.signalled = q.used;
+        q.last_taken = NO_ID;
+        q.pending = None;
+        q.inflight = [InFlight::NONE; IDS];
     }
 
     /// Takes the next chain into `chain` (cleared first; its [`Chain::head`] is the buffer
@@ -501,7 +534,7 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize> PackedQueue<'m, M, IDS> {
             return Ok(false);
         };
         let cursor = self.cursor(start, descs);
-        if let Err(error) = walk_source_into(self.mem, cursor, id, &self.q.limits, chain) {
+        if let Err(error) = walk_source_into(self.mem, cursor, id, &self.st().limits, chain) {
             if complete_bad {
                 return Err(self.fail_chain(id, error));
             }
@@ -515,7 +548,7 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize> PackedQueue<'m, M, IDS> {
     /// them. Only chains taken after the last completion may be given back; the walk back
     /// stops at the first that is not in flight.
     pub fn rewind(&mut self, n: u16) {
-        let q = &mut self.q;
+        let q = self.st_mut();
         for _ in 0..n {
             let id = q.last_taken;
             let Some(&entry) = q.inflight.get(id as usize) else {
@@ -621,7 +654,7 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize> PackedQueue<'m, M, IDS> {
             return Ok(None);
         };
         let cursor = self.cursor(start, descs);
-        match walk_source(self.mem, cursor, &self.q.limits, piece) {
+        match walk_source(self.mem, cursor, &self.st().limits, piece) {
             Ok(sum) => Ok(Some((id, sum))),
             Err(error) => Err(self.fail_chain(id, error)),
         }
@@ -632,7 +665,7 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize> PackedQueue<'m, M, IDS> {
     /// chain whose extent or id is bad (completed only if `complete_bad`).
     #[inline(always)]
     fn take(&mut self, complete_bad: bool) -> Result<Option<(u16, RingPosition, u16)>, PopError> {
-        let q = &mut self.q;
+        let q = self.st_mut();
         let start = q.avail;
         // SAFETY: the ring was validated for `16 * size` bytes, 4-aligned, at set-up, and
         // `avail.index < size` always holds.
@@ -665,8 +698,8 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize> PackedQueue<'m, M, IDS> {
     #[inline(always)]
     fn cursor(&self, start: RingPosition, descs: u16) -> PackedCursor {
         PackedCursor {
-            ring: self.q.ring,
-            size: self.q.size,
+            ring: self.st().ring,
+            size: self.st().size,
             slot: start.index,
             left: descs,
             first: true,
@@ -690,14 +723,14 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize> PackedQueue<'m, M, IDS> {
     /// that is not in flight is ignored: writing it would desynchronise the driver.
     #[inline]
     pub fn push(&mut self, id: u16, len: u32) {
-        let Some(&entry) = self.q.inflight.get(id as usize) else {
+        let Some(&entry) = self.st().inflight.get(id as usize) else {
             return;
         };
-        if entry.descs == 0 || id >= self.q.size {
+        if entry.descs == 0 || id >= self.st().size {
             return;
         }
         self.write_used(id, len);
-        let q = &mut self.q;
+        let q = self.st_mut();
         q.used = q.used.advance(entry.descs, q.size);
         // Cleared, so a `rewind` walking back through `prev` links stops here: a completed
         // chain cannot be given back.
@@ -711,17 +744,17 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize> PackedQueue<'m, M, IDS> {
     /// if IN_ORDER was not negotiated.
     #[must_use]
     pub fn push_in_order_batch(&mut self, last_id: u16, last_len: u32, count: u16) -> bool {
-        if !self.q.in_order {
+        if !self.st().in_order {
             return false;
         }
-        let Some(&entry) = self.q.inflight.get(last_id as usize) else {
+        let Some(&entry) = self.st().inflight.get(last_id as usize) else {
             return true;
         };
-        if count == 0 || entry.descs == 0 || last_id >= self.q.size {
+        if count == 0 || entry.descs == 0 || last_id >= self.st().size {
             return true;
         }
         self.write_used(last_id, last_len);
-        let q = &mut self.q;
+        let q = self.st_mut();
         // The end was recorded by a pop of this queue, so its slot is below the size.
         q.used = RingPosition::from_bits(entry.end, q.size).unwrap_or(q.used);
         q.inflight[last_id as usize] = InFlight::NONE;
@@ -733,7 +766,7 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize> PackedQueue<'m, M, IDS> {
     /// the first of a batch, whose flags `publish` stores.
     #[inline(always)]
     fn write_used(&mut self, id: u16, len: u32) {
-        let q = &mut self.q;
+        let q = self.st_mut();
         let slot = q.used.index;
         let flags = if q.used.wrap { VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED } else { 0 };
         // SAFETY: `slot < size`: the descriptor's `len` (offset 8, 4-aligned) and `id`
@@ -762,7 +795,7 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize> PackedQueue<'m, M, IDS> {
     #[must_use]
     #[inline]
     pub fn publish(&mut self) -> bool {
-        let q = &mut self.q;
+        let q = self.st_mut();
         let Some((slot, flags)) = q.pending.take() else {
             return false;
         };
@@ -789,10 +822,44 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize> PackedQueue<'m, M, IDS> {
         }
     }
 
+    /// [`publish`](Self::publish), then reports to `log` the used descriptors written since
+    /// the last publish: the descriptor ring from the position then to the position now, as
+    /// one range or two where it wraps. With `VIRTIO_F_IN_ORDER` a batch's skipped
+    /// descriptors are inside the range though not written (a superset, at most the pages
+    /// the batch spans).
+    #[must_use]
+    pub fn publish_logged<L: WriteLog>(&mut self, log: &L) -> bool {
+        let (old, any) = (self.st().signalled, self.st().pending.is_some());
+        let notify = self.publish();
+        if L::ENABLED && any {
+            let q = self.st();
+            let (start, end) = (old.index as u64, q.used.index as u64);
+            let d = DESC_SIZE as u64;
+            if end > start {
+                log.descriptor_ring(start * d, (end - start) * d);
+            } else {
+                // Wrapped (or a whole lap: `end == start`).
+                log.descriptor_ring(start * d, (q.size as u64 - start) * d);
+                if end != 0 {
+                    log.descriptor_ring(0, end * d);
+                }
+            }
+        }
+        notify
+    }
+
+    /// Reports to `log` the device area, which
+    /// [`disable_notifications`](Self::disable_notifications) and
+    /// [`enable_notifications`](Self::enable_notifications) write (§2.8.10). Call it after
+    /// either while tracking writes.
+    pub fn log_suppression<L: WriteLog>(&self, log: &L) {
+        log.device_area(0, EVENT_SUPPRESS_SIZE);
+    }
+
     /// Asks the driver not to notify (device area `flags` = `DISABLE`, §2.8.10).
     pub fn disable_notifications(&mut self) {
         // SAFETY: the device area's `flags`, 2-aligned inside the validated structure.
-        unsafe { store_u16(self.q.device.as_ptr().add(2), RING_EVENT_FLAGS_DISABLE, Ordering::Relaxed) };
+        unsafe { store_u16(self.st().device.as_ptr().add(2), RING_EVENT_FLAGS_DISABLE, Ordering::Relaxed) };
     }
 
     /// Asks the driver to notify again (with `VIRTIO_F_EVENT_IDX`: when the descriptor at the
@@ -800,7 +867,7 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize> PackedQueue<'m, M, IDS> {
     /// that descriptor again. `Ok(true)` means a buffer arrived meanwhile and must be processed
     /// before sleeping (the full fence closes the race with a driver that read the old state).
     pub fn enable_notifications(&mut self) -> Result<bool, PopError> {
-        let q = &mut self.q;
+        let q = self.st_mut();
         let dev = q.device.as_ptr();
         if q.event_idx {
             // SAFETY: the device area's `desc` and `flags`, 2-aligned inside the structure.

@@ -21,7 +21,9 @@
 use crate::chain::Chain;
 use crate::dirty::{NoLog, WriteLog};
 use crate::mem::GuestMemory;
-use crate::packed::PackedQueue;
+use core::borrow::BorrowMut;
+
+use crate::packed::{DetachedPackedQueue, PackedQueue};
 use crate::queue::{CopiedChain, PopError, SplitQueue};
 
 /// A virtqueue's device side, whichever its layout. See the module documentation; each method
@@ -64,6 +66,15 @@ pub trait Virtqueue<'m> {
     /// Makes the completions visible; `true` if the driver must be notified.
     #[must_use]
     fn publish(&mut self) -> bool;
+
+    /// [`publish`](Self::publish), reporting the ring writes it made visible to `log`.
+    #[must_use]
+    fn publish_logged<L: WriteLog>(&mut self, log: &L) -> bool;
+
+    /// Reports the notification-suppression field the device writes to `log` (after
+    /// [`disable_notifications`](Self::disable_notifications) or
+    /// [`enable_notifications`](Self::enable_notifications) while tracking writes).
+    fn log_suppression<L: WriteLog>(&self, log: &L);
 
     /// Asks the driver not to notify the device.
     fn disable_notifications(&mut self);
@@ -114,6 +125,14 @@ macro_rules! forward_virtqueue {
             Self::publish(self)
         }
         #[inline(always)]
+        fn publish_logged<L: WriteLog>(&mut self, log: &L) -> bool {
+            Self::publish_logged(self, log)
+        }
+        #[inline(always)]
+        fn log_suppression<L: WriteLog>(&self, log: &L) {
+            Self::log_suppression(self, log)
+        }
+        #[inline(always)]
         fn disable_notifications(&mut self) {
             Self::disable_notifications(self)
         }
@@ -128,7 +147,9 @@ impl<'m, M: GuestMemory + ?Sized> Virtqueue<'m> for SplitQueue<'m, M> {
     forward_virtqueue!();
 }
 
-impl<'m, M: GuestMemory + ?Sized, const IDS: usize> Virtqueue<'m> for PackedQueue<'m, M, IDS> {
+impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQueue<IDS>>> Virtqueue<'m>
+    for PackedQueue<'m, M, IDS, S>
+{
     forward_virtqueue!();
 }
 
@@ -172,7 +193,9 @@ pub(crate) mod sealed {
         forward_rx!();
     }
 
-    impl<'m, M: GuestMemory + ?Sized, const IDS: usize> RxQueue<'m> for PackedQueue<'m, M, IDS> {
+    impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQueue<IDS>>> RxQueue<'m>
+        for PackedQueue<'m, M, IDS, S>
+    {
         forward_rx!();
     }
 }

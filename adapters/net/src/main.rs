@@ -57,7 +57,7 @@ struct Args {
     no_reconnect: bool,
 
     /// A fully specified port (repeatable): `path=P[,client][,backend=switch|reflect|tap:NAME|sink|source:BYTES]
-    /// [,queues=N][,mac=52:54:00:00:00:01][,mtu=1500][,mrg=on|off][,offload=on|off]`. `offload=off`: a tap
+    /// [,queues=N][,mac=52:54:00:00:00:01][,mtu=1500][,mrg=on|off][,packed=on|off][,offload=on|off]`. `offload=off`: a tap
     /// or switch port offers no checksum/TSO offloads (other back-ends never do). `mtu=`: the
     /// MTU the guest is told (VIRTIO_NET_F_MTU) and the largest frame a switch port delivers
     /// to it (a larger frame that is not a GSO frame is dropped and counted).
@@ -84,6 +84,11 @@ struct Args {
     /// Do not offer VIRTIO_NET_F_MRG_RXBUF.
     #[arg(long)]
     no_mrg_rxbuf: bool,
+
+    /// Do not offer VIRTIO_F_RING_PACKED (packed virtqueues are offered by default; the
+    /// front-end chooses).
+    #[arg(long)]
+    no_packed: bool,
 
     /// Busy-poll the rings instead of backing off when idle.
     #[arg(long)]
@@ -326,6 +331,7 @@ fn run(args: Args) -> Result<(), String> {
         mac: None,
         mtu: 1500,
         mrg: !args.no_mrg_rxbuf,
+        packed: !args.no_packed,
         offload: true,
     };
     let mut specs: Vec<PortSpec> =

@@ -25,6 +25,8 @@ pub struct PortSpec {
     pub mtu: u16,
     /// Offer `VIRTIO_NET_F_MRG_RXBUF`.
     pub mrg: bool,
+    /// Offer `VIRTIO_F_RING_PACKED` (packed virtqueues, §2.8).
+    pub packed: bool,
     /// Offer checksum/TSO offloads (tap ports only).
     pub offload: bool,
 }
@@ -80,6 +82,7 @@ pub fn parse_port(spec: &str, defaults: &PortSpec) -> Result<PortSpec, String> {
             "mac" => p.mac = Some(parse_mac(v)?),
             "mtu" => p.mtu = v.parse().map_err(|_| format!("bad mtu {v:?}"))?,
             "mrg" => p.mrg = v != "off",
+            "packed" => p.packed = v != "off",
             "offload" => p.offload = v != "off",
             _ => return Err(format!("unknown port option {k:?}")),
         }
@@ -128,6 +131,9 @@ pub fn device_config(p: &PortSpec, i: usize) -> DeviceConfig<NetModel> {
     if !p.mrg {
         c.model.features.remove(virtq::VirtioFeatures::NET_MRG_RXBUF);
     }
+    if !p.packed {
+        c.model.features.remove(virtq::VirtioFeatures::RING_PACKED);
+    }
     // A port attached to a network (the switch, a TAP) announces a migrated guest: RARP for
     // QEMU's SEND_RARP, and GUEST_ANNOUNCE passed through so that a guest that can announce
     // itself does (the front-end owns the control queue that carries it).
@@ -160,6 +166,7 @@ mod tests {
             mac: None,
             mtu: 1500,
             mrg: true,
+            packed: true,
             offload: true,
         }
     }

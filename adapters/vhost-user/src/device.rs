@@ -577,12 +577,13 @@ impl<M: DeviceModel> VhostUserDevice<M> {
                 None
             }
             M::SetVringBase { index, num } => {
-                self.vring(index)?.set_base(num).map_err(RequestError::Vring)?;
+                let features = self.acked_features;
+                self.vring(index)?.set_base(num, features).map_err(RequestError::Vring)?;
                 None
             }
             M::GetVringBase { index } => {
                 let base = self.vring(index)?.stop();
-                Some(encode_vring_state_reply(Request::GetVringBase, index, base as u32))
+                Some(encode_vring_state_reply(Request::GetVringBase, index, base))
             }
             M::SetVringKick { index, fd } => {
                 let features = self.acked_features;

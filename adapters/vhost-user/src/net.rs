@@ -349,7 +349,7 @@ impl NetDevice {
         let Some(q) = self.inner.queues.get(index) else { return };
         let mut s = q.lock();
         if let (Some(a), _, log) = s.burst_parts() {
-            let _ = a.with_queue(|vq| {
+            let _ = crate::with_ring!(a, |vq| {
                 vq.disable_notifications();
                 if let Some(log) = &log {
                     vq.log_suppression(log);
@@ -369,7 +369,7 @@ impl NetDevice {
             let mut s = q.lock();
             let kick = s.kick.clone();
             let (Some(a), _, log) = s.burst_parts() else { return false };
-            let enabled = a.with_queue(|vq| {
+            let enabled = crate::with_ring!(a, |vq| {
                 let r = vq.enable_notifications();
                 if let Some(log) = &log {
                     vq.log_suppression(log);
@@ -429,7 +429,7 @@ impl NetDevice {
         let mut broken = None;
         let (mut n, mut bytes, mut drops, mut errors) = (0usize, 0u64, 0u64, 0u64);
         let max = frames.len();
-        let result = active.with_queue(|vq| {
+        let result = crate::with_ring!(active, |vq| {
             let mut taken = 0;
             while taken < max {
                 let frame = &mut frames[n];
@@ -541,7 +541,7 @@ impl NetDevice {
         }
         let features: VirtioFeatures = active.features;
         let mut burst = net::RxBurst::default();
-        let result = active.with_queue(|vq| {
+        let result = crate::with_ring!(active, |vq| {
             let mut scratch: RxScratch<'_> = RxScratch::new();
             // While migrating, every buffer and used-ring write is marked in the dirty log;
             // otherwise this is the same code without it (one branch per burst).

@@ -23,8 +23,12 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use virtq::avail::AvailIndexError;
+use virtq::packed::DEFAULT_IDS;
 use virtq::queue::{validate_size, MAX_QUEUE_SIZE};
-use virtq::{DetachedQueue, QueueConfig, QueueError, SplitQueue, VirtioFeatures};
+use virtq::{
+    DetachedPackedQueue, DetachedQueue, GuestMemory, PackedQueue, QueueConfig, QueueError, RingPosition, SplitQueue,
+    VirtioFeatures,
+};
 
 use crate::memory::dirty::DirtyLog;
 use crate::memory::{fault, GuestMemoryMap, MemoryFault};
@@ -41,6 +45,9 @@ pub enum RingFault {
     Invalid(QueueError),
     /// The guest memory's file shrank under the mapping ([`crate::memory::fault`]).
     Memory(MemoryFault),
+    /// The data path asked for the other ring layout than the one negotiated (a device model
+    /// that serves split rings only and offered `VIRTIO_F_RING_PACKED` anyway).
+    Layout,
 }
 
 impl std::fmt::Display for RingFault {
@@ -49,6 +56,7 @@ impl std::fmt::Display for RingFault {
             RingFault::AvailIndex(e) => write!(f, "{}", virtq::PopError::AvailIndex(*e)),
             RingFault::Invalid(e) => write!(f, "ring no longer valid: {e}"),
             RingFault::Memory(e) => write!(f, "guest memory lost: {e}"),
+            RingFault::Layout => f.write_str("the ring's layout (split or packed) is not the one this device serves"),
         }
     }
 }
@@ -59,7 +67,7 @@ pub enum VringError {
     /// `SET_VRING_NUM` with 0, a non-power of two, or more than 32768 (family 17; the rule is
     /// the core's [`validate_size`], §2.7). Holds the value as received, untruncated.
     InvalidSize(u32),
-    /// `SET_VRING_BASE` above 0xffff (family 17).
+    /// `SET_VRING_BASE` above 0xffff for a split ring (family 17).
     InvalidBase(u32),
     /// A request that needs a stopped ring arrived while it is started.
     Started,
@@ -102,6 +110,8 @@ pub enum StartError {
     NoMemory,
     /// The core refused the ring against the memory table (§2.7 layout, family 17).
     Invalid(QueueError),
+    /// A packed ring's `SET_VRING_BASE` names a slot at or past the ring's size.
+    Position(u32),
 }
 
 impl std::fmt::Display for StartError {
@@ -111,6 +121,7 @@ impl std::fmt::Display for StartError {
             StartError::NoAddresses => f.write_str("no SET_VRING_ADDR"),
             StartError::NoMemory => f.write_str("no memory table"),
             StartError::Invalid(e) => write!(f, "{e}"),
+            StartError::Position(b) => write!(f, "packed ring position {b:#010x} is outside the ring"),
         }
     }
 }
@@ -146,6 +157,14 @@ pub enum Kick {
     Polling,
 }
 
+/// The largest packed ring served: the in-flight table of each packed ring holds one entry
+/// per buffer id (4 bytes). QEMU's virtio-net queues are at most 1024 entries.
+pub const MAX_PACKED_QUEUE_SIZE: u16 = DEFAULT_IDS as u16;
+
+/// A packed ring's queue as the data path borrows it for a burst: its state stays in place
+/// (boxed in the ring) instead of moving in and out per burst.
+pub type PackedView<'a, 'm> = PackedQueue<'m, GuestMemoryMap, DEFAULT_IDS, &'a mut DetachedPackedQueue<DEFAULT_IDS>>;
+
 /// A started ring as the data path sees it.
 #[derive(Debug)]
 pub struct ActiveRing {
@@ -155,10 +174,17 @@ pub struct ActiveRing {
     pub config: QueueConfig,
     /// Negotiated features.
     pub features: VirtioFeatures,
-    /// Next available index to consume.
+    /// Next available index to consume; for a packed ring the position as
+    /// [`RingPosition::to_bits`] encodes it (slot, and the driver-ring wrap counter in bit 15).
     pub next_avail: u16,
-    /// Next used index to write (the device's shadow; not re-read from the guest per burst).
+    /// Next used index to write (the device's shadow; not re-read from the guest per burst);
+    /// for a packed ring the position with the device-ring wrap counter, encoded likewise.
     pub next_used: u16,
+    /// `VIRTIO_F_RING_PACKED` was negotiated: the ring is a packed one (§2.8).
+    packed: bool,
+    /// A packed ring's descriptor ring and device area as guest addresses, where its used
+    /// descriptors and event suppression writes are logged (`None` until found).
+    packed_gpas: Option<(u64, u64)>,
     /// The queue validated against `mem`, kept between bursts; `None` until the first burst
     /// and after a memory table change.
     view: Option<CachedView>,
@@ -170,7 +196,10 @@ pub struct ActiveRing {
 
 /// A validated queue between bursts.
 #[derive(Debug)]
-struct CachedView(DetachedQueue);
+enum CachedView {
+    Split(DetachedQueue),
+    Packed(Box<DetachedPackedQueue<DEFAULT_IDS>>),
+}
 
 // SAFETY: the view's pointers are into the shared mappings of `ActiveRing::mem` (an
 // `Arc<GuestMemoryMap>`, itself Send and Sync), which the `ActiveRing` owning the view keeps
@@ -220,6 +249,11 @@ pub struct RingLog<'a> {
     pub log: &'a DirtyLog,
     /// Guest address of the used ring, if the front-end asked for its writes to be logged.
     pub used: Option<u64>,
+    /// A packed ring's descriptor ring and device area, as guest addresses: the device writes
+    /// both (used descriptors in place, its event suppression structure), so both are logged
+    /// whenever logging is on. QEMU's `log_guest_addr` names only the device area for a
+    /// packed ring, so these are found from the ring addresses and the memory table.
+    pub packed: Option<(u64, u64)>,
 }
 
 impl virtq::WriteLog for RingLog<'_> {
@@ -234,6 +268,20 @@ impl virtq::WriteLog for RingLog<'_> {
             self.log.mark(base.wrapping_add(offset), len);
         }
     }
+
+    #[inline(always)]
+    fn descriptor_ring(&self, offset: u64, len: u64) {
+        if let Some((desc, _)) = self.packed {
+            self.log.mark(desc.wrapping_add(offset), len);
+        }
+    }
+
+    #[inline(always)]
+    fn device_area(&self, offset: u64, len: u64) {
+        if let Some((_, device)) = self.packed {
+            self.log.mark(device.wrapping_add(offset), len);
+        }
+    }
 }
 
 impl VringShared {
@@ -241,14 +289,16 @@ impl VringShared {
     /// borrow it for one burst, under the ring's lock.
     #[inline]
     pub fn ring_log(&self) -> Option<RingLog<'_>> {
-        self.log.as_deref().map(|log| RingLog { log, used: self.log_guest_addr })
+        let packed = self.active.as_ref().and_then(|a| a.packed_gpas);
+        self.log.as_deref().map(|log| RingLog { log, used: self.log_guest_addr, packed })
     }
 
     /// What a burst needs, borrowed together: the started ring, whether it is enabled, and its
     /// dirty log while logging is on.
     #[inline]
     pub fn burst_parts(&mut self) -> (Option<&mut ActiveRing>, bool, Option<RingLog<'_>>) {
-        let log = self.log.as_deref().map(|log| RingLog { log, used: self.log_guest_addr });
+        let packed = self.active.as_ref().and_then(|a| a.packed_gpas);
+        let log = self.log.as_deref().map(|log| RingLog { log, used: self.log_guest_addr, packed });
         (self.active.as_mut(), self.enabled, log)
     }
 
@@ -287,7 +337,39 @@ impl ActiveRing {
         next_avail: u16,
         next_used: u16,
     ) -> ActiveRing {
-        ActiveRing { mem, config, features, next_avail, next_used, view: None, fault: None, seen_faults: 0 }
+        let packed = features.contains(VirtioFeatures::RING_PACKED);
+        let packed_gpas = if packed { packed_gpas(&mem, &config) } else { None };
+        ActiveRing {
+            mem,
+            config,
+            features,
+            next_avail,
+            next_used,
+            packed,
+            packed_gpas,
+            view: None,
+            fault: None,
+            seen_faults: 0,
+        }
+    }
+
+    /// Whether the ring is a packed one (§2.8): serve it with [`with_packed`](Self::with_packed)
+    /// (or [`with_ring!`](crate::with_ring), which picks).
+    #[inline]
+    pub fn is_packed(&self) -> bool {
+        self.packed
+    }
+
+    /// The position `GET_VRING_BASE` answers (vhost-user.rst "Vring descriptor indices"):
+    /// a split ring's next available index; for a packed ring the next available slot in bits
+    /// 0..15, the driver-ring wrap counter in bit 15, the next used slot in bits 16..31 and
+    /// the device-ring wrap counter in bit 31.
+    pub fn base(&self) -> u32 {
+        if self.packed {
+            u32::from(self.next_avail) | u32::from(self.next_used) << 16
+        } else {
+            u32::from(self.next_avail)
+        }
     }
 
     /// The fault that stopped this ring, if any: a data path skips a faulted ring with this one
@@ -305,6 +387,9 @@ impl ActiveRing {
     pub fn set_memory(&mut self, mem: &Arc<GuestMemoryMap>) {
         self.view = None;
         self.mem = Arc::clone(mem);
+        if self.packed {
+            self.packed_gpas = packed_gpas(mem, &self.config);
+        }
         if matches!(self.fault, Some(RingFault::Invalid(_))) {
             self.fault = None;
         }
@@ -320,20 +405,13 @@ impl ActiveRing {
     /// pages cost one load per burst: the process-wide fault count is compared with the one
     /// seen last, and only a change makes the ring look at its memory table.
     pub fn with_queue<R>(&mut self, f: impl FnOnce(&mut SplitQueue<'_, GuestMemoryMap>) -> R) -> Result<R, RingFault> {
-        if let Some(fault) = self.fault {
-            return Err(fault);
+        if self.packed {
+            return Err(RingFault::Layout);
         }
-        let generation = fault::generation();
-        if generation != self.seen_faults {
-            if let Some(m) = self.mem.faulted() {
-                // Not marked seen: every call reports it until `VringShared::fail` records it.
-                return Err(RingFault::Memory(m));
-            }
-            self.seen_faults = generation;
-        }
+        self.check()?;
         let mem: &GuestMemoryMap = &self.mem;
         let mut q = match self.view.take() {
-            Some(CachedView(d)) => {
+            Some(CachedView::Split(d)) => {
                 // SAFETY: the view was created over `self.mem`, the same `GuestMemoryMap`,
                 // which this ring still holds (a new table resets the view in `set_memory`),
                 // so the ring ranges it validated are still mapped.
@@ -347,7 +425,7 @@ impl ActiveRing {
                 }
                 q
             }
-            None => {
+            _ => {
                 let mut q = SplitQueue::with_ring_memory(mem, mem.frontend(), self.config, self.features)
                     .map_err(RingFault::Invalid)?;
                 q.set_next_avail(self.next_avail);
@@ -358,8 +436,102 @@ impl ActiveRing {
         let r = f(&mut q);
         self.next_avail = q.next_avail();
         self.next_used = q.next_used();
-        self.view = Some(CachedView(q.detach()));
+        self.view = Some(CachedView::Split(q.detach()));
         Ok(r)
+    }
+
+    /// [`with_queue`](Self::with_queue) for a packed ring (§2.8): `f` gets the queue, its
+    /// state borrowed in place. `Err(RingFault::Layout)` on a split ring.
+    pub fn with_packed<R>(&mut self, f: impl FnOnce(&mut PackedView<'_, '_>) -> R) -> Result<R, RingFault> {
+        if !self.packed {
+            return Err(RingFault::Layout);
+        }
+        self.check()?;
+        let size = self.config.size;
+        let (avail, used) =
+            match (RingPosition::from_bits(self.next_avail, size), RingPosition::from_bits(self.next_used, size)) {
+                (Some(a), Some(u)) => (a, u),
+                // The positions are public fields; one set outside the ring cannot be served.
+                _ => return Err(RingFault::Invalid(QueueError::InvalidSize { size })),
+            };
+        let ActiveRing { mem, config, features, view, next_avail, next_used, .. } = self;
+        let mem: &GuestMemoryMap = mem;
+        if !matches!(view, Some(CachedView::Packed(_))) {
+            let q: PackedQueue<'_, GuestMemoryMap> =
+                PackedQueue::with_ring_memory(mem, mem.frontend(), *config, *features).map_err(RingFault::Invalid)?;
+            let mut d = Box::new(q.detach());
+            // SAFETY: `d` was just validated over `mem`.
+            unsafe { d.attach_mut(mem) }.set_positions(avail, used);
+            *view = Some(CachedView::Packed(d));
+        }
+        let Some(CachedView::Packed(d)) = view else { unreachable!("set just above") };
+        // SAFETY: the state was validated over `self.mem`, which this ring still holds (a new
+        // table resets the view in `set_memory`), so the ring ranges are still mapped.
+        let mut q = unsafe { d.attach_mut(mem) };
+        if q.next_avail() != avail || q.next_used() != used {
+            // Changed between bursts (a restart): resume there, nothing in flight.
+            q.set_positions(avail, used);
+        }
+        let r = f(&mut q);
+        *next_avail = q.next_avail().to_bits();
+        *next_used = q.next_used().to_bits();
+        Ok(r)
+    }
+
+    /// Whether the ring can be served now (see [`with_queue`](Self::with_queue)).
+    #[inline(always)]
+    fn check(&mut self) -> Result<(), RingFault> {
+        if let Some(fault) = self.fault {
+            return Err(fault);
+        }
+        let generation = fault::generation();
+        if generation != self.seen_faults {
+            if let Some(m) = self.mem.faulted() {
+                // Not marked seen: every call reports it until `VringShared::fail` records it.
+                return Err(RingFault::Memory(m));
+            }
+            self.seen_faults = generation;
+        }
+        Ok(())
+    }
+}
+
+/// A packed ring's descriptor ring and device area as guest addresses (front-end addresses
+/// translated, then looked up in the memory table); `None` if either is not in guest memory.
+fn packed_gpas(mem: &GuestMemoryMap, config: &QueueConfig) -> Option<(u64, u64)> {
+    let gpa = |va: u64, len: u64| {
+        let p = mem.frontend().translate_contiguous(va, len).ok()?;
+        mem.guest_address(p)
+    };
+    Some((gpa(config.desc_table, 16 * u64::from(config.size))?, gpa(config.used_ring, 4)?))
+}
+
+/// Runs `$body` on the started ring `$active`'s queue, bound to `$vq`, whichever its layout:
+/// the body is compiled once per layout ([`ActiveRing::with_queue`],
+/// [`ActiveRing::with_packed`]), so each is as fast as code written for it alone. Evaluates to
+/// `Result<R, RingFault>`.
+#[macro_export]
+macro_rules! with_ring {
+    ($active:expr, |$vq:ident| $body:expr) => {{
+        let active: &mut $crate::vring::ActiveRing = $active;
+        if active.is_packed() {
+            active.with_packed(|$vq| $body)
+        } else {
+            active.with_queue(|$vq| $body)
+        }
+    }};
+}
+
+/// A packed ring's positions from `SET_VRING_BASE` (see [`ActiveRing::base`]), as
+/// [`RingPosition::to_bits`] encodes them. QEMU before 8.2 and DPDK send and expect only the
+/// available position (the upper 16 bits 0): the used position is then the same, which it is
+/// whenever the ring stopped with nothing in flight, as this library's devices stop.
+fn packed_positions(base: u32, size: u16) -> Result<(u16, u16), VringError> {
+    let avail = base as u16;
+    let used = if base >> 16 == 0 { avail } else { (base >> 16) as u16 };
+    match (RingPosition::from_bits(avail, size), RingPosition::from_bits(used, size)) {
+        (Some(_), Some(_)) => Ok((avail, used)),
+        _ => Err(VringError::CannotStart(StartError::Position(base))),
     }
 }
 
@@ -376,7 +548,9 @@ pub fn signal(fd: &OwnedFd) {
 pub struct Vring {
     num: Option<u16>,
     addrs: Option<VringAddrs>,
-    base: u16,
+    /// `SET_VRING_BASE` as received (split: the next available index; packed: both positions,
+    /// see [`ActiveRing::base`]), or the position `GET_VRING_BASE` stopped the ring at.
+    base: u32,
     kick: Kick,
     shared: Arc<Mutex<VringShared>>,
 }
@@ -451,9 +625,14 @@ impl Vring {
         self.lock().log = log.cloned();
     }
 
-    /// `SET_VRING_BASE`: the next available index (split rings).
-    pub fn set_base(&mut self, base: u32) -> Result<(), VringError> {
-        let base = u16::try_from(base).map_err(|_| VringError::InvalidBase(base))?;
+    /// `SET_VRING_BASE` (vhost-user.rst "Vring descriptor indices"): for a split ring the next
+    /// available index, at most 0xffff; for a packed ring (`features` has
+    /// `VIRTIO_F_RING_PACKED`) the positions as [`ActiveRing::base`] encodes them, checked
+    /// against the ring's size when it starts.
+    pub fn set_base(&mut self, base: u32, features: VirtioFeatures) -> Result<(), VringError> {
+        if !features.contains(VirtioFeatures::RING_PACKED) && base > 0xffff {
+            return Err(VringError::InvalidBase(base));
+        }
         if self.started() {
             return Err(VringError::Started);
         }
@@ -536,12 +715,23 @@ impl Vring {
             return Err(VringError::MemoryFaulted(m));
         }
         let config = QueueConfig { size: num, desc_table: addrs.desc, avail_ring: addrs.avail, used_ring: addrs.used };
-        let next_used = SplitQueue::with_ring_memory(&**mem, mem.frontend(), config, features)
-            .map_err(|e| VringError::CannotStart(StartError::Invalid(e)))?
-            .next_used();
+        let (next_avail, next_used) = if features.contains(VirtioFeatures::RING_PACKED) {
+            if num > MAX_PACKED_QUEUE_SIZE {
+                return Err(VringError::CannotStart(StartError::Invalid(QueueError::InvalidSize { size: num })));
+            }
+            // Validated here; the data path builds its own view at its first burst.
+            PackedQueue::<'_, GuestMemoryMap>::with_ring_memory(&**mem, mem.frontend(), config, features)
+                .map_err(|e| VringError::CannotStart(StartError::Invalid(e)))?;
+            packed_positions(self.base, num)?
+        } else {
+            let next_used = SplitQueue::with_ring_memory(&**mem, mem.frontend(), config, features)
+                .map_err(|e| VringError::CannotStart(StartError::Invalid(e)))?
+                .next_used();
+            (self.base as u16, next_used)
+        };
         let mut s = self.lock();
         s.kick = kick;
-        s.active = Some(ActiveRing::new(Arc::clone(mem), config, features, self.base, next_used));
+        s.active = Some(ActiveRing::new(Arc::clone(mem), config, features, next_avail, next_used));
         if let Some(k) = &s.kick {
             // Buffers may already be waiting: have the data path look once.
             signal(k);
@@ -549,15 +739,15 @@ impl Vring {
         Ok(())
     }
 
-    /// `GET_VRING_BASE`: stops the ring and returns the next available index.
-    pub fn stop(&mut self) -> u16 {
+    /// `GET_VRING_BASE`: stops the ring and returns its position ([`ActiveRing::base`]).
+    pub fn stop(&mut self) -> u32 {
         let active = {
             let mut s = self.lock();
             s.kick = None;
             s.active.take()
         };
         if let Some(a) = active {
-            self.base = a.next_avail;
+            self.base = a.base();
         }
         self.kick = Kick::None;
         self.base
@@ -599,8 +789,14 @@ mod tests {
             assert_eq!(v.set_num(bad), Err(VringError::InvalidSize(bad)));
         }
         assert_eq!(v.set_num(32768), Ok(()));
-        assert_eq!(v.set_base(0x1_0000), Err(VringError::InvalidBase(0x1_0000)));
-        assert_eq!(v.set_base(0xffff), Ok(()));
+        assert_eq!(v.set_base(0x1_0000, VirtioFeatures::empty()), Err(VringError::InvalidBase(0x1_0000)));
+        assert_eq!(v.set_base(0xffff, VirtioFeatures::empty()), Ok(()));
+        // A packed ring's base carries both positions; judged against the size at start.
+        assert_eq!(v.set_base(0x8003_8005, VirtioFeatures::RING_PACKED), Ok(()));
+        assert_eq!(packed_positions(0x8003_8005, 8), Ok((0x8005, 0x8003)));
+        assert_eq!(packed_positions(0x8005, 8), Ok((0x8005, 0x8005)), "used = avail when only avail is given");
+        assert_eq!(packed_positions(0x8008, 8), Err(VringError::CannotStart(StartError::Position(0x8008))));
+        assert_eq!(packed_positions(0x0009_8000, 8), Err(VringError::CannotStart(StartError::Position(0x0009_8000))));
     }
 
     #[test]

@@ -162,6 +162,112 @@ fn dpdk_message_order_works_and_ring_restarts_from_base() {
     guest_tx(&mut g, &fe, net, 0, 4);
 }
 
+/// Packed rings (§2.8) through vhost-user: frames both ways over several laps of an 8-entry
+/// ring (the wrap counters toggle), `GET_VRING_BASE` answers both positions with their wrap
+/// counters (vhost-user.rst "Vring descriptor indices for packed virtqueues"), and a ring
+/// restarted from that answer carries on where it stopped, as after a migration or a
+/// back-end restart. Also as DPDK sends it: only the available position (used = avail).
+#[test]
+fn packed_rings_carry_frames_and_resume_from_get_vring_base() {
+    use virtq::testing::PackedDriver;
+    use virtq::RingPosition;
+    let path = sock_path("packed");
+    let (_run, nets) =
+        start(vec![("packed", DeviceConfig::new(NetModel::default()), server(&path), Box::new(NoHandler))]);
+    let fe = Frontend::connect(&path, 2, 8);
+    // The split layout's areas hold a packed ring of the same size (descriptors, then two
+    // 4-byte event structures, all suitably aligned).
+    let pcfg = |i: usize| fe.queues[i].cfg;
+    let mut rx = PackedDriver::new(&fe.ram.table, pcfg(0), fe.queues[0].data_base, fe.queues[0].data_len);
+    let mut tx = PackedDriver::new(&fe.ram.table, pcfg(1), fe.queues[1].data_base, fe.queues[1].data_len);
+    let acked = fe.dpdk_start(NET_FEATURES | F_RING_PACKED);
+    assert!(acked & F_RING_PACKED != 0, "packed offered and negotiated");
+    let net = &nets[0];
+    wait("rings ready", || (net.queue_ready(0) && net.queue_ready(1)).then_some(()));
+    let mut bufs: Vec<TxFrame> = (0..8).map(|_| TxFrame::with_capacity(MAX_TX_FRAME)).collect();
+    let mut round = |rx: &mut PackedDriver<'_, _>, tx: &mut PackedDriver<'_, _>, r: u8| {
+        // Guest TX: 3 frames of two descriptors each (6 of the 8 slots).
+        tx.reset_alloc();
+        for i in 0..3u8 {
+            tx.add_chain(&[Buf::readable(&[0u8; 12]), Buf::readable(&frame(r.wrapping_add(i), 60 + i as usize))]);
+        }
+        fe.kick(1);
+        let mut got = Vec::new();
+        wait("TX frames", || {
+            let n = net.dequeue_burst(0, &mut bufs);
+            got.extend(bufs[..n].iter().map(|b| b.frame().to_vec()));
+            (got.len() >= 3).then_some(())
+        });
+        for (i, f) in got.iter().enumerate() {
+            assert_eq!(f, &frame(r.wrapping_add(i as u8), 60 + i), "round {r} TX frame {i}");
+        }
+        for _ in 0..3 {
+            assert!(tx.pop_used().is_some(), "round {r}: TX chain completed");
+        }
+        // Guest RX: 2 frames of 1000 bytes into mergeable 512-byte buffers (2 buffers each).
+        rx.reset_alloc();
+        let mut addr_of = std::collections::HashMap::new();
+        for k in 0..4u64 {
+            let id = rx.add_chain(&[Buf::writable(512)]);
+            addr_of.insert(id, fe.queues[0].data_base + 512 * k);
+        }
+        let frames: Vec<Vec<u8>> = (0..2u8).map(|i| frame(r.wrapping_add(i), 1000 + i as usize)).collect();
+        let refs: Vec<&[u8]> = frames.iter().map(|f| f.as_slice()).collect();
+        assert_eq!(net.enqueue_burst(0, &refs), 2, "round {r}");
+        for (i, f) in frames.iter().enumerate() {
+            let (id, len) = rx.pop_used().expect("used buffer");
+            assert!(addr_of.contains_key(&id), "round {r}: id {id} len {len} not posted: {addr_of:?}");
+            let mut first = vec![0u8; len as usize];
+            rx.read(addr_of[&id], &mut first);
+            let nbufs = u16::from_le_bytes([first[10], first[11]]);
+            let mut data = first[12..].to_vec();
+            for _ in 1..nbufs {
+                let (id, len) = rx.pop_used().expect("merged buffer");
+                let mut b = vec![0u8; len as usize];
+                rx.read(addr_of[&id], &mut b);
+                data.extend_from_slice(&b);
+            }
+            assert_eq!(&data, f, "round {r} RX frame {i}");
+        }
+        // Every buffer posted was used (2 + 2).
+        assert!(rx.pop_used().is_none());
+    };
+    for r in 0..5 {
+        round(&mut rx, &mut tx, r);
+    }
+    // 5 rounds of 6 TX descriptors on an 8-entry ring: slot 30 % 8 = 6 in the 4th lap (wrap
+    // counter 0 after 3 toggles).
+    let at = |d: &PackedDriver<'_, _>| d.next_position();
+    assert_eq!(at(&tx), RingPosition { index: 6, wrap: false });
+    let expect = |p: RingPosition| u32::from(p.to_bits()) | u32::from(p.to_bits()) << 16;
+    let base_tx = fe.get_vring_base(1);
+    assert_eq!(base_tx, expect(at(&tx)), "TX position and wrap counters");
+    let base_rx = fe.get_vring_base(0);
+    assert_eq!(base_rx, expect(at(&rx)), "RX position and wrap counters");
+    assert!(!net.queue_ready(1));
+    // Restart both rings: TX from the full answer, RX from the available half only (DPDK).
+    let restart = |i: usize, base: u32| {
+        fe.send(SET_VRING_BASE, 0, &state(i as u32, base), &[]);
+        let kick = fe.queues[i].kick.try_clone().unwrap();
+        fe.send(SET_VRING_KICK, 0, &u64p(i as u64), &[std::os::fd::AsRawFd::as_raw_fd(&kick)]);
+    };
+    restart(1, base_tx);
+    restart(0, base_rx & 0xffff);
+    wait("rings restarted", || (net.queue_ready(0) && net.queue_ready(1)).then_some(()));
+    for r in 5..8 {
+        round(&mut rx, &mut tx, r);
+    }
+    // A position outside the ring is refused when the ring would start: it stays stopped and
+    // the connection stays up (the front-end asked for a reply).
+    let _ = fe.get_vring_base(1);
+    assert_eq!(fe.acked(SET_VRING_BASE, &state(1, 0x8009), &[]), 0, "stored, judged at start");
+    let kick = std::os::fd::AsRawFd::as_raw_fd(&fe.queues[1].kick);
+    assert_ne!(fe.acked(SET_VRING_KICK, &u64p(1), &[kick]), 0, "slot 9 of an 8-entry ring");
+    assert!(!net.queue_ready(1));
+    fe.sync();
+    assert_eq!(net.stats(1).errors + net.stats(0).errors, 0);
+}
+
 #[test]
 fn two_queue_pairs_carry_traffic_independently() {
     let path = sock_path("mq");

@@ -86,6 +86,10 @@ impl Default for NetModel {
     /// have the device's writes logged ([`crate::memory::dirty`]); the data path marks the log
     /// it finds in [`VringShared::log`].
     ///
+    /// `VIRTIO_F_RING_PACKED` (§2.8) is offered: [`NetDevice`] serves either layout (the
+    /// core's one API over both, [`crate::with_ring!`]); packed rings up to
+    /// [`crate::vring::MAX_PACKED_QUEUE_SIZE`] entries.
+    ///
     /// `VIRTIO_F_IN_ORDER` (§2.7.8.2) is offered because [`NetDevice`] uses every buffer in the
     /// order it was made available (bad chains included: they are completed with len 0 in
     /// place). A driver that negotiates it (DPDK virtio-user) recycles its descriptors without
@@ -95,6 +99,7 @@ impl Default for NetModel {
         NetModel {
             features: VirtioFeatures::VERSION_1
                 | VirtioFeatures::IN_ORDER
+                | VirtioFeatures::RING_PACKED
                 | VirtioFeatures::RING_INDIRECT_DESC
                 | VirtioFeatures::RING_EVENT_IDX
                 | VirtioFeatures::NET_MRG_RXBUF

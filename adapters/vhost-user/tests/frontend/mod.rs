@@ -346,9 +346,15 @@ impl Frontend {
 
     /// Starts queue `i`: NUM, BASE 0, ADDR, KICK, CALL (the part both QEMU and DPDK send).
     pub fn start_queue(&self, i: usize) {
+        self.start_queue_at(i, 0);
+    }
+
+    /// [`start_queue`](Self::start_queue) with `SET_VRING_BASE` `base` (a packed ring's start
+    /// is 0x8000_8000: both wrap counters 1).
+    pub fn start_queue_at(&self, i: usize, base: u32) {
         let size = self.queues[i].cfg.size as u32;
         self.send(SET_VRING_NUM, 0, &state(i as u32, size), &[]);
-        self.send(SET_VRING_BASE, 0, &state(i as u32, 0), &[]);
+        self.send(SET_VRING_BASE, 0, &state(i as u32, base), &[]);
         self.send(SET_VRING_ADDR, 0, &self.vring_addr_payload(i), &[]);
         let kick = self.queues[i].kick.as_raw_fd();
         let call = self.queues[i].call.as_raw_fd();
@@ -403,8 +409,10 @@ impl Frontend {
         let mt = self.mem_table_payload();
         let fd = self.ram.fd.as_raw_fd();
         self.send(SET_MEM_TABLE, 0, &mt, &[fd]);
+        // A packed ring starts with both wrap counters 1 (§2.8.1), as QEMU sends it.
+        let base = if acked & F_RING_PACKED != 0 { 0x8000_8000 } else { 0 };
         for i in 0..self.queues.len() {
-            self.start_queue(i);
+            self.start_queue_at(i, base);
         }
         for i in 0..self.queues.len() {
             self.send(SET_VRING_ENABLE, 0, &state(i as u32, 1), &[]);
@@ -608,6 +616,9 @@ pub fn mappings() -> usize {
 
 /// virtio-net features the tests acknowledge: VERSION_1, INDIRECT_DESC, EVENT_IDX, MRG_RXBUF,
 /// MAC.
+/// `VIRTIO_F_RING_PACKED`.
+pub const F_RING_PACKED: u64 = 1 << 34;
+
 pub const NET_FEATURES: u64 = (1 << 32) | (1 << 28) | (1 << 29) | (1 << 15) | (1 << 5);
 
 /// Polls `f` until it returns `Some`, for at most 20 s (a hang detector, not a timing test).
