@@ -48,8 +48,10 @@
 #   loop64-<mrg|nomrg>     the front-end runs `flowgen` (sends and counts what comes back); the
 #                          back-end echoes (virtq-net `--backend reflect`, testpmd `io` with
 #                          `--port-topology=loop`). Rate = front-end Rx-pps.
-# `mrg` sets the front-end's mrg_rxbuf (both back-ends offer MRG_RXBUF). The front-end is
-# otherwise as in ../shared/reference/peers.md: split ring, queue_size=256, in_order=1.
+# `mrg` sets the front-end's mrg_rxbuf (both back-ends offer MRG_RXBUF). A `-packed` suffix
+# (e.g. rx64-mrg-packed) has the front-end use packed virtqueues (packed_vq=1; both back-ends
+# offer VIRTIO_F_RING_PACKED). The front-end is otherwise as in ../shared/reference/peers.md:
+# split ring, queue_size=256, in_order=1.
 #
 # Pinning: each back-end on CPU 0 (testpmd's main and forwarding lcores both there; virtq-net's
 # control and data threads both there), the front-end on CPU 1. Both back-ends busy-poll.
@@ -71,6 +73,7 @@ ROUNDS=${ROUNDS:-7}
 SECS=${SECS:-5}
 WARM=${WARM:-1}
 ALL_CASES="tx64-mrg tx64-nomrg rx64-mrg rx64-nomrg tx1518-mrg tx1518-nomrg rx1518-mrg rx1518-nomrg loop64-mrg loop64-nomrg"
+ALL_CASES+=" tx64-mrg-packed rx64-mrg-packed rx64-nomrg-packed tx1518-mrg-packed rx1518-mrg-packed loop64-mrg-packed"
 CASES=${CASES:-$ALL_CASES}
 TSV=${TSV:-}
 FAR_NS=${FAR_NS:-}
@@ -145,11 +148,12 @@ sample() {
     mkdir -p "$dir"
     if [[ $IR != 1 ]]; then rtt_before=$(round_trip); fi
     sock=$dir/vu.sock
-    [[ $case =~ ^(tx|rx|loop)([0-9]+)-(mrg|nomrg)$ ]] || { echo "unknown case $case" >&2; return 1; }
-    local kind=${BASH_REMATCH[1]}
+    [[ $case =~ ^(tx|rx|loop)([0-9]+)-(mrg|nomrg)(-packed)?$ ]] || { echo "unknown case $case" >&2; return 1; }
+    local kind=${BASH_REMATCH[1]} packed=0
     size=${BASH_REMATCH[2]}
     mrg=0
     [[ ${BASH_REMATCH[3]} == mrg ]] && mrg=1
+    [[ -n ${BASH_REMATCH[4]} ]] && packed=1
     local vq_backend dpdk_mode counter
     case $kind in
         tx) fe_mode=txonly field=Tx-pps counter=TX-packets vq_backend=sink dpdk_mode=rxonly ;;
@@ -185,7 +189,7 @@ sample() {
     exec {FIFO_FD}<> "$dir/cmd"
     stdbuf -oL "$TESTPMD" --lcores "0@$FE_CPU,1@$FE_CPU" --no-huge -m 1024 --file-prefix="$prefix" --no-pci \
         --no-telemetry \
-        --vdev "net_virtio_user0,path=$sock,queues=1,queue_size=256,mrg_rxbuf=$mrg,in_order=1,packed_vq=0,server=0" \
+        --vdev "net_virtio_user0,path=$sock,queues=1,queue_size=256,mrg_rxbuf=$mrg,in_order=1,packed_vq=$packed,server=0" \
         -- -i --forward-mode="$fe_mode" --txpkts="$size" --total-num-mbufs=32768 --rxq=1 --txq=1 --nb-cores=1 \
         < "$dir/cmd" > "$dir/frontend.log" 2>&1 &
     fe_pid=$!

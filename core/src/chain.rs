@@ -240,7 +240,7 @@ impl<'m, const N: usize> Chain<'m, N> {
 
 /// Walks `segs` from byte `offset`, calling `copy(segment, offset_in_segment, n, done_so_far)`
 /// for each piece, up to `total` bytes. Returns the bytes covered.
-#[inline(always)]
+#[cfg_attr(not(feature = "small"), inline(always))]
 fn copy_segments(
     segs: &[Segment<'_>],
     mut offset: usize,
@@ -315,7 +315,7 @@ pub struct WalkSummary {
 /// A visitor may act on pieces before the walk has seen the whole chain (a fused copy); if the
 /// walk then fails, the caller discards what the visitor did and completes the head with len 0.
 /// Writing device-writable pieces early is harmless: the driver offered them for writing.
-#[inline(always)]
+#[cfg_attr(not(feature = "small"), inline(always))]
 pub(crate) fn walk_pieces<M, F>(
     mem: &M,
     table: DescTable,
@@ -353,7 +353,7 @@ pub(crate) trait DescSource {
 }
 
 /// [`walk_pieces`] over any [`DescSource`].
-#[inline(always)]
+#[cfg_attr(not(feature = "small"), inline(always))]
 pub(crate) fn walk_source<M, S, F>(
     mem: &M,
     source: S,
@@ -387,7 +387,7 @@ pub(crate) fn fail(slot: &mut Option<ChainError>, e: ChainError) -> Failed {
 }
 
 /// [`walk_source`], with errors recorded in `err`.
-#[inline(always)]
+#[cfg_attr(not(feature = "small"), inline(always))]
 fn walk_checked<M, S, F>(
     mem: &M,
     mut cursor: S,
@@ -433,7 +433,7 @@ where
 }
 
 /// The chain's totals, after the 2^32 limit on its total length (§2.7.5.2).
-#[inline(always)]
+#[cfg_attr(not(feature = "small"), inline(always))]
 fn summary(readable: u64, writable: u64, err: &mut Option<ChainError>) -> Result<WalkSummary, Failed> {
     if readable + writable > u32::MAX as u64 {
         return Err(fail(err, ChainError::TotalLengthOverflow));
@@ -465,7 +465,7 @@ struct Cursor {
 impl DescSource for Cursor {
     /// Reads the descriptor at `index`, following an indirect descriptor into its table
     /// (§2.7.5.3), and returns the next buffer descriptor.
-    #[inline(always)]
+    #[cfg_attr(not(feature = "small"), inline(always))]
     fn next<M: GuestMemory + ?Sized>(
         &mut self,
         mem: &M,
@@ -504,7 +504,7 @@ impl DescSource for Cursor {
     }
 
     /// §2.7.5.2: `VIRTQ_DESC_F_NEXT` continues the chain at `next`.
-    #[inline(always)]
+    #[cfg_attr(not(feature = "small"), inline(always))]
     fn advance(&mut self, d: &WalkDesc) -> bool {
         if d.flags & DescFlags::NEXT.bits() == 0 {
             return false;
@@ -517,7 +517,7 @@ impl DescSource for Cursor {
 /// Checks and translates one buffer, handing its host pieces to `piece`. Zero-length buffers
 /// produce no piece. The usual buffer lies in one region and takes one translation; a buffer
 /// that spans regions (or fails to translate) goes to [`buffer_split`].
-#[inline(always)]
+#[cfg_attr(not(feature = "small"), inline(always))]
 fn buffer<M, F>(
     mem: &M,
     addr: u64,
@@ -575,7 +575,7 @@ where
 
 /// Walks the chain at `head` into `out`'s segment lists (see [`walk_pieces`]). On error `out`
 /// is left empty (with `head` set).
-#[inline(always)]
+#[cfg_attr(not(feature = "small"), inline(always))]
 pub(crate) fn walk<'m, M: GuestMemory + ?Sized, const N: usize>(
     mem: &'m M,
     table: DescTable,
@@ -589,7 +589,7 @@ pub(crate) fn walk<'m, M: GuestMemory + ?Sized, const N: usize>(
 
 /// [`walk`] over any [`DescSource`]; `head` is what the chain reports as its
 /// [`Chain::head`] (the split ring's head index, the packed ring's buffer id).
-#[inline(always)]
+#[cfg_attr(not(feature = "small"), inline(always))]
 pub(crate) fn walk_source_into<'m, M: GuestMemory + ?Sized, S: DescSource, const N: usize>(
     mem: &'m M,
     source: S,

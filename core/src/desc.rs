@@ -74,7 +74,7 @@ pub struct Descriptor {
 
 impl Descriptor {
     /// Decodes the two little-endian 64-bit words of a descriptor.
-    #[inline(always)]
+    #[cfg_attr(not(feature = "small"), inline(always))]
     fn from_words(lo: u64, hi: u64) -> Descriptor {
         Descriptor {
             addr: lo,
@@ -97,7 +97,7 @@ impl Descriptor {
 /// # Safety
 /// `table` must be valid for reads of `(index + 1) * 16` bytes and only accessed atomically or
 /// by the guest; `aligned8` must be true only if `table` is 8-aligned.
-#[inline(always)]
+#[cfg_attr(not(feature = "small"), inline(always))]
 pub(crate) unsafe fn read_descriptor(table: *mut u8, index: u16, aligned8: bool) -> Descriptor {
     // SAFETY: in bounds by the caller's contract.
     let p = unsafe { table.add(index as usize * DESC_SIZE) };
@@ -148,7 +148,7 @@ pub(crate) unsafe fn read_descriptor(table: *mut u8, index: u16, aligned8: bool)
 ///
 /// # Safety
 /// `p` must be valid for reads of 16 bytes and only accessed atomically or by the guest.
-#[inline(always)]
+#[cfg_attr(not(feature = "small"), inline(always))]
 pub(crate) unsafe fn read_packed(p: *mut u8) -> (u64, u32, u16, u16) {
     if (p as usize).is_multiple_of(4) {
         // SAFETY: 16 valid bytes at a 4-aligned address: `addr` (8-aligned on the 64-bit path),

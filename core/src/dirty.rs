@@ -59,13 +59,13 @@ pub struct NoLog;
 
 impl WriteLog for NoLog {
     const ENABLED: bool = false;
-    #[inline(always)]
+    #[cfg_attr(not(feature = "small"), inline(always))]
     fn buffer(&self, _: u64, _: u64) {}
-    #[inline(always)]
+    #[cfg_attr(not(feature = "small"), inline(always))]
     fn used_ring(&self, _: u64, _: u64) {}
-    #[inline(always)]
+    #[cfg_attr(not(feature = "small"), inline(always))]
     fn descriptor_ring(&self, _: u64, _: u64) {}
-    #[inline(always)]
+    #[cfg_attr(not(feature = "small"), inline(always))]
     fn device_area(&self, _: u64, _: u64) {}
 }
 
@@ -92,7 +92,7 @@ impl<L: WriteLog + ?Sized> WriteLog for &L {
 /// Reports `len` bytes written at host address `ptr` (inside a range `mem` translated) as a
 /// guest range. A host range that `translate` returned lies in one region, so one inverse
 /// lookup covers it.
-#[inline(always)]
+#[cfg_attr(not(feature = "small"), inline(always))]
 pub(crate) fn log_host<M: GuestMemory + ?Sized, L: WriteLog>(mem: &M, log: &L, ptr: *const u8, len: usize) {
     if !L::ENABLED || len == 0 {
         return;

@@ -6,7 +6,7 @@
 /// True iff `event_idx` lies in `[old_idx, new_idx)` modulo 2^16, which is the batched form of
 /// "notify when `idx` was equal to `used_event`" (§2.7.10): a device that publishes several
 /// entries at once still notifies exactly when the driver's event index was crossed.
-#[inline(always)]
+#[cfg_attr(not(feature = "small"), inline(always))]
 pub fn vring_need_event(event_idx: u16, new_idx: u16, old_idx: u16) -> bool {
     new_idx.wrapping_sub(event_idx).wrapping_sub(1) < new_idx.wrapping_sub(old_idx)
 }

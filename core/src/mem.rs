@@ -316,7 +316,7 @@ unsafe impl<const N: usize> GuestMemory for RegionTable<N> {
 ///
 /// # Safety
 /// `src` valid for reads and `dst` for writes of `n` bytes; the ranges do not overlap.
-#[inline(always)]
+#[cfg_attr(not(feature = "small"), inline(always))]
 pub(crate) unsafe fn copy_bytes(src: *const u8, dst: *mut u8, n: usize) {
     use core::ptr::{read_unaligned as rd, write_unaligned as wr};
     // SAFETY: every access is within `[0, n)` of both ranges, by the bounds of each arm (e.g.
@@ -380,7 +380,7 @@ pub(crate) unsafe fn copy_bytes(src: *const u8, dst: *mut u8, n: usize) {
 /// # Safety
 /// `src` valid for reads and `dst` for reads and writes of `n` bytes; the ranges do not
 /// overlap.
-#[inline(always)]
+#[cfg_attr(not(feature = "small"), inline(always))]
 pub(crate) unsafe fn store_header(src: *const u8, dst: *mut u8, n: usize) {
     use core::ptr::{read_unaligned as rd, write_unaligned as wr};
     debug_assert!((8..=16).contains(&n));
@@ -399,7 +399,7 @@ pub(crate) unsafe fn store_header(src: *const u8, dst: *mut u8, n: usize) {
 ///
 /// # Safety
 /// `p` must be valid for 2 bytes, 2-aligned, and accessed only atomically or by the guest.
-#[inline(always)]
+#[cfg_attr(not(feature = "small"), inline(always))]
 pub(crate) unsafe fn load_u16(p: *mut u8, order: Ordering) -> u16 {
     // SAFETY: guaranteed by the caller (valid, aligned, only atomic accesses in this process).
     u16::from_le(unsafe { AtomicU16::from_ptr(p.cast::<u16>()) }.load(order))
@@ -409,7 +409,7 @@ pub(crate) unsafe fn load_u16(p: *mut u8, order: Ordering) -> u16 {
 ///
 /// # Safety
 /// As for [`load_u16`].
-#[inline(always)]
+#[cfg_attr(not(feature = "small"), inline(always))]
 pub(crate) unsafe fn store_u16(p: *mut u8, v: u16, order: Ordering) {
     // SAFETY: guaranteed by the caller (valid, aligned, only atomic accesses in this process).
     unsafe { AtomicU16::from_ptr(p.cast::<u16>()) }.store(v.to_le(), order)
@@ -419,7 +419,7 @@ pub(crate) unsafe fn store_u16(p: *mut u8, v: u16, order: Ordering) {
 ///
 /// # Safety
 /// `p` must be valid for 4 bytes, 4-aligned, and accessed only atomically or by the guest.
-#[inline(always)]
+#[cfg_attr(not(feature = "small"), inline(always))]
 pub(crate) unsafe fn store_u32(p: *mut u8, v: u32, order: Ordering) {
     // SAFETY: guaranteed by the caller (valid, aligned, only atomic accesses in this process).
     unsafe { AtomicU32::from_ptr(p.cast::<u32>()) }.store(v.to_le(), order)
@@ -429,7 +429,7 @@ pub(crate) unsafe fn store_u32(p: *mut u8, v: u32, order: Ordering) {
 ///
 /// # Safety
 /// As for [`store_u32`].
-#[inline(always)]
+#[cfg_attr(not(feature = "small"), inline(always))]
 pub(crate) unsafe fn load_u32(p: *mut u8, order: Ordering) -> u32 {
     // SAFETY: guaranteed by the caller (valid, aligned, only atomic accesses in this process).
     u32::from_le(unsafe { AtomicU32::from_ptr(p.cast::<u32>()) }.load(order))

@@ -86,9 +86,12 @@ pub const fn validate_packed_size(size: u16) -> Result<(), QueueError> {
 /// (§2.8.1: AVAIL equal to the wrap counter, USED different from it). The one owner of this
 /// rule: a descriptor the device used in the previous round (both bits equal to the old
 /// counter) or written by a driver confused about the round is not available.
-#[inline(always)]
+#[cfg_attr(not(feature = "small"), inline(always))]
 pub fn is_available(flags: u16, wrap: bool) -> bool {
-    (flags & VIRTQ_DESC_F_AVAIL != 0) == wrap && (flags & VIRTQ_DESC_F_USED != 0) != wrap
+    // AVAIL equal to the counter and USED different: the pair is exactly AVAIL (counter 1) or
+    // exactly USED (counter 0). One mask and one compare.
+    let want = if wrap { VIRTQ_DESC_F_AVAIL } else { VIRTQ_DESC_F_USED };
+    flags & (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED) == want
 }
 
 /// A position in the descriptor ring: a slot and the wrap counter of the round (§2.8.1).
@@ -106,7 +109,7 @@ impl RingPosition {
     pub const START: RingPosition = RingPosition { index: 0, wrap: true };
 
     /// The position `n ≤ size` slots back.
-    #[inline(always)]
+    #[cfg_attr(not(feature = "small"), inline(always))]
     fn back(self, n: u16, size: u16) -> RingPosition {
         if n > self.index {
             RingPosition { index: (self.index as u32 + size as u32 - n as u32) as u16, wrap: !self.wrap }
@@ -116,7 +119,7 @@ impl RingPosition {
     }
 
     /// The position `n ≤ size` slots further on.
-    #[inline(always)]
+    #[cfg_attr(not(feature = "small"), inline(always))]
     fn advance(self, n: u16, size: u16) -> RingPosition {
         let i = self.index as u32 + n as u32;
         if i >= size as u32 {
@@ -159,7 +162,7 @@ struct Extent {
 /// # Safety
 /// `ring` must be valid for `16 * size` bytes, 4-aligned, accessed only atomically or by the
 /// guest; `start.index < size`.
-#[inline(always)]
+#[cfg_attr(not(feature = "small"), inline(always))]
 unsafe fn extent(ring: NonNull<u8>, size: u16, start: RingPosition) -> Option<Extent> {
     let mut pos = start;
     let mut descs = 0u16;
@@ -208,7 +211,7 @@ struct PackedCursor {
 }
 
 impl DescSource for PackedCursor {
-    #[inline(always)]
+    #[cfg_attr(not(feature = "small"), inline(always))]
     fn next<M: GuestMemory + ?Sized>(
         &mut self,
         mem: &M,
@@ -253,7 +256,7 @@ impl DescSource for PackedCursor {
 
     /// §2.8.6: a chain's descriptors are consecutive in the ring; its extent was fixed from the
     /// flags before the walk. An indirect table's entries are consecutive too (§2.8.7).
-    #[inline(always)]
+    #[cfg_attr(not(feature = "small"), inline(always))]
     fn advance(&mut self, _: &WalkDesc) -> bool {
         if self.in_indirect {
             self.index += 1;
@@ -453,12 +456,12 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize> PackedQueue<'m, M, IDS> {
 }
 
 impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQueue<IDS>>> PackedQueue<'m, M, IDS, S> {
-    #[inline(always)]
+    #[cfg_attr(not(feature = "small"), inline(always))]
     fn st(&self) -> &DetachedPackedQueue<IDS> {
         self.q.borrow()
     }
 
-    #[inline(always)]
+    #[cfg_attr(not(feature = "small"), inline(always))]
     fn st_mut(&mut self) -> &mut DetachedPackedQueue<IDS> {
         self.q.borrow_mut()
     }
@@ -528,7 +531,7 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
         self.pop_chain(chain, false)
     }
 
-    #[inline(always)]
+    #[cfg_attr(not(feature = "small"), inline(always))]
     fn pop_chain<const N: usize>(&mut self, chain: &mut Chain<'m, N>, complete_bad: bool) -> Result<bool, PopError> {
         let Some((id, start, descs)) = self.take(complete_bad)? else {
             return Ok(false);
@@ -569,13 +572,13 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
     /// one is device-writable (as [`SplitQueue`](crate::SplitQueue)'s, for the net receive
     /// path's fast path).
     // Always inlined: the net receive path's fast path calls it once per frame (through
-    // `ring::sealed::RxQueue`); left to LLVM behind the trait it stayed a call (ringbench
+    // `ring::sealed::RxOps`); left to LLVM behind the trait it stayed a call (ringbench
     // virtq-net 1desc 64 rx: +33 instructions per chain).
-    #[inline(always)]
+    #[cfg_attr(not(feature = "small"), inline(always))]
     pub(crate) fn pop_first_writable(&mut self) -> Result<Option<FirstWritable>, PopError> {
         let mut first = None;
         let mut pieces = 0u32;
-        self.pop_with(|ptr, len, writable, addr| {
+        self.pop_with::<_, true>(|ptr, len, writable, addr| {
             if pieces == 0 && writable {
                 first = Some((ptr, len, addr));
             }
@@ -594,13 +597,26 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
     /// Takes the next chain and copies its device-readable part into `buf` in the same pass
     /// that validates it (as [`SplitQueue::pop_read`](crate::SplitQueue::pop_read));
     /// [`CopiedChain::head`] is the buffer id.
-    #[inline(always)]
+    #[cfg_attr(not(feature = "small"), inline(always))]
     pub fn pop_read(&mut self, buf: &mut [u8]) -> Result<Option<CopiedChain>, PopError> {
+        self.pop_read_with::<true>(buf)
+    }
+
+    /// [`pop_read`](Self::pop_read), but a malformed chain ([`PopError::Chain`]) is not
+    /// completed: the caller completes its buffer id (len 0) itself, in its order (as
+    /// [`SplitQueue::pop_read_uncompleted`](crate::SplitQueue::pop_read_uncompleted)).
+    #[cfg_attr(not(feature = "small"), inline(always))]
+    pub fn pop_read_uncompleted(&mut self, buf: &mut [u8]) -> Result<Option<CopiedChain>, PopError> {
+        self.pop_read_with::<false>(buf)
+    }
+
+    #[cfg_attr(not(feature = "small"), inline(always))]
+    fn pop_read_with<const COMPLETE_BAD: bool>(&mut self, buf: &mut [u8]) -> Result<Option<CopiedChain>, PopError> {
         let mut done = 0usize;
         let copied = &mut done;
         let dst = buf.as_mut_ptr();
         let cap = buf.len();
-        self.pop_with(move |ptr, len, writable, _| {
+        self.pop_with::<_, COMPLETE_BAD>(move |ptr, len, writable, _| {
             if !writable {
                 let n = (len as usize).min(cap - *copied);
                 // SAFETY: `ptr` is valid for `len >= n` bytes of guest memory (GuestMemory
@@ -616,18 +632,18 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
 
     /// Takes the next chain and writes `data` into its device-writable part in the same pass
     /// that validates it (as [`SplitQueue::pop_write`](crate::SplitQueue::pop_write)).
-    #[inline(always)]
+    #[cfg_attr(not(feature = "small"), inline(always))]
     pub fn pop_write(&mut self, data: &[u8]) -> Result<Option<CopiedChain>, PopError> {
         self.pop_write_logged(data, &NoLog)
     }
 
     /// [`pop_write`](Self::pop_write), reporting every piece written to `log` as a guest range.
-    #[inline(always)]
+    #[cfg_attr(not(feature = "small"), inline(always))]
     pub fn pop_write_logged<L: WriteLog>(&mut self, data: &[u8], log: &L) -> Result<Option<CopiedChain>, PopError> {
         let mut done = 0usize;
         let written = &mut done;
-        self.pop_with(
-            #[inline(always)]
+        self.pop_with::<_, true>(
+            #[cfg_attr(not(feature = "small"), inline(always))]
             move |ptr, len, writable, addr| {
                 if writable {
                     let n = (len as usize).min(data.len() - *written);
@@ -645,25 +661,29 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
         .map(|o| o.map(|(head, sum)| copied_chain(head, done, sum)))
     }
 
-    #[inline(always)]
-    fn pop_with<F>(&mut self, piece: F) -> Result<Option<(u16, WalkSummary)>, PopError>
+    #[cfg_attr(not(feature = "small"), inline(always))]
+    fn pop_with<F, const COMPLETE_BAD: bool>(&mut self, piece: F) -> Result<Option<(u16, WalkSummary)>, PopError>
     where
         F: FnMut(NonNull<u8>, u32, bool, u64) -> Result<(), ChainError>,
     {
-        let Some((id, start, descs)) = self.take(true)? else {
+        let Some((id, start, descs)) = self.take(COMPLETE_BAD)? else {
             return Ok(None);
         };
         let cursor = self.cursor(start, descs);
         match walk_source(self.mem, cursor, &self.st().limits, piece) {
             Ok(sum) => Ok(Some((id, sum))),
-            Err(error) => Err(self.fail_chain(id, error)),
+            Err(error) if COMPLETE_BAD => Err(self.fail_chain(id, error)),
+            Err(error) => {
+                log_warn!("virtq: malformed packed chain, buffer id {=u16}: {}", id, error);
+                Err(PopError::Chain { head: id, error })
+            }
         }
     }
 
     /// Finds the next available chain's extent and consumes its descriptors; returns its
     /// buffer id, first position and descriptor count, or the error policy's outcome for a
     /// chain whose extent or id is bad (completed only if `complete_bad`).
-    #[inline(always)]
+    #[cfg_attr(not(feature = "small"), inline(always))]
     fn take(&mut self, complete_bad: bool) -> Result<Option<(u16, RingPosition, u16)>, PopError> {
         let q = self.st_mut();
         let start = q.avail;
@@ -695,7 +715,7 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
         Ok(Some((id, start, ext.descs)))
     }
 
-    #[inline(always)]
+    #[cfg_attr(not(feature = "small"), inline(always))]
     fn cursor(&self, start: RingPosition, descs: u16) -> PackedCursor {
         PackedCursor {
             ring: self.st().ring,
@@ -764,7 +784,7 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
     /// Writes the used descriptor for `id` at the device's position: body first, flags
     /// (AVAIL = USED = the device-ring wrap counter, §2.8.1) with release after it, except for
     /// the first of a batch, whose flags `publish` stores.
-    #[inline(always)]
+    #[cfg_attr(not(feature = "small"), inline(always))]
     fn write_used(&mut self, id: u16, len: u32) {
         let q = self.st_mut();
         let slot = q.used.index;
@@ -904,7 +924,7 @@ pub fn packed_need_event(off_wrap: u16, old: RingPosition, new: RingPosition, si
     vring_need_event(off, new.index, old_i)
 }
 
-#[inline(always)]
+#[cfg_attr(not(feature = "small"), inline(always))]
 fn copied_chain(head: u16, bytes: usize, sum: WalkSummary) -> CopiedChain {
     CopiedChain { head, bytes: bytes as u32, readable_len: sum.readable_len, writable_len: sum.writable_len }
 }

@@ -432,14 +432,29 @@ impl<'m, M: GuestMemory + ?Sized> SplitQueue<'m, M> {
     /// If `buf` is shorter than the readable part, the first `buf.len()` bytes are copied and
     /// [`CopiedChain::readable_len`] tells how much there was. On [`PopError::Chain`] the head
     /// was completed with len 0 and `buf` holds garbage.
-    #[inline(always)]
+    #[cfg_attr(not(feature = "small"), inline(always))]
     pub fn pop_read(&mut self, buf: &mut [u8]) -> Result<Option<CopiedChain>, PopError> {
+        self.pop_read_with::<true>(buf)
+    }
+
+    /// [`pop_read`](Self::pop_read), but a malformed chain ([`PopError::Chain`]) is not
+    /// completed: the caller completes its head (len 0) itself, in the order it completes the
+    /// others. A device that completes chains in batches under `VIRTIO_F_IN_ORDER`
+    /// ([`push_in_order_batch`](Self::push_in_order_batch)) needs this: a bad chain completed
+    /// inside the pop would land before the batch taken ahead of it.
+    #[cfg_attr(not(feature = "small"), inline(always))]
+    pub fn pop_read_uncompleted(&mut self, buf: &mut [u8]) -> Result<Option<CopiedChain>, PopError> {
+        self.pop_read_with::<false>(buf)
+    }
+
+    #[cfg_attr(not(feature = "small"), inline(always))]
+    fn pop_read_with<const COMPLETE_BAD: bool>(&mut self, buf: &mut [u8]) -> Result<Option<CopiedChain>, PopError> {
         let mut done = 0usize;
         let copied = &mut done;
         let dst = buf.as_mut_ptr();
         let cap = buf.len();
         // `move`: the visitor holds the buffer's pointer and length by value.
-        self.pop_with(move |ptr, len, writable, _| {
+        self.pop_with::<_, COMPLETE_BAD>(move |ptr, len, writable, _| {
             if !writable {
                 let n = (len as usize).min(cap - *copied);
                 // SAFETY: `ptr` is valid for `len >= n` bytes of guest memory (GuestMemory
@@ -460,22 +475,22 @@ impl<'m, M: GuestMemory + ?Sized> SplitQueue<'m, M> {
     /// `Ok(None)` when the ring is empty. The chain is not completed: push `head` with
     /// [`CopiedChain::bytes`]. If the writable part is shorter than `data`, it is filled and
     /// [`CopiedChain::writable_len`] tells its size.
-    #[inline(always)]
+    #[cfg_attr(not(feature = "small"), inline(always))]
     pub fn pop_write(&mut self, data: &[u8]) -> Result<Option<CopiedChain>, PopError> {
         self.pop_write_logged(data, &NoLog)
     }
 
     /// [`pop_write`](Self::pop_write), reporting every piece written to `log` as a guest
     /// range ([`crate::dirty`]).
-    #[inline(always)]
+    #[cfg_attr(not(feature = "small"), inline(always))]
     pub fn pop_write_logged<L: WriteLog>(&mut self, data: &[u8], log: &L) -> Result<Option<CopiedChain>, PopError> {
         let mut done = 0usize;
         let written = &mut done;
         // `move`: the visitor holds the slice by value. Inlined into the walk, which calls it
         // from two places: left to LLVM, the visitor with the report stayed a call per piece
         // (ringbench, 2desc 64 rx with a log: about 20 instructions per piece).
-        self.pop_with(
-            #[inline(always)]
+        self.pop_with::<_, true>(
+            #[cfg_attr(not(feature = "small"), inline(always))]
             move |ptr, len, writable, addr| {
                 if writable {
                     let n = (len as usize).min(data.len() - *written);
@@ -499,13 +514,13 @@ impl<'m, M: GuestMemory + ?Sized> SplitQueue<'m, M> {
     /// virtio-net receive to place a packet that fits one buffer, writing nothing before the
     /// whole chain has been validated.
     // Always inlined: the net receive path's fast path calls it once per frame (through
-    // `ring::sealed::RxQueue`); left to LLVM behind the trait it stayed a call (ringbench
+    // `ring::sealed::RxOps`); left to LLVM behind the trait it stayed a call (ringbench
     // virtq-net 1desc 64 rx: +33 instructions per chain).
-    #[inline(always)]
+    #[cfg_attr(not(feature = "small"), inline(always))]
     pub(crate) fn pop_first_writable(&mut self) -> Result<Option<FirstWritable>, PopError> {
         let mut first = None;
         let mut pieces = 0u32;
-        self.pop_with(|ptr, len, writable, addr| {
+        self.pop_with::<_, true>(|ptr, len, writable, addr| {
             if pieces == 0 && writable {
                 first = Some((ptr, len, addr));
             }
@@ -515,8 +530,8 @@ impl<'m, M: GuestMemory + ?Sized> SplitQueue<'m, M> {
         .map(|o| o.map(|(head, sum)| FirstWritable { head, sum, first }))
     }
 
-    #[inline(always)]
-    fn pop_with<F>(&mut self, piece: F) -> Result<Option<(u16, WalkSummary)>, PopError>
+    #[cfg_attr(not(feature = "small"), inline(always))]
+    fn pop_with<F, const COMPLETE_BAD: bool>(&mut self, piece: F) -> Result<Option<(u16, WalkSummary)>, PopError>
     where
         F: FnMut(NonNull<u8>, u32, bool, u64) -> Result<(), ChainError>,
     {
@@ -531,7 +546,9 @@ impl<'m, M: GuestMemory + ?Sized> SplitQueue<'m, M> {
             Ok(sum) => Ok(Some((head, sum))),
             Err(error) => {
                 log_warn!("virtq: malformed chain at head {=u16}: {}", head, error);
-                self.q.used.push(head, 0);
+                if COMPLETE_BAD {
+                    self.q.used.push(head, 0);
+                }
                 Err(PopError::Chain { head, error })
             }
         }

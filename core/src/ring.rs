@@ -48,6 +48,10 @@ pub trait Virtqueue<'m> {
     /// Takes the next chain, copying its device-readable part into `buf` as it is validated.
     fn pop_read(&mut self, buf: &mut [u8]) -> Result<Option<CopiedChain>, PopError>;
 
+    /// [`pop_read`](Self::pop_read) leaving a malformed chain uncompleted, for the caller to
+    /// complete in its own order (IN_ORDER batches).
+    fn pop_read_uncompleted(&mut self, buf: &mut [u8]) -> Result<Option<CopiedChain>, PopError>;
+
     /// Takes the next chain, writing `data` into its device-writable part as it is validated.
     fn pop_write(&mut self, data: &[u8]) -> Result<Option<CopiedChain>, PopError> {
         self.pop_write_logged(data, &NoLog)
@@ -88,55 +92,59 @@ pub trait Virtqueue<'m> {
 macro_rules! forward_virtqueue {
     () => {
         type Memory = M;
-        #[inline(always)]
+        #[cfg_attr(not(feature = "small"), inline(always))]
         fn memory(&self) -> &'m M {
             Self::memory(self)
         }
-        #[inline(always)]
+        #[cfg_attr(not(feature = "small"), inline(always))]
         fn size(&self) -> u16 {
             Self::size(self)
         }
-        #[inline(always)]
+        #[cfg_attr(not(feature = "small"), inline(always))]
         fn in_order(&self) -> bool {
             Self::in_order(self)
         }
-        #[inline(always)]
+        #[cfg_attr(not(feature = "small"), inline(always))]
         fn pop_into<const N: usize>(&mut self, chain: &mut Chain<'m, N>) -> Result<bool, PopError> {
             Self::pop_into(self, chain)
         }
-        #[inline(always)]
+        #[cfg_attr(not(feature = "small"), inline(always))]
         fn pop_read(&mut self, buf: &mut [u8]) -> Result<Option<CopiedChain>, PopError> {
             Self::pop_read(self, buf)
         }
-        #[inline(always)]
+        #[cfg_attr(not(feature = "small"), inline(always))]
+        fn pop_read_uncompleted(&mut self, buf: &mut [u8]) -> Result<Option<CopiedChain>, PopError> {
+            Self::pop_read_uncompleted(self, buf)
+        }
+        #[cfg_attr(not(feature = "small"), inline(always))]
         fn pop_write_logged<L: WriteLog>(&mut self, data: &[u8], log: &L) -> Result<Option<CopiedChain>, PopError> {
             Self::pop_write_logged(self, data, log)
         }
-        #[inline(always)]
+        #[cfg_attr(not(feature = "small"), inline(always))]
         fn push(&mut self, head: u16, len: u32) {
             Self::push(self, head, len)
         }
-        #[inline(always)]
+        #[cfg_attr(not(feature = "small"), inline(always))]
         fn push_in_order_batch(&mut self, last_head: u16, last_len: u32, count: u16) -> bool {
             Self::push_in_order_batch(self, last_head, last_len, count)
         }
-        #[inline(always)]
+        #[cfg_attr(not(feature = "small"), inline(always))]
         fn publish(&mut self) -> bool {
             Self::publish(self)
         }
-        #[inline(always)]
+        #[cfg_attr(not(feature = "small"), inline(always))]
         fn publish_logged<L: WriteLog>(&mut self, log: &L) -> bool {
             Self::publish_logged(self, log)
         }
-        #[inline(always)]
+        #[cfg_attr(not(feature = "small"), inline(always))]
         fn log_suppression<L: WriteLog>(&self, log: &L) {
             Self::log_suppression(self, log)
         }
-        #[inline(always)]
+        #[cfg_attr(not(feature = "small"), inline(always))]
         fn disable_notifications(&mut self) {
             Self::disable_notifications(self)
         }
-        #[inline(always)]
+        #[cfg_attr(not(feature = "small"), inline(always))]
         fn enable_notifications(&mut self) -> Result<bool, PopError> {
             Self::enable_notifications(self)
         }
@@ -153,6 +161,18 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
     forward_virtqueue!();
 }
 
+/// A queue the virtio-net receive path ([`crate::net::receive`] and friends) can fill: both
+/// layouts are. Name it to write a device generic over the layout:
+///
+/// ```ignore
+/// fn reflect<'m, R: RxQueue<'m>, T: Virtqueue<'m>>(rx: &mut R, tx: &mut T) { /* ... */ }
+/// ```
+///
+/// Sealed: its operations are the crate's own contract with the receive path.
+pub trait RxQueue<'m>: sealed::RxOps<'m> {}
+
+impl<'m, Q: sealed::RxOps<'m>> RxQueue<'m> for Q {}
+
 /// What the virtio-net receive path needs of a queue beyond [`Virtqueue`]: reserving chains
 /// without completing malformed ones, giving reservations back, and the one-pass look at a
 /// chain's first buffer. Sealed: implemented by both queues, named by no one outside the
@@ -162,7 +182,7 @@ pub(crate) mod sealed {
     use crate::queue::FirstWritable;
 
     /// See the module's documentation.
-    pub trait RxQueue<'m>: Virtqueue<'m> {
+    pub trait RxOps<'m>: Virtqueue<'m> {
         /// The next chain, validated in one pass, with its first buffer if device-writable;
         /// malformed chains are completed with len 0.
         fn pop_first_writable(&mut self) -> Result<Option<FirstWritable>, PopError>;
@@ -174,26 +194,26 @@ pub(crate) mod sealed {
 
     macro_rules! forward_rx {
         () => {
-            #[inline(always)]
+            #[cfg_attr(not(feature = "small"), inline(always))]
             fn pop_first_writable(&mut self) -> Result<Option<FirstWritable>, PopError> {
                 Self::pop_first_writable(self)
             }
-            #[inline(always)]
+            #[cfg_attr(not(feature = "small"), inline(always))]
             fn pop_uncompleted<const N: usize>(&mut self, chain: &mut Chain<'m, N>) -> Result<bool, PopError> {
                 Self::pop_uncompleted(self, chain)
             }
-            #[inline(always)]
+            #[cfg_attr(not(feature = "small"), inline(always))]
             fn rewind(&mut self, n: u16) {
                 Self::rewind(self, n)
             }
         };
     }
 
-    impl<'m, M: GuestMemory + ?Sized> RxQueue<'m> for SplitQueue<'m, M> {
+    impl<'m, M: GuestMemory + ?Sized> RxOps<'m> for SplitQueue<'m, M> {
         forward_rx!();
     }
 
-    impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQueue<IDS>>> RxQueue<'m>
+    impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQueue<IDS>>> RxOps<'m>
         for PackedQueue<'m, M, IDS, S>
     {
         forward_rx!();

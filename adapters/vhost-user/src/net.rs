@@ -426,17 +426,27 @@ impl NetDevice {
             return 0;
         }
         let features = active.features;
+        let in_order = features.contains(VirtioFeatures::IN_ORDER);
         let mut broken = None;
         let (mut n, mut bytes, mut drops, mut errors) = (0usize, 0u64, 0u64, 0u64);
         let max = frames.len();
         let result = crate::with_ring!(active, |vq| {
             let mut taken = 0;
+            // With IN_ORDER every chain is completed in the order taken, so a run of them is
+            // completed at once (§2.7.8.2 / §2.8.9: one used entry for the last, the used
+            // index moved past all): `(last head, count)`. A malformed chain ends the run, so
+            // that completions stay in ring order.
+            let mut run: Option<(u16, u16)> = None;
             while taken < max {
                 let frame = &mut frames[n];
-                match vq.pop_read(&mut frame.buf) {
+                match vq.pop_read_uncompleted(&mut frame.buf) {
                     Ok(Some(c)) => {
                         taken += 1;
-                        vq.push(c.head, 0);
+                        if in_order {
+                            run = Some((c.head, run.map_or(1, |(_, k)| k + 1)));
+                        } else {
+                            vq.push(c.head, 0);
+                        }
                         if !enabled {
                             drops += 1;
                             continue;
@@ -472,9 +482,16 @@ impl NetDevice {
                         n += 1;
                     }
                     Ok(None) => break,
-                    Err(PopError::Chain { .. })
-                    | Err(PopError::HeadOutOfRange { .. })
-                    | Err(PopError::IdInUse { .. }) => {
+                    Err(PopError::Chain { head, .. }) => {
+                        // Completed with len 0 (the core's error policy), after the run.
+                        if let Some((last, k)) = run.take() {
+                            let _ = vq.push_in_order_batch(last, 0, k);
+                        }
+                        vq.push(head, 0);
+                        taken += 1;
+                        errors += 1;
+                    }
+                    Err(PopError::HeadOutOfRange { .. }) | Err(PopError::IdInUse { .. }) => {
                         taken += 1;
                         errors += 1;
                     }
@@ -484,6 +501,9 @@ impl NetDevice {
                         break;
                     }
                 }
+            }
+            if let Some((last, k)) = run {
+                let _ = vq.push_in_order_batch(last, 0, k);
             }
             // Guest TX writes only the used ring. One branch per burst when not migrating.
             match &log {

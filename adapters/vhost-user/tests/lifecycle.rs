@@ -268,6 +268,57 @@ fn packed_rings_carry_frames_and_resume_from_get_vring_base() {
     assert_eq!(net.stats(1).errors + net.stats(0).errors, 0);
 }
 
+/// `VIRTIO_F_IN_ORDER` (DPDK virtio-user negotiates it): guest TX chains are completed a run
+/// at a time, one used element for the run's last chain with the used index moved past all
+/// (§2.7.8.2), and a malformed chain in the middle is completed in its place, after the run
+/// before it and before the run after it, so the driver sees completions in ring order.
+#[test]
+fn in_order_tx_completes_runs_at_once_and_a_bad_chain_in_place() {
+    const F_IN_ORDER: u64 = 1 << 35;
+    let path = sock_path("inorder");
+    let (_run, nets) =
+        start(vec![("inorder", DeviceConfig::new(NetModel::default()), server(&path), Box::new(NoHandler))]);
+    let fe = Frontend::connect(&path, 2, 16);
+    let mut g = Guest::new(&fe);
+    assert!(fe.dpdk_start(NET_FEATURES | F_IN_ORDER) & F_IN_ORDER != 0, "IN_ORDER offered");
+    let net = &nets[0];
+    wait("rings ready", || net.queue_ready(1).then_some(()));
+    let tx = &mut g.drv[1];
+    // Used elements the device does not write keep this marker.
+    let used = tx.config().used_ring;
+    tx.write(used + 4, &[0xff; 8 * 16]);
+    let mut heads = Vec::new();
+    for i in 0..5u8 {
+        let f = frame(i, 60);
+        let head = tx.build_chain(&[Buf::readable(&[0u8; 12]), Buf::readable(&f)], &mut [0, 0]);
+        if i == 2 {
+            // The frame's buffer outside guest memory: a malformed chain (§2.7.5).
+            let mut d = tx.read_desc(head + 1);
+            d.addr = 0x7fff_0000_0000;
+            tx.write_desc(head + 1, d);
+        }
+        tx.publish(head);
+        heads.push(head);
+    }
+    fe.kick(1);
+    let mut bufs: Vec<TxFrame> = (0..8).map(|_| TxFrame::with_capacity(MAX_TX_FRAME)).collect();
+    let mut got = 0;
+    wait("TX frames", || {
+        got += net.dequeue_burst(0, &mut bufs);
+        (tx.used_idx() == 5).then_some(())
+    });
+    assert_eq!(got, 4, "four good frames");
+    assert_eq!(net.stats(1).errors, 1, "one malformed chain");
+    // The run before the bad chain ends at slot 1, the bad chain is at slot 2, the run after
+    // it ends at slot 4.
+    assert_eq!(tx.used_elem(1), (heads[1] as u32, 0));
+    assert_eq!(tx.used_elem(2), (heads[2] as u32, 0));
+    assert_eq!(tx.used_elem(4), (heads[4] as u32, 0));
+    // One element per run: the slots of the runs' other chains were not written.
+    assert_eq!(tx.used_elem(0), (u32::MAX, u32::MAX));
+    assert_eq!(tx.used_elem(3), (u32::MAX, u32::MAX));
+}
+
 #[test]
 fn two_queue_pairs_carry_traffic_independently() {
     let path = sock_path("mq");

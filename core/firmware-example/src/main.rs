@@ -3,7 +3,9 @@
 //! On a DPU or SmartNIC, the host's virtio driver places its rings and buffers in memory the
 //! device reaches through a fixed window (a BAR or DMA aperture). Here that window is a static
 //! array described to virtq as one [`Region`]; the device "reflects" every transmitted frame
-//! back on the receive queue, which is the smallest complete virtio-net data path.
+//! back on the receive queue, which is the smallest complete virtio-net data path. The driver
+//! chooses the ring layout (`VIRTIO_F_RING_PACKED` or not); the device code is written once,
+//! generic over [`virtq::ring::Virtqueue`], and both layouts are linked in.
 //!
 //! - Bare metal (`--target thumbv7em-none-eabihf`): `reset` runs `poll` forever; notifications
 //!   go to a doorbell register (here a static).
@@ -16,7 +18,8 @@ use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU32, Ordering};
 
 use virtq::net::{self, RxScratch, VirtioNetHdr};
-use virtq::{Chain, QueueConfig, Region, RegionTable, SplitQueue, VirtioFeatures};
+use virtq::ring::{RxQueue, Virtqueue};
+use virtq::{Chain, PackedQueue, QueueConfig, Region, RegionTable, SplitQueue, VirtioFeatures};
 
 /// Guest address at which the host sees the window.
 const WINDOW_GPA: u64 = 0x8000_0000;
@@ -35,11 +38,21 @@ static WINDOW: Window = Window(UnsafeCell::new([0; WINDOW_LEN]));
 /// Doorbell registers: bit 0 = RX queue interrupt, bit 1 = TX queue interrupt.
 static DOORBELL: AtomicU32 = AtomicU32::new(0);
 
-/// Features this device offers and, in this example, the driver accepts.
+/// Features this device offers and, in this example, the driver accepts, but for the ring
+/// layout, which the driver chooses ([`DRIVER_PACKED`]).
 const FEATURES: VirtioFeatures = VirtioFeatures::VERSION_1
     .union(VirtioFeatures::RING_EVENT_IDX)
     .union(VirtioFeatures::RING_INDIRECT_DESC)
     .union(VirtioFeatures::NET_MRG_RXBUF);
+
+/// Whether the driver negotiated `VIRTIO_F_RING_PACKED`: a register the transport writes when
+/// the driver sets FEATURES_OK (exported, so the compiler cannot assume it stays 0 and drop
+/// either layout's code).
+#[no_mangle]
+static DRIVER_PACKED: AtomicU32 = AtomicU32::new(0);
+
+/// Queue size, and the packed queues' in-flight table.
+const QUEUE_SIZE: u16 = 64;
 
 fn memory() -> RegionTable<1> {
     let mut t = RegionTable::new();
@@ -62,12 +75,45 @@ pub struct Stats {
     pub errors: u32,
 }
 
-/// One pass over the TX queue: every frame goes back out on the RX queue.
-fn poll(mem: &RegionTable<1>, rx: QueueConfig, tx: QueueConfig, stats: &mut Stats) {
-    let (Ok(mut rxq), Ok(mut txq)) = (SplitQueue::new(mem, rx, FEATURES), SplitQueue::new(mem, tx, FEATURES)) else {
-        stats.errors += 1;
-        return;
-    };
+/// Serves the device on the negotiated layout: sets up both queues, then runs `poll` on them
+/// until `keep_going` says stop. `false` if the driver's rings do not fit the window.
+fn serve(
+    mem: &RegionTable<1>,
+    rx: QueueConfig,
+    tx: QueueConfig,
+    stats: &mut Stats,
+    keep_going: impl FnMut() -> bool,
+) -> bool {
+    if DRIVER_PACKED.load(Ordering::Acquire) != 0 {
+        let f = FEATURES.union(VirtioFeatures::RING_PACKED);
+        let q = |c| PackedQueue::<_, { QUEUE_SIZE as usize }>::new(mem, c, f);
+        let (Ok(mut rxq), Ok(mut txq)) = (q(rx), q(tx)) else { return false };
+        run(&mut rxq, &mut txq, f, stats, keep_going);
+    } else {
+        let (Ok(mut rxq), Ok(mut txq)) = (SplitQueue::new(mem, rx, FEATURES), SplitQueue::new(mem, tx, FEATURES))
+        else {
+            return false;
+        };
+        run(&mut rxq, &mut txq, FEATURES, stats, keep_going);
+    }
+    true
+}
+
+fn run<'m, R: RxQueue<'m>, T: Virtqueue<'m>>(
+    rxq: &mut R,
+    txq: &mut T,
+    features: VirtioFeatures,
+    stats: &mut Stats,
+    mut keep_going: impl FnMut() -> bool,
+) {
+    while keep_going() {
+        poll(rxq, txq, features, stats);
+    }
+}
+
+/// One pass over the TX queue: every frame goes back out on the RX queue. Written once for
+/// both ring layouts.
+fn poll<'m, R: RxQueue<'m>, T: Virtqueue<'m>>(rxq: &mut R, txq: &mut T, features: VirtioFeatures, stats: &mut Stats) {
     let mut chain = Chain::<16>::new();
     let mut scratch = RxScratch::<4>::new();
     let mut frame = [0u8; 1536];
@@ -80,10 +126,10 @@ fn poll(mem: &RegionTable<1>, rx: QueueConfig, tx: QueueConfig, stats: &mut Stat
                 continue;
             }
         }
-        match net::parse_tx(&chain, FEATURES) {
+        match net::parse_tx(&chain, features) {
             Ok(pkt) if pkt.frame_len as usize <= frame.len() => {
                 let n = pkt.read_frame(&chain, &mut frame);
-                match net::receive(&mut rxq, &mut scratch, FEATURES, &VirtioNetHdr::default(), &frame[..n]) {
+                match net::receive(rxq, &mut scratch, features, &VirtioNetHdr::default(), &frame[..n]) {
                     Ok(_) => stats.frames += 1,
                     Err(_) => stats.drops += 1,
                 }
@@ -104,8 +150,10 @@ fn poll(mem: &RegionTable<1>, rx: QueueConfig, tx: QueueConfig, stats: &mut Stat
 
 /// Queue placement the host driver reports (fixed here; a real device reads its config space).
 fn queues() -> (QueueConfig, QueueConfig, u64) {
-    let (rx, next) = virtq_layout(WINDOW_GPA, 64);
-    let (tx, next) = virtq_layout(next, 64);
+    // A split ring's layout; a packed ring of the same size fits in it (descriptors, then the
+    // driver and device areas at the avail and used ring addresses, suitably aligned).
+    let (rx, next) = virtq_layout(WINDOW_GPA, QUEUE_SIZE);
+    let (tx, next) = virtq_layout(next, QUEUE_SIZE);
     (rx, tx, next)
 }
 
@@ -127,7 +175,9 @@ mod bare_metal {
         let (rx, tx, _) = super::queues();
         let mut stats = super::Stats::default();
         loop {
-            super::poll(&mem, rx, tx, &mut stats);
+            // Returns only if the rings do not fit the window: wait for the driver to reset
+            // the device and set them up again.
+            super::serve(&mem, rx, tx, &mut stats, || true);
         }
     }
 
@@ -139,32 +189,60 @@ mod bare_metal {
 
 #[cfg(not(target_os = "none"))]
 fn main() {
-    use virtq::testing::{Buf, TestDriver};
+    use virtq::testing::{Buf, PackedDriver, TestDriver};
     let mem = memory();
     let (rx, tx, data) = queues();
     let data_len = WINDOW_GPA + WINDOW_LEN as u64 - data;
-    let (mut rxd, txd_base) = (TestDriver::new(&mem, rx, data, data_len / 2), data + data_len / 2);
-    let mut txd = TestDriver::new(&mem, tx, txd_base, data_len / 2);
-    for _ in 0..8 {
-        rxd.add_chain(&[Buf::writable(1526)]);
-    }
-    let mut frames = 0;
-    for i in 0..5u8 {
+    let frames = 5u32;
+    let packet = |i: u8| {
         let mut pkt = [i; 12 + 60];
         pkt[..12].fill(0);
-        txd.add_chain(&[Buf::readable(&pkt[..12]), Buf::readable(&pkt[12..])]);
-        frames += 1;
+        pkt
+    };
+    // Split ring.
+    {
+        let (mut rxd, txd_base) = (TestDriver::new(&mem, rx, data, data_len / 2), data + data_len / 2);
+        let mut txd = TestDriver::new(&mem, tx, txd_base, data_len / 2);
+        for _ in 0..8 {
+            rxd.add_chain(&[Buf::writable(1526)]);
+        }
+        for i in 0..frames as u8 {
+            let pkt = packet(i);
+            txd.add_chain(&[Buf::readable(&pkt[..12]), Buf::readable(&pkt[12..])]);
+        }
+        let mut stats = Stats::default();
+        let mut once = true;
+        assert!(serve(&mem, rx, tx, &mut stats, || core::mem::replace(&mut once, false)));
+        assert_eq!(stats.frames, frames, "split: {stats:?}");
+        assert_eq!(rxd.used_idx(), frames as u16);
+        assert_eq!(txd.used_idx(), frames as u16);
+        assert_eq!(rxd.used_elem(4).1, 12 + 60);
+        println!("firmware example, split ring: reflected {} frames, stats {stats:?}", stats.frames);
     }
-    let mut stats = Stats::default();
-    poll(&mem, rx, tx, &mut stats);
-    assert_eq!(stats.frames, frames, "{stats:?}");
-    assert_eq!(rxd.used_idx(), frames as u16);
-    assert_eq!(txd.used_idx(), frames as u16);
-    let (_, len) = rxd.used_elem(4);
-    assert_eq!(len, 12 + 60);
-    println!(
-        "firmware example: reflected {} frames, doorbell {:#x}, stats {stats:?}",
-        stats.frames,
-        DOORBELL.load(Ordering::Acquire)
-    );
+    // Packed ring, the same device code.
+    {
+        DRIVER_PACKED.store(1, Ordering::Release);
+        let mut rxd = PackedDriver::new(&mem, rx, data, data_len / 2);
+        let mut txd = PackedDriver::new(&mem, tx, data + data_len / 2, data_len / 2);
+        for _ in 0..8 {
+            rxd.add_chain(&[Buf::writable(1526)]);
+        }
+        for i in 0..frames as u8 {
+            let pkt = packet(i);
+            txd.add_chain(&[Buf::readable(&pkt[..12]), Buf::readable(&pkt[12..])]);
+        }
+        let mut stats = Stats::default();
+        let mut once = true;
+        assert!(serve(&mem, rx, tx, &mut stats, || core::mem::replace(&mut once, false)));
+        assert_eq!(stats.frames, frames, "packed: {stats:?}");
+        let rx_used: Vec<_> = core::iter::from_fn(|| rxd.pop_used()).collect();
+        let tx_used: Vec<_> = core::iter::from_fn(|| txd.pop_used()).collect();
+        assert_eq!((rx_used.len(), tx_used.len()), (frames as usize, frames as usize));
+        assert!(rx_used.iter().all(|&(_, len)| len == 12 + 60), "{rx_used:?}");
+        println!(
+            "firmware example, packed ring: reflected {} frames, doorbell {:#x}, stats {stats:?}",
+            stats.frames,
+            DOORBELL.load(Ordering::Acquire)
+        );
+    }
 }

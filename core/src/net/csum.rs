@@ -78,14 +78,14 @@ pub fn checksum(data: &[u8]) -> u16 {
 }
 
 /// `a + b` with the carry out of bit 63 added back in (ones' complement addition).
-#[inline(always)]
+#[cfg_attr(not(feature = "small"), inline(always))]
 fn add_carry(a: u64, b: u64) -> u64 {
     let (s, carry) = a.overflowing_add(b);
     s + carry as u64
 }
 
 /// Folds a 64-bit ones' complement sum to 16 bits.
-#[inline(always)]
+#[cfg_attr(not(feature = "small"), inline(always))]
 fn fold64(v: u64) -> u16 {
     let v = (v & 0xFFFF_FFFF) + (v >> 32); // at most 33 bits
     let v = (v & 0xFFFF_FFFF) + (v >> 32); // at most 32 bits
@@ -131,7 +131,7 @@ fn sum_native(data: &[u8]) -> u64 {
 }
 
 /// Eight bytes as a native-order `u64`; `b` is always 8 bytes long (the callers' chunks).
-#[inline(always)]
+#[cfg_attr(not(feature = "small"), inline(always))]
 fn word(b: &[u8]) -> u64 {
     let mut w = [0u8; 8];
     w.copy_from_slice(b);

@@ -81,7 +81,7 @@ pub fn header_len(features: VirtioFeatures) -> usize {
 /// Whether the 2-byte checksum field a `NEEDS_CSUM` header names, at `csum_start +
 /// csum_offset`, lies inside a frame of `frame_len` bytes (§5.1.6.2; DPDK CVE-2024-11614 was
 /// this check missing). The one place the rule is written, for TX parsing and for offloads.
-#[inline(always)]
+#[cfg_attr(not(feature = "small"), inline(always))]
 pub(crate) fn csum_field_fits(h: &VirtioNetHdr, frame_len: usize) -> bool {
     h.csum_start.get() as usize + h.csum_offset.get() as usize + 2 <= frame_len
 }

@@ -39,7 +39,7 @@ use crate::features::VirtioFeatures;
 use crate::log::log_warn;
 use crate::mem::{copy_bytes, store_header};
 use crate::queue::{FirstWritable, PopError};
-use crate::ring::sealed::RxQueue;
+use crate::ring::sealed::RxOps;
 
 /// Most buffers one merged packet may use (a 64 KiB GSO packet in 1526-byte buffers needs 44).
 pub const MAX_RX_BUFFERS: usize = 256;
@@ -125,7 +125,7 @@ impl<const N: usize> RxScratch<'_, N> {
 /// Checks a device-built header against what the driver negotiated (§5.1.6.4.1), and makes
 /// it what the driver may see. A header without flags and GSO, the usual case, needs nothing
 /// negotiated.
-#[inline(always)]
+#[cfg_attr(not(feature = "small"), inline(always))]
 fn check_offloads(h: &mut VirtioNetHdr, features: VirtioFeatures) -> Result<(), RxError> {
     if h.flags == 0 && h.gso_type == VIRTIO_NET_HDR_GSO_NONE {
         return Ok(());
@@ -160,8 +160,8 @@ fn check_offload_fields(h: &mut VirtioNetHdr, features: VirtioFeatures) -> Resul
 /// (rx64-mrg): a call per frame into one large function cost about 40 instructions per frame
 /// in its prologue, epilogue and offload checks. For a burst of frames, [`receive_burst`]
 /// is faster.
-#[inline(always)]
-pub fn receive<'m, Q: RxQueue<'m>, const N: usize>(
+#[cfg_attr(not(feature = "small"), inline(always))]
+pub fn receive<'m, Q: RxOps<'m>, const N: usize>(
     queue: &mut Q,
     scratch: &mut RxScratch<'m, N>,
     features: VirtioFeatures,
@@ -174,8 +174,8 @@ pub fn receive<'m, Q: RxQueue<'m>, const N: usize>(
 /// [`receive`], reporting every byte written into the guest's buffers (header, `num_buffers`,
 /// frame) to `log` as guest ranges ([`crate::dirty`]). The used ring is reported by
 /// [`SplitQueue::publish_logged`](crate::SplitQueue::publish_logged).
-#[inline(always)]
-pub fn receive_logged<'m, Q: RxQueue<'m>, L: WriteLog, const N: usize>(
+#[cfg_attr(not(feature = "small"), inline(always))]
+pub fn receive_logged<'m, Q: RxOps<'m>, L: WriteLog, const N: usize>(
     queue: &mut Q,
     scratch: &mut RxScratch<'m, N>,
     features: VirtioFeatures,
@@ -241,8 +241,8 @@ struct PendingCopy<'f> {
 /// one after the other behind the ring reads. Measured with `benches/vs-dpdk.sh` (rx64-mrg),
 /// see CHANGELOG. Nothing is visible to the driver before `publish`, so the order of the
 /// copies does not matter.
-#[inline(always)]
-pub fn receive_burst<'m, 'f, Q: RxQueue<'m>, const N: usize>(
+#[cfg_attr(not(feature = "small"), inline(always))]
+pub fn receive_burst<'m, 'f, Q: RxOps<'m>, const N: usize>(
     queue: &mut Q,
     scratch: &mut RxScratch<'m, N>,
     features: VirtioFeatures,
@@ -256,7 +256,7 @@ pub fn receive_burst<'m, 'f, Q: RxQueue<'m>, const N: usize>(
 /// ranges ([`crate::dirty`]), each after its copy. The used ring is reported by
 /// [`SplitQueue::publish_logged`](crate::SplitQueue::publish_logged). With [`NoLog`] this is `receive_burst`, instruction for
 /// instruction.
-pub fn receive_burst_logged<'m, 'f, Q: RxQueue<'m>, L: WriteLog, const N: usize>(
+pub fn receive_burst_logged<'m, 'f, Q: RxOps<'m>, L: WriteLog, const N: usize>(
     queue: &mut Q,
     scratch: &mut RxScratch<'m, N>,
     features: VirtioFeatures,
@@ -296,7 +296,7 @@ pub fn receive_burst_logged<'m, 'f, Q: RxQueue<'m>, L: WriteLog, const N: usize>
 }
 
 /// The deferred copies of [`receive_burst`], each reported to `log` once made.
-#[inline(always)]
+#[cfg_attr(not(feature = "small"), inline(always))]
 fn flush_copies<L: WriteLog>(pending: &mut heapless::Vec<PendingCopy<'_>, RX_BURST>, hdr_len: usize, log: &L) {
     for p in pending.iter() {
         // SAFETY: `p.dst` came from `receive_with` during this burst: the start of a validated
@@ -320,8 +320,8 @@ fn flush_copies<L: WriteLog>(pending: &mut heapless::Vec<PendingCopy<'_>, RX_BUR
 /// guest address, the
 /// header to write (`num_buffers` set) and `hdr_len`, after the chain was taken and its used
 /// entry written. Frames that take the general path are written before it returns.
-#[inline(always)]
-fn receive_with<'m, Q: RxQueue<'m>, L: WriteLog, const N: usize>(
+#[cfg_attr(not(feature = "small"), inline(always))]
+fn receive_with<'m, Q: RxOps<'m>, L: WriteLog, const N: usize>(
     queue: &mut Q,
     scratch: &mut RxScratch<'m, N>,
     features: VirtioFeatures,
@@ -392,7 +392,7 @@ fn receive_with<'m, Q: RxQueue<'m>, L: WriteLog, const N: usize>(
 /// many chains as it needs (with MRG_RXBUF), then writes them. `out` holds what the fast path
 /// met before (malformed chains), `hdr` the header to write.
 #[inline(never)]
-fn receive_spread<'m, Q: RxQueue<'m>, L: WriteLog, const N: usize>(
+fn receive_spread<'m, Q: RxOps<'m>, L: WriteLog, const N: usize>(
     queue: &mut Q,
     scratch: &mut RxScratch<'m, N>,
     features: VirtioFeatures,
@@ -494,7 +494,7 @@ fn receive_spread<'m, Q: RxQueue<'m>, L: WriteLog, const N: usize>(
 }
 
 /// Completes every reserved buffer with len 0 (in ring order) and forgets them.
-fn release_empty<'m, Q: RxQueue<'m>, const N: usize>(queue: &mut Q, scratch: &mut RxScratch<'m, N>) -> u16 {
+fn release_empty<'m, Q: RxOps<'m>, const N: usize>(queue: &mut Q, scratch: &mut RxScratch<'m, N>) -> u16 {
     for &(head, _) in scratch.used.iter() {
         queue.push(head, 0);
     }

@@ -131,7 +131,7 @@ pub fn parse_tx_copied(chain: &CopiedChain, buf: &[u8], features: VirtioFeatures
 
 /// The chain-level rules of a TX chain (§5.1.6.2): only device-readable buffers (family 6),
 /// and more than the header (DPDK CVE-2022-2132).
-#[inline(always)]
+#[cfg_attr(not(feature = "small"), inline(always))]
 fn check_chain(writable_len: u32, readable_len: u32, header_len: usize) -> Result<(), TxError> {
     if writable_len != 0 {
         return Err(TxError::WritableBuffers);
