@@ -1011,7 +1011,10 @@ tp_quit() { # 0 if testpmd ended on `quit` within 10 s
 }
 
 case_migrate() { # BACKEND(dpdk|virtq) ROLE(client|server: QEMU's socket role) MRG(on|off) [ANNOUNCE(on|off)]
-    local be=$1 role=$2 mrg=$3 announce=${4:-on} ok=1 err="" out status blocked
+    local be=$1 role=$2 mrg=$3 announce=${4:-on} ring=${5:-split} ok=1 err="" out status blocked
+    # ring=packed: every guest with QEMU's packed=on (packed virtqueues, issue 17).
+    local devopts=""
+    [[ $ring == packed ]] && devopts=",packed=on"
     local ss=$TMP/$CASE-src.sock sd=$TMP/$CASE-dst.sock sp=$TMP/$CASE-peer.sock mig=$TMP/$CASE-migration.sock
     local qs=$TMP/$CASE-src.qmp qd=$TMP/$CASE-dst.qmp log=$TMP/$CASE-m.serial
     if [[ $be == dpdk ]]; then
@@ -1028,10 +1031,10 @@ case_migrate() { # BACKEND(dpdk|virtq) ROLE(client|server: QEMU's socket role) M
     local mcmd="iperf3 -s -1 -i 1 -f m & vt-wait-peer 10.0.0.12 60 && ping -i 0.2 -w $((MIG_SECS + 2)) 10.0.0.12 && wait"
     local pcmd="vt-wait-peer 10.0.0.11 90 && vt-iperf 10.0.0.11 $MIG_SECS -u -b $MIG_RATE && vt-wait-echos 20 60 3"
     local m=(sock="$ss" role="$role" mrg="$mrg" mac=52:54:00:00:0a:11 ip=10.0.0.11 mem="$MIG_MEM" kargs=init_on_alloc=0
-        serial="$log" cmd="$mcmd" announce="$announce")
+        serial="$log" cmd="$mcmd" announce="$announce" devopts="$devopts")
     guest name=src "${m[@]}" qmp="$qs"
     guest "${m[@]}" name=dst sock="$sd" qmp="$qd" incoming="unix:$mig" paused=1
-    guest name=p sock="$sp" role="$role" mrg="$mrg" mac=52:54:00:00:0a:12 ip=10.0.0.12 cmd="$pcmd"
+    guest name=p sock="$sp" role="$role" mrg="$mrg" mac=52:54:00:00:0a:12 ip=10.0.0.12 cmd="$pcmd" devopts="$devopts"
     if [[ $role == server ]]; then
         wait_for "QEMU sockets" all_sockets "$ss" "$sd" "$sp" || { DETAIL="QEMU did not listen"; return 1; }
         [[ $be == virtq ]] && vq_start "$TMP/$CASE-virtq-net.log" - --client --socket-path "$ss" --socket-path "$sd" --socket-path "$sp"
@@ -1134,6 +1137,13 @@ case_migrate() { # BACKEND(dpdk|virtq) ROLE(client|server: QEMU's socket role) M
     DETAIL+="; UDP stream p->m $MIG_RATE: ${recv:-?} lost, $ivl intervals after the switch-over (slowest ${slow:-?} Mbit/s)"
     DETAIL+=", $(vline dst eth0 | grep -o 'mrg_rxbuf=[01]')"
     [[ $mrg == off ]] && ! vline dst eth0 | grep -q 'mrg_rxbuf=0' && { ok=0; err+=" MRG_RXBUF negotiated although off"; }
+    if [[ $ring == packed ]]; then
+        # Feature bit 34 is character 35 of the string the guest prints (at boot on the source).
+        local pk
+        pk=$(vline src features | awk '{ print substr($3, 35, 1) }')
+        DETAIL+=", RING_PACKED=${pk:-?}"
+        [[ $pk == 1 ]] || { ok=0; err+=" packed rings not negotiated"; }
+    fi
     # Who announced m at its new place: the guest itself (GUEST_ANNOUNCE, QEMU sends no
     # SEND_RARP), or, with guest_announce=off, virtq-net on QEMU's SEND_RARP: a RARP from m's
     # MAC into the switch, logged, once per round of QEMU's announce (announce-rounds, 5 by
@@ -1341,6 +1351,7 @@ MATRIX=(
     "migrate|case_migrate virtq client on"
     "migrate-mrg-off-rarp|case_migrate virtq client off off"
     "migrate-client|case_migrate virtq server on"
+    "migrate-packed|case_migrate virtq client on on packed"
     "blk|case_blk"
     "blk-kill-restart|case_blk_kill"
     "blk-ro|case_blk_ro"
