@@ -238,7 +238,7 @@ if [ -n "$IP" ]; then
     feat=$(cat /sys/class/net/eth0/device/features 2>/dev/null)
     # Feature bits, as the guest driver negotiated them: 15 MRG_RXBUF, 22 MQ, 32 VERSION_1.
     bit() { echo "$feat" | cut -c$(($1 + 1)); }
-    echo "VIRTQ: eth0 $IP mac $(cat /sys/class/net/eth0/address) mrg_rxbuf=$(bit 15) mq=$(bit 22) version_1=$(bit 32)" \
+    echo "VIRTQ: eth0 $IP mac $(cat /sys/class/net/eth0/address) mrg_rxbuf=$(bit 15) mq=$(bit 22) version_1=$(bit 32) mtu=$(cat /sys/class/net/eth0/mtu)" \
         "queues=$(ls /sys/class/net/eth0/queues | tr '\n' ' ')"
     echo "VIRTQ: features $feat"
 fi

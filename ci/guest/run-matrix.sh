@@ -713,6 +713,44 @@ case_packed() {
     ((guest_ok == 0 && stop_ok == 0)) || { DETAIL+="; $err $stop"; return 1; }
 }
 
+# Jumbo frames (issue 16): two guests on switch ports with mtu=9000 (VIRTIO_NET_F_MTU; QEMU
+# host_mtu=9000, so the guest's eth0 comes up at 9000) and offloads off, so that large frames
+# are real 9000-byte frames, not TSO frames. g1 pings g2 with 8972-byte payloads (one
+# 9014-byte frame each way), then iperf3 both ways. PASS: every ping answered, both iperf3
+# directions carried data, both guests at MTU 9000, and the frames g1 sent and g2 received
+# averaged more than 2000 bytes (impossible at MTU 1500 without TSO), no errors.
+case_jumbo() {
+    local s1=$TMP/$CASE-1.sock s2=$TMP/$CASE-2.sock err
+    vq_start "$TMP/$CASE-virtq-net.log" - --port "path=$s1,mtu=9000,offload=off" --port "path=$s2,mtu=9000,offload=off"
+    wait_for "sockets" test -S "$s2" || { DETAIL="virtq-net did not listen"; return 1; }
+    guest name=g1 sock="$s1" mac=52:54:00:00:07:11 ip=10.0.0.11 devopts=",host_mtu=9000" kargs="virtq.mtu=9000" \
+        cmd="vt-wait-peer 10.0.0.12 90 && ping -c 5 -s 8972 10.0.0.12 && vt-iperf 10.0.0.12 5 && vt-iperf 10.0.0.12 5 -R"
+    guest name=g2 sock="$s2" mac=52:54:00:00:07:12 ip=10.0.0.12 devopts=",host_mtu=9000" kargs="virtq.mtu=9000" \
+        cmd="iperf3 -s -1 > /dev/null && iperf3 -s -1 > /dev/null"
+    wait_guests g1 g2
+    err=$(check_guests g1 g2)
+    local guest_ok=$?
+    vq_stop
+    local stop_ok=$? stop=$STOP_ERR
+    local fwd rev pings m1 m2 txp txb rxp rxb avg_tx avg_rx errs
+    pings=$(grep -a 'packets transmitted' "${GLOG[g1]}" | tail -1 | tr -d '\r' | sed -n 's/.*, \([0-9]*\) packets received.*/\1/p')
+    fwd=$(grep -a 'VIRTQ: iperf3  .*receiver' "${GLOG[g1]}" | tail -1 | tr -d '\r' | grep -o '[0-9.]* Mbits/sec')
+    rev=$(grep -a 'VIRTQ: iperf3 -R .*receiver' "${GLOG[g1]}" | tail -1 | tr -d '\r' | grep -o '[0-9.]* Mbits/sec')
+    m1=$(vline g1 eth0 | sed -n 's/.* mtu=\([0-9]*\).*/\1/p')
+    m2=$(vline g2 eth0 | sed -n 's/.* mtu=\([0-9]*\).*/\1/p')
+    txp=$(qstat "$s1" 1) txb=$(qstat "$s1" 1 bytes) rxp=$(qstat "$s2" 0) rxb=$(qstat "$s2" 0 bytes)
+    avg_tx=$((${txb:-0} / (${txp:-0} + 1))) avg_rx=$((${rxb:-0} / (${rxp:-0} + 1)))
+    errs=$(($(qstat "$s1" 1 errors) + $(qstat "$s2" 0 errors)))
+    DETAIL="MTU g1/g2 ${m1:-?}/${m2:-?}, ping -s 8972 ${pings:-0}/5 replies, iperf3 g1->g2 ${fwd:-none}, g2->g1 ${rev:-none}"
+    DETAIL+=", average frame g1 TX ${avg_tx} B ($txp pkts), g2 RX ${avg_rx} B ($rxp pkts), errors $errs"
+    [[ $m1 == 9000 && $m2 == 9000 ]] || { guest_ok=1; err+=" guests not at MTU 9000"; }
+    [[ ${pings:-0} == 5 ]] || { guest_ok=1; err+=" jumbo pings lost"; }
+    [[ -n $fwd && -n $rev ]] || { guest_ok=1; err+=" no iperf3 result"; }
+    ((avg_tx > 2000 && avg_rx > 2000)) || { guest_ok=1; err+=" no jumbo frames carried"; }
+    ((errs == 0)) || { guest_ok=1; err+=" $errs errors"; }
+    ((guest_ok == 0 && stop_ok == 0)) || { DETAIL+="; $err $stop"; return 1; }
+}
+
 # Offloads through the switch (issue 16). g1 negotiates checksum and TSO offloads; g2 none
 # (QEMU csum=off,guest_csum=off); a TAP on the same switch, in a namespace, negotiates nothing
 # (the kernel takes offloaded frames written to it). iperf3 g1 <-> g2 both ways: g1's TSO
@@ -1346,6 +1384,7 @@ MATRIX=(
     "iperf3|case_iperf3"
     "switch-offload|case_switch_offload"
     "packed|case_packed"
+    "jumbo|case_jumbo"
     "iperf3-vs-dpdk|case_iperf3_vs_dpdk|300"
     "migrate-dpdk|case_migrate dpdk client on"
     "migrate|case_migrate virtq client on"
