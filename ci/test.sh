@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole test suite, as CI runs it (README: "Run all tests"). Installs what it needs first.
+# The whole test suite, as CI runs it (README: "Set-up: two commands"). Installs what it needs first.
 #
 #   ci/test.sh            everything
 #   SKIP_SETUP=1 ...      skip ci/setup.sh (already installed)
@@ -45,12 +45,14 @@ cargo clippy -p virtq --all-targets --features defmt,testing --locked -- -D warn
 
 step "rustdoc (warnings are errors: broken links, missing docs)"
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace --locked
+# The README's core example is the crate-level doctest (run by `cargo test` below).
+bash ci/readme-example.sh
 
 step "MSRV: the core and the vhost-user library build with Rust 1.87"
 cargo +1.87 build -q -p virtq --features defmt,testing --locked
 cargo +1.87 build -q -p virtq-vhost-user --locked
 
-step "tests (host)"
+step "tests (host; doctests included)"
 counted cargo test --workspace --locked
 
 if [[ -z ${SKIP_PEERS:-} ]]; then

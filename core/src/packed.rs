@@ -29,11 +29,15 @@
 //!    the indirect rules of §2.8.7.
 //!
 //! ## Error policy
-//! | error | what the queue does |
-//! |---|---|
-//! | [`PopError::HeadOutOfRange`] (buffer id ≥ queue size) | the chain's descriptors are consumed; nothing is completed (no valid id to return; Linux marks a ring broken on an unknown used id). |
-//! | [`PopError::IdInUse`] (buffer id already in flight: a buffer made available twice) | consumed; nothing is completed (returning the id would also complete the first buffer). Not checked with `VIRTIO_F_IN_ORDER`, whose batched completions do not name every id. |
-//! | [`PopError::Chain`] (any [`ChainError`], including [`ChainError::NotAvailable`] and [`ChainError::ChainTooLong`] from the extent) | the descriptors up to the chain's end are consumed (a chain that does not end within the ring size is cut at the ring size; one that runs into a descriptor that is not available is cut before it) and the buffer id of the last consumed descriptor is completed with `len` 0, so the driver gets it back and the queue never stalls. Visible at the next [`PackedQueue::publish`]. |
+//! The packed ring's rows of the one error-policy table (the *Error policy* section of the
+//! repository's README): a buffer id out of range ([`PopError::HeadOutOfRange`]) or already in
+//! flight ([`PopError::IdInUse`], not checked with `VIRTIO_F_IN_ORDER`) consumes the chain's
+//! descriptors and completes nothing; any other malformed chain ([`PopError::Chain`]) consumes
+//! its descriptors and completes the buffer id of the last one with `len` 0 (visible at the
+//! next [`PackedQueue::publish`]). What is consumed follows from step 2 above: a chain that
+//! does not end within the ring size is cut at the ring size ([`ChainError::ChainTooLong`]),
+//! one that runs into a descriptor that is not available is cut before it
+//! ([`ChainError::NotAvailable`]).
 
 use core::borrow::BorrowMut;
 use core::ptr::NonNull;

@@ -3,11 +3,14 @@
 //! for `'m`.
 //!
 //! ## Error policy
-//! | error | what the queue does |
-//! |---|---|
-//! | [`PopError::AvailIndex`] (`avail.idx` jumped by more than the queue size or moved back) | consumes nothing; the error repeats until the driver fixes the index. The owner should stop the ring or flag `DEVICE_NEEDS_RESET`. |
-//! | [`PopError::HeadOutOfRange`] (head index ≥ queue size) | the ring slot is consumed; nothing is completed (there is no valid id to return, and Linux marks a ring broken on an out-of-range used id). |
-//! | [`PopError::Chain`] (any [`ChainError`]) | the slot is consumed and the head is completed at once with used `len` 0, so the driver gets its descriptors back and the queue never stalls (cloud-hypervisor #8401, openvmm #4045). The completion becomes visible at the next [`SplitQueue::publish`]. |
+//! Every pop that fails says in its [`PopError`] what the queue did: a bad `avail.idx`
+//! ([`PopError::AvailIndex`]) consumes nothing and repeats until the driver fixes it; a head
+//! index out of range ([`PopError::HeadOutOfRange`]) consumes its slot and completes nothing;
+//! any other malformed chain ([`PopError::Chain`]) consumes its slot and completes the head at
+//! once with used `len` 0 (visible at the next [`SplitQueue::publish`]; not with
+//! [`SplitQueue::pop_read_uncompleted`]), so the queue never stalls. The reasons, and the
+//! policy of the packed ring and of the vhost-user back-end, are one table: the *Error policy*
+//! section of the repository's README.
 
 use core::fmt;
 use core::ptr::NonNull;

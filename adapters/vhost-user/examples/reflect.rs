@@ -1,10 +1,21 @@
 //! # `reflect` — a vhost-user virtio-net back-end that sends every frame back
 //!
-//! A small but complete program on `virtq-vhost-user`: the [`Backend`] control loop runs in
-//! one thread, and one data-path thread busy-polls every queue pair, taking the frames the
-//! guest transmitted (`dequeue_burst` on TX queue `2n + 1`) and giving the same frames back
-//! on the receive queue of the same pair (`enqueue_burst` on RX queue `2n`). Frames are not
-//! modified (no MAC swap): whatever the front-end sends, it receives.
+//! **To run a reflector, use `virtq-net --backend reflect`** (or `--port
+//! path=...,backend=reflect`): the product, with statistics, packed rings, live migration and
+//! the rest of its options. This example stays for two reasons:
+//!
+//! - It is the smallest complete back-end on `virtq-vhost-user`, about 290 lines of code that
+//!   use nothing but the library's public API (plus `libc` for signals and `log`): the place to
+//!   read how a back-end is put together, from `Backend::add_device` to the burst calls.
+//! - `ci/peer-testpmd.sh` builds it and runs it against DPDK testpmd's `net_virtio_user`
+//!   front-end, checking its `--stats-file` counters against testpmd's, frame for frame. That
+//!   tests the library against a real peer apart from virtq-net's own data plane.
+//!
+//! The [`Backend`] control loop runs in one thread, and one data-path thread busy-polls every
+//! queue pair, taking the frames the guest transmitted (`dequeue_burst` on TX queue `2n + 1`)
+//! and giving the same frames back on the receive queue of the same pair (`enqueue_burst` on
+//! RX queue `2n`). Frames are not modified (no MAC swap): whatever the front-end sends, it
+//! receives.
 //!
 //! ```text
 //! reflect --socket-path PATH [--client] [--queues N] [--no-mrg-rxbuf]

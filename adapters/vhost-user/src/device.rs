@@ -11,6 +11,10 @@
 //! send and whether to close, so tests and fuzzers drive it directly.
 //!
 //! ## Error policy
+//! This section is the rule for failed requests. What happens to a device whose ring or memory
+//! cannot go on ([`crate::vring::RingFault`], guest memory lost, a refused or shrunk dirty log)
+//! is in the one error-policy table, the *Error policy* section of the repository's README.
+//!
 //! A request that fails (malformed payload, out-of-range vring index, a feature that was not
 //! offered, a ring that cannot start, …) is logged with its typed error. If the front-end asked
 //! for a reply (`NEED_REPLY`) it gets a REPLY_ACK with a non-zero status and the connection

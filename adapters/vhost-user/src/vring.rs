@@ -14,7 +14,8 @@
 //!   the ring is left alone (no polling, no logging) until the front-end sets it up again
 //!   (`GET_VRING_BASE`, then `SET_VRING_KICK`) or resets the device; a ring that no longer fit
 //!   the memory table also gets another try on the next table. It still answers
-//!   `GET_VRING_BASE` with its position.
+//!   `GET_VRING_BASE` with its position. What each fault costs and what the front-end sees is
+//!   in the one error-policy table, the *Error policy* section of the repository's README.
 //!
 //! The control thread owns [`Vring`]; the data path sees only [`VringShared`] through an
 //! `Arc<Mutex<_>>` that it locks once per burst, never per packet.

@@ -26,6 +26,8 @@
 //! and look at their map only when it moved; the control loop reads its eventfd and marks the
 //! owning device broken (rings stopped, error eventfds signalled, `NEEDS_RESET`). The replaced
 //! region is never trusted again: a device restarts only on a new memory table or a reset.
+//! What the device and its front-end see then is in the one error-policy table, the *Error
+//! policy* section of the repository's README.
 //!
 //! What a front-end should do instead: seal its memory (`memfd_create(MFD_ALLOW_SEALING)` then
 //! `F_SEAL_SHRINK`; QEMU's `memory-backend-memfd` seals by default), so that the file cannot
