@@ -93,7 +93,7 @@ fn dirty_log(setup: &Setup) -> DirtyLog {
 
 impl Device for VirtqLogDevice<'_> {
     fn run_batch(&mut self, batch: u16) -> bool {
-        let log = RingLog { log: &self.log, used: Some(self.used_ring), packed: None };
+        let log = RingLog { log: &self.log, used: Some(self.used_ring), packed: None, log_kick: None };
         let d = &mut self.dev;
         for _ in 0..batch {
             match d.dir {
@@ -194,7 +194,7 @@ impl Device for VirtqNetDevice<'_> {
                 let burst = match &self.log {
                     None => net::receive_burst(&mut d.queue, &mut scratch, features, batch as usize, |_| (zero, frame)),
                     Some((log, used)) => {
-                        let log = RingLog { log, used: Some(*used), packed: None };
+                        let log = RingLog { log, used: Some(*used), packed: None, log_kick: None };
                         net::receive_burst_logged(
                             &mut d.queue,
                             &mut scratch,
@@ -210,7 +210,9 @@ impl Device for VirtqNetDevice<'_> {
         }
         match &self.log {
             None => d.queue.publish(),
-            Some((log, used)) => d.queue.publish_logged(&RingLog { log, used: Some(*used), packed: None }),
+            Some((log, used)) => {
+                d.queue.publish_logged(&RingLog { log, used: Some(*used), packed: None, log_kick: None })
+            }
         }
     }
 

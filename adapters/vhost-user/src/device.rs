@@ -34,7 +34,8 @@
 //! ## Dirty page logging (vhost-user.rst "Migration")
 //! - `SET_LOG_BASE` (only with `LOG_SHMFD` negotiated) maps a new [`DirtyLog`] and answers
 //!   with a `u64` 0; the previous log is unmapped once no ring holds it. `SET_LOG_FD` keeps its
-//!   eventfd ([`VhostUserDevice::log_fd`]), closing the previous one.
+//!   eventfd ([`VhostUserDevice::log_fd`]), closing the previous one; while logging is on, the
+//!   data path signals it once after each burst that marked the log ([`VringShared::log_kick`]).
 //! - The data path finds the log in [`VringShared::log`]: `Some` exactly while
 //!   `VHOST_F_LOG_ALL` is negotiated and a log is set. `SET_FEATURES` may switch
 //!   `VHOST_F_LOG_ALL` on and off while rings run (every other change is still refused), and
@@ -230,7 +231,7 @@ pub struct VhostUserDevice<M: DeviceModel> {
     /// rings only while `VHOST_F_LOG_ALL` is negotiated ([`update_log`](Self::update_log)).
     log: Option<Arc<DirtyLog>>,
     /// `SET_LOG_FD`: the eventfd "to inform the front-end that the log has been modified".
-    log_fd: Option<OwnedFd>,
+    log_fd: Option<Arc<OwnedFd>>,
     /// The log's fault was reported by [`check_log`](Self::check_log).
     log_fault_reported: bool,
     /// `VHOST_F_LOG_ALL` without a log was reported (once until either changes).
@@ -344,8 +345,9 @@ impl<M: DeviceModel> VhostUserDevice<M> {
         self.log.as_ref().filter(|_| self.acked_features.contains(VHOST_F_LOG_ALL))
     }
 
-    /// The eventfd of `SET_LOG_FD`, if any: signal it after marking the log to "inform the
-    /// front-end that the log has been modified" (optional; QEMU does not send one).
+    /// The eventfd of `SET_LOG_FD`, if any: the data path signals it after a burst that marked
+    /// the log, to "inform the front-end that the log has been modified" (libvhost-user does
+    /// the same; QEMU does not send one). Handed to the rings with the log.
     pub fn log_fd(&self) -> Option<BorrowedFd<'_>> {
         self.log_fd.as_ref().map(|fd| fd.as_fd())
     }
@@ -374,8 +376,9 @@ impl<M: DeviceModel> VhostUserDevice<M> {
     fn update_log(&mut self) {
         let log_all = self.acked_features.contains(VHOST_F_LOG_ALL);
         let log = self.log.as_ref().filter(|_| log_all);
+        let kick = self.log_fd.as_ref().filter(|_| log.is_some());
         for v in &mut self.vrings {
-            v.set_log(log);
+            v.set_log(log, kick);
         }
         if log_all && self.log.is_none() {
             if !self.log_missing_reported {
@@ -710,7 +713,8 @@ impl<M: DeviceModel> VhostUserDevice<M> {
                 Some(encode_ack(Request::SetLogBase, true))
             }
             M::SetLogFd(fd) => {
-                self.log_fd = Some(fd);
+                self.log_fd = Some(Arc::new(fd));
+                self.update_log();
                 None
             }
             // SEND_RARP, NET_SET_MTU, GET/SET_INFLIGHT_FD and whatever else the state machine

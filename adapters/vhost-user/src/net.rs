@@ -353,6 +353,7 @@ impl NetDevice {
                 vq.disable_notifications();
                 if let Some(log) = &log {
                     vq.log_suppression(log);
+                    log.kick();
                 }
             });
         }
@@ -373,6 +374,7 @@ impl NetDevice {
                 let r = vq.enable_notifications();
                 if let Some(log) = &log {
                     vq.log_suppression(log);
+                    log.kick();
                 }
                 r
             });
@@ -508,7 +510,13 @@ impl NetDevice {
             // Guest TX writes only the used ring. One branch per burst when not migrating.
             match &log {
                 None => vq.publish(),
-                Some(log) => vq.publish_logged(log),
+                Some(log) => {
+                    let notify = vq.publish_logged(log);
+                    if taken != 0 {
+                        log.kick();
+                    }
+                    notify
+                }
             }
         });
         self.finish_burst(index, s, result, broken);
@@ -572,7 +580,11 @@ impl NetDevice {
                 }
                 Some(log) => {
                     burst = net::receive_burst_logged(vq, &mut scratch, features, count, frame, log);
-                    vq.publish_logged(log)
+                    let notify = vq.publish_logged(log);
+                    if burst.placed != 0 || burst.bad_chains != 0 {
+                        log.kick();
+                    }
+                    notify
                 }
             }
         });

@@ -235,6 +235,9 @@ pub struct VringShared {
     /// under this lock before it answers the front-end, which then syncs and frees the old
     /// log.
     pub log: Option<Arc<DirtyLog>>,
+    /// The `SET_LOG_FD` eventfd, while [`log`](Self::log) is set and the front-end gave one:
+    /// signalled once after each burst that marked the log ([`RingLog::kick`]).
+    pub log_kick: Option<Arc<OwnedFd>>,
     /// `log_guest_addr` of `SET_VRING_ADDR` when its flags have `VHOST_VRING_F_LOG`: where
     /// used-ring writes are logged ("the write to first byte of the used ring is logged at this
     /// offset from log start"). `None`: used-ring writes are not logged.
@@ -255,6 +258,19 @@ pub struct RingLog<'a> {
     /// whenever logging is on. QEMU's `log_guest_addr` names only the device area for a
     /// packed ring, so these are found from the ring addresses and the memory table.
     pub packed: Option<(u64, u64)>,
+    /// The `SET_LOG_FD` eventfd, if the front-end gave one ([`VringShared::log_kick`]).
+    pub log_kick: Option<&'a OwnedFd>,
+}
+
+impl RingLog<'_> {
+    /// Tells the front-end that the log was modified (`SET_LOG_FD`), if it asked to be told:
+    /// call once after a burst that wrote guest memory while logging.
+    #[inline]
+    pub fn kick(&self) {
+        if let Some(k) = self.log_kick {
+            signal(k);
+        }
+    }
 }
 
 impl virtq::WriteLog for RingLog<'_> {
@@ -291,7 +307,12 @@ impl VringShared {
     #[inline]
     pub fn ring_log(&self) -> Option<RingLog<'_>> {
         let packed = self.active.as_ref().and_then(|a| a.packed_gpas);
-        self.log.as_deref().map(|log| RingLog { log, used: self.log_guest_addr, packed })
+        self.log.as_deref().map(|log| RingLog {
+            log,
+            used: self.log_guest_addr,
+            packed,
+            log_kick: self.log_kick.as_deref(),
+        })
     }
 
     /// What a burst needs, borrowed together: the started ring, whether it is enabled, and its
@@ -299,7 +320,8 @@ impl VringShared {
     #[inline]
     pub fn burst_parts(&mut self) -> (Option<&mut ActiveRing>, bool, Option<RingLog<'_>>) {
         let packed = self.active.as_ref().and_then(|a| a.packed_gpas);
-        let log = self.log.as_deref().map(|log| RingLog { log, used: self.log_guest_addr, packed });
+        let log_kick = self.log_kick.as_deref();
+        let log = self.log.as_deref().map(|log| RingLog { log, used: self.log_guest_addr, packed, log_kick });
         (self.active.as_mut(), self.enabled, log)
     }
 
@@ -621,9 +643,12 @@ impl Vring {
         Ok(())
     }
 
-    /// Gives the data path the dirty log to mark, or none (see [`VringShared::log`]).
-    pub fn set_log(&mut self, log: Option<&Arc<DirtyLog>>) {
-        self.lock().log = log.cloned();
+    /// Gives the data path the dirty log to mark, or none (see [`VringShared::log`]), and the
+    /// eventfd to signal after marking it ([`VringShared::log_kick`]).
+    pub fn set_log(&mut self, log: Option<&Arc<DirtyLog>>, kick: Option<&Arc<OwnedFd>>) {
+        let mut s = self.lock();
+        s.log = log.cloned();
+        s.log_kick = kick.cloned();
     }
 
     /// `SET_VRING_BASE` (vhost-user.rst "Vring descriptor indices"): for a split ring the next
@@ -774,6 +799,7 @@ impl Vring {
         s.err = None;
         s.enabled = false;
         s.log = None;
+        s.log_kick = None;
         s.log_guest_addr = None;
     }
 }

@@ -1003,7 +1003,8 @@ fn f16_log_base_and_log_fd_replaced(h: &Harness, good: &mut Good<'_>) {
 
 /// Migration with running rings, as QEMU does it: SET_LOG_BASE, SET_FEATURES with LOG_ALL and
 /// SET_VRING_ADDR with VRING_F_LOG while the rings run (allowed), traffic throughout, then
-/// logging off again. Any other change while started is still refused.
+/// logging off again. Any other change while started is still refused. The SET_LOG_FD
+/// eventfd is signalled after bursts that marked the log, and no longer once logging is off.
 fn f16_log_all_toggled_while_running(h: &Harness, good: &mut Good<'_>) {
     let (fe, name) = h.connect("f16-toggle");
     let r = running(h, fe, name, PF_MQ | PF_LOG_SHMFD);
@@ -1013,6 +1014,10 @@ fn f16_log_all_toggled_while_running(h: &Harness, good: &mut Good<'_>) {
     guest_tx(&mut g, fe, &h.hostile, 1);
     let log = uniq("f16-toggle-log");
     set_log_base(fe, &log, 0x1000, 0);
+    let log_kick = eventfd();
+    assert_eq!(fe.ack_status(SET_LOG_FD, &[], &[log_kick.as_raw_fd()]), 0);
+    guest_tx(&mut g, fe, &h.hostile, 1);
+    assert_eq!(eventfd_read(&log_kick), 0, "not signalled before LOG_ALL");
     assert_eq!(fe.ack_status(SET_FEATURES, &u64p(acked | F_LOG_ALL), &[]), 0, "LOG_ALL on while running");
     for i in 0..2 {
         let used = fe.queues[i].cfg.used_ring;
@@ -1023,7 +1028,9 @@ fn f16_log_all_toggled_while_running(h: &Harness, good: &mut Good<'_>) {
         );
     }
     guest_tx(&mut g, fe, &h.hostile, 2);
+    assert!(eventfd_read(&log_kick) > 0, "SET_LOG_FD signalled after a TX burst that logged");
     guest_rx(&mut g, fe, &h.hostile, 2, 2048, 1);
+    assert!(eventfd_read(&log_kick) > 0, "SET_LOG_FD signalled after an RX burst that logged");
     // Still refused while started: other features, other ring addresses, a log address whose
     // used ring would wrap.
     assert_ne!(fe.ack_status(SET_FEATURES, &u64p((acked | F_LOG_ALL) & !F_MRG_RXBUF), &[]), 0);
@@ -1047,7 +1054,9 @@ fn f16_log_all_toggled_while_running(h: &Harness, good: &mut Good<'_>) {
         assert_eq!(fe.ack_status(SET_VRING_ADDR, &vring_addr_logged(fe, i, 0, 0), &[]), 0);
     }
     assert_eq!(fe.ack_status(SET_FEATURES, &u64p(acked), &[]), 0, "LOG_ALL off while running");
+    let _ = eventfd_read(&log_kick);
     guest_tx(&mut g, fe, &h.hostile, 2);
+    assert_eq!(eventfd_read(&log_kick), 0, "not signalled with logging off");
     drop(g);
     let Running { fe, name, .. } = r;
     h.hang_up(fe, &name);
