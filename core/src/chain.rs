@@ -625,6 +625,51 @@ pub(crate) fn walk_source_into<'m, M: GuestMemory + ?Sized, S: DescSource, const
     Ok(())
 }
 
+/// The last byte of the chain at `head` of `table`, if the chain ends in a device-writable
+/// buffer: where a device whose requests end in a status byte (virtio-blk §5.2.6 "the last
+/// device-writable byte") answers a chain the walk refused. A driver reads that byte whatever
+/// the device did with the rest, so leaving it unwritten would hand it a stale status.
+///
+/// The chain is followed as [`walk_pieces`] follows it (index range, the loop bound, the
+/// indirect rules: without them there is no "last" descriptor), but the rules on its buffers
+/// are not applied: readable after writable, the 2^32 total, untranslatable or overflowing
+/// buffers other than the last one, more pieces than a segment list holds. Zero-length
+/// buffers are skipped, as the walk skips them. `None` when the chain cannot be followed to
+/// its end, when its last non-empty buffer is device-readable, or when that buffer's last byte
+/// is not in guest memory. Otherwise the byte's host pointer (valid for one byte of guest
+/// memory, for as long as `mem` is) and its guest address.
+///
+/// The descriptors are read again, so a driver that rewrote them since the walk gets the
+/// byte its current chain ends in: always a byte of a buffer it offered for writing.
+pub(crate) fn last_writable_byte<M: GuestMemory + ?Sized>(
+    mem: &M,
+    table: DescTable,
+    head: u16,
+    limits: &ChainLimits,
+) -> Option<(NonNull<u8>, u64)> {
+    let mut cursor = Cursor { table, index: head, budget: table.entries, in_indirect: false };
+    let mut err = None;
+    let mut last = None;
+    loop {
+        let d = cursor.next(mem, limits, &mut err).ok()?;
+        if d.len != 0 {
+            last = Some((d.addr, d.len, d.flags));
+        }
+        if !cursor.advance(&d) {
+            break;
+        }
+    }
+    let (addr, len, flags) = last?;
+    if flags & DescFlags::WRITE.bits() == 0 {
+        return None;
+    }
+    // `len >= 1`; a last byte beyond 2^64 is in no memory.
+    let at = addr.checked_add(len as u64 - 1)?;
+    let r = mem.translate(at, 1).ok()?;
+    // Never trust the translator beyond what was asked (RUSTSEC-2023-0056).
+    (r.len >= 1).then_some((r.ptr, at))
+}
+
 /// Validates a descriptor with `VIRTQ_DESC_F_INDIRECT` and translates its table (§2.7.5.3.1).
 /// Out of line: it runs at most once per chain, and keeping it out of the walk loop keeps the
 /// loop's state in registers.

@@ -8,7 +8,9 @@
 //! index out of range ([`PopError::HeadOutOfRange`]) consumes its slot and completes nothing;
 //! any other malformed chain ([`PopError::Chain`]) consumes its slot and completes the head at
 //! once with used `len` 0 (visible at the next [`SplitQueue::publish`]; not with
-//! [`SplitQueue::pop_read_uncompleted`]), so the queue never stalls. The reasons, and the
+//! [`SplitQueue::pop_read_uncompleted`] or [`SplitQueue::pop_into_uncompleted`], whose caller
+//! completes it, after writing what it can into it, such as a status byte:
+//! [`SplitQueue::write_last_byte`]), so the queue never stalls. The reasons, and the
 //! policy of the packed ring and of the vhost-user back-end, are one table: the *Error policy*
 //! section of the repository's README.
 
@@ -16,7 +18,7 @@ use core::fmt;
 use core::ptr::NonNull;
 
 use crate::avail::{AvailIndexError, AvailRing};
-use crate::chain::{walk, walk_pieces, Chain, ChainError, ChainLimits, DescTable, WalkSummary};
+use crate::chain::{last_writable_byte, walk, walk_pieces, Chain, ChainError, ChainLimits, DescTable, WalkSummary};
 use crate::desc::DESC_SIZE;
 use crate::dirty::{NoLog, WriteLog};
 use crate::features::VirtioFeatures;
@@ -425,6 +427,35 @@ impl<'m, M: GuestMemory + ?Sized> SplitQueue<'m, M> {
         };
         self.walk_head(head, chain, true)?;
         Ok(true)
+    }
+
+    /// [`pop_into`](Self::pop_into), but a malformed chain ([`PopError::Chain`]) is not
+    /// completed: the caller completes its head itself, in its own order, after answering in it
+    /// what it can. A device whose requests end in a status byte writes that byte first
+    /// ([`write_last_byte`](Self::write_last_byte); virtio-blk: [`crate::blk::complete_malformed`]),
+    /// so that the driver does not read a stale status as the request's outcome.
+    #[inline]
+    pub fn pop_into_uncompleted<const N: usize>(&mut self, chain: &mut Chain<'m, N>) -> Result<bool, PopError> {
+        self.pop_uncompleted(chain)
+    }
+
+    /// Writes `byte` into the last byte of the chain at `head` if the chain ends in a non-empty
+    /// device-writable buffer whose last byte is in guest memory, and returns that byte's guest
+    /// address (for a device that logs its writes, [`crate::dirty`]); `None` writes nothing.
+    ///
+    /// For a chain the walk refused ([`PopError::Chain`], taken with
+    /// [`pop_into_uncompleted`](Self::pop_into_uncompleted)): the chain is followed again
+    /// without the rules on its buffers (readable after writable, total length, translation of
+    /// the others, the segment list's size), only far enough to find its end; a loop, an index
+    /// out of range or a bad indirect table leaves no end to find. The byte written is always
+    /// in a buffer the driver offered for writing (§2.7.5.1), whatever the chain looks like now.
+    pub fn write_last_byte(&self, head: u16, byte: u8) -> Option<u64> {
+        let (ptr, addr) = last_writable_byte(self.mem, self.q.desc, head, &self.q.limits)?;
+        // SAFETY: `ptr` is valid for one byte of guest memory borrowed for 'm (translated for
+        // that one byte, GuestMemory contract); the source is a local; guest memory never
+        // overlaps it. The byte belongs to a device-writable buffer, so writing it is allowed.
+        unsafe { copy_bytes(&byte, ptr.as_ptr(), 1) };
+        Some(addr)
     }
 
     /// Takes the next chain and copies its device-readable part into `buf` in the same pass

@@ -13,11 +13,12 @@ mod common;
 use common::{queue, setup, Guest};
 use proptest::prelude::*;
 use virtq::blk::{
-    self, complete, complete_error, data_pieces, parse, read_segments, BlkConfig, DiscardSegment, Limits, Request,
-    RequestError, RequestType, Status, SECTOR_SIZE,
+    self, complete, complete_error, complete_malformed, data_pieces, parse, read_segments, BlkConfig, DiscardSegment,
+    Limits, Request, RequestError, RequestType, Status, SECTOR_SIZE,
 };
-use virtq::testing::Buf;
-use virtq::{Chain, VirtioFeatures};
+use virtq::desc::{DescFlags, Descriptor};
+use virtq::testing::{Buf, TestDriver};
+use virtq::{Chain, ChainError, PopError, RegionTable, VirtioFeatures};
 
 const IN: u32 = 0;
 const OUT: u32 = 1;
@@ -259,6 +260,155 @@ fn a_header_shorter_than_16_bytes_is_an_io_error() {
     // A writable-only chain: the status byte is there, the header is not.
     let o = serve(&[Buf::writable(17)], &limits());
     assert_eq!((o.result, o.status), (Err(RequestError::HeaderTooShort { len: 0 }), Some(1)));
+}
+
+// ---- hostile: chains the walk refuses ------------------------------------------------------------
+
+/// What became of a chain the walk refused.
+#[derive(Debug, PartialEq, Eq)]
+struct Refused {
+    error: ChainError,
+    used_len: u32,
+    /// The byte at the end of the chain's last non-empty writable buffer as built (before
+    /// `edit`), preset to 0xEE.
+    last: Option<u8>,
+}
+
+/// Publishes `bufs` as one chain (indirect if `indirect`), lets `edit(driver, head, table)`
+/// break it (`table`: the indirect table's address, else the queue's), pops it into a
+/// `Chain<N>` without completion, completes it with `complete_malformed` and returns what
+/// happened. Panics if the chain is not refused.
+fn refuse<const N: usize>(
+    bufs: &[Buf<'_>],
+    indirect: bool,
+    edit: impl FnOnce(&TestDriver<'_, RegionTable<8>>, u16, u64),
+) -> Refused {
+    let g = Guest::new(1 << 20);
+    let (cfg, mut drv) = setup(&g, 16);
+    let mut q = queue(&g, cfg, VirtioFeatures::VERSION_1 | VirtioFeatures::RING_INDIRECT_DESC);
+    let mut addrs = vec![0u64; bufs.len()];
+    let (head, table) = if indirect {
+        let head = drv.build_indirect_chain(bufs);
+        let table = drv.read_desc(head).addr;
+        for (i, a) in addrs.iter_mut().enumerate() {
+            let mut raw = [0u8; 8];
+            drv.read(table + 16 * i as u64, &mut raw);
+            *a = u64::from_le_bytes(raw);
+        }
+        (head, table)
+    } else {
+        (drv.build_chain(bufs, &mut addrs), cfg.desc_table)
+    };
+    let last = bufs.iter().rposition(|b| b.write && b.len > 0).map(|i| addrs[i] + bufs[i].len as u64 - 1);
+    if let Some(at) = last {
+        drv.write(at, &[0xEE]);
+    }
+    edit(&drv, head, table);
+    drv.publish(head);
+    let mut chain: Chain<'_, N> = Chain::new();
+    let error = match q.pop_into_uncompleted(&mut chain) {
+        Err(PopError::Chain { head: h, error }) => {
+            assert_eq!(h, head);
+            error
+        }
+        other => panic!("not refused: {other:?}"),
+    };
+    assert_eq!(drv.used_idx(), 0, "not completed by the pop");
+    let used_len = complete_malformed(&q, head, error);
+    q.push(head, used_len);
+    let _ = q.publish();
+    assert_eq!(drv.used_elem(0), (head as u32, used_len));
+    let last = last.map(|at| {
+        let mut b = [0u8];
+        drv.read(at, &mut b);
+        b[0]
+    });
+    Refused { error, used_len, last }
+}
+
+/// Rewrites descriptor `i` of `table` with `f`.
+fn edit_desc(drv: &TestDriver<'_, RegionTable<8>>, table: u64, i: u16, f: impl FnOnce(&mut Descriptor)) {
+    let mut raw = [0u8; 16];
+    drv.read(table + 16 * i as u64, &mut raw);
+    let mut d = Descriptor {
+        addr: u64::from_le_bytes(raw[0..8].try_into().unwrap()),
+        len: u32::from_le_bytes(raw[8..12].try_into().unwrap()),
+        flags: DescFlags::from_bits_retain(u16::from_le_bytes([raw[12], raw[13]])),
+        next: u16::from_le_bytes([raw[14], raw[15]]),
+    };
+    f(&mut d);
+    drv.write_desc_at(table, i, d);
+}
+
+const IOERR: Option<u8> = Some(Status::IoErr as u8);
+const UNTOUCHED: Option<u8> = Some(0xEE);
+
+#[test]
+fn a_refused_chain_that_ends_in_a_writable_buffer_gets_io_error_there() {
+    let h = hdr(OUT, 0);
+    let d = pattern(512);
+    let none = |_: &TestDriver<'_, RegionTable<8>>, _: u16, _: u64| {};
+    // A readable buffer after a writable one (§2.7.5.2), direct and in an indirect table; the
+    // status byte at the end of a buffer it shares with data.
+    for indirect in [false, true] {
+        let bufs = [Buf::readable(&h), Buf::writable(512), Buf::readable(&d), Buf::writable(513)];
+        let r = refuse::<16>(&bufs, indirect, none);
+        assert_eq!(r, Refused { error: ChainError::ReadableAfterWritable, used_len: 1, last: IOERR });
+    }
+    // More buffers than the device's segment list holds.
+    let bufs = [Buf::readable(&h), Buf::readable(&d), Buf::readable(&d), Buf::readable(&d), Buf::writable(1)];
+    let r = refuse::<4>(&bufs, false, none);
+    assert_eq!(r, Refused { error: ChainError::TooManySegments, used_len: 1, last: IOERR });
+    // A data buffer outside guest memory; a zero-length buffer after the status is no buffer.
+    let bufs = [Buf::readable(&h), Buf::readable(&d), Buf::writable(1), Buf::writable(0)];
+    let r = refuse::<16>(&bufs, false, |drv, head, table| edit_desc(drv, table, head + 1, |d| d.addr = 1 << 40));
+    assert_eq!(r, Refused { error: ChainError::Unmapped { addr: 1 << 40 }, used_len: 1, last: IOERR });
+    // A chain longer than 2^32 bytes.
+    let bufs = [Buf::readable(&h), Buf::writable(1)];
+    let r = refuse::<16>(&bufs, false, |drv, head, table| {
+        edit_desc(drv, table, head, |d| {
+            d.len = u32::MAX;
+            d.addr = 0;
+        })
+    });
+    assert!(matches!(r.error, ChainError::Unmapped { .. } | ChainError::TotalLengthOverflow));
+    assert_eq!((r.used_len, r.last), (1, IOERR));
+}
+
+#[test]
+fn a_refused_chain_without_a_usable_last_byte_is_completed_with_len_0() {
+    let h = hdr(IN, 0);
+    let d = pattern(512);
+    let none = |_: &TestDriver<'_, RegionTable<8>>, _: u16, _: u64| {};
+    let bufs = [Buf::readable(&h), Buf::writable(513), Buf::readable(&d)];
+    // Ends in a readable buffer: the writable one is not the status, and is left alone.
+    assert_eq!(
+        refuse::<16>(&bufs, false, none),
+        Refused { error: ChainError::ReadableAfterWritable, used_len: 0, last: UNTOUCHED }
+    );
+    let bufs = [Buf::readable(&h), Buf::readable(&d), Buf::writable(513)];
+    // The last buffer outside guest memory, or its last byte beyond 2^64.
+    for addr in [1u64 << 40, u64::MAX - 100] {
+        let r = refuse::<16>(&bufs, false, |drv, head, table| edit_desc(drv, table, head + 2, |d| d.addr = addr));
+        assert_eq!((r.used_len, r.last), (0, UNTOUCHED), "{:?}", r.error);
+    }
+    // No end to find: a loop, a next index out of range, a nested indirect table.
+    let r = refuse::<16>(&bufs, false, |drv, head, table| {
+        edit_desc(drv, table, head + 2, |d| {
+            d.flags |= DescFlags::NEXT;
+            d.next = head + 1;
+        })
+    });
+    assert_eq!((r.used_len, r.last), (0, UNTOUCHED), "{:?}", r.error);
+    let r = refuse::<16>(&bufs, false, |drv, head, table| {
+        edit_desc(drv, table, head + 1, |d| d.next = 16);
+    });
+    assert_eq!(r, Refused { error: ChainError::NextOutOfRange { index: 16 }, used_len: 0, last: UNTOUCHED });
+    let r = refuse::<16>(&bufs, true, |drv, _, table| {
+        edit_desc(drv, table, 1, |d| d.flags |= DescFlags::INDIRECT);
+    });
+    assert_eq!(r, Refused { error: ChainError::NestedIndirect, used_len: 0, last: UNTOUCHED });
+    assert_eq!(RequestError::Malformed { error: ChainError::ChainTooLong }.status(), Some(Status::IoErr));
 }
 
 // ---- hostile: family 6, direction -------------------------------------------------------------

@@ -5,7 +5,9 @@
 //! its data pieces add up to its data length, inside guest memory; accepted segments lie
 //! within capacity and their limits; every completion's used length is at most the writable
 //! length, and the status byte written is the chain's last writable byte (none: used length
-//! 0, and only for a chain without writable bytes).
+//! 0, and only for a chain without writable bytes). A chain the walk refuses (buffers in any
+//! order) gets IOERR in its last byte when that byte is device-writable, used length 0
+//! otherwise, and nothing else is written.
 #![no_main]
 
 use std::ptr::NonNull;
@@ -27,8 +29,9 @@ struct Input {
     write_zeroes: bool,
     max_sectors: u32,
     max_segments: u8,
-    /// Chains: (bytes of the first readable buffer, then the other buffers as (len, writable)).
-    chains: Vec<(Vec<u8>, Vec<(u16, bool)>)>,
+    /// Chains: (bytes of the first readable buffer, then the other buffers as (len, writable),
+    /// kept in the order given instead of readable-first).
+    chains: Vec<(Vec<u8>, Vec<(u16, bool)>, bool)>,
 }
 
 fuzz_target!(|inp: Input| {
@@ -57,7 +60,10 @@ fuzz_target!(|inp: Input| {
     let limits = Limits::new(&config, features, inp.read_only);
     let mut q = SplitQueue::new(&mem, cfg, features).unwrap();
     let mut descs = 0usize;
-    for (first, rest) in inp.chains.iter().take(16) {
+    // Per head: the guest address of the chain's last byte if its last non-empty buffer is
+    // device-writable (where a refused chain's status goes), and the writable bytes before it.
+    let mut ends = [None; 64];
+    for (first, rest, any_order) in inp.chains.iter().take(16) {
         let n = 1 + rest.len().min(6);
         if descs + n > 64 {
             break;
@@ -66,18 +72,43 @@ fuzz_target!(|inp: Input| {
         let first: Vec<u8> = first.iter().copied().take(4096).collect();
         let mut bufs = vec![Buf::readable(&first)];
         bufs.extend(rest.iter().take(6).map(|&(len, w)| Buf { len: (len % 8192) as u32, write: w, data: None }));
-        // Readable buffers first, as a driver must (the walk refuses the other order).
-        bufs.sort_by_key(|b| b.write);
-        let head = drv.build_chain(&bufs, &mut []);
+        // Readable buffers first, as a driver must, unless the input asks for the order the
+        // walk refuses.
+        if !any_order {
+            bufs.sort_by_key(|b| b.write);
+        }
+        let mut addrs = [0u64; 8];
+        let head = drv.build_chain(&bufs, &mut addrs);
+        ends[head as usize] = bufs
+            .iter()
+            .rposition(|b| b.len > 0)
+            .filter(|&i| bufs[i].write)
+            .map(|i| addrs[i] + bufs[i].len as u64 - 1);
+        if let Some(at) = ends[head as usize] {
+            drv.write(at, &[0xEE]);
+        }
         drv.publish(head);
     }
     let mut chain: Chain<'_, 16> = Chain::new();
     let lo = base as usize;
     let hi = lo + MEM;
     loop {
-        match q.pop_into(&mut chain) {
+        match q.pop_into_uncompleted(&mut chain) {
             Ok(true) => {}
             Ok(false) => break,
+            Err(virtq::PopError::Chain { head, error }) => {
+                let used = blk::complete_malformed(&q, head, error);
+                let mut b = [0u8];
+                if let Some(at) = ends[head as usize] {
+                    drv.read(at, &mut b);
+                }
+                match ends[head as usize] {
+                    Some(_) => assert_eq!((used, b[0]), (1, Status::IoErr as u8)),
+                    None => assert_eq!(used, 0),
+                }
+                q.push(head, used);
+                continue;
+            }
             Err(_) => continue,
         }
         let w = chain.writable_len();

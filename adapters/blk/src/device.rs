@@ -12,21 +12,26 @@
 //! the used ring, and a ring that starts with requests in flight serves them again.
 //!
 //! Requests complete in the order they were made available. Malformed requests get
-//! `VIRTIO_BLK_S_IOERR` or `VIRTIO_BLK_S_UNSUPP` (a chain without a status byte, or one the
-//! chain walk refused, gets used length 0) and a rate-limited log line; the queue keeps moving.
+//! `VIRTIO_BLK_S_IOERR` or `VIRTIO_BLK_S_UNSUPP` in their status byte, chains the walk refused
+//! included (`virtq::blk::complete_malformed`); only a chain without a usable status byte
+//! gets used length 0. Each costs a rate-limited log line; the queue keeps moving.
+//!
+//! Discard and write-zeroes requests are bounded by the limits the configuration space
+//! advertises (one segment of at most 16 MiB), and a burst ends early after
+//! [`BURST_ZEROES`] of them, so a guest cannot hold the thread that serves every ring.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use virtq::blk::{self, BlkConfig, DiscardSegment, Limits, Request, RequestType, Status, ID_BYTES};
+use virtq::blk::{self, BlkConfig, DiscardSegment, Limits, Request, RequestError, RequestType, Status, ID_BYTES};
 use virtq::{Chain, PopError, VirtioFeatures};
 use virtq_vhost_user::limited;
 use virtq_vhost_user::vring::{signal, RingFault, VringShared};
 
 use crate::image::Image;
 use crate::inflight::InflightArea;
-use crate::model::MAX_DISCARD_SEGMENTS;
+use crate::model::MAX_SEGMENTS;
 
 /// `seg_max` (§5.2.4): data segments per request the driver may use. Linux adds a descriptor
 /// for the header and one for the status byte, and the whole chain (an indirect table
@@ -43,6 +48,12 @@ pub const CHAIN_SEGMENTS: usize = 160;
 
 /// Requests served per ring per burst.
 pub const BURST: usize = 32;
+
+/// Bytes of discard / write-zeroes ranges after which a burst ends early: 64 MiB, four
+/// requests at the advertised limit ([`crate::model::MAX_WRITE_ZEROES_SECTORS`]). Where the file
+/// system cannot zero a range in its metadata the zeroes are written, and the one data-path
+/// thread serves every ring of every device: the other rings get their turn first.
+pub const BURST_ZEROES: u64 = 64 << 20;
 
 /// Per-queue counters.
 #[derive(Debug, Default)]
@@ -118,6 +129,8 @@ struct Tally {
     read: u64,
     written: u64,
     errors: u64,
+    /// Bytes of discard and write-zeroes ranges acted on in this burst ([`BURST_ZEROES`]).
+    zeroed: u64,
 }
 
 impl BlkDevice {
@@ -272,23 +285,50 @@ impl BlkDevice {
         let result = active.with_queue(|vq| {
             let mut chain: Chain<'_, CHAIN_SEGMENTS> = Chain::new();
             while done < budget {
-                match vq.pop_into(&mut chain) {
+                // A malformed chain comes back uncompleted, so that its status byte is written
+                // before it is completed, in order with the others.
+                let popped = vq.pop_into_uncompleted(&mut chain);
+                let taken = match popped {
+                    Ok(true) => Some(chain.head()),
+                    Err(PopError::Chain { head, .. }) => Some(head),
+                    _ => None,
+                };
+                if let (Some(head), Some(r)) = (taken, &region) {
+                    // In flight from here until its completion is in the used ring (a
+                    // malformed chain too: it is completed in this batch like the others).
+                    r.take(head, counter);
+                    counter = counter.wrapping_add(1);
+                    batch[batched] = head;
+                    batched += 1;
+                }
+                match popped {
                     Ok(true) => {
-                        // In flight from here until its completion is in the used ring.
-                        if let Some(r) = &region {
-                            r.take(chain.head(), counter);
-                            counter = counter.wrapping_add(1);
-                            batch[batched] = chain.head();
-                            batched += 1;
-                        }
                         let used = self.serve(index, &chain, &limits, writethrough, &mut tally);
                         vq.push(chain.head(), used);
                         done += 1;
+                        if tally.zeroed >= BURST_ZEROES {
+                            // The other rings get their turn before more zeroing.
+                            break;
+                        }
                     }
                     Ok(false) => break,
-                    Err(e @ (PopError::Chain { .. } | PopError::HeadOutOfRange { .. } | PopError::IdInUse { .. })) => {
-                        // The core completed the head (if valid) with used length 0 (`IdInUse` is
-                        // the packed layout's, which this split-ring device does not offer).
+                    Err(PopError::Chain { head, error }) => {
+                        // §5.2.6: its status byte, if it has one, says IOERR (the core decides
+                        // which status and where the byte is); used length 0 otherwise.
+                        let used = blk::complete_malformed(vq, head, error);
+                        vq.push(head, used);
+                        limited!(
+                            warn,
+                            "{}: queue {index}: head {head}: {}",
+                            self.inner.name,
+                            RequestError::Malformed { error }
+                        );
+                        tally.errors += 1;
+                        done += 1;
+                    }
+                    Err(e @ (PopError::HeadOutOfRange { .. } | PopError::IdInUse { .. })) => {
+                        // No valid head to complete (`IdInUse` is the packed layout's, which this
+                        // split-ring device does not offer).
                         limited!(warn, "{}: queue {index}: {e}", self.inner.name);
                         tally.errors += 1;
                         done += 1;
@@ -432,10 +472,13 @@ impl BlkDevice {
                 Ok(chain.write_at(0, &self.inner.id) as u32)
             }
             RequestType::Discard | RequestType::WriteZeroes => {
-                let mut out = [DiscardSegment::default(); MAX_DISCARD_SEGMENTS as usize];
-                // Every segment is copied and checked before any is acted on.
+                let mut out = [DiscardSegment::default(); MAX_SEGMENTS];
+                // Every segment is copied and checked before any is acted on, against the
+                // limits the configuration space advertises too (§5.2.6.1: the driver must not
+                // exceed them; IOERR if it does), which bound the work of one request.
                 let segs = blk::read_segments(chain, req, limits, &mut out)?;
                 for s in segs {
+                    tally.zeroed += s.len();
                     if req.kind == RequestType::Discard {
                         image.discard(s.offset(), s.len())?;
                     } else {

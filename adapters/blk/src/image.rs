@@ -17,6 +17,12 @@ use virtq::blk::SECTOR_SIZE;
 /// Largest number of iovecs one `preadv`/`pwritev` takes (Linux `UIO_MAXIOV`).
 const IOV_MAX: usize = 1024;
 
+/// Bytes of zeroes written per `pwrite` where the file system cannot zero a range itself.
+const ZERO_CHUNK: usize = 64 << 10;
+
+/// The source of those writes: static, so a write-zeroes request allocates nothing.
+static ZEROES: [u8; ZERO_CHUNK] = [0; ZERO_CHUNK];
+
 /// A raw image file.
 #[derive(Debug)]
 pub struct Image {
@@ -143,9 +149,12 @@ impl Image {
     }
 
     /// Makes `len` bytes at `offset` read as zeroes (§5.2.6.2 "reads of the specified ranges
-    /// of sectors MUST return zeroes"). With `unmap` the range is deallocated (a punched hole
-    /// reads as zeroes), otherwise zeroed in place (`FALLOC_FL_ZERO_RANGE`); where the file
-    /// system has neither, zeroes are written.
+    /// of sectors MUST return zeroes", with or without unmap). With `unmap` (the driver allows
+    /// deallocation, `VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP`) the range is deallocated: a
+    /// punched hole reads as zeroes. Without it the range stays allocated, zeroed in place by
+    /// the file system (`FALLOC_FL_ZERO_RANGE`), so that later writes to it cannot fail for
+    /// want of space. Where the file system has neither, zeroes are written in chunks of
+    /// 64 KiB; the caller bounds `len` (the device's `max_write_zeroes_sectors`).
     pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
         if unmap {
             match self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len) {
@@ -160,11 +169,10 @@ impl Image {
     }
 
     fn write_zeroes_by_hand(&self, mut offset: u64, len: u64) -> io::Result<()> {
-        let zeroes = vec![0u8; 64 << 10];
-        let end = offset + len;
+        let end = offset.checked_add(len).ok_or_else(|| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
         while offset < end {
-            let n = (end - offset).min(zeroes.len() as u64) as usize;
-            self.file.write_all_at(&zeroes[..n], offset)?;
+            let n = (end - offset).min(ZERO_CHUNK as u64) as usize;
+            self.file.write_all_at(&ZEROES[..n], offset)?;
             offset += n as u64;
         }
         Ok(())
@@ -235,6 +243,36 @@ mod tests {
         let mut iov = [libc::iovec { iov_base: c.as_mut_ptr().cast(), iov_len: 512 }];
         // SAFETY: as above.
         assert!(unsafe { img.read_vectored_at(&mut iov, 8192 + 100) }.is_err());
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn write_zeroes_stays_allocated_without_unmap_and_the_fallback_writes_bounded_chunks() {
+        use std::os::unix::fs::MetadataExt;
+        const MIB: u64 = 1 << 20;
+        let (path, img) = temp(4 * MIB as usize + 512);
+        let blocks = || std::fs::metadata(&path).unwrap().blocks();
+        let full = blocks();
+        // No unmap: zeroed in place (or written), never deallocated.
+        img.write_zeroes(0, MIB, false).unwrap();
+        assert!(blocks() >= full, "{} blocks after zeroing, {full} before", blocks());
+        // Unmap: a hole where the file system punches them.
+        img.write_zeroes(MIB, MIB, true).unwrap();
+        let after_unmap = blocks();
+        // The fallback, over more than one chunk and a piece of one, between untouched bytes.
+        let (at, len) = (2 * MIB + 512, (3 * ZERO_CHUNK + 1024) as u64);
+        img.write_zeroes_by_hand(at, len).unwrap();
+        let data = std::fs::read(&path).unwrap();
+        assert!(data[..(2 * MIB) as usize].iter().all(|&x| x == 0));
+        let (at, end) = (at as usize, (at + len) as usize);
+        assert!(data[at..end].iter().all(|&x| x == 0));
+        assert_eq!(data[at - 1], ((at - 1) % 251) as u8);
+        assert_eq!(data[end], (end % 251) as u8);
+        let punches = !matches!(img.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, 3 * MIB, 4096), Err(e) if unsupported(&e));
+        if punches {
+            assert!(after_unmap + MIB / 512 / 2 <= full, "{after_unmap} blocks after unmap, {full} before");
+        }
+        assert_eq!(data.len() as u64, 4 * MIB + 512, "sizes are kept");
         std::fs::remove_file(path).unwrap();
     }
 }

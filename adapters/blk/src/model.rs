@@ -20,13 +20,31 @@ use crate::device::{BlkDevice, SEG_MAX};
 use crate::image::Image;
 use crate::inflight::{self, InflightArea};
 
-/// Segments per DISCARD or WRITE_ZEROES request (`max_discard_seg`, `max_write_zeroes_seg`):
-/// the data path reads them into a buffer of this many on its stack.
-pub const MAX_DISCARD_SEGMENTS: u32 = 32;
+/// `max_write_zeroes_sectors` (§5.2.4): 16 MiB per segment. A WRITE_ZEROES request is 16
+/// bytes from the guest and, where the file system cannot zero a range in its metadata
+/// (`FALLOC_FL_ZERO_RANGE`), that many bytes of zeroes written by the one data-path thread
+/// that serves every ring: the limit bounds what one request costs the others. 32768 sectors
+/// and one segment are what QEMU's own vhost-user-blk export advertises; Linux splits larger
+/// ranges (`mkfs`, `blkdiscard -z`) into requests of this size.
+pub const MAX_WRITE_ZEROES_SECTORS: u32 = 32768;
 
-/// Sectors per discard / write-zeroes segment: 2 GiB, so a large `fstrim` or `mkfs` takes few
-/// requests.
-pub const MAX_DISCARD_SECTORS: u32 = 1 << 22;
+/// `max_write_zeroes_seg` (§5.2.4): one segment per request.
+pub const MAX_WRITE_ZEROES_SEG: u32 = 1;
+
+/// `max_discard_sectors` (§5.2.4): 16 MiB per segment, as write zeroes. A discard is a hole
+/// punched synchronously on the same thread (on a block device, a zeroing command to the
+/// device), whose cost also grows with the range.
+pub const MAX_DISCARD_SECTORS: u32 = 32768;
+
+/// `max_discard_seg` (§5.2.4): one segment per request.
+pub const MAX_DISCARD_SEG: u32 = 1;
+
+/// Segments the data path reads from one DISCARD or WRITE_ZEROES request, into a buffer of
+/// this many on its stack: the larger of the two `*_seg` limits. A request with more is
+/// refused (`VIRTIO_BLK_S_IOERR`; §5.2.6.1: the driver must not send more) before any is
+/// acted on.
+pub const MAX_SEGMENTS: usize =
+    if MAX_DISCARD_SEG > MAX_WRITE_ZEROES_SEG { MAX_DISCARD_SEG as usize } else { MAX_WRITE_ZEROES_SEG as usize };
 
 /// What the block model tells the device's owner.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,8 +110,8 @@ impl BlkModel {
 
     /// The configuration space (§5.2.4) with the current `writeback`.
     pub fn config(&self) -> BlkConfig {
-        let (discard_sectors, discard_seg) =
-            if self.read_only { (0, 0) } else { (MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS) };
+        // A read-only device offers neither DISCARD nor WRITE_ZEROES: their fields read 0.
+        let limit = |v: u32| if self.read_only { 0 } else { v };
         BlkConfig {
             capacity: self.image.capacity(),
             size_max: 0,
@@ -101,11 +119,11 @@ impl BlkModel {
             blk_size: 512,
             writeback: self.writeback,
             num_queues: self.queues,
-            max_discard_sectors: discard_sectors,
-            max_discard_seg: discard_seg,
+            max_discard_sectors: limit(MAX_DISCARD_SECTORS),
+            max_discard_seg: limit(MAX_DISCARD_SEG),
             discard_sector_alignment: 1,
-            max_write_zeroes_sectors: discard_sectors,
-            max_write_zeroes_seg: discard_seg,
+            max_write_zeroes_sectors: limit(MAX_WRITE_ZEROES_SECTORS),
+            max_write_zeroes_seg: limit(MAX_WRITE_ZEROES_SEG),
             // A write zeroes with UNMAP punches a hole, which reads as zeroes.
             write_zeroes_may_unmap: u8::from(!self.read_only),
         }

@@ -1,7 +1,7 @@
 //! virtq-blk end to end: the in-tree vhost-user front-end (real socket, memfd guest memory,
 //! eventfds, the core's test driver on the rings) drives real requests against a temporary
 //! image file, through the library's control loop and this crate's data path, and the image
-//! is checked on disk. Also the binary's conventions: `--print-capabilities`, SIGTERM.
+//! is checked on disk. Also the binary's conventions: `--print-capabilities`, `--fd`, SIGTERM.
 
 #[path = "../../vhost-user/tests/frontend/mod.rs"]
 mod frontend;
@@ -14,6 +14,7 @@ use std::thread;
 use frontend::*;
 use virtq::testing::{Buf, TestDriver};
 use virtq::{RegionTable, VirtioFeatures};
+use virtq_blk::device::BURST;
 use virtq_blk::{run_data_path, BlkDevice, BlkModel, Image};
 use virtq_vhost_user::backend::{Backend, BackendHandle, NoHandler, SocketSpec};
 use virtq_vhost_user::device::DeviceConfig;
@@ -80,8 +81,15 @@ struct Rig {
 
 impl Rig {
     fn new(name: &str, queues: u16, read_only: bool) -> Rig {
+        Rig::build(name, queues, read_only, IMAGE_LEN as u64, true)
+    }
+
+    /// An image of `len` bytes: the pattern in its first [`IMAGE_LEN`], sparse after that. Without
+    /// `data_path` no thread serves the rings: the test calls `process` itself.
+    fn build(name: &str, queues: u16, read_only: bool, len: u64, data_path: bool) -> Rig {
         let image = unique(&format!("{name}.img"));
         std::fs::write(&image, pattern(0xA5, IMAGE_LEN)).unwrap();
+        std::fs::OpenOptions::new().write(true).open(&image).unwrap().set_len(len.max(IMAGE_LEN as u64)).unwrap();
         let socket = unique(&format!("{name}.sock"));
         let img = Arc::new(Image::open(&image, read_only).unwrap());
         let model = BlkModel::new(img, queues, "virtq-test-disk");
@@ -90,10 +98,12 @@ impl Rig {
         let dev = b.add_device(name, DeviceConfig::new(model), spec, Box::new(NoHandler)).unwrap();
         let handle = b.handle();
         let stop = Arc::new(AtomicBool::new(false));
-        let control = thread::spawn(move || b.run().unwrap());
-        let (d, s) = (vec![dev.clone()], Arc::clone(&stop));
-        let data = thread::spawn(move || run_data_path(&d, &s, false));
-        Rig { socket, image, dev, handle, stop, threads: vec![control, data] }
+        let mut threads = vec![thread::spawn(move || b.run().unwrap())];
+        if data_path {
+            let (d, s) = (vec![dev.clone()], Arc::clone(&stop));
+            threads.push(thread::spawn(move || run_data_path(&d, &s, false)));
+        }
+        Rig { socket, image, dev, handle, stop, threads }
     }
 
     fn on_disk(&self, offset: usize, len: usize) -> Vec<u8> {
@@ -117,12 +127,28 @@ type Driver<'a> = TestDriver<'a, RegionTable<1>>;
 /// Publishes `bufs` as one chain on queue `q`, kicks, waits for its completion and returns
 /// (used length, the last writable byte, the buffers' guest addresses).
 fn submit(fe: &Frontend, drv: &mut Driver<'_>, q: usize, bufs: &[Buf<'_>]) -> (u32, Option<u8>, Vec<u64>) {
+    submit_edited(fe, drv, q, bufs, |_, _| {})
+}
+
+/// The byte [`submit`] presets where the status byte goes: a value the device never writes.
+const UNWRITTEN: u8 = 0xEE;
+
+/// [`submit`], with `edit(driver, head)` run on the chain after it is built and before it is
+/// published: a hostile driver breaking it ([`desc_of`] finds its descriptors).
+fn submit_edited(
+    fe: &Frontend,
+    drv: &mut Driver<'_>,
+    q: usize,
+    bufs: &[Buf<'_>],
+    edit: impl FnOnce(&Driver<'_>, u16),
+) -> (u32, Option<u8>, Vec<u64>) {
     let mut addrs = vec![0u64; bufs.len()];
     let head = drv.build_chain(bufs, &mut addrs);
     let last = bufs.iter().rposition(|b| b.write && b.len > 0);
     if let Some(i) = last {
-        drv.write(addrs[i] + bufs[i].len as u64 - 1, &[0xEE]);
+        drv.write(addrs[i] + bufs[i].len as u64 - 1, &[UNWRITTEN]);
     }
+    edit(drv, head);
     let before = drv.used_idx();
     drv.publish(head);
     fe.kick(q);
@@ -135,6 +161,19 @@ fn submit(fe: &Frontend, drv: &mut Driver<'_>, q: usize, bufs: &[Buf<'_>]) -> (u
         b[0]
     });
     (len, status, addrs)
+}
+
+/// The index of the `i`-th descriptor of the direct chain at `head` (`build_chain` takes
+/// consecutive indices, wrapping).
+fn desc_of(drv: &Driver<'_>, head: u16, i: u16) -> u16 {
+    ((head as u32 + i as u32) % drv.config().size as u32) as u16
+}
+
+/// Moves the `i`-th buffer of the chain at `head` outside guest memory.
+fn unmap_buffer(drv: &Driver<'_>, head: u16, i: u16) {
+    let idx = desc_of(drv, head, i);
+    let d = drv.read_desc(idx);
+    drv.write_desc(idx, virtq::desc::Descriptor { addr: 0x10_0000_0000, ..d });
 }
 
 fn read_guest(drv: &Driver<'_>, addr: u64, len: usize) -> Vec<u8> {
@@ -192,10 +231,13 @@ fn discard_and_write_zeroes_read_back_as_zeroes_on_disk() {
     let fe = Frontend::connect(&rig.socket, 1, 64);
     let mut drv = fe.drivers().remove(0);
     fe.qemu_start(blk_features());
-    let mut b = hdr(WRITE_ZEROES, 0);
-    b.extend(seg(4, 8, 0));
-    b.extend(seg(100, 16, 1)); // UNMAP: a punched hole, still zeroes
-    assert_eq!(submit(&fe, &mut drv, 0, &[Buf::readable(&b), Buf::writable(1)]).1, Some(S_OK));
+    // One segment per request (max_write_zeroes_seg).
+    for (sector, sectors, flags) in [(4, 8, 0), (100, 16, 1)] {
+        // UNMAP (flags 1): a punched hole, still zeroes.
+        let mut b = hdr(WRITE_ZEROES, 0);
+        b.extend(seg(sector, sectors, flags));
+        assert_eq!(submit(&fe, &mut drv, 0, &[Buf::readable(&b), Buf::writable(1)]).1, Some(S_OK));
+    }
     assert!(rig.on_disk(4 * 512, 8 * 512).iter().all(|&x| x == 0));
     assert!(rig.on_disk(100 * 512, 16 * 512).iter().all(|&x| x == 0));
     assert_eq!(rig.on_disk(12 * 512, 512), pattern(0xA5, IMAGE_LEN)[12 * 512..13 * 512]);
@@ -269,6 +311,118 @@ fn hostile_requests_get_an_error_status_and_the_queue_keeps_moving() {
 }
 
 #[test]
+fn chains_the_walk_refuses_get_io_error_in_their_status_byte_when_they_have_one() {
+    // §5.2.6: the driver reads the status byte whatever else happened; one left unwritten
+    // hands it a stale status, OK as likely as not. A queue of 256, so that a chain can have
+    // more buffers than the device takes.
+    let rig = Rig::new("refused", 1, false);
+    let fe = Frontend::connect(&rig.socket, 1, 256);
+    let mut drv = fe.drivers().remove(0);
+    fe.qemu_start(blk_features());
+    let before = std::fs::read(&rig.image).unwrap();
+    let data = pattern(4, 512);
+    let h = hdr(OUT, 0);
+    // A readable data buffer after a writable one (§2.7.5.2): the status byte is still last.
+    let bufs = [Buf::readable(&h), Buf::writable(512), Buf::readable(&data), Buf::writable(1)];
+    let (len, status, _) = submit(&fe, &mut drv, 0, &bufs);
+    assert_eq!((len, status), (1, Some(S_IOERR)), "readable after writable");
+    // A data buffer outside guest memory.
+    let bufs = [Buf::readable(&h), Buf::readable(&data), Buf::writable(1)];
+    let (len, status, _) = submit_edited(&fe, &mut drv, 0, &bufs, |d, head| unmap_buffer(d, head, 1));
+    assert_eq!((len, status), (1, Some(S_IOERR)), "data outside guest memory");
+    // More buffers than the device takes (seg_max is 126; the chain's list holds 160).
+    let many = pattern(5, 198 * 512);
+    let mut bufs = vec![Buf::readable(&h)];
+    bufs.extend(many.chunks(512).map(Buf::readable));
+    bufs.push(Buf::writable(1));
+    let (len, status, _) = submit(&fe, &mut drv, 0, &bufs);
+    assert_eq!((len, status), (1, Some(S_IOERR)), "200 buffers");
+
+    // No usable status byte: used length 0, and nothing written where the status would be.
+    let bufs = [Buf::readable(&h), Buf::readable(&data), Buf::writable(1)];
+    let (len, status, _) = submit_edited(&fe, &mut drv, 0, &bufs, |d, head| unmap_buffer(d, head, 2));
+    assert_eq!((len, status), (0, Some(UNWRITTEN)), "the status buffer outside guest memory");
+    let (len, status, _) = submit(&fe, &mut drv, 0, &[Buf::readable(&h), Buf::writable(1), Buf::readable(&data)]);
+    assert_eq!((len, status), (0, Some(UNWRITTEN)), "a readable buffer last");
+    let (len, status, _) = submit_edited(&fe, &mut drv, 0, &bufs, |d, head| {
+        // The last descriptor leads back to the head: the chain has no end.
+        let idx = desc_of(d, head, 2);
+        let desc = d.read_desc(idx);
+        d.write_desc(
+            idx,
+            virtq::desc::Descriptor { flags: desc.flags | virtq::desc::DescFlags::NEXT, next: head, ..desc },
+        );
+    });
+    assert_eq!((len, status), (0, Some(UNWRITTEN)), "a loop");
+
+    assert_eq!(std::fs::read(&rig.image).unwrap(), before, "nothing written to the image");
+    assert_eq!(rig.dev.stats(0).errors, 6);
+    let h = hdr(IN, 0);
+    let (len, status, addrs) = submit(&fe, &mut drv, 0, &[Buf::readable(&h), Buf::writable(512), Buf::writable(1)]);
+    assert_eq!((len, status), (513, Some(S_OK)), "the queue keeps moving");
+    assert_eq!(read_guest(&drv, addrs[1], 512), before[..512]);
+}
+
+#[test]
+fn discard_and_write_zeroes_beyond_the_advertised_limits_are_refused() {
+    // §5.2.6.1: the driver MUST NOT exceed max_*_sectors / max_*_seg; a request that does is
+    // refused whole (IOERR), before any segment is acted on. 20 MiB: room for a request at the
+    // limit (16 MiB) that is within capacity.
+    let rig = Rig::build("zero-limits", 1, false, 20 << 20, true);
+    let fe = Frontend::connect(&rig.socket, 1, 64);
+    let mut drv = fe.drivers().remove(0);
+    fe.qemu_start(blk_features());
+    let before = std::fs::read(&rig.image).unwrap();
+    for (kind, flags) in [(WRITE_ZEROES, 0), (WRITE_ZEROES, 1), (DISCARD, 0)] {
+        let mut b = hdr(kind, 0);
+        b.extend(seg(0, 32769, flags));
+        let (len, status, _) = submit(&fe, &mut drv, 0, &[Buf::readable(&b), Buf::writable(1)]);
+        assert_eq!((len, status), (1, Some(S_IOERR)), "type {kind}: one sector over the limit");
+        let mut b = hdr(kind, 0);
+        b.extend(seg(0, 8, flags));
+        b.extend(seg(64, 8, flags));
+        let (len, status, _) = submit(&fe, &mut drv, 0, &[Buf::readable(&b), Buf::writable(1)]);
+        assert_eq!((len, status), (1, Some(S_IOERR)), "type {kind}: two segments");
+    }
+    assert_eq!(std::fs::read(&rig.image).unwrap(), before, "nothing zeroed or discarded");
+    assert_eq!(rig.dev.stats(0).errors, 6);
+    // At the limit: 16 MiB zeroed by one request, the sectors before it untouched.
+    let mut b = hdr(WRITE_ZEROES, 0);
+    b.extend(seg(1024, 32768, 0));
+    assert_eq!(submit(&fe, &mut drv, 0, &[Buf::readable(&b), Buf::writable(1)]).1, Some(S_OK));
+    let after = std::fs::read(&rig.image).unwrap();
+    assert!(after[512 * 1024..512 * (1024 + 32768)].iter().all(|&x| x == 0));
+    assert_eq!(after[..512 * 1024], before[..512 * 1024]);
+}
+
+#[test]
+fn a_burst_ends_after_64_mib_of_zeroing_so_other_rings_get_their_turn() {
+    // Six write-zeroes requests at the limit (16 MiB each, UNMAP: holes, cheap on any file
+    // system) wait in one ring; no data-path thread, the test runs the bursts.
+    let rig = Rig::build("zero-burst", 1, false, 100 << 20, false);
+    let fe = Frontend::connect(&rig.socket, 1, 64);
+    let mut drv = fe.drivers().remove(0);
+    fe.qemu_start(blk_features());
+    let mut status = Vec::new();
+    for i in 0..6u64 {
+        let mut b = hdr(WRITE_ZEROES, 0);
+        b.extend(seg(2048 + i * 32768, 32768, 1));
+        let mut addrs = [0u64; 2];
+        let head = drv.build_chain(&[Buf::readable(&b), Buf::writable(1)], &mut addrs);
+        drv.write(addrs[1], &[UNWRITTEN]);
+        drv.publish(head);
+        status.push(addrs[1]);
+    }
+    let first = wait("the ring to start", || Some(rig.dev.process(0, BURST)).filter(|&n| n != 0));
+    assert_eq!(first, 4, "64 MiB in four requests, then the burst ends");
+    assert_eq!(rig.dev.process(0, BURST), 2);
+    for (i, &at) in status.iter().enumerate() {
+        assert_eq!(drv.used_elem(i as u16).1, 1);
+        assert_eq!(read_guest(&drv, at, 1), [S_OK]);
+    }
+}
+
+#[test]
 fn a_read_only_device_offers_ro_refuses_writes_and_serves_reads() {
     let rig = Rig::new("ro", 1, true);
     let fe = Frontend::connect(&rig.socket, 1, 64);
@@ -339,7 +493,9 @@ fn the_config_space_is_virtio_blk_config_and_writeback_is_writable() {
     assert_eq!(u32::from_le_bytes(c[20..24].try_into().unwrap()), 512);
     assert_eq!(c[32], 1, "writeback");
     assert_eq!(u16::from_le_bytes(c[34..36].try_into().unwrap()), 2);
-    assert_eq!(u32::from_le_bytes(c[40..44].try_into().unwrap()), 32, "max_discard_seg");
+    let field = |at: usize| u32::from_le_bytes(c[at..at + 4].try_into().unwrap());
+    assert_eq!((field(36), field(40)), (32768, 1), "max_discard_sectors, max_discard_seg");
+    assert_eq!((field(48), field(52), c[56]), (32768, 1, 1), "max_write_zeroes_sectors, _seg, _may_unmap");
     // The driver switches to writethrough (QEMU forwards the `wce` write as SET_CONFIG).
     let mut p = 32u32.to_ne_bytes().to_vec();
     p.extend_from_slice(&1u32.to_ne_bytes());
@@ -366,11 +522,121 @@ fn bin() -> &'static Path {
 
 #[test]
 fn print_capabilities_names_the_block_type_and_its_options() {
-    let out = std::process::Command::new(bin()).arg("--print-capabilities").output().unwrap();
-    assert!(out.status.success());
-    let s = String::from_utf8(out.stdout).unwrap();
-    assert!(s.contains("\"type\": \"block\""), "{s}");
-    assert!(s.contains("\"read-only\"") && s.contains("\"blk-file\""), "{s}");
+    // vhost-user.rst "Backend program conventions": the capabilities as JSON on stdout and a
+    // successful exit, whatever other options come with it.
+    for extra in [&[][..], &["--socket-path", "/nonexistent/dir/s.sock", "--fd", "3"][..]] {
+        let out = std::process::Command::new(bin()).arg("--print-capabilities").args(extra).output().unwrap();
+        assert!(out.status.success(), "{extra:?}");
+        let s = String::from_utf8(out.stdout).unwrap();
+        let t = s.trim();
+        assert!(t.starts_with('{') && t.ends_with('}'), "one JSON object: {s}");
+        assert!(t.contains("\"type\": \"block\""), "{s}");
+        assert!(t.contains("\"features\": [") && t.contains("\"read-only\"") && t.contains("\"blk-file\""), "{s}");
+        assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+/// `virtq-blk` with `args`, inheriting `fd` (the parent's number for it; `--fd` names it).
+fn spawn_with_fd(fd: std::os::fd::RawFd, args: &[&str]) -> std::process::Child {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new(bin());
+    cmd.args(args).stderr(std::process::Stdio::null());
+    // SAFETY: the closure runs in the child between fork and exec and only calls fcntl, which
+    // is async-signal-safe, on a number it holds by value; it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            // The standard library opens every fd close-on-exec; this one must reach the
+            // program, as a management layer passes it.
+            // SAFETY: fcntl on a number this process holds open; no memory is passed.
+            if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
+    cmd.spawn().unwrap()
+}
+
+#[test]
+fn the_binary_serves_a_listening_socket_passed_as_fd() {
+    use std::os::fd::AsRawFd;
+    // QEMU's convention for back-end programs: the parent binds and listens, the back-end
+    // inherits the socket and accepts on it (`--fd`).
+    let image = unique("fd.img");
+    std::fs::write(&image, vec![0u8; IMAGE_LEN]).unwrap();
+    let socket = unique("fd.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let fd = listener.as_raw_fd();
+    let mut child =
+        spawn_with_fd(fd, &["--fd", &fd.to_string(), "--image", image.to_str().unwrap(), "--serial", "by-fd"]);
+    // From here only the child holds the socket: a connection that works is its.
+    drop(listener);
+    {
+        let fe = Frontend::connect(&socket, 1, 64);
+        let offered = fe.get_u64(GET_FEATURES);
+        let blk = (VirtioFeatures::VERSION_1
+            | VirtioFeatures::BLK_SEG_MAX
+            | VirtioFeatures::BLK_BLK_SIZE
+            | VirtioFeatures::BLK_FLUSH
+            | VirtioFeatures::BLK_CONFIG_WCE
+            | VirtioFeatures::BLK_DISCARD
+            | VirtioFeatures::BLK_WRITE_ZEROES)
+            .bits()
+            | F_PROTOCOL_FEATURES;
+        assert_eq!(offered & blk, blk, "offered {offered:#x}");
+        assert_eq!(offered & (VirtioFeatures::BLK_RO | VirtioFeatures::BLK_MQ).bits(), 0, "writable, one queue");
+        let mut drv = fe.drivers().remove(0);
+        fe.qemu_start(blk_features());
+        let h = hdr(GET_ID, 0);
+        let (_, status, addrs) = submit(&fe, &mut drv, 0, &[Buf::readable(&h), Buf::writable(20), Buf::writable(1)]);
+        assert_eq!(status, Some(S_OK));
+        assert_eq!(read_guest(&drv, addrs[1], 6), b"by-fd\0");
+        // SAFETY: sends SIGTERM to our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let status = child.wait().unwrap();
+        assert!(status.success(), "{status:?}");
+    }
+    assert!(socket.exists(), "the socket file is the parent's: left in place");
+    std::fs::remove_file(socket).unwrap();
+    std::fs::remove_file(image).unwrap();
+}
+
+#[test]
+fn an_fd_that_is_not_a_listening_socket_is_refused_at_start() {
+    use std::os::fd::AsRawFd;
+    let image = unique("badfd.img");
+    std::fs::write(&image, vec![0u8; IMAGE_LEN]).unwrap();
+    let img = image.to_str().unwrap();
+    let exits = |mut child: std::process::Child| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("virtq-blk kept running on a bad --fd");
+            }
+            thread::sleep(std::time::Duration::from_millis(5));
+        };
+        assert!(!status.success(), "{status:?}");
+    };
+    // Negative, and a number that is not open in the child.
+    for fd in ["-1", "1000"] {
+        let child = std::process::Command::new(bin())
+            .args([&format!("--fd={fd}")[..], "--image", img])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        exits(child);
+    }
+    // A regular file, and a unix socket that is not listening.
+    let file = std::fs::File::open(&image).unwrap();
+    exits(spawn_with_fd(file.as_raw_fd(), &["--fd", &file.as_raw_fd().to_string(), "--image", img]));
+    let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+    exits(spawn_with_fd(a.as_raw_fd(), &["--fd", &a.as_raw_fd().to_string(), "--image", img]));
+    std::fs::remove_file(image).unwrap();
 }
 
 #[test]

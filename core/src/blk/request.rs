@@ -26,8 +26,10 @@
 use core::fmt;
 
 use super::config::{BlkConfig, ID_BYTES, SECTOR_SIZE};
-use crate::chain::{Chain, Segment};
+use crate::chain::{Chain, ChainError, Segment};
 use crate::features::VirtioFeatures;
+use crate::mem::GuestMemory;
+use crate::queue::SplitQueue;
 
 /// Bytes of the request header (`type`, `reserved`, `sector`).
 pub const REQ_HEADER_LEN: usize = 16;
@@ -149,6 +151,14 @@ pub enum RequestError {
     /// The chain has no device-writable byte, so there is no status byte to answer in
     /// (§5.2.6: `status` is device-writable). The chain is completed with used length 0.
     NoStatus,
+    /// The queue's walk refused the chain (a rule of §2.7.5: a readable buffer after a
+    /// writable one, a buffer outside guest memory, more buffers than the device takes, ...),
+    /// so it was never parsed. It still gets `VIRTIO_BLK_S_IOERR` in its last byte when it ends
+    /// in a device-writable buffer ([`complete_malformed`]), used length 0 otherwise.
+    Malformed {
+        /// What the walk found.
+        error: ChainError,
+    },
     /// The device-readable part is shorter than the 16-byte header (family 9).
     HeaderTooShort {
         /// Device-readable bytes in the chain.
@@ -244,6 +254,7 @@ impl fmt::Display for RequestError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             RequestError::NoStatus => f.write_str("block request without a device-writable status byte"),
+            RequestError::Malformed { error } => write!(f, "block request chain refused: {error}"),
             RequestError::HeaderTooShort { len } => write!(f, "block request of {len} readable bytes has no header"),
             RequestError::UnknownType { code } => write!(f, "block request type {code} not supported"),
             RequestError::NotNegotiated { kind } => write!(f, "block request {kind:?} without its feature"),
@@ -509,5 +520,23 @@ pub fn complete_error<const N: usize>(chain: &Chain<'_, N>, err: &RequestError) 
     match err.status() {
         Some(status) => complete(chain, 0, status),
         None => 0,
+    }
+}
+
+/// Completes the chain at `head` that `queue`'s walk refused with `error` (taken with
+/// [`SplitQueue::pop_into_uncompleted`]): writes the status of
+/// [`RequestError::Malformed`] (`VIRTIO_BLK_S_IOERR`) into the chain's last byte when the
+/// chain ends in a device-writable buffer ([`SplitQueue::write_last_byte`]), and returns the
+/// used length to push for `head`: 1 for the status byte, or 0 when the chain has no usable
+/// status byte (it cannot be followed to its end, ends in a device-readable buffer, or its
+/// last byte is not in guest memory).
+///
+/// §5.2.6: the status is the last device-writable byte, and the driver reads it as the
+/// request's outcome whatever else happened. A chain completed without it would leave the
+/// driver whatever that byte held before, `VIRTIO_BLK_S_OK` as likely as not.
+pub fn complete_malformed<M: GuestMemory + ?Sized>(queue: &SplitQueue<'_, M>, head: u16, error: ChainError) -> u32 {
+    match (RequestError::Malformed { error }).status() {
+        Some(status) if queue.write_last_byte(head, status as u8).is_some() => 1,
+        _ => 0,
     }
 }
