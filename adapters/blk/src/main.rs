@@ -11,7 +11,6 @@
 //!   -chardev socket,id=c0,path=/tmp/vblk.sock -device vhost-user-blk-pci,chardev=c0,num-queues=2
 //! ```
 
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -131,32 +130,6 @@ fn print_stats(dev: &BlkDevice) {
     }
 }
 
-/// Takes ownership of the listening socket the parent passed as `--fd`, once `fd` is known to
-/// be one: an `OwnedFd` must never hold -1, nor a number that is not open (a later `open` would
-/// reuse it, and dropping the `OwnedFd` would close that file), and a socket that does not
-/// listen would fail every `accept`.
-fn inherited_listener(fd: i32) -> Result<OwnedFd, String> {
-    let bad = |why: &dyn std::fmt::Display| format!("--fd {fd}: {why}");
-    if fd < 0 {
-        return Err(bad(&"not a file descriptor"));
-    }
-    let mut listening: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into the local `listening`; any fd number
-    // may be asked (EBADF if it is not open, ENOTSOCK if it is not a socket).
-    let r =
-        unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN, (&raw mut listening).cast(), &mut len) };
-    if r != 0 {
-        return Err(bad(&std::io::Error::last_os_error()));
-    }
-    if listening == 0 {
-        return Err(bad(&"the socket is not listening"));
-    }
-    // SAFETY: `fd` is an open socket (getsockopt succeeded), passed to this process to serve
-    // on; nothing else in it owns the number.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
 fn run(args: Args) -> Result<(), String> {
     let path = args.image.as_ref().ok_or("--image (or --blk-file) is required")?;
     let image = Image::open(path, args.read_only).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -170,7 +143,7 @@ fn run(args: Args) -> Result<(), String> {
     );
     let model = BlkModel::new(Arc::new(image), args.queues, &args.serial);
     let (name, socket) = match (args.fd, &args.socket_path) {
-        (Some(fd), None) => (format!("fd:{fd}"), SocketSpec::ListenFd(inherited_listener(fd)?)),
+        (Some(fd), None) => (format!("fd:{fd}"), SocketSpec::inherited(fd).map_err(|e| format!("--fd {fd}: {e}"))?),
         (None, Some(p)) if args.client => {
             let reconnect = Reconnect { enabled: !args.no_reconnect, ..Reconnect::default() };
             (p.display().to_string(), SocketSpec::Client { path: p.clone(), reconnect })

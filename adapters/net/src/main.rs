@@ -15,7 +15,6 @@
 //! negotiated its offloads, and is completed or segmented in software for one that did not
 //! (`dataplane`). Reflect ports offer none.
 
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -364,9 +363,8 @@ fn run(args: Args) -> Result<(), String> {
         Ok(())
     };
     if let Some(fd) = args.fd {
-        // SAFETY: the management layer passed us this listening socket; we own it from here.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        add(format!("fd:{}", args.fd.unwrap_or(-1)), &defaults, SocketSpec::ListenFd(fd), 0)?;
+        let socket = SocketSpec::inherited(fd).map_err(|e| format!("--fd {fd}: {e}"))?;
+        add(format!("fd:{fd}"), &defaults, socket, 0)?;
     }
     for (i, spec) in specs.iter().enumerate() {
         let socket = if spec.client {

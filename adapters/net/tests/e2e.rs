@@ -1042,3 +1042,54 @@ fn switch_carries_offloads_and_falls_back_in_software_per_receiver() {
         stats(&b, "q0(rx)")
     );
 }
+
+/// `--fd` must name a listening socket (`SocketSpec::inherited`, shared with virtq-blk): a
+/// negative number, a number that is not open and a socket that does not listen end the
+/// program at start with the reason, instead of an `OwnedFd` of -1 or a port that never
+/// accepts.
+#[test]
+fn an_fd_that_is_not_a_listening_socket_is_refused_at_start() {
+    let dir = std::env::temp_dir().join(format!("virtq-net-badfd-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // A bound, not listening, unix socket, inherited as fd 3.
+    let path = dir.join("unlistened.sock");
+    let _ = std::fs::remove_file(&path);
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    let raw = sock.as_raw_fd();
+    for (fd, why) in [("-1", "not a file descriptor"), ("1000", "Bad file descriptor"), ("3", "not listening")] {
+        let mut cmd = Command::new(BIN);
+        cmd.arg(format!("--fd={fd}")).stdout(Stdio::null()).stderr(Stdio::piped());
+        if fd == "3" {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: dup2 in the child between fork and exec (async-signal-safe), onto fd 3,
+            // which it leaves without FD_CLOEXEC.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::dup2(raw, 3) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd.spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut child = child;
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("virtq-net kept running on --fd {fd}");
+            }
+            thread::sleep(Duration::from_millis(5));
+        };
+        let mut err = String::new();
+        std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+        assert!(!status.success(), "--fd {fd}: {status:?}");
+        assert!(err.contains(&format!("--fd {fd}")) && err.contains(why), "--fd {fd}: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -52,8 +52,39 @@ pub enum SocketSpec {
         /// Reconnect policy (on by default).
         reconnect: Reconnect,
     },
-    /// An inherited listening socket (`--fd`).
+    /// An inherited listening socket (`--fd`; see [`SocketSpec::inherited`]).
     ListenFd(OwnedFd),
+}
+
+impl SocketSpec {
+    /// [`SocketSpec::ListenFd`] over the listening socket a parent passed as fd number `fd`
+    /// (QEMU's back-end program convention `--fd`, libvirt, systemd socket activation), once
+    /// `fd` is known to be one: an `OwnedFd` must never hold -1, nor a number that is not open
+    /// (a later `open` would reuse it, and dropping the `OwnedFd` would close that file), and a
+    /// socket that does not listen would fail every `accept`. `InvalidInput` for a negative
+    /// number or a socket that does not listen; the OS error (`EBADF`, `ENOTSOCK`) otherwise.
+    pub fn inherited(fd: std::os::fd::RawFd) -> std::io::Result<SocketSpec> {
+        use std::io::{Error, ErrorKind};
+        if fd < 0 {
+            return Err(Error::new(ErrorKind::InvalidInput, "not a file descriptor"));
+        }
+        let mut listening: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into the local `listening`; any fd
+        // number may be asked (EBADF if it is not open, ENOTSOCK if it is not a socket).
+        let r = unsafe {
+            libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN, (&raw mut listening).cast(), &mut len)
+        };
+        if r != 0 {
+            return Err(Error::last_os_error());
+        }
+        if listening == 0 {
+            return Err(Error::new(ErrorKind::InvalidInput, "the socket is not listening"));
+        }
+        // SAFETY: `fd` is an open socket (getsockopt succeeded), passed to this process to
+        // serve on; nothing else in it owns the number.
+        Ok(SocketSpec::ListenFd(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) }))
+    }
 }
 
 /// Callbacks from the control loop (all optional), for a device of type `M`. They run on the
