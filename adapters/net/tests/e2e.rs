@@ -1051,21 +1051,22 @@ fn switch_carries_offloads_and_falls_back_in_software_per_receiver() {
 fn an_fd_that_is_not_a_listening_socket_is_refused_at_start() {
     let dir = std::env::temp_dir().join(format!("virtq-net-badfd-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    // A bound, not listening, unix socket, inherited as fd 3.
+    // A bound, not listening, unix socket, inherited as fd 50 (a number std's spawn does not
+    // use for its own pipes).
     let path = dir.join("unlistened.sock");
     let _ = std::fs::remove_file(&path);
     let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
     let raw = sock.as_raw_fd();
-    for (fd, why) in [("-1", "not a file descriptor"), ("1000", "Bad file descriptor"), ("3", "not listening")] {
+    for (fd, why) in [("-1", "not a file descriptor"), ("1000", "Bad file descriptor"), ("50", "not listening")] {
         let mut cmd = Command::new(BIN);
         cmd.arg(format!("--fd={fd}")).stdout(Stdio::null()).stderr(Stdio::piped());
-        if fd == "3" {
+        if fd == "50" {
             use std::os::unix::process::CommandExt;
-            // SAFETY: dup2 in the child between fork and exec (async-signal-safe), onto fd 3,
+            // SAFETY: dup2 in the child between fork and exec (async-signal-safe), onto fd 50,
             // which it leaves without FD_CLOEXEC.
             unsafe {
                 cmd.pre_exec(move || {
-                    if libc::dup2(raw, 3) < 0 {
+                    if libc::dup2(raw, 50) < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                     Ok(())
