@@ -1,21 +1,28 @@
 //! The back-end's protocol state machine driven by arbitrary message sequences with real fds
-//! (memfd regions, eventfds).
+//! (memfd regions, eventfds), for both device models the library ships: virtio-net
+//! (`NetModel`) and virtio-blk (`virtq_blk::BlkModel`, over a small image file); the first
+//! input byte picks one.
 //!
 //! Besides raw requests, steps build the dirty log messages of a migration with real memfds
 //! (`SET_LOG_BASE` of any size and offset over a file of any length, `SET_LOG_FD`, LOG_SHMFD
-//! and LOG_ALL negotiated, `SET_VRING_ADDR` with `VHOST_VRING_F_LOG`), which random bytes
+//! and LOG_ALL negotiated, `SET_VRING_ADDR` with `VHOST_VRING_F_LOG`) and the in-flight
+//! tracking messages of virtio-blk (`GET_INFLIGHT_FD` / `SET_INFLIGHT_FD` with any
+//! description over a memfd of any length, `INFLIGHT_SHMFD` negotiated), which random bytes
 //! would rarely assemble.
 //!
 //! Invariants: no panic; after the device is reset and dropped, no fd and no mapping created
 //! for the run remains (memfds are named so that /proc/self/maps and /proc/self/fd lines can
-//! be attributed).
+//! be attributed, the back-end's in-flight areas included).
 #![no_main]
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
+use virtq_blk::image::Image;
+use virtq_blk::model::BlkModel;
 use virtq_vhost_user::device::{DeviceConfig, VhostUserDevice};
+use virtq_vhost_user::model::DeviceModel;
 use virtq_vhost_user::net::NetModel;
 use virtq_vhost_user::message::{FrontendMessage, Header, ProtocolFeatures as Pf, Request, VHOST_F_LOG_ALL};
 
@@ -52,6 +59,9 @@ enum Step {
     LogFd(Fd),
     /// SET_VRING_ADDR with VHOST_VRING_F_LOG (or not) and this log address.
     VringAddrLog { index: u8, flags: u8, addrs: [u16; 3], log_guest_addr: u64 },
+    /// SET_PROTOCOL_FEATURES with INFLIGHT_SHMFD (and REPLY_ACK), then GET_INFLIGHT_FD
+    /// (`get`) or SET_INFLIGHT_FD over a memfd of `pages` pages, with this description.
+    Inflight { get: bool, mmap_size: u16, mmap_offset: u16, num_queues: u8, queue_size: u16, pages: u8 },
 }
 
 fn memfd(pages: u8) -> OwnedFd {
@@ -71,18 +81,34 @@ fn eventfd() -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(libc::eventfd(0, libc::EFD_CLOEXEC)) }
 }
 
-/// Mappings and fds of the memfds this target creates.
+/// Mappings and fds of the memfds this target creates, and of the in-flight areas the blk
+/// back-end creates.
 fn ours() -> (usize, usize) {
+    let mine = |s: &str| s.contains(NAME) || s.contains("virtq-blk-inflight");
     let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
-    let m = maps.lines().filter(|l| l.contains(NAME)).count();
+    let m = maps.lines().filter(|l| mine(l)).count();
     let f = std::fs::read_dir("/proc/self/fd")
         .map(|d| {
             d.filter_map(|e| e.ok())
-                .filter(|e| std::fs::read_link(e.path()).is_ok_and(|p| p.to_string_lossy().contains(NAME)))
+                .filter(|e| std::fs::read_link(e.path()).is_ok_and(|p| mine(&p.to_string_lossy())))
                 .count()
         })
         .unwrap_or(0);
     (m, f)
+}
+
+/// The image the blk model serves: 1 MiB, made once per process.
+fn image() -> std::sync::Arc<Image> {
+    static IMAGE: std::sync::OnceLock<std::sync::Arc<Image>> = std::sync::OnceLock::new();
+    IMAGE
+        .get_or_init(|| {
+            let path = std::env::temp_dir().join(format!("virtq-fuzz-image-{}.img", std::process::id()));
+            std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+            let image = Image::open(&path, false).unwrap();
+            let _ = std::fs::remove_file(&path);
+            std::sync::Arc::new(image)
+        })
+        .clone()
 }
 
 fn fd(f: &Fd) -> Option<OwnedFd> {
@@ -94,7 +120,7 @@ fn fd(f: &Fd) -> Option<OwnedFd> {
 }
 
 /// Frames one request as the wire has it and hands it to the device through the decoder.
-fn send(dev: &mut VhostUserDevice<NetModel>, request: u32, flags: u32, payload: &[u8], fds: Vec<OwnedFd>) {
+fn send<M: DeviceModel>(dev: &mut VhostUserDevice<M>, request: u32, flags: u32, payload: &[u8], fds: Vec<OwnedFd>) {
     let mut h = [0u8; 12];
     h[0..4].copy_from_slice(&request.to_ne_bytes());
     h[4..8].copy_from_slice(&(1 | (flags & 0x8)).to_ne_bytes());
@@ -109,38 +135,63 @@ fn u64s(values: &[u64]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_ne_bytes()).collect()
 }
 
-fuzz_target!(|steps: Vec<Step>| {
-    let mut dev = VhostUserDevice::new(DeviceConfig::new(NetModel::default()));
+fuzz_target!(|input: (bool, Vec<Step>)| {
+    let (blk, steps) = input;
+    if blk {
+        run(VhostUserDevice::new(DeviceConfig::new(BlkModel::new(image(), 2, "fuzz"))), &steps);
+    } else {
+        run(VhostUserDevice::new(DeviceConfig::new(NetModel::default())), &steps);
+    }
+    assert_eq!(ours(), (0, 0), "a mapping or fd outlived the device");
+});
+
+fn run<M: DeviceModel>(mut dev: VhostUserDevice<M>, steps: &[Step]) {
+    let dev = &mut dev;
     for step in steps.iter().take(32) {
         match step {
             Step::Raw(m) => {
                 let payload: Vec<u8> = m.payload.iter().copied().take(300).collect();
                 let fds = m.fds.iter().take(9).filter_map(fd).collect();
-                send(&mut dev, m.request as u32 % 48, m.flags as u32, &payload, fds);
+                send(dev, m.request as u32 % 48, m.flags as u32, &payload, fds);
             }
             Step::Negotiate { log_all, reply_ack } => {
                 let protocol = (Pf::LOG_SHMFD | if *reply_ack { Pf::REPLY_ACK } else { Pf::empty() }).bits();
-                send(&mut dev, Request::SetProtocolFeatures as u32, 0, &u64s(&[protocol]), vec![]);
+                send(dev, Request::SetProtocolFeatures as u32, 0, &u64s(&[protocol]), vec![]);
                 let features = (1 << 32) | (1 << 30) | if *log_all { VHOST_F_LOG_ALL.bits() } else { 0 };
-                send(&mut dev, Request::SetFeatures as u32, 0, &u64s(&[features]), vec![]);
+                send(dev, Request::SetFeatures as u32, 0, &u64s(&[features]), vec![]);
             }
             Step::LogBase { size, offset, pages, need_reply } => {
                 let flags = if *need_reply { 0x8 } else { 0 };
                 let payload = u64s(&[u64::from(*size), u64::from(*offset)]);
-                send(&mut dev, Request::SetLogBase as u32, flags, &payload, vec![memfd(*pages)]);
+                send(dev, Request::SetLogBase as u32, flags, &payload, vec![memfd(*pages)]);
             }
             Step::LogBaseHuge { size, offset, pages } => {
-                send(&mut dev, Request::SetLogBase as u32, 0, &u64s(&[*size, *offset]), vec![memfd(*pages)]);
+                send(dev, Request::SetLogBase as u32, 0, &u64s(&[*size, *offset]), vec![memfd(*pages)]);
             }
             Step::LogFd(f) => {
-                send(&mut dev, Request::SetLogFd as u32, 0, &[], fd(f).into_iter().collect());
+                send(dev, Request::SetLogFd as u32, 0, &[], fd(f).into_iter().collect());
             }
             Step::VringAddrLog { index, flags, addrs, log_guest_addr } => {
                 let mut p = (u32::from(*index) % 4).to_ne_bytes().to_vec();
                 p.extend_from_slice(&u32::from(*flags).to_ne_bytes());
                 let [desc, used, avail] = addrs.map(u64::from);
                 p.extend_from_slice(&u64s(&[desc, used, avail, *log_guest_addr]));
-                send(&mut dev, Request::SetVringAddr as u32, 0, &p, vec![]);
+                send(dev, Request::SetVringAddr as u32, 0, &p, vec![]);
+            }
+            Step::Inflight { get, mmap_size, mmap_offset, num_queues, queue_size, pages } => {
+                let protocol = (Pf::INFLIGHT_SHMFD | Pf::REPLY_ACK).bits();
+                send(dev, Request::SetProtocolFeatures as u32, 0, &u64s(&[protocol]), vec![]);
+                // struct vhost_user_inflight: mmap_size, mmap_offset (u64), num_queues,
+                // queue_size (u16), 4 bytes of padding.
+                let mut p = u64s(&[u64::from(*mmap_size), u64::from(*mmap_offset)]);
+                p.extend_from_slice(&u16::from(*num_queues).to_ne_bytes());
+                p.extend_from_slice(&queue_size.to_ne_bytes());
+                p.extend_from_slice(&[0; 4]);
+                if *get {
+                    send(dev, Request::GetInflightFd as u32, 0, &p, vec![]);
+                } else {
+                    send(dev, Request::SetInflightFd as u32, 0x8, &p, vec![memfd(*pages)]);
+                }
             }
         }
         // What the data path would mark, where logging is on.
@@ -150,6 +201,4 @@ fuzz_target!(|steps: Vec<Step>| {
         }
     }
     dev.reset();
-    drop(dev);
-    assert_eq!(ours(), (0, 0), "a mapping or fd outlived the device");
-});
+}
