@@ -294,6 +294,12 @@ ns_ping() { # NS IP COUNT
     [[ ${got:-0} -eq $3 ]]
 }
 
+# The receiver's rate of GUEST's last `vt-iperf` run with ARGS ('' forward, -R reverse), e.g.
+# "456 Mbits/sec"; empty if there is none.
+iperf_rate() { # GUEST ARGS
+    grep -a "VIRTQ: iperf3 $2 .*receiver" "${GLOG[$1]}" | tail -1 | tr -d '\r' | grep -o '[0-9.]* Mbits/sec'
+}
+
 # "stats PORT qN(dir): packets P bytes B drops D ..." from the virtq-net log -> P (or D).
 qstat() { # PORT-PATH QUEUE [packets|drops]
     grep -a "stats $1 q$2(" "$VQ_LOG" | sed -n "s/.* ${3:-packets} \([0-9]*\).*/\1/p" | tail -1
@@ -417,8 +423,8 @@ case_tap_offload() {
     tapoff=$(grep -a 'TAP offloads' "$VQ_LOG" | tail -1 | sed 's/.*TAP offloads //')
     [[ $tapoff == csum,tso4,tso6* ]] || { ok=0; err+=" TAP offloads '${tapoff:-?}'"; }
     local fwd rev
-    fwd=$(grep -a 'VIRTQ: iperf3  .*receiver' "${GLOG[g1]}" | tail -1 | tr -d '\r' | grep -o '[0-9.]* Mbits/sec')
-    rev=$(grep -a 'VIRTQ: iperf3 -R .*receiver' "${GLOG[g1]}" | tail -1 | tr -d '\r' | grep -o '[0-9.]* Mbits/sec')
+    fwd=$(iperf_rate g1 '')
+    rev=$(iperf_rate g1 -R)
     [[ -n $fwd && -n $rev ]] || { ok=0; err+=" no iperf3 result"; }
     # Average frame (bytes without the virtio-net header / packets) per direction.
     local txp txb rxp rxb avg_tx avg_rx
@@ -669,8 +675,8 @@ case_iperf3() {
     vq_stop
     local stop_ok=$? stop=$STOP_ERR
     local fwd rev
-    fwd=$(grep -a 'VIRTQ: iperf3  .*receiver' "${GLOG[g1]}" | tail -1 | tr -d '\r' | grep -o '[0-9.]* Mbits/sec')
-    rev=$(grep -a 'VIRTQ: iperf3 -R .*receiver' "${GLOG[g1]}" | tail -1 | tr -d '\r' | grep -o '[0-9.]* Mbits/sec')
+    fwd=$(iperf_rate g1 '')
+    rev=$(iperf_rate g1 -R)
     local retr
     retr=$(grep -a 'VIRTQ: iperf3  .*sender' "${GLOG[g1]}" | tail -1 | tr -d '\r' | awk '{ for (i = 1; i < NF; i++) if ($(i+1) == "sender") print $i }')
     IPERF_REPORT="g1->g2 ${fwd:-?}, g2->g1 ${rev:-?} (TCP, 10 s each, TCG guests)"
@@ -700,8 +706,8 @@ case_packed() {
     local stop_ok=$? stop=$STOP_ERR
     local fwd rev ping p1 p2
     ping=$(vline g1 'ping' | sed -n 's/.*: \([0-9]*\/[0-9]*\) replies.*/\1/p')
-    fwd=$(grep -a 'VIRTQ: iperf3  .*receiver' "${GLOG[g1]}" | tail -1 | tr -d '\r' | grep -o '[0-9.]* Mbits/sec')
-    rev=$(grep -a 'VIRTQ: iperf3 -R .*receiver' "${GLOG[g1]}" | tail -1 | tr -d '\r' | grep -o '[0-9.]* Mbits/sec')
+    fwd=$(iperf_rate g1 '')
+    rev=$(iperf_rate g1 -R)
     # Feature bit N is character N + 1 of the string the guest prints.
     p1=$(vline g1 features | awk '{ print substr($3, 35, 1) }')
     p2=$(vline g2 features | awk '{ print substr($3, 35, 1) }')
@@ -734,8 +740,8 @@ case_jumbo() {
     local stop_ok=$? stop=$STOP_ERR
     local fwd rev pings m1 m2 txp txb rxp rxb avg_tx avg_rx errs
     pings=$(grep -a 'packets transmitted' "${GLOG[g1]}" | tail -1 | tr -d '\r' | sed -n 's/.*, \([0-9]*\) packets received.*/\1/p')
-    fwd=$(grep -a 'VIRTQ: iperf3  .*receiver' "${GLOG[g1]}" | tail -1 | tr -d '\r' | grep -o '[0-9.]* Mbits/sec')
-    rev=$(grep -a 'VIRTQ: iperf3 -R .*receiver' "${GLOG[g1]}" | tail -1 | tr -d '\r' | grep -o '[0-9.]* Mbits/sec')
+    fwd=$(iperf_rate g1 '')
+    rev=$(iperf_rate g1 -R)
     m1=$(vline g1 eth0 | sed -n 's/.* mtu=\([0-9]*\).*/\1/p')
     m2=$(vline g2 eth0 | sed -n 's/.* mtu=\([0-9]*\).*/\1/p')
     txp=$(qstat "$s1" 1) txb=$(qstat "$s1" 1 bytes) rxp=$(qstat "$s2" 0) rxb=$(qstat "$s2" 0 bytes)
@@ -788,8 +794,8 @@ case_switch_offload() {
     vq_stop
     local stop_ok=$? stop=$STOP_ERR
     local fwd rev o1 o2
-    fwd=$(grep -a 'VIRTQ: iperf3  .*receiver' "${GLOG[g1]}" | tail -1 | tr -d '\r' | grep -o '[0-9.]* Mbits/sec')
-    rev=$(grep -a 'VIRTQ: iperf3 -R .*receiver' "${GLOG[g1]}" | tail -1 | tr -d '\r' | grep -o '[0-9.]* Mbits/sec')
+    fwd=$(iperf_rate g1 '')
+    rev=$(iperf_rate g1 -R)
     o1=$(offloads g1) o2=$(offloads g2)
     DETAIL="g1 ($o1) -> g2 ($o2) ${fwd:-none}, g2 -> g1 ${rev:-none}; g1 -> TAP (no offloads) $n/$bytes bytes"
     DETAIL+="; virtq-net TX errors g1/g2 $(qstat "$s1" 1 errors)/$(qstat "$s2" 1 errors)"

@@ -44,15 +44,15 @@ use core::ptr::NonNull;
 use core::sync::atomic::{fence, Ordering};
 
 use crate::chain::{
-    fail, indirect_table, walk_source, walk_source_into, Chain, ChainError, ChainLimits, DescSource, DescTable, Failed,
-    WalkDesc, WalkSummary,
+    fail, indirect_table, read_into, walk_source, walk_source_into, write_from, Chain, ChainError, ChainLimits,
+    DescSource, DescTable, Failed, WalkDesc, WalkSummary,
 };
 use crate::desc::{read_packed, DescFlags, DESC_SIZE};
 use crate::dirty::{NoLog, WriteLog};
 use crate::event::vring_need_event;
 use crate::features::VirtioFeatures;
 use crate::log::log_warn;
-use crate::mem::{copy_bytes, load_u16, store_u16, store_u32, GuestMemory};
+use crate::mem::{load_u16, store_u16, store_u32, GuestMemory};
 use crate::queue::{CopiedChain, FirstWritable, PopError, QueueConfig, QueueError, RingPart, MAX_QUEUE_SIZE};
 
 /// `VIRTQ_DESC_F_AVAIL` (§2.8.1): equal to the driver's wrap counter when the driver makes a
@@ -617,21 +617,8 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
     #[cfg_attr(not(feature = "small"), inline(always))]
     fn pop_read_with<const COMPLETE_BAD: bool>(&mut self, buf: &mut [u8]) -> Result<Option<CopiedChain>, PopError> {
         let mut done = 0usize;
-        let copied = &mut done;
-        let dst = buf.as_mut_ptr();
-        let cap = buf.len();
-        self.pop_with::<_, COMPLETE_BAD>(move |ptr, len, writable, _| {
-            if !writable {
-                let n = (len as usize).min(cap - *copied);
-                // SAFETY: `ptr` is valid for `len >= n` bytes of guest memory (GuestMemory
-                // contract, borrowed for 'm); `done + n <= cap` bytes of `buf`; guest memory
-                // never overlaps a Rust buffer.
-                unsafe { copy_bytes(ptr.as_ptr(), dst.add(*copied), n) };
-                *copied += n;
-            }
-            Ok(())
-        })
-        .map(|o| o.map(|(head, sum)| copied_chain(head, done, sum)))
+        let r = self.pop_with::<_, COMPLETE_BAD>(read_into(buf.as_mut_ptr(), buf.len(), &mut done));
+        r.map(|o| o.map(|(head, sum)| CopiedChain::new(head, done, sum)))
     }
 
     /// Takes the next chain and writes `data` into its device-writable part in the same pass
@@ -645,24 +632,8 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
     #[cfg_attr(not(feature = "small"), inline(always))]
     pub fn pop_write_logged<L: WriteLog>(&mut self, data: &[u8], log: &L) -> Result<Option<CopiedChain>, PopError> {
         let mut done = 0usize;
-        let written = &mut done;
-        self.pop_with::<_, true>(
-            #[cfg_attr(not(feature = "small"), inline(always))]
-            move |ptr, len, writable, addr| {
-                if writable {
-                    let n = (len as usize).min(data.len() - *written);
-                    // SAFETY: as in `pop_read`, with `data[done..done + n]` as the source; the
-                    // piece is device-writable, so writing it is allowed (§2.8.13).
-                    unsafe { copy_bytes(data.as_ptr().add(*written), ptr.as_ptr(), n) };
-                    if L::ENABLED && n != 0 {
-                        log.buffer(addr, n as u64);
-                    }
-                    *written += n;
-                }
-                Ok(())
-            },
-        )
-        .map(|o| o.map(|(head, sum)| copied_chain(head, done, sum)))
+        let r = self.pop_with::<_, true>(write_from(data, &mut done, log));
+        r.map(|o| o.map(|(head, sum)| CopiedChain::new(head, done, sum)))
     }
 
     #[cfg_attr(not(feature = "small"), inline(always))]
@@ -926,11 +897,6 @@ pub fn packed_need_event(off_wrap: u16, old: RingPosition, new: RingPosition, si
         off = off.wrapping_sub(size);
     }
     vring_need_event(off, new.index, old_i)
-}
-
-#[cfg_attr(not(feature = "small"), inline(always))]
-fn copied_chain(head: u16, bytes: usize, sum: WalkSummary) -> CopiedChain {
-    CopiedChain { head, bytes: bytes as u32, readable_len: sum.readable_len, writable_len: sum.writable_len }
 }
 
 #[cfg(test)]

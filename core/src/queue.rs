@@ -18,7 +18,10 @@ use core::fmt;
 use core::ptr::NonNull;
 
 use crate::avail::{AvailIndexError, AvailRing};
-use crate::chain::{last_writable_byte, walk, walk_pieces, Chain, ChainError, ChainLimits, DescTable, WalkSummary};
+use crate::chain::{
+    last_writable_byte, read_into, walk, walk_pieces, write_from, Chain, ChainError, ChainLimits, DescTable,
+    WalkSummary,
+};
 use crate::desc::DESC_SIZE;
 use crate::dirty::{NoLog, WriteLog};
 use crate::features::VirtioFeatures;
@@ -204,7 +207,7 @@ pub struct CopiedChain {
 }
 
 impl CopiedChain {
-    fn new(head: u16, bytes: usize, sum: WalkSummary) -> Self {
+    pub(crate) fn new(head: u16, bytes: usize, sum: WalkSummary) -> Self {
         CopiedChain { head, bytes: bytes as u32, readable_len: sum.readable_len, writable_len: sum.writable_len }
     }
 }
@@ -484,22 +487,8 @@ impl<'m, M: GuestMemory + ?Sized> SplitQueue<'m, M> {
     #[cfg_attr(not(feature = "small"), inline(always))]
     fn pop_read_with<const COMPLETE_BAD: bool>(&mut self, buf: &mut [u8]) -> Result<Option<CopiedChain>, PopError> {
         let mut done = 0usize;
-        let copied = &mut done;
-        let dst = buf.as_mut_ptr();
-        let cap = buf.len();
-        // `move`: the visitor holds the buffer's pointer and length by value.
-        self.pop_with::<_, COMPLETE_BAD>(move |ptr, len, writable, _| {
-            if !writable {
-                let n = (len as usize).min(cap - *copied);
-                // SAFETY: `ptr` is valid for `len >= n` bytes of guest memory (GuestMemory
-                // contract, borrowed for 'm); `done + n <= cap` bytes of `buf`; guest memory
-                // never overlaps a Rust buffer.
-                unsafe { copy_bytes(ptr.as_ptr(), dst.add(*copied), n) };
-                *copied += n;
-            }
-            Ok(())
-        })
-        .map(|o| o.map(|(head, sum)| CopiedChain::new(head, done, sum)))
+        let r = self.pop_with::<_, COMPLETE_BAD>(read_into(buf.as_mut_ptr(), buf.len(), &mut done));
+        r.map(|o| o.map(|(head, sum)| CopiedChain::new(head, done, sum)))
     }
 
     /// Takes the next chain and writes `data` into its device-writable part in the same pass
@@ -519,27 +508,8 @@ impl<'m, M: GuestMemory + ?Sized> SplitQueue<'m, M> {
     #[cfg_attr(not(feature = "small"), inline(always))]
     pub fn pop_write_logged<L: WriteLog>(&mut self, data: &[u8], log: &L) -> Result<Option<CopiedChain>, PopError> {
         let mut done = 0usize;
-        let written = &mut done;
-        // `move`: the visitor holds the slice by value. Inlined into the walk, which calls it
-        // from two places: left to LLVM, the visitor with the report stayed a call per piece
-        // (ringbench, 2desc 64 rx with a log: about 20 instructions per piece).
-        self.pop_with::<_, true>(
-            #[cfg_attr(not(feature = "small"), inline(always))]
-            move |ptr, len, writable, addr| {
-                if writable {
-                    let n = (len as usize).min(data.len() - *written);
-                    // SAFETY: as in `pop_read`, with `data[done..done + n]` as the source; the
-                    // piece is device-writable, so writing it is allowed (§2.7.5.1).
-                    unsafe { copy_bytes(data.as_ptr().add(*written), ptr.as_ptr(), n) };
-                    if L::ENABLED && n != 0 {
-                        log.buffer(addr, n as u64);
-                    }
-                    *written += n;
-                }
-                Ok(())
-            },
-        )
-        .map(|o| o.map(|(head, sum)| CopiedChain::new(head, done, sum)))
+        let r = self.pop_with::<_, true>(write_from(data, &mut done, log));
+        r.map(|o| o.map(|(head, sum)| CopiedChain::new(head, done, sum)))
     }
 
     /// Takes the next chain, validating it in one pass without building a segment list, and
