@@ -352,23 +352,26 @@ pub(crate) trait DescSource {
     fn advance(&mut self, d: &WalkDesc) -> bool;
 }
 
-/// The visitor of `pop_read` (both layouts): copies each device-readable piece into the
-/// `cap` bytes at `dst`, after the `*copied` bytes before it (a piece that does not fit is cut:
-/// the walk's summary still tells the whole readable length).
+/// The visitor of `pop_read` (both layouts): copies each device-readable piece into `buf`,
+/// after the `*copied` bytes before it (a piece that does not fit is cut: the walk's summary
+/// still tells the whole readable length). `*copied` starts at 0.
 #[cfg_attr(not(feature = "small"), inline(always))]
-pub(crate) fn read_into(
-    dst: *mut u8,
-    cap: usize,
-    copied: &mut usize,
-) -> impl FnMut(NonNull<u8>, u32, bool, u64) -> Result<(), ChainError> + '_ {
-    // `move`: the visitor holds the buffer's pointer and length by value.
+pub(crate) fn read_into<'a>(
+    buf: &'a mut [u8],
+    copied: &'a mut usize,
+) -> impl FnMut(NonNull<u8>, u32, bool, u64) -> Result<(), ChainError> + 'a {
+    *copied = 0;
+    // The buffer as a pointer and length held by value (`move`): the visitor is called from
+    // two places in the walk, and a slice re-borrowed there costs its bounds on every piece.
+    let dst = buf.as_mut_ptr();
+    let cap = buf.len();
     #[cfg_attr(not(feature = "small"), inline(always))]
     move |ptr, len, writable, _| {
         if !writable {
             let n = (len as usize).min(cap - *copied);
             // SAFETY: `ptr` is valid for `len >= n` bytes of guest memory (GuestMemory contract,
-            // for the walk's borrow); `*copied + n <= cap` bytes at `dst`, the caller's buffer;
-            // guest memory never overlaps a Rust buffer.
+            // for the walk's borrow); `*copied + n <= cap`, so the destination is inside `buf`,
+            // borrowed for 'a; guest memory never overlaps a Rust buffer.
             unsafe { copy_bytes(ptr.as_ptr(), dst.add(*copied), n) };
             *copied += n;
         }
@@ -380,13 +383,14 @@ pub(crate) fn read_into(
 /// pieces in order, after the `*written` bytes before, reporting each piece written to `log`.
 /// Inlined into the walk, which calls it from two places: left to LLVM, the visitor with the
 /// report stayed a call per piece (ringbench, 2desc 64 rx with a log: about 20 instructions per
-/// piece).
+/// piece). `*written` starts at 0.
 #[cfg_attr(not(feature = "small"), inline(always))]
 pub(crate) fn write_from<'a, L: WriteLog>(
     data: &'a [u8],
     written: &'a mut usize,
     log: &'a L,
 ) -> impl FnMut(NonNull<u8>, u32, bool, u64) -> Result<(), ChainError> + 'a {
+    *written = 0;
     #[cfg_attr(not(feature = "small"), inline(always))]
     move |ptr, len, writable, addr| {
         if writable {

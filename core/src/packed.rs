@@ -617,7 +617,7 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
     #[cfg_attr(not(feature = "small"), inline(always))]
     fn pop_read_with<const COMPLETE_BAD: bool>(&mut self, buf: &mut [u8]) -> Result<Option<CopiedChain>, PopError> {
         let mut done = 0usize;
-        let r = self.pop_with::<_, COMPLETE_BAD>(read_into(buf.as_mut_ptr(), buf.len(), &mut done));
+        let r = self.pop_with::<_, COMPLETE_BAD>(read_into(buf, &mut done));
         r.map(|o| o.map(|(head, sum)| CopiedChain::new(head, done, sum)))
     }
 

@@ -143,7 +143,11 @@ fn run(args: Args) -> Result<(), String> {
     );
     let model = BlkModel::new(Arc::new(image), args.queues, &args.serial);
     let (name, socket) = match (args.fd, &args.socket_path) {
-        (Some(fd), None) => (format!("fd:{fd}"), SocketSpec::inherited(fd).map_err(|e| format!("--fd {fd}: {e}"))?),
+        (Some(fd), None) => (format!("fd:{fd}"), {
+            // SAFETY: `--fd` names a socket the parent passed at exec for this program to
+            // serve on; nothing else in the process owns the number.
+            unsafe { SocketSpec::inherited(fd) }.map_err(|e| format!("--fd {fd}: {e}"))?
+        }),
         (None, Some(p)) if args.client => {
             let reconnect = Reconnect { enabled: !args.no_reconnect, ..Reconnect::default() };
             (p.display().to_string(), SocketSpec::Client { path: p.clone(), reconnect })

@@ -363,7 +363,9 @@ fn run(args: Args) -> Result<(), String> {
         Ok(())
     };
     if let Some(fd) = args.fd {
-        let socket = SocketSpec::inherited(fd).map_err(|e| format!("--fd {fd}: {e}"))?;
+        // SAFETY: `--fd` names a socket the parent passed at exec for this program to serve on;
+        // nothing else in the process owns the number.
+        let socket = unsafe { SocketSpec::inherited(fd) }.map_err(|e| format!("--fd {fd}: {e}"))?;
         add(format!("fd:{fd}"), &defaults, socket, 0)?;
     }
     for (i, spec) in specs.iter().enumerate() {

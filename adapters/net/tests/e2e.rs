@@ -7,7 +7,7 @@
 mod frontend;
 
 use std::net::UdpSocket;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread;
@@ -1057,16 +1057,26 @@ fn an_fd_that_is_not_a_listening_socket_is_refused_at_start() {
     let _ = std::fs::remove_file(&path);
     let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
     let raw = sock.as_raw_fd();
-    for (fd, why) in [("-1", "not a file descriptor"), ("1000", "Bad file descriptor"), ("50", "not listening")] {
+    // A unix stream socket that does not listen, inherited as fd 51.
+    // SAFETY: socket() returns a fresh fd, owned at once.
+    let stream = unsafe { std::os::fd::OwnedFd::from_raw_fd(libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0)) };
+    let raw_stream = stream.as_raw_fd();
+    for (fd, why) in [
+        ("-1", "not a file descriptor"),
+        ("1000", "Bad file descriptor"),
+        ("50", "not a unix stream socket"),
+        ("51", "not listening"),
+    ] {
         let mut cmd = Command::new(BIN);
         cmd.arg(format!("--fd={fd}")).stdout(Stdio::null()).stderr(Stdio::piped());
-        if fd == "50" {
+        if fd == "50" || fd == "51" {
+            let (from, to) = if fd == "50" { (raw, 50) } else { (raw_stream, 51) };
             use std::os::unix::process::CommandExt;
-            // SAFETY: dup2 in the child between fork and exec (async-signal-safe), onto fd 50,
-            // which it leaves without FD_CLOEXEC.
+            // SAFETY: dup2 in the child between fork and exec (async-signal-safe), onto fd 50
+            // or 51, which it leaves without FD_CLOEXEC.
             unsafe {
                 cmd.pre_exec(move || {
-                    if libc::dup2(raw, 50) < 0 {
+                    if libc::dup2(from, to) < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                     Ok(())

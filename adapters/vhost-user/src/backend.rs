@@ -62,27 +62,36 @@ impl SocketSpec {
     /// `fd` is known to be one: an `OwnedFd` must never hold -1, nor a number that is not open
     /// (a later `open` would reuse it, and dropping the `OwnedFd` would close that file), and a
     /// socket that does not listen would fail every `accept`. `InvalidInput` for a negative
-    /// number or a socket that does not listen; the OS error (`EBADF`, `ENOTSOCK`) otherwise.
-    pub fn inherited(fd: std::os::fd::RawFd) -> std::io::Result<SocketSpec> {
+    /// number, a socket that does not listen or is not a unix stream socket (vhost-user passes
+    /// fds, `SCM_RIGHTS`); the OS error (`EBADF`, `ENOTSOCK`) otherwise.
+    ///
+    /// # Safety
+    /// `fd` must be owned by nothing else in this process (as a number a parent passed at exec
+    /// is): the returned spec closes it when dropped.
+    pub unsafe fn inherited(fd: std::os::fd::RawFd) -> std::io::Result<SocketSpec> {
         use std::io::{Error, ErrorKind};
         if fd < 0 {
             return Err(Error::new(ErrorKind::InvalidInput, "not a file descriptor"));
         }
-        let mut listening: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: getsockopt writes at most `len` bytes into the local `listening`; any fd
-        // number may be asked (EBADF if it is not open, ENOTSOCK if it is not a socket).
-        let r = unsafe {
-            libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN, (&raw mut listening).cast(), &mut len)
+        let option = |name: libc::c_int| -> std::io::Result<libc::c_int> {
+            let mut value: libc::c_int = 0;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: getsockopt writes at most `len` bytes into the local `value`; any fd
+            // number may be asked (EBADF if it is not open, ENOTSOCK if it is not a socket).
+            let r = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, name, (&raw mut value).cast(), &mut len) };
+            if r != 0 {
+                return Err(Error::last_os_error());
+            }
+            Ok(value)
         };
-        if r != 0 {
-            return Err(Error::last_os_error());
+        if option(libc::SO_DOMAIN)? != libc::AF_UNIX || option(libc::SO_TYPE)? != libc::SOCK_STREAM {
+            return Err(Error::new(ErrorKind::InvalidInput, "not a unix stream socket"));
         }
-        if listening == 0 {
+        if option(libc::SO_ACCEPTCONN)? == 0 {
             return Err(Error::new(ErrorKind::InvalidInput, "the socket is not listening"));
         }
-        // SAFETY: `fd` is an open socket (getsockopt succeeded), passed to this process to
-        // serve on; nothing else in it owns the number.
+        // SAFETY: `fd` is an open socket (getsockopt succeeded), and by the caller's promise
+        // nothing else in this process owns the number.
         Ok(SocketSpec::ListenFd(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) }))
     }
 }

@@ -167,6 +167,10 @@ pub enum RequestError {
     /// A device-type request refused by the model for a reason of its own
     /// ([`DeviceModel::request`]).
     Device(Box<dyn std::error::Error + Send + Sync>),
+    /// A kick, call, error or log fd that is not an eventfd (vhost-user.rst: these "are
+    /// eventfd"). The data path writes call, error and log fds; a pipe or socket there would
+    /// fill and block the thread that serves every device.
+    NotEventfd(Request),
 }
 
 impl std::fmt::Display for RequestError {
@@ -174,6 +178,7 @@ impl std::fmt::Display for RequestError {
         match self {
             RequestError::Message(e) => write!(f, "{e}"),
             RequestError::VringIndex(i) => write!(f, "vring index {i} out of range"),
+            RequestError::NotEventfd(r) => write!(f, "{r}: the fd is not an eventfd"),
             RequestError::FeaturesNotOffered(b) => write!(f, "protocol features {:#x} were not offered", b.bits()),
             RequestError::Features(e) => write!(f, "{e}"),
             RequestError::FeaturesWhileStarted => {
@@ -593,16 +598,19 @@ impl<M: DeviceModel> VhostUserDevice<M> {
                 Some(encode_vring_state_reply(Request::GetVringBase, index, base))
             }
             M::SetVringKick { index, fd } => {
+                eventfd_only(Request::SetVringKick, fd.as_ref())?;
                 let features = self.acked_features;
                 let mem = self.mem.clone();
                 self.vring(index as u32)?.set_kick(fd, mem.as_ref(), features).map_err(RequestError::Vring)?;
                 None
             }
             M::SetVringCall { index, fd } => {
+                eventfd_only(Request::SetVringCall, fd.as_ref())?;
                 self.vring(index as u32)?.set_call(fd);
                 None
             }
             M::SetVringErr { index, fd } => {
+                eventfd_only(Request::SetVringErr, fd.as_ref())?;
                 self.vring(index as u32)?.set_err(fd);
                 None
             }
@@ -713,6 +721,7 @@ impl<M: DeviceModel> VhostUserDevice<M> {
                 Some(encode_ack(Request::SetLogBase, true))
             }
             M::SetLogFd(fd) => {
+                eventfd_only(Request::SetLogFd, Some(&fd))?;
                 self.log_fd = Some(Arc::new(fd));
                 self.update_log();
                 None
@@ -731,6 +740,19 @@ impl<M: DeviceModel> VhostUserDevice<M> {
             self.ready = ready;
             self.events.push(if ready { DeviceEvent::Ready } else { DeviceEvent::NotReady });
         }
+    }
+}
+
+/// Refuses an fd that is not an eventfd ([`RequestError::NotEventfd`]); `None` (polling, no
+/// interrupts) passes. An eventfd's write blocks only when its counter would pass 2^64 - 2,
+/// which writes of 1 never reach; any other file could block the data path.
+fn eventfd_only(request: Request, fd: Option<&OwnedFd>) -> Result<(), RequestError> {
+    let Some(fd) = fd else { return Ok(()) };
+    // The kernel names an eventfd's file `anon_inode:[eventfd]`.
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+    match link {
+        Ok(p) if p.as_os_str() == "anon_inode:[eventfd]" => Ok(()),
+        _ => Err(RequestError::NotEventfd(request)),
     }
 }
 
@@ -914,7 +936,18 @@ mod tests {
     #[test]
     fn set_log_fd_is_kept_until_replaced_or_reset() {
         let mut dev = VhostUserDevice::new(DeviceConfig::new(NetModel::default()));
-        let (a, b) = (memfd("virtq-dev-logfd", 0), memfd("virtq-dev-logfd", 0));
+        let efd = || {
+            // SAFETY: eventfd returns a fresh fd, owned at once.
+            let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+            assert!(fd >= 0);
+            // SAFETY: fresh fd.
+            unsafe { OwnedFd::from_raw_fd(fd) }
+        };
+        // Not an eventfd: refused (the data path writes it).
+        let r = send(&mut dev, FrontendMessage::SetLogFd(memfd("virtq-dev-logfd", 0)), 0);
+        assert!(r.close, "a failed request without NEED_REPLY closes the connection");
+        assert!(dev.log_fd().is_none());
+        let (a, b) = (efd(), efd());
         let (ra, rb) = (a.as_raw_fd(), b.as_raw_fd());
         ok(&mut dev, FrontendMessage::SetLogFd(a));
         assert_eq!(dev.log_fd().map(|f| f.as_raw_fd()), Some(ra));

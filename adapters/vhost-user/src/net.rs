@@ -429,6 +429,8 @@ impl NetDevice {
         }
         let features = active.features;
         let in_order = features.contains(VirtioFeatures::IN_ORDER);
+        // Where a chain that cannot be completed loses the driver's place (`RingFault::Unreturnable`).
+        let strict = in_order || features.contains(VirtioFeatures::RING_PACKED);
         let mut broken = None;
         let (mut n, mut bytes, mut drops, mut errors) = (0usize, 0u64, 0u64, 0u64);
         let max = frames.len();
@@ -493,9 +495,16 @@ impl NetDevice {
                         taken += 1;
                         errors += 1;
                     }
-                    Err(PopError::HeadOutOfRange { .. }) | Err(PopError::IdInUse { .. }) => {
+                    Err(PopError::HeadOutOfRange { head }) | Err(PopError::IdInUse { id: head }) => {
                         taken += 1;
                         errors += 1;
+                        if strict {
+                            // Nothing can be completed for it, and a later completion would
+                            // tell the driver otherwise: stop here (the run so far is still
+                            // completed below).
+                            broken = Some(RingFault::Unreturnable { head });
+                            break;
+                        }
                     }
                     Err(PopError::AvailIndex(e)) => {
                         broken = Some(RingFault::AvailIndex(e));
@@ -581,7 +590,8 @@ impl NetDevice {
                 Some(log) => {
                     burst = net::receive_burst_logged(vq, &mut scratch, features, count, frame, log);
                     let notify = vq.publish_logged(log);
-                    if burst.placed != 0 || burst.bad_chains != 0 {
+                    // Buffers reserved and given back were written (and marked) too.
+                    if count != 0 {
                         log.kick();
                     }
                     notify

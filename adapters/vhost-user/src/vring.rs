@@ -49,6 +49,14 @@ pub enum RingFault {
     /// The data path asked for the other ring layout than the one negotiated (a device model
     /// that serves split rings only and offered `VIRTIO_F_RING_PACKED` anyway).
     Layout,
+    /// A chain the driver made available has no id to complete it with (a head or buffer id
+    /// out of range, or a buffer id already in flight) on a ring where that loses the driver's
+    /// place: with `VIRTIO_F_IN_ORDER` a completion stands for every chain before it, and on a
+    /// packed ring the used position must move in step with the available one (§2.8.6).
+    Unreturnable {
+        /// The head index or buffer id.
+        head: u16,
+    },
 }
 
 impl std::fmt::Display for RingFault {
@@ -58,6 +66,10 @@ impl std::fmt::Display for RingFault {
             RingFault::Invalid(e) => write!(f, "ring no longer valid: {e}"),
             RingFault::Memory(e) => write!(f, "guest memory lost: {e}"),
             RingFault::Layout => f.write_str("the ring's layout (split or packed) is not the one this device serves"),
+            RingFault::Unreturnable { head } => write!(
+                f,
+                "chain {head} cannot be completed (id out of range or in flight) on an IN_ORDER or packed ring"
+            ),
         }
     }
 }
@@ -169,8 +181,10 @@ pub type PackedView<'a, 'm> = PackedQueue<'m, GuestMemoryMap, DEFAULT_IDS, &'a m
 /// A started ring as the data path sees it.
 #[derive(Debug)]
 pub struct ActiveRing {
-    /// The memory table the ring was started (or last re-mapped) with.
-    pub mem: Arc<GuestMemoryMap>,
+    /// The memory table the ring was started (or last re-mapped) with. Private: the cached
+    /// view's pointers are into it, so it changes only through [`set_memory`](Self::set_memory),
+    /// which drops the view.
+    mem: Arc<GuestMemoryMap>,
     /// Size and front-end addresses.
     pub config: QueueConfig,
     /// Negotiated features.
@@ -376,6 +390,11 @@ impl ActiveRing {
         }
     }
 
+    /// The memory table the ring runs on.
+    pub fn memory(&self) -> &Arc<GuestMemoryMap> {
+        &self.mem
+    }
+
     /// Whether the ring is a packed one (§2.8): serve it with [`with_packed`](Self::with_packed)
     /// (or [`with_ring!`](crate::with_ring), which picks).
     #[inline]
@@ -545,10 +564,18 @@ macro_rules! with_ring {
     }};
 }
 
+/// The position of a fresh packed ring, as `SET_VRING_BASE` would give it: both positions at
+/// slot 0 with wrap counter 1 (§2.8.1).
+const FRESH_PACKED_BASE: u32 = 0x8000_8000;
+
 /// A packed ring's positions from `SET_VRING_BASE` (see [`ActiveRing::base`]), as
 /// [`RingPosition::to_bits`] encodes them. QEMU before 8.2 and DPDK send and expect only the
 /// available position (the upper 16 bits 0): the used position is then the same, which it is
-/// whenever the ring stopped with nothing in flight, as this library's devices stop.
+/// whenever the ring stopped with nothing in flight, as this library's devices stop. The
+/// encoding is lossy for one case: a ring stopped with the used position at slot 0, wrap 0,
+/// behind a different available position (a chain consumed and never completed, which the
+/// net device turns into a ring fault instead, see `NetDevice::dequeue_burst`) reads back with
+/// the used position at the available one.
 fn packed_positions(base: u32, size: u16) -> Result<(u16, u16), VringError> {
     let avail = base as u16;
     let used = if base >> 16 == 0 { avail } else { (base >> 16) as u16 };
@@ -572,15 +599,17 @@ pub struct Vring {
     num: Option<u16>,
     addrs: Option<VringAddrs>,
     /// `SET_VRING_BASE` as received (split: the next available index; packed: both positions,
-    /// see [`ActiveRing::base`]), or the position `GET_VRING_BASE` stopped the ring at.
-    base: u32,
+    /// see [`ActiveRing::base`]), or the position `GET_VRING_BASE` stopped the ring at; `None`
+    /// until either (a fresh ring: index 0, or for a packed ring slot 0 with both wrap
+    /// counters 1, §2.8.1).
+    base: Option<u32>,
     kick: Kick,
     shared: Arc<Mutex<VringShared>>,
 }
 
 impl Default for Vring {
     fn default() -> Self {
-        Vring { num: None, addrs: None, base: 0, kick: Kick::None, shared: Arc::default() }
+        Vring { num: None, addrs: None, base: None, kick: Kick::None, shared: Arc::default() }
     }
 }
 
@@ -662,7 +691,7 @@ impl Vring {
         if self.started() {
             return Err(VringError::Started);
         }
-        self.base = base;
+        self.base = Some(base);
         Ok(())
     }
 
@@ -748,12 +777,16 @@ impl Vring {
             // Validated here; the data path builds its own view at its first burst.
             PackedQueue::<'_, GuestMemoryMap>::with_ring_memory(&**mem, mem.frontend(), config, features)
                 .map_err(|e| VringError::CannotStart(StartError::Invalid(e)))?;
-            packed_positions(self.base, num)?
+            packed_positions(self.base.unwrap_or(FRESH_PACKED_BASE), num)?
         } else {
             let next_used = SplitQueue::with_ring_memory(&**mem, mem.frontend(), config, features)
                 .map_err(|e| VringError::CannotStart(StartError::Invalid(e)))?
                 .next_used();
-            (self.base as u16, next_used)
+            // A base a packed ring left (before the front-end renegotiated a split ring
+            // without a new SET_VRING_BASE) is not a split ring's index.
+            let base = self.base.unwrap_or(0);
+            let avail = u16::try_from(base).map_err(|_| VringError::CannotStart(StartError::Position(base)))?;
+            (avail, next_used)
         };
         let mut s = self.lock();
         s.kick = kick;
@@ -773,10 +806,10 @@ impl Vring {
             s.active.take()
         };
         if let Some(a) = active {
-            self.base = a.base();
+            self.base = Some(a.base());
         }
         self.kick = Kick::None;
-        self.base
+        self.base.unwrap_or(0)
     }
 
     /// A new memory table: a started ring continues on it (its addresses are re-validated per
@@ -793,7 +826,7 @@ impl Vring {
         self.stop();
         self.num = None;
         self.addrs = None;
-        self.base = 0;
+        self.base = None;
         let mut s = self.lock();
         s.call = None;
         s.err = None;

@@ -9,6 +9,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::ptr::NonNull;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use virtq::testing::{layout, TestDriver};
@@ -500,6 +501,40 @@ pub fn maps_named(name: &str) -> usize {
 pub fn probe() -> (OwnedFd, std::io::PipeWriter) {
     let (rd, wr) = std::io::pipe().unwrap();
     (OwnedFd::from(rd), wr)
+}
+
+/// An eventfd probe: the back-end takes only eventfds for kick, call, error and log fds, so
+/// their closing is seen through the counter every copy of an eventfd shares. Its counter
+/// starts at a value unique to this probe; [`event_probe_held`] counts the fds of this process
+/// (the back-end runs in it) whose eventfd has that value. Returns the fd (send it, then drop
+/// it) and the value. The back-end must neither read nor signal it meanwhile.
+pub fn event_probe() -> (OwnedFd, u64) {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let tag = 0x5eed_0000_0000 + ((std::process::id() as u64) << 20) + NEXT.fetch_add(1, Ordering::Relaxed);
+    // SAFETY: eventfd returns a fresh fd, owned at once.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    assert!(fd >= 0);
+    // SAFETY: fresh fd.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // The initial value of eventfd(2) is an unsigned int: add the tag with a write.
+    let v = tag;
+    // SAFETY: writes 8 bytes from `v` to the eventfd.
+    assert_eq!(unsafe { libc::write(fd.as_raw_fd(), (&v as *const u64).cast(), 8) }, 8);
+    (fd, tag)
+}
+
+/// How many fds of this process hold the eventfd probe `tag` ([`event_probe`]): those whose
+/// `/proc/self/fdinfo` shows it as `eventfd-count` (in hex).
+pub fn event_probe_held(tag: u64) -> usize {
+    let holds = |info: &str| {
+        info.lines()
+            .any(|l| l.strip_prefix("eventfd-count:").is_some_and(|v| u64::from_str_radix(v.trim(), 16) == Ok(tag)))
+    };
+    std::fs::read_dir("/proc/self/fdinfo")
+        .map(|d| {
+            d.filter_map(|e| e.ok()).filter(|e| std::fs::read_to_string(e.path()).is_ok_and(|i| holds(&i))).count()
+        })
+        .unwrap_or(0)
 }
 
 /// `n` probes: the read ends (to send, then drop) and the write ends.
