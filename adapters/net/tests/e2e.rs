@@ -1058,8 +1058,12 @@ fn an_fd_that_is_not_a_listening_socket_is_refused_at_start() {
     let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
     let raw = sock.as_raw_fd();
     // A unix stream socket that does not listen, inherited as fd 51.
-    // SAFETY: socket() returns a fresh fd, owned at once.
-    let stream = unsafe { std::os::fd::OwnedFd::from_raw_fd(libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0)) };
+    // SAFETY: socket() returns a fresh fd (checked), owned at once.
+    let stream = unsafe {
+        let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        std::os::fd::OwnedFd::from_raw_fd(fd)
+    };
     let raw_stream = stream.as_raw_fd();
     for (fd, why) in [
         ("-1", "not a file descriptor"),

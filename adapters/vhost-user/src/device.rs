@@ -594,7 +594,8 @@ impl<M: DeviceModel> VhostUserDevice<M> {
                 None
             }
             M::GetVringBase { index } => {
-                let base = self.vring(index)?.stop();
+                let features = self.acked_features;
+                let base = self.vring(index)?.stop_with(features);
                 Some(encode_vring_state_reply(Request::GetVringBase, index, base))
             }
             M::SetVringKick { index, fd } => {
@@ -743,16 +744,53 @@ impl<M: DeviceModel> VhostUserDevice<M> {
     }
 }
 
-/// Refuses an fd that is not an eventfd ([`RequestError::NotEventfd`]); `None` (polling, no
-/// interrupts) passes. An eventfd's write blocks only when its counter would pass 2^64 - 2,
-/// which writes of 1 never reach; any other file could block the data path.
+/// Refuses an fd that is not an eventfd ([`RequestError::NotEventfd`]) and makes it
+/// non-blocking; `None` (polling, no interrupts) passes.
+///
+/// The back-end writes call, error and log fds and reads kick fds from the threads that serve
+/// every device: a pipe or socket there could fill and block them, and so could an eventfd in
+/// blocking mode whose counter the front-end drove to its maximum (or drained between our
+/// poll and read). So the fd must be on the anonymous inode eventfds live on (found with
+/// `fstat`, compared with an eventfd of our own: no `/proc` needed), and it is set
+/// `O_NONBLOCK` (QEMU, DPDK and rust-vmm create theirs so already); a write that would block
+/// then fails with `EAGAIN`, which means the counter is already signalled. Other files on
+/// that inode (timerfd, signalfd, epoll) fail a write with `EINVAL` and never block.
 fn eventfd_only(request: Request, fd: Option<&OwnedFd>) -> Result<(), RequestError> {
     let Some(fd) = fd else { return Ok(()) };
-    // The kernel names an eventfd's file `anon_inode:[eventfd]`.
-    let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()));
-    match link {
-        Ok(p) if p.as_os_str() == "anon_inode:[eventfd]" => Ok(()),
-        _ => Err(RequestError::NotEventfd(request)),
+    let inode = |fd: i32| {
+        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: fstat writes a `stat` into `st` on success; any fd number may be asked.
+        (unsafe { libc::fstat(fd, st.as_mut_ptr()) } == 0).then(|| {
+            // SAFETY: fstat succeeded, so `st` is initialised.
+            let st = unsafe { st.assume_init() };
+            (st.st_dev, st.st_ino)
+        })
+    };
+    static EVENTFD_INODE: std::sync::OnceLock<Option<(libc::dev_t, libc::ino_t)>> = std::sync::OnceLock::new();
+    let ours = *EVENTFD_INODE.get_or_init(|| {
+        // SAFETY: eventfd returns a fresh fd (or -1), owned at once.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return None;
+        }
+        // SAFETY: a fresh fd we own.
+        let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        inode(fd.as_raw_fd())
+    });
+    if ours.is_none() || inode(fd.as_raw_fd()) != ours {
+        return Err(RequestError::NotEventfd(request));
+    }
+    // SAFETY: F_GETFL / F_SETFL on an fd we own; they only read and set file status flags.
+    let ok = unsafe {
+        let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        flags >= 0
+            && (flags & libc::O_NONBLOCK != 0
+                || libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) == 0)
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(RequestError::NotEventfd(request))
     }
 }
 

@@ -798,7 +798,18 @@ impl Vring {
         Ok(())
     }
 
-    /// `GET_VRING_BASE`: stops the ring and returns its position ([`ActiveRing::base`]).
+    /// `GET_VRING_BASE`: stops the ring and returns its position ([`ActiveRing::base`]); a
+    /// ring that never had a position answers a fresh ring's for the layout of `features`
+    /// (a packed ring's slot 0 with both wrap counters 1, §2.8.1).
+    pub fn stop_with(&mut self, features: VirtioFeatures) -> u32 {
+        let base = self.stop();
+        if self.base.is_none() && features.contains(VirtioFeatures::RING_PACKED) {
+            return FRESH_PACKED_BASE;
+        }
+        base
+    }
+
+    /// Stops the ring and returns its position ([`ActiveRing::base`]; 0 if it never had one).
     pub fn stop(&mut self) -> u32 {
         let active = {
             let mut s = self.lock();

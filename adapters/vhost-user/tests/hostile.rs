@@ -555,9 +555,12 @@ fn f13_vring_fd_flag(h: &Harness, good: &mut Good<'_>) {
         drop(rd);
         assert_probes_closed("a pipe as an eventfd", &mut [wr]);
     }
-    let call = eventfd();
+    let (call, tag) = event_probe();
     assert_eq!(fe.ack_status(SET_VRING_CALL, &u64p(1), &[call.as_raw_fd()]), 0);
+    drop(call);
+    assert_eq!(event_probe_held(tag), 1, "the call fd is kept");
     assert_eq!(fe.ack_status(SET_VRING_CALL, &u64p(INVALID_FD | 1), &[]), 0, "replaced");
+    assert_eq!(event_probe_held(tag), 0, "the replaced call fd is closed");
     good.round();
     h.hang_up(fe, &name);
 
