@@ -27,7 +27,7 @@ use std::time::Duration;
 use virtq::blk::{self, BlkConfig, DiscardSegment, Limits, Request, RequestError, RequestType, Status, ID_BYTES};
 use virtq::{Chain, PopError, VirtioFeatures};
 use virtq_vhost_user::limited;
-use virtq_vhost_user::vring::{signal, RingFault, VringShared};
+use virtq_vhost_user::vring::{finish_burst, RingFault, VringShared};
 
 use crate::image::Image;
 use crate::inflight::InflightArea;
@@ -348,21 +348,7 @@ impl BlkDevice {
             notify
         });
         q.counter.store(counter, Ordering::Relaxed);
-        let notify = match result {
-            Ok(notify) => notify,
-            Err(fault) => {
-                self.fail(index, &mut s, fault);
-                false
-            }
-        };
-        if let Some(fault) = broken {
-            self.fail(index, &mut s, fault);
-        }
-        let call = if notify { s.call.clone() } else { None };
-        drop(s);
-        if let Some(c) = call {
-            signal(&c);
-        }
+        finish_burst(s, result, broken, |s, fault| self.fail(index, s, fault));
         let st = &q.stats;
         if done != 0 {
             st.requests.fetch_add(done as u64, Ordering::Relaxed);

@@ -19,7 +19,7 @@ use virtq::{PopError, VirtioFeatures};
 use zerocopy_shim::read_header;
 
 use crate::ratelimit::RateLimit;
-use crate::vring::{signal, RingFault, VringShared};
+use crate::vring::{RingFault, VringShared};
 use crate::{limited, limited_by};
 
 mod model;
@@ -609,32 +609,17 @@ impl NetDevice {
         n
     }
 
-    /// After a burst: records a fault found on the way (the burst's own, or the ring's when
-    /// it could not be served), then, with the ring unlocked, signals the guest if its
-    /// notification suppression asked for it (the `publish` result).
+    /// After a burst: records a fault found on the way and signals the guest if its
+    /// notification suppression asked for it ([`crate::vring::finish_burst`]).
     #[inline(always)]
     fn finish_burst(
         &self,
         index: usize,
-        mut s: std::sync::MutexGuard<'_, VringShared>,
+        s: std::sync::MutexGuard<'_, VringShared>,
         result: Result<bool, RingFault>,
         broken: Option<RingFault>,
     ) {
-        let notify = match result {
-            Ok(notify) => notify,
-            Err(fault) => {
-                self.fail(index, &mut s, fault);
-                false
-            }
-        };
-        if let Some(fault) = broken {
-            self.fail(index, &mut s, fault);
-        }
-        let call = if notify { s.call.clone() } else { None };
-        drop(s);
-        if let Some(c) = call {
-            signal(&c);
-        }
+        crate::vring::finish_burst(s, result, broken, |s, fault| self.fail(index, s, fault));
     }
 }
 

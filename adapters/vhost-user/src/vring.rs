@@ -585,6 +585,33 @@ fn packed_positions(base: u32, size: u16) -> Result<(u16, u16), VringError> {
     }
 }
 
+/// Ends a burst (every device's data path): records a fault found on the way (`result`'s, the
+/// ring could not be served; `broken`, the burst met one) through `fail`, which logs it, then,
+/// with the ring unlocked, signals the guest if the burst's publish asked for it.
+#[inline(always)]
+pub fn finish_burst(
+    mut s: MutexGuard<'_, VringShared>,
+    result: Result<bool, RingFault>,
+    broken: Option<RingFault>,
+    mut fail: impl FnMut(&mut VringShared, RingFault),
+) {
+    let notify = match result {
+        Ok(notify) => notify,
+        Err(fault) => {
+            fail(&mut s, fault);
+            false
+        }
+    };
+    if let Some(fault) = broken {
+        fail(&mut s, fault);
+    }
+    let call = if notify { s.call.clone() } else { None };
+    drop(s);
+    if let Some(c) = call {
+        signal(&c);
+    }
+}
+
 /// Signals an eventfd (a call to the guest). Errors are ignored: a front-end that closed its
 /// end simply gets no interrupt.
 pub fn signal(fd: &OwnedFd) {
