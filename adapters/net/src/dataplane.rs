@@ -1,6 +1,10 @@
 //! The forwarding loop: takes bursts from every vhost-user port and TAP, and delivers them to
 //! the port's back-end (its TAP, the switch, or back to itself), batching per destination so
 //! that each destination queue is locked and notified once per burst.
+//!
+//! The ports and the switch are a [`Fabric`] that one or more data-plane threads
+//! ([`Dataplane`], one per `--pmd-cpus` CPU) share; each ring is polled by one thread, and ports
+//! come and go while the threads run.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -97,10 +101,177 @@ pub struct TapCounters {
     pub drops: AtomicU64,
 }
 
-/// The data plane: ports, the switch, reusable buffers.
+/// A port as the data plane holds it: the port, and which data-plane thread polls each of its
+/// rings.
+pub struct PortEntry {
+    /// The port.
+    pub port: Port,
+    /// For each queue pair (vhost-user; its TAP queue too for a tap port) or queue (a TAP on
+    /// the switch), the index of the thread that polls it. Fixed when the port is added, so a
+    /// front-end that reconnects finds its rings on the same threads.
+    pub threads: Vec<usize>,
+}
+
+/// What every data-plane thread shares: the ports and the switch. Ports come and go at run time
+/// ([`Fabric::add`], [`Fabric::remove`]); each thread picks up a change at its next pass (one
+/// atomic load per pass when nothing changed).
+///
+/// Threads share no lock per frame. The switch's table is locked once per burst, for the
+/// forwarding decisions of the whole burst; a burst for a port that another thread polls is
+/// handed over by placing it in that port's receive ring, whose lock is taken once per burst
+/// (as for any delivery).
+pub struct Fabric {
+    ports: Mutex<PortTable>,
+    /// Bumped on every change of `ports`.
+    generation: AtomicU64,
+    switch: Mutex<Switch>,
+    threads: Vec<Arc<ThreadStats>>,
+}
+
+/// The ports, by [`PortId`]. A removed port leaves `None`; its number is not reused, so a
+/// burst in flight that names it can only miss it.
+#[derive(Default)]
+struct PortTable {
+    ports: Vec<Option<Arc<PortEntry>>>,
+    /// Rings assigned so far: the next ring goes to thread `assigned % threads`.
+    assigned: usize,
+}
+
+/// Counters of one data-plane thread (as OVS's `pmd-stats-show`): time spent on passes that
+/// moved frames and on passes that found none, in the units of [`ThreadStats::CLOCK`].
+#[derive(Debug, Default)]
+pub struct ThreadStats {
+    /// The CPU it is pinned to, if any.
+    pub cpu: Option<usize>,
+    /// Clock units spent in passes that moved frames.
+    pub busy: AtomicU64,
+    /// Clock units spent in passes that moved none, sleeping included.
+    pub idle: AtomicU64,
+    /// Frames moved (taken from a ring, a TAP or a NIC, or generated).
+    pub frames: AtomicU64,
+    /// Rings this thread polls (see [`Fabric::rings`]).
+    pub rings: AtomicU64,
+}
+
+impl ThreadStats {
+    /// The unit of `busy` and `idle`: CPU time-stamp counter cycles on x86_64, nanoseconds
+    /// elsewhere.
+    pub const CLOCK: &'static str = if cfg!(target_arch = "x86_64") { "tsc-cycles" } else { "ns" };
+}
+
+/// A reading of the clock of [`ThreadStats::CLOCK`].
+#[inline]
+fn clock() -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: RDTSC reads the time-stamp counter; it has no memory effects and every
+        // x86_64 CPU has it.
+        unsafe { core::arch::x86_64::_rdtsc() }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        use std::sync::OnceLock;
+        static START: OnceLock<Instant> = OnceLock::new();
+        START.get_or_init(Instant::now).elapsed().as_nanos() as u64
+    }
+}
+
+impl Fabric {
+    /// An empty fabric for `threads` data-plane threads (at least one), pinned to `cpus[i]`
+    /// where given.
+    pub fn new(threads: usize, cpus: &[usize]) -> Arc<Fabric> {
+        let threads = (0..threads.max(1))
+            .map(|i| Arc::new(ThreadStats { cpu: cpus.get(i).copied(), ..ThreadStats::default() }))
+            .collect();
+        Arc::new(Fabric {
+            ports: Mutex::default(),
+            generation: AtomicU64::new(0),
+            // 4096 addresses, at most 1024 behind one port (Linux bridge's `max_learned`, per port).
+            switch: Mutex::new(Switch::new(Duration::from_secs(300), 4096, 1024)),
+            threads,
+        })
+    }
+
+    /// Number of data-plane threads.
+    pub fn threads(&self) -> usize {
+        self.threads.len()
+    }
+
+    /// The counters of thread `i`.
+    pub fn thread_stats(&self, i: usize) -> &ThreadStats {
+        &self.threads[i]
+    }
+
+    /// Adds a port; its rings are assigned to the threads round-robin, continuing from the
+    /// last port's. Returns its number.
+    pub fn add(&self, port: Port) -> PortId {
+        let mut t = self.lock();
+        let rings = match &port {
+            Port::Vhost { dev, .. } => dev.queue_pairs() as usize,
+            Port::SwitchTap { queues, .. } => queues.len(),
+        };
+        let n = self.threads.len();
+        let threads: Vec<usize> = (0..rings).map(|r| (t.assigned + r) % n).collect();
+        t.assigned += rings;
+        for &th in &threads {
+            self.threads[th].rings.fetch_add(1, Ordering::Relaxed);
+        }
+        t.ports.push(Some(Arc::new(PortEntry { port, threads })));
+        self.generation.fetch_add(1, Ordering::Release);
+        t.ports.len() - 1
+    }
+
+    /// Removes port `id` and forgets the addresses the switch learned behind it. Each thread
+    /// lets go of the port at its next pass; a burst in flight to it meanwhile goes to a
+    /// device that is already stopped (counted as drops) or to a TAP still open.
+    pub fn remove(&self, id: PortId) -> Option<Arc<PortEntry>> {
+        let entry = {
+            let mut t = self.lock();
+            let entry = t.ports.get_mut(id)?.take()?;
+            self.generation.fetch_add(1, Ordering::Release);
+            entry
+        };
+        for &th in &entry.threads {
+            self.threads[th].rings.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.switch.lock().unwrap_or_else(|p| p.into_inner()).forget_port(id);
+        Some(entry)
+    }
+
+    /// The ports, by number (`None`: removed).
+    pub fn ports(&self) -> Vec<Option<Arc<PortEntry>>> {
+        self.lock().ports.clone()
+    }
+
+    /// Addresses the switch refused to learn (its limits, [`Switch::new`]).
+    pub fn refused_addresses(&self) -> u64 {
+        self.switch.lock().unwrap_or_else(|p| p.into_inner()).refused()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PortTable> {
+        self.ports.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// One ring (or ring group) a thread polls.
+#[derive(Clone, Copy, Debug)]
+enum Ring {
+    /// A vhost-user port's pair: its TX queue, its TAP queue for a tap port, its generator
+    /// for a source port.
+    Pair(PortId, u16),
+    /// A queue of a TAP on the switch.
+    SwitchTap(PortId, usize),
+}
+
+/// One data-plane thread: the rings it polls, the ports as it last saw them, reusable buffers.
 pub struct Dataplane {
-    ports: Vec<Port>,
-    switch: Switch,
+    fabric: Arc<Fabric>,
+    /// This thread's index in the fabric.
+    index: usize,
+    /// The fabric's generation `ports` was taken at.
+    generation: u64,
+    ports: Vec<Option<Arc<PortEntry>>>,
+    rings: Vec<Ring>,
     frames: Vec<TxFrame>,
     /// Where frames completed or segmented for a receiver are written.
     fallback: Fallback,
@@ -110,34 +281,67 @@ pub struct Dataplane {
     /// Ports with a `Source` back-end and the frame each one offers.
     sources: Vec<(PortId, Vec<u8>)>,
     busy_poll: bool,
+    /// Counters not yet published to the fabric's [`ThreadStats`]: busy, idle, frames.
+    pending: (u64, u64, u64),
 }
 
 /// How often the data plane re-asks every ring not to kick (rings started since get it too).
 const SUPPRESS_EVERY: Duration = Duration::from_millis(100);
 
 impl Dataplane {
-    /// A data plane over `ports`; with `busy_poll` it never sleeps.
+    /// A data plane of one thread over `ports` (what a single-threaded user, a test or a
+    /// benchmark wants); with `busy_poll` it never sleeps.
     pub fn new(ports: Vec<Port>, busy_poll: bool) -> Dataplane {
-        let n = ports.len();
-        let sources = ports
-            .iter()
-            .enumerate()
-            .filter_map(|(p, port)| match port {
-                Port::Vhost { backend: PortBackend::Source(size), .. } => Some((p, generate::udp_frame(*size))),
-                _ => None,
-            })
-            .collect();
-        Dataplane {
-            ports,
-            // 4096 addresses, at most 1024 behind one port (Linux bridge's `max_learned`, per port).
-            switch: Switch::new(Duration::from_secs(300), 4096, 1024),
+        let fabric = Fabric::new(1, &[]);
+        for p in ports {
+            fabric.add(p);
+        }
+        Dataplane::worker(fabric, 0, busy_poll)
+    }
+
+    /// Thread `index` of `fabric`.
+    pub fn worker(fabric: Arc<Fabric>, index: usize, busy_poll: bool) -> Dataplane {
+        let mut dp = Dataplane {
+            fabric,
+            index,
+            generation: u64::MAX,
+            ports: Vec::new(),
+            rings: Vec::new(),
             frames: (0..BURST).map(|_| TxFrame::with_capacity(MAX_TX_FRAME)).collect(),
             fallback: Fallback::new(),
             tap_bufs: (0..BURST).map(|_| vec![0u8; TAP_BUF_LEN]).collect(),
-            dest: vec![Vec::with_capacity(BURST); n],
-            sources,
+            dest: Vec::new(),
+            sources: Vec::new(),
             busy_poll,
+            pending: (0, 0, 0),
+        };
+        dp.refresh();
+        dp
+    }
+
+    /// Takes the fabric's ports again if they changed since the last look: the rings this
+    /// thread polls, and the destinations it can deliver to. Allocates, but only when a port
+    /// was added or removed.
+    #[cold]
+    fn refresh(&mut self) {
+        self.generation = self.fabric.generation.load(Ordering::Acquire);
+        self.ports = self.fabric.ports();
+        self.rings.clear();
+        self.sources.clear();
+        for (p, e) in self.ports.iter().enumerate() {
+            let Some(e) = e else { continue };
+            let mine = e.threads.iter().enumerate().filter(|&(_, &t)| t == self.index).map(|(r, _)| r);
+            match &e.port {
+                Port::Vhost { backend, .. } => {
+                    self.rings.extend(mine.map(|r| Ring::Pair(p, r as u16)));
+                    if let PortBackend::Source(size) = backend {
+                        self.sources.push((p, generate::udp_frame(*size)));
+                    }
+                }
+                Port::SwitchTap { .. } => self.rings.extend(mine.map(|q| Ring::SwitchTap(p, q))),
+            }
         }
+        self.dest = vec![Vec::with_capacity(BURST); self.ports.len()];
     }
 
     /// Runs until `stop` is set. Busy-polls while there is traffic, then backs off with short
@@ -145,15 +349,22 @@ impl Dataplane {
     /// waited on, so the guest is asked not to kick at all (§2.7.10): a kick costs it a VM exit
     /// or a syscall per batch.
     pub fn run(&mut self, stop: &AtomicBool) {
+        if let Some(cpu) = self.fabric.threads[self.index].cpu {
+            if let Err(e) = pin_to_cpu(cpu) {
+                limited!(warn, "virtq-net: data-plane thread {}: pinning to CPU {cpu}: {e}", self.index);
+            }
+        }
         let mut idle = 0u32;
         let mut loops = 0u32;
         let mut last_expire = Instant::now();
         let mut last_suppress: Option<Instant> = None;
+        let mut then = clock();
         while !stop.load(Ordering::Relaxed) {
             // Housekeeping reads the clock, which costs as much as moving a few frames: only
             // every 1024 passes, or when about to sleep. (Reading it on every idle pass of a
             // busy-polling loop took 30% of the back-end's samples in `perf record -e
-            // cpu-clock` of the tx64 benchmark.)
+            // cpu-clock` of the tx64 benchmark.) The cycle counter read per pass for the
+            // statistics is cheaper (RDTSC, no vDSO call).
             loops = loops.wrapping_add(1);
             let sleeping = !self.busy_poll && idle > 64;
             if sleeping || loops.is_multiple_of(1024) {
@@ -162,40 +373,66 @@ impl Dataplane {
                     last_suppress = Some(Instant::now());
                 }
                 self.announce();
-                if last_expire.elapsed() > Duration::from_secs(10) {
-                    self.switch.expire(Instant::now());
+                // One thread ages the shared table.
+                if self.index == 0 && last_expire.elapsed() > Duration::from_secs(10) {
+                    self.fabric.switch.lock().unwrap_or_else(|p| p.into_inner()).expire(Instant::now());
                     last_expire = Instant::now();
                 }
+                self.publish();
             }
             let work = self.poll_once();
             if work > 0 {
                 idle = 0;
-                continue;
-            }
-            idle = idle.saturating_add(1);
-            if !self.busy_poll && idle > 64 {
-                let us = (idle as u64 - 64).min(1000);
-                std::thread::sleep(Duration::from_micros(us));
             } else {
-                std::hint::spin_loop();
+                idle = idle.saturating_add(1);
+                if !self.busy_poll && idle > 64 {
+                    let us = (idle as u64 - 64).min(1000);
+                    std::thread::sleep(Duration::from_micros(us));
+                } else {
+                    std::hint::spin_loop();
+                }
+            }
+            let now = clock();
+            let spent = now.wrapping_sub(then);
+            then = now;
+            if work > 0 {
+                self.pending.0 += spent;
+                self.pending.2 += work as u64;
+            } else {
+                self.pending.1 += spent;
             }
         }
+        self.publish();
+    }
+
+    /// Adds what this thread counted since the last time to its [`ThreadStats`].
+    fn publish(&mut self) {
+        let s = &self.fabric.threads[self.index];
+        let (busy, idle, frames) = std::mem::take(&mut self.pending);
+        s.busy.fetch_add(busy, Ordering::Relaxed);
+        s.idle.fetch_add(idle, Ordering::Relaxed);
+        s.frames.fetch_add(frames, Ordering::Relaxed);
     }
 
     /// Sends the RARP broadcasts front-ends asked for (`SEND_RARP`, after a live migration)
     /// into each port's network, as if the guest had sent them: through the switch (which
     /// learns the address on this port and floods the frame to every other port and TAP), or
-    /// to the port's TAP. Checked with the housekeeping, at most about a millisecond late.
+    /// to the port's TAP. Checked with the housekeeping, at most about a millisecond late, by
+    /// the thread that polls the port's first pair.
     fn announce(&mut self) {
         for p in 0..self.ports.len() {
-            let Port::Vhost { announce, backend, tap, dev, .. } = &self.ports[p] else { continue };
+            let Some(e) = &self.ports[p] else { continue };
+            if e.threads.first() != Some(&self.index) {
+                continue;
+            }
+            let Port::Vhost { announce, backend, tap, dev, .. } = &e.port else { continue };
             for mac in announce.take() {
                 let frame = rarp_announce(mac);
                 match backend {
                     PortBackend::Switch => {
                         let f = [SwitchFrame { frame: &frame[..], offload: None }];
                         switch_burst(
-                            &mut self.switch,
+                            &self.fabric.switch,
                             &mut self.dest,
                             &self.ports,
                             p,
@@ -220,39 +457,64 @@ impl Dataplane {
         }
     }
 
-    /// Asks the guest of every started ring not to kick.
+    /// Asks the guest not to kick on every ring of the pairs this thread polls.
     fn suppress_kicks(&self) {
-        for p in &self.ports {
-            if let Port::Vhost { dev, .. } = p {
-                for q in 0..2 * dev.queue_pairs() as usize {
-                    dev.suppress_kicks(q);
-                }
+        for r in &self.rings {
+            let Ring::Pair(p, pair) = *r else { continue };
+            if let Some(PortEntry { port: Port::Vhost { dev, .. }, .. }) = self.ports[p].as_deref() {
+                dev.suppress_kicks(2 * pair as usize);
+                dev.suppress_kicks(2 * pair as usize + 1);
             }
         }
     }
 
-    /// One pass over every port; returns the number of frames moved.
+    /// One pass over every ring this thread polls; returns the number of frames moved.
     pub fn poll_once(&mut self) -> usize {
-        let mut work = self.poll_sources();
-        for p in 0..self.ports.len() {
-            match &self.ports[p] {
-                Port::Vhost { dev, .. } => {
-                    for pair in 0..dev.queue_pairs() {
-                        work += self.poll_vhost(p, pair);
-                    }
-                }
-                Port::SwitchTap { queues, .. } => {
-                    for q in 0..queues.len() {
-                        work += self.poll_switch_tap(p, q);
-                    }
-                }
-            }
+        if self.fabric.generation.load(Ordering::Relaxed) != self.generation {
+            self.refresh();
         }
-        work + self.poll_port_taps()
+        // Out of `self` for the pass, so that a port can be borrowed while the buffers are
+        // written (cloning an `Arc` per ring and pass would cost two atomic operations).
+        let ports = std::mem::take(&mut self.ports);
+        let mut work = 0;
+        for i in 0..self.rings.len() {
+            work += match self.rings[i] {
+                Ring::Pair(p, pair) => self.poll_pair(&ports, p, pair),
+                Ring::SwitchTap(p, q) => self.poll_switch_tap(&ports, p, q),
+            };
+        }
+        self.ports = ports;
+        work
     }
 
-    fn poll_vhost(&mut self, p: PortId, pair: u16) -> usize {
-        let Port::Vhost { dev, backend, tap, .. } = &self.ports[p] else { return 0 };
+    /// A vhost-user pair: what its guest sends, what its TAP queue has for it (tap port), what
+    /// its generator offers it (source port).
+    fn poll_pair(&mut self, ports: &[Option<Arc<PortEntry>>], p: PortId, pair: u16) -> usize {
+        let Some(PortEntry { port: Port::Vhost { dev, backend, tap, .. }, .. }) = ports[p].as_deref() else {
+            return 0;
+        };
+        let mut work = self.poll_vhost(ports, p, dev, backend, tap, pair);
+        match backend {
+            PortBackend::Tap(name) => {
+                if let Some(q) = tap.get(pair as usize) {
+                    work += self.poll_port_tap(dev, name, q, pair);
+                }
+            }
+            PortBackend::Source(_) => work += self.poll_source(p, dev, pair),
+            _ => {}
+        }
+        work
+    }
+
+    fn poll_vhost(
+        &mut self,
+        ports: &[Option<Arc<PortEntry>>],
+        p: PortId,
+        dev: &NetDevice,
+        backend: &PortBackend,
+        tap: &[TapQueue],
+        pair: u16,
+    ) -> usize {
         let n = dev.dequeue_burst(pair, &mut self.frames);
         if n == 0 {
             return 0;
@@ -285,9 +547,9 @@ impl Dataplane {
                     *slot = SwitchFrame::from(f);
                 }
                 switch_burst(
-                    &mut self.switch,
+                    &self.fabric.switch,
                     &mut self.dest,
-                    &self.ports,
+                    ports,
                     p,
                     pair,
                     &burst[..n],
@@ -299,23 +561,19 @@ impl Dataplane {
         n
     }
 
-    /// Offers every `Source` port's frame to its guest, a burst per queue pair; returns the
-    /// frames placed. Offers the guest had no buffer for are counted as drops by the device
-    /// (the generator's back-pressure, like testpmd's `TX-dropped`).
-    fn poll_sources(&mut self) -> usize {
-        let mut work = 0;
-        for (p, frame) in &self.sources {
-            let Port::Vhost { dev, .. } = &self.ports[*p] else { continue };
-            let refs: [&[u8]; BURST] = [frame.as_slice(); BURST];
-            for pair in 0..dev.queue_pairs() {
-                work += dev.enqueue_burst(pair, &refs);
-            }
-        }
-        work
+    /// Offers a `Source` port's frame to its guest, a burst on `pair`; returns the frames
+    /// placed. Offers the guest had no buffer for are counted as drops by the device (the
+    /// generator's back-pressure, like testpmd's `TX-dropped`).
+    fn poll_source(&mut self, p: PortId, dev: &NetDevice, pair: u16) -> usize {
+        let Some((_, frame)) = self.sources.iter().find(|(s, _)| *s == p) else { return 0 };
+        let refs: [&[u8]; BURST] = [frame.as_slice(); BURST];
+        dev.enqueue_burst(pair, &refs)
     }
 
-    fn poll_switch_tap(&mut self, p: PortId, q: usize) -> usize {
-        let Port::SwitchTap { queues, name, counters } = &self.ports[p] else { return 0 };
+    fn poll_switch_tap(&mut self, ports: &[Option<Arc<PortEntry>>], p: PortId, q: usize) -> usize {
+        let Some(PortEntry { port: Port::SwitchTap { queues, name, counters }, .. }) = ports[p].as_deref() else {
+            return 0;
+        };
         let mut lens = [0usize; BURST];
         let n = read_tap_burst(&queues[q], &mut self.tap_bufs, &mut lens, name);
         if n == 0 {
@@ -327,9 +585,9 @@ impl Dataplane {
         let frame = |i: usize| SwitchFrame { frame: &bufs[i][TAP_HDR_LEN..lens[i]], offload: None };
         let idx: [usize; BURST] = std::array::from_fn(|i| i);
         switch_burst(
-            &mut self.switch,
+            &self.fabric.switch,
             &mut self.dest,
-            &self.ports,
+            ports,
             p,
             q as u16,
             &idx[..n],
@@ -347,26 +605,36 @@ impl Dataplane {
     /// TAP queue `n` feeds pair `n` while the guest receives on it; a queue whose pair it does
     /// not use is detached from the TAP (so the kernel steers no new frame there), and what it
     /// still holds, or what arrives before the detach, goes to a pair the guest uses.
-    pub fn poll_port_taps(&mut self) -> usize {
-        let mut work = 0;
-        for p in &self.ports {
-            let Port::Vhost { dev, backend: PortBackend::Tap(name), tap, .. } = p else { continue };
-            for (pair, q) in tap.iter().enumerate() {
-                let mut lens = [0usize; BURST];
-                let n = read_tap_burst(q, &mut self.tap_bufs, &mut lens, name);
-                if n > 0 {
-                    let mut burst: [(VirtioNetHdr, &[u8]); BURST] = [(VirtioNetHdr::default(), &[]); BURST];
-                    for (slot, (buf, &len)) in burst.iter_mut().zip(self.tap_bufs.iter().zip(&lens)).take(n) {
-                        *slot = (parse_header(&buf[..TAP_HDR_LEN]), &buf[TAP_HDR_LEN..len]);
-                    }
-                    let to = dev.rx_pair(pair as u16).unwrap_or(pair as u16);
-                    dev.enqueue_burst_with_headers(to, &burst[..n]);
-                    work += n;
-                }
+    fn poll_port_tap(&mut self, dev: &NetDevice, name: &str, q: &TapQueue, pair: u16) -> usize {
+        let mut lens = [0usize; BURST];
+        let n = read_tap_burst(q, &mut self.tap_bufs, &mut lens, name);
+        if n > 0 {
+            let mut burst: [(VirtioNetHdr, &[u8]); BURST] = [(VirtioNetHdr::default(), &[]); BURST];
+            for (slot, (buf, &len)) in burst.iter_mut().zip(self.tap_bufs.iter().zip(&lens)).take(n) {
+                *slot = (parse_header(&buf[..TAP_HDR_LEN]), &buf[TAP_HDR_LEN..len]);
             }
+            let to = dev.rx_pair(pair).unwrap_or(pair);
+            dev.enqueue_burst_with_headers(to, &burst[..n]);
         }
-        work
+        n
     }
+}
+
+/// Pins the calling thread to `cpu`.
+fn pin_to_cpu(cpu: usize) -> std::io::Result<()> {
+    // SAFETY: a zeroed `cpu_set_t` is the empty set; CPU_SET writes one bit within it (a
+    // `cpu` past the set's size is refused below, before the call).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if cpu >= 8 * std::mem::size_of::<libc::cpu_set_t>() {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "CPU number too large"));
+        }
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// A frame crossing the switch: its bytes, and for a frame its sender gave offloads (a
@@ -386,12 +654,13 @@ impl<'a> From<&'a TxFrame> for SwitchFrame<'a> {
 }
 
 /// Switches one burst that entered on port `ingress` (`get` gives each element's frame):
-/// learns, then sends each destination its frames in one batch.
+/// learns and decides under one lock of the switch, then sends each destination its frames in
+/// one batch.
 #[allow(clippy::too_many_arguments)]
 fn switch_burst<'a, T>(
-    switch: &mut Switch,
+    switch: &Mutex<Switch>,
     dest: &mut [Vec<usize>],
-    ports: &[Port],
+    ports: &[Option<Arc<PortEntry>>],
     ingress: PortId,
     pair: u16,
     frames: &'a [T],
@@ -402,24 +671,34 @@ fn switch_burst<'a, T>(
     for d in dest.iter_mut() {
         d.clear();
     }
-    for (i, f) in frames.iter().enumerate() {
-        match switch.forward(ingress, get(f).frame, now) {
-            Forward::Port(to) => dest[to].push(i),
-            Forward::Flood => {
-                for (to, d) in dest.iter_mut().enumerate() {
-                    if to != ingress && is_switch_port(&ports[to]) {
+    {
+        let mut switch = switch.lock().unwrap_or_else(|p| p.into_inner());
+        for (i, f) in frames.iter().enumerate() {
+            match switch.forward(ingress, get(f).frame, now) {
+                // A port removed since this thread last looked has no entry: dropped.
+                Forward::Port(to) => {
+                    if let Some(d) = dest.get_mut(to) {
                         d.push(i);
                     }
                 }
+                Forward::Flood => {
+                    for (to, d) in dest.iter_mut().enumerate() {
+                        if to != ingress && ports[to].as_deref().is_some_and(|e| is_switch_port(&e.port)) {
+                            d.push(i);
+                        }
+                    }
+                }
+                Forward::Drop => {}
             }
-            Forward::Drop => {}
         }
     }
     for (to, d) in dest.iter().enumerate() {
         if d.is_empty() {
             continue;
         }
-        deliver(&ports[to], pair, d.iter().map(|&i| get(&frames[i])), fallback);
+        if let Some(e) = &ports[to] {
+            deliver(&e.port, pair, d.iter().map(|&i| get(&frames[i])), fallback);
+        }
     }
 }
 

@@ -2,8 +2,10 @@
 //! the port configuration the `virtq-net` binary builds its devices from. Benchmarks and tests
 //! drive the same code in-process.
 
+pub mod control;
 pub mod dataplane;
 pub mod generate;
+pub mod manager;
 pub mod port;
 pub mod switch;
 pub mod tap;

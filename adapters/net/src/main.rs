@@ -22,17 +22,15 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use log::{error, info};
-use virtq_vhost_user::backend::{Backend, DeviceHandler, SocketSpec};
+use virtq_vhost_user::backend::{Backend, SocketSpec};
 use virtq_vhost_user::connection::Reconnect;
-use virtq_vhost_user::limited_by;
-use virtq_vhost_user::net::{NetDevice, NetEvent, NetModel};
-use virtq_vhost_user::ratelimit::RateLimit;
 
-use virtq_net::dataplane::{Announcements, Dataplane, Port, PortBackend, TapCounters};
-use virtq_net::port::{device_config, parse_backend, parse_port, PortSpec};
-use virtq_net::tap;
+use virtq_net::control::{self, ControlSocket};
+use virtq_net::dataplane::{Dataplane, Fabric};
+use virtq_net::manager::Manager;
+use virtq_net::port::{parse_backend, parse_cpu_list, parse_port, PortSpec};
 
 /// Command line.
 #[derive(Parser, Debug)]
@@ -112,6 +110,34 @@ struct Args {
     /// Print the back-end's capabilities as JSON (vhost-user.json) and exit.
     #[arg(long)]
     print_capabilities: bool,
+
+    /// Data-plane threads, one pinned to each CPU listed (`0,2`, `1-3`); every ring is polled
+    /// by one of them, assigned round-robin as ports are added. Default: one unpinned thread.
+    #[arg(long = "pmd-cpus", value_name = "LIST")]
+    pmd_cpus: Option<String>,
+
+    /// A control socket (mode 0600) to add and remove ports at run time and read statistics
+    /// as JSON: `virtq-net ctl PATH add-port SPEC | add-tap NAME | del-port NAME | ports |
+    /// stats`. With it, virtq-net may start without ports.
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+/// Subcommands.
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Send one request to a running virtq-net's control socket and print the JSON answer
+    /// (exit status 1 if it reports an error).
+    Ctl {
+        /// The control socket (`--control`).
+        path: PathBuf,
+        /// The request: add-port SPEC, add-tap NAME, del-port NAME, ports, stats.
+        #[arg(required = true, num_args = 1.., trailing_var_arg = true, allow_hyphen_values = true)]
+        words: Vec<String>,
+    },
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -141,186 +167,6 @@ fn install_signals() {
     }
 }
 
-/// A port's control-thread callbacks: logs, and for a tap port the TAP's offloads and which of
-/// its queues are attached.
-struct PortHandler {
-    /// Second fds (dups) of the port's TAP queues, one per pair (tap ports; empty otherwise).
-    /// `TUNSETOFFLOAD` and `TUNSETQUEUE` are issued here, on the control thread, never on the
-    /// data path. Offloads change when the guest sets its features (rings are stopped then,
-    /// so no frame of the data plane is in flight).
-    tap: Vec<tap::TapQueue>,
-    /// Whether each TAP queue is attached (all are when opened).
-    attached: Vec<bool>,
-    /// Where `SEND_RARP` goes: the data plane sends the announcement into the port's network.
-    announce: Arc<Announcements>,
-    /// This port's limits for the lines a front-end or guest can make it log, one per line:
-    /// ports starting together each keep their lines, one port looping is still limited.
-    limits: PortLimits,
-}
-
-/// See [`PortHandler::limits`].
-#[derive(Default)]
-struct PortLimits {
-    ready: RateLimit,
-    stopped: RateLimit,
-    features: RateLimit,
-    offloads: RateLimit,
-    pairs: RateLimit,
-    tap_queue: RateLimit,
-}
-
-impl PortHandler {
-    fn new(tap: Vec<tap::TapQueue>, announce: Arc<Announcements>) -> PortHandler {
-        let attached = vec![true; tap.len()];
-        PortHandler { tap, attached, announce, limits: PortLimits::default() }
-    }
-
-    /// Attaches the TAP queues of the pairs the guest receives on and detaches the others
-    /// (a multiqueue TAP only): the kernel spreads flows over every attached queue, and a
-    /// frame read from the queue of a pair the guest disabled could only be moved to another
-    /// pair after the fact. One log line per change. Attaching comes first, and the last
-    /// attached queue is never detached, so the TAP keeps a queue (a TAP without one drops
-    /// every frame, and kernels differ on whether they refuse to detach it).
-    fn steer_tap(&mut self, dev: &NetDevice, pairs: u64) {
-        if self.tap.len() < 2 {
-            return;
-        }
-        let want = tap_queues_wanted(pairs, &self.attached);
-        for (q, t) in self.tap.iter().enumerate() {
-            if want[q] && !self.attached[q] {
-                match t.set_attached(true) {
-                    Ok(()) => {
-                        self.attached[q] = true;
-                        limited_by!(
-                            self.limits.tap_queue,
-                            info,
-                            "{}: TAP queue {q} attached (the guest receives on pair {q} again)",
-                            dev.name()
-                        );
-                    }
-                    Err(e) => limited_by!(self.limits.tap_queue, warn, "{}: TAP queue {q}: attach: {e}", dev.name()),
-                }
-            }
-        }
-        for (q, t) in self.tap.iter().enumerate() {
-            if !want[q] && self.attached[q] && self.attached.iter().filter(|&&a| a).count() > 1 {
-                match t.set_attached(false) {
-                    Ok(()) => {
-                        self.attached[q] = false;
-                        limited_by!(
-                            self.limits.tap_queue,
-                            info,
-                            "{}: TAP queue {q} detached (the guest does not receive on pair {q})",
-                            dev.name()
-                        );
-                    }
-                    Err(e) => limited_by!(self.limits.tap_queue, warn, "{}: TAP queue {q}: detach: {e}", dev.name()),
-                }
-            }
-        }
-    }
-}
-
-/// Which TAP queues should be attached when the guest receives on `pairs` (bit `n`: pair `n`,
-/// whose TAP queue is `n`) and `attached` are now: those of its pairs. With none of them
-/// (no guest, or one that has not started a receive queue yet) every frame is dropped
-/// whichever queue takes it, so the queues stay as they are rather than change twice around a
-/// reconnect.
-fn tap_queues_wanted(pairs: u64, attached: &[bool]) -> Vec<bool> {
-    let want: Vec<bool> = (0..attached.len()).map(|q| q < 64 && pairs & (1 << q) != 0).collect();
-    if want.contains(&true) {
-        want
-    } else {
-        attached.to_vec()
-    }
-}
-
-/// `pairs` as a list: `0,1`, or `none`.
-fn describe_pairs(pairs: u64) -> String {
-    let v: Vec<String> = (0..64).filter(|p| pairs & (1 << p) != 0).map(|p| p.to_string()).collect();
-    if v.is_empty() {
-        "none".to_string()
-    } else {
-        v.join(",")
-    }
-}
-
-impl DeviceHandler<NetModel> for PortHandler {
-    fn device_ready(&mut self, dev: &NetDevice) {
-        limited_by!(self.limits.ready, info, "{}: ready", dev.name());
-    }
-    fn device_destroyed(&mut self, dev: &NetDevice) {
-        limited_by!(self.limits.stopped, info, "{}: stopped", dev.name());
-    }
-
-    fn features_changed(&mut self, dev: &NetDevice, features: virtq::VirtioFeatures) {
-        limited_by!(self.limits.features, info, "{}: features {features:#x}", dev.name());
-        // Any queue will do (offloads are the device's); an attached one for certain.
-        if let Some(t) = self.tap.iter().zip(&self.attached).find(|(_, &a)| a).map(|(t, _)| t) {
-            // What the kernel hands over must be what the guest accepts; a frame with an
-            // offload the guest lacks would be refused (and counted) by the device.
-            let flags = tap::offload_flags(features);
-            match t.set_offload(flags) {
-                Ok(()) => limited_by!(
-                    self.limits.offloads,
-                    info,
-                    "{}: TAP offloads {}",
-                    dev.name(),
-                    tap::describe_offloads(flags)
-                ),
-                Err(e) => limited_by!(self.limits.offloads, warn, "{}: TUNSETOFFLOAD {flags:#x}: {e}", dev.name()),
-            }
-        }
-    }
-    fn event(&mut self, dev: &NetDevice, event: NetEvent) {
-        match event {
-            NetEvent::Announce(mac) => self.announce.push(mac),
-            NetEvent::RxPairsChanged(pairs) => {
-                if dev.queue_pairs() > 1 {
-                    limited_by!(
-                        self.limits.pairs,
-                        info,
-                        "{}: guest receives on pair(s) {}",
-                        dev.name(),
-                        describe_pairs(pairs)
-                    );
-                }
-                self.steer_tap(dev, pairs);
-            }
-        }
-    }
-}
-
-/// Per-port and per-queue statistics (packets, bytes, drops, errors); the counters are shared
-/// with the data plane, so this runs on the main thread at any time.
-fn print_stats(devs: &[NetDevice], taps: &[(String, Arc<TapCounters>)]) {
-    for dev in devs {
-        for i in 0..dev.queue_pairs() as usize * 2 {
-            let c = dev.stats(i);
-            let dir = if i % 2 == 0 { "rx" } else { "tx" };
-            info!(
-                "stats {} q{i}({dir}): packets {} bytes {} drops {} errors {} bursts {} (average {:.1}) faults {}",
-                dev.name(),
-                c.packets,
-                c.bytes,
-                c.drops,
-                c.errors,
-                c.bursts,
-                c.packets as f64 / c.bursts.max(1) as f64,
-                c.faults
-            );
-        }
-    }
-    for (name, c) in taps {
-        info!(
-            "stats tap {name}: rx {} tx {} drops {}",
-            c.rx.load(Ordering::Relaxed),
-            c.tx.load(Ordering::Relaxed),
-            c.drops.load(Ordering::Relaxed)
-        );
-    }
-}
-
 fn run(args: Args) -> Result<(), String> {
     let defaults = PortSpec {
         path: PathBuf::new(),
@@ -338,96 +184,114 @@ fn run(args: Args) -> Result<(), String> {
     for s in &args.ports {
         specs.push(parse_port(s, &defaults)?);
     }
-    if specs.is_empty() && args.fd.is_none() {
+    if specs.is_empty() && args.fd.is_none() && args.control.is_none() {
         specs.push(PortSpec { path: PathBuf::from("/tmp/virtq-net.sock"), ..defaults.clone() });
     }
+    let cpus = match &args.pmd_cpus {
+        Some(list) => parse_cpu_list(list)?,
+        None => Vec::new(),
+    };
     let reconnect = Reconnect { enabled: !args.no_reconnect, ..Reconnect::default() };
+    // Bound before any thread starts (it sets the umask for a moment).
+    let control = match &args.control {
+        Some(path) => Some(ControlSocket::bind(path).map_err(|e| format!("--control {}: {e}", path.display()))?),
+        None => None,
+    };
 
     let mut backend = Backend::new().map_err(|e| format!("control loop: {e}"))?;
-    let mut ports = Vec::new();
-    let mut add = |name: String, spec: &PortSpec, socket: SocketSpec, i: usize| -> Result<(), String> {
-        let tap = match &spec.backend {
-            PortBackend::Tap(t) => tap::open(t, spec.queues as usize).map_err(|e| format!("TAP {t}: {e}"))?,
-            _ => Vec::new(),
-        };
-        let control =
-            tap.iter().map(|q| q.try_clone()).collect::<Result<Vec<_>, _>>().map_err(|e| format!("TAP: {e}"))?;
-        let announce = Arc::new(Announcements::default());
-        let mut config = device_config(spec, i);
-        config.require_sealed_memory = args.require_sealed_memory;
-        let dev = backend
-            .add_device(&name, config, socket, Box::new(PortHandler::new(control, Arc::clone(&announce))))
-            .map_err(|e| format!("{name}: {e}"))?;
-        info!("{name}: {:?} back-end, {} queue pair(s)", spec.backend, spec.queues);
-        ports.push(Port::Vhost { dev, backend: spec.backend.clone(), tap, announce, mtu: spec.mtu });
-        Ok(())
+    let handle = backend.handle();
+    let vhost =
+        thread::Builder::new().name("vhost-user".into()).spawn(move || backend.run()).map_err(|e| e.to_string())?;
+    let stop_vhost = |vhost: thread::JoinHandle<std::io::Result<()>>| -> Result<(), String> {
+        handle.shutdown();
+        vhost.join().map_err(|_| "control loop panicked".to_string())?.map_err(|e| e.to_string())
     };
-    if let Some(fd) = args.fd {
-        // SAFETY: `--fd` names a socket the parent passed at exec for this program to serve on;
-        // nothing else in the process owns the number.
-        let socket = unsafe { SocketSpec::inherited(fd) }.map_err(|e| format!("--fd {fd}: {e}"))?;
-        add(format!("fd:{fd}"), &defaults, socket, 0)?;
+
+    let fabric = Fabric::new(cpus.len().max(1), &cpus);
+    let mut mgr = Manager::new(handle.clone(), Arc::clone(&fabric), reconnect, args.require_sealed_memory);
+    let added = (|| -> Result<(), String> {
+        if let Some(fd) = args.fd {
+            // SAFETY: `--fd` names a socket the parent passed at exec for this program to
+            // serve on; nothing else in the process owns the number.
+            let socket = unsafe { SocketSpec::inherited(fd) }.map_err(|e| format!("--fd {fd}: {e}"))?;
+            mgr.add_inherited(format!("fd:{fd}"), &defaults, socket)?;
+        }
+        for spec in &specs {
+            mgr.add_port(spec)?;
+        }
+        for t in &args.taps {
+            mgr.add_switch_tap(t)?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = added {
+        stop_vhost(vhost)?;
+        return Err(e);
     }
-    for (i, spec) in specs.iter().enumerate() {
-        let socket = if spec.client {
-            SocketSpec::Client { path: spec.path.clone(), reconnect }
-        } else {
-            SocketSpec::Server { path: spec.path.clone(), mode: None }
-        };
-        add(spec.path.display().to_string(), spec, socket, i + 1)?;
-    }
-    let mut tap_counters = Vec::new();
-    for t in &args.taps {
-        let queues = tap::open(t, 1).map_err(|e| format!("TAP {t}: {e}"))?;
-        info!("TAP {t} attached to the switch");
-        let counters = Arc::new(TapCounters::default());
-        tap_counters.push((t.clone(), Arc::clone(&counters)));
-        ports.push(Port::SwitchTap { name: t.clone(), queues, counters });
-    }
-    let devs: Vec<NetDevice> = ports
-        .iter()
-        .filter_map(|p| match p {
-            Port::Vhost { dev, .. } => Some(dev.clone()),
-            Port::SwitchTap { .. } => None,
-        })
-        .collect();
 
     install_signals();
-    let handle = backend.handle();
-    let control =
-        thread::Builder::new().name("vhost-user".into()).spawn(move || backend.run()).map_err(|e| e.to_string())?;
-
     let stop = Arc::new(AtomicBool::new(false));
-    let dp_stop = Arc::clone(&stop);
-    let busy = args.busy_poll;
-    let data = thread::Builder::new()
-        .name("dataplane".into())
-        .spawn(move || {
-            let mut dp = Dataplane::new(ports, busy);
-            dp.run(&dp_stop);
-        })
-        .map_err(|e| e.to_string())?;
+    let mut data = Vec::new();
+    for i in 0..fabric.threads() {
+        let (fabric, stop) = (Arc::clone(&fabric), Arc::clone(&stop));
+        let busy = args.busy_poll;
+        let name = if fabric.threads() == 1 { "dataplane".to_string() } else { format!("dataplane-{i}") };
+        match thread::Builder::new().name(name).spawn(move || Dataplane::worker(fabric, i, busy).run(&stop)) {
+            Ok(t) => data.push(t),
+            Err(e) => {
+                STOP.store(true, Ordering::SeqCst);
+                error!("data-plane thread {i}: {e}");
+                break;
+            }
+        }
+    }
+    if let Some(c) = cpus.iter().zip(0..).map(|(c, i)| format!("{i}:cpu{c}")).reduce(|a, b| a + " " + &b) {
+        info!("{} data-plane threads ({c})", fabric.threads());
+    }
 
     let mut last_stats = Instant::now();
     while !STOP.load(Ordering::SeqCst) {
-        thread::sleep(Duration::from_millis(50));
+        thread::sleep(Duration::from_millis(20));
+        if let Some(c) = &control {
+            c.serve(&mut mgr, &defaults);
+        }
         let periodic = args.stats_interval > 0 && last_stats.elapsed() >= Duration::from_secs(args.stats_interval);
         if DUMP_STATS.swap(false, Ordering::SeqCst) || periodic {
             last_stats = Instant::now();
-            print_stats(&devs, &tap_counters);
+            mgr.log_stats();
         }
     }
     info!("stopping");
     stop.store(true, Ordering::SeqCst);
-    data.join().map_err(|_| "data plane panicked".to_string())?;
-    handle.shutdown();
-    control.join().map_err(|_| "control loop panicked".to_string())?.map_err(|e| e.to_string())?;
-    print_stats(&devs, &tap_counters);
+    let panicked = data.into_iter().map(|t| t.join()).filter(Result::is_err).count();
+    stop_vhost(vhost)?;
+    mgr.log_stats();
+    drop(control);
+    if panicked > 0 {
+        return Err("a data-plane thread panicked".into());
+    }
     Ok(())
+}
+
+/// `virtq-net ctl PATH WORDS...`: one request to a running virtq-net's control socket.
+fn ctl(path: &std::path::Path, words: &[String]) -> ExitCode {
+    match control::request(path, words) {
+        Ok(reply) => {
+            println!("{reply}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(Command::Ctl { path, words }) = &args.command {
+        return ctl(path, words);
+    }
     if args.print_capabilities {
         println!("{{\n  \"type\": \"net\"\n}}");
         return ExitCode::SUCCESS;
@@ -442,27 +306,5 @@ fn main() -> ExitCode {
             error!("{e}");
             ExitCode::FAILURE
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tap_queues_follow_the_pairs_the_guest_receives_on() {
-        // `ethtool -L combined 1` on two pairs: queue 1 goes; back to two: it returns.
-        assert_eq!(tap_queues_wanted(0b01, &[true, true]), [true, false]);
-        assert_eq!(tap_queues_wanted(0b11, &[true, false]), [true, true]);
-        // Pair 1 alone: queue 0 can go too.
-        assert_eq!(tap_queues_wanted(0b10, &[true, true]), [false, true]);
-        // No pair (disconnect, or rings not started yet): nothing changes, so the TAP is never
-        // left without a queue.
-        assert_eq!(tap_queues_wanted(0, &[false, true]), [false, true]);
-        assert_eq!(tap_queues_wanted(0, &[true, true]), [true, true]);
-        // Pairs the TAP has no queue for do not count.
-        assert_eq!(tap_queues_wanted(0b100, &[true, false]), [true, false]);
-        assert_eq!(describe_pairs(0b101), "0,2");
-        assert_eq!(describe_pairs(0), "none");
     }
 }

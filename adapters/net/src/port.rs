@@ -96,6 +96,30 @@ pub fn parse_port(spec: &str, defaults: &PortSpec) -> Result<PortSpec, String> {
     Ok(p)
 }
 
+/// Parses a CPU list as `--pmd-cpus` takes it: `0,2`, `0-3`, `1,4-5`. Each CPU once, at
+/// most 64 of them, numbers below 1024.
+pub fn parse_cpu_list(s: &str) -> Result<Vec<usize>, String> {
+    let bad = || format!("bad CPU list {s:?} (e.g. 0,2 or 0-3)");
+    let mut cpus = Vec::new();
+    for item in s.split(',') {
+        let (a, b) = item.split_once('-').unwrap_or((item, item));
+        let (a, b): (usize, usize) = (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
+        if a > b || b >= 1024 {
+            return Err(bad());
+        }
+        for c in a..=b {
+            if cpus.contains(&c) {
+                return Err(format!("CPU {c} listed twice in {s:?}"));
+            }
+            cpus.push(c);
+        }
+    }
+    if cpus.len() > 64 {
+        return Err(format!("{s:?}: at most 64 data-plane threads"));
+    }
+    Ok(cpus)
+}
+
 /// A locally administered MAC for port `i` when none was given.
 pub fn default_mac(i: usize) -> [u8; 6] {
     [0x52, 0x54, 0x00, 0x9e, (i >> 8) as u8, i as u8]
@@ -189,6 +213,16 @@ mod tests {
         assert_eq!(parse_port("path=x,backend=source:64", &defaults()).unwrap().backend, PortBackend::Source(64));
         assert!(parse_port("path=x,backend=source:20", &defaults()).is_err(), "below the Ethernet minimum");
         assert!(parse_port("path=x,backend=source:", &defaults()).is_err());
+    }
+
+    #[test]
+    fn cpu_lists_parse_and_reject_nonsense() {
+        assert_eq!(parse_cpu_list("0,2").unwrap(), [0, 2]);
+        assert_eq!(parse_cpu_list("1,4-6").unwrap(), [1, 4, 5, 6]);
+        assert_eq!(parse_cpu_list("3").unwrap(), [3]);
+        for bad in ["", "a", "1,,2", "3-1", "0,0", "0-2,1", "2048", "-1"] {
+            assert!(parse_cpu_list(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

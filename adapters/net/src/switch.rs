@@ -182,6 +182,22 @@ impl Switch {
         }
     }
 
+    /// Forgets every address behind `port` (the port was removed): frames to them are
+    /// flooded until they are learned elsewhere, and a new port that gets the same number
+    /// starts with none.
+    pub fn forget_port(&mut self, port: PortId) {
+        let before = self.table.len();
+        self.table.retain(|_, (p, _)| *p != port);
+        if let Some(c) = self.counts.get_mut(port) {
+            *c = 0;
+        }
+        if self.table.len() != before {
+            self.generation += 1;
+        }
+        self.last_learned = None;
+        self.last_lookup = None;
+    }
+
     /// Number of learned addresses.
     #[cfg(test)]
     fn len(&self) -> usize {
@@ -224,6 +240,22 @@ mod tests {
         assert_eq!(s.forward(0, &frame(A, B), t), Forward::Drop, "destination behind the ingress");
         assert_eq!(s.forward(0, &[0u8; 13], t), Forward::Drop, "runt");
         assert_eq!(s.forward(0, &frame([1, 0, 0x5e, 0, 0, 1], A), t), Forward::Flood, "multicast");
+    }
+
+    #[test]
+    fn a_removed_port_is_forgotten_and_its_number_starts_clean() {
+        let mut s = Switch::new(Duration::from_secs(300), 16, 1);
+        let t = Instant::now();
+        s.forward(1, &frame(BCAST, B), t);
+        assert_eq!(s.forward(0, &frame(B, A), t), Forward::Port(1), "B behind port 1");
+        s.forget_port(1);
+        assert_eq!(s.len(), 1, "only A is left");
+        // Same `now`: the remembered lookup must not still say port 1.
+        assert_eq!(s.forward(0, &frame(B, A), t), Forward::Flood, "B unknown again");
+        // Port 1's share (one address) is free for the port that gets the number next.
+        let c = [2, 0, 0, 0, 0, 0xc];
+        s.forward(1, &frame(BCAST, c), t);
+        assert_eq!(s.forward(0, &frame(c, A), t), Forward::Port(1));
     }
 
     /// Within one burst (one `now`) the remembered source and lookup never hide a change:

@@ -17,7 +17,7 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use log::{info, warn};
@@ -109,6 +109,10 @@ pub trait DeviceHandler<M: DeviceModel>: Send {
     fn vring_state_changed(&mut self, _dev: &M::DataPath, _index: u16, _enabled: bool) {}
     /// The front-end set features.
     fn features_changed(&mut self, _dev: &M::DataPath, _features: VirtioFeatures) {}
+    /// A front-end connected (server) or the back-end connected to one (client).
+    fn connected(&mut self, _dev: &M::DataPath) {}
+    /// The connection ended (the device was reset first).
+    fn disconnected(&mut self, _dev: &M::DataPath) {}
     /// What the device model reports ([`DeviceModel::Event`]; virtio-net:
     /// [`crate::net::NetEvent`]), in order with the other callbacks of the same request; what
     /// [`DeviceModel::sync`] reports comes last.
@@ -139,6 +143,8 @@ trait ServedDevice: Send {
     fn config_change_notice(&self) -> Option<(BorrowedFd<'_>, Vec<u8>)>;
     /// Brings the data path up to date, then runs the callbacks for what happened.
     fn dispatch_events(&mut self);
+    /// Tells the handler the connection came or went.
+    fn connection(&mut self, up: bool);
 }
 
 impl<M: DeviceModel> ServedDevice for Served<M> {
@@ -178,6 +184,13 @@ impl<M: DeviceModel> ServedDevice for Served<M> {
             handler.event(dev, e);
         }
     }
+    fn connection(&mut self, up: bool) {
+        if up {
+            self.handler.connected(&self.data_path);
+        } else {
+            self.handler.disconnected(&self.data_path);
+        }
+    }
 }
 
 /// Fields drop in declaration order: the fds of a half-read message go before the socket
@@ -208,11 +221,15 @@ struct SlotLimits {
     error: RateLimit,
 }
 
-/// Stops a running [`Backend`] from another thread.
+/// Work handed to the loop from another thread ([`BackendHandle::call`]).
+type Command = Box<dyn FnOnce(&mut Backend) + Send>;
+
+/// Stops a running [`Backend`], or runs work on its thread, from another thread.
 #[derive(Clone)]
 pub struct BackendHandle {
     stop: Arc<AtomicBool>,
     waker: Arc<Waker>,
+    commands: Arc<Mutex<Option<Vec<Command>>>>,
 }
 
 impl BackendHandle {
@@ -220,6 +237,24 @@ impl BackendHandle {
     pub fn shutdown(&self) {
         self.stop.store(true, Ordering::Release);
         let _ = self.waker.wake();
+    }
+
+    /// Runs `f` on the loop's thread, between two rounds of messages, and returns its result:
+    /// how devices are added ([`Backend::add_device`]) and removed ([`Backend::remove_device`])
+    /// while the loop runs. Waits for the loop, so it must not be called from the loop's own
+    /// thread (a handler callback); `Err` if the loop has ended or ends before running `f`.
+    pub fn call<R: Send + 'static>(&self, f: impl FnOnce(&mut Backend) -> R + Send + 'static) -> io::Result<R> {
+        let ended = || io::Error::new(io::ErrorKind::BrokenPipe, "the vhost-user loop has ended");
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        match &mut *self.commands.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(queue) => queue.push(Box::new(move |b: &mut Backend| {
+                let _ = tx.send(f(b));
+            })),
+            None => return Err(ended()),
+        }
+        self.waker.wake()?;
+        // A loop that ends drops the commands it did not run, and with them `tx`.
+        rx.recv().map_err(|_| ended())
     }
 }
 
@@ -261,9 +296,13 @@ impl Drop for FaultNotifier {
 /// The vhost-user control loop.
 pub struct Backend {
     poll: Poll,
-    slots: Vec<Slot>,
+    /// Devices by id (an id is never reused: a removed device leaves `None`, so a poll token
+    /// of a removed device can never reach another one).
+    slots: Vec<Option<Slot>>,
     stop: Arc<AtomicBool>,
     waker: Arc<Waker>,
+    /// Work from other threads; `None` once the loop has ended.
+    commands: Arc<Mutex<Option<Vec<Command>>>>,
     faults: FaultNotifier,
 }
 
@@ -274,17 +313,31 @@ impl Backend {
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let faults = FaultNotifier::new()?;
         poll.registry().register(&mut SourceFd(&faults.0.as_raw_fd()), FAULTS, Interest::READABLE)?;
-        Ok(Backend { poll, slots: Vec::new(), stop: Arc::new(AtomicBool::new(false)), waker, faults })
+        Ok(Backend {
+            poll,
+            slots: Vec::new(),
+            stop: Arc::new(AtomicBool::new(false)),
+            waker,
+            commands: Arc::new(Mutex::new(Some(Vec::new()))),
+            faults,
+        })
     }
 
-    /// A handle to stop the loop.
+    /// A handle to stop the loop or run work on it.
     pub fn handle(&self) -> BackendHandle {
-        BackendHandle { stop: Arc::clone(&self.stop), waker: Arc::clone(&self.waker) }
+        BackendHandle {
+            stop: Arc::clone(&self.stop),
+            waker: Arc::clone(&self.waker),
+            commands: Arc::clone(&self.commands),
+        }
     }
 
     /// Registers a device of model `M` on a socket and returns its data path handle (for
     /// virtio-net a [`crate::net::NetDevice`]). Servers listen at once; clients connect on the
     /// first loop iteration (and keep trying with backoff if the front-end is not there yet).
+    /// `name` identifies the device in logs and to [`Backend::remove_device`]; a name already
+    /// in use is refused (`AlreadyExists`), before anything is bound: a second device on a
+    /// socket path would otherwise replace the first one's socket file.
     pub fn add_device<M: DeviceModel>(
         &mut self,
         name: &str,
@@ -292,6 +345,9 @@ impl Backend {
         spec: SocketSpec,
         handler: Box<dyn DeviceHandler<M>>,
     ) -> io::Result<M::DataPath> {
+        if self.slots.iter().flatten().any(|s| s.device.name() == name) {
+            return Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("a device named {name:?} exists")));
+        }
         let device = VhostUserDevice::new(config);
         let data_path = device.model().data_path(name, device.vring_shared());
         let id = self.slots.len();
@@ -313,8 +369,40 @@ impl Backend {
             self.poll.registry().register(l.source(), Token(2 * id), Interest::READABLE)?;
             slot.reconnect_at = None;
         }
-        self.slots.push(slot);
+        self.slots.push(Some(slot));
         Ok(data_path)
+    }
+
+    /// Removes the device named `name`, as if the back-end were shutting down for it alone:
+    /// its front-end is disconnected (the device reset first: rings stopped, its memory and
+    /// fds released), its socket closed (a listening socket's file removed), and its handler
+    /// told ([`DeviceHandler::device_destroyed`], [`DeviceHandler::disconnected`]). Other
+    /// devices are not touched. `false` if there is no such device.
+    pub fn remove_device(&mut self, name: &str) -> bool {
+        let Some(id) = self.slots.iter().position(|s| s.as_ref().is_some_and(|s| s.device.name() == name)) else {
+            return false;
+        };
+        self.teardown(id, "device removed", false);
+        if let Some(mut slot) = self.slots[id].take() {
+            if let Some(l) = slot.listener.as_mut() {
+                let _ = self.poll.registry().deregister(l.source());
+            }
+            info!("vhost-user {name}: removed");
+        }
+        true
+    }
+
+    /// Names of the devices, in the order they were added.
+    pub fn device_names(&self) -> Vec<String> {
+        self.slots.iter().flatten().map(|s| s.device.name().to_string()).collect()
+    }
+
+    /// Runs the work other threads handed over ([`BackendHandle::call`]).
+    fn run_commands(&mut self) {
+        let commands = self.commands.lock().unwrap_or_else(|p| p.into_inner()).as_mut().map(std::mem::take);
+        for c in commands.into_iter().flatten() {
+            c(self);
+        }
     }
 
     /// Runs until [`BackendHandle::shutdown`].
@@ -330,6 +418,7 @@ impl Backend {
             for ev in events.iter() {
                 let t = ev.token();
                 if t == WAKER {
+                    self.run_commands();
                     continue;
                 }
                 if t == FAULTS {
@@ -350,6 +439,9 @@ impl Backend {
             self.teardown(id, "shutdown", false);
         }
         self.slots.clear();
+        // Callers waiting in `BackendHandle::call` learn that the loop ended, and later ones
+        // are refused.
+        self.commands.lock().unwrap_or_else(|p| p.into_inner()).take();
         Ok(())
     }
 
@@ -358,7 +450,7 @@ impl Backend {
     /// front-end negotiated the back-end channel. A dirty log that lost its pages costs one
     /// log line and nothing else (the device keeps running, unlogged).
     fn memory_faults(&mut self) {
-        for slot in &mut self.slots {
+        for slot in self.slots.iter_mut().flatten() {
             if let Some(addr) = slot.device.check_log() {
                 limited_by!(
                     slot.limits.fault,
@@ -384,12 +476,12 @@ impl Backend {
 
     fn next_timer(&self) -> Option<Duration> {
         let now = Instant::now();
-        self.slots.iter().filter_map(|s| s.reconnect_at).map(|t| t.saturating_duration_since(now)).min()
+        self.slots.iter().flatten().filter_map(|s| s.reconnect_at).map(|t| t.saturating_duration_since(now)).min()
     }
 
     fn accept(&mut self, id: usize) {
         loop {
-            let slot = &mut self.slots[id];
+            let Some(slot) = self.slots.get_mut(id).and_then(Option::as_mut) else { return };
             let Some(l) = slot.listener.as_ref() else { return };
             match l.accept() {
                 Ok(Some(stream)) => {
@@ -420,16 +512,17 @@ impl Backend {
             limited!(warn, "vhost-user: register: {e}");
             return;
         }
-        let slot = &mut self.slots[id];
+        let Some(slot) = self.slots[id].as_mut() else { return };
         slot.conn = Some(Conn { stream, reader: MessageReader::new() });
         slot.attempts = 0;
         slot.reconnect_at = None;
+        slot.device.connection(true);
     }
 
     fn reconnect_due(&mut self) {
         let now = Instant::now();
         for id in 0..self.slots.len() {
-            let slot = &mut self.slots[id];
+            let Some(slot) = self.slots[id].as_mut() else { continue };
             if slot.conn.is_some() || slot.reconnect_at.is_none_or(|t| t > now) {
                 continue;
             }
@@ -458,7 +551,7 @@ impl Backend {
 
     fn serve(&mut self, id: usize) {
         loop {
-            let slot = &mut self.slots[id];
+            let Some(slot) = self.slots.get_mut(id).and_then(Option::as_mut) else { return };
             let Some(conn) = slot.conn.as_mut() else { return };
             let raw = match conn.reader.read(conn.stream.as_raw_fd()) {
                 Ok(Some(m)) => m,
@@ -492,11 +585,13 @@ impl Backend {
     }
 
     fn dispatch_events(&mut self, id: usize) {
-        self.slots[id].device.dispatch_events();
+        if let Some(slot) = self.slots[id].as_mut() {
+            slot.device.dispatch_events();
+        }
     }
 
     fn teardown(&mut self, id: usize, why: &str, reconnect: bool) {
-        let slot = &mut self.slots[id];
+        let Some(slot) = self.slots[id].as_mut() else { return };
         let mut conn = slot.conn.take();
         if let Some(conn) = &mut conn {
             limited_by!(slot.limits.reset, info, "vhost-user {}: {why}; device reset", slot.device.name());
@@ -506,9 +601,13 @@ impl Backend {
         // message) is released before the socket closes, so a front-end that sees the close
         // can count on it.
         slot.device.reset();
+        let was_connected = conn.is_some();
         drop(conn);
         self.dispatch_events(id);
-        let slot = &mut self.slots[id];
+        let Some(slot) = self.slots[id].as_mut() else { return };
+        if was_connected {
+            slot.device.connection(false);
+        }
         if let SocketSpec::Client { reconnect: policy, .. } = &slot.spec {
             if reconnect && policy.enabled {
                 slot.reconnect_at = Some(Instant::now() + policy.delay(0));
