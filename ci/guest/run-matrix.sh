@@ -659,6 +659,62 @@ case_kill() {
     ((back_ok == 0 && guest_ok == 0 && stop_ok == 0)) || { DETAIL+="; $err $stop"; return 1; }
 }
 
+# Issue 18: two pinned data-plane threads and ports at run time, with real guests. virtq-net
+# starts with two switch ports on `--pmd-cpus 0,1` (g1's pair polled by thread 0, g2's by
+# thread 1: every frame between them crosses threads) and a control socket. While g1 and g2
+# run iperf3, a port is added (`ctl add-port`) and a guest on it (g3) pings g1; that port is
+# then removed while g3 runs (`ctl del-port`), added again, and a new guest (g4) on it pings
+# g1. PASS: g1 and g2's iperf3 ran to its end both ways (their connection survived the
+# changes), g3 and g4 got every ping answered, the removed port's socket went away and
+# `ports` no longer listed it, `stats` shows both threads moving frames with g1 and g2 on
+# different threads, and virtq-net exits cleanly.
+case_runtime_ports() {
+    local s1=$TMP/$CASE-1.sock s2=$TMP/$CASE-2.sock s3=$TMP/$CASE-3.sock ctl=$TMP/$CASE.ctl err ok=1 out
+    vq_start "$TMP/$CASE-virtq-net.log" - --pmd-cpus 0,1 --control "$ctl" --socket-path "$s1" --socket-path "$s2"
+    wait_for "sockets" test -S "$ctl" || { DETAIL="virtq-net did not listen"; return 1; }
+    guest name=g1 sock="$s1" mac=52:54:00:00:18:11 ip=10.0.0.11 \
+        cmd="vt-wait-peer 10.0.0.12 90 && vt-iperf 10.0.0.12 20 && vt-iperf 10.0.0.12 10 -R && vt-wait-echos 12 200 3"
+    guest name=g2 sock="$s2" mac=52:54:00:00:18:12 ip=10.0.0.12 \
+        cmd="iperf3 -s -1 > /dev/null && iperf3 -s -1 > /dev/null"
+    wait_for "g1 and g2 talking" grep -aq 'VIRTQ: 10.0.0.12 answers' "${GLOG[g1]}" || { DETAIL="g1 never reached g2"; return 1; }
+    sleep 2
+    out=$("$VIRTQ_NET" ctl "$ctl" add-port "path=$s3") || { DETAIL="add-port: $out"; return 1; }
+    guest name=g3 sock="$s3" mac=52:54:00:00:18:13 ip=10.0.0.13 cmd="vt-ping 10.0.0.11 5 && sleep 600"
+    wait_for "g3's pings" grep -aq 'VIRTQ: ping' "${GLOG[g3]}" || { DETAIL="g3 did not ping"; return 1; }
+    local p3 p4
+    p3=$(vline g3 'ping' | sed -n 's/.*: \([0-9]*\/[0-9]*\) replies.*/\1/p')
+    [[ $p3 == 5/5 ]] || { ok=0; err+=" g3 got $p3 replies"; }
+    out=$("$VIRTQ_NET" ctl "$ctl" del-port "$s3") || { DETAIL="del-port: $out"; return 1; }
+    [[ -e $s3 ]] && { ok=0; err+=" $s3 still there after del-port"; }
+    "$VIRTQ_NET" ctl "$ctl" ports | grep -q "$s3" && { ok=0; err+=" del-port: still listed"; }
+    kill_pids "${GPID[g3]}"
+    out=$("$VIRTQ_NET" ctl "$ctl" add-port "path=$s3") || { DETAIL="add-port again: $out"; return 1; }
+    guest name=g4 sock="$s3" mac=52:54:00:00:18:14 ip=10.0.0.14 cmd="vt-ping 10.0.0.11 5"
+    wait_guests g1 g2 g4
+    err+=$(check_guests g1 g2 g4)
+    local guest_ok=$?
+    p4=$(vline g4 'ping' | sed -n 's/.*: \([0-9]*\/[0-9]*\) replies.*/\1/p')
+    local stats threads
+    stats=$("$VIRTQ_NET" ctl "$ctl" stats)
+    echo "$stats" > "$TMP/$CASE-stats.json"
+    CASE_LOGS+=("$TMP/$CASE-stats.json")
+    threads=$(python3 -c '
+import json, sys
+v = json.loads(sys.argv[1])
+t = v["threads"]
+port = {p["name"]: p for p in v["ports"]}
+g1, g2 = port[sys.argv[2]], port[sys.argv[3]]
+ok = len(t) == 2 and all(x["frames"] > 0 for x in t) and g1["threads"] != g2["threads"]
+print(("" if ok else "BAD ") + ", ".join("thread %d cpu %s: %d frames, busy %.1f%%" % (x["thread"], x["cpu"], x["frames"], x["busy_percent"]) for x in t)
+      + "; g1 on %s, g2 on %s" % (g1["threads"], g2["threads"]))
+' "$stats" "$s1" "$s2") || { ok=0; err+=" stats not JSON"; }
+    [[ $threads == BAD* ]] && { ok=0; err+=" threads: $threads"; }
+    vq_stop
+    local stop_ok=$? stop=$STOP_ERR
+    DETAIL="g1->g2 $(iperf_rate g1 '' || echo none), g2->g1 $(iperf_rate g1 -R || echo none) through two threads; add-port during iperf3: g3 ping $p3; del-port, add-port again: g4 ping $p4; $threads"
+    ((ok && guest_ok == 0 && stop_ok == 0)) || { DETAIL+="; $err $stop"; return 1; }
+}
+
 # Two guests, iperf3 TCP through the switch: g1 -> g2 and g2 -> g1 (-R), 10 s each.
 IPERF_REPORT=""
 case_iperf3() {
@@ -1392,6 +1448,7 @@ MATRIX=(
     "switch-offload|case_switch_offload"
     "packed|case_packed"
     "jumbo|case_jumbo"
+    "runtime-ports|case_runtime_ports|240"
     "iperf3-vs-dpdk|case_iperf3_vs_dpdk|300"
     "migrate-dpdk|case_migrate dpdk client on"
     "migrate|case_migrate virtq client on"

@@ -70,7 +70,7 @@ impl ControlSocket {
     }
 
     /// Answers every request waiting to be accepted; never blocks for more than
-    /// [`REQUEST_TIMEOUT`] per request.
+    /// a second per request.
     pub fn serve(&self, mgr: &mut Manager, defaults: &PortSpec) {
         loop {
             match self.listener.accept() {

@@ -149,7 +149,7 @@ pub struct ThreadStats {
     pub idle: AtomicU64,
     /// Frames moved (taken from a ring, a TAP or a NIC, or generated).
     pub frames: AtomicU64,
-    /// Rings this thread polls (see [`Fabric::rings`]).
+    /// Ring groups this thread polls: queue pairs of vhost-user ports, queues of switch TAPs.
     pub rings: AtomicU64,
 }
 
