@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use virtq::net::header::VIRTIO_NET_HDR_GSO_NONE;
 use virtq::net::{complete_csum, Delivery, OffloadFrame, Segmenter, VirtioNetHdr};
+use virtq::VirtioFeatures;
 use virtq_vhost_user::limited;
 use virtq_vhost_user::net::{parse_header, rarp_announce, NetDevice, TxFrame, MAX_TX_FRAME};
 
@@ -746,7 +747,12 @@ fn is_switch_port(p: &Port) -> bool {
 /// with each frame's header (the kernel completes checksums and segments what it has to).
 fn deliver<'a>(port: &Port, pair: u16, frames: impl Iterator<Item = SwitchFrame<'a>> + Clone, fallback: &mut Fallback) {
     match port {
-        Port::Vhost { dev, mtu, .. } => deliver_to_guest(dev, *mtu, pair, frames, fallback),
+        Port::Vhost { dev, mtu, .. } => {
+            // With no pair to receive on, the burst goes to a stopped or disabled queue, which
+            // drops and counts it.
+            let to = dev.rx_pair(pair).unwrap_or(pair % dev.queue_pairs().max(1));
+            deliver_to_receiver(&GuestQueue { dev, to, mtu: *mtu }, frames, fallback)
+        }
         Port::SwitchTap { queues, name, counters } => {
             let q = &queues[pair as usize % queues.len()];
             let (mut tx, mut drops) = (0, 0);
@@ -795,8 +801,49 @@ fn fits_mtu(frame: &[u8], mtu: u16) -> bool {
 /// `gso_size`; their frames are dropped and counted.
 const MAX_SEGMENTS: u32 = 256;
 
-/// Sends a batch to a guest: one enqueue burst (on the pair matching the ingress queue among
-/// those the guest receives on), or several when frames are segmented for it.
+/// A destination of the switch that takes frames as its features allow: a guest's receive
+/// queue, a NIC queue. [`deliver_to_receiver`] completes or segments what it cannot take.
+trait Receiver {
+    /// The offloads it accepts frames with (the guest's negotiated features); `None` while it
+    /// cannot receive (its frames are counted as drops).
+    fn features(&self) -> Option<VirtioFeatures>;
+    /// Its MTU: the largest frame it takes that is not a GSO frame it negotiated.
+    fn mtu(&self) -> u16;
+    /// Places plain frames (no offloads); returns how many it took.
+    fn put_plain(&self, frames: &[&[u8]]) -> usize;
+    /// Places frames, each with the header it is delivered with; returns how many it took.
+    fn put(&self, frames: &[(VirtioNetHdr, &[u8])]) -> usize;
+    /// Counts `n` frames dropped for it.
+    fn count_drops(&self, n: u64);
+}
+
+/// A guest's receive queue (pair `to`).
+struct GuestQueue<'d> {
+    dev: &'d NetDevice,
+    to: u16,
+    mtu: u16,
+}
+
+impl Receiver for GuestQueue<'_> {
+    fn features(&self) -> Option<VirtioFeatures> {
+        self.dev.rx_features(self.to)
+    }
+    fn mtu(&self) -> u16 {
+        self.mtu
+    }
+    fn put_plain(&self, frames: &[&[u8]]) -> usize {
+        self.dev.enqueue_burst(self.to, frames)
+    }
+    fn put(&self, frames: &[(VirtioNetHdr, &[u8])]) -> usize {
+        self.dev.enqueue_burst_with_headers(self.to, frames)
+    }
+    fn count_drops(&self, n: u64) {
+        self.dev.count_rx_drops(self.to, n);
+    }
+}
+
+/// Sends a batch to a receiver (a guest: on the pair matching the ingress queue among those
+/// it receives on): one burst, or several when frames are segmented for it.
 ///
 /// Each frame with offloads gets what the receiver's features call for
 /// ([`OffloadFrame::delivery`], §5.1.6.4.1): its header as it is (with what the receiver may
@@ -805,16 +852,12 @@ const MAX_SEGMENTS: u32 = 256;
 /// takes as it is, is dropped and counted, as is a frame with an offload that has no
 /// fallback. Segmenting stops when the guest has no more buffers: a guest that sends GSO
 /// frames with a tiny `gso_size` costs the switch at most what the receiver can take.
-fn deliver_to_guest<'a>(
-    dev: &NetDevice,
-    mtu: u16,
-    pair: u16,
+fn deliver_to_receiver<'a>(
+    rx: &impl Receiver,
     frames: impl Iterator<Item = SwitchFrame<'a>> + Clone,
     fb: &mut Fallback,
 ) {
-    // With no pair to receive on, the burst goes to a stopped or disabled queue, which drops
-    // and counts it.
-    let to = dev.rx_pair(pair).unwrap_or(pair % dev.queue_pairs().max(1));
+    let mtu = rx.mtu();
     // The usual burst: plain frames within the MTU, delivered with a zero header.
     let mut refs: [&[u8]; BURST] = [&[]; BURST];
     let mut n = 0;
@@ -827,11 +870,11 @@ fn deliver_to_guest<'a>(
         n += 1;
     }
     if n != usize::MAX {
-        dev.enqueue_burst(to, &refs[..n]);
+        rx.put_plain(&refs[..n]);
         return;
     }
-    let Some(features) = dev.rx_features(to) else {
-        dev.count_rx_drops(to, frames.count() as u64);
+    let Some(features) = rx.features() else {
+        rx.count_drops(frames.count() as u64);
         return;
     };
     let mut out = OutBurst::default();
@@ -839,7 +882,7 @@ fn deliver_to_guest<'a>(
     'frames: for f in frames {
         let Some(of) = f.offload else {
             if fits_mtu(f.frame, mtu) {
-                out.push_frame(dev, to, fb, VirtioNetHdr::default(), f.frame);
+                out.push_frame(rx, fb, VirtioNetHdr::default(), f.frame);
             } else {
                 drops += 1;
             }
@@ -853,7 +896,7 @@ fn deliver_to_guest<'a>(
                 if !gso && !fits_mtu(f.frame, mtu) {
                     drops += 1;
                 } else {
-                    out.push_frame(dev, to, fb, h, f.frame);
+                    out.push_frame(rx, fb, h, f.frame);
                 }
             }
             Delivery::CompleteCsum(h) => {
@@ -861,7 +904,7 @@ fn deliver_to_guest<'a>(
                     drops += 1;
                     continue;
                 }
-                if !out.make_room(dev, to, fb) {
+                if !out.make_room(rx, fb) {
                     drops += 1;
                     continue;
                 }
@@ -893,7 +936,7 @@ fn deliver_to_guest<'a>(
                 let count = seg.count();
                 for i in 0..count {
                     // A frame that cannot land whole counts as one drop, whatever its segments.
-                    if !out.make_room(dev, to, fb) {
+                    if !out.make_room(rx, fb) {
                         // The guest is out of buffers: the rest of this frame cannot land.
                         drops += 1;
                         continue 'frames;
@@ -911,9 +954,9 @@ fn deliver_to_guest<'a>(
             Delivery::Drop => drops += 1,
         }
     }
-    out.flush(dev, to, fb);
+    out.flush(rx, fb);
     if drops > 0 {
-        dev.count_rx_drops(to, drops);
+        rx.count_drops(drops);
     }
 }
 
@@ -957,19 +1000,19 @@ impl Default for OutBurst<'_> {
 impl<'a> OutBurst<'a> {
     /// Makes room for one more frame, flushing a full burst; `false` once the guest ran out
     /// of buffers (a flush placed fewer frames than it held).
-    fn make_room(&mut self, dev: &NetDevice, to: u16, fb: &Fallback) -> bool {
+    fn make_room(&mut self, rx: &impl Receiver, fb: &Fallback) -> bool {
         if self.len == BURST {
-            self.flush(dev, to, fb);
+            self.flush(rx, fb);
         }
         self.room
     }
 
-    fn push_frame(&mut self, dev: &NetDevice, to: u16, fb: &Fallback, h: VirtioNetHdr, frame: &'a [u8]) {
-        if self.make_room(dev, to, fb) {
+    fn push_frame(&mut self, rx: &impl Receiver, fb: &Fallback, h: VirtioNetHdr, frame: &'a [u8]) {
+        if self.make_room(rx, fb) {
             self.entries[self.len] = (h, Src::Frame(frame));
             self.len += 1;
         } else {
-            dev.count_rx_drops(to, 1);
+            rx.count_drops(1);
         }
     }
 
@@ -981,7 +1024,7 @@ impl<'a> OutBurst<'a> {
     }
 
     /// Enqueues what was gathered, each frame with its header.
-    fn flush(&mut self, dev: &NetDevice, to: u16, fb: &Fallback) {
+    fn flush(&mut self, rx: &impl Receiver, fb: &Fallback) {
         if self.len == 0 {
             return;
         }
@@ -992,7 +1035,7 @@ impl<'a> OutBurst<'a> {
                 Src::Scratch(k, n) => (*h, &fb.bufs[k][..n]),
             };
         }
-        let placed = dev.enqueue_burst_with_headers(to, &burst[..self.len]);
+        let placed = rx.put(&burst[..self.len]);
         self.room &= placed == self.len;
         self.len = 0;
         self.scratch = 0;
