@@ -14,6 +14,8 @@
 #                       takes the same path either way)
 #   LOG="off on"        the dirty log
 #   N1=50 N2=250        passes of the two callgrind runs
+#   THREADS="1 2"       data-plane threads (2: A and B polled by different threads, every frame
+#                       handed between them; measured with the log off)
 #   SWITCHBENCH=PATH    use this binary, skip the build (default: cargo's release profile,
 #                       the profile virtq-net ships with)
 set -euo pipefail
@@ -22,6 +24,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 SIZES=${SIZES:-"64 1500"}
 MRG=${MRG:-"on"}
 LOG=${LOG:-"off on"}
+THREADS=${THREADS:-"1 2"}
 N1=${N1:-50}
 N2=${N2:-250}
 
@@ -70,6 +73,23 @@ for size in $SIZES; do
     done
 done
 
+for size in $SIZES; do
+    for mrg in $MRG; do
+        for threads in $THREADS; do
+            [[ $threads == 1 ]] && continue
+            echo "  size $size mrg $mrg threads $threads" >&2
+            args=(--size "$size" --mrg "$mrg" --threads "$threads")
+            if a=$(ir_of "${args[@]}" --steps "$N1") && b=$(ir_of "${args[@]}" --steps "$N2"); then
+                IR[$size,$mrg,t$threads]=$(awk -v a="$a" -v b="$b" -v n1="$N1" -v n2="$N2" \
+                    'BEGIN { printf "%.1f", (b - a) / ((n2 - n1) * 32) }')
+            else
+                IR[$size,$mrg,t$threads]=FAIL
+                failed=1
+            fi
+        done
+    done
+done
+
 echo
 echo "Ir per frame, guest A -> switch -> guest B (callgrind, ($N2 - $N1) passes x 32 frames); binary: $BIN"
 echo
@@ -82,6 +102,20 @@ for size in $SIZES; do
         echo "| $size | $mrg | $off | $on | $ratio |"
     done
 done
+if [[ $THREADS == *2* ]]; then
+    echo
+    echo "Handed between two data-plane threads (A's ring on one, B's on the other; dirty log off):"
+    echo
+    echo "| frame | mrg_rxbuf | one thread | two threads | ratio |"
+    echo "|---:|---|---:|---:|---:|"
+    for size in $SIZES; do
+        for mrg in $MRG; do
+            one=${IR[$size,$mrg,off]:--} two=${IR[$size,$mrg,t2]:--}
+            ratio=$(awk -v a="$two" -v b="$one" 'BEGIN { if (a + 0 > 0 && b + 0 > 0) printf "%.2f", a / b; else print "-" }')
+            echo "| $size | $mrg | $one | $two | $ratio |"
+        done
+    done
+fi
 if [[ $failed -ne 0 ]]; then
     echo "switchbench.sh: some runs FAILED (see above)" >&2
     exit 1

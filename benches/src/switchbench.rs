@@ -13,9 +13,12 @@
 //! timing as `IR=1 benches/vs-dpdk.sh` does (its bursts are as full as the front-end keeps
 //! them).
 //!
-//! `switchbench --size BYTES [--mrg on|off] [--log] [--steps N]`: `--log` runs as while both
-//! guests migrate: `LOG_SHMFD` and `LOG_ALL` negotiated, a dirty log set, `VRING_F_LOG` on
-//! every ring.
+//! `switchbench --size BYTES [--mrg on|off] [--log] [--steps N] [--threads 1|2]`: `--log` runs
+//! as while both guests migrate: `LOG_SHMFD` and `LOG_ALL` negotiated, a dirty log set,
+//! `VRING_F_LOG` on every ring. `--threads 2`: A's ring is polled by one data-plane thread and
+//! B's by another (`--pmd-cpus` with two CPUs), so every frame is handed between threads; a
+//! step is one pass of each (run one after the other here: callgrind counts instructions, not
+//! the cache traffic between CPUs, which `vs-dpdk.sh`-style timed runs show).
 
 #[path = "../../adapters/vhost-user/tests/frontend/mod.rs"]
 mod frontend;
@@ -28,7 +31,7 @@ use std::time::{Duration, Instant};
 use frontend::*;
 use virtq::testing::{Buf, TestDriver};
 use virtq::RegionTable;
-use virtq_net::dataplane::{Announcements, Dataplane, Port, PortBackend};
+use virtq_net::dataplane::{Announcements, Dataplane, Fabric, Port, PortBackend};
 use virtq_net::port::{device_config, PortSpec};
 use virtq_vhost_user::backend::{Backend, NoHandler, SocketSpec};
 use virtq_vhost_user::net::NetDevice;
@@ -50,10 +53,11 @@ struct Args {
     mrg: bool,
     log: bool,
     steps: u32,
+    threads: usize,
 }
 
 fn parse_args() -> Result<Args, String> {
-    let mut a = Args { size: 64, mrg: true, log: false, steps: 1000 };
+    let mut a = Args { size: 64, mrg: true, log: false, steps: 1000, threads: 1 };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
         if k == "--log" {
@@ -65,6 +69,13 @@ fn parse_args() -> Result<Args, String> {
             "--size" => a.size = v.parse().map_err(|_| format!("bad size {v}"))?,
             "--mrg" => a.mrg = v != "off",
             "--steps" => a.steps = v.parse().map_err(|_| format!("bad steps {v}"))?,
+            "--threads" => {
+                a.threads = match v.as_str() {
+                    "1" => 1,
+                    "2" => 2,
+                    _ => return Err(format!("--threads {v}: 1 or 2")),
+                }
+            }
             _ => return Err(format!("unknown option {k}")),
         }
     }
@@ -213,8 +224,8 @@ impl<'a> Guest<'a> {
 
 /// One data-plane pass: what callgrind counts (`--toggle-collect`).
 #[inline(never)]
-fn step(dp: &mut Dataplane) -> usize {
-    dp.poll_once()
+fn step(dps: &mut [Dataplane]) -> usize {
+    dps.iter_mut().map(|dp| dp.poll_once()).sum()
 }
 
 fn run(a: &Args) -> Result<(), String> {
@@ -270,7 +281,13 @@ fn bench(a: &Args, dir: &Path) -> Result<(), String> {
     let _log_b = start(&fb, features, a.log);
     wait_ready(&devs[0]);
     wait_ready(&devs[1]);
-    let mut dp = Dataplane::new(ports, true);
+    // Ports are assigned to the threads round-robin: with two, A's pair to thread 0 and B's
+    // to thread 1.
+    let fabric = Fabric::new(a.threads, &[]);
+    for p in ports {
+        fabric.add(p);
+    }
+    let mut dp: Vec<Dataplane> = (0..a.threads).map(|i| Dataplane::worker(Arc::clone(&fabric), i, true)).collect();
 
     // B speaks first, so that the switch knows where MAC_B is (A's frames are unicast).
     // VERSION_1: the 12-byte header with or without MRG_RXBUF (§5.1.6).
@@ -316,7 +333,7 @@ fn bench(a: &Args, dir: &Path) -> Result<(), String> {
     if moved != expected {
         return Err(format!("moved {moved} frames, expected {expected}"));
     }
-    println!("frames={moved} steps={} size={} mrg={} log={}", a.steps, a.size, a.mrg, a.log);
+    println!("frames={moved} steps={} size={} mrg={} log={} threads={}", a.steps, a.size, a.mrg, a.log, a.threads);
     // Front-ends hang up before the control loop stops (the guests' drivers borrow them).
     drop(dp);
     let _ = (ga, gb);
