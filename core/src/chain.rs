@@ -127,6 +127,12 @@ pub struct Segment<'m> {
 impl Segment<'_> {
     const EMPTY: Self = Segment { ptr: NonNull::dangling(), len: 0, _mem: PhantomData };
 
+    /// A piece the walk translated: `ptr` valid for `len` bytes of guest memory for `'m`.
+    #[cfg_attr(not(feature = "small"), inline(always))]
+    fn piece(ptr: NonNull<u8>, len: u32) -> Self {
+        Segment { ptr, len, _mem: PhantomData }
+    }
+
     /// Host address of the first byte. Guest memory: access it only through raw pointers.
     pub fn as_ptr(&self) -> *mut u8 {
         self.ptr.as_ptr()
@@ -224,6 +230,27 @@ impl<'m, const N: usize> Chain<'m, N> {
         })
     }
 
+    /// Copies bytes `[from, from + n)` of `src` into the device-writable part starting at byte
+    /// `offset`; returns how many bytes were written (less than `n` if the writable part is
+    /// too short). [`write_at`](Self::write_at) for a frame that may still be in another
+    /// chain's buffers ([`crate::net::Gather`]). `from + n` must not exceed `src.len()`.
+    #[cfg_attr(not(feature = "small"), inline(always))]
+    pub(crate) fn write_frame<S: crate::net::FrameSource>(
+        &self,
+        offset: usize,
+        src: &S,
+        from: usize,
+        n: usize,
+    ) -> usize {
+        debug_assert!(from + n <= src.len());
+        copy_segments(self.writable(), offset, n, |seg, at, k, done| {
+            // SAFETY: `seg` is valid for writes of `seg.len()` bytes (GuestMemory contract,
+            // lifetime 'm) and device-writable (§2.7.5.1), `at + k <= seg.len()`, and
+            // `from + done + k <= from + n <= src.len()` (copy_segments, the caller).
+            unsafe { src.copy_out(from + done, seg.as_ptr().add(at), k) }
+        })
+    }
+
     /// Reports to `log`, as guest ranges of `mem` (the memory this chain was walked in), the
     /// `len` bytes of the device-writable part from byte `offset` on: what a device that wrote
     /// them through [`write_at`](Self::write_at) or the segments reports ([`crate::dirty`]).
@@ -241,7 +268,7 @@ impl<'m, const N: usize> Chain<'m, N> {
 /// Walks `segs` from byte `offset`, calling `copy(segment, offset_in_segment, n, done_so_far)`
 /// for each piece, up to `total` bytes. Returns the bytes covered.
 #[cfg_attr(not(feature = "small"), inline(always))]
-fn copy_segments(
+pub(crate) fn copy_segments(
     segs: &[Segment<'_>],
     mut offset: usize,
     total: usize,
@@ -263,6 +290,86 @@ fn copy_segments(
         offset = 0;
     }
     done
+}
+
+/// Device-readable segments of several chains, kept in one list (capacity `N`, no
+/// allocation): what [`SplitQueue::pop_gather_uncompleted`](crate::SplitQueue::pop_gather_uncompleted)
+/// appends to, for a device that takes a burst of chains and reads their buffers later
+/// ([`crate::net::Gather`]). Only the walk adds to it, so every segment in it is a piece of
+/// guest memory a driver offered for reading.
+#[derive(Debug)]
+pub struct Segments<'m, const N: usize> {
+    list: heapless::Vec<Segment<'m>, N>,
+}
+
+impl<const N: usize> Default for Segments<'_, N> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<'m, const N: usize> Segments<'m, N> {
+    /// An empty list.
+    pub const fn new() -> Self {
+        Segments { list: heapless::Vec::new() }
+    }
+
+    /// The segments, in the order they were added.
+    #[inline]
+    pub fn as_slice(&self) -> &[Segment<'m>] {
+        &self.list
+    }
+
+    /// Number of segments.
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    /// Whether the list is empty.
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// Forgets every segment.
+    pub fn clear(&mut self) {
+        self.list.clear();
+    }
+
+    /// Forgets the segments from `len` on (those of a chain the walk refused).
+    pub(crate) fn list_truncate(&mut self, len: usize) {
+        self.list.truncate(len);
+    }
+}
+
+/// The visitor of `pop_gather_uncompleted` (both layouts): copies the device-readable pieces
+/// into `head` until it is full (`*copied` bytes), as [`read_into`] does, and appends every
+/// device-readable piece to `segments`; a piece that finds the list full fails the walk
+/// ([`ChainError::TooManySegments`]; the caller drops what this chain appended).
+#[cfg_attr(not(feature = "small"), inline(always))]
+pub(crate) fn gather_into<'a, 'm, const N: usize>(
+    head: &'a mut [u8],
+    copied: &'a mut usize,
+    segments: &'a mut Segments<'m, N>,
+) -> impl FnMut(NonNull<u8>, u32, bool, u64) -> Result<(), ChainError> + use<'a, 'm, N> {
+    *copied = 0;
+    let dst = head.as_mut_ptr();
+    let cap = head.len();
+    #[cfg_attr(not(feature = "small"), inline(always))]
+    move |ptr, len, writable, _| {
+        if !writable {
+            let n = (len as usize).min(cap - *copied);
+            // SAFETY: as in `read_into`: `ptr` is valid for `len >= n` bytes of guest memory,
+            // `*copied + n <= cap` keeps the destination inside `head`, and guest memory never
+            // overlaps a Rust buffer.
+            unsafe { copy_bytes(ptr.as_ptr(), dst.add(*copied), n) };
+            *copied += n;
+            // The walk translated `ptr` for `len` bytes of the memory borrowed for 'm.
+            segments.list.push(Segment::piece(ptr, len)).map_err(|_| ChainError::TooManySegments)?;
+        }
+        Ok(())
+    }
 }
 
 /// A descriptor table in host memory: the queue's, or an indirect one.

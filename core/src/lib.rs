@@ -117,7 +117,7 @@ pub mod used;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
-pub use chain::{Chain, ChainError, Segment};
+pub use chain::{Chain, ChainError, Segment, Segments};
 pub use dirty::{NoLog, WriteLog};
 pub use features::VirtioFeatures;
 pub use mem::{GuestMemory, HostRange, MemError, Region, RegionError, RegionTable};

@@ -315,7 +315,9 @@ unsafe impl<const N: usize> GuestMemory for RegionTable<N> {
 /// Overlapping stores write some bytes twice with the same value, which is harmless.
 ///
 /// # Safety
-/// `src` valid for reads and `dst` for writes of `n` bytes; the ranges do not overlap.
+/// `src` valid for reads and `dst` for writes of `n` bytes; the ranges do not overlap (only
+/// the `memcpy` arm, above 128 bytes, relies on it: the others load before they store, with
+/// unaligned reads and writes, which is sound for overlapping ranges; see [`move_bytes`]).
 #[cfg_attr(not(feature = "small"), inline(always))]
 pub(crate) unsafe fn copy_bytes(src: *const u8, dst: *mut u8, n: usize) {
     use core::ptr::{read_unaligned as rd, write_unaligned as wr};
@@ -363,6 +365,27 @@ pub(crate) unsafe fn copy_bytes(src: *const u8, dst: *mut u8, n: usize) {
             for i in 0..n {
                 *dst.add(i) = *src.add(i);
             }
+        }
+    }
+}
+
+/// [`copy_bytes`] for ranges that may overlap: guest memory to guest memory, where a driver
+/// can make a buffer it gives for reading overlap one it gives for writing (a port that
+/// sends a guest's frames back to it). The bytes that land are then unspecified, as they are
+/// whenever a driver writes a buffer the device reads; the copy stays within both ranges.
+///
+/// # Safety
+/// `src` valid for reads and `dst` for writes of `n` bytes.
+#[cfg_attr(not(feature = "small"), inline(always))]
+pub(crate) unsafe fn move_bytes(src: *const u8, dst: *mut u8, n: usize) {
+    // SAFETY: the caller's contract, which is `copy_bytes`'s but for overlap: `ptr::copy`
+    // (memmove) allows it, and below 129 bytes `copy_bytes` loads every byte before it stores
+    // (or copies byte by byte), with raw unaligned accesses, for which overlap is sound.
+    unsafe {
+        if n > 128 {
+            core::ptr::copy(src, dst, n);
+        } else {
+            copy_bytes(src, dst, n);
         }
     }
 }

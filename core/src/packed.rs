@@ -44,8 +44,8 @@ use core::ptr::NonNull;
 use core::sync::atomic::{fence, Ordering};
 
 use crate::chain::{
-    fail, indirect_table, read_into, walk_source, walk_source_into, write_from, Chain, ChainError, ChainLimits,
-    DescSource, DescTable, Failed, WalkDesc, WalkSummary,
+    fail, gather_into, indirect_table, read_into, walk_source, walk_source_into, write_from, Chain, ChainError,
+    ChainLimits, DescSource, DescTable, Failed, Segments, WalkDesc, WalkSummary,
 };
 use crate::desc::{read_packed, DescFlags, DESC_SIZE};
 use crate::dirty::{NoLog, WriteLog};
@@ -528,6 +528,15 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
         self.pop_chain(chain, true)
     }
 
+    /// [`pop_into`](Self::pop_into), but a malformed chain ([`PopError::Chain`]) is not
+    /// completed: the caller completes its buffer id (len 0) itself, in its order, or gives it
+    /// back with [`rewind`](Self::rewind) (as
+    /// [`SplitQueue::pop_into_uncompleted`](crate::SplitQueue::pop_into_uncompleted)).
+    #[inline]
+    pub fn pop_into_uncompleted<const N: usize>(&mut self, chain: &mut Chain<'m, N>) -> Result<bool, PopError> {
+        self.pop_chain(chain, false)
+    }
+
     /// [`pop_into`](Self::pop_into), but a malformed chain is handed back without being
     /// completed (as [`SplitQueue`](crate::SplitQueue)'s): the caller completes its id (len
     /// 0) or gives it back with [`rewind`](Self::rewind).
@@ -612,6 +621,32 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
     #[cfg_attr(not(feature = "small"), inline(always))]
     pub fn pop_read_uncompleted(&mut self, buf: &mut [u8]) -> Result<Option<CopiedChain>, PopError> {
         self.pop_read_with::<false>(buf)
+    }
+
+    /// [`pop_read_uncompleted`](Self::pop_read_uncompleted) for a device that leaves the
+    /// frame where it is until it has placed it elsewhere ([`crate::net::Gather`]): copies
+    /// the chain's first `head.len()` device-readable bytes into `head` ([`CopiedChain::bytes`]
+    /// of them) and appends each device-readable piece to `segments`, in the same pass that
+    /// validates the chain. The chain is not completed: its buffers stay the device's until
+    /// the caller pushes it, after its last read of them.
+    ///
+    /// A chain with more pieces than `segments` has room for is refused as
+    /// [`ChainError::TooManySegments`] (nothing of it is kept in `segments`, nothing is
+    /// completed): give it back with [`rewind`](Self::rewind) and take it with
+    /// [`pop_read_uncompleted`](Self::pop_read_uncompleted), whose walk keeps no list.
+    #[cfg_attr(not(feature = "small"), inline(always))]
+    pub fn pop_gather_uncompleted<const P: usize>(
+        &mut self,
+        head: &mut [u8],
+        segments: &mut Segments<'m, P>,
+    ) -> Result<Option<CopiedChain>, PopError> {
+        let start = segments.len();
+        let mut done = 0usize;
+        let r = self.pop_with::<_, false>(gather_into(head, &mut done, segments));
+        if r.is_err() {
+            segments.list_truncate(start);
+        }
+        r.map(|o| o.map(|(h, sum)| CopiedChain::new(h, done, sum)))
     }
 
     #[cfg_attr(not(feature = "small"), inline(always))]

@@ -19,8 +19,8 @@ use core::ptr::NonNull;
 
 use crate::avail::{AvailIndexError, AvailRing};
 use crate::chain::{
-    last_writable_byte, read_into, walk, walk_pieces, write_from, Chain, ChainError, ChainLimits, DescTable,
-    WalkSummary,
+    gather_into, last_writable_byte, read_into, walk, walk_pieces, write_from, Chain, ChainError, ChainLimits,
+    DescTable, Segments, WalkSummary,
 };
 use crate::desc::DESC_SIZE;
 use crate::dirty::{NoLog, WriteLog};
@@ -482,6 +482,32 @@ impl<'m, M: GuestMemory + ?Sized> SplitQueue<'m, M> {
     #[cfg_attr(not(feature = "small"), inline(always))]
     pub fn pop_read_uncompleted(&mut self, buf: &mut [u8]) -> Result<Option<CopiedChain>, PopError> {
         self.pop_read_with::<false>(buf)
+    }
+
+    /// [`pop_read_uncompleted`](Self::pop_read_uncompleted) for a device that leaves the
+    /// frame where it is until it has placed it elsewhere ([`crate::net::Gather`]): copies
+    /// the chain's first `head.len()` device-readable bytes into `head` ([`CopiedChain::bytes`]
+    /// of them) and appends each device-readable piece to `segments`, in the same pass that
+    /// validates the chain. The chain is not completed: its buffers stay the device's until
+    /// the caller pushes it, after its last read of them.
+    ///
+    /// A chain with more pieces than `segments` has room for is refused as
+    /// [`ChainError::TooManySegments`] (nothing of it is kept in `segments`, nothing is
+    /// completed): give it back with [`rewind`](Self::rewind) and take it with
+    /// [`pop_read_uncompleted`](Self::pop_read_uncompleted), whose walk keeps no list.
+    #[cfg_attr(not(feature = "small"), inline(always))]
+    pub fn pop_gather_uncompleted<const P: usize>(
+        &mut self,
+        head: &mut [u8],
+        segments: &mut Segments<'m, P>,
+    ) -> Result<Option<CopiedChain>, PopError> {
+        let start = segments.len();
+        let mut done = 0usize;
+        let r = self.pop_with::<_, false>(gather_into(head, &mut done, segments));
+        if r.is_err() {
+            segments.list_truncate(start);
+        }
+        r.map(|o| o.map(|(h, sum)| CopiedChain::new(h, done, sum)))
     }
 
     #[cfg_attr(not(feature = "small"), inline(always))]

@@ -12,11 +12,11 @@ use virtq::net::header::*;
 use virtq::net::mergeable::MAX_RX_BUFFERS;
 use virtq::net::tx::validate_tx_header;
 use virtq::net::{
-    header_len, parse_tx, parse_tx_copied, receive, receive_burst, RxBurst, RxError, RxOutcome, RxScratch, TxError,
-    TxPacket, VirtioNetHdr, RX_BURST,
+    header_len, parse_tx, parse_tx_copied, parse_tx_head, receive, receive_burst, receive_burst_logged, Gather,
+    RxBurst, RxError, RxOutcome, RxScratch, TxError, TxPacket, VirtioNetHdr, RX_BURST,
 };
 use virtq::testing::{layout, Buf, TestDriver};
-use virtq::{Chain, PopError, RegionTable, SplitQueue, VirtioFeatures};
+use virtq::{Chain, ChainError, PopError, RegionTable, Segments, SplitQueue, VirtioFeatures, WriteLog};
 use zerocopy::little_endian::U16;
 use zerocopy::IntoBytes;
 
@@ -1311,5 +1311,224 @@ fn rx_header_is_right_whatever_the_buffer_held() {
         assert!(q.publish());
         assert_eq!(read(&drv, addr, 12), want, "{case}");
         assert_eq!(read(&drv, addr + 12, 64), fr, "{case}");
+    }
+}
+
+// ---- RX from another chain's buffers (`Gather`): one copy between two drivers ------------
+
+/// A TX queue and an RX queue in one guest, each with its own driver and half of the data
+/// area (as `tx_to_rx_loopback_two_queues_in_one_guest`).
+fn tx_rx_pair(
+    g: &Guest,
+    f: VirtioFeatures,
+) -> (SplitQueue<'_, RegionTable<8>>, Driver<'_>, SplitQueue<'_, RegionTable<8>>, Driver<'_>) {
+    let (rx_cfg, next) = layout(GPA, 16);
+    let (tx_cfg, data) = layout(next, 16);
+    let end = GPA + g.mem.regions()[0].len();
+    let half = ((end - data) / 2) & !15;
+    let rx_drv = TestDriver::new(&g.mem, rx_cfg, data, half);
+    let tx_drv = TestDriver::new(&g.mem, tx_cfg, data + half, half);
+    (queue(g, tx_cfg, f), tx_drv, queue(g, rx_cfg, f), rx_drv)
+}
+
+/// A frame still in its TX chain's buffers (header and frame over five descriptors) is placed
+/// from there (`Gather`), before the TX chain is completed: into three merged 128-byte buffers
+/// whose boundaries fall inside TX segments (the general path), and whole into one 2 KiB
+/// buffer (the deferred-copy fast path), as a switch flooding to two receivers does. The
+/// first bytes come from the device's copy (`parse_tx_head` checked the header there): what
+/// the driver writes into its TX buffers after that copy reaches only the rest of the frame.
+/// The dirty log gets exactly the bytes written.
+#[test]
+fn rx_gather_from_a_tx_chain_over_merged_buffers() {
+    for logged in [false, true] {
+        let g = Guest::new(1 << 20);
+        let (mut txq, mut tx_drv, mut rxq, mut rx_drv) = tx_rx_pair(&g, MRG);
+        let h = hdr(0, 0);
+        let hb = hdr_bytes(&h, 12);
+        let fr = frame(300);
+        let (tx_head, tx_addrs) = add(
+            &mut tx_drv,
+            &[
+                Buf::readable(&hb[..5]),
+                Buf::readable(&hb[5..]),
+                Buf::readable(&fr[..100]),
+                Buf::readable(&fr[100..137]),
+                Buf::readable(&fr[137..]),
+            ],
+        );
+        let bufs: Vec<_> = (0..3).map(|_| add_rx(&mut rx_drv, 128)).collect();
+        let big = add_rx(&mut rx_drv, 2048);
+
+        let mut segs: Segments<'_, 8> = Segments::new();
+        let mut snap = [0u8; 12 + 64];
+        let c = txq.pop_gather_uncompleted(&mut snap, &mut segs).unwrap().unwrap();
+        let k = c.bytes as usize;
+        assert_eq!((k, segs.len()), (snap.len(), 5));
+        let pkt = parse_tx_head(&c, &snap, MRG).unwrap();
+        assert_eq!((pkt.header_len, pkt.frame_len), (12, 300));
+        // The driver rewrites the first 100 bytes of its frame after the device's copy.
+        tx_drv.write(tx_addrs[2], &[0xC3; 100]);
+        let mut want = fr.clone();
+        want[64..100].fill(0xC3);
+
+        let gather = Gather::new(segs.as_slice(), c.readable_len as usize, pkt.header_len, &snap[12..k]);
+        assert_eq!((gather.len(), gather.head().len(), gather.contiguous()), (300, 64, None));
+        let mut s: RxScratch<'_> = RxScratch::new();
+        let log = RangeLog::default();
+        let out = if logged {
+            receive_burst_logged(&mut rxq, &mut s, MRG, 2, |_| (pkt.header, gather), &log)
+        } else {
+            receive_burst(&mut rxq, &mut s, MRG, 2, |_| (pkt.header, gather))
+        };
+        assert_eq!(out, RxBurst { placed: 2, bytes: 600, refused: 0, bad_chains: 0, stopped: None });
+        assert!(rxq.publish());
+        assert_eq!(rx_drv.used_idx(), 4);
+        for (i, len) in [128u32, 128, 56].into_iter().enumerate() {
+            assert_eq!(rx_drv.used_elem(i as u16), (bufs[i].0 as u32, len), "used entry {i}");
+        }
+        assert_eq!(read(&rx_drv, bufs[0].1, 12), rx_hdr(&h, 3));
+        assert_eq!(reassemble(&rx_drv, &bufs, 0, 3), want, "merged buffers (logged: {logged})");
+        assert_eq!(rx_drv.used_elem(3), (big.0 as u32, 312));
+        assert_eq!(read(&rx_drv, big.1, 12), rx_hdr(&h, 1));
+        assert_eq!(read(&rx_drv, big.1 + 12, 300), want, "one buffer (logged: {logged})");
+        assert_eq!(read(&rx_drv, big.1 + 312, 8), vec![FILL; 8], "nothing past the frame");
+        if logged {
+            let want_log = RangeLog::default();
+            for (addr, len) in [(bufs[0].1, 128), (bufs[1].1, 128), (bufs[2].1, 56), (big.1, 312)] {
+                want_log.buffer(addr, len);
+            }
+            assert_eq!(log.merged(), want_log.merged());
+        }
+        // The TX chain is completed after every copy, with len 0.
+        assert_eq!(tx_drv.used_idx(), 0, "nothing completed on the TX ring yet");
+        txq.push(c.head, 0);
+        assert!(txq.publish());
+        assert_eq!(tx_drv.used_elem(0), (tx_head as u32, 0));
+    }
+}
+
+/// A driver can make a receive buffer overlap the transmit buffer its frame is read from (a
+/// port that reflects frames to their sender): the bytes that land are unspecified, and the
+/// copy is still sound (Miri: no overlapping `copy_nonoverlapping`) and stays in the buffer.
+#[test]
+fn rx_gather_into_a_buffer_overlapping_the_source() {
+    let g = Guest::new(1 << 20);
+    let (mut txq, mut tx_drv, mut rxq, mut rx_drv) = tx_rx_pair(&g, V1);
+    let hb = hdr_bytes(&hdr(0, 0), 12);
+    let fr = frame(1000);
+    let (_, tx_addrs) = add(&mut tx_drv, &[Buf::readable(&hb), Buf::readable(&fr)]);
+    let (rx_head, _) = add_rx(&mut rx_drv, 2048);
+    // The RX buffer starts 4 bytes into the TX frame and runs past it.
+    rx_drv.write_desc(rx_head, Descriptor { addr: tx_addrs[1] + 4, len: 1100, flags: DescFlags::WRITE, next: 0 });
+    let mut chain = Chain::<32>::new();
+    assert_eq!(txq.pop_into_uncompleted(&mut chain), Ok(true));
+    let mut snap = [0u8; 12 + 64];
+    let k = chain.read_at(0, &mut snap);
+    let pkt = parse_tx(&chain, V1).unwrap();
+    // `from_chain`: the same frame from a chain taken with its segment list.
+    let gather = Gather::from_chain(&chain, 12, &snap[12..k]);
+    let mut s: RxScratch<'_> = RxScratch::new();
+    let out = receive_burst(&mut rxq, &mut s, V1, 1, |_| (pkt.header, gather));
+    assert_eq!((out.placed, out.bytes), (1, 1000));
+    assert!(rxq.publish());
+    assert_eq!(rx_drv.used_elem(0), (rx_head as u32, 1012));
+    // The header and the device's copy landed as written (nothing overlapped them after).
+    assert_eq!(read(&rx_drv, tx_addrs[1] + 4, 12), rx_hdr(&hdr(0, 0), 1));
+    assert_eq!(read(&rx_drv, tx_addrs[1] + 16, 64), fr[..64]);
+    // Bytes after the RX buffer's 1100 are untouched.
+    assert_eq!(read(&rx_drv, tx_addrs[1] + 4 + 1012, 8), vec![0u8; 8]);
+}
+
+/// `pop_gather_uncompleted` + `parse_tx_head` give `parse_tx`'s verdict, on the copy: a good
+/// header, and the rules that need the frame's length (a checksum field past the frame) and
+/// the chain (writable buffers); the segments kept are the chain's readable ones.
+#[test]
+fn tx_parse_tx_head_agrees_with_parse_tx() {
+    let f = feats(VirtioFeatures::NET_CSUM);
+    let fr = frame(100);
+    let hb = hdr_bytes(&hdr(0, 0), 12);
+    let with_writable = [Buf::readable(&hb), Buf::readable(&fr), Buf::writable(10)];
+    let cases: Vec<(VirtioNetHdr, bool)> =
+        vec![(hdr(0, 0), false), (csum_hdr(34, 16), false), (csum_hdr(90, 16), false), (hdr(0, 0), true)];
+    for (h, writable) in cases {
+        let hb = hdr_bytes(&h, 12);
+        let split = [Buf::readable(&hb[..3]), Buf::readable(&hb[3..]), Buf::readable(&fr)];
+        let bufs: &[Buf<'_>] = if writable { &with_writable } else { &split };
+        let (g1, g2) = (Guest::new(1 << 20), Guest::new(1 << 20));
+        let mut chain = Chain::<32>::new();
+        let mut q1 = tx_queue(&g1, bufs, f, false);
+        assert_eq!(q1.pop_into(&mut chain), Ok(true));
+        let mut q2 = tx_queue(&g2, bufs, f, false);
+        let mut snap = [0u8; 40];
+        let mut segs: Segments<'_, 8> = Segments::new();
+        let c = q2.pop_gather_uncompleted(&mut snap, &mut segs).unwrap().unwrap();
+        assert_eq!((c.bytes, c.readable_len), (40, 112));
+        let want: &[usize] = if writable { &[12, 100] } else { &[3, 9, 100] };
+        assert_eq!(segs.as_slice().iter().map(|s| s.len()).collect::<Vec<_>>(), want, "readable pieces only");
+        assert_eq!(parse_tx_head(&c, &snap, f), parse_tx(&chain, f), "{h:?}");
+        if !writable {
+            assert_eq!(
+                parse_tx_head(&c, &snap[..11], f),
+                Err(TxError::TooShort { len: 11 }),
+                "a copy shorter than the header"
+            );
+        }
+    }
+}
+
+/// A chain with more pieces than the segment list has room for is refused as
+/// `TooManySegments`, uncompleted, with nothing of it kept; given back, the copying walk
+/// takes it whole. Segments of the chains before it stay.
+#[test]
+fn tx_gather_chain_longer_than_the_segment_list_is_given_back() {
+    let g = Guest::new(1 << 20);
+    let (cfg, mut drv) = setup(&g, 16);
+    let mut q = queue(&g, cfg, V1);
+    let hb = hdr_bytes(&hdr(0, 0), 12);
+    let fr = frame(60);
+    add(&mut drv, &[Buf::readable(&hb), Buf::readable(&fr)]);
+    let pieces: Vec<Buf<'_>> = std::iter::once(Buf::readable(&hb)).chain(fr.chunks(10).map(Buf::readable)).collect();
+    let (long, _) = add(&mut drv, &pieces);
+    let mut segs: Segments<'_, 4> = Segments::new();
+    let mut snap = [0u8; 32];
+    let c = q.pop_gather_uncompleted(&mut snap, &mut segs).unwrap().unwrap();
+    assert_eq!((c.readable_len, segs.len()), (72, 2));
+    let e = q.pop_gather_uncompleted(&mut snap, &mut segs).unwrap_err();
+    assert_eq!(e, PopError::Chain { head: long, error: ChainError::TooManySegments });
+    assert_eq!(segs.len(), 2, "nothing of the refused chain kept");
+    assert_eq!(drv.used_idx(), 0);
+    assert!(!q.publish(), "nothing completed");
+    q.rewind(1);
+    let mut buf = [0u8; 128];
+    let c = q.pop_read_uncompleted(&mut buf).unwrap().unwrap();
+    assert_eq!((c.head, c.bytes), (long, 72));
+    assert_eq!(buf[12..72], fr[..]);
+}
+
+/// Every buffer range a receive reported, merged where they touch.
+#[derive(Default)]
+struct RangeLog(std::cell::RefCell<Vec<(u64, u64)>>);
+
+impl WriteLog for RangeLog {
+    fn buffer(&self, addr: u64, len: u64) {
+        self.0.borrow_mut().push((addr, len));
+    }
+    fn used_ring(&self, _: u64, _: u64) {}
+    fn descriptor_ring(&self, _: u64, _: u64) {}
+    fn device_area(&self, _: u64, _: u64) {}
+}
+
+impl RangeLog {
+    fn merged(&self) -> Vec<(u64, u64)> {
+        let mut v = self.0.borrow().clone();
+        v.sort();
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (a, l) in v {
+            match out.last_mut() {
+                Some((b, m)) if *b + *m >= a => *m = (*m).max(a + l - *b),
+                _ => out.push((a, l)),
+            }
+        }
+        out
     }
 }

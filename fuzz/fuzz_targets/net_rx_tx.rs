@@ -3,16 +3,18 @@
 //!
 //! Invariants: no panic; a placed frame's `num_buffers` equals the buffers it used and its
 //! bytes read back exactly; a frame that was not placed published nothing but the completion
-//! of malformed chains; TX parse never accepts a chain without a frame.
+//! of malformed chains; TX parse never accepts a chain without a frame; a chain taken in
+//! place (`pop_gather_uncompleted` + `parse_tx_head`, its frame read back through a `Gather`)
+//! gets the same verdict and the same bytes as the copying paths.
 #![no_main]
 
 use std::ptr::NonNull;
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use virtq::net::{self, RxError, RxScratch, VirtioNetHdr};
+use virtq::net::{self, Gather, RxError, RxScratch, VirtioNetHdr};
 use virtq::testing::{layout, Buf, TestDriver};
-use virtq::{Chain, Region, RegionTable, SplitQueue, VirtioFeatures};
+use virtq::{Chain, Region, RegionTable, Segments, SplitQueue, VirtioFeatures};
 
 const GPA: u64 = 0x10_0000;
 const MEM: usize = 1 << 20;
@@ -129,6 +131,11 @@ fuzz_target!(|inp: Input| {
     // A second device view of the same ring takes each chain the way the vhost-user data path
     // does (pop_read + parse_tx_copied): both must reach the same verdict and frame.
     let mut fused = SplitQueue::new(&mem, txcfg, f).unwrap();
+    // A third takes them in place, as virtq-net's switch does (a copy of the first bytes, the
+    // segments kept for the frame to be read from later).
+    let mut gathered = SplitQueue::new(&mem, txcfg, f).unwrap();
+    let mut snap = [0u8; 12 + net::offload::MAX_HEADERS_LEN];
+    let mut whole = vec![0u8; 16384];
     let mut chain = Chain::<8>::new();
     let mut frame = vec![0u8; 16384];
     let mut copy = vec![0u8; 1 << 17];
@@ -151,6 +158,23 @@ fuzz_target!(|inp: Input| {
             if let Ok(pkt) = copied {
                 let n = pkt.read_frame(&chain, &mut frame);
                 assert_eq!(frame[..n], copy[pkt.header_len..pkt.header_len + n]);
+            }
+        }
+        {
+            let mut segs: Segments<'_, 16> = Segments::new();
+            let c = match gathered.pop_gather_uncompleted(&mut snap, &mut segs) {
+                Ok(Some(c)) => c,
+                other => panic!("pop_into took a chain that pop_gather_uncompleted did not: {other:?}"),
+            };
+            let head = net::parse_tx_head(&c, &snap, f);
+            assert_eq!(head, segments, "the in-place TX path agrees with the segment path");
+            if let Ok(pkt) = head {
+                let h = pkt.header_len;
+                let g = Gather::new(segs.as_slice(), c.readable_len as usize, h, &snap[h..c.bytes as usize]);
+                assert_eq!(g.len(), pkt.frame_len as usize);
+                let n = g.read_into(&mut whole);
+                let m = pkt.read_frame(&chain, &mut frame);
+                assert_eq!(whole[..n.min(m)], frame[..n.min(m)]);
             }
         }
         txq.push(chain.head(), 0);

@@ -31,6 +31,7 @@ use core::fmt;
 use zerocopy::little_endian::U16;
 use zerocopy::IntoBytes;
 
+use super::gather::FrameSource;
 use super::header::*;
 use super::offload::{self, Delivery};
 use crate::chain::{Chain, DEFAULT_SEGMENTS};
@@ -220,16 +221,17 @@ pub struct RxBurst {
 }
 
 /// A fast-path frame whose copy is deferred: destination in guest memory, header, frame.
-struct PendingCopy<'f> {
+struct PendingCopy<S> {
     dst: *mut u8,
     /// `dst`'s guest address, for the dirty log.
     addr: u64,
     hdr: VirtioNetHdr,
-    frame: &'f [u8],
+    frame: S,
 }
 
 /// Places up to `count` frames, `frame(i)` giving the header and bytes of the `i`-th, like
-/// [`receive`] called for each in turn, and stops at the first frame that finds no buffers
+/// [`receive`] called for each in turn (the bytes as a slice, or as a [`Gather`](super::Gather):
+/// a frame still in the buffers of the chain that carried it, copied from there once), and stops at the first frame that finds no buffers
 /// or a broken ring. Used entries are written but not published: call
 /// [`Virtqueue::publish`](crate::Virtqueue::publish) after it.
 ///
@@ -242,12 +244,12 @@ struct PendingCopy<'f> {
 /// see CHANGELOG. Nothing is visible to the driver before `publish`, so the order of the
 /// copies does not matter.
 #[cfg_attr(not(feature = "small"), inline(always))]
-pub fn receive_burst<'m, 'f, Q: RxOps<'m>, const N: usize>(
+pub fn receive_burst<'m, Q: RxOps<'m>, S: FrameSource, const N: usize>(
     queue: &mut Q,
     scratch: &mut RxScratch<'m, N>,
     features: VirtioFeatures,
     count: usize,
-    frame: impl Fn(usize) -> (VirtioNetHdr, &'f [u8]),
+    frame: impl Fn(usize) -> (VirtioNetHdr, S),
 ) -> RxBurst {
     receive_burst_logged(queue, scratch, features, count, frame, &NoLog)
 }
@@ -256,17 +258,17 @@ pub fn receive_burst<'m, 'f, Q: RxOps<'m>, const N: usize>(
 /// ranges ([`crate::dirty`]), each after its copy. The used ring is reported by
 /// [`SplitQueue::publish_logged`](crate::SplitQueue::publish_logged). With [`NoLog`] this is `receive_burst`, instruction for
 /// instruction.
-pub fn receive_burst_logged<'m, 'f, Q: RxOps<'m>, L: WriteLog, const N: usize>(
+pub fn receive_burst_logged<'m, Q: RxOps<'m>, S: FrameSource, L: WriteLog, const N: usize>(
     queue: &mut Q,
     scratch: &mut RxScratch<'m, N>,
     features: VirtioFeatures,
     count: usize,
-    frame: impl Fn(usize) -> (VirtioNetHdr, &'f [u8]),
+    frame: impl Fn(usize) -> (VirtioNetHdr, S),
     log: &L,
 ) -> RxBurst {
     let hdr_len = header_len(features);
     let mut out = RxBurst::default();
-    let mut pending: heapless::Vec<PendingCopy<'f>, RX_BURST> = heapless::Vec::new();
+    let mut pending: heapless::Vec<PendingCopy<S>, RX_BURST> = heapless::Vec::new();
     for i in 0..count {
         if pending.is_full() {
             flush_copies(&mut pending, hdr_len, log);
@@ -297,16 +299,21 @@ pub fn receive_burst_logged<'m, 'f, Q: RxOps<'m>, L: WriteLog, const N: usize>(
 
 /// The deferred copies of [`receive_burst`], each reported to `log` once made.
 #[cfg_attr(not(feature = "small"), inline(always))]
-fn flush_copies<L: WriteLog>(pending: &mut heapless::Vec<PendingCopy<'_>, RX_BURST>, hdr_len: usize, log: &L) {
+fn flush_copies<S: FrameSource, L: WriteLog>(
+    pending: &mut heapless::Vec<PendingCopy<S>, RX_BURST>,
+    hdr_len: usize,
+    log: &L,
+) {
     for p in pending.iter() {
         // SAFETY: `p.dst` came from `receive_with` during this burst: the start of a validated
         // device-writable buffer, valid for reads and writes of `hdr_len + p.frame.len()`
         // bytes of guest memory for the queue's lifetime, which the burst's borrow of the
-        // queue outlives; `hdr_len` is 10 or 12, as `store_header` needs. Header and frame
-        // are Rust memory, never overlapping guest memory.
+        // queue outlives; `hdr_len` is 10 or 12, as `store_header` needs. The header is Rust
+        // memory, never overlapping guest memory; the frame's copy is `copy_out`'s (whole:
+        // `0 + len <= len`), which allows for a source in guest memory.
         unsafe {
             store_header(p.hdr.as_bytes().as_ptr(), p.dst, hdr_len);
-            copy_bytes(p.frame.as_ptr(), p.dst.add(hdr_len), p.frame.len());
+            p.frame.copy_out(0, p.dst.add(hdr_len), p.frame.len());
         }
         if L::ENABLED {
             log.buffer(p.addr, (hdr_len + p.frame.len()) as u64);
@@ -321,12 +328,12 @@ fn flush_copies<L: WriteLog>(pending: &mut heapless::Vec<PendingCopy<'_>, RX_BUR
 /// header to write (`num_buffers` set) and `hdr_len`, after the chain was taken and its used
 /// entry written. Frames that take the general path are written before it returns.
 #[cfg_attr(not(feature = "small"), inline(always))]
-fn receive_with<'m, Q: RxOps<'m>, L: WriteLog, const N: usize>(
+fn receive_with<'m, Q: RxOps<'m>, S: FrameSource, L: WriteLog, const N: usize>(
     queue: &mut Q,
     scratch: &mut RxScratch<'m, N>,
     features: VirtioFeatures,
     header: &VirtioNetHdr,
-    frame: &[u8],
+    frame: S,
     log: &L,
     place: impl FnOnce(*mut u8, u64, &VirtioNetHdr, usize),
 ) -> Result<RxOutcome, RxError> {
@@ -392,12 +399,12 @@ fn receive_with<'m, Q: RxOps<'m>, L: WriteLog, const N: usize>(
 /// many chains as it needs (with MRG_RXBUF), then writes them. `out` holds what the fast path
 /// met before (malformed chains), `hdr` the header to write.
 #[inline(never)]
-fn receive_spread<'m, Q: RxOps<'m>, L: WriteLog, const N: usize>(
+fn receive_spread<'m, Q: RxOps<'m>, S: FrameSource, L: WriteLog, const N: usize>(
     queue: &mut Q,
     scratch: &mut RxScratch<'m, N>,
     features: VirtioFeatures,
     mut hdr: VirtioNetHdr,
-    frame: &[u8],
+    frame: S,
     mut out: RxOutcome,
     log: &L,
 ) -> Result<RxOutcome, RxError> {
@@ -466,8 +473,8 @@ fn receive_spread<'m, Q: RxOps<'m>, L: WriteLog, const N: usize>(
         // Data for buffers after the first is written as they are reserved: until the used
         // index moves, the driver does not look at them, and on shortage they are given back.
         if scratch.used.len() > 1 {
-            let start = capacity as usize - hdr_len;
-            let n = scratch.cur.write_at(0, &frame[start.min(frame.len())..]);
+            let start = (capacity as usize - hdr_len).min(frame.len());
+            let n = scratch.cur.write_frame(0, &frame, start, frame.len() - start);
             scratch.cur.log_written(mem, 0, n, log);
             if let Some(last) = scratch.used.last_mut() {
                 last.1 = n as u32;
@@ -481,7 +488,7 @@ fn receive_spread<'m, Q: RxOps<'m>, L: WriteLog, const N: usize>(
     hdr.num_buffers = U16::new(count);
     let first = &scratch.first;
     first.write_at(0, &hdr.as_bytes()[..hdr_len]);
-    let n0 = first.write_at(hdr_len, &frame[..frame.len().min(first.writable_len() as usize - hdr_len)]);
+    let n0 = first.write_frame(hdr_len, &frame, 0, frame.len().min(first.writable_len() as usize - hdr_len));
     first.log_written(mem, 0, hdr_len + n0, log);
     scratch.used[0].1 = (hdr_len + n0) as u32;
 
