@@ -11,10 +11,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use virtq::net::header::VIRTIO_NET_HDR_GSO_NONE;
-use virtq::net::{complete_csum, Delivery, OffloadFrame, Segmenter, VirtioNetHdr};
+use virtq::net::{complete_csum, Delivery, Gather, OffloadFrame, Segmenter, VirtioNetHdr};
 use virtq::VirtioFeatures;
 use virtq_vhost_user::limited;
-use virtq_vhost_user::net::{parse_header, rarp_announce, NetDevice, TxFrame, MAX_TX_FRAME};
+use virtq_vhost_user::net::{parse_header, rarp_announce, InPlaceFrame, NetDevice, TxFrame, TxScratch, MAX_TX_FRAME};
 
 use crate::generate;
 use crate::switch::{Forward, PortId, Switch};
@@ -273,7 +273,11 @@ pub struct Dataplane {
     generation: u64,
     ports: Vec<Option<Arc<PortEntry>>>,
     rings: Vec<Ring>,
+    /// Frames copied out of a guest's ring, for destinations that take them in one piece (a
+    /// port's TAP).
     frames: Vec<TxFrame>,
+    /// Working space for bursts handed over in place (guest to guest: copied once).
+    tx: TxScratch,
     /// Where frames completed or segmented for a receiver are written.
     fallback: Fallback,
     tap_bufs: Vec<Vec<u8>>,
@@ -309,6 +313,7 @@ impl Dataplane {
             ports: Vec::new(),
             rings: Vec::new(),
             frames: (0..BURST).map(|_| TxFrame::with_capacity(MAX_TX_FRAME)).collect(),
+            tx: TxScratch::new(),
             fallback: Fallback::new(),
             tap_bufs: (0..BURST).map(|_| vec![0u8; TAP_BUF_LEN]).collect(),
             dest: Vec::new(),
@@ -431,7 +436,7 @@ impl Dataplane {
                 let frame = rarp_announce(mac);
                 match backend {
                     PortBackend::Switch => {
-                        let f = [SwitchFrame { frame: &frame[..], offload: None }];
+                        let f = [SwitchFrame::held(&frame[..], None)];
                         switch_burst(
                             &self.fabric.switch,
                             &mut self.dest,
@@ -516,6 +521,29 @@ impl Dataplane {
         tap: &[TapQueue],
         pair: u16,
     ) -> usize {
+        // To another guest (or back to this one): each frame is copied once, from the
+        // sender's buffers into the receivers', and the sender's chains are completed after
+        // (`NetDevice::forward_burst`). The sender's ring stays locked meanwhile; the
+        // receivers' rings are locked after it, as everywhere (the lock order of
+        // `virtq_vhost_user::net`).
+        match backend {
+            PortBackend::Switch => {
+                let (switch, dest, fallback) = (&self.fabric.switch, &mut self.dest, &mut self.fallback);
+                return dev.forward_burst(pair, &mut self.tx, |frames| {
+                    switch_burst(switch, dest, ports, p, pair, frames, SwitchFrame::from, fallback)
+                });
+            }
+            PortBackend::Reflect => {
+                return dev.forward_burst(pair, &mut self.tx, |frames| {
+                    let mut burst = [Gather::slice(&[]); BURST];
+                    for (slot, f) in burst.iter_mut().zip(frames) {
+                        *slot = f.bytes();
+                    }
+                    dev.enqueue_gather_burst(dev.rx_pair(pair).unwrap_or(pair), &burst[..frames.len()]);
+                });
+            }
+            _ => {}
+        }
         let n = dev.dequeue_burst(pair, &mut self.frames);
         if n == 0 {
             return 0;
@@ -523,10 +551,8 @@ impl Dataplane {
         match backend {
             // Counted by the device's TX statistics; nothing else to do.
             PortBackend::Sink | PortBackend::Source(_) => {}
-            PortBackend::Reflect => {
-                let (refs, n) = burst_refs(self.frames[..n].iter().map(|f| f.frame()));
-                dev.enqueue_burst(dev.rx_pair(pair).unwrap_or(pair), &refs[..n]);
-            }
+            // Taken above.
+            PortBackend::Switch | PortBackend::Reflect => {}
             PortBackend::Tap(_) => {
                 // The TAP queues attached are those of the pairs that can receive
                 // (`PortHandler::rx_pairs_changed`): write to one of them.
@@ -539,24 +565,6 @@ impl Dataplane {
                         }
                     }
                 }
-            }
-            PortBackend::Switch => {
-                // Each frame's slice and offload computed once, in place (returning the array
-                // by value would copy it).
-                let mut burst = [SwitchFrame { frame: &[], offload: None }; BURST];
-                for (slot, f) in burst.iter_mut().zip(&self.frames[..n]) {
-                    *slot = SwitchFrame::from(f);
-                }
-                switch_burst(
-                    &self.fabric.switch,
-                    &mut self.dest,
-                    ports,
-                    p,
-                    pair,
-                    &burst[..n],
-                    |f| *f,
-                    &mut self.fallback,
-                );
             }
         }
         n
@@ -583,7 +591,7 @@ impl Dataplane {
         counters.rx.fetch_add(n as u64, Ordering::Relaxed);
         // The TAP's offloads are off (TUNSETOFFLOAD 0): the kernel hands over plain frames.
         let bufs = &self.tap_bufs[..n];
-        let frame = |i: usize| SwitchFrame { frame: &bufs[i][TAP_HDR_LEN..lens[i]], offload: None };
+        let frame = |i: usize| SwitchFrame::held(&bufs[i][TAP_HDR_LEN..lens[i]], None);
         let idx: [usize; BURST] = std::array::from_fn(|i| i);
         switch_burst(
             &self.fabric.switch,
@@ -638,19 +646,48 @@ fn pin_to_cpu(cpu: usize) -> std::io::Result<()> {
     Ok(())
 }
 
-/// A frame crossing the switch: its bytes, and for a frame its sender gave offloads (a
-/// partial checksum, a GSO type) the header checked against the frame.
+/// A frame crossing the switch: its first bytes, which every decision reads, its bytes as
+/// they are delivered, and for a frame its sender gave offloads (a partial checksum, a GSO
+/// type) the header checked against the frame.
 #[derive(Clone, Copy, Debug)]
 pub struct SwitchFrame<'a> {
-    /// The Ethernet frame.
-    pub frame: &'a [u8],
-    /// Its offloads ([`TxFrame::offload`]); `None` for a plain frame.
+    /// The whole frame, for the receivers' bursts (which copy it from where it is) and the
+    /// fallbacks that need it in one piece ([`Gather::read_into`]). Its head
+    /// ([`SwitchFrame::head`]) is what every decision reads.
+    pub bytes: Gather<'a>,
+    /// Its offloads ([`InPlaceFrame::offload`]); `None` for a plain frame.
     pub offload: Option<&'a OffloadFrame>,
 }
 
-impl<'a> From<&'a TxFrame> for SwitchFrame<'a> {
-    fn from(f: &'a TxFrame) -> SwitchFrame<'a> {
-        SwitchFrame { frame: f.frame(), offload: f.offload() }
+impl<'a> SwitchFrame<'a> {
+    /// A frame the switch holds in `frame`.
+    pub fn held(frame: &'a [u8], offload: Option<&'a OffloadFrame>) -> SwitchFrame<'a> {
+        SwitchFrame { bytes: Gather::slice(frame), offload }
+    }
+
+    /// The frame's first bytes: all of it for a frame the switch holds (from a TAP), up to
+    /// `MAX_HEADERS_LEN` for a frame still in its sender's buffers, in a copy
+    /// ([`InPlaceFrame::head`]). The forwarding decision and the MTU check read these, so a
+    /// sender that rewrites its buffers meanwhile cannot change them.
+    #[inline]
+    pub fn head(&self) -> &'a [u8] {
+        self.bytes.head()
+    }
+
+    /// The frame's length in bytes.
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Whether the frame is empty.
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+}
+
+impl<'a, 'b: 'a> From<&'a InPlaceFrame<'b>> for SwitchFrame<'a> {
+    fn from(f: &'a InPlaceFrame<'b>) -> SwitchFrame<'a> {
+        SwitchFrame { bytes: f.bytes(), offload: f.offload() }
     }
 }
 
@@ -675,7 +712,7 @@ fn switch_burst<'a, T>(
     {
         let mut switch = switch.lock().unwrap_or_else(|p| p.into_inner());
         for (i, f) in frames.iter().enumerate() {
-            match switch.forward(ingress, get(f).frame, now) {
+            match switch.forward(ingress, get(f).head(), now) {
                 // A port removed since this thread last looked has no entry: dropped.
                 Forward::Port(to) => {
                     if let Some(d) = dest.get_mut(to) {
@@ -701,17 +738,6 @@ fn switch_burst<'a, T>(
             deliver(&e.port, pair, d.iter().map(|&i| get(&frames[i])), fallback);
         }
     }
-}
-
-/// Up to [`BURST`] frame slices in a stack array (no allocation on the data path).
-fn burst_refs<'a>(frames: impl Iterator<Item = &'a [u8]>) -> ([&'a [u8]; BURST], usize) {
-    let mut refs: [&[u8]; BURST] = [&[]; BURST];
-    let mut n = 0;
-    for (slot, f) in refs.iter_mut().zip(frames) {
-        *slot = f;
-        n += 1;
-    }
-    (refs, n)
 }
 
 /// Reads up to one burst of frames (virtio-net header + frame) from a TAP queue into `bufs`,
@@ -758,7 +784,16 @@ fn deliver<'a>(port: &Port, pair: u16, frames: impl Iterator<Item = SwitchFrame<
             let (mut tx, mut drops) = (0, 0);
             for f in frames {
                 let hdr = f.offload.map_or([0u8; TAP_HDR_LEN], |of| tap_vnet_header(&of.header));
-                match q.write(&hdr, f.frame) {
+                // A write takes the frame in one piece: one still in its sender's buffers is
+                // copied out first.
+                let frame = match f.bytes.contiguous() {
+                    Some(frame) => frame,
+                    None => {
+                        let n = f.bytes.read_into(&mut fallback.whole);
+                        &fallback.whole[..n]
+                    }
+                };
+                match q.write(&hdr, frame) {
                     Ok(true) => tx += 1,
                     Ok(false) => drops += 1,
                     Err(e) => {
@@ -786,13 +821,15 @@ fn tap_vnet_header(h: &VirtioNetHdr) -> [u8; TAP_HDR_LEN] {
     b
 }
 
-/// Whether `frame` fits an MTU of `mtu` bytes: its length past the Ethernet header (and one
-/// 802.1Q tag, which the MTU does not count).
+/// Whether a frame of `len` bytes starting with `head` (at least its first 14 bytes, or all
+/// of it) fits an MTU of `mtu` bytes: its length past the Ethernet header (and one 802.1Q
+/// tag, which the MTU does not count).
 #[inline]
-fn fits_mtu(frame: &[u8], mtu: u16) -> bool {
+fn fits_mtu(len: usize, head: &[u8], mtu: u16) -> bool {
     let max = 14 + mtu as usize;
-    // 802.1Q (0x8100) or 802.1ad (0x88a8): one tag.
-    frame.len() <= max || (frame.len() <= max + 4 && matches!((frame[12], frame[13]), (0x81, 0x00) | (0x88, 0xa8)))
+    // 802.1Q (0x8100) or 802.1ad (0x88a8): one tag. `head` holds byte 13 of any frame
+    // longer than `max`.
+    len <= max || (len <= max + 4 && matches!((head[12], head[13]), (0x81, 0x00) | (0x88, 0xa8)))
 }
 
 /// Most segments the switch cuts from one GSO frame for a receiver without the offload: a
@@ -810,9 +847,9 @@ trait Receiver {
     /// Its MTU: the largest frame it takes that is not a GSO frame it negotiated.
     fn mtu(&self) -> u16;
     /// Places plain frames (no offloads); returns how many it took.
-    fn put_plain(&self, frames: &[&[u8]]) -> usize;
+    fn put_plain(&self, frames: &[Gather<'_>]) -> usize;
     /// Places frames, each with the header it is delivered with; returns how many it took.
-    fn put(&self, frames: &[(VirtioNetHdr, &[u8])]) -> usize;
+    fn put(&self, frames: &[(VirtioNetHdr, Gather<'_>)]) -> usize;
     /// Counts `n` frames dropped for it.
     fn count_drops(&self, n: u64);
 }
@@ -831,11 +868,11 @@ impl Receiver for GuestQueue<'_> {
     fn mtu(&self) -> u16 {
         self.mtu
     }
-    fn put_plain(&self, frames: &[&[u8]]) -> usize {
-        self.dev.enqueue_burst(self.to, frames)
+    fn put_plain(&self, frames: &[Gather<'_>]) -> usize {
+        self.dev.enqueue_gather_burst(self.to, frames)
     }
-    fn put(&self, frames: &[(VirtioNetHdr, &[u8])]) -> usize {
-        self.dev.enqueue_burst_with_headers(self.to, frames)
+    fn put(&self, frames: &[(VirtioNetHdr, Gather<'_>)]) -> usize {
+        self.dev.enqueue_gather_burst_with_headers(self.to, frames)
     }
     fn count_drops(&self, n: u64) {
         self.dev.count_rx_drops(self.to, n);
@@ -859,14 +896,14 @@ fn deliver_to_receiver<'a>(
 ) {
     let mtu = rx.mtu();
     // The usual burst: plain frames within the MTU, delivered with a zero header.
-    let mut refs: [&[u8]; BURST] = [&[]; BURST];
+    let mut refs = [Gather::slice(&[]); BURST];
     let mut n = 0;
     for f in frames.clone() {
-        if f.offload.is_some() || !fits_mtu(f.frame, mtu) {
+        if f.offload.is_some() || !fits_mtu(f.len(), f.head(), mtu) {
             n = usize::MAX;
             break;
         }
-        refs[n] = f.frame;
+        refs[n] = f.bytes;
         n += 1;
     }
     if n != usize::MAX {
@@ -881,8 +918,8 @@ fn deliver_to_receiver<'a>(
     let mut drops = 0u64;
     'frames: for f in frames {
         let Some(of) = f.offload else {
-            if fits_mtu(f.frame, mtu) {
-                out.push_frame(rx, fb, VirtioNetHdr::default(), f.frame);
+            if fits_mtu(f.len(), f.head(), mtu) {
+                out.push_frame(rx, fb, VirtioNetHdr::default(), f.bytes);
             } else {
                 drops += 1;
             }
@@ -893,14 +930,14 @@ fn deliver_to_receiver<'a>(
                 // A GSO frame of one segment is a plain frame to the receiver (Linux:
                 // "too small packets are not really GSO ones"): the MTU applies.
                 let gso = h.gso_type != VIRTIO_NET_HDR_GSO_NONE && of.segments() > 1;
-                if !gso && !fits_mtu(f.frame, mtu) {
+                if !gso && !fits_mtu(f.len(), f.head(), mtu) {
                     drops += 1;
                 } else {
-                    out.push_frame(rx, fb, h, f.frame);
+                    out.push_frame(rx, fb, h, f.bytes);
                 }
             }
             Delivery::CompleteCsum(h) => {
-                if !fits_mtu(f.frame, mtu) {
+                if !fits_mtu(f.len(), f.head(), mtu) {
                     drops += 1;
                     continue;
                 }
@@ -908,11 +945,13 @@ fn deliver_to_receiver<'a>(
                     drops += 1;
                     continue;
                 }
+                // Completed in a copy (the checksum covers the payload, so the sum is taken
+                // over the bytes that land; the headers it relies on are the checked ones).
                 let k = out.scratch;
-                let buf = &mut fb.bufs[k][..f.frame.len()];
-                buf.copy_from_slice(f.frame);
+                let buf = &mut fb.bufs[k][..f.len()];
+                f.bytes.read_into(buf);
                 match complete_csum(&of.header, buf) {
-                    Ok(_) => out.push_scratch(h, k, f.frame.len()),
+                    Ok(_) => out.push_scratch(h, k, f.len()),
                     Err(_) => drops += 1,
                 }
             }
@@ -928,7 +967,17 @@ fn deliver_to_receiver<'a>(
                     drops += 1;
                     continue;
                 }
-                let Ok(seg) = Segmenter::new(of, f.frame, csum) else {
+                // Cut from the frame in one piece: one still in its sender's buffers is copied
+                // out first, and only its headers are the ones checked (the segments' headers
+                // are written from `of`, the payload is the sender's).
+                let frame = match f.bytes.contiguous() {
+                    Some(frame) => frame,
+                    None => {
+                        let n = f.bytes.read_into(&mut fb.whole);
+                        &fb.whole[..n]
+                    }
+                };
+                let Ok(seg) = Segmenter::new(of, frame, csum) else {
                     drops += 1;
                     continue;
                 };
@@ -942,8 +991,8 @@ fn deliver_to_receiver<'a>(
                         continue 'frames;
                     }
                     let k = out.scratch;
-                    match seg.write_segment(i, f.frame, &mut fb.bufs[k]) {
-                        Ok(n) if fits_mtu(&fb.bufs[k][..n], mtu) => out.push_scratch(h, k, n),
+                    match seg.write_segment(i, frame, &mut fb.bufs[k]) {
+                        Ok(n) if fits_mtu(n, &fb.bufs[k][..n], mtu) => out.push_scratch(h, k, n),
                         _ => {
                             drops += 1;
                             continue 'frames;
@@ -961,15 +1010,18 @@ fn deliver_to_receiver<'a>(
 }
 
 /// Buffers for frames the switch writes itself: a checksum completed in a copy, segments cut
-/// from a GSO frame. One per frame of a burst, each large enough for any frame.
+/// from a GSO frame. One per frame of a burst, each large enough for any frame; and one for a
+/// frame still in its sender's buffers that is needed in one piece (to cut segments from, to
+/// write to a TAP).
 pub struct Fallback {
     bufs: Vec<Vec<u8>>,
+    whole: Vec<u8>,
 }
 
 impl Fallback {
     fn new() -> Fallback {
         // Zeroed allocations: pages are touched only when a frame is written there.
-        Fallback { bufs: (0..BURST).map(|_| vec![0u8; MAX_TX_FRAME]).collect() }
+        Fallback { bufs: (0..BURST).map(|_| vec![0u8; MAX_TX_FRAME]).collect(), whole: vec![0u8; MAX_TX_FRAME] }
     }
 }
 
@@ -977,7 +1029,7 @@ impl Fallback {
 /// buffer.
 #[derive(Clone, Copy)]
 enum Src<'a> {
-    Frame(&'a [u8]),
+    Frame(Gather<'a>),
     Scratch(usize, usize),
 }
 
@@ -993,7 +1045,12 @@ struct OutBurst<'a> {
 
 impl Default for OutBurst<'_> {
     fn default() -> Self {
-        OutBurst { entries: [(VirtioNetHdr::default(), Src::Frame(&[])); BURST], len: 0, scratch: 0, room: true }
+        OutBurst {
+            entries: [(VirtioNetHdr::default(), Src::Frame(Gather::slice(&[]))); BURST],
+            len: 0,
+            scratch: 0,
+            room: true,
+        }
     }
 }
 
@@ -1007,7 +1064,7 @@ impl<'a> OutBurst<'a> {
         self.room
     }
 
-    fn push_frame(&mut self, rx: &impl Receiver, fb: &Fallback, h: VirtioNetHdr, frame: &'a [u8]) {
+    fn push_frame(&mut self, rx: &impl Receiver, fb: &Fallback, h: VirtioNetHdr, frame: Gather<'a>) {
         if self.make_room(rx, fb) {
             self.entries[self.len] = (h, Src::Frame(frame));
             self.len += 1;
@@ -1028,11 +1085,11 @@ impl<'a> OutBurst<'a> {
         if self.len == 0 {
             return;
         }
-        let mut burst: [(VirtioNetHdr, &[u8]); BURST] = [(VirtioNetHdr::default(), &[]); BURST];
+        let mut burst = [(VirtioNetHdr::default(), Gather::slice(&[])); BURST];
         for (slot, (h, src)) in burst.iter_mut().zip(&self.entries[..self.len]) {
             *slot = match *src {
                 Src::Frame(f) => (*h, f),
-                Src::Scratch(k, n) => (*h, &fb.bufs[k][..n]),
+                Src::Scratch(k, n) => (*h, Gather::slice(&fb.bufs[k][..n])),
             };
         }
         let placed = rx.put(&burst[..self.len]);
@@ -1055,6 +1112,12 @@ fn tap_header(raw: &[u8], frame: &[u8]) -> [u8; TAP_HDR_LEN] {
     h
 }
 
+/// The in-tree vhost-user front-end, for the tests below that run the data plane against
+/// guests in this process.
+#[cfg(test)]
+#[path = "../../vhost-user/tests/frontend/mod.rs"]
+mod test_frontend;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1075,5 +1138,121 @@ mod tests {
         let t = tap_header(&raw10, &raw10[10..]);
         assert_eq!(t[..10], hdr[..10]);
         assert_eq!(t[10..], [0, 0]);
+    }
+
+    /// The switch decides where a frame goes on its copy of the frame's first bytes, not on
+    /// the sender's buffers, which the sender can rewrite while the frame crosses: a frame
+    /// for B whose destination A rewrites to C once the burst is taken (before the switch
+    /// looks at it) still goes to B, with the headers as they were checked; C gets nothing.
+    /// Only the bytes past the copy (the first 256) show what A wrote. Were the decision
+    /// made on A's buffers, C would get the frame.
+    #[test]
+    fn the_switch_decides_on_the_copy_of_the_headers_not_on_the_senders_buffers() {
+        use test_frontend::*;
+        use virtq::testing::Buf;
+        use virtq_vhost_user::backend::{Backend, NoHandler, SocketSpec};
+
+        use crate::port::{device_config, PortSpec};
+
+        const MAC: [[u8; 6]; 3] =
+            [[0x52, 0x54, 0, 0, 0, 0x0a], [0x52, 0x54, 0, 0, 0, 0x0b], [0x52, 0x54, 0, 0, 0, 0x0c]];
+        let eth = |dst: [u8; 6], src: [u8; 6], len: usize| -> Vec<u8> {
+            let mut f = dst.to_vec();
+            f.extend_from_slice(&src);
+            f.extend_from_slice(&0x88b5u16.to_be_bytes());
+            f.extend((14..len).map(|i| i as u8));
+            f
+        };
+        let dir = std::env::temp_dir().join(format!("virtq-net-snapshot-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut backend = Backend::new().unwrap();
+        let fabric = Fabric::new(1, &[]);
+        let mut devs = Vec::new();
+        for (i, name) in ["a", "b", "c"].iter().enumerate() {
+            let path = dir.join(format!("{name}.sock"));
+            let spec = PortSpec {
+                path: path.clone(),
+                client: false,
+                backend: PortBackend::Switch,
+                queues: 1,
+                mac: None,
+                mtu: 1500,
+                mrg: true,
+                packed: false,
+                offload: true,
+            };
+            let cfg = device_config(&spec, i + 1);
+            let dev =
+                backend.add_device(name, cfg, SocketSpec::Server { path, mode: None }, Box::new(NoHandler)).unwrap();
+            fabric.add(Port::Vhost {
+                dev: dev.clone(),
+                backend: PortBackend::Switch,
+                tap: Vec::new(),
+                announce: Arc::new(Announcements::default()),
+                mtu: 1500,
+            });
+            devs.push(dev);
+        }
+        let handle = backend.handle();
+        let control = std::thread::spawn(move || backend.run());
+        let fes: Vec<Frontend> =
+            ["a", "b", "c"].iter().map(|n| Frontend::connect(&dir.join(format!("{n}.sock")), 2, 64)).collect();
+        let mut guests: Vec<Guest<'_>> = fes.iter().map(Guest::new).collect();
+        for fe in &fes {
+            fe.qemu_start(NET_FEATURES);
+        }
+        wait("rings ready", || {
+            devs.iter().all(|d| d.queue_ready(0) && d.queue_ready(1) && d.rx_pair(0).is_some()).then_some(())
+        });
+        // B and C have spoken: the switch knows where they are.
+        {
+            let mut sw = fabric.switch.lock().unwrap();
+            let now = Instant::now();
+            sw.forward(1, &eth(MAC[0], MAC[1], 60), now);
+            sw.forward(2, &eth(MAC[0], MAC[2], 60), now);
+        }
+        let mut rx_addr = Vec::new();
+        for g in &mut guests[1..] {
+            let mut a = [0u64];
+            let head = g.drv[0].build_chain(&[Buf::writable(2048)], &mut a);
+            g.drv[0].publish(head);
+            rx_addr.push(a[0]);
+        }
+        let frame = eth(MAC[1], MAC[0], 600);
+        let mut addrs = [0u64; 2];
+        let head = guests[0].drv[1].build_chain(&[Buf::readable(&[0u8; 12]), Buf::readable(&frame)], &mut addrs);
+        guests[0].drv[1].publish(head);
+
+        let ports = fabric.ports();
+        let mut dest = vec![Vec::new(); ports.len()];
+        let mut fallback = Fallback::new();
+        let mut scratch = TxScratch::new();
+        let a_tx = &guests[0].drv[1];
+        let mut moved = 0;
+        wait("A's frame", || {
+            moved += devs[0].forward_burst(0, &mut scratch, |frames| {
+                // A turns its frame towards C, and rewrites the bytes from 300 on.
+                a_tx.write(addrs[1], &MAC[2]);
+                a_tx.write(addrs[1] + 300, &[0x77; 300]);
+                switch_burst(&fabric.switch, &mut dest, &ports, 0, 0, frames, SwitchFrame::from, &mut fallback);
+            });
+            (moved > 0).then_some(())
+        });
+        let (b_rx, c_rx) = (&guests[1].drv[0], &guests[2].drv[0]);
+        assert_eq!(c_rx.used_idx(), 0, "C got nothing: the rewrite came after the copy");
+        assert_eq!(b_rx.used_idx(), 1, "B got the frame it was sent to");
+        let mut got = vec![0u8; 12 + 600];
+        b_rx.read(rx_addr[0], &mut got);
+        let mut want = frame.clone();
+        want[300..].fill(0x77);
+        assert_eq!(&got[12..], &want[..], "the headers as checked, the payload past the copy as A left it");
+        assert_eq!(guests[0].drv[1].used_idx(), 1, "A's chain completed after the copy");
+
+        drop(guests);
+        drop(fes);
+        handle.shutdown();
+        control.join().unwrap().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -8,14 +8,27 @@
 //! current memory table, moves up to a batch of frames, publishes the used index once and
 //! signals the guest at most once (when its notification suppression asks for it). Nothing is
 //! allocated per frame.
+//!
+//! Frames from one guest to another are copied once: [`NetDevice::forward_burst`] hands a
+//! burst over while it is still in the sender's buffers ([`InPlaceFrame`]), the receiver's
+//! burst ([`NetDevice::enqueue_gather_burst`]) copies it from there, and the sender's chains
+//! are completed after every copy. [`NetDevice::dequeue_burst`] copies frames out for
+//! destinations that need them in one piece (a TAP).
+//!
+//! Lock order: a transmit ring's lock, then receive rings' locks. [`NetDevice::forward_burst`]
+//! holds its transmit ring's lock while the receivers' bursts run; nothing takes a transmit
+//! ring's lock while it holds a receive ring's, so data-plane threads that forward to each
+//! other cannot deadlock (and a device that sends to itself takes its two rings in that order
+//! too).
 
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use virtq::net::header::{VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_NONE};
-use virtq::net::{self, OffloadFrame, RxScratch, VirtioNetHdr};
-use virtq::{PopError, VirtioFeatures};
+use virtq::net::offload::MAX_HEADERS_LEN;
+use virtq::net::{self, FrameSource, Gather, OffloadFrame, RxScratch, VirtioNetHdr};
+use virtq::{ChainError, PopError, Segments, VirtioFeatures, Virtqueue};
 use zerocopy_shim::read_header;
 
 use crate::ratelimit::RateLimit;
@@ -149,6 +162,182 @@ impl TxFrame {
     /// The header and frame as they came from the guest.
     pub fn raw(&self) -> &[u8] {
         &self.buf[..self.len]
+    }
+}
+
+/// Most frames one [`NetDevice::forward_burst`] hands over.
+pub const FORWARD_BURST: usize = 32;
+
+/// Bytes of a transmitted chain copied out before anything is decided about its frame: the
+/// virtio-net header (at most 12 bytes) and the frame's first [`MAX_HEADERS_LEN`], all that
+/// [`net::check_frame`] and a switch look at.
+pub const TX_SNAPSHOT: usize = 12 + MAX_HEADERS_LEN;
+
+/// Buffer pieces of a whole burst kept for [`NetDevice::forward_burst`]: four per frame on
+/// average (Linux sends a frame in one piece, or a header and linear part then up to
+/// `MAX_SKB_FRAGS`, 17 by default, fragments for a GSO frame). A chain that does not fit is
+/// valid all the same: it is copied out ([`InPlaceFrame`]).
+const TX_POOL: usize = 4 * FORWARD_BURST;
+
+/// Working space for [`NetDevice::forward_burst`], reused from burst to burst: the copy of
+/// each frame's first bytes, and buffers for frames copied out whole (a chain whose pieces do
+/// not fit the burst's list), allocated the first time one needs it.
+#[derive(Debug)]
+pub struct TxScratch {
+    snaps: Box<[[u8; TX_SNAPSHOT]; FORWARD_BURST]>,
+    copies: Vec<Vec<u8>>,
+}
+
+impl Default for TxScratch {
+    fn default() -> Self {
+        TxScratch::new()
+    }
+}
+
+impl TxScratch {
+    /// Working space for bursts of up to [`FORWARD_BURST`] frames.
+    pub fn new() -> TxScratch {
+        TxScratch { snaps: Box::new([[0; TX_SNAPSHOT]; FORWARD_BURST]), copies: vec![Vec::new(); FORWARD_BURST] }
+    }
+}
+
+/// The copy buffer of slot `k`, allocated on first use (a chain too fragmented to be handed
+/// over in place is rare: a buffer per slot is taken once, not per frame).
+fn copy_buf(copies: &mut [Vec<u8>], k: usize) -> &mut [u8] {
+    let b = &mut copies[k];
+    if b.is_empty() {
+        *b = vec![0; MAX_TX_FRAME];
+    }
+    b
+}
+
+/// A frame [`NetDevice::forward_burst`] hands over: its offloads, checked, and its bytes
+/// ([`Gather`]), the first [`MAX_HEADERS_LEN`] from the copy they were checked on, the rest
+/// still in the guest's transmit buffers (or, for a chain of many pieces, copied out). Small
+/// (a burst of them is passed around by value): the header itself is not kept, a receiver
+/// needs only its offloads.
+#[derive(Clone, Copy, Debug)]
+pub struct InPlaceFrame<'a> {
+    offload: Option<&'a OffloadFrame>,
+    bytes: Gather<'a>,
+}
+
+impl<'a> InPlaceFrame<'a> {
+    /// For a frame the guest sent with a partial checksum (`NEEDS_CSUM`) or as a GSO frame:
+    /// its header (validated, §5.1.6.2) checked against the frame's own headers, in the copy,
+    /// and normalised ([`net::check_frame`]). `None` for a frame without offloads, whose
+    /// header is all zeroes as far as a receiver is concerned.
+    pub fn offload(&self) -> Option<&'a OffloadFrame> {
+        self.offload
+    }
+
+    /// The frame's first bytes (up to [`MAX_HEADERS_LEN`]): the copy every decision about the
+    /// frame reads, and what a receiver gets in their place.
+    pub fn head(&self) -> &'a [u8] {
+        self.bytes.head()
+    }
+
+    /// The whole frame, for a receive burst ([`NetDevice::enqueue_gather_burst`]) or a copy
+    /// ([`Gather::read_into`]).
+    pub fn bytes(&self) -> Gather<'a> {
+        self.bytes
+    }
+
+    /// The frame's length in bytes (without the virtio-net header).
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Whether the frame is empty (never: a chain holding only a header is refused).
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+}
+
+/// Where a frame [`NetDevice::forward_burst`] took is, until the burst is handed over: its
+/// header, offloads and length, and, still in the guest's buffers, segments `start..end` of
+/// the burst's list holding the chain (the frame `hdr_len` bytes in, its first `head` bytes
+/// in the slot's snapshot after the header), or, copied out (`end == 0`), the slot's copy
+/// buffer from byte `hdr_len`.
+#[derive(Clone, Copy)]
+struct Taken {
+    offload: Option<OffloadFrame>,
+    len: u32,
+    readable: u32,
+    start: u16,
+    end: u16,
+    hdr_len: u16,
+    head: u16,
+}
+
+/// The offload check of a transmitted frame: `None` for a frame without offloads, its checked
+/// header otherwise; `Err` for a header that lies about its frame. `head` holds the frame's
+/// first bytes (the copy), `len` is its length.
+#[inline(always)]
+fn tx_offload(header: &VirtioNetHdr, head: &[u8], len: usize) -> Result<Option<OffloadFrame>, net::OffloadError> {
+    if header.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 || header.gso_type != VIRTIO_NET_HDR_GSO_NONE {
+        net::check_frame(header, head, len).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+/// What [`NetDevice::forward_burst`] does with a chain it could not take, as
+/// [`NetDevice::dequeue_burst`] does: a malformed chain joins the completions (len 0, in ring
+/// order); a chain with no id to complete stops a ring that cannot go on without one, an
+/// available index out of range stops it in any case. Returns whether the burst stops here.
+fn tx_pop_error(
+    e: PopError,
+    taken: &mut heapless::Vec<(u16, bool), FORWARD_BURST>,
+    errors: &mut u64,
+    strict: bool,
+    broken: &mut Option<RingFault>,
+) -> bool {
+    *errors += 1;
+    match e {
+        PopError::Chain { head, .. } => {
+            let _ = taken.push((head, true));
+            false
+        }
+        PopError::HeadOutOfRange { head } | PopError::IdInUse { id: head } => {
+            // Nothing can be completed for it, and a later completion would tell the driver
+            // otherwise: stop here (what was taken before is still delivered and completed).
+            if strict {
+                *broken = Some(RingFault::Unreturnable { head });
+            }
+            strict
+        }
+        PopError::AvailIndex(e) => {
+            *broken = Some(RingFault::AvailIndex(e));
+            true
+        }
+    }
+}
+
+/// Completes `taken` (every chain a burst took, in ring order, each with whether it was
+/// malformed) with `len` 0, as [`NetDevice::dequeue_burst`] does as it goes: with `IN_ORDER`
+/// a run of good chains as one batch (§2.7.8.2 / §2.8.9), a malformed chain on its own
+/// after the run before it, so that completions stay in ring order.
+fn complete_tx<'m, Q: Virtqueue<'m>>(vq: &mut Q, taken: &[(u16, bool)], in_order: bool) {
+    if !in_order {
+        for &(head, _) in taken {
+            vq.push(head, 0);
+        }
+        return;
+    }
+    let mut run: Option<(u16, u16)> = None;
+    for &(head, bad) in taken {
+        if bad {
+            if let Some((last, k)) = run.take() {
+                let _ = vq.push_in_order_batch(last, 0, k);
+            }
+            vq.push(head, 0);
+        } else {
+            run = Some((head, run.map_or(1, |(_, k)| k + 1)));
+        }
+    }
+    if let Some((last, k)) = run {
+        let _ = vq.push_in_order_batch(last, 0, k);
     }
 }
 
@@ -533,6 +722,160 @@ impl NetDevice {
         n
     }
 
+    /// Takes up to [`FORWARD_BURST`] frames the guest transmitted on pair `pair` and hands them
+    /// to `deliver` while they are still in the guest's buffers, so that each is copied once,
+    /// straight into its receivers' buffers ([`NetDevice::enqueue_gather_burst`]); completes
+    /// the chains after `deliver` returns. Returns how many frames were handed over.
+    ///
+    /// Everything about a frame is decided on a copy of its first bytes ([`TX_SNAPSHOT`]):
+    /// the header rules ([`net::parse_tx_head`]), the offload check ([`net::check_frame`]),
+    /// and whatever `deliver` reads from [`InPlaceFrame::head`] (a switch's forwarding). A
+    /// receiver gets those bytes from the copy too, so a guest that rewrites its buffers while
+    /// the frame is copied changes only its payload. The rest is read through the segments the
+    /// chain walk validated (a buffer outside guest memory is a malformed chain, completed and
+    /// counted as here always), from the mapping whose `SIGBUS` is caught
+    /// ([`crate::memory::fault`]).
+    ///
+    /// The transmit ring stays locked while `deliver` runs: `deliver` may lock receive rings
+    /// (of any device, this one's too), never a transmit ring (the module's lock order).
+    /// Malformed chains and headers, and frames on a disabled ring, are handled as by
+    /// [`NetDevice::dequeue_burst`].
+    pub fn forward_burst(
+        &self,
+        pair: u16,
+        scratch: &mut TxScratch,
+        deliver: impl FnOnce(&[InPlaceFrame<'_>]),
+    ) -> usize {
+        let index = 2 * pair as usize + 1;
+        let Some(q) = self.inner.queues.get(index) else { return 0 };
+        let mut s = q.lock();
+        let (Some(active), enabled, log) = s.burst_parts() else { return 0 };
+        if active.fault().is_some() {
+            return 0;
+        }
+        let features = active.features;
+        let in_order = features.contains(VirtioFeatures::IN_ORDER);
+        let strict = in_order || features.contains(VirtioFeatures::RING_PACKED);
+        let mut broken = None;
+        let (mut n, mut bytes, mut drops, mut errors) = (0usize, 0u64, 0u64, 0u64);
+        let TxScratch { snaps, copies } = scratch;
+        let result = crate::with_ring!(active, |vq| {
+            // The pieces of every frame handed over in place, and where each frame is.
+            let mut pool: Segments<'_, TX_POOL> = Segments::new();
+            let mut frames: heapless::Vec<Taken, FORWARD_BURST> = heapless::Vec::new();
+            // Every chain taken, in ring order, and whether it was malformed: all completed
+            // after the copies.
+            let mut taken: heapless::Vec<(u16, bool), FORWARD_BURST> = heapless::Vec::new();
+            while !taken.is_full() {
+                // The slot of the next frame handed over: its snapshot and copy buffer.
+                let k = frames.len();
+                let start = pool.len();
+                let (c, copied) = match vq.pop_gather_uncompleted(&mut snaps[k], &mut pool) {
+                    Ok(Some(c)) => (c, false),
+                    Ok(None) => break,
+                    Err(PopError::Chain { error: ChainError::TooManySegments, .. }) => {
+                        // More pieces than the burst's list has room for: a valid chain all
+                        // the same. Given back, and taken again by the walk that copies as it
+                        // goes (the old path), which applies the same rules.
+                        vq.rewind(1);
+                        match vq.pop_read_uncompleted(copy_buf(copies, k)) {
+                            Ok(Some(c)) => (c, true),
+                            Ok(None) => break,
+                            Err(e) => {
+                                if tx_pop_error(e, &mut taken, &mut errors, strict, &mut broken) {
+                                    break;
+                                }
+                                continue;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        if tx_pop_error(e, &mut taken, &mut errors, strict, &mut broken) {
+                            break;
+                        }
+                        continue;
+                    }
+                };
+                let _ = taken.push((c.head, false));
+                if !enabled {
+                    drops += 1;
+                    continue;
+                }
+                // The copy the decisions are made on: the snapshot, or the whole frame.
+                let head: &[u8] = if copied { &copies[k] } else { &snaps[k] };
+                // §5.1.6.2: the core's TX rules, on the copy. A chain longer than the copy
+                // buffer is refused by `parse_tx_copied` (`TooLong`); one handed over in place
+                // is held to the same limit, so that no receiver or fallback buffer needs
+                // more.
+                let parsed = if copied {
+                    net::parse_tx_copied(&c, head, features)
+                } else {
+                    net::parse_tx_head(&c, head, features)
+                };
+                let Ok(pkt) = parsed else {
+                    errors += 1;
+                    continue;
+                };
+                let (hdr_len, len) = (pkt.header_len, pkt.frame_len as usize);
+                if !copied && c.readable_len as usize > MAX_TX_FRAME {
+                    errors += 1;
+                    continue;
+                }
+                let head = &head[hdr_len..(c.bytes as usize).min(hdr_len + len)];
+                let offload = match tx_offload(&pkt.header, head, len) {
+                    Ok(o) => o,
+                    Err(e) => {
+                        limited_by!(self.inner.tx_drops_log, warn, "{}: TX frame dropped: {e}", self.inner.name);
+                        errors += 1;
+                        continue;
+                    }
+                };
+                let end = if copied { 0 } else { pool.len() as u16 };
+                let _ = frames.push(Taken {
+                    offload,
+                    len: pkt.frame_len,
+                    readable: c.readable_len,
+                    start: start as u16,
+                    end,
+                    hdr_len: hdr_len as u16,
+                    head: head.len() as u16,
+                });
+                bytes += len as u64;
+                n += 1;
+            }
+            if !frames.is_empty() {
+                let (snaps, copies) = (&*snaps, &*copies);
+                let mut handed: heapless::Vec<InPlaceFrame<'_>, FORWARD_BURST> = heapless::Vec::new();
+                for (k, t) in frames.iter().enumerate() {
+                    let hdr_len = t.hdr_len as usize;
+                    let bytes = if t.end == 0 {
+                        Gather::slice(&copies[k][hdr_len..hdr_len + t.len as usize])
+                    } else {
+                        let segs = &pool.as_slice()[t.start as usize..t.end as usize];
+                        Gather::new(segs, t.readable as usize, hdr_len, &snaps[k][hdr_len..hdr_len + t.head as usize])
+                    };
+                    let _ = handed.push(InPlaceFrame { offload: t.offload.as_ref(), bytes });
+                }
+                deliver(&handed);
+            }
+            complete_tx(vq, &taken, in_order);
+            // Guest TX writes only the used ring. One branch per burst when not migrating.
+            match &log {
+                None => vq.publish(),
+                Some(log) => {
+                    let notify = vq.publish_logged(log);
+                    if !taken.is_empty() {
+                        log.kick();
+                    }
+                    notify
+                }
+            }
+        });
+        self.finish_burst(index, s, result, broken);
+        q.stats.add(n as u64, bytes, drops, errors);
+        n
+    }
+
     /// Gives `frames` to the guest on pair `pair` (each with a zero virtio-net header, or with
     /// `MRG_RXBUF` as merged buffers). Returns how many were placed; the rest found no buffers
     /// (or the ring is stopped or disabled) and are dropped and counted by the caller's choice:
@@ -559,10 +902,24 @@ impl NetDevice {
         self.enqueue(pair, frames.len(), |i| frames[i])
     }
 
-    /// The RX burst behind both enqueue variants: `frame(i)` is the header and frame of the
+    /// [`NetDevice::enqueue_burst`] for frames that may still be in another guest's transmit
+    /// buffers ([`InPlaceFrame::bytes`]): each is copied from there into this guest's
+    /// buffers, once.
+    pub fn enqueue_gather_burst(&self, pair: u16, frames: &[Gather<'_>]) -> usize {
+        let zero = VirtioNetHdr::default();
+        self.enqueue(pair, frames.len(), |i| (zero, frames[i]))
+    }
+
+    /// [`NetDevice::enqueue_burst_with_headers`] for frames that may still be in another
+    /// guest's transmit buffers ([`NetDevice::enqueue_gather_burst`]); the same header rules.
+    pub fn enqueue_gather_burst_with_headers(&self, pair: u16, frames: &[(VirtioNetHdr, Gather<'_>)]) -> usize {
+        self.enqueue(pair, frames.len(), |i| frames[i])
+    }
+
+    /// The RX burst behind every enqueue variant: `frame(i)` is the header and frame of the
     /// `i`-th of `count` frames.
     #[inline(always)]
-    fn enqueue<'f>(&self, pair: u16, count: usize, frame: impl Fn(usize) -> (VirtioNetHdr, &'f [u8])) -> usize {
+    fn enqueue<S: FrameSource>(&self, pair: u16, count: usize, frame: impl Fn(usize) -> (VirtioNetHdr, S)) -> usize {
         let index = 2 * pair as usize;
         let Some(q) = self.inner.queues.get(index) else { return 0 };
         let mut s = q.lock();

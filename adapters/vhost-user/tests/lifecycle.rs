@@ -12,12 +12,13 @@ use std::thread;
 use std::time::Duration;
 
 use frontend::*;
+use virtq::net::Gather;
 use virtq::testing::Buf;
 use virtq::VirtioFeatures;
 use virtq_vhost_user::backend::{Backend, BackendHandle, DeviceHandler, NoHandler, SocketSpec};
 use virtq_vhost_user::connection::Reconnect;
 use virtq_vhost_user::device::DeviceConfig;
-use virtq_vhost_user::net::{parse_header, NetDevice, NetEvent, NetModel, TxFrame, MAX_TX_FRAME};
+use virtq_vhost_user::net::{parse_header, NetDevice, NetEvent, NetModel, TxFrame, TxScratch, MAX_TX_FRAME};
 
 fn sock_path(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("virtq-vu-{}", std::process::id()));
@@ -602,4 +603,184 @@ fn receive_pairs_follow_enable_start_stop_and_reset() {
     fe.dpdk_start(NET_FEATURES | (1 << 22));
     fe.sync();
     assert_eq!(net.rx_pairs(), 0b11);
+}
+
+/// Reads the next frame guest RX ring `drv` received (after `*seen` used entries), merged
+/// buffers joined, without its header; `addr_of` maps buffer ids to addresses.
+fn rx_frame(
+    drv: &virtq::testing::TestDriver<'_, virtq::RegionTable<1>>,
+    seen: &mut u16,
+    addr_of: &std::collections::HashMap<u32, u64>,
+) -> Vec<u8> {
+    let (id, len) = drv.used_elem(*seen);
+    let mut first = vec![0u8; len as usize];
+    drv.read(addr_of[&id], &mut first);
+    let nbufs = u16::from_le_bytes([first[10], first[11]]);
+    let mut data = first[12..].to_vec();
+    for k in 1..nbufs {
+        let (id, len) = drv.used_elem(seen.wrapping_add(k));
+        let mut b = vec![0u8; len as usize];
+        drv.read(addr_of[&id], &mut b);
+        data.extend_from_slice(&b);
+    }
+    *seen = seen.wrapping_add(nbufs);
+    data
+}
+
+/// Posts `n` receive buffers of `len` bytes; returns their addresses by id.
+fn post_rx(
+    drv: &mut virtq::testing::TestDriver<'_, virtq::RegionTable<1>>,
+    n: usize,
+    len: u32,
+) -> std::collections::HashMap<u32, u64> {
+    drv.reset_alloc();
+    let mut addr_of = std::collections::HashMap::new();
+    for _ in 0..n {
+        let mut a = [0u64];
+        let head = drv.build_chain(&[Buf::writable(len)], &mut a);
+        drv.publish(head);
+        addr_of.insert(head as u32, a[0]);
+    }
+    addr_of
+}
+
+/// One copy between two guests (`NetDevice::forward_burst`): A's frames reach B's buffers
+/// straight from A's TX buffers, byte for byte: a 1500-byte frame whose header and frame are
+/// split over six descriptors, a frame in one descriptor with its header, and a frame in an
+/// indirect table of 140 pieces (more than a burst keeps in place: copied out, the old path);
+/// a malformed chain among them is counted and completed. A's chains are completed only after
+/// `deliver` returns. What A writes into its buffers while the frames are handed over reaches
+/// only the bytes past the copy of the first 256 (the headers every decision was made on).
+#[test]
+fn forward_burst_copies_each_frame_once_and_completes_after() {
+    let (pa, pb) = (sock_path("fwd-a"), sock_path("fwd-b"));
+    let cfg = || DeviceConfig::new(NetModel::default());
+    let (_run, nets) = start(vec![
+        ("fwd-a", cfg(), server(&pa), Box::new(NoHandler)),
+        ("fwd-b", cfg(), server(&pb), Box::new(NoHandler)),
+    ]);
+    let (fa, fb) = (Frontend::connect(&pa, 2, 256), Frontend::connect(&pb, 2, 256));
+    let (mut ga, mut gb) = (Guest::new(&fa), Guest::new(&fb));
+    fa.qemu_start(NET_FEATURES | (1 << 28));
+    fb.qemu_start(NET_FEATURES);
+    let (a, b) = (&nets[0], &nets[1]);
+    wait("rings ready", || (a.queue_ready(1) && b.queue_ready(0)).then_some(()));
+
+    let hdr = [0u8; 12];
+    let f0 = frame(1, 1500);
+    let tx = &mut ga.drv[1];
+    let mut addrs = [0u64; 6];
+    let head0 = tx.build_chain(
+        &[
+            Buf::readable(&hdr[..5]),
+            Buf::readable(&hdr[5..]),
+            Buf::readable(&f0[..100]),
+            Buf::readable(&f0[100..137]),
+            Buf::readable(&f0[137..1037]),
+            Buf::readable(&f0[1037..]),
+        ],
+        &mut addrs,
+    );
+    tx.publish(head0);
+    let f1 = frame(2, 200);
+    let one: Vec<u8> = hdr.iter().chain(&f1).copied().collect();
+    tx.add_chain(&[Buf::readable(&one)]);
+    // The frame's buffer outside guest memory: a malformed chain (§2.7.5).
+    let bad = tx.build_chain(&[Buf::readable(&hdr), Buf::readable(&f1)], &mut [0, 0]);
+    let mut d = tx.read_desc(bad + 1);
+    d.addr = 0x7fff_0000_0000;
+    tx.write_desc(bad + 1, d);
+    tx.publish(bad);
+    let f2 = frame(3, 1390);
+    let pieces: Vec<Buf<'_>> = std::iter::once(Buf::readable(&hdr)).chain(f2.chunks(10).map(Buf::readable)).collect();
+    assert_eq!(pieces.len(), 140);
+    tx.add_indirect_chain(&pieces);
+    fa.kick(1);
+
+    let rx = &mut gb.drv[0];
+    let addr_of = post_rx(rx, 8, 2048);
+    let mut scratch = TxScratch::new();
+    let mut handed = 0;
+    wait("A's frames", || {
+        handed += a.forward_burst(0, &mut scratch, |frames| {
+            assert_eq!(frames.len(), 3);
+            assert_eq!(ga.drv[1].used_idx(), 0, "nothing completed while the frames are handed over");
+            // A rewrites its first frame's buffers now: the first piece (inside the copy of
+            // the first 256 bytes) and the third (past it, from byte 256 on).
+            ga.drv[1].write(addrs[2], &[0xEE; 100]);
+            ga.drv[1].write(addrs[4], &[0xEE; 900]);
+            assert_eq!(frames[0].head(), &f0[..256], "the copy the decisions read");
+            assert_eq!(frames[0].len(), 1500);
+            assert!(frames.iter().all(|f| f.offload().is_none()));
+            let burst: Vec<Gather<'_>> = frames.iter().map(|f| f.bytes()).collect();
+            assert_eq!(b.enqueue_gather_burst(0, &burst), 3);
+        });
+        (handed != 0).then_some(())
+    });
+    assert_eq!(handed, 3);
+    assert_eq!(ga.drv[1].used_idx(), 4, "every chain completed after the copies, the bad one too");
+    assert_eq!((a.stats(1).packets, a.stats(1).errors), (3, 1));
+    let mut want0 = f0.clone();
+    want0[256..1037].fill(0xEE);
+    let mut seen = 0;
+    assert_eq!(rx_frame(&gb.drv[0], &mut seen, &addr_of), want0, "split frame");
+    assert_eq!(rx_frame(&gb.drv[0], &mut seen, &addr_of), f1, "one descriptor");
+    assert_eq!(rx_frame(&gb.drv[0], &mut seen, &addr_of), f2, "140 pieces");
+}
+
+/// `forward_burst` on a packed ring with `VIRTIO_F_IN_ORDER`, delivering back to the sender's
+/// own receive queue from inside `deliver` (a reflecting port: the TX ring's lock, then the RX
+/// ring's, of one device): frames over two descriptors come back byte-exact, and the TX ring
+/// gets its completions after them, in ring order around a malformed chain.
+#[test]
+fn forward_burst_reflects_on_a_packed_in_order_ring() {
+    use virtq::testing::PackedDriver;
+    const F_IN_ORDER: u64 = 1 << 35;
+    let path = sock_path("fwd-packed");
+    let (_run, nets) =
+        start(vec![("fwd-packed", DeviceConfig::new(NetModel::default()), server(&path), Box::new(NoHandler))]);
+    let fe = Frontend::connect(&path, 2, 16);
+    let pcfg = |i: usize| fe.queues[i].cfg;
+    let mut rx = PackedDriver::new(&fe.ram.table, pcfg(0), fe.queues[0].data_base, fe.queues[0].data_len);
+    let mut tx = PackedDriver::new(&fe.ram.table, pcfg(1), fe.queues[1].data_base, fe.queues[1].data_len);
+    let acked = fe.dpdk_start(NET_FEATURES | F_RING_PACKED | F_IN_ORDER);
+    assert!(acked & F_RING_PACKED != 0 && acked & F_IN_ORDER != 0);
+    let net = &nets[0];
+    wait("rings ready", || (net.queue_ready(0) && net.queue_ready(1)).then_some(()));
+    let frames: Vec<Vec<u8>> = (0..4u8).map(|i| frame(i, 300 + 10 * i as usize)).collect();
+    for (i, f) in frames.iter().enumerate() {
+        if i == 2 {
+            // A write-only buffer in a TX chain: malformed (family 6 is the walk's "readable
+            // after writable"): completed in its place.
+            tx.add_chain(&[Buf::writable(64), Buf::readable(&[0u8; 12])]);
+        }
+        tx.add_chain(&[Buf::readable(&[0u8; 12]), Buf::readable(f)]);
+    }
+    fe.kick(1);
+    let mut addr_of = std::collections::HashMap::new();
+    for k in 0..4u64 {
+        let id = rx.add_chain(&[Buf::writable(1024)]);
+        addr_of.insert(id, fe.queues[0].data_base + 1024 * k);
+    }
+    let mut scratch = TxScratch::new();
+    let mut handed = 0;
+    wait("frames", || {
+        handed += net.forward_burst(0, &mut scratch, |fr| {
+            let burst: Vec<Gather<'_>> = fr.iter().map(|f| f.bytes()).collect();
+            assert_eq!(net.enqueue_gather_burst(0, &burst), fr.len());
+        });
+        (handed == 4).then_some(())
+    });
+    for (i, f) in frames.iter().enumerate() {
+        let (id, len) = rx.pop_used().expect("frame back");
+        let mut b = vec![0u8; len as usize];
+        rx.read(addr_of[&id], &mut b);
+        assert_eq!(&b[12..], &f[..], "frame {i}");
+    }
+    assert!(rx.pop_used().is_none());
+    // Five chains taken and every one completed: stopped, the ring answers its used position
+    // at its available one, both where the driver will put its next chain.
+    let p = tx.next_position().to_bits() as u32;
+    assert_eq!(fe.get_vring_base(1), p | p << 16);
+    assert_eq!(net.stats(1).errors, 1);
 }
