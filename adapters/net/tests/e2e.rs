@@ -1296,7 +1296,7 @@ fn two_data_plane_threads_carry_traffic_between_ports_on_different_threads() {
 /// One copy between guests, end to end: frames whose header and bytes are split over many
 /// descriptors reach the other guests byte for byte, flooded to two receivers (each gets its
 /// own copy from the sender's buffers) and unicast; one is spread over 140 pieces in an
-/// indirect table, more than the data plane keeps in place for a burst (copied out whole, the
+/// indirect table, more than the 20 a chain may have to stay in place (copied out whole, the
 /// old path). Every one of the sender's chains is completed.
 #[test]
 fn switch_delivers_frames_split_over_many_descriptors_byte_exact() {

@@ -173,18 +173,20 @@ pub const FORWARD_BURST: usize = 32;
 /// [`net::check_frame`] and a switch look at.
 pub const TX_SNAPSHOT: usize = 12 + MAX_HEADERS_LEN;
 
-/// Buffer pieces of a whole burst kept for [`NetDevice::forward_burst`]: four per frame on
-/// average (Linux sends a frame in one piece, or a header and linear part then up to
-/// `MAX_SKB_FRAGS`, 17 by default, fragments for a GSO frame). A chain that does not fit is
-/// valid all the same: it is copied out ([`InPlaceFrame`]).
-const TX_POOL: usize = 4 * FORWARD_BURST;
+/// Buffer pieces of one transmitted chain [`NetDevice::forward_burst`] keeps to hand its frame
+/// over in place: Linux sends a frame in one piece, or a GSO frame as its header and linear
+/// part then up to `MAX_SKB_FRAGS` (17 by default) fragments. A chain with more is valid all
+/// the same: it is copied out ([`InPlaceFrame`]).
+const TX_SEGMENTS: usize = 20;
 
-/// Working space for [`NetDevice::forward_burst`], reused from burst to burst: the copy of
-/// each frame's first bytes, and buffers for frames copied out whole (a chain whose pieces do
-/// not fit the burst's list), allocated the first time one needs it.
+/// Working space for [`NetDevice::forward_burst`], reused from burst to burst: per frame of a
+/// burst, the copy of its first bytes, its checked offloads, and a buffer for a frame copied
+/// out whole (a chain of more than `TX_SEGMENTS` pieces), allocated the first time one needs
+/// it.
 #[derive(Debug)]
 pub struct TxScratch {
     snaps: Box<[[u8; TX_SNAPSHOT]; FORWARD_BURST]>,
+    offloads: Box<[Option<OffloadFrame>; FORWARD_BURST]>,
     copies: Vec<Vec<u8>>,
 }
 
@@ -197,14 +199,17 @@ impl Default for TxScratch {
 impl TxScratch {
     /// Working space for bursts of up to [`FORWARD_BURST`] frames.
     pub fn new() -> TxScratch {
-        TxScratch { snaps: Box::new([[0; TX_SNAPSHOT]; FORWARD_BURST]), copies: vec![Vec::new(); FORWARD_BURST] }
+        TxScratch {
+            snaps: Box::new([[0; TX_SNAPSHOT]; FORWARD_BURST]),
+            offloads: Box::new([None; FORWARD_BURST]),
+            copies: vec![Vec::new(); FORWARD_BURST],
+        }
     }
 }
 
-/// The copy buffer of slot `k`, allocated on first use (a chain too fragmented to be handed
-/// over in place is rare: a buffer per slot is taken once, not per frame).
-fn copy_buf(copies: &mut [Vec<u8>], k: usize) -> &mut [u8] {
-    let b = &mut copies[k];
+/// A slot's copy buffer, allocated on first use (a chain too fragmented to be handed over in
+/// place is rare: a buffer per slot is taken once, not per frame).
+fn copy_buf(b: &mut Vec<u8>) -> &mut [u8] {
     if b.is_empty() {
         *b = vec![0; MAX_TX_FRAME];
     }
@@ -252,22 +257,6 @@ impl<'a> InPlaceFrame<'a> {
     pub fn is_empty(&self) -> bool {
         self.bytes.is_empty()
     }
-}
-
-/// Where a frame [`NetDevice::forward_burst`] took is, until the burst is handed over: its
-/// header, offloads and length, and, still in the guest's buffers, segments `start..end` of
-/// the burst's list holding the chain (the frame `hdr_len` bytes in, its first `head` bytes
-/// in the slot's snapshot after the header), or, copied out (`end == 0`), the slot's copy
-/// buffer from byte `hdr_len`.
-#[derive(Clone, Copy)]
-struct Taken {
-    offload: Option<OffloadFrame>,
-    len: u32,
-    readable: u32,
-    start: u16,
-    end: u16,
-    hdr_len: u16,
-    head: u16,
 }
 
 /// The offload check of a transmitted frame: `None` for a frame without offloads, its checked
@@ -734,7 +723,10 @@ impl NetDevice {
     /// the frame is copied changes only its payload. The rest is read through the segments the
     /// chain walk validated (a buffer outside guest memory is a malformed chain, completed and
     /// counted as here always), from the mapping whose `SIGBUS` is caught
-    /// ([`crate::memory::fault`]).
+    /// ([`crate::memory::fault`]): the transmit ring holds that mapping, and it stays locked
+    /// until the copies are done. A chain of more than 20 pieces is given back and taken again
+    /// by the walk that copies as it goes (`pop_read_uncompleted`): its frame is handed over
+    /// from that copy.
     ///
     /// The transmit ring stays locked while `deliver` runs: `deliver` may lock receive rings
     /// (of any device, this one's too), never a transmit ring (the module's lock order).
@@ -757,28 +749,30 @@ impl NetDevice {
         let in_order = features.contains(VirtioFeatures::IN_ORDER);
         let strict = in_order || features.contains(VirtioFeatures::RING_PACKED);
         let mut broken = None;
-        let (mut n, mut bytes, mut drops, mut errors) = (0usize, 0u64, 0u64, 0u64);
-        let TxScratch { snaps, copies } = scratch;
+        let (mut n, mut bytes_total, mut drops, mut errors) = (0usize, 0u64, 0u64, 0u64);
+        let TxScratch { snaps, offloads, copies } = scratch;
         let result = crate::with_ring!(active, |vq| {
-            // The pieces of every frame handed over in place, and where each frame is.
-            let mut pool: Segments<'_, TX_POOL> = Segments::new();
-            let mut frames: heapless::Vec<Taken, FORWARD_BURST> = heapless::Vec::new();
+            // Per chain taken, a slot: the list of its pieces, its snapshot, its offloads, its
+            // copy buffer. A frame handed over borrows its slot's, so the burst is built as
+            // it is taken.
+            let mut lists: [Segments<'_, TX_SEGMENTS>; FORWARD_BURST] = core::array::from_fn(|_| Segments::new());
+            let mut slots = lists.iter_mut().zip(snaps.iter_mut()).zip(offloads.iter_mut()).zip(copies.iter_mut());
+            let mut frames: heapless::Vec<InPlaceFrame<'_>, FORWARD_BURST> = heapless::Vec::new();
             // Every chain taken, in ring order, and whether it was malformed: all completed
             // after the copies.
             let mut taken: heapless::Vec<(u16, bool), FORWARD_BURST> = heapless::Vec::new();
             while !taken.is_full() {
-                // The slot of the next frame handed over: its snapshot and copy buffer.
-                let k = frames.len();
-                let start = pool.len();
-                let (c, copied) = match vq.pop_gather_uncompleted(&mut snaps[k], &mut pool) {
+                // At most one slot per chain taken, and no more chains than slots.
+                let Some((((list, snap), offload), copy)) = slots.next() else { break };
+                let (c, copied) = match vq.pop_gather_uncompleted(snap, list) {
                     Ok(Some(c)) => (c, false),
                     Ok(None) => break,
                     Err(PopError::Chain { error: ChainError::TooManySegments, .. }) => {
-                        // More pieces than the burst's list has room for: a valid chain all
-                        // the same. Given back, and taken again by the walk that copies as it
-                        // goes (the old path), which applies the same rules.
+                        // More pieces than a slot keeps: a valid chain all the same. Given
+                        // back, and taken again by the walk that copies as it goes (the old
+                        // path), which applies the same rules.
                         vq.rewind(1);
-                        match vq.pop_read_uncompleted(copy_buf(copies, k)) {
+                        match vq.pop_read_uncompleted(copy_buf(copy)) {
                             Ok(Some(c)) => (c, true),
                             Ok(None) => break,
                             Err(e) => {
@@ -801,8 +795,10 @@ impl NetDevice {
                     drops += 1;
                     continue;
                 }
+                // From here on the slot is only read: the frame handed over borrows it.
+                let (list, snap, copy): (&Segments<'_, TX_SEGMENTS>, &[u8; TX_SNAPSHOT], &Vec<u8>) = (list, snap, copy);
                 // The copy the decisions are made on: the snapshot, or the whole frame.
-                let head: &[u8] = if copied { &copies[k] } else { &snaps[k] };
+                let head: &[u8] = if copied { copy } else { snap };
                 // §5.1.6.2: the core's TX rules, on the copy. A chain longer than the copy
                 // buffer is refused by `parse_tx_copied` (`TooLong`); one handed over in place
                 // is held to the same limit, so that no receiver or fallback buffer needs
@@ -822,7 +818,7 @@ impl NetDevice {
                     continue;
                 }
                 let head = &head[hdr_len..(c.bytes as usize).min(hdr_len + len)];
-                let offload = match tx_offload(&pkt.header, head, len) {
+                *offload = match tx_offload(&pkt.header, head, len) {
                     Ok(o) => o,
                     Err(e) => {
                         limited_by!(self.inner.tx_drops_log, warn, "{}: TX frame dropped: {e}", self.inner.name);
@@ -830,33 +826,18 @@ impl NetDevice {
                         continue;
                     }
                 };
-                let end = if copied { 0 } else { pool.len() as u16 };
-                let _ = frames.push(Taken {
-                    offload,
-                    len: pkt.frame_len,
-                    readable: c.readable_len,
-                    start: start as u16,
-                    end,
-                    hdr_len: hdr_len as u16,
-                    head: head.len() as u16,
-                });
-                bytes += len as u64;
+                let offload: &Option<OffloadFrame> = offload;
+                let bytes = if copied {
+                    Gather::slice(&copy[hdr_len..hdr_len + len])
+                } else {
+                    Gather::new(list.as_slice(), c.readable_len as usize, hdr_len, head)
+                };
+                let _ = frames.push(InPlaceFrame { offload: offload.as_ref(), bytes });
+                bytes_total += len as u64;
                 n += 1;
             }
             if !frames.is_empty() {
-                let (snaps, copies) = (&*snaps, &*copies);
-                let mut handed: heapless::Vec<InPlaceFrame<'_>, FORWARD_BURST> = heapless::Vec::new();
-                for (k, t) in frames.iter().enumerate() {
-                    let hdr_len = t.hdr_len as usize;
-                    let bytes = if t.end == 0 {
-                        Gather::slice(&copies[k][hdr_len..hdr_len + t.len as usize])
-                    } else {
-                        let segs = &pool.as_slice()[t.start as usize..t.end as usize];
-                        Gather::new(segs, t.readable as usize, hdr_len, &snaps[k][hdr_len..hdr_len + t.head as usize])
-                    };
-                    let _ = handed.push(InPlaceFrame { offload: t.offload.as_ref(), bytes });
-                }
-                deliver(&handed);
+                deliver(&frames);
             }
             complete_tx(vq, &taken, in_order);
             // Guest TX writes only the used ring. One branch per burst when not migrating.
@@ -872,7 +853,7 @@ impl NetDevice {
             }
         });
         self.finish_burst(index, s, result, broken);
-        q.stats.add(n as u64, bytes, drops, errors);
+        q.stats.add(n as u64, bytes_total, drops, errors);
         n
     }
 

@@ -647,7 +647,8 @@ fn post_rx(
 /// One copy between two guests (`NetDevice::forward_burst`): A's frames reach B's buffers
 /// straight from A's TX buffers, byte for byte: a 1500-byte frame whose header and frame are
 /// split over six descriptors, a frame in one descriptor with its header, and a frame in an
-/// indirect table of 140 pieces (more than a burst keeps in place: copied out, the old path);
+/// indirect table of 140 pieces (more than the 20 a chain may have to stay in place: copied
+/// out, the old path);
 /// a malformed chain among them is counted and completed. A's chains are completed only after
 /// `deliver` returns. What A writes into its buffers while the frames are handed over reaches
 /// only the bytes past the copy of the first 256 (the headers every decision was made on).
