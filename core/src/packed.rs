@@ -340,6 +340,18 @@ impl<const IDS: usize> DetachedPackedQueue<IDS> {
         &self.config
     }
 
+    /// The next descriptor to take, with the driver-ring wrap counter (as
+    /// [`PackedQueue::next_avail`]).
+    pub fn next_avail(&self) -> RingPosition {
+        self.avail
+    }
+
+    /// Where the next used descriptor goes, with the device-ring wrap counter (as
+    /// [`PackedQueue::next_used`]).
+    pub fn next_used(&self) -> RingPosition {
+        self.used
+    }
+
     /// The queue again, over `mem`.
     ///
     /// # Safety

@@ -212,15 +212,18 @@ impl BlkDevice {
             if q.ready.load(Ordering::Relaxed) {
                 continue;
             }
-            let recovered =
-                area.as_ref().and_then(|a| a.queue(i)).and_then(|r| r.recover(active.next_used, active.config.size));
+            let recovered = area
+                .as_ref()
+                .and_then(|a| a.queue(i))
+                .and_then(|r| r.recover(active.positions().1, active.config.size));
             match recovered {
                 Some((inflight, counter)) => {
                     q.tracking.store(true, Ordering::Relaxed);
                     q.counter.store(counter, Ordering::Relaxed);
                     limited!(info, "{}: queue {i}: requests tracked in the inflight area", self.name());
                     if inflight > 0 {
-                        active.next_avail = active.next_used;
+                        let used = active.positions().1;
+                        active.set_positions(used, used);
                         resumed.push((i, inflight));
                     }
                 }

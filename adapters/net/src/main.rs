@@ -191,6 +191,12 @@ fn run(args: Args) -> Result<(), String> {
         Some(list) => parse_cpu_list(list)?,
         None => Vec::new(),
     };
+    if let Some(c) = cpus.iter().find(|&&c| !cpu_allowed(c)) {
+        return Err(format!(
+            "--pmd-cpus: CPU {c} is not one this process may run on (see taskset -p {})",
+            std::process::id()
+        ));
+    }
     let reconnect = Reconnect { enabled: !args.no_reconnect, ..Reconnect::default() };
     // Bound before any thread starts (it sets the umask for a moment).
     let control = match &args.control {
@@ -271,6 +277,19 @@ fn run(args: Args) -> Result<(), String> {
         return Err("a data-plane thread panicked".into());
     }
     Ok(())
+}
+
+/// Whether this process may run on `cpu` (its affinity mask, as `taskset` or a cgroup set it).
+fn cpu_allowed(cpu: usize) -> bool {
+    // SAFETY: a zeroed `cpu_set_t` is a valid empty set that sched_getaffinity fills (at most
+    // its size); CPU_ISSET reads one bit of it, `cpu` bounded by the set's size first.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return true; // cannot tell: pinning will say so if it fails
+        }
+        cpu < 8 * std::mem::size_of::<libc::cpu_set_t>() && libc::CPU_ISSET(cpu, &set)
+    }
 }
 
 /// `virtq-net ctl PATH WORDS...`: one request to a running virtq-net's control socket.

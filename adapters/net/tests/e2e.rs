@@ -247,6 +247,13 @@ fn print_capabilities_and_help_follow_the_vhost_user_conventions() {
     }
     let bad = Command::new(BIN).args(["--port", "path=x,queues=0"]).output().unwrap();
     assert!(!bad.status.success());
+    // Data-plane CPUs: each once, and only CPUs the process may run on.
+    for cpus in ["0,0", "1023", "x"] {
+        let bad =
+            Command::new(BIN).args(["--pmd-cpus", cpus, "--socket-path", "/nonexistent/x.sock"]).output().unwrap();
+        let err = String::from_utf8_lossy(&bad.stderr);
+        assert!(!bad.status.success() && err.contains("CPU"), "--pmd-cpus {cpus}: {err}");
+    }
 }
 
 fn run(cmd: &str) -> bool {
