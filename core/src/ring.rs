@@ -42,8 +42,9 @@ pub trait Virtqueue<'m> {
     /// Whether `VIRTIO_F_IN_ORDER` was negotiated.
     fn in_order(&self) -> bool;
 
-    /// Takes the next chain into `chain`; `Ok(false)` when none is available.
-    fn pop_into<const N: usize>(&mut self, chain: &mut Chain<'m, N>) -> Result<bool, PopError>;
+    /// Takes the next chain into `chain`: `Ok(Some(head))` (the buffer id on a packed ring),
+    /// `Ok(None)` when none is available.
+    fn pop_into<const N: usize>(&mut self, chain: &mut Chain<'m, N>) -> Result<Option<u16>, PopError>;
 
     /// Takes the next chain, copying its device-readable part into `buf` as it is validated.
     fn pop_read(&mut self, buf: &mut [u8]) -> Result<Option<CopiedChain>, PopError>;
@@ -105,7 +106,7 @@ macro_rules! forward_virtqueue {
             Self::in_order(self)
         }
         #[cfg_attr(not(feature = "small"), inline(always))]
-        fn pop_into<const N: usize>(&mut self, chain: &mut Chain<'m, N>) -> Result<bool, PopError> {
+        fn pop_into<const N: usize>(&mut self, chain: &mut Chain<'m, N>) -> Result<Option<u16>, PopError> {
             Self::pop_into(self, chain)
         }
         #[cfg_attr(not(feature = "small"), inline(always))]

@@ -292,7 +292,7 @@ impl BlkDevice {
                 // before it is completed, in order with the others.
                 let popped = vq.pop_into_uncompleted(&mut chain);
                 let taken = match popped {
-                    Ok(true) => Some(chain.head()),
+                    Ok(Some(head)) => Some(head),
                     Err(PopError::Chain { head, .. }) => Some(head),
                     _ => None,
                 };
@@ -305,7 +305,7 @@ impl BlkDevice {
                     batched += 1;
                 }
                 match popped {
-                    Ok(true) => {
+                    Ok(Some(_)) => {
                         let used = self.serve(index, &chain, &limits, writethrough, &mut tally);
                         vq.push(chain.head(), used);
                         done += 1;
@@ -314,7 +314,7 @@ impl BlkDevice {
                             break;
                         }
                     }
-                    Ok(false) => break,
+                    Ok(None) => break,
                     Err(PopError::Chain { head, error }) => {
                         // §5.2.6: its status byte, if it has one, says IOERR (the core decides
                         // which status and where the byte is); used length 0 otherwise.
