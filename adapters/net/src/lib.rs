@@ -4,6 +4,7 @@
 
 pub mod dataplane;
 pub mod generate;
+pub mod nic;
 pub mod port;
 pub mod switch;
 pub mod tap;
