@@ -149,7 +149,7 @@ fn raw_recv(fd: &OwnedFd, timeout: Duration) -> Option<Vec<u8>> {
             continue;
         }
         let f = &buf[..n as usize];
-        if f.len() >= 14 && f[12..14] == ETHERTYPE {
+        if is_ours(f) {
             return Some(f.to_vec());
         }
     }
@@ -159,6 +159,41 @@ fn raw_recv(fd: &OwnedFd, timeout: Duration) -> Option<Vec<u8>> {
 /// IEEE 802 local experimental ethertype: nothing else on the link uses it.
 const ETHERTYPE: [u8; 2] = [0x88, 0xb5];
 const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+
+/// Whether `f` is one of the test's frames (its ethertype, behind a VLAN tag or not, or a
+/// UDP datagram to [`UDP_PORT`]), not something else the kernel sent.
+fn is_ours(f: &[u8]) -> bool {
+    (f.len() >= 14 && f[12..14] == ETHERTYPE)
+        || (f.len() >= 18 && f[12..14] == [0x81, 0] && f[16..18] == ETHERTYPE)
+        || (f.len() >= 42 && f[12..14] == [8, 0] && f[23] == 17 && f[36..38] == UDP_PORT.to_be_bytes())
+}
+
+/// The destination port of [`udp_frame`]s.
+const UDP_PORT: u16 = 9;
+
+/// An IPv4/UDP frame for a guest's MAC from source port `sport` (flows differ by port, so
+/// they spread over queues).
+fn udp_frame(sport: u16) -> Vec<u8> {
+    let mut f = GUEST_MAC.to_vec();
+    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0xbb, 0x08, 0x00]);
+    let payload = 32u16;
+    f.extend_from_slice(&[0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0, 192, 0, 2, 1, 192, 0, 2, 99]);
+    f[16..18].copy_from_slice(&(20 + 8 + payload).to_be_bytes());
+    f.extend_from_slice(&sport.to_be_bytes());
+    f.extend_from_slice(&UDP_PORT.to_be_bytes());
+    f.extend_from_slice(&(8 + payload).to_be_bytes());
+    f.extend_from_slice(&[0, 0]);
+    f.extend((0..payload).map(|i| i as u8));
+    f
+}
+
+/// `frame` with an 802.1Q tag (priority 1, VLAN 100) after the addresses.
+fn vlan_tagged(f: &[u8]) -> Vec<u8> {
+    let mut t = f[..12].to_vec();
+    t.extend_from_slice(&[0x81, 0x00, 0x20, 0x64]);
+    t.extend_from_slice(&f[12..]);
+    t
+}
 
 /// A frame of `len` bytes for a guest's MAC (not the interface's: the port is promiscuous),
 /// its payload numbered by `seq`.
@@ -179,7 +214,7 @@ fn collect(nic: &Nic, want: usize) -> Vec<([u8; NIC_HDR_LEN], Vec<u8>)> {
         let mut n = 0;
         for q in nic.queues() {
             n += q.recv_burst(32, |h, f| {
-                if f.len() >= 14 && f[12..14] == ETHERTYPE {
+                if is_ours(f) {
                     got.push((*h, f.to_vec()));
                 }
             });
@@ -198,7 +233,10 @@ fn frames_both_ways(v: &Veth, opts: &str, sizes: &[usize], want: &str) {
     assert_eq!(nic.mode().to_string().split(' ').next(), Some(want), "mode {}", nic.mode());
     eprintln!("{}: {}", nic.name(), nic.mode());
     let raw = raw_socket(v);
-    let sent: Vec<Vec<u8>> = sizes.iter().enumerate().map(|(i, &len)| frame(len, i as u8)).collect();
+    let mut sent: Vec<Vec<u8>> = sizes.iter().enumerate().map(|(i, &len)| frame(len, i as u8)).collect();
+    // Tagged: the kernel takes the tag out of the frame before AF_PACKET sees it, into the
+    // ring header; the port puts it back.
+    sent.push(vlan_tagged(&frame(200, 50)));
     for f in &sent {
         raw_send(&raw, f);
     }
@@ -395,4 +433,48 @@ fn af_packet_receives_gso_frames_from_the_stack_with_their_header() {
         thread::sleep(Duration::from_millis(1));
     }
     assert!(gso > 0, "no GSO frame arrived");
+}
+
+/// Two queues on a two-queue veth (the default: every queue of the interface), for each mode:
+/// flows spread over both queues (AF_XDP: the queue the peer's hash picked; AF_PACKET: a
+/// fanout group), and every frame arrives once.
+#[test]
+fn both_queues_of_a_multiqueue_interface_receive() {
+    let Some(v) = veth("m", 1500) else { return };
+    // Recreate the pair with two queues a side.
+    assert!(run(&format!("ip -n {} link del {}", v.ns_a, v.a)));
+    assert!(run(&format!(
+        "ip link add {} numtxqueues 2 numrxqueues 2 netns {} type veth peer name {} numtxqueues 2 numrxqueues 2 netns {}",
+        v.a, v.ns_a, v.b, v.ns_b
+    )));
+    assert!(run(&format!("ip -n {} link set {} up && ip -n {} link set {} up", v.ns_a, v.a, v.ns_b, v.b)));
+    for (opts, want) in [("", "af_xdp"), (",mode=packet", "af_packet")] {
+        let nic = open_nic(&v, opts).expect("open");
+        assert_eq!(nic.mode().to_string().split(' ').next(), Some(want));
+        assert_eq!(nic.queues().len(), 2, "{opts}: every queue of the interface by default");
+        let raw = raw_socket(&v);
+        let sent: Vec<Vec<u8>> = (0..64).map(|i| udp_frame(1000 + i)).collect();
+        for f in &sent {
+            raw_send(&raw, f);
+        }
+        let mut got = Vec::new();
+        let mut per_queue = [0usize; 2];
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while got.len() < sent.len() && Instant::now() < deadline {
+            for (i, q) in nic.queues().iter().enumerate() {
+                q.recv_burst(32, |_, f| {
+                    if is_ours(f) {
+                        per_queue[i] += 1;
+                        got.push(f.to_vec());
+                    }
+                });
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+        got.sort();
+        let mut want_frames = sent.clone();
+        want_frames.sort();
+        assert!(got == want_frames, "{opts}: {} of {} frames, per queue {per_queue:?}", got.len(), sent.len());
+        assert!(per_queue.iter().all(|&n| n > 0), "{opts}: 64 flows on one queue: {per_queue:?}");
+    }
 }

@@ -220,7 +220,7 @@ impl PacketQueue {
                         if h.tp_status & libc::TP_STATUS_VLAN_TPID_VALID != 0 { h.hv1.tp_vlan_tpid } else { 0x8100 };
                     let mut tag = [0u8; 4];
                     tag[..2].copy_from_slice(&tpid.to_be_bytes());
-                    tag[2..].copy_from_slice(&h.hv1.tp_vlan_tci.to_be_bytes());
+                    tag[2..].copy_from_slice(&(h.hv1.tp_vlan_tci as u16).to_be_bytes());
                     // SAFETY: the 4 bytes before the frame are the end of the header, copied
                     // out above and inside the block; the MAC addresses move there and the tag
                     // follows them: the frame then starts 4 bytes earlier.
