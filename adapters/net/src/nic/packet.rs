@@ -312,3 +312,93 @@ impl PacketQueue {
         (sent, dropped)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A queue whose ring is plain memory the test writes as a (hostile) kernel would.
+    fn fake_queue() -> PacketQueue {
+        let fd = socket(libc::AF_INET, libc::SOCK_DGRAM, 0).unwrap();
+        let map = Mmap::new(BLOCKS * BLOCK_SIZE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0).unwrap();
+        PacketQueue { fd, rx: Mutex::new(RxRing { map, block: 0, open: false, left: 0, off: 0 }) }
+    }
+
+    fn put_u32(q: &PacketQueue, at: usize, v: u32) {
+        let st = q.rx.lock().unwrap();
+        assert!(at + 4 <= st.map.len);
+        // SAFETY: inside the fake ring.
+        unsafe { st.map.ptr().add(at).cast::<u32>().write_unaligned(v) };
+    }
+
+    /// Block `b` handed to user space with `n` frames, the first at `first`.
+    fn block(q: &PacketQueue, b: usize, n: u32, first: u32) {
+        put_u32(q, b * BLOCK_SIZE + BD_NUM_PKTS, n);
+        put_u32(q, b * BLOCK_SIZE + BD_FIRST, first);
+        put_u32(q, b * BLOCK_SIZE + BD_STATUS, libc::TP_STATUS_USER);
+    }
+
+    /// A frame header at `off` of block `b`: next offset, mac offset, snaplen, len.
+    fn pkt(q: &PacketQueue, b: usize, off: usize, next: u32, mac: u16, snap: u32, len: u32) {
+        let at = b * BLOCK_SIZE + off;
+        put_u32(q, at, next);
+        put_u32(q, at + 12, snap);
+        put_u32(q, at + 16, len);
+        put_u32(q, at + 20, 0);
+        put_u32(q, at + 24, mac as u32);
+    }
+
+    #[test]
+    fn frames_and_blocks_the_kernel_describes_wrongly_are_dropped() {
+        let q = fake_queue();
+        // Block 0: a good frame with a header, one cut short, one whose data would start
+        // inside its own ring header, then an offset of 0 for the fourth.
+        block(&q, 0, 4, 48);
+        pkt(&q, 0, 48, 2048, 100, 60, 60);
+        {
+            let st = q.rx.lock().unwrap();
+            // SAFETY: inside the fake ring.
+            unsafe {
+                let p = st.map.ptr().add(48 + 100 - VNET_HDR_LEN);
+                std::ptr::copy_nonoverlapping([1u8, 2, 3, 4, 5, 6, 7, 8, 9, 10].as_ptr(), p, 10);
+                p.add(10).write_bytes(0xcd, 60);
+            }
+        }
+        pkt(&q, 0, 48 + 2048, 2048, 100, 100, 70000);
+        pkt(&q, 0, 48 + 4096, 0, 20, 60, 60);
+        // Block 1: a first frame past the end of the block, a million frames claimed.
+        block(&q, 1, 1_000_000, (BLOCK_SIZE - 8) as u32);
+        // Block 2: a frame running past the block.
+        block(&q, 2, 1, 48);
+        pkt(&q, 2, 48, 0, 100, BLOCK_SIZE as u32, BLOCK_SIZE as u32);
+        // Block 3 still the kernel's.
+        let mut got = Vec::new();
+        let (n, dropped) = q.recv_burst(64, &mut |h, f| got.push((*h, f.to_vec())));
+        assert_eq!(n, 1);
+        assert_eq!(dropped, 3 + 1_000_000 + 1, "cut, bad start, lost offset; block 1 as claimed; block 2");
+        assert_eq!(got, vec![([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 0, 0], vec![0xcd; 60])]);
+        let st = q.rx.lock().unwrap();
+        assert_eq!(st.block, 3, "three blocks read and given back");
+        for b in 0..3 {
+            // SAFETY: inside the fake ring.
+            let status = unsafe { st.map.ptr().add(b * BLOCK_SIZE + BD_STATUS).cast::<u32>().read() };
+            assert_eq!(status, libc::TP_STATUS_KERNEL);
+        }
+    }
+
+    #[test]
+    fn a_burst_stops_at_max_and_resumes_inside_the_block() {
+        let q = fake_queue();
+        block(&q, 0, 3, 48);
+        for i in 0..3 {
+            let next = if i < 2 { 256 } else { 0 };
+            pkt(&q, 0, 48 + 256 * i, next, 100, 60 + i as u32, 60 + i as u32);
+        }
+        let mut lens = Vec::new();
+        assert_eq!(q.recv_burst(2, &mut |_, f| lens.push(f.len())), (2, 0));
+        assert_eq!(q.recv_burst(2, &mut |_, f| lens.push(f.len())), (1, 0));
+        assert_eq!(lens, [60, 61, 62]);
+        assert_eq!(q.recv_burst(2, &mut |_, _| {}), (0, 0));
+        assert_eq!(q.rx.lock().unwrap().block, 1);
+    }
+}

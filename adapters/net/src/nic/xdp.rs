@@ -366,6 +366,16 @@ impl Ring {
         self.word(self.consumer)
     }
 
+    /// Hands every receive frame to the kernel (this being the fill ring of a new socket).
+    fn prime(&self) {
+        for i in 0..RX_FRAMES as u32 {
+            // SAFETY: a fill ring entry (a u64 UMEM address), written before the producer
+            // store that publishes it.
+            unsafe { self.entry::<u64>(i).write_volatile(i as u64 * FRAME_SIZE as u64) };
+        }
+        self.producer().store(RX_FRAMES as u32, Ordering::Release);
+    }
+
     fn needs_wakeup(&self) -> bool {
         self.word(self.flags).load(Ordering::Relaxed) & libc::XDP_RING_NEED_WAKEUP != 0
     }
@@ -459,13 +469,7 @@ impl XskQueue {
         let fill = Ring::map(&fd, &off.fr, 8, libc::XDP_UMEM_PGOFF_FILL_RING).map_err(ctx("fill ring"))?;
         let comp = Ring::map(&fd, &off.cr, 8, libc::XDP_UMEM_PGOFF_COMPLETION_RING).map_err(ctx("completion ring"))?;
 
-        // Every receive frame goes to the kernel through the fill ring.
-        for i in 0..RX_FRAMES as u32 {
-            // SAFETY: a fill ring entry (a u64 UMEM address), written before the producer
-            // store that publishes it.
-            unsafe { fill.entry::<u64>(i).write_volatile(i as u64 * FRAME_SIZE as u64) };
-        }
-        fill.producer().store(RX_FRAMES as u32, Ordering::Release);
+        fill.prime();
 
         let mode = if zero_copy { libc::XDP_ZEROCOPY } else { libc::XDP_COPY };
         let sa = libc::sockaddr_xdp {
@@ -486,6 +490,12 @@ impl XskQueue {
         if rc < 0 {
             return Err(ctx(if zero_copy { "bind (zero-copy)" } else { "bind (copy)" })(io::Error::last_os_error()));
         }
+        Ok(XskQueue::assemble(fd, umem, [fill, rx, tx, comp]))
+    }
+
+    /// The queue over its socket, UMEM and rings (fill, RX, TX, completion), the fill ring
+    /// already holding every receive frame.
+    fn assemble(fd: OwnedFd, umem: Mmap, [fill, rx, tx, comp]: [Ring; 4]) -> XskQueue {
         let rx = RxSide { fill, rx, fill_prod: RX_FRAMES as u32, rx_cons: 0, with_kernel: vec![true; RX_FRAMES] };
         let tx = TxSide {
             tx,
@@ -495,7 +505,7 @@ impl XskQueue {
             free: (RX_FRAMES as u32..FRAMES as u32).rev().collect(),
             with_kernel: vec![false; TX_FRAMES],
         };
-        Ok(XskQueue { fd, rx: Mutex::new(rx), tx: Mutex::new(tx), umem })
+        XskQueue { fd, rx: Mutex::new(rx), tx: Mutex::new(tx), umem }
     }
 
     /// See [`super::NicQueue::recv_burst`]; returns (delivered, dropped).
@@ -656,6 +666,128 @@ impl XskQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A ring in anonymous memory, playing the kernel's part in a test.
+    fn fake_ring(entry: usize) -> Ring {
+        let len = 256 + RING as usize * entry;
+        let map = Mmap::new(len, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0).unwrap();
+        Ring { map, producer: 0, consumer: 64, flags: 128, desc: 256 }
+    }
+
+    /// A queue whose rings and UMEM are plain memory the test writes as a (hostile) kernel
+    /// would; its socket is a UDP one (no ring flag asks for a kick anyway).
+    fn fake_queue() -> XskQueue {
+        let fd = socket(libc::AF_INET, libc::SOCK_DGRAM, 0).unwrap();
+        let umem = Mmap::new(FRAMES * FRAME_SIZE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0).unwrap();
+        let d = std::mem::size_of::<libc::xdp_desc>();
+        let rings = [fake_ring(8), fake_ring(d), fake_ring(d), fake_ring(8)];
+        rings[0].prime();
+        XskQueue::assemble(fd, umem, rings)
+    }
+
+    fn desc(addr: usize, len: u32) -> libc::xdp_desc {
+        libc::xdp_desc { addr: addr as u64, len, options: 0 }
+    }
+
+    /// The kernel produces RX descriptors `d` (after `st.rx_cons`).
+    fn kernel_rx(q: &XskQueue, d: &[libc::xdp_desc]) {
+        let st = q.rx.lock().unwrap();
+        for (i, d) in d.iter().enumerate() {
+            // SAFETY: an entry of the fake ring.
+            unsafe { st.rx.entry::<libc::xdp_desc>(st.rx_cons + i as u32).write(*d) };
+        }
+        st.rx.producer().store(st.rx_cons + d.len() as u32, Ordering::Release);
+    }
+
+    #[test]
+    fn receive_descriptors_outside_their_frame_are_dropped_not_followed() {
+        let q = fake_queue();
+        // SAFETY: plain memory of the fake UMEM.
+        unsafe { q.umem.ptr().add(3 * FRAME_SIZE + 256).write_bytes(0xab, 60) };
+        kernel_rx(
+            &q,
+            &[
+                desc(3 * FRAME_SIZE + 256, 60),   // frame 3: fine
+                desc(5000 * FRAME_SIZE, 60),      // past the UMEM
+                desc(RX_FRAMES * FRAME_SIZE, 60), // a transmit frame
+                desc(4 * FRAME_SIZE + 4000, 200), // runs past its frame
+                desc(5 * FRAME_SIZE, 0),          // empty
+                desc(3 * FRAME_SIZE + 256, 60),   // frame 3 again: not with the kernel
+                desc(usize::MAX - 10, u32::MAX),  // wraps
+            ],
+        );
+        let mut got = Vec::new();
+        assert_eq!(q.recv_burst(64, &mut |h, f| got.push((*h, f.to_vec()))), (1, 6));
+        assert_eq!(got, vec![([0u8; NIC_HDR_LEN], vec![0xab; 60])]);
+        let st = q.rx.lock().unwrap();
+        assert_eq!(st.rx.consumer().load(Ordering::Acquire), 7, "every descriptor consumed");
+        // The kernel took no fill entry: the fill ring was full, nothing was written over.
+        assert_eq!(st.fill_prod, RX_FRAMES as u32, "no fill entry overwritten");
+        assert!(!st.with_kernel[3] && !st.with_kernel[4] && st.with_kernel[6]);
+    }
+
+    #[test]
+    fn received_frames_go_back_to_the_fill_ring_once_the_kernel_has_room() {
+        let q = fake_queue();
+        q.rx.lock().unwrap().fill.consumer().store(2, Ordering::Release);
+        kernel_rx(&q, &[desc(7 * FRAME_SIZE + 256, 100), desc(9 * FRAME_SIZE + 256, 1514)]);
+        assert_eq!(q.recv_burst(64, &mut |_, _| {}), (2, 0));
+        let st = q.rx.lock().unwrap();
+        assert_eq!(st.fill.producer().load(Ordering::Acquire), RX_FRAMES as u32 + 2);
+        // SAFETY: entries of the fake ring.
+        let back = unsafe {
+            [st.fill.entry::<u64>(RX_FRAMES as u32).read(), st.fill.entry::<u64>(RX_FRAMES as u32 + 1).read()]
+        };
+        assert_eq!(back, [7 * FRAME_SIZE as u64, 9 * FRAME_SIZE as u64], "frame starts, not packet addresses");
+        drop(st);
+        // A producer that ran far ahead: at most a ring's worth is read. The two entries
+        // written above name frames the kernel holds again, so they pass (the kernel is
+        // believed about its own frames); the zeroed rest names frame 0 with length 0.
+        q.rx.lock().unwrap().rx.producer().store(1 << 30, Ordering::Release);
+        let (n, dropped) = q.recv_burst(usize::MAX, &mut |_, _| {});
+        assert_eq!((n, dropped), (2, RING as u64 - 2));
+    }
+
+    #[test]
+    fn completions_the_kernel_invents_free_nothing() {
+        let q = fake_queue();
+        let f = [0x11u8; 100];
+        let big = vec![0u8; FRAME_SIZE + 1];
+        let frames: Vec<&[u8]> = vec![&f, &f, &big, &[], &f];
+        assert_eq!(q.send_burst(frames.into_iter()), (3, 2), "too large and empty frames dropped");
+        let st = q.tx.lock().unwrap();
+        assert_eq!(st.tx.producer().load(Ordering::Acquire), 3);
+        // SAFETY: entries of the fake rings.
+        let sent: Vec<libc::xdp_desc> = (0..3).map(|i| unsafe { st.tx.entry::<libc::xdp_desc>(i).read() }).collect();
+        for d in &sent {
+            assert!(d.addr as usize >= RX_FRAMES * FRAME_SIZE && d.len == 100, "transmit frames only");
+            // SAFETY: inside the fake UMEM (just checked).
+            assert_eq!(unsafe { *q.umem.ptr().add(d.addr as usize + 99) }, 0x11);
+        }
+        // The kernel completes: a receive frame, an unaligned address, one real frame twice,
+        // and a frame never sent.
+        let comps =
+            [0, sent[0].addr + 1, sent[0].addr, sent[0].addr, (FRAMES - 1) as u64 * FRAME_SIZE as u64, u64::MAX];
+        for (i, a) in comps.iter().enumerate() {
+            // SAFETY: entries of the fake ring.
+            unsafe { st.comp.entry::<u64>(i as u32).write(*a) };
+        }
+        st.comp.producer().store(comps.len() as u32, Ordering::Release);
+        st.tx.consumer().store(3, Ordering::Release);
+        let free_before = st.free.len();
+        drop(st);
+        assert_eq!(q.send_burst(std::iter::empty()), (0, 0));
+        let st = q.tx.lock().unwrap();
+        assert_eq!(st.free.len(), free_before + 1, "one frame came back, once");
+        assert_eq!(st.comp.consumer().load(Ordering::Acquire), comps.len() as u32);
+        drop(st);
+        // The kernel consumes nothing more: the ring (RING entries, 3 consumed) fills, the rest
+        // is dropped, nothing blocks.
+        let many = vec![&f[..]; RING as usize + 10];
+        let (sent, dropped) = q.send_burst(many.into_iter());
+        assert_eq!(sent + dropped, RING as u64 + 10);
+        assert_eq!(sent, (TX_FRAMES - 2) as u64, "every free frame, no more");
+    }
 
     #[test]
     fn the_program_encodes_as_the_kernel_expects() {
