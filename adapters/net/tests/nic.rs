@@ -478,3 +478,51 @@ fn both_queues_of_a_multiqueue_interface_receive() {
         assert!(per_queue.iter().all(|&n| n > 0), "{opts}: 64 flows on one queue: {per_queue:?}");
     }
 }
+
+/// Not a check, a measurement (`cargo test --release -p virtq-net --test nic -- --ignored
+/// --nocapture`): 60-byte frames from a second port on the peer end, sent in bursts of 32 by
+/// one thread, received in bursts of 64 by another, for each mode, over 2 s.
+#[test]
+#[ignore]
+fn throughput() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    for mode in ["xdp", "packet"] {
+        let Some(v) = veth("t", 1500) else { return };
+        let rx = open_nic(&v, &format!(",mode={mode}")).expect("open");
+        let spec = parse_nic(&format!("{},mode={mode}", v.b)).unwrap();
+        let tx = Arc::new(in_netns(&v.ns_b, move || Nic::open(&spec)).expect("open the peer"));
+        let stop = Arc::new(AtomicBool::new(false));
+        let sender = {
+            let (tx, stop) = (tx.clone(), stop.clone());
+            thread::spawn(move || {
+                let f = frame(60, 0);
+                let burst = vec![&f[..]; 32];
+                let (mut sent, mut dropped) = (0, 0);
+                while !stop.load(Ordering::Relaxed) {
+                    let (s, d) = tx.queues()[0].send_burst(burst.iter().copied());
+                    (sent, dropped) = (sent + s, dropped + d);
+                }
+                (sent, dropped)
+            })
+        };
+        thread::sleep(Duration::from_millis(200));
+        let t = Instant::now();
+        let mut got = 0u64;
+        while t.elapsed() < Duration::from_secs(2) {
+            got += rx.queues()[0].recv_burst(64, |_, _| {}) as u64;
+        }
+        let secs = t.elapsed().as_secs_f64();
+        stop.store(true, Ordering::Relaxed);
+        let (sent, dropped) = sender.join().unwrap();
+        eprintln!(
+            "{} -> {}: received {:.2} Mframes/s through recv_burst (sender: {:.2} Mframes/s, {dropped} dropped; receiving queue: {} dropped by the kernel)",
+            tx.mode(),
+            rx.mode(),
+            got as f64 / secs / 1e6,
+            sent as f64 / (secs + 0.2) / 1e6,
+            rx.queues()[0].kernel_drops()
+        );
+        eprintln!("{}", output(&format!("ip -n {} -s link show dev {}", v.ns_a, v.a)));
+    }
+}

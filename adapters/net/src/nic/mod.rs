@@ -195,6 +195,17 @@ impl NicQueue {
         n
     }
 
+    /// Frames the kernel dropped on their way to this queue since it was opened: its ring
+    /// was full, or (AF_XDP) it had no free frame (`XDP_STATISTICS` `rx_dropped` +
+    /// `rx_ring_full`; AF_PACKET: `PACKET_STATISTICS` `tp_drops`). A system call: for
+    /// statistics, not for every burst.
+    pub fn kernel_drops(&self) -> u64 {
+        match &self.kind {
+            QueueKind::Xdp(q) => q.kernel_drops(),
+            QueueKind::Packet(q) => q.kernel_drops(),
+        }
+    }
+
     /// Sends plain, complete frames (no offloads: the switch segments and completes checksums
     /// in software before), each at most the interface's MTU plus its Ethernet header (the
     /// kernel drops larger ones). Returns `(sent, dropped)`: a full ring drops, never blocks.

@@ -28,7 +28,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use virtq_vhost_user::limited;
@@ -61,6 +61,8 @@ const _: () = assert!(BLOCK_SIZE > 65535 + 18 + 128 && BLOCK_SIZE.is_multiple_of
 pub(super) struct PacketQueue {
     fd: OwnedFd,
     rx: Mutex<RxRing>,
+    /// Kernel drops read so far (`PACKET_STATISTICS` resets the kernel's counters on read).
+    drops: AtomicU64,
 }
 
 struct RxRing {
@@ -121,7 +123,11 @@ pub(super) fn open(ifindex: u32, queues: u16) -> io::Result<Vec<PacketQueue>> {
         if queues > 1 {
             join_fanout(&fd, &mut fanout).map_err(ctx(q, "PACKET_FANOUT"))?;
         }
-        out.push(PacketQueue { fd, rx: Mutex::new(RxRing { map, block: 0, open: false, left: 0, off: 0 }) });
+        out.push(PacketQueue {
+            fd,
+            rx: Mutex::new(RxRing { map, block: 0, open: false, left: 0, off: 0 }),
+            drops: AtomicU64::new(0),
+        });
     }
     Ok(out)
 }
@@ -255,6 +261,25 @@ impl PacketQueue {
         (delivered, dropped)
     }
 
+    /// See [`super::NicQueue::kernel_drops`].
+    pub(super) fn kernel_drops(&self) -> u64 {
+        // SAFETY: all-zero is a valid tpacket_stats_v3 (plain integers).
+        let mut st: libc::tpacket_stats_v3 = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of_val(&st) as libc::socklen_t;
+        // SAFETY: the kernel writes at most `len` bytes into `st`.
+        let rc = unsafe {
+            libc::getsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_PACKET,
+                libc::PACKET_STATISTICS,
+                (&mut st as *mut libc::tpacket_stats_v3).cast(),
+                &mut len,
+            )
+        };
+        let new = if rc < 0 { 0 } else { st.tp_drops as u64 };
+        self.drops.fetch_add(new, Ordering::Relaxed) + new
+    }
+
     /// See [`super::NicQueue::send_burst`].
     pub(super) fn send_burst<'a>(&self, frames: impl Iterator<Item = &'a [u8]>) -> (u64, u64) {
         static ZERO_HDR: [u8; VNET_HDR_LEN] = [0; VNET_HDR_LEN];
@@ -321,7 +346,11 @@ mod tests {
     fn fake_queue() -> PacketQueue {
         let fd = socket(libc::AF_INET, libc::SOCK_DGRAM, 0).unwrap();
         let map = Mmap::new(BLOCKS * BLOCK_SIZE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0).unwrap();
-        PacketQueue { fd, rx: Mutex::new(RxRing { map, block: 0, open: false, left: 0, off: 0 }) }
+        PacketQueue {
+            fd,
+            rx: Mutex::new(RxRing { map, block: 0, open: false, left: 0, off: 0 }),
+            drops: AtomicU64::new(0),
+        }
     }
 
     fn put_u32(q: &PacketQueue, at: usize, v: u32) {

@@ -241,8 +241,9 @@ fn load_program(map: &OwnedFd) -> io::Result<OwnedFd> {
     })
 }
 
-/// Attaches `prog` to the interface with a BPF link: native mode, else generic. `Ok(None)`
-/// inside means the interface already has a program (never replaced).
+/// Attaches `prog` to the interface with a BPF link: native mode, else generic. Returns the
+/// link and whether it is native. An interface that already has a program is an error of kind
+/// `AddrInUse` (the program is never replaced).
 fn attach(prog: &OwnedFd, ifindex: u32) -> io::Result<(OwnedFd, bool)> {
     let mut native_err = None;
     for (flags, native) in [(XDP_FLAGS_DRV_MODE, true), (XDP_FLAGS_SKB_MODE, false)] {
@@ -565,6 +566,28 @@ impl XskQueue {
             limited!(warn, "AF_XDP queue: {dropped} receive descriptor(s) outside their frame dropped");
         }
         (delivered, dropped)
+    }
+
+    /// See [`super::NicQueue::kernel_drops`].
+    pub(super) fn kernel_drops(&self) -> u64 {
+        // SAFETY: all-zero is a valid xdp_statistics (plain integers).
+        let mut st: libc::xdp_statistics = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of_val(&st) as libc::socklen_t;
+        // SAFETY: the kernel writes at most `len` bytes into `st`.
+        let rc = unsafe {
+            libc::getsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_XDP,
+                libc::XDP_STATISTICS,
+                (&mut st as *mut libc::xdp_statistics).cast(),
+                &mut len,
+            )
+        };
+        if rc < 0 {
+            return 0;
+        }
+        // A kernel that answers with the older, shorter struct leaves rx_ring_full at zero.
+        st.rx_dropped + st.rx_ring_full
     }
 
     /// Asks the kernel to refill from the fill ring (`recvfrom`, non-blocking).
