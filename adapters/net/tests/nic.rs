@@ -390,7 +390,8 @@ fn jumbo_mtu_is_af_packet_territory() {
 
 /// A TCP stream from the peer's kernel (the veth has TSO on, so the stack hands it 64 KiB GSO
 /// skbs) reaches the AF_PACKET port as GSO frames larger than the MTU, each with a consistent
-/// virtio-net header: TCPv4 GSO, a segment size, a partial checksum at the TCP header.
+/// virtio-net header: TCPv4 GSO, a segment size, a partial checksum at the TCP header. Then the
+/// same for a UDP GSO send (`UDP_SEGMENT`).
 #[test]
 fn af_packet_receives_gso_frames_from_the_stack_with_their_header() {
     let Some(v) = veth("g", 1500) else { return };
@@ -433,6 +434,36 @@ fn af_packet_receives_gso_frames_from_the_stack_with_their_header() {
         thread::sleep(Duration::from_millis(1));
     }
     assert!(gso > 0, "no GSO frame arrived");
+
+    // UDP GSO (UDP_SEGMENT): one 8000-byte send in 1000-byte datagrams arrives as one frame,
+    // VIRTIO_NET_HDR_GSO_UDP_L4.
+    let udp = in_netns(&v.ns_b, || std::net::UdpSocket::bind("192.0.2.1:0").unwrap());
+    let seg: libc::c_int = 1000;
+    // SAFETY: setsockopt of an int on our socket (UDP_SEGMENT = 103, SOL_UDP = 17).
+    let rc = unsafe { libc::setsockopt(udp.as_raw_fd(), libc::SOL_UDP, 103, (&seg as *const i32).cast(), 4) };
+    assert_eq!(rc, 0, "UDP_SEGMENT: {}", std::io::Error::last_os_error());
+    udp.send_to(&[0x77; 8000], "192.0.2.2:9").unwrap();
+    let mut found = None;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while found.is_none() && Instant::now() < deadline {
+        for q in nic.queues() {
+            q.recv_burst(64, |h, f| {
+                if f.len() > 42 && f[12..14] == [8, 0] && f[23] == 17 && f[36..38] == [0, 9] {
+                    found = Some((*h, f.len()));
+                }
+            });
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+    let (h, len) = found.expect("the UDP GSO frame arrived");
+    assert_eq!(h[1], 5, "VIRTIO_NET_HDR_GSO_UDP_L4: {h:?}");
+    assert_eq!(len, 14 + 20 + 8 + 8000, "one frame for the whole send");
+    assert_eq!(u16::from_le_bytes([h[4], h[5]]), 1000, "gso_size");
+    assert_eq!(
+        (h[0] & 1, u16::from_le_bytes([h[6], h[7]]), u16::from_le_bytes([h[8], h[9]])),
+        (1, 34, 6),
+        "partial UDP checksum"
+    );
 }
 
 /// Two queues on a two-queue veth (the default: every queue of the interface), for each mode:
