@@ -4,7 +4,7 @@
 //! Two ways in, chosen per interface ([`NicModeChoice`]):
 //!
 //! - **AF_XDP** ([`xdp`]; kernel `Documentation/networking/af_xdp.rst`): one XDP socket per
-//!   queue, a UMEM owned by the port, and a four-instruction XDP program that redirects every
+//!   queue, a UMEM owned by the port, and a five-instruction XDP program that redirects every
 //!   frame of a bound queue to its socket. Zero-copy where the driver supports it, copy mode
 //!   elsewhere; native (driver) XDP, else generic (skb) XDP. The program is attached with a BPF
 //!   link, so the kernel detaches it when the last fd of the link closes: on drop, on a crash,
@@ -25,6 +25,26 @@
 //! Threads: [`NicQueue`] is `Send + Sync`. Its receive side is meant to be polled by one thread
 //! (a second one would wait on a lock); its transmit side may be called from any thread, under
 //! its own lock, taken once per burst.
+//!
+//! What the switch gets, and must know:
+//!
+//! - AF_XDP frames are plain: the header is all zeros, frames are at most the MTU (an MTU
+//!   whose frames do not fit a UMEM frame, [`xdp::MAX_RX_FRAME`], is refused: `auto` takes
+//!   AF_PACKET). The bound queues' traffic no longer reaches the host stack: the interface is
+//!   the switch's. With fewer queues than the interface has, frames the NIC steers to the other
+//!   queues go to the host stack instead (`ethtool -L IF combined N` to match). Generic XDP
+//!   sees frames after GRO, so on a NIC with GRO on an aggregated frame larger than a UMEM
+//!   frame may be dropped by the kernel ([`NicQueue::kernel_drops`]).
+//! - AF_PACKET frames may be offloaded, as the kernel's header says: `gso_type` TCPV4, TCPV6
+//!   or UDP_L4 (possibly with the ECN bit) with frames up to 64 KiB, `NEEDS_CSUM` with
+//!   `csum_start`/`csum_offset` counted from the start of the frame, or `DATA_VALID` (checksum
+//!   already verified, from a NIC with receive checksum offload). The switch segments and
+//!   completes them for receivers that did not negotiate those offloads. The host stack keeps
+//!   receiving everything, and what the host itself sends on the interface is not seen by the
+//!   port (`PACKET_IGNORE_OUTGOING`).
+//! - Frames given to [`NicQueue::send_burst`] must be complete (checksums done, no GSO) and
+//!   at most MTU + 14 bytes (+ 4 with a VLAN tag). Larger ones are refused by AF_PACKET
+//!   (counted in `tx_drops`); through AF_XDP what becomes of them is up to the driver.
 //!
 //! Everything needs root, or rather CAP_NET_RAW (sockets), CAP_NET_ADMIN (promiscuous
 //! membership, attaching XDP) and CAP_BPF or CAP_SYS_ADMIN (loading the XDP program); the UMEM
@@ -207,8 +227,8 @@ impl NicQueue {
     }
 
     /// Sends plain, complete frames (no offloads: the switch segments and completes checksums
-    /// in software before), each at most the interface's MTU plus its Ethernet header (the
-    /// kernel drops larger ones). Returns `(sent, dropped)`: a full ring drops, never blocks.
+    /// in software before), each at most the interface's MTU plus its Ethernet header (see
+    /// the module documentation for larger ones). Returns `(sent, dropped)`: a full ring drops, never blocks.
     pub fn send_burst<'a>(&self, frames: impl Iterator<Item = &'a [u8]>) -> (u64, u64) {
         let (sent, dropped) = match &self.kind {
             QueueKind::Xdp(q) => q.send_burst(frames),
