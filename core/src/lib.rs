@@ -16,6 +16,7 @@
 //! | [`queue`] | 2.7 | a split queue: validated set-up + both halves + in-order batching |
 //! | [`packed`] | 2.8 | a packed queue: descriptor ring, wrap counters, buffer ids, event suppression |
 //! | [`ring`] | 2.7, 2.8 | [`ring::Virtqueue`]: one device API over both layouts |
+//! | [`owned`] | 2.7, 2.8 | queues that own their memory: a device keeps memory and queues in one struct |
 //! | [`features`] | 6, 5.1.3 | feature bits and negotiation |
 //! | [`dirty`] | — | write tracking: every guest range the device writes, for live migration |
 //! | [`net`] | 5.1.6 | virtio-net header, TX parse, RX placement, mergeable RX buffers |
@@ -109,6 +110,7 @@ pub mod event;
 pub mod features;
 pub mod mem;
 pub mod net;
+pub mod owned;
 pub mod packed;
 pub mod queue;
 pub mod ring;
@@ -121,6 +123,7 @@ pub use chain::{Chain, ChainError, Segment, Segments};
 pub use dirty::{NoLog, WriteLog};
 pub use features::VirtioFeatures;
 pub use mem::{GuestMemory, HostRange, MemError, Region, RegionError, RegionTable};
+pub use owned::{OwnedPackedQueue, OwnedSplitQueue, StableMemory};
 pub use packed::{DetachedPackedQueue, PackedQueue, RingPosition};
 pub use queue::{CopiedChain, DetachedQueue, PopError, QueueConfig, QueueError, SplitQueue};
 pub use ring::Virtqueue;

@@ -340,6 +340,18 @@ impl<const IDS: usize> DetachedPackedQueue<IDS> {
         &self.config
     }
 
+    /// The next descriptor to take, with the driver-ring wrap counter (as
+    /// [`PackedQueue::next_avail`]).
+    pub fn next_avail(&self) -> RingPosition {
+        self.avail
+    }
+
+    /// Where the next used descriptor goes, with the device-ring wrap counter (as
+    /// [`PackedQueue::next_used`]).
+    pub fn next_used(&self) -> RingPosition {
+        self.used
+    }
+
     /// The queue again, over `mem`.
     ///
     /// # Safety
@@ -519,13 +531,14 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
     }
 
     /// Takes the next chain into `chain` (cleared first; its [`Chain::head`] is the buffer
-    /// id). `Ok(false)` when no descriptor is available.
+    /// id). `Ok(Some(id))` with the buffer id, `Ok(None)` when no descriptor is available, like
+    /// [`pop_read`](Self::pop_read) and [`pop_write`](Self::pop_write).
     ///
     /// On [`PopError::Chain`] the buffer id was already completed with len 0 (see the module's
     /// error policy): log it and keep popping.
     #[inline]
-    pub fn pop_into<const N: usize>(&mut self, chain: &mut Chain<'m, N>) -> Result<bool, PopError> {
-        self.pop_chain(chain, true)
+    pub fn pop_into<const N: usize>(&mut self, chain: &mut Chain<'m, N>) -> Result<Option<u16>, PopError> {
+        Ok(self.pop_chain(chain, true)?.then(|| chain.head()))
     }
 
     /// [`pop_into`](Self::pop_into), but a malformed chain ([`PopError::Chain`]) is not
@@ -533,8 +546,8 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
     /// back with [`rewind`](Self::rewind) (as
     /// [`SplitQueue::pop_into_uncompleted`](crate::SplitQueue::pop_into_uncompleted)).
     #[inline]
-    pub fn pop_into_uncompleted<const N: usize>(&mut self, chain: &mut Chain<'m, N>) -> Result<bool, PopError> {
-        self.pop_chain(chain, false)
+    pub fn pop_into_uncompleted<const N: usize>(&mut self, chain: &mut Chain<'m, N>) -> Result<Option<u16>, PopError> {
+        Ok(self.pop_chain(chain, false)?.then(|| chain.head()))
     }
 
     /// [`pop_into`](Self::pop_into), but a malformed chain is handed back without being
@@ -604,7 +617,7 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
     /// Takes the next chain, returned by value (see [`pop_into`](Self::pop_into)).
     pub fn pop<const N: usize>(&mut self) -> Result<Option<Chain<'m, N>>, PopError> {
         let mut chain = Chain::new();
-        Ok(self.pop_into(&mut chain)?.then_some(chain))
+        Ok(self.pop_into(&mut chain)?.map(|_| chain))
     }
 
     /// Takes the next chain and copies its device-readable part into `buf` in the same pass

@@ -217,9 +217,9 @@ impl CopiedChain {
 /// Typical device loop:
 /// ```ignore
 /// let mut chain = Chain::<16>::new();
-/// while queue.pop_into(&mut chain)? {   // PopError::Chain: logged, head already completed
+/// while let Some(head) = queue.pop_into(&mut chain)? {   // PopError::Chain: logged, head already completed
 ///     let n = process(&chain);
-///     queue.push(chain.head(), n);
+///     queue.push(head, n);
 /// }
 /// if queue.publish() { notify_driver(); }
 /// ```
@@ -419,17 +419,19 @@ impl<'m, M: GuestMemory + ?Sized> SplitQueue<'m, M> {
         self.q.in_order
     }
 
-    /// Takes the next chain into `chain` (cleared first). `Ok(false)` when the ring is empty.
+    /// Takes the next chain into `chain` (cleared first). `Ok(Some(head))` with the chain's
+    /// head (also [`Chain::head`]), `Ok(None)` when the ring is empty, like
+    /// [`pop_read`](Self::pop_read) and [`pop_write`](Self::pop_write).
     ///
     /// On [`PopError::Chain`] the head was already completed with len 0 (see the module's error
     /// policy): log it and keep popping.
     #[inline]
-    pub fn pop_into<const N: usize>(&mut self, chain: &mut Chain<'m, N>) -> Result<bool, PopError> {
+    pub fn pop_into<const N: usize>(&mut self, chain: &mut Chain<'m, N>) -> Result<Option<u16>, PopError> {
         let Some(head) = self.q.avail.next_head()? else {
-            return Ok(false);
+            return Ok(None);
         };
         self.walk_head(head, chain, true)?;
-        Ok(true)
+        Ok(Some(head))
     }
 
     /// [`pop_into`](Self::pop_into), but a malformed chain ([`PopError::Chain`]) is not
@@ -438,8 +440,8 @@ impl<'m, M: GuestMemory + ?Sized> SplitQueue<'m, M> {
     /// ([`write_last_byte`](Self::write_last_byte); virtio-blk: [`crate::blk::complete_malformed`]),
     /// so that the driver does not read a stale status as the request's outcome.
     #[inline]
-    pub fn pop_into_uncompleted<const N: usize>(&mut self, chain: &mut Chain<'m, N>) -> Result<bool, PopError> {
-        self.pop_uncompleted(chain)
+    pub fn pop_into_uncompleted<const N: usize>(&mut self, chain: &mut Chain<'m, N>) -> Result<Option<u16>, PopError> {
+        Ok(self.pop_uncompleted(chain)?.then(|| chain.head()))
     }
 
     /// Writes `byte` into the last byte of the chain at `head` if the chain ends in a non-empty
@@ -588,7 +590,7 @@ impl<'m, M: GuestMemory + ?Sized> SplitQueue<'m, M> {
     /// reused [`Chain`] on hot paths: a chain with many segments is large to move.
     pub fn pop<const N: usize>(&mut self) -> Result<Option<Chain<'m, N>>, PopError> {
         let mut chain = Chain::new();
-        Ok(self.pop_into(&mut chain)?.then_some(chain))
+        Ok(self.pop_into(&mut chain)?.map(|_| chain))
     }
 
     /// Like [`pop_into`](Self::pop_into) but a malformed chain is handed back as an error

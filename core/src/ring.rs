@@ -42,13 +42,14 @@ pub trait Virtqueue<'m> {
     /// Whether `VIRTIO_F_IN_ORDER` was negotiated.
     fn in_order(&self) -> bool;
 
-    /// Takes the next chain into `chain`; `Ok(false)` when none is available.
-    fn pop_into<const N: usize>(&mut self, chain: &mut Chain<'m, N>) -> Result<bool, PopError>;
+    /// Takes the next chain into `chain`: `Ok(Some(head))` (the buffer id on a packed ring),
+    /// `Ok(None)` when none is available.
+    fn pop_into<const N: usize>(&mut self, chain: &mut Chain<'m, N>) -> Result<Option<u16>, PopError>;
 
     /// [`pop_into`](Self::pop_into) leaving a malformed chain uncompleted, for the caller to
     /// complete in its own order (IN_ORDER batches) or give back with
     /// [`rewind`](Self::rewind).
-    fn pop_into_uncompleted<const N: usize>(&mut self, chain: &mut Chain<'m, N>) -> Result<bool, PopError>;
+    fn pop_into_uncompleted<const N: usize>(&mut self, chain: &mut Chain<'m, N>) -> Result<Option<u16>, PopError>;
 
     /// Gives back the last `n` chains taken and not completed: the next pop takes them again.
     fn rewind(&mut self, n: u16);
@@ -121,11 +122,11 @@ macro_rules! forward_virtqueue {
             Self::in_order(self)
         }
         #[cfg_attr(not(feature = "small"), inline(always))]
-        fn pop_into<const N: usize>(&mut self, chain: &mut Chain<'m, N>) -> Result<bool, PopError> {
+        fn pop_into<const N: usize>(&mut self, chain: &mut Chain<'m, N>) -> Result<Option<u16>, PopError> {
             Self::pop_into(self, chain)
         }
         #[cfg_attr(not(feature = "small"), inline(always))]
-        fn pop_into_uncompleted<const N: usize>(&mut self, chain: &mut Chain<'m, N>) -> Result<bool, PopError> {
+        fn pop_into_uncompleted<const N: usize>(&mut self, chain: &mut Chain<'m, N>) -> Result<Option<u16>, PopError> {
             Self::pop_into_uncompleted(self, chain)
         }
         #[cfg_attr(not(feature = "small"), inline(always))]

@@ -91,7 +91,7 @@ fn serve(bufs: &[Buf<'_>], limits: &Limits) -> Outcome {
     }
     drv.publish(head);
     let mut chain: Chain<'_, 16> = Chain::new();
-    assert!(q.pop_into(&mut chain).expect("a valid chain"));
+    assert!(q.pop_into(&mut chain).expect("a valid chain").is_some());
     let result = parse(&chain, limits);
     let mut data = Vec::new();
     let mut segments = None;
@@ -553,7 +553,7 @@ fn a_segment_buffer_smaller_than_the_request_is_too_many_segments() {
     (0..3).for_each(|i| b.extend(seg(i, 1, 0)));
     drv.add_chain(&[Buf::readable(&b), Buf::writable(1)]);
     let mut chain: Chain<'_, 4> = Chain::new();
-    assert!(q.pop_into(&mut chain).unwrap());
+    assert!(q.pop_into(&mut chain).unwrap().is_some());
     let req = parse(&chain, &limits()).unwrap();
     let mut two = [DiscardSegment::default(); 2];
     assert_eq!(
@@ -575,7 +575,7 @@ fn rewriting_the_header_or_segments_after_parsing_changes_nothing() {
     let head = drv.build_chain(&[Buf::readable(&b), Buf::writable(1)], &mut addrs);
     drv.publish(head);
     let mut chain: Chain<'_, 4> = Chain::new();
-    assert!(q.pop_into(&mut chain).unwrap());
+    assert!(q.pop_into(&mut chain).unwrap().is_some());
     let req = parse(&chain, &limits()).unwrap();
     let mut out = [DiscardSegment::default(); 4];
     let segs = read_segments(&chain, &req, &limits(), &mut out).unwrap();
@@ -594,7 +594,7 @@ fn indirect_requests_parse_like_direct_ones() {
     let h = hdr(IN, 3);
     drv.add_indirect_chain(&[Buf::readable(&h), Buf::writable(4096), Buf::writable(1)]);
     let mut chain: Chain<'_, 8> = Chain::new();
-    assert!(q.pop_into(&mut chain).unwrap());
+    assert!(q.pop_into(&mut chain).unwrap().is_some());
     let req = parse(&chain, &limits()).unwrap();
     assert_eq!(req, Request { kind: RequestType::In, sector: 3, data_len: 4096 });
     let pieces: Vec<usize> = data_pieces(&chain, &req).map(|(_, n)| n).collect();

@@ -133,7 +133,7 @@ fn device_survives_a_guest_rewriting_rings_and_descriptors_concurrently() {
         for i in 0..rounds {
             let r = match i % 3 {
                 0 => q.pop_into(&mut chain).map(|ok| {
-                    ok.then(|| {
+                    ok.map(|_| {
                         for s in chain.readable().iter().chain(chain.writable()) {
                             let p = s.as_ptr() as usize;
                             assert!(p >= lo && p + s.len() <= hi, "segment outside guest memory");

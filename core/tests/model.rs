@@ -172,7 +172,8 @@ proptest! {
         let mut used = vec![];
         for (head, e) in &expected {
             match (q.pop_into(&mut chain), e) {
-                (Ok(true), Expect::Ok { readable, writable_len }) => {
+                (Ok(Some(got)), Expect::Ok { readable, writable_len }) => {
+                    prop_assert_eq!(got, *head);
                     prop_assert_eq!(chain.head(), *head);
                     let n = chain.read_at(0, &mut buf);
                     prop_assert_eq!(&buf[..n], &readable[..]);
@@ -188,7 +189,7 @@ proptest! {
                 (got, want) => prop_assert!(false, "head {}: got {:?}, model {:?}", head, got, want),
             }
         }
-        prop_assert_eq!(q.pop_into(&mut chain), Ok(false));
+        prop_assert_eq!(q.pop_into(&mut chain), Ok(None));
         let _ = q.publish();
         prop_assert_eq!(drv.used_idx(), used.len() as u16);
         for (i, u) in used.iter().enumerate() {
@@ -235,7 +236,7 @@ proptest! {
         let mut completed = 0u16;
         for _ in 0..2 * SIZE {
             match q.pop_into(&mut chain) {
-                Ok(true) => {
+                Ok(Some(_)) => {
                     for s in chain.readable().iter().chain(chain.writable()) {
                         let p = s.as_ptr() as usize;
                         prop_assert!(p >= lo && p + s.len() <= hi, "segment outside guest memory");
@@ -244,7 +245,7 @@ proptest! {
                     q.push(chain.head(), 0);
                     completed += 1;
                 }
-                Ok(false) => break,
+                Ok(None) => break,
                 Err(PopError::Chain { head, .. }) => {
                     prop_assert!(head < SIZE);
                     completed += 1;

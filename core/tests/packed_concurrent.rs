@@ -130,7 +130,7 @@ fn device_survives_a_guest_rewriting_the_packed_ring_concurrently() {
             let before = q.next_avail();
             let r = match i % 3 {
                 0 => q.pop_into(&mut chain).map(|ok| {
-                    ok.then(|| {
+                    ok.map(|_| {
                         for s in chain.readable().iter().chain(chain.writable()) {
                             let p = s.as_ptr() as usize;
                             assert!(p >= lo && p + s.len() <= hi, "segment outside guest memory");

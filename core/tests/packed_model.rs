@@ -245,7 +245,7 @@ proptest! {
             for (s, e) in chosen.iter().zip(&expects) {
                 let got = match s.path {
                     0 => q.pop_into(&mut chain).map(|some| {
-                        prop_assert!(some);
+                        prop_assert!(some.is_some());
                         let mut r = vec![0u8; chain.readable_len() as usize];
                         chain.read_at(0, &mut r);
                         Ok((chain.head(), r, chain.writable_len()))

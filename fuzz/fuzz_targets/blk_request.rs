@@ -79,11 +79,8 @@ fuzz_target!(|inp: Input| {
         }
         let mut addrs = [0u64; 8];
         let head = drv.build_chain(&bufs, &mut addrs);
-        ends[head as usize] = bufs
-            .iter()
-            .rposition(|b| b.len > 0)
-            .filter(|&i| bufs[i].write)
-            .map(|i| addrs[i] + bufs[i].len as u64 - 1);
+        ends[head as usize] =
+            bufs.iter().rposition(|b| b.len > 0).filter(|&i| bufs[i].write).map(|i| addrs[i] + bufs[i].len as u64 - 1);
         if let Some(at) = ends[head as usize] {
             drv.write(at, &[0xEE]);
         }
@@ -94,8 +91,8 @@ fuzz_target!(|inp: Input| {
     let hi = lo + MEM;
     loop {
         match q.pop_into_uncompleted(&mut chain) {
-            Ok(true) => {}
-            Ok(false) => break,
+            Ok(Some(_)) => {}
+            Ok(None) => break,
             Err(virtq::PopError::Chain { head, error }) => {
                 let used = blk::complete_malformed(&q, head, error);
                 let mut b = [0u8];

@@ -82,7 +82,7 @@ fuzz_target!(|inp: Input| {
     for _ in 0..(2 * size as usize + 2) {
         let r = match inp.consumer % 3 {
             0 => q.pop_into(&mut chain).map(|ok| {
-                ok.then(|| {
+                ok.map(|_| {
                     for s in chain.readable().iter().chain(chain.writable()) {
                         let p = s.as_ptr() as usize;
                         assert!(p >= lo && p + s.len() <= hi, "segment outside guest memory");

@@ -139,7 +139,7 @@ fuzz_target!(|inp: Input| {
     let mut chain = Chain::<8>::new();
     let mut frame = vec![0u8; 16384];
     let mut copy = vec![0u8; 1 << 17];
-    while let Ok(true) = txq.pop_into(&mut chain) {
+    while let Ok(Some(_)) = txq.pop_into(&mut chain) {
         let segments = net::parse_tx(&chain, f);
         if let Ok(pkt) = segments {
             assert!(pkt.frame_len > 0);

@@ -22,9 +22,9 @@ use libfuzzer_sys::fuzz_target;
 use virtq_blk::image::Image;
 use virtq_blk::model::BlkModel;
 use virtq_vhost_user::device::{DeviceConfig, VhostUserDevice};
+use virtq_vhost_user::message::{FrontendMessage, Header, ProtocolFeatures as Pf, Request, VHOST_F_LOG_ALL};
 use virtq_vhost_user::model::DeviceModel;
 use virtq_vhost_user::net::NetModel;
-use virtq_vhost_user::message::{FrontendMessage, Header, ProtocolFeatures as Pf, Request, VHOST_F_LOG_ALL};
 
 const NAME: &str = "virtq-fuzz-seq";
 

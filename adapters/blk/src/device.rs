@@ -212,15 +212,18 @@ impl BlkDevice {
             if q.ready.load(Ordering::Relaxed) {
                 continue;
             }
-            let recovered =
-                area.as_ref().and_then(|a| a.queue(i)).and_then(|r| r.recover(active.next_used, active.config.size));
+            let recovered = area
+                .as_ref()
+                .and_then(|a| a.queue(i))
+                .and_then(|r| r.recover(active.positions().1, active.config.size));
             match recovered {
                 Some((inflight, counter)) => {
                     q.tracking.store(true, Ordering::Relaxed);
                     q.counter.store(counter, Ordering::Relaxed);
                     limited!(info, "{}: queue {i}: requests tracked in the inflight area", self.name());
                     if inflight > 0 {
-                        active.next_avail = active.next_used;
+                        let used = active.positions().1;
+                        active.set_positions(used, used);
                         resumed.push((i, inflight));
                     }
                 }
@@ -289,7 +292,7 @@ impl BlkDevice {
                 // before it is completed, in order with the others.
                 let popped = vq.pop_into_uncompleted(&mut chain);
                 let taken = match popped {
-                    Ok(true) => Some(chain.head()),
+                    Ok(Some(head)) => Some(head),
                     Err(PopError::Chain { head, .. }) => Some(head),
                     _ => None,
                 };
@@ -302,7 +305,7 @@ impl BlkDevice {
                     batched += 1;
                 }
                 match popped {
-                    Ok(true) => {
+                    Ok(Some(_)) => {
                         let used = self.serve(index, &chain, &limits, writethrough, &mut tally);
                         vq.push(chain.head(), used);
                         done += 1;
@@ -311,7 +314,7 @@ impl BlkDevice {
                             break;
                         }
                     }
-                    Ok(false) => break,
+                    Ok(None) => break,
                     Err(PopError::Chain { head, error }) => {
                         // §5.2.6: its status byte, if it has one, says IOERR (the core decides
                         // which status and where the byte is); used length 0 otherwise.

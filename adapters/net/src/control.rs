@@ -9,7 +9,8 @@
 //! |---|---|
 //! | `add-port SPEC` | adds a vhost-user port; SPEC as `--port` |
 //! | `add-tap NAME` | attaches a host TAP to the switch, as `--tap` |
-//! | `del-port NAME` | removes a port: a socket path, or a TAP's name |
+//! | `add-nic SPEC` | attaches a host interface to the switch, as `--nic` |
+//! | `del-port NAME` | removes a port: a socket path, a TAP's or a NIC's name |
 //! | `ports` | the ports: configuration, connection state, negotiated features |
 //! | `stats` | `ports` with counters per queue, and per data-plane thread |
 //!
@@ -27,6 +28,7 @@ use serde_json::{json, Value};
 use virtq_vhost_user::limited;
 
 use crate::manager::Manager;
+use crate::nic::parse_nic;
 use crate::port::{parse_port, PortSpec};
 
 /// Longest request line, in bytes.
@@ -136,8 +138,13 @@ pub fn execute(line: &str, mgr: &mut Manager, defaults: &PortSpec) -> Result<Val
             let id = mgr.add_switch_tap(name)?;
             Ok(json!({ "ok": true, "id": id, "name": name }))
         }
+        "add-nic" => {
+            let spec = parse_nic(one("SPEC (as --nic)")?)?;
+            let id = mgr.add_nic(&spec)?;
+            Ok(json!({ "ok": true, "id": id, "name": spec.ifname }))
+        }
         "del-port" => {
-            mgr.remove_port(one("NAME (socket path or TAP name)")?)?;
+            mgr.remove_port(one("NAME (socket path, TAP or NIC name)")?)?;
             Ok(json!({ "ok": true }))
         }
         "ports" if args.is_empty() => Ok(json!({ "ok": true, "ports": mgr.ports_json() })),
@@ -147,7 +154,7 @@ pub fn execute(line: &str, mgr: &mut Manager, defaults: &PortSpec) -> Result<Val
             Ok(v)
         }
         "ports" | "stats" => Err(format!("{cmd} takes no argument")),
-        _ => Err(format!("unknown command {cmd:?} (add-port, add-tap, del-port, ports, stats)")),
+        _ => Err(format!("unknown command {cmd:?} (add-port, add-tap, add-nic, del-port, ports, stats)")),
     }
 }
 

@@ -10,13 +10,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use virtq::net::header::VIRTIO_NET_HDR_F_NEEDS_CSUM;
 use virtq::net::header::VIRTIO_NET_HDR_GSO_NONE;
-use virtq::net::{complete_csum, Delivery, Gather, OffloadFrame, Segmenter, VirtioNetHdr};
+use virtq::net::{check_frame, complete_csum, Delivery, Gather, OffloadFrame, Segmenter, VirtioNetHdr};
 use virtq::VirtioFeatures;
 use virtq_vhost_user::limited;
 use virtq_vhost_user::net::{parse_header, rarp_announce, InPlaceFrame, NetDevice, TxFrame, TxScratch, MAX_TX_FRAME};
 
 use crate::generate;
+use crate::nic::{Nic, NicQueue, NIC_HDR_LEN};
 use crate::switch::{Forward, PortId, Switch};
 use crate::tap::{TapQueue, TAP_BUF_LEN, TAP_HDR_LEN};
 
@@ -89,6 +91,9 @@ pub enum Port {
         /// Its counters, shared with whoever reports statistics.
         counters: Arc<TapCounters>,
     },
+    /// A host network interface attached to the switch (`--nic`), through AF_XDP or
+    /// AF_PACKET; its queues carry their own counters.
+    Nic(Nic),
 }
 
 /// Counters of a TAP attached to the switch (updated once per burst).
@@ -210,6 +215,7 @@ impl Fabric {
         let rings = match &port {
             Port::Vhost { dev, .. } => dev.queue_pairs() as usize,
             Port::SwitchTap { queues, .. } => queues.len(),
+            Port::Nic(nic) => nic.queues().len(),
         };
         let n = self.threads.len();
         let threads: Vec<usize> = (0..rings).map(|r| (t.assigned + r) % n).collect();
@@ -262,6 +268,8 @@ enum Ring {
     Pair(PortId, u16),
     /// A queue of a TAP on the switch.
     SwitchTap(PortId, usize),
+    /// A queue of a NIC on the switch.
+    Nic(PortId, usize),
 }
 
 /// One data-plane thread: the rings it polls, the ports as it last saw them, reusable buffers.
@@ -345,6 +353,7 @@ impl Dataplane {
                     }
                 }
                 Port::SwitchTap { .. } => self.rings.extend(mine.map(|q| Ring::SwitchTap(p, q))),
+                Port::Nic(_) => self.rings.extend(mine.map(|q| Ring::Nic(p, q))),
             }
         }
         self.dest = vec![Vec::with_capacity(BURST); self.ports.len()];
@@ -487,6 +496,7 @@ impl Dataplane {
             work += match self.rings[i] {
                 Ring::Pair(p, pair) => self.poll_pair(&ports, p, pair),
                 Ring::SwitchTap(p, q) => self.poll_switch_tap(&ports, p, q),
+                Ring::Nic(p, q) => self.poll_nic(&ports, p, q),
             };
         }
         self.ports = ports;
@@ -600,6 +610,62 @@ impl Dataplane {
             p,
             q as u16,
             &idx[..n],
+            |&i| frame(i),
+            &mut self.fallback,
+        );
+        n
+    }
+
+    /// Frames from a NIC queue into the switch. A frame with offloads (AF_PACKET hands over the
+    /// host stack's GSO and partial-checksum frames with their header) is checked against its
+    /// headers like a guest's ([`check_frame`]) and then delivered as each receiver's features
+    /// require; one that does not hold up is dropped and counted. The ring memory is recycled
+    /// when `recv_burst` returns, so the burst is copied out first (as a TAP's is read).
+    fn poll_nic(&mut self, ports: &[Option<Arc<PortEntry>>], p: PortId, q: usize) -> usize {
+        let Some(PortEntry { port: Port::Nic(nic), .. }) = ports[p].as_deref() else { return 0 };
+        let Some(queue) = nic.queues().get(q) else { return 0 };
+        let mut lens = [0usize; BURST];
+        let mut hdrs = [[0u8; NIC_HDR_LEN]; BURST];
+        let mut n = 0;
+        let bufs = &mut self.tap_bufs;
+        queue.recv_burst(BURST, |hdr, frame| {
+            // Frames are at most a 64 KiB GSO frame, which a TAP buffer holds.
+            if n < BURST && frame.len() < bufs[n].len() {
+                bufs[n][..frame.len()].copy_from_slice(frame);
+                (lens[n], hdrs[n]) = (frame.len(), *hdr);
+                n += 1;
+            }
+        });
+        if n == 0 {
+            return 0;
+        }
+        let mut offloads: [Option<OffloadFrame>; BURST] = [None; BURST];
+        let mut idx = [0usize; BURST];
+        let mut kept = 0;
+        for i in 0..n {
+            let h = parse_header(&hdrs[i]);
+            if h.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 || h.gso_type != VIRTIO_NET_HDR_GSO_NONE {
+                match check_frame(&h, &bufs[i][..lens[i]], lens[i]) {
+                    Ok(of) => offloads[i] = Some(of),
+                    Err(e) => {
+                        limited!(warn, "virtq-net: nic {}: frame dropped: {e}", nic.name());
+                        queue.counters().rx_drops.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                }
+            }
+            idx[kept] = i;
+            kept += 1;
+        }
+        let bufs = &self.tap_bufs;
+        let frame = |i: usize| SwitchFrame::held(&bufs[i][..lens[i]], offloads[i].as_ref());
+        switch_burst(
+            &self.fabric.switch,
+            &mut self.dest,
+            ports,
+            p,
+            q as u16,
+            &idx[..kept],
             |&i| frame(i),
             &mut self.fallback,
         );
@@ -766,7 +832,7 @@ fn read_tap_burst(q: &TapQueue, bufs: &mut [Vec<u8>], lens: &mut [usize; BURST],
 }
 
 fn is_switch_port(p: &Port) -> bool {
-    matches!(p, Port::SwitchTap { .. } | Port::Vhost { backend: PortBackend::Switch, .. })
+    matches!(p, Port::SwitchTap { .. } | Port::Nic(_) | Port::Vhost { backend: PortBackend::Switch, .. })
 }
 
 /// Sends a batch to one switch port: to a guest ([`deliver_to_guest`]), or written to a TAP
@@ -778,6 +844,16 @@ fn deliver<'a>(port: &Port, pair: u16, frames: impl Iterator<Item = SwitchFrame<
             // drops and counts it.
             let to = dev.rx_pair(pair).unwrap_or(pair % dev.queue_pairs().max(1));
             deliver_to_receiver(&GuestQueue { dev, to, mtu: *mtu }, frames, fallback)
+        }
+        Port::Nic(nic) => {
+            if let Some(q) = nic.queues().get(pair as usize % nic.queues().len().max(1)) {
+                // The NIC's buffers for frames still in their sender's buffers, lent to it
+                // for this batch (moved out and back: no allocation).
+                let rx =
+                    NicTx { q, mtu: nic.mtu(), copies: std::cell::RefCell::new(std::mem::take(&mut fallback.nic)) };
+                deliver_to_receiver(&rx, frames, fallback);
+                fallback.nic = rx.copies.into_inner();
+            }
         }
         Port::SwitchTap { queues, name, counters } => {
             let q = &queues[pair as usize % queues.len()];
@@ -876,6 +952,53 @@ impl Receiver for GuestQueue<'_> {
     }
     fn count_drops(&self, n: u64) {
         self.dev.count_rx_drops(self.to, n);
+    }
+}
+
+/// A NIC queue: it takes plain, complete frames only (no offloads), up to its MTU; the switch
+/// completes checksums and segments GSO frames for it.
+struct NicTx<'q> {
+    q: &'q NicQueue,
+    mtu: u16,
+    /// Where frames still in their sender's buffers are copied whole before they are sent
+    /// ([`Fallback::nic`]), allocated the first time one needs it.
+    copies: std::cell::RefCell<Vec<Vec<u8>>>,
+}
+
+impl NicTx<'_> {
+    /// Sends `frames`: the held ones as they are, the others copied whole first.
+    fn send<'f>(&self, frames: impl Iterator<Item = Gather<'f>> + Clone) -> usize {
+        if frames.clone().all(|f| f.contiguous().is_some()) {
+            return self.q.send_burst(frames.filter_map(|f| f.contiguous())).0 as usize;
+        }
+        let mut copies = self.copies.borrow_mut();
+        if copies.is_empty() {
+            *copies = (0..BURST).map(|_| vec![0u8; MAX_TX_FRAME]).collect();
+        }
+        let mut lens = [0usize; BURST];
+        for ((f, buf), len) in frames.zip(copies.iter_mut()).zip(lens.iter_mut()) {
+            *len = f.read_into(buf);
+        }
+        self.q.send_burst(copies.iter().zip(&lens).filter(|(_, &n)| n > 0).map(|(b, &n)| &b[..n])).0 as usize
+    }
+}
+
+impl Receiver for NicTx<'_> {
+    fn features(&self) -> Option<VirtioFeatures> {
+        Some(VirtioFeatures::empty())
+    }
+    fn mtu(&self) -> u16 {
+        self.mtu
+    }
+    fn put_plain(&self, frames: &[Gather<'_>]) -> usize {
+        self.send(frames.iter().copied())
+    }
+    fn put(&self, frames: &[(VirtioNetHdr, Gather<'_>)]) -> usize {
+        // Without offloads every header is a plain one: the frames are complete.
+        self.send(frames.iter().map(|(_, f)| *f))
+    }
+    fn count_drops(&self, n: u64) {
+        self.q.counters().tx_drops.fetch_add(n, Ordering::Relaxed);
     }
 }
 
@@ -1016,12 +1139,19 @@ fn deliver_to_receiver<'a>(
 pub struct Fallback {
     bufs: Vec<Vec<u8>>,
     whole: Vec<u8>,
+    /// A NIC queue's copies of frames still in their sender's buffers (`NicTx`), allocated
+    /// the first time a NIC needs them.
+    nic: Vec<Vec<u8>>,
 }
 
 impl Fallback {
     fn new() -> Fallback {
         // Zeroed allocations: pages are touched only when a frame is written there.
-        Fallback { bufs: (0..BURST).map(|_| vec![0u8; MAX_TX_FRAME]).collect(), whole: vec![0u8; MAX_TX_FRAME] }
+        Fallback {
+            bufs: (0..BURST).map(|_| vec![0u8; MAX_TX_FRAME]).collect(),
+            whole: vec![0u8; MAX_TX_FRAME],
+            nic: Vec::new(),
+        }
     }
 }
 

@@ -30,6 +30,7 @@ use virtq_vhost_user::connection::Reconnect;
 use virtq_net::control::{self, ControlSocket};
 use virtq_net::dataplane::{Dataplane, Fabric};
 use virtq_net::manager::Manager;
+use virtq_net::nic::parse_nic;
 use virtq_net::port::{parse_backend, parse_cpu_list, parse_port, PortSpec};
 
 /// Command line.
@@ -73,6 +74,12 @@ struct Args {
     /// from the switch and finishes them itself; it hands over plain frames.
     #[arg(long = "tap", value_name = "NAME")]
     taps: Vec<String>,
+    /// Attach a host network interface to the switch (repeatable):
+    /// `IFNAME[,mode=auto|xdp|packet][,queues=N]`. AF_XDP (an XDP program redirects the
+    /// interface's frames to the switch; removed on every exit), or AF_PACKET with a
+    /// memory-mapped ring where XDP cannot attach (`auto`, the default, says which it took).
+    #[arg(long = "nic", value_name = "SPEC")]
+    nics: Vec<String>,
 
     /// Queue pairs per port.
     #[arg(long, default_value_t = 1)]
@@ -117,8 +124,7 @@ struct Args {
     pmd_cpus: Option<String>,
 
     /// A control socket (mode 0600) to add and remove ports at run time and read statistics
-    /// as JSON: `virtq-net ctl PATH add-port SPEC | add-tap NAME | del-port NAME | ports |
-    /// stats`. With it, virtq-net may start without ports.
+    /// as JSON: `virtq-net ctl PATH add-port SPEC | add-tap NAME | del-port NAME | ports |    /// stats | add-nic SPEC`. With it, virtq-net may start without ports.
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
 
@@ -191,6 +197,12 @@ fn run(args: Args) -> Result<(), String> {
         Some(list) => parse_cpu_list(list)?,
         None => Vec::new(),
     };
+    if let Some(c) = cpus.iter().find(|&&c| !cpu_allowed(c)) {
+        return Err(format!(
+            "--pmd-cpus: CPU {c} is not one this process may run on (see taskset -p {})",
+            std::process::id()
+        ));
+    }
     let reconnect = Reconnect { enabled: !args.no_reconnect, ..Reconnect::default() };
     // Bound before any thread starts (it sets the umask for a moment).
     let control = match &args.control {
@@ -221,6 +233,9 @@ fn run(args: Args) -> Result<(), String> {
         }
         for t in &args.taps {
             mgr.add_switch_tap(t)?;
+        }
+        for n in &args.nics {
+            mgr.add_nic(&parse_nic(n)?)?;
         }
         Ok(())
     })();
@@ -271,6 +286,19 @@ fn run(args: Args) -> Result<(), String> {
         return Err("a data-plane thread panicked".into());
     }
     Ok(())
+}
+
+/// Whether this process may run on `cpu` (its affinity mask, as `taskset` or a cgroup set it).
+fn cpu_allowed(cpu: usize) -> bool {
+    // SAFETY: a zeroed `cpu_set_t` is a valid empty set that sched_getaffinity fills (at most
+    // its size); CPU_ISSET reads one bit of it, `cpu` bounded by the set's size first.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return true; // cannot tell: pinning will say so if it fails
+        }
+        cpu < 8 * std::mem::size_of::<libc::cpu_set_t>() && libc::CPU_ISSET(cpu, &set)
+    }
 }
 
 /// `virtq-net ctl PATH WORDS...`: one request to a running virtq-net's control socket.

@@ -14,6 +14,7 @@ use virtq_vhost_user::net::{NetDevice, NetEvent, NetModel};
 use virtq_vhost_user::ratelimit::RateLimit;
 
 use crate::dataplane::{Announcements, Fabric, Port, PortBackend, TapCounters, ThreadStats};
+use crate::nic::{Nic, NicSpec};
 use crate::port::{device_config, PortSpec};
 use crate::switch::PortId;
 use crate::tap;
@@ -200,8 +201,16 @@ struct Managed {
 }
 
 enum Kind {
-    Vhost { dev: NetDevice, backend: PortBackend, state: Arc<PortState> },
-    SwitchTap { counters: Arc<TapCounters> },
+    Vhost {
+        dev: NetDevice,
+        backend: PortBackend,
+        state: Arc<PortState>,
+    },
+    SwitchTap {
+        counters: Arc<TapCounters>,
+    },
+    /// Its queues and counters are read through the fabric's entry.
+    Nic,
 }
 
 /// The running ports: adds them (to the vhost-user loop and the data plane), removes them,
@@ -294,8 +303,22 @@ impl Manager {
         self.ports.push(Managed { id, name: name.to_string(), kind: Kind::SwitchTap { counters } });
         Ok(id)
     }
+    /// Attaches the host interface of `spec` to the switch (`--nic`, `add-nic`): AF_XDP, or
+    /// AF_PACKET where XDP cannot attach (see [`crate::nic`]); the mode it runs in is logged
+    /// and reported by `ports`.
+    pub fn add_nic(&mut self, spec: &NicSpec) -> Result<PortId, String> {
+        let name = spec.ifname.clone();
+        if self.ports.iter().any(|p| p.name == name) {
+            return Err(format!("{name}: a port of that name exists"));
+        }
+        let nic = Nic::open(spec).map_err(|e| format!("nic {name}: {e}"))?;
+        info!("nic {name} attached to the switch: {}, {} queue(s), MTU {}", nic.mode(), nic.queues().len(), nic.mtu());
+        let id = self.fabric.add(Port::Nic(nic));
+        self.ports.push(Managed { id, name, kind: Kind::Nic });
+        Ok(id)
+    }
 
-    /// Removes the port named `name` (a socket path or a TAP name): a vhost-user port's
+    /// Removes the port named `name` (a socket path, a TAP's or a NIC's name): a vhost-user port's
     /// front-end is disconnected and the device reset (its memory and fds released, its
     /// socket file removed), then every data-plane thread lets go of it at its next pass and
     /// the switch forgets its addresses. The other ports are not touched.
@@ -337,10 +360,9 @@ impl Manager {
             "ports": self.ports.iter().map(|p| self.port_json(p, true)).collect::<Vec<_>>(),
         })
     }
-
     fn port_json(&self, p: &Managed, counters: bool) -> Value {
-        let threads: Vec<usize> =
-            self.fabric.ports().get(p.id).and_then(|e| e.as_ref().map(|e| e.threads.clone())).unwrap_or_default();
+        let entry = self.fabric.ports().get(p.id).cloned().flatten();
+        let threads: Vec<usize> = entry.as_ref().map(|e| e.threads.clone()).unwrap_or_default();
         match &p.kind {
             Kind::Vhost { dev, backend, state } => {
                 let features = virtq::VirtioFeatures::from_bits_retain(state.features.load(Ordering::Relaxed));
@@ -369,6 +391,37 @@ impl Manager {
                                 "errors": c.errors,
                                 "bursts": c.bursts,
                                 "faults": c.faults,
+                            })
+                        })
+                        .collect();
+                    v["queues"] = Value::Array(queues);
+                }
+                v
+            }
+            Kind::Nic => {
+                let Some(Port::Nic(nic)) = entry.as_deref().map(|e| &e.port) else { return Value::Null };
+                let mut v = json!({
+                    "id": p.id,
+                    "name": p.name,
+                    "type": "nic",
+                    "backend": "switch",
+                    "mode": nic.mode().to_string(),
+                    "mtu": nic.mtu(),
+                    "threads": threads,
+                });
+                if counters {
+                    let queues: Vec<Value> = nic
+                        .queues()
+                        .iter()
+                        .map(|q| {
+                            let c = q.counters();
+                            json!({
+                                "queue": q.index(),
+                                "rx_packets": c.rx.load(Ordering::Relaxed),
+                                "tx_packets": c.tx.load(Ordering::Relaxed),
+                                "rx_drops": c.rx_drops.load(Ordering::Relaxed),
+                                "tx_drops": c.tx_drops.load(Ordering::Relaxed),
+                                "kernel_drops": q.kernel_drops(),
                             })
                         })
                         .collect();
@@ -417,6 +470,24 @@ impl Manager {
                     c.tx.load(Ordering::Relaxed),
                     c.drops.load(Ordering::Relaxed)
                 ),
+                Kind::Nic => {
+                    let ports = self.fabric.ports();
+                    let Some(Some(e)) = ports.get(p.id) else { continue };
+                    let Port::Nic(nic) = &e.port else { continue };
+                    for q in nic.queues() {
+                        let c = q.counters();
+                        info!(
+                            "stats nic {} q{}: rx {} tx {} rx_drops {} tx_drops {} kernel_drops {}",
+                            p.name,
+                            q.index(),
+                            c.rx.load(Ordering::Relaxed),
+                            c.tx.load(Ordering::Relaxed),
+                            c.rx_drops.load(Ordering::Relaxed),
+                            c.tx_drops.load(Ordering::Relaxed),
+                            q.kernel_drops()
+                        );
+                    }
+                }
             }
         }
         if self.fabric.threads() > 1 {

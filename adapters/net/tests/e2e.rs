@@ -247,6 +247,13 @@ fn print_capabilities_and_help_follow_the_vhost_user_conventions() {
     }
     let bad = Command::new(BIN).args(["--port", "path=x,queues=0"]).output().unwrap();
     assert!(!bad.status.success());
+    // Data-plane CPUs: each once, and only CPUs the process may run on.
+    for cpus in ["0,0", "1023", "x"] {
+        let bad =
+            Command::new(BIN).args(["--pmd-cpus", cpus, "--socket-path", "/nonexistent/x.sock"]).output().unwrap();
+        let err = String::from_utf8_lossy(&bad.stderr);
+        assert!(!bad.status.success() && err.contains("CPU"), "--pmd-cpus {cpus}: {err}");
+    }
 }
 
 fn run(cmd: &str) -> bool {
@@ -1345,4 +1352,167 @@ fn switch_delivers_frames_split_over_many_descriptors_byte_exact() {
         thread::sleep(Duration::from_millis(2));
     }
     assert!(p.terminate().success());
+}
+
+/// A veth pair between two network namespaces the test created: `sw` is the end virtq-net
+/// attaches (`--nic`, virtq-net runs in `ns_sw`), its peer `host` in `ns_host` has
+/// 192.0.2.1/24. Both namespaces (and with them the pair) go on drop.
+struct Veth {
+    ns_sw: Ns,
+    ns_host: Ns,
+    sw: String,
+}
+
+fn veth(tag: &str) -> Option<Veth> {
+    if !run("ip netns list") {
+        assert!(std::env::var_os("CI").is_none(), "CI needs iproute2");
+        eprintln!("skipped: no iproute2");
+        return None;
+    }
+    let id = std::process::id() % 100_000;
+    let (ns_sw, ns_host) = (format!("vqe-{tag}-s{id}"), format!("vqe-{tag}-h{id}"));
+    assert!(run(&format!("ip netns add {ns_sw}")), "ip netns add (needs root)");
+    let ns_sw = Ns(ns_sw);
+    assert!(run(&format!("ip netns add {ns_host}")));
+    let ns_host = Ns(ns_host);
+    let (sw, host) = (format!("vqs{id}"), format!("vqh{id}"));
+    assert!(run(&format!(
+        "ip -n {s} link add {sw} type veth peer name {host} netns {h} && ip -n {s} link set {sw} up && \
+         ip -n {h} addr add 192.0.2.1/24 dev {host} && ip -n {h} link set {host} up",
+        s = ns_sw.0,
+        h = ns_host.0
+    )));
+    Some(Veth { ns_sw, ns_host, sw })
+}
+
+/// Sends `frame` as it is out of interface `ifname` of the calling thread's namespace (a raw
+/// AF_PACKET socket): what a wire delivers, complete.
+fn send_raw(ifname: &str, frame: &[u8]) {
+    let c = std::ffi::CString::new(ifname).unwrap();
+    // SAFETY: plain syscalls on a socket this function owns; `sll` and `frame` outlive them.
+    unsafe {
+        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, (libc::ETH_P_ALL as u16).to_be() as i32);
+        assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+        let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_ifindex = libc::if_nametoindex(c.as_ptr()) as i32;
+        sll.sll_halen = 6;
+        let n = libc::sendto(
+            fd,
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            (&raw const sll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        );
+        assert_eq!(n, frame.len() as isize, "sendto: {}", std::io::Error::last_os_error());
+        libc::close(fd);
+    }
+}
+
+/// Issue 18: a guest reaches the Linux kernel behind a NIC port in each mode (AF_XDP and
+/// AF_PACKET forced, and `auto`, which takes AF_PACKET on a veth): ARP both ways; a datagram
+/// with a partial checksum from the guest (the NIC takes no offloads: the switch completes it)
+/// reaches a socket behind the veth; a datagram from that socket reaches the guest, which did
+/// not negotiate GUEST_CSUM, with a valid checksum (on a veth the local stack leaves it
+/// partial, CHECKSUM_PARTIAL: AF_PACKET's header says so and the switch completes it; AF_XDP
+/// cannot tell, so in that mode the datagram comes complete, as from a wire, through a raw
+/// socket); `ports` names the mode; `del-port` detaches the port and leaves the interface as
+/// found (no XDP program, not promiscuous).
+#[test]
+fn nic_port_reaches_the_kernel_behind_a_veth_in_each_mode() {
+    for (mode, shown) in [("xdp", "af_xdp"), ("packet", "af_packet"), ("auto", "af_packet")] {
+        let Some(v) = veth(mode) else { return };
+        let d = dir(&format!("nic-{mode}"));
+        let (sock, ctl_sock) = (d.join("a.sock"), d.join("ctl"));
+        let before = String::from_utf8(
+            Command::new("ip").args(["-n", &v.ns_sw.0, "-d", "link", "show", &v.sw]).output().unwrap().stdout,
+        )
+        .unwrap();
+        let p = Proc::spawn_logged(
+            Command::new("ip")
+                .args(["netns", "exec", &v.ns_sw.0, BIN, "--nic", &format!("{},mode={mode}", v.sw), "--control"])
+                .arg(&ctl_sock)
+                .arg("--socket-path")
+                .arg(&sock),
+            &d.join("log"),
+        );
+        wait_for(&ctl_sock);
+        let (ok, ports) = ctl(&ctl_sock, &["ports"]);
+        assert!(ok);
+        let nic = ports["ports"].as_array().unwrap().iter().find(|p| p["type"] == "nic").expect("the NIC is a port");
+        assert!(nic["mode"].as_str().unwrap().starts_with(shown), "{mode}: {nic}");
+
+        let udp = in_netns(&v.ns_host.0, || UdpSocket::bind("192.0.2.1:0").expect("bind behind the veth"));
+        let port = udp.local_addr().unwrap().port();
+        let fa = Frontend::connect(&sock, 2, 256);
+        let mut na = Nic::new(&fa);
+        let acked = fa.qemu_start(FEATURES | F_CSUM);
+        assert!(acked & F_CSUM != 0 && acked & F_GUEST_CSUM == 0);
+        na.post_rx(64);
+        thread::sleep(Duration::from_millis(100));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let host_mac: [u8; 6] = loop {
+            na.send(&arp_request(MAC_A, [192, 0, 2, 2]));
+            if let Some(f) = na.recv(Duration::from_millis(500)).filter(|f| is_arp_reply_to(f, MAC_A)) {
+                break f[22..28].try_into().unwrap();
+            }
+            assert!(Instant::now() < deadline, "{mode}: no ARP reply from behind the NIC");
+        };
+
+        // Guest -> kernel, NEEDS_CSUM: completed by the switch for the NIC.
+        let payload: Vec<u8> = (0..1000u32).map(|i| (i * 7 + 3) as u8).collect();
+        let ip = udp4_partial([192, 0, 2, 2], [192, 0, 2, 1], 40000, port, &payload);
+        let hdr = [HDR_F_NEEDS_CSUM, 0, 0, 0, 0, 0, 34, 0, 6, 0, 0, 0];
+        na.send_with_header(&hdr, &eth(host_mac, MAC_A, 0x0800, &ip));
+        let mut buf = [0u8; 2048];
+        udp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let (n, from) = udp.recv_from(&mut buf).unwrap_or_else(|e| panic!("{mode}: datagram from the guest: {e}"));
+        assert_eq!((&buf[..n], from.to_string().as_str()), (&payload[..], "192.0.2.2:40000"), "{mode}");
+
+        // Kernel -> guest: the local socket's partial checksum is the guest's to get complete.
+        let host = format!("vqh{}", std::process::id() % 100_000);
+        assert!(run(&format!("ip -n {} neigh replace 192.0.2.2 lladdr 52:54:00:00:00:0a dev {host}", v.ns_host.0)));
+        let mut wire = udp4_partial([192, 0, 2, 1], [192, 0, 2, 2], port, 5555, &payload[..600]);
+        wire[26..28].copy_from_slice(&[0, 0]);
+        let c = !csum_fold(csum_add(udp_pseudo_sum(&wire), &wire[20..]));
+        wire[26..28].copy_from_slice(&c.to_be_bytes());
+        assert!(udp4_checksum_ok(&wire));
+        let wire = eth(MAC_A, host_mac, 0x0800, &wire);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let (h, f) = 'got: loop {
+            if mode == "xdp" {
+                let (w, host) = (wire.clone(), host.clone());
+                in_netns(&v.ns_host.0, move || send_raw(&host, &w));
+            } else {
+                udp.send_to(&payload[..600], "192.0.2.2:5555").unwrap();
+            }
+            while let Some((h, f)) = na.recv_with_header(Duration::from_millis(300)) {
+                if f.len() >= 42 && f[12..14] == [8, 0] && f[23] == 17 && f[36..38] == 5555u16.to_be_bytes() {
+                    break 'got (h, f);
+                }
+            }
+            assert!(Instant::now() < deadline, "{mode}: no datagram from behind the NIC");
+        };
+        assert_eq!(&f[42..], &payload[..600], "{mode}: payload intact");
+        assert_eq!(h[0] & HDR_F_NEEDS_CSUM, 0, "{mode}: no NEEDS_CSUM without GUEST_CSUM");
+        assert!(udp4_checksum_ok(&f[14..]), "{mode}: the guest gets a valid UDP checksum");
+
+        // Removed at run time: the interface is as it was before virtq-net took it.
+        let (ok, v2) = ctl(&ctl_sock, &["del-port", &v.sw]);
+        assert!(ok, "{v2}");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let now = String::from_utf8(
+                Command::new("ip").args(["-n", &v.ns_sw.0, "-d", "link", "show", &v.sw]).output().unwrap().stdout,
+            )
+            .unwrap();
+            if now == before {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{mode}: interface not left as found:\nbefore {before}\nnow {now}");
+            thread::sleep(Duration::from_millis(50));
+        }
+        assert!(p.terminate().success());
+    }
 }

@@ -189,20 +189,18 @@ pub struct ActiveRing {
     pub config: QueueConfig,
     /// Negotiated features.
     pub features: VirtioFeatures,
-    /// Next available index to consume; for a packed ring the position as
-    /// [`RingPosition::to_bits`] encodes it (slot, and the driver-ring wrap counter in bit 15).
-    pub next_avail: u16,
-    /// Next used index to write (the device's shadow; not re-read from the guest per burst);
-    /// for a packed ring the position with the device-ring wrap counter, encoded likewise.
-    pub next_used: u16,
     /// `VIRTIO_F_RING_PACKED` was negotiated: the ring is a packed one (§2.8).
     packed: bool,
     /// A packed ring's descriptor ring and device area as guest addresses, where its used
     /// descriptors and event suppression writes are logged (`None` until found).
     packed_gpas: Option<(u64, u64)>,
-    /// The queue validated against `mem`, kept between bursts; `None` until the first burst
-    /// and after a memory table change.
+    /// The queue validated against `mem`, kept between bursts: it holds the ring's positions.
+    /// `None` after a memory table change or a fault (and then `parked` holds them).
     view: Option<CachedView>,
+    /// The next available and next used positions while there is no `view` (split: indices;
+    /// packed: [`RingPosition::to_bits`], slot and wrap counter in bit 15); stale otherwise.
+    /// So the position is held once: the data path never copies it back and forth.
+    parked: (u16, u16),
     /// Set once the ring cannot go on; cleared only by stopping and starting it again.
     fault: Option<RingFault>,
     /// [`fault::generation`] when `mem` was last checked for lost pages.
@@ -213,6 +211,7 @@ pub struct ActiveRing {
 #[derive(Debug)]
 enum CachedView {
     Split(DetachedQueue),
+    /// Boxed: its in-flight table is 4 KiB.
     Packed(Box<DetachedPackedQueue<DEFAULT_IDS>>),
 }
 
@@ -356,7 +355,8 @@ impl VringShared {
             (_, Some(m)) => RingFault::Memory(m),
         };
         a.fault = Some(fault);
-        a.view = None;
+        // The validated queue goes (its pointers may be into lost pages); the position stays.
+        a.park();
         self.faults += 1;
         if let Some(e) = &self.err {
             signal(e);
@@ -366,28 +366,75 @@ impl VringShared {
 }
 
 impl ActiveRing {
-    /// A started ring over `mem` (validated by the caller), resuming at these indices.
-    pub fn new(
-        mem: Arc<GuestMemoryMap>,
+    /// Starts a ring over `mem`: validates its layout once (the queue kept for the data path's
+    /// first burst) and resumes at `base` (`SET_VRING_BASE`; `None`: a fresh ring). A split
+    /// ring resumes its used index from the guest's used ring, a packed ring both positions
+    /// from `base` (vhost-user.rst "Vring descriptor indices for packed virtqueues").
+    pub fn start(
+        mem: &Arc<GuestMemoryMap>,
         config: QueueConfig,
         features: VirtioFeatures,
-        next_avail: u16,
-        next_used: u16,
-    ) -> ActiveRing {
+        base: Option<u32>,
+    ) -> Result<ActiveRing, StartError> {
         let packed = features.contains(VirtioFeatures::RING_PACKED);
-        let packed_gpas = if packed { packed_gpas(&mem, &config) } else { None };
-        ActiveRing {
-            mem,
+        let m: &GuestMemoryMap = mem;
+        let view = if packed {
+            if config.size > MAX_PACKED_QUEUE_SIZE {
+                return Err(StartError::Invalid(QueueError::InvalidSize { size: config.size }));
+            }
+            let (avail, used) = packed_positions(base.unwrap_or(FRESH_PACKED_BASE), config.size)?;
+            let q: PackedQueue<'_, GuestMemoryMap> =
+                PackedQueue::with_ring_memory(m, m.frontend(), config, features).map_err(StartError::Invalid)?;
+            let mut d = Box::new(q.detach());
+            // SAFETY: `d` was just validated over `mem`, which the ring keeps.
+            unsafe { d.attach_mut(m) }.set_positions(avail, used);
+            CachedView::Packed(d)
+        } else {
+            // A base a packed ring left (before the front-end renegotiated a split ring without
+            // a new SET_VRING_BASE) is not a split ring's index.
+            let base = base.unwrap_or(0);
+            let avail = u16::try_from(base).map_err(|_| StartError::Position(base))?;
+            let mut q = SplitQueue::with_ring_memory(m, m.frontend(), config, features).map_err(StartError::Invalid)?;
+            q.set_next_avail(avail);
+            CachedView::Split(q.detach())
+        };
+        let packed_gpas = if packed { packed_gpas(mem, &config) } else { None };
+        Ok(ActiveRing {
+            mem: Arc::clone(mem),
             config,
             features,
-            next_avail,
-            next_used,
             packed,
             packed_gpas,
-            view: None,
+            view: Some(view),
+            parked: (0, 0),
             fault: None,
             seen_faults: 0,
+        })
+    }
+
+    /// The next available and next used positions: a split ring's indices; a packed ring's
+    /// slots with their wrap counters in bit 15 ([`RingPosition::to_bits`]).
+    pub fn positions(&self) -> (u16, u16) {
+        match &self.view {
+            None => self.parked,
+            Some(CachedView::Split(d)) => (d.next_avail(), d.next_used()),
+            Some(CachedView::Packed(d)) => (d.next_avail().to_bits(), d.next_used().to_bits()),
         }
+    }
+
+    /// Drops the validated queue, keeping its positions for the next one.
+    fn park(&mut self) {
+        self.parked = self.positions();
+        self.view = None;
+    }
+
+    /// Moves the ring to these positions (encoded as [`positions`](Self::positions) gives
+    /// them), e.g. a block device resubmitting its in-flight requests from the used position.
+    /// Nothing may be in flight: the validated queue is dropped and the next burst validates
+    /// the ring again at these positions.
+    pub fn set_positions(&mut self, avail: u16, used: u16) {
+        self.view = None;
+        self.parked = (avail, used);
     }
 
     /// The memory table the ring runs on.
@@ -407,10 +454,11 @@ impl ActiveRing {
     /// 0..15, the driver-ring wrap counter in bit 15, the next used slot in bits 16..31 and
     /// the device-ring wrap counter in bit 31.
     pub fn base(&self) -> u32 {
+        let (avail, used) = self.positions();
         if self.packed {
-            u32::from(self.next_avail) | u32::from(self.next_used) << 16
+            u32::from(avail) | u32::from(used) << 16
         } else {
-            u32::from(self.next_avail)
+            u32::from(avail)
         }
     }
 
@@ -427,7 +475,7 @@ impl ActiveRing {
     /// `REM_MEM_REG` then `ADD_MEM_REG` leaves a moment without it, which a busy-polling data
     /// path may see.
     pub fn set_memory(&mut self, mem: &Arc<GuestMemoryMap>) {
-        self.view = None;
+        self.park();
         self.mem = Arc::clone(mem);
         if self.packed {
             self.packed_gpas = packed_gpas(mem, &self.config);
@@ -453,31 +501,19 @@ impl ActiveRing {
         self.check()?;
         let mem: &GuestMemoryMap = &self.mem;
         let mut q = match self.view.take() {
-            Some(CachedView::Split(d)) => {
-                // SAFETY: the view was created over `self.mem`, the same `GuestMemoryMap`,
-                // which this ring still holds (a new table resets the view in `set_memory`),
-                // so the ring ranges it validated are still mapped.
-                let mut q = unsafe { d.attach(mem) };
-                // The indices are public fields: honour a change made between bursts.
-                if q.next_avail() != self.next_avail {
-                    q.set_next_avail(self.next_avail);
-                }
-                if q.next_used() != self.next_used {
-                    q.set_next_used(self.next_used);
-                }
-                q
-            }
+            // SAFETY: the view was created over `self.mem`, the same `GuestMemoryMap`, which
+            // this ring still holds (a new table drops it in `set_memory`), so the ring ranges
+            // it validated are still mapped.
+            Some(CachedView::Split(d)) => unsafe { d.attach(mem) },
             _ => {
                 let mut q = SplitQueue::with_ring_memory(mem, mem.frontend(), self.config, self.features)
                     .map_err(RingFault::Invalid)?;
-                q.set_next_avail(self.next_avail);
-                q.set_next_used(self.next_used);
+                q.set_next_avail(self.parked.0);
+                q.set_next_used(self.parked.1);
                 q
             }
         };
         let r = f(&mut q);
-        self.next_avail = q.next_avail();
-        self.next_used = q.next_used();
         self.view = Some(CachedView::Split(q.detach()));
         Ok(r)
     }
@@ -489,35 +525,28 @@ impl ActiveRing {
             return Err(RingFault::Layout);
         }
         self.check()?;
-        let size = self.config.size;
-        let (avail, used) =
-            match (RingPosition::from_bits(self.next_avail, size), RingPosition::from_bits(self.next_used, size)) {
-                (Some(a), Some(u)) => (a, u),
-                // The positions are public fields; one set outside the ring cannot be served.
-                _ => return Err(RingFault::Invalid(QueueError::InvalidSize { size })),
-            };
-        let ActiveRing { mem, config, features, view, next_avail, next_used, .. } = self;
+        let ActiveRing { mem, config, features, view, parked, .. } = self;
         let mem: &GuestMemoryMap = mem;
-        if !matches!(view, Some(CachedView::Packed(_))) {
+        if view.is_none() {
+            let (avail, used) = *parked;
+            let size = config.size;
+            let (Some(a), Some(u)) = (RingPosition::from_bits(avail, size), RingPosition::from_bits(used, size)) else {
+                // Positions that do not fit the ring (a SET_VRING_BASE the ring's rules
+                // refuse) cannot be served.
+                return Err(RingFault::Invalid(QueueError::InvalidSize { size }));
+            };
             let q: PackedQueue<'_, GuestMemoryMap> =
                 PackedQueue::with_ring_memory(mem, mem.frontend(), *config, *features).map_err(RingFault::Invalid)?;
             let mut d = Box::new(q.detach());
             // SAFETY: `d` was just validated over `mem`.
-            unsafe { d.attach_mut(mem) }.set_positions(avail, used);
+            unsafe { d.attach_mut(mem) }.set_positions(a, u);
             *view = Some(CachedView::Packed(d));
         }
-        let Some(CachedView::Packed(d)) = view else { unreachable!("set just above") };
+        let Some(CachedView::Packed(d)) = view else { unreachable!("a packed ring holds a packed view") };
         // SAFETY: the state was validated over `self.mem`, which this ring still holds (a new
-        // table resets the view in `set_memory`), so the ring ranges are still mapped.
+        // table drops it in `set_memory`), so the ring ranges are still mapped.
         let mut q = unsafe { d.attach_mut(mem) };
-        if q.next_avail() != avail || q.next_used() != used {
-            // Changed between bursts (a restart): resume there, nothing in flight.
-            q.set_positions(avail, used);
-        }
-        let r = f(&mut q);
-        *next_avail = q.next_avail().to_bits();
-        *next_used = q.next_used().to_bits();
-        Ok(r)
+        Ok(f(&mut q))
     }
 
     /// Whether the ring can be served now (see [`with_queue`](Self::with_queue)).
@@ -576,12 +605,12 @@ const FRESH_PACKED_BASE: u32 = 0x8000_8000;
 /// behind a different available position (a chain consumed and never completed, which the
 /// net device turns into a ring fault instead, see `NetDevice::dequeue_burst`) reads back with
 /// the used position at the available one.
-fn packed_positions(base: u32, size: u16) -> Result<(u16, u16), VringError> {
+fn packed_positions(base: u32, size: u16) -> Result<(RingPosition, RingPosition), StartError> {
     let avail = base as u16;
     let used = if base >> 16 == 0 { avail } else { (base >> 16) as u16 };
     match (RingPosition::from_bits(avail, size), RingPosition::from_bits(used, size)) {
-        (Some(_), Some(_)) => Ok((avail, used)),
-        _ => Err(VringError::CannotStart(StartError::Position(base))),
+        (Some(a), Some(u)) => Ok((a, u)),
+        _ => Err(StartError::Position(base)),
     }
 }
 
@@ -797,27 +826,10 @@ impl Vring {
             return Err(VringError::MemoryFaulted(m));
         }
         let config = QueueConfig { size: num, desc_table: addrs.desc, avail_ring: addrs.avail, used_ring: addrs.used };
-        let (next_avail, next_used) = if features.contains(VirtioFeatures::RING_PACKED) {
-            if num > MAX_PACKED_QUEUE_SIZE {
-                return Err(VringError::CannotStart(StartError::Invalid(QueueError::InvalidSize { size: num })));
-            }
-            // Validated here; the data path builds its own view at its first burst.
-            PackedQueue::<'_, GuestMemoryMap>::with_ring_memory(&**mem, mem.frontend(), config, features)
-                .map_err(|e| VringError::CannotStart(StartError::Invalid(e)))?;
-            packed_positions(self.base.unwrap_or(FRESH_PACKED_BASE), num)?
-        } else {
-            let next_used = SplitQueue::with_ring_memory(&**mem, mem.frontend(), config, features)
-                .map_err(|e| VringError::CannotStart(StartError::Invalid(e)))?
-                .next_used();
-            // A base a packed ring left (before the front-end renegotiated a split ring
-            // without a new SET_VRING_BASE) is not a split ring's index.
-            let base = self.base.unwrap_or(0);
-            let avail = u16::try_from(base).map_err(|_| VringError::CannotStart(StartError::Position(base)))?;
-            (avail, next_used)
-        };
+        let active = ActiveRing::start(mem, config, features, self.base).map_err(VringError::CannotStart)?;
         let mut s = self.lock();
         s.kick = kick;
-        s.active = Some(ActiveRing::new(Arc::clone(mem), config, features, next_avail, next_used));
+        s.active = Some(active);
         if let Some(k) = &s.kick {
             // Buffers may already be waiting: have the data path look once.
             signal(k);
@@ -891,10 +903,11 @@ mod tests {
         assert_eq!(v.set_base(0xffff, VirtioFeatures::empty()), Ok(()));
         // A packed ring's base carries both positions; judged against the size at start.
         assert_eq!(v.set_base(0x8003_8005, VirtioFeatures::RING_PACKED), Ok(()));
-        assert_eq!(packed_positions(0x8003_8005, 8), Ok((0x8005, 0x8003)));
-        assert_eq!(packed_positions(0x8005, 8), Ok((0x8005, 0x8005)), "used = avail when only avail is given");
-        assert_eq!(packed_positions(0x8008, 8), Err(VringError::CannotStart(StartError::Position(0x8008))));
-        assert_eq!(packed_positions(0x0009_8000, 8), Err(VringError::CannotStart(StartError::Position(0x0009_8000))));
+        let bits = |r: Result<(RingPosition, RingPosition), StartError>| r.map(|(a, u)| (a.to_bits(), u.to_bits()));
+        assert_eq!(bits(packed_positions(0x8003_8005, 8)), Ok((0x8005, 0x8003)));
+        assert_eq!(bits(packed_positions(0x8005, 8)), Ok((0x8005, 0x8005)), "used = avail when only avail is given");
+        assert_eq!(bits(packed_positions(0x8008, 8)), Err(StartError::Position(0x8008)));
+        assert_eq!(bits(packed_positions(0x0009_8000, 8)), Err(StartError::Position(0x0009_8000)));
     }
 
     #[test]

@@ -20,7 +20,7 @@ pub fn reflect_once<M: GuestMemory>(
     };
     let mut chain = Chain::<16>::new();
     let mut scratch = RxScratch::<8>::new();
-    while txq.pop_into(&mut chain)? {
+    while txq.pop_into(&mut chain)?.is_some() {
         if let Ok(pkt) = net::parse_tx(&chain, features) {
             let n = pkt.read_frame(&chain, frame);
             let _ = net::receive(&mut rxq, &mut scratch, features, &VirtioNetHdr::default(), &frame[..n]);

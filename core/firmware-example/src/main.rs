@@ -119,8 +119,8 @@ fn poll<'m, R: RxQueue<'m>, T: Virtqueue<'m>>(rxq: &mut R, txq: &mut T, features
     let mut frame = [0u8; 1536];
     loop {
         match txq.pop_into(&mut chain) {
-            Ok(true) => {}
-            Ok(false) => break,
+            Ok(Some(_)) => {}
+            Ok(None) => break,
             Err(_) => {
                 stats.errors += 1;
                 continue;
