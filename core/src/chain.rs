@@ -337,6 +337,37 @@ impl<'m, const N: usize> Segments<'m, N> {
         self.list.clear();
     }
 
+    /// Copies the list's first bytes into `dst` (as many as it holds, up to `dst.len()`) and
+    /// drops them from the list: the first segment left starts where the copy stopped.
+    /// Returns how many bytes were copied. For a device that needs more of a frame in its
+    /// private copy than the walk took ([`crate::net::Gather`]): the bytes copied are then read
+    /// from the copy only.
+    pub fn take_front(&mut self, dst: &mut [u8]) -> usize {
+        let (mut done, mut used) = (0usize, 0usize);
+        for seg in self.list.iter_mut() {
+            if done == dst.len() {
+                break;
+            }
+            let n = (seg.len as usize).min(dst.len() - done);
+            // SAFETY: `seg` is a piece the walk translated, valid for reads of `seg.len` bytes
+            // of guest memory for 'm, `n <= seg.len`; `done + n <= dst.len()`; guest memory
+            // never overlaps a Rust buffer.
+            unsafe { copy_bytes(seg.ptr.as_ptr(), dst.as_mut_ptr().add(done), n) };
+            done += n;
+            if n == seg.len as usize {
+                used += 1;
+            } else {
+                // SAFETY: `n < seg.len`: still inside the piece, `seg.len - n` bytes from there.
+                seg.ptr = unsafe { NonNull::new_unchecked(seg.ptr.as_ptr().add(n)) };
+                seg.len -= n as u32;
+            }
+        }
+        let left = self.list.len() - used;
+        self.list.rotate_left(used);
+        self.list.truncate(left);
+        done
+    }
+
     /// Forgets the segments from `len` on (those of a chain the walk refused).
     pub(crate) fn list_truncate(&mut self, len: usize) {
         self.list.truncate(len);
@@ -344,9 +375,10 @@ impl<'m, const N: usize> Segments<'m, N> {
 }
 
 /// The visitor of `pop_gather_uncompleted` (both layouts): copies the device-readable pieces
-/// into `head` until it is full (`*copied` bytes), as [`read_into`] does, and appends every
-/// device-readable piece to `segments`; a piece that finds the list full fails the walk
-/// ([`ChainError::TooManySegments`]; the caller drops what this chain appended).
+/// into `head` until it is full (`*copied` bytes), as [`read_into`] does, and appends to
+/// `segments` what of them is past the copy (nothing for a chain the copy holds whole); a
+/// piece that finds the list full fails the walk ([`ChainError::TooManySegments`]; the caller
+/// drops what this chain appended).
 #[cfg_attr(not(feature = "small"), inline(always))]
 pub(crate) fn gather_into<'a, 'm, const N: usize>(
     head: &'a mut [u8],
@@ -365,8 +397,12 @@ pub(crate) fn gather_into<'a, 'm, const N: usize>(
             // overlaps a Rust buffer.
             unsafe { copy_bytes(ptr.as_ptr(), dst.add(*copied), n) };
             *copied += n;
-            // The walk translated `ptr` for `len` bytes of the memory borrowed for 'm.
-            segments.list.push(Segment::piece(ptr, len)).map_err(|_| ChainError::TooManySegments)?;
+            if n < len as usize {
+                // SAFETY: `n < len`: `ptr + n` is inside the piece, which the walk translated
+                // for `len` bytes of the memory borrowed for 'm; what remains is `len - n`.
+                let rest = unsafe { NonNull::new_unchecked(ptr.as_ptr().add(n)) };
+                segments.list.push(Segment::piece(rest, len - n as u32)).map_err(|_| ChainError::TooManySegments)?;
+            }
         }
         Ok(())
     }

@@ -489,11 +489,14 @@ impl<'m, M: GuestMemory + ?Sized> SplitQueue<'m, M> {
     /// [`pop_read_uncompleted`](Self::pop_read_uncompleted) for a device that leaves the
     /// frame where it is until it has placed it elsewhere ([`crate::net::Gather`]): copies
     /// the chain's first `head.len()` device-readable bytes into `head` ([`CopiedChain::bytes`]
-    /// of them) and appends each device-readable piece to `segments`, in the same pass that
-    /// validates the chain. The chain is not completed: its buffers stay the device's until
-    /// the caller pushes it, after its last read of them.
+    /// of them) and appends to `segments` the device-readable pieces past those bytes (the
+    /// part of a piece the copy did not take, then the pieces after it; nothing for a chain
+    /// the copy holds whole), in the same pass that validates the chain: the frame is `head`
+    /// then those pieces ([`Gather::new`](crate::net::Gather::new)). The chain is not
+    /// completed: its buffers stay the device's until the caller pushes it, after its last
+    /// read of them.
     ///
-    /// A chain with more pieces than `segments` has room for is refused as
+    /// A chain with more pieces past the copy than `segments` has room for is refused as
     /// [`ChainError::TooManySegments`] (nothing of it is kept in `segments`, nothing is
     /// completed): give it back with [`rewind`](Self::rewind) and take it with
     /// [`pop_read_uncompleted`](Self::pop_read_uncompleted), whose walk keeps no list.
@@ -505,11 +508,14 @@ impl<'m, M: GuestMemory + ?Sized> SplitQueue<'m, M> {
     ) -> Result<Option<CopiedChain>, PopError> {
         let start = segments.len();
         let mut done = 0usize;
-        let r = self.pop_with::<_, false>(gather_into(head, &mut done, segments));
-        if r.is_err() {
-            segments.list_truncate(start);
+        match self.pop_with::<_, false>(gather_into(head, &mut done, segments)) {
+            Ok(Some((h, sum))) => Ok(Some(CopiedChain::new(h, done, sum))),
+            Ok(None) => Ok(None),
+            Err(e) => {
+                segments.list_truncate(start);
+                Err(e)
+            }
         }
-        r.map(|o| o.map(|(h, sum)| CopiedChain::new(h, done, sum)))
     }
 
     #[cfg_attr(not(feature = "small"), inline(always))]

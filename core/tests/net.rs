@@ -1363,7 +1363,8 @@ fn rx_gather_from_a_tx_chain_over_merged_buffers() {
         let mut snap = [0u8; 12 + 64];
         let c = txq.pop_gather_uncompleted(&mut snap, &mut segs).unwrap().unwrap();
         let k = c.bytes as usize;
-        assert_eq!((k, segs.len()), (snap.len(), 5));
+        // Kept: what is past the copy (36 bytes of the 100-byte piece, then 37 and 163).
+        assert_eq!((k, segs.len()), (snap.len(), 3));
         let pkt = parse_tx_head(&c, &snap, MRG).unwrap();
         assert_eq!((pkt.header_len, pkt.frame_len), (12, 300));
         // The driver rewrites the first 100 bytes of its frame after the device's copy.
@@ -1371,7 +1372,7 @@ fn rx_gather_from_a_tx_chain_over_merged_buffers() {
         let mut want = fr.clone();
         want[64..100].fill(0xC3);
 
-        let gather = Gather::new(segs.as_slice(), c.readable_len as usize, pkt.header_len, &snap[12..k]);
+        let gather = Gather::new(&snap[12..k], segs.as_slice(), (c.readable_len - c.bytes) as usize);
         assert_eq!((gather.len(), gather.head().len(), gather.contiguous()), (300, 64, None));
         let mut s: RxScratch<'_> = RxScratch::new();
         let log = RangeLog::default();
@@ -1420,13 +1421,12 @@ fn rx_gather_into_a_buffer_overlapping_the_source() {
     let (rx_head, _) = add_rx(&mut rx_drv, 2048);
     // The RX buffer starts 4 bytes into the TX frame and runs past it.
     rx_drv.write_desc(rx_head, Descriptor { addr: tx_addrs[1] + 4, len: 1100, flags: DescFlags::WRITE, next: 0 });
-    let mut chain = Chain::<32>::new();
-    assert!(matches!(txq.pop_into_uncompleted(&mut chain), Ok(Some(_))));
+    let mut segs: Segments<'_, 4> = Segments::new();
     let mut snap = [0u8; 12 + 64];
-    let k = chain.read_at(0, &mut snap);
-    let pkt = parse_tx(&chain, V1).unwrap();
-    // `from_chain`: the same frame from a chain taken with its segment list.
-    let gather = Gather::from_chain(&chain, 12, &snap[12..k]);
+    let c = txq.pop_gather_uncompleted(&mut snap, &mut segs).unwrap().unwrap();
+    let k = c.bytes as usize;
+    let pkt = parse_tx_head(&c, &snap, V1).unwrap();
+    let gather = Gather::new(&snap[12..k], segs.as_slice(), (c.readable_len - c.bytes) as usize);
     let mut s: RxScratch<'_> = RxScratch::new();
     let out = receive_burst(&mut rxq, &mut s, V1, 1, |_| (pkt.header, gather));
     assert_eq!((out.placed, out.bytes), (1, 1000));
@@ -1441,7 +1441,7 @@ fn rx_gather_into_a_buffer_overlapping_the_source() {
 
 /// `pop_gather_uncompleted` + `parse_tx_head` give `parse_tx`'s verdict, on the copy: a good
 /// header, and the rules that need the frame's length (a checksum field past the frame) and
-/// the chain (writable buffers); the segments kept are the chain's readable ones.
+/// the chain (writable buffers); the segments kept are the readable bytes past the copy.
 #[test]
 fn tx_parse_tx_head_agrees_with_parse_tx() {
     let f = feats(VirtioFeatures::NET_CSUM);
@@ -1463,8 +1463,8 @@ fn tx_parse_tx_head_agrees_with_parse_tx() {
         let mut segs: Segments<'_, 8> = Segments::new();
         let c = q2.pop_gather_uncompleted(&mut snap, &mut segs).unwrap().unwrap();
         assert_eq!((c.bytes, c.readable_len), (40, 112));
-        let want: &[usize] = if writable { &[12, 100] } else { &[3, 9, 100] };
-        assert_eq!(segs.as_slice().iter().map(|s| s.len()).collect::<Vec<_>>(), want, "readable pieces only");
+        // The copy took the header's pieces and 28 bytes of the frame's: 72 bytes are left.
+        assert_eq!(segs.as_slice().iter().map(|s| s.len()).collect::<Vec<_>>(), [72], "readable bytes past the copy");
         assert_eq!(parse_tx_head(&c, &snap, f), parse_tx(&chain, f), "{h:?}");
         if !writable {
             assert_eq!(
@@ -1476,7 +1476,7 @@ fn tx_parse_tx_head_agrees_with_parse_tx() {
     }
 }
 
-/// A chain with more pieces than the segment list has room for is refused as
+/// A chain with more pieces past the copy than the segment list has room for is refused as
 /// `TooManySegments`, uncompleted, with nothing of it kept; given back, the copying walk
 /// takes it whole. Segments of the chains before it stay.
 #[test]
@@ -1492,10 +1492,10 @@ fn tx_gather_chain_longer_than_the_segment_list_is_given_back() {
     let mut segs: Segments<'_, 4> = Segments::new();
     let mut snap = [0u8; 32];
     let c = q.pop_gather_uncompleted(&mut snap, &mut segs).unwrap().unwrap();
-    assert_eq!((c.readable_len, segs.len()), (72, 2));
+    assert_eq!((c.readable_len, segs.len()), (72, 1));
     let e = q.pop_gather_uncompleted(&mut snap, &mut segs).unwrap_err();
     assert_eq!(e, PopError::Chain { head: long, error: ChainError::TooManySegments });
-    assert_eq!(segs.len(), 2, "nothing of the refused chain kept");
+    assert_eq!(segs.len(), 1, "nothing of the refused chain kept");
     assert_eq!(drv.used_idx(), 0);
     assert!(!q.publish(), "nothing completed");
     q.rewind(1);
@@ -1531,4 +1531,41 @@ impl RangeLog {
         }
         out
     }
+}
+
+/// `Segments::take_front` moves more of a chain into the device's copy: whole pieces leave
+/// the list, a piece cut in the middle stays from where the copy stopped, and the frame reads
+/// back the same through the longer copy and the shorter list; a list shorter than the
+/// buffer gives what it has and is left empty.
+#[test]
+fn tx_gather_copy_extended_from_the_pieces() {
+    let g = Guest::new(1 << 20);
+    let (cfg, mut drv) = setup(&g, 16);
+    let mut q = queue(&g, cfg, V1);
+    let hb = hdr_bytes(&hdr(0, 0), 12);
+    let fr = frame(300);
+    add(
+        &mut drv,
+        &[Buf::readable(&hb), Buf::readable(&fr[..20]), Buf::readable(&fr[20..50]), Buf::readable(&fr[50..])],
+    );
+    let mut segs: Segments<'_, 8> = Segments::new();
+    let mut snap = [0u8; 12 + 256];
+    let c = q.pop_gather_uncompleted(&mut snap[..28], &mut segs).unwrap().unwrap();
+    assert_eq!(c.bytes, 28);
+    let lens = |s: &Segments<'_, 8>| s.as_slice().iter().map(|s| s.len()).collect::<Vec<_>>();
+    assert_eq!(lens(&segs), [4, 30, 250]);
+    // 4 + 30 whole, 6 of the last piece.
+    assert_eq!(segs.take_front(&mut snap[28..68]), 40);
+    assert_eq!(lens(&segs), [244]);
+    assert_eq!(snap[12..68], fr[..56]);
+    let gather = Gather::new(&snap[12..68], segs.as_slice(), 244);
+    let mut back = vec![0u8; 300];
+    assert_eq!(gather.read_into(&mut back), 300);
+    assert_eq!(back, fr);
+    // More room than bytes left: all of them, and the list is empty.
+    let mut rest = [0u8; 256];
+    assert_eq!(segs.take_front(&mut rest), 244);
+    assert!(segs.is_empty());
+    assert_eq!(rest[..244], fr[56..]);
+    assert_eq!(segs.take_front(&mut rest), 0);
 }

@@ -688,7 +688,7 @@ fn net_receive_burst_runs_on_the_packed_ring_across_the_wrap() {
     }
 }
 
-/// `pop_gather_uncompleted` on a packed ring: the first bytes copied, the readable pieces kept
+/// `pop_gather_uncompleted` on a packed ring: the first bytes copied, the readable pieces past them kept
 /// in order across chains, the buffer id to complete; a chain with more pieces than the list
 /// has room for is refused uncompleted with nothing kept, and given back it is taken whole by
 /// the copying walk. The frame reads back through a `Gather` as the driver wrote it.
@@ -702,19 +702,23 @@ fn pop_gather_keeps_the_pieces_of_several_chains() {
     let data: Vec<u8> = (0..200u8).collect();
     let a = drv.add_chain(&[Buf::readable(&data[..10]), Buf::readable(&data[10..150]), Buf::readable(&data[150..])]);
     let b = drv.add_chain(&[Buf::readable(&data[..50]), Buf::readable(&data[50..60])]);
-    let mut segs: Segments<'_, 4> = Segments::new();
+    let mut segs: Segments<'_, 3> = Segments::new();
     let mut head = [0u8; 16];
     let c = q.pop_gather_uncompleted(&mut head, &mut segs).unwrap().unwrap();
     assert_eq!((c.head, c.bytes, c.readable_len, c.writable_len), (a, 16, 200, 0));
     assert_eq!(head[..], data[..16]);
-    let gather = Gather::new(segs.as_slice(), 200, 4, &head[4..]);
+    // Kept: what the copy did not take, the second piece's last 134 bytes, and the third.
+    let kept: Vec<usize> = segs.as_slice().iter().map(|s| s.len()).collect();
+    assert_eq!(kept, [134, 50]);
+    let gather = Gather::new(&head[4..], segs.as_slice(), 184);
     let mut back = [0u8; 196];
     assert_eq!(gather.read_into(&mut back), 196);
     assert_eq!(back[..], data[4..]);
-    // Two pieces and a list with room for one more: refused, nothing kept or completed.
+    // Two pieces past the copy and a list with room for one more: refused, nothing kept or
+    // completed.
     let e = q.pop_gather_uncompleted(&mut head, &mut segs).unwrap_err();
     assert_eq!(e, PopError::Chain { head: b, error: ChainError::TooManySegments });
-    assert_eq!(segs.len(), 3);
+    assert_eq!(segs.len(), 2);
     q.rewind(1);
     let mut buf = [0u8; 64];
     let c = q.pop_read_uncompleted(&mut buf).unwrap().unwrap();

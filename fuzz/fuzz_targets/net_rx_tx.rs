@@ -170,7 +170,7 @@ fuzz_target!(|inp: Input| {
             assert_eq!(head, segments, "the in-place TX path agrees with the segment path");
             if let Ok(pkt) = head {
                 let h = pkt.header_len;
-                let g = Gather::new(segs.as_slice(), c.readable_len as usize, h, &snap[h..c.bytes as usize]);
+                let g = Gather::new(&snap[h..c.bytes as usize], segs.as_slice(), (c.readable_len - c.bytes) as usize);
                 assert_eq!(g.len(), pkt.frame_len as usize);
                 let n = g.read_into(&mut whole);
                 let m = pkt.read_frame(&chain, &mut frame);

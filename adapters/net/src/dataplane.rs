@@ -1274,7 +1274,7 @@ mod tests {
     /// the sender's buffers, which the sender can rewrite while the frame crosses: a frame
     /// for B whose destination A rewrites to C once the burst is taken (before the switch
     /// looks at it) still goes to B, with the headers as they were checked; C gets nothing.
-    /// Only the bytes past the copy (the first 256) show what A wrote. Were the decision
+    /// Only the bytes past the copy (the first 64) show what A wrote. Were the decision
     /// made on A's buffers, C would get the frame.
     #[test]
     fn the_switch_decides_on_the_copy_of_the_headers_not_on_the_senders_buffers() {

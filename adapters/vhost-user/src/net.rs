@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use virtq::net::header::{VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_NONE};
 use virtq::net::offload::MAX_HEADERS_LEN;
 use virtq::net::{self, FrameSource, Gather, OffloadFrame, RxScratch, VirtioNetHdr};
-use virtq::{ChainError, PopError, Segments, VirtioFeatures, Virtqueue};
+use virtq::{ChainError, PopError, Segment, Segments, VirtioFeatures, Virtqueue};
 use zerocopy_shim::read_header;
 
 use crate::ratelimit::RateLimit;
@@ -173,15 +173,21 @@ pub const FORWARD_BURST: usize = 32;
 /// [`net::check_frame`] and a switch look at.
 pub const TX_SNAPSHOT: usize = 12 + MAX_HEADERS_LEN;
 
-/// Buffer pieces of one transmitted chain [`NetDevice::forward_burst`] keeps to hand its frame
-/// over in place: Linux sends a frame in one piece, or a GSO frame as its header and linear
+/// Bytes of a transmitted chain copied as it is taken: the virtio-net header and the frame's
+/// first 64 bytes, all a switch looks at (the Ethernet header and a VLAN tag) and all of a
+/// small frame. A frame with offloads has its copy extended to [`TX_SNAPSHOT`] before
+/// [`net::check_frame`] reads it.
+pub const TX_HEAD: usize = 12 + 64;
+
+/// Buffer pieces past the copy of one transmitted chain [`NetDevice::forward_burst`] keeps to
+/// hand its frame over in place: Linux sends a frame in one piece, or a GSO frame as its header and linear
 /// part then up to `MAX_SKB_FRAGS` (17 by default) fragments. A chain with more is valid all
 /// the same: it is copied out ([`InPlaceFrame`]).
 const TX_SEGMENTS: usize = 20;
 
 /// Working space for [`NetDevice::forward_burst`], reused from burst to burst: per frame of a
 /// burst, the copy of its first bytes, its checked offloads, and a buffer for a frame copied
-/// out whole (a chain of more than `TX_SEGMENTS` pieces), allocated the first time one needs
+/// out whole (a chain of more than `TX_SEGMENTS` pieces past the copy), allocated the first time one needs
 /// it.
 #[derive(Debug)]
 pub struct TxScratch {
@@ -228,6 +234,8 @@ pub struct InPlaceFrame<'a> {
 }
 
 impl<'a> InPlaceFrame<'a> {
+    const EMPTY: InPlaceFrame<'a> = InPlaceFrame { offload: None, bytes: Gather::slice(&[]) };
+
     /// For a frame the guest sent with a partial checksum (`NEEDS_CSUM`) or as a GSO frame:
     /// its header (validated, §5.1.6.2) checked against the frame's own headers, in the copy,
     /// and normalised ([`net::check_frame`]). `None` for a frame without offloads, whose
@@ -259,16 +267,11 @@ impl<'a> InPlaceFrame<'a> {
     }
 }
 
-/// The offload check of a transmitted frame: `None` for a frame without offloads, its checked
-/// header otherwise; `Err` for a header that lies about its frame. `head` holds the frame's
-/// first bytes (the copy), `len` is its length.
+/// Whether a transmitted frame's header asks for offloads (a partial checksum, a GSO type):
+/// such a frame is checked against its own headers ([`net::check_frame`]).
 #[inline(always)]
-fn tx_offload(header: &VirtioNetHdr, head: &[u8], len: usize) -> Result<Option<OffloadFrame>, net::OffloadError> {
-    if header.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 || header.gso_type != VIRTIO_NET_HDR_GSO_NONE {
-        net::check_frame(header, head, len).map(Some)
-    } else {
-        Ok(None)
-    }
+fn has_offloads(header: &VirtioNetHdr) -> bool {
+    header.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 || header.gso_type != VIRTIO_NET_HDR_GSO_NONE
 }
 
 /// What [`NetDevice::forward_burst`] does with a chain it could not take, as
@@ -277,7 +280,7 @@ fn tx_offload(header: &VirtioNetHdr, head: &[u8], len: usize) -> Result<Option<O
 /// available index out of range stops it in any case. Returns whether the burst stops here.
 fn tx_pop_error(
     e: PopError,
-    taken: &mut heapless::Vec<(u16, bool), FORWARD_BURST>,
+    taken: &mut Taken,
     errors: &mut u64,
     strict: bool,
     broken: &mut Option<RingFault>,
@@ -285,7 +288,7 @@ fn tx_pop_error(
     *errors += 1;
     match e {
         PopError::Chain { head, .. } => {
-            let _ = taken.push((head, true));
+            taken.push(head, true);
             false
         }
         PopError::HeadOutOfRange { head } | PopError::IdInUse { id: head } => {
@@ -307,16 +310,24 @@ fn tx_pop_error(
 /// malformed) with `len` 0, as [`NetDevice::dequeue_burst`] does as it goes: with `IN_ORDER`
 /// a run of good chains as one batch (§2.7.8.2 / §2.8.9), a malformed chain on its own
 /// after the run before it, so that completions stay in ring order.
-fn complete_tx<'m, Q: Virtqueue<'m>>(vq: &mut Q, taken: &[(u16, bool)], in_order: bool) {
+#[inline(always)]
+fn complete_tx<'m, Q: Virtqueue<'m>>(vq: &mut Q, taken: &Taken, in_order: bool) {
+    let heads = &taken.heads[..taken.len];
+    let Some(&last) = heads.last() else { return };
+    if in_order && taken.bad == 0 {
+        // The usual burst: one run, one used entry.
+        let _ = vq.push_in_order_batch(last, 0, heads.len() as u16);
+        return;
+    }
     if !in_order {
-        for &(head, _) in taken {
+        for &head in heads {
             vq.push(head, 0);
         }
         return;
     }
     let mut run: Option<(u16, u16)> = None;
-    for &(head, bad) in taken {
-        if bad {
+    for (i, &head) in heads.iter().enumerate() {
+        if taken.bad & (1 << i) != 0 {
             if let Some((last, k)) = run.take() {
                 let _ = vq.push_in_order_batch(last, 0, k);
             }
@@ -327,6 +338,39 @@ fn complete_tx<'m, Q: Virtqueue<'m>>(vq: &mut Q, taken: &[(u16, bool)], in_order
     }
     if let Some((last, k)) = run {
         let _ = vq.push_in_order_batch(last, 0, k);
+    }
+}
+
+/// The chains one [`NetDevice::forward_burst`] took whose completion waits for the copies, in
+/// ring order: their heads (buffer ids), and which were malformed (bit `i` of `bad`); and how
+/// many were completed as they were taken (`done`).
+struct Taken {
+    heads: [u16; FORWARD_BURST],
+    bad: u32,
+    len: usize,
+    done: usize,
+}
+
+// One bit of `Taken::bad` per chain of a burst.
+const _: () = assert!(FORWARD_BURST <= 32);
+
+impl Taken {
+    fn new() -> Taken {
+        Taken { heads: [0; FORWARD_BURST], bad: 0, len: 0, done: 0 }
+    }
+
+    #[inline(always)]
+    fn push(&mut self, head: u16, bad: bool) {
+        if let Some(h) = self.heads.get_mut(self.len) {
+            *h = head;
+            self.bad |= u32::from(bad) << self.len;
+            self.len += 1;
+        }
+    }
+
+    /// Whether any chain was taken (completed already or to be).
+    fn any(&self) -> bool {
+        self.len + self.done != 0
     }
 }
 
@@ -716,17 +760,19 @@ impl NetDevice {
     /// straight into its receivers' buffers ([`NetDevice::enqueue_gather_burst`]); completes
     /// the chains after `deliver` returns. Returns how many frames were handed over.
     ///
-    /// Everything about a frame is decided on a copy of its first bytes ([`TX_SNAPSHOT`]):
-    /// the header rules ([`net::parse_tx_head`]), the offload check ([`net::check_frame`]),
+    /// Everything about a frame is decided on a copy of its first bytes ([`TX_HEAD`], extended
+    /// to [`TX_SNAPSHOT`] for a frame with offloads): the header rules ([`net::parse_tx_head`]), the offload check ([`net::check_frame`]),
     /// and whatever `deliver` reads from [`InPlaceFrame::head`] (a switch's forwarding). A
     /// receiver gets those bytes from the copy too, so a guest that rewrites its buffers while
     /// the frame is copied changes only its payload. The rest is read through the segments the
     /// chain walk validated (a buffer outside guest memory is a malformed chain, completed and
     /// counted as here always), from the mapping whose `SIGBUS` is caught
     /// ([`crate::memory::fault`]): the transmit ring holds that mapping, and it stays locked
-    /// until the copies are done. A chain of more than 20 pieces is given back and taken again
-    /// by the walk that copies as it goes (`pop_read_uncompleted`): its frame is handed over
-    /// from that copy.
+    /// until the copies are done. A chain with more than 20 pieces past the copy is given back
+    /// and taken again by the walk that copies as it goes (`pop_read_uncompleted`): its frame
+    /// is handed over from that copy. A chain whose frame the copy holds whole is completed
+    /// at once (unless `IN_ORDER` was negotiated, which wants every completion in ring order);
+    /// the others after `deliver` returns.
     ///
     /// The transmit ring stays locked while `deliver` runs: `deliver` may lock receive rings
     /// (of any device, this one's too), never a transmit ring (the module's lock order).
@@ -756,15 +802,15 @@ impl NetDevice {
             // copy buffer. A frame handed over borrows its slot's, so the burst is built as
             // it is taken.
             let mut lists: [Segments<'_, TX_SEGMENTS>; FORWARD_BURST] = core::array::from_fn(|_| Segments::new());
-            let mut slots = lists.iter_mut().zip(snaps.iter_mut()).zip(offloads.iter_mut()).zip(copies.iter_mut());
-            let mut frames: heapless::Vec<InPlaceFrame<'_>, FORWARD_BURST> = heapless::Vec::new();
-            // Every chain taken, in ring order, and whether it was malformed: all completed
-            // after the copies.
-            let mut taken: heapless::Vec<(u16, bool), FORWARD_BURST> = heapless::Vec::new();
-            while !taken.is_full() {
-                // At most one slot per chain taken, and no more chains than slots.
-                let Some((((list, snap), offload), copy)) = slots.next() else { break };
-                let (c, copied) = match vq.pop_gather_uncompleted(snap, list) {
+            let slots = lists.iter_mut().zip(snaps.iter_mut()).zip(offloads.iter_mut()).zip(copies.iter_mut());
+            // The frames handed over (the first `n`), built in place.
+            let mut frames = [InPlaceFrame::EMPTY; FORWARD_BURST];
+            // The chains taken whose completion waits for the copies, in ring order, and
+            // whether each was malformed.
+            let mut taken = Taken::new();
+            // One slot per chain taken: at most FORWARD_BURST chains.
+            for (((list, snap), offload), copy) in slots {
+                let (c, copied) = match vq.pop_gather_uncompleted(&mut snap[..TX_HEAD], list) {
                     Ok(Some(c)) => (c, false),
                     Ok(None) => break,
                     Err(PopError::Chain { error: ChainError::TooManySegments, .. }) => {
@@ -790,54 +836,69 @@ impl NetDevice {
                         continue;
                     }
                 };
-                let _ = taken.push((c.head, false));
+                // A frame the copy holds whole (a small one, or one copied out) is the device's
+                // own from here on: its chain is completed at once, as `dequeue_burst` does,
+                // unless IN_ORDER wants every completion in ring order.
+                if !in_order && (copied || list.is_empty()) {
+                    vq.push(c.head, 0);
+                    taken.done += 1;
+                } else {
+                    taken.push(c.head, false);
+                }
                 if !enabled {
                     drops += 1;
                     continue;
                 }
-                // From here on the slot is only read: the frame handed over borrows it.
-                let (list, snap, copy): (&Segments<'_, TX_SEGMENTS>, &[u8; TX_SNAPSHOT], &Vec<u8>) = (list, snap, copy);
-                // The copy the decisions are made on: the snapshot, or the whole frame.
-                let head: &[u8] = if copied { copy } else { snap };
-                // §5.1.6.2: the core's TX rules, on the copy. A chain longer than the copy
-                // buffer is refused by `parse_tx_copied` (`TooLong`); one handed over in place
-                // is held to the same limit, so that no receiver or fallback buffer needs
-                // more.
-                let parsed = if copied {
-                    net::parse_tx_copied(&c, head, features)
-                } else {
-                    net::parse_tx_head(&c, head, features)
-                };
-                let Ok(pkt) = parsed else {
+                // §5.1.6.2: the core's TX rules, on the copy (the snapshot, or the whole frame).
+                // A chain longer than the copy buffer is refused (`TooLong`, as
+                // `parse_tx_copied` does); one handed over in place is held to the same limit,
+                // so that no receiver or fallback buffer needs more.
+                let Ok(pkt) = net::parse_tx_head(&c, if copied { copy } else { &snap[..] }, features) else {
                     errors += 1;
                     continue;
                 };
-                let (hdr_len, len) = (pkt.header_len, pkt.frame_len as usize);
-                if !copied && c.readable_len as usize > MAX_TX_FRAME {
+                if c.readable_len as usize > MAX_TX_FRAME {
                     errors += 1;
                     continue;
                 }
-                let head = &head[hdr_len..(c.bytes as usize).min(hdr_len + len)];
-                *offload = match tx_offload(&pkt.header, head, len) {
-                    Ok(o) => o,
-                    Err(e) => {
-                        limited_by!(self.inner.tx_drops_log, warn, "{}: TX frame dropped: {e}", self.inner.name);
-                        errors += 1;
-                        continue;
+                let (hdr_len, len) = (pkt.header_len, pkt.frame_len as usize);
+                let mut bytes = c.bytes as usize;
+                // A frame with offloads: checked against its own headers. Its copy is extended
+                // first to all the headers `check_frame` may read, which are then read from the
+                // copy only; the slot's offloads are written only for such a frame.
+                let offload: Option<&OffloadFrame> = if has_offloads(&pkt.header) {
+                    if !copied && bytes == TX_HEAD {
+                        bytes += list.take_front(&mut snap[TX_HEAD..]);
                     }
-                };
-                let offload: &Option<OffloadFrame> = offload;
-                let bytes = if copied {
-                    Gather::slice(&copy[hdr_len..hdr_len + len])
+                    let head = if copied { &copy[hdr_len..bytes] } else { &snap[hdr_len..bytes] };
+                    match net::check_frame(&pkt.header, head, len) {
+                        Ok(o) => Some(offload.insert(o)),
+                        Err(e) => {
+                            limited_by!(self.inner.tx_drops_log, warn, "{}: TX frame dropped: {e}", self.inner.name);
+                            errors += 1;
+                            continue;
+                        }
+                    }
                 } else {
-                    Gather::new(list.as_slice(), c.readable_len as usize, hdr_len, head)
+                    None
                 };
-                let _ = frames.push(InPlaceFrame { offload: offload.as_ref(), bytes });
-                bytes_total += len as u64;
-                n += 1;
+                // From here on the slot is only read: the frame handed over borrows it. The
+                // copy the decisions were made on and the pieces past it (none for a frame the
+                // copy holds whole).
+                let (list, snap, copy): (&Segments<'_, TX_SEGMENTS>, &[u8; TX_SNAPSHOT], &Vec<u8>) = (list, snap, copy);
+                // `header_len < bytes <= readable_len` (`parse_tx_head`).
+                let (head, rest): (&[u8], &[Segment<'_>]) =
+                    if copied { (&copy[hdr_len..bytes], &[]) } else { (&snap[hdr_len..bytes], list.as_slice()) };
+                let bytes = Gather::new(head, rest, c.readable_len as usize - bytes);
+                // `n` < `taken.len` <= FORWARD_BURST: always a slot.
+                if let Some(f) = frames.get_mut(n) {
+                    *f = InPlaceFrame { offload, bytes };
+                    bytes_total += len as u64;
+                    n += 1;
+                }
             }
-            if !frames.is_empty() {
-                deliver(&frames);
+            if n != 0 {
+                deliver(&frames[..n]);
             }
             complete_tx(vq, &taken, in_order);
             // Guest TX writes only the used ring. One branch per burst when not migrating.
@@ -845,7 +906,7 @@ impl NetDevice {
                 None => vq.publish(),
                 Some(log) => {
                     let notify = vq.publish_logged(log);
-                    if !taken.is_empty() {
+                    if taken.any() {
                         log.kick();
                     }
                     notify

@@ -651,7 +651,8 @@ fn post_rx(
 /// out, the old path);
 /// a malformed chain among them is counted and completed. A's chains are completed only after
 /// `deliver` returns. What A writes into its buffers while the frames are handed over reaches
-/// only the bytes past the copy of the first 256 (the headers every decision was made on).
+/// only the bytes past the copy of the first 64 (the headers every decision was made on, for a
+/// frame without offloads).
 #[test]
 fn forward_burst_copies_each_frame_once_and_completes_after() {
     let (pa, pb) = (sock_path("fwd-a"), sock_path("fwd-b"));
@@ -706,11 +707,11 @@ fn forward_burst_copies_each_frame_once_and_completes_after() {
         handed += a.forward_burst(0, &mut scratch, |frames| {
             assert_eq!(frames.len(), 3);
             assert_eq!(ga.drv[1].used_idx(), 0, "nothing completed while the frames are handed over");
-            // A rewrites its first frame's buffers now: the first piece (inside the copy of
-            // the first 256 bytes) and the third (past it, from byte 256 on).
+            // A rewrites its first frame's buffers now: the first piece (its first 64 bytes
+            // inside the copy, the rest past it) and the third (past it).
             ga.drv[1].write(addrs[2], &[0xEE; 100]);
             ga.drv[1].write(addrs[4], &[0xEE; 900]);
-            assert_eq!(frames[0].head(), &f0[..256], "the copy the decisions read");
+            assert_eq!(frames[0].head(), &f0[..64], "the copy the decisions read");
             assert_eq!(frames[0].len(), 1500);
             assert!(frames.iter().all(|f| f.offload().is_none()));
             let burst: Vec<Gather<'_>> = frames.iter().map(|f| f.bytes()).collect();
@@ -722,7 +723,8 @@ fn forward_burst_copies_each_frame_once_and_completes_after() {
     assert_eq!(ga.drv[1].used_idx(), 4, "every chain completed after the copies, the bad one too");
     assert_eq!((a.stats(1).packets, a.stats(1).errors), (3, 1));
     let mut want0 = f0.clone();
-    want0[256..1037].fill(0xEE);
+    want0[64..100].fill(0xEE);
+    want0[137..1037].fill(0xEE);
     let mut seen = 0;
     assert_eq!(rx_frame(&gb.drv[0], &mut seen, &addr_of), want0, "split frame");
     assert_eq!(rx_frame(&gb.drv[0], &mut seen, &addr_of), f1, "one descriptor");
@@ -784,4 +786,58 @@ fn forward_burst_reflects_on_a_packed_in_order_ring() {
     let p = tx.next_position().to_bits() as u32;
     assert_eq!(fe.get_vring_base(1), p | p << 16);
     assert_eq!(net.stats(1).errors, 1);
+}
+
+/// `forward_burst` with a frame whose headers reach past the first 64 bytes (IPv6, a
+/// hop-by-hop option, TCP: 82 bytes) and a partial checksum: its copy is extended to the
+/// headers `check_frame` reads (the first 256 bytes), across the descriptors the frame is
+/// split over, so the check passes and the receiver gets the frame byte for byte.
+#[test]
+fn forward_burst_extends_the_copy_of_a_frame_with_offloads() {
+    const NEEDS_CSUM: u8 = 1;
+    let path = sock_path("fwd-csum");
+    let mut cfg = DeviceConfig::new(NetModel::default());
+    cfg.model.features |= VirtioFeatures::NET_CSUM;
+    let (_run, nets) = start(vec![("fwd-csum", cfg, server(&path), Box::new(NoHandler))]);
+    let fe = Frontend::connect(&path, 2, 64);
+    let mut g = Guest::new(&fe);
+    assert!(fe.qemu_start(NET_FEATURES | 1) & 1 != 0, "CSUM acknowledged");
+    let net = &nets[0];
+    wait("rings ready", || (net.queue_ready(0) && net.queue_ready(1)).then_some(()));
+    // Ethernet, IPv6 (next header: hop-by-hop), an 8-byte hop-by-hop header (next: TCP), TCP.
+    let payload: Vec<u8> = (0..300u32).map(|i| (i * 7 + 1) as u8).collect();
+    let mut f = vec![0x52, 0x54, 0, 0, 0, 0x0b, 0x52, 0x54, 0, 0, 0, 0x0a, 0x86, 0xdd];
+    f.extend_from_slice(&[0x60, 0, 0, 0]);
+    f.extend_from_slice(&((8 + 20 + payload.len()) as u16).to_be_bytes());
+    f.extend_from_slice(&[0, 64]);
+    f.extend((0..32).map(|i| i as u8));
+    f.extend_from_slice(&[6, 0, 1, 4, 0, 0, 0, 0]);
+    f.extend_from_slice(&[0x9c, 0x40, 0x00, 0x50, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x18, 0xff, 0xff, 0, 0, 0, 0]);
+    f.extend_from_slice(&payload);
+    let hdr = net_hdr(NEEDS_CSUM, 0, 0, 0, 62, 16, 0);
+    // The header alone, then the frame over three descriptors: cut at 40 and at 100.
+    g.drv[1].add_chain(&[
+        Buf::readable(&hdr),
+        Buf::readable(&f[..40]),
+        Buf::readable(&f[40..100]),
+        Buf::readable(&f[100..]),
+    ]);
+    fe.kick(1);
+    let addr_of = post_rx(&mut g.drv[0], 4, 2048);
+    let mut scratch = TxScratch::new();
+    let mut handed = 0;
+    wait("the frame", || {
+        handed += net.forward_burst(0, &mut scratch, |frames| {
+            assert_eq!(frames.len(), 1);
+            assert_eq!(frames[0].head(), &f[..256], "the copy extended to the headers check_frame reads");
+            let of = frames[0].offload().expect("a frame with offloads, checked");
+            assert_eq!((of.header.csum_start.get(), of.header.csum_offset.get()), (62, 16));
+            let burst: Vec<Gather<'_>> = frames.iter().map(|f| f.bytes()).collect();
+            assert_eq!(net.enqueue_gather_burst(0, &burst), 1);
+        });
+        (handed != 0).then_some(())
+    });
+    assert_eq!(net.stats(1).errors, 0);
+    let mut seen = 0;
+    assert_eq!(rx_frame(&g.drv[0], &mut seen, &addr_of), f, "byte for byte");
 }

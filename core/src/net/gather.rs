@@ -7,10 +7,14 @@
 //! made its decisions on: [`check_frame`](super::check_frame), a switch's forwarding) and
 //! takes the rest from the sender's buffers. A sender that rewrites its buffers while the copy
 //! runs changes only its own payload: the headers that land are the ones that were checked.
-//! Its buffers are the segments of a chain the walk validated ([`Chain`]), so every byte read
+//! Its buffers are the segments of a chain the walk validated ([`Chain`](crate::Chain)), so every byte read
 //! is inside guest memory the driver offered for reading.
 
-use crate::chain::{copy_segments, Chain, Segment};
+use core::fmt;
+use core::marker::PhantomData;
+use core::ptr::NonNull;
+
+use crate::chain::{copy_segments, Segment};
 use crate::mem::{copy_bytes, move_bytes};
 
 /// The bytes of a frame the receive path places: a slice (`&[u8]`), or a [`Gather`].
@@ -56,53 +60,81 @@ impl sealed::CopyOut for &[u8] {
 /// A frame whose first bytes are a private copy ([`head`](Self::head)) and whose rest is
 /// still in guest memory: the device-readable buffers of a chain the walk validated.
 ///
-/// Built from a [`Chain`] ([`Gather::from_chain`]) or a slice ([`Gather::slice`], for frames
-/// the device holds itself, so that one burst can mix both).
-#[derive(Clone, Copy, Debug)]
+/// Built from a copy and the pieces past it ([`Gather::new`], what
+/// [`SplitQueue::pop_gather_uncompleted`](crate::SplitQueue::pop_gather_uncompleted) gives) or
+/// a slice ([`Gather::slice`], for frames the device holds itself, so that one burst can mix
+/// both). Three words: a burst of them is passed around by value.
+#[derive(Clone, Copy)]
 pub struct Gather<'a> {
-    head: &'a [u8],
-    /// The chain's device-readable segments; the frame's bytes after `head` start at byte
-    /// `skip` of them.
-    rest: &'a [Segment<'a>],
-    // 32-bit, as a chain's length is (§2.7.5.2): a frame crosses a burst by value.
-    skip: u32,
+    /// The copy of the frame's first bytes: valid for reads of `head_len` bytes for 'a.
+    head: NonNull<u8>,
+    /// The pieces past the copy: `count` segments valid for 'a (dangling when none).
+    rest: NonNull<Segment<'a>>,
+    // 32-bit, as a chain's length is (§2.7.5.2).
     len: u32,
+    /// `head_len` in the low 24 bits, the number of pieces in the high 8.
+    meta: u32,
+    _borrow: PhantomData<(&'a [u8], &'a [Segment<'a>])>,
+}
+
+/// Longest head a [`Gather`] keeps (24 bits: a slice longer than any frame).
+const MAX_HEAD: usize = (1 << 24) - 1;
+/// Most pieces a [`Gather`] keeps past its head.
+const MAX_PIECES: usize = u8::MAX as usize;
+
+impl fmt::Debug for Gather<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Gather")
+            .field("len", &self.len)
+            .field("head", &self.head().len())
+            .field("rest", &self.rest())
+            .finish()
+    }
 }
 
 impl<'a> Gather<'a> {
-    /// A frame the device holds in `bytes`.
+    /// A frame the device holds in `bytes` (cut to 16 MiB, longer than any frame).
     #[inline]
     pub const fn slice(bytes: &'a [u8]) -> Gather<'a> {
-        // A slice longer than 4 GiB is cut (no frame is; the chain's limit, §2.7.5.2).
-        let len = if bytes.len() > u32::MAX as usize { u32::MAX } else { bytes.len() as u32 };
-        Gather { head: bytes, rest: &[], skip: 0, len }
+        let n = if bytes.len() > MAX_HEAD { MAX_HEAD } else { bytes.len() };
+        // SAFETY: a slice's pointer is never null.
+        let head = unsafe { NonNull::new_unchecked(bytes.as_ptr().cast_mut()) };
+        Gather { head, rest: NonNull::dangling(), len: n as u32, meta: n as u32, _borrow: PhantomData }
     }
 
-    /// The device-readable part of `chain` from byte `offset` on (e.g. past a virtio-net
-    /// header), whose first `head.len()` bytes are `head` instead: the caller's copy of those
-    /// bytes, which it made its decisions on. A `head` longer than the frame is cut to it.
+    /// A frame whose first bytes are `head` (the caller's copy of them, which it made its
+    /// decisions on) and whose other `rest_len` bytes are those of `rest`, the device-readable
+    /// pieces of a chain past the bytes copied: what
+    /// [`SplitQueue::pop_gather_uncompleted`](crate::SplitQueue::pop_gather_uncompleted)
+    /// appends to a [`Segments`](crate::Segments) list (nothing, for a chain its copy holds
+    /// whole). `rest_len` is their total length
+    /// ([`CopiedChain::readable_len`](crate::CopiedChain::readable_len) less
+    /// [`CopiedChain::bytes`](crate::CopiedChain::bytes)); were it larger, the bytes past the
+    /// pieces would not be written where the frame is placed (whatever the receiver's buffer
+    /// held stays there), never read from elsewhere, as for pieces past the 255th or a head
+    /// longer than 16 MiB (cut).
     ///
-    /// The bytes after `head` are read from the chain's buffers when the frame is placed, so
-    /// the chain must not be completed before then: its buffers still belong to the device.
-    pub fn from_chain<const N: usize>(chain: &'a Chain<'a, N>, offset: usize, head: &'a [u8]) -> Gather<'a> {
-        Gather::new(chain.readable(), chain.readable_len() as usize, offset, head)
+    /// The bytes of `rest` are read when the frame is placed, so the chain must not be
+    /// completed before then: its buffers still belong to the device.
+    #[inline]
+    pub fn new(head: &'a [u8], rest: &'a [Segment<'a>], rest_len: usize) -> Gather<'a> {
+        debug_assert_eq!(rest.iter().map(Segment::len).sum::<usize>(), rest_len);
+        let h = head.len().min(MAX_HEAD);
+        let count = rest.len().min(MAX_PIECES);
+        let len = (h as u64 + rest_len as u64).min(u64::from(u32::MAX)) as u32;
+        // SAFETY: slices' pointers are never null.
+        let (head, rest) = unsafe {
+            (NonNull::new_unchecked(head.as_ptr().cast_mut()), NonNull::new_unchecked(rest.as_ptr().cast_mut()))
+        };
+        Gather { head, rest, len, meta: h as u32 | (count as u32) << 24, _borrow: PhantomData }
     }
 
-    /// [`Gather::from_chain`] over a chain's device-readable segments kept elsewhere (a
-    /// device that takes a burst of chains with
-    /// [`SplitQueue::pop_gather_uncompleted`](crate::SplitQueue::pop_gather_uncompleted) and
-    /// keeps their segments in one [`Segments`](crate::Segments) list). `readable_len` is
-    /// their total length ([`CopiedChain::readable_len`](crate::CopiedChain::readable_len));
-    /// were it larger, the bytes past the segments would not be written where the frame is
-    /// placed (whatever the receiver's buffer held stays there), never read from elsewhere.
+    /// The pieces past the head.
     #[inline]
-    pub fn new(readable: &'a [Segment<'a>], readable_len: usize, offset: usize, head: &'a [u8]) -> Gather<'a> {
-        debug_assert_eq!(readable.iter().map(Segment::len).sum::<usize>(), readable_len);
-        let readable_len = readable_len.min(u32::MAX as usize);
-        let len = readable_len.saturating_sub(offset);
-        let head = &head[..head.len().min(len)];
-        // `offset + head.len() <= readable_len` whenever `len > 0`; otherwise unused.
-        Gather { head, rest: readable, skip: (offset + head.len()).min(readable_len) as u32, len: len as u32 }
+    fn rest(&self) -> &'a [Segment<'a>] {
+        // SAFETY: `rest` and the count come from a slice borrowed for 'a (`new`), or are
+        // dangling and 0 (`slice`).
+        unsafe { core::slice::from_raw_parts(self.rest.as_ptr(), (self.meta >> 24) as usize) }
     }
 
     /// The frame's length in bytes.
@@ -120,14 +152,15 @@ impl<'a> Gather<'a> {
     /// The frame's first bytes, from the private copy (all of it for [`Gather::slice`]).
     #[inline]
     pub fn head(&self) -> &'a [u8] {
-        self.head
+        // SAFETY: `head` and its length come from a slice borrowed for 'a, its length cut.
+        unsafe { core::slice::from_raw_parts(self.head.as_ptr(), (self.meta & MAX_HEAD as u32) as usize) }
     }
 
     /// The whole frame as one slice, if the device holds it ([`Gather::slice`], or a frame no
     /// longer than its head).
     #[inline]
     pub fn contiguous(&self) -> Option<&'a [u8]> {
-        (self.head.len() == self.len as usize).then_some(self.head)
+        (self.meta == self.len).then(|| self.head())
     }
 
     /// Copies the frame's first `min(self.len(), buf.len())` bytes into `buf` (for a device
@@ -152,18 +185,18 @@ impl FrameSource for Gather<'_> {
 impl sealed::CopyOut for Gather<'_> {
     #[cfg_attr(not(feature = "small"), inline(always))]
     unsafe fn copy_out(&self, at: usize, dst: *mut u8, n: usize) {
-        let h = self.head.len();
+        let head = self.head();
+        let h = head.len();
         let mut done = 0;
         if at < h {
             done = (h - at).min(n);
             // SAFETY: `at + done <= h`: within the head, Rust memory; `dst` valid for `n >=
             // done` bytes (the caller) and never overlapping Rust memory.
-            unsafe { copy_bytes(self.head.as_ptr().add(at), dst, done) };
+            unsafe { copy_bytes(head.as_ptr().add(at), dst, done) };
         }
         if done < n {
             // `at + done >= h` here: either `at >= h`, or the head was copied to its end.
-            let from = self.skip as usize + (at + done - h);
-            copy_segments(self.rest, from, n - done, |seg, o, k, d| {
+            copy_segments(self.rest(), at + done - h, n - done, |seg, o, k, d| {
                 // SAFETY: `seg` is a device-readable segment of a validated chain, valid for
                 // reads of `seg.len()` bytes for the chain's memory lifetime, which outlives
                 // 'a (GuestMemory contract), and `o + k <= seg.len()`; `done + d + k <= n`
