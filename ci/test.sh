@@ -103,6 +103,8 @@ if [[ -z ${SKIP_PEERS:-} ]]; then
     # in the closing notes come from the full run (5 rounds of 5 s), on an otherwise idle machine.
     ROUNDS=1 SECS=2 bash benches/vs-dpdk.sh
     DEVICES="1 8 64" SECS=2 bash benches/footprint.sh
+    step "the NIC path: virtq-net --nic vs DPDK testpmd bridging the same veth (short run, about 50 s; a report)"
+    ROUNDS=1 SECS=2 bash benches/nic-vs-dpdk.sh
 fi
 
 # The closing line: totals over every test binary run above (host and Miri).
