@@ -15,7 +15,7 @@ use virtq::net::header::VIRTIO_NET_HDR_GSO_NONE;
 use virtq::net::{check_frame, complete_csum, Delivery, OffloadFrame, Segmenter, VirtioNetHdr};
 use virtq::VirtioFeatures;
 use virtq_vhost_user::limited;
-use virtq_vhost_user::net::{parse_header, rarp_announce, NetDevice, TxFrame, MAX_TX_FRAME};
+use virtq_vhost_user::net::{parse_header, rarp_announce, Enqueued, NetDevice, TxFrame, MAX_TX_FRAME};
 
 use crate::generate;
 use crate::nic::{Nic, NicQueue, NIC_HDR_LEN};
@@ -882,8 +882,9 @@ trait Receiver {
     fn mtu(&self) -> u16;
     /// Places plain frames (no offloads); returns how many it took.
     fn put_plain(&self, frames: &[&[u8]]) -> usize;
-    /// Places frames, each with the header it is delivered with; returns how many it took.
-    fn put(&self, frames: &[(VirtioNetHdr, &[u8])]) -> usize;
+    /// Places frames, each with the header it is delivered with: how many it took, and
+    /// whether it ran out of room (frames refused one by one leave room for the next).
+    fn put(&self, frames: &[(VirtioNetHdr, &[u8])]) -> Enqueued;
     /// Counts `n` frames dropped for it.
     fn count_drops(&self, n: u64);
 }
@@ -905,8 +906,8 @@ impl Receiver for GuestQueue<'_> {
     fn put_plain(&self, frames: &[&[u8]]) -> usize {
         self.dev.enqueue_burst(self.to, frames)
     }
-    fn put(&self, frames: &[(VirtioNetHdr, &[u8])]) -> usize {
-        self.dev.enqueue_burst_with_headers(self.to, frames)
+    fn put(&self, frames: &[(VirtioNetHdr, &[u8])]) -> Enqueued {
+        self.dev.enqueue_burst_with_headers_outcome(self.to, frames)
     }
     fn count_drops(&self, n: u64) {
         self.dev.count_rx_drops(self.to, n);
@@ -930,9 +931,10 @@ impl Receiver for NicTx<'_> {
     fn put_plain(&self, frames: &[&[u8]]) -> usize {
         self.q.send_burst(frames.iter().copied()).0 as usize
     }
-    fn put(&self, frames: &[(VirtioNetHdr, &[u8])]) -> usize {
+    fn put(&self, frames: &[(VirtioNetHdr, &[u8])]) -> Enqueued {
         // Without offloads every header is a plain one: the frames are complete.
-        self.q.send_burst(frames.iter().map(|(_, f)| *f)).0 as usize
+        let (sent, dropped) = self.q.send_burst(frames.iter().map(|(_, f)| *f));
+        Enqueued { placed: sent as usize, full: dropped > 0 }
     }
     fn count_drops(&self, n: u64) {
         self.q.counters().tx_drops.fetch_add(n, Ordering::Relaxed);
@@ -1132,8 +1134,9 @@ impl<'a> OutBurst<'a> {
                 Src::Scratch(k, n) => (*h, &fb.bufs[k][..n]),
             };
         }
-        let placed = rx.put(&burst[..self.len]);
-        self.room &= placed == self.len;
+        // Frames the receiver refused one by one (too large for its buffers) leave it room for
+        // the rest; a receiver out of buffers does not.
+        self.room &= !rx.put(&burst[..self.len]).full;
         self.len = 0;
         self.scratch = 0;
     }
@@ -1172,5 +1175,77 @@ mod tests {
         let t = tap_header(&raw10, &raw10[10..]);
         assert_eq!(t[..10], hdr[..10]);
         assert_eq!(t[10..], [0, 0]);
+    }
+}
+
+#[cfg(test)]
+mod receiver_tests {
+    use std::cell::{Cell, RefCell};
+
+    use super::*;
+
+    /// A receiver with room for everything that refuses, one by one, frames longer than its
+    /// buffers (as a guest without MRG_RXBUF and 2 KiB buffers refuses a jumbo frame).
+    struct SmallBuffers {
+        got: RefCell<Vec<usize>>,
+        refused: Cell<usize>,
+        drops: Cell<u64>,
+    }
+
+    impl Receiver for SmallBuffers {
+        fn features(&self) -> Option<VirtioFeatures> {
+            Some(VirtioFeatures::empty())
+        }
+        fn mtu(&self) -> u16 {
+            9000
+        }
+        fn put_plain(&self, frames: &[&[u8]]) -> usize {
+            let fit = frames.iter().filter(|f| f.len() <= 2048).count();
+            self.got.borrow_mut().extend(frames.iter().map(|f| f.len()).filter(|&n| n <= 2048));
+            self.refused.set(self.refused.get() + frames.len() - fit);
+            fit
+        }
+        fn put(&self, frames: &[(VirtioNetHdr, &[u8])]) -> Enqueued {
+            let refs: Vec<&[u8]> = frames.iter().map(|(_, f)| *f).collect();
+            Enqueued { placed: self.put_plain(&refs), full: false }
+        }
+        fn count_drops(&self, n: u64) {
+            self.drops.set(self.drops.get() + n);
+        }
+    }
+
+    /// A TCP/IPv4 frame of `payload` bytes with a TSO header (NEEDS_CSUM, GSO TCPV4, MSS
+    /// `mss`), its TCP checksum field holding the pseudo-header sum as a driver leaves it.
+    fn tso_frame(payload: usize, mss: u16) -> (VirtioNetHdr, Vec<u8>) {
+        let total = 40 + payload;
+        let mut f = vec![0x52, 0x54, 0, 0, 0, 0x0b, 0x52, 0x54, 0, 0, 0, 0x0a, 0x08, 0x00];
+        f.extend_from_slice(&[0x45, 0, (total >> 8) as u8, total as u8, 0, 1, 0x40, 0, 64, 6, 0, 0]);
+        f.extend_from_slice(&[10, 0, 0, 1, 10, 0, 0, 2]);
+        f.extend_from_slice(&[
+            0x13, 0x88, 0x17, 0x70, 0, 0, 0x03, 0xe8, 0, 0, 0, 1, 0x50, 0x18, 0xff, 0xff, 0, 0, 0, 0,
+        ]);
+        f.extend((0..payload).map(|i| i as u8));
+        let h = parse_header(&[1, 1, 54, 0, mss as u8, (mss >> 8) as u8, 34, 0, 16, 0, 0, 0]);
+        (h, f)
+    }
+
+    /// Session 7's review: a frame the receiver refused on its own (too large for its
+    /// buffers) used to end the delivery as if the receiver were out of buffers, so the
+    /// segments cut after it in the same batch were dropped. Now only a receiver out of room
+    /// stops it: every segment of the TSO frame arrives.
+    #[test]
+    fn a_frame_refused_alone_does_not_stop_the_rest_of_the_delivery() {
+        let jumbo = vec![0u8; 3000];
+        let (h, tso) = tso_frame(40 * 1000, 1000);
+        let of = check_frame(&h, &tso, tso.len()).expect("a valid TSO frame");
+        assert_eq!(of.segments(), 40);
+        let frames = [SwitchFrame { frame: &jumbo, offload: None }, SwitchFrame { frame: &tso, offload: Some(&of) }];
+        let rx = SmallBuffers { got: RefCell::default(), refused: Cell::new(0), drops: Cell::new(0) };
+        let mut fb = Fallback::new();
+        deliver_to_receiver(&rx, frames.iter().copied(), &mut fb);
+        assert_eq!(rx.refused.get(), 1, "the jumbo frame, refused by the receiver");
+        assert_eq!(rx.got.borrow().len(), 40, "every segment, the ones after the first flush included");
+        assert!(rx.got.borrow().iter().all(|&n| n == 14 + 40 + 1000));
+        assert_eq!(rx.drops.get(), 0);
     }
 }

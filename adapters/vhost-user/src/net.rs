@@ -50,6 +50,17 @@ pub fn rarp_announce(mac: [u8; 6]) -> [u8; 60] {
     f
 }
 
+/// What an enqueue burst did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Enqueued {
+    /// Frames placed (the rest were dropped and counted).
+    pub placed: usize,
+    /// The burst stopped before its last frame: the ring ran out of buffers, or is stopped,
+    /// disabled or faulted. Frames refused one by one (too large, an offload the guest did
+    /// not negotiate) do not set it.
+    pub full: bool,
+}
+
 /// Per-queue counters.
 #[derive(Debug, Default)]
 pub struct QueueStats {
@@ -538,6 +549,13 @@ impl NetDevice {
     /// (or the ring is stopped or disabled) and are dropped and counted by the caller's choice:
     /// they are counted here as drops.
     pub fn enqueue_burst(&self, pair: u16, frames: &[&[u8]]) -> usize {
+        self.enqueue_burst_outcome(pair, frames).placed
+    }
+
+    /// [`NetDevice::enqueue_burst`], telling apart frames refused one by one (too large for
+    /// the guest's buffers) from a ring that ran out of buffers: a sender with more frames
+    /// for this guest stops only on the latter.
+    pub fn enqueue_burst_outcome(&self, pair: u16, frames: &[&[u8]]) -> Enqueued {
         let zero = VirtioNetHdr::default();
         self.enqueue(pair, frames.len(), |i| (zero, frames[i]))
     }
@@ -556,25 +574,30 @@ impl NetDevice {
     /// that marks a frame it already checked still reaches a driver without checksum offload.
     /// Both rules are the core's ([`virtq::net::receive_burst`]).
     pub fn enqueue_burst_with_headers(&self, pair: u16, frames: &[(VirtioNetHdr, &[u8])]) -> usize {
+        self.enqueue_burst_with_headers_outcome(pair, frames).placed
+    }
+
+    /// [`NetDevice::enqueue_burst_with_headers`] with the [`Enqueued`] outcome.
+    pub fn enqueue_burst_with_headers_outcome(&self, pair: u16, frames: &[(VirtioNetHdr, &[u8])]) -> Enqueued {
         self.enqueue(pair, frames.len(), |i| frames[i])
     }
 
     /// The RX burst behind both enqueue variants: `frame(i)` is the header and frame of the
     /// `i`-th of `count` frames.
     #[inline(always)]
-    fn enqueue<'f>(&self, pair: u16, count: usize, frame: impl Fn(usize) -> (VirtioNetHdr, &'f [u8])) -> usize {
+    fn enqueue<'f>(&self, pair: u16, count: usize, frame: impl Fn(usize) -> (VirtioNetHdr, &'f [u8])) -> Enqueued {
         let index = 2 * pair as usize;
-        let Some(q) = self.inner.queues.get(index) else { return 0 };
+        let Some(q) = self.inner.queues.get(index) else { return Enqueued { placed: 0, full: true } };
         let mut s = q.lock();
         let (Some(active), true, log) = s.burst_parts() else {
             drop(s);
             q.stats.add(0, 0, count as u64, 0);
-            return 0;
+            return Enqueued { placed: 0, full: true };
         };
         if active.fault().is_some() {
             drop(s);
             q.stats.add(0, 0, count as u64, 0);
-            return 0;
+            return Enqueued { placed: 0, full: true };
         }
         let features: VirtioFeatures = active.features;
         let mut burst = net::RxBurst::default();
@@ -606,7 +629,7 @@ impl NetDevice {
         };
         self.finish_burst(index, s, result, broken);
         q.stats.add(n as u64, bytes, (count - n) as u64, errors);
-        n
+        Enqueued { placed: n, full: burst.stopped.is_some() }
     }
 
     /// After a burst: records a fault found on the way and signals the guest if its
