@@ -157,6 +157,10 @@ pub struct ThreadStats {
     pub frames: AtomicU64,
     /// Ring groups this thread polls: queue pairs of vhost-user ports, queues of switch TAPs.
     pub rings: AtomicU64,
+    /// The fabric generation whose ports this thread polls (see [`Fabric::remove`]).
+    seen: AtomicU64,
+    /// The thread is in [`Dataplane::run`].
+    running: AtomicBool,
 }
 
 impl ThreadStats {
@@ -228,18 +232,33 @@ impl Fabric {
         t.ports.len() - 1
     }
 
-    /// Removes port `id` and forgets the addresses the switch learned behind it. Each thread
-    /// lets go of the port at its next pass; a burst in flight to it meanwhile goes to a
-    /// device that is already stopped (counted as drops) or to a TAP still open.
+    /// Removes port `id`: waits until every running data-plane thread has let go of it (each
+    /// does at its next pass, within a millisecond or a burst; at most 2 s), then forgets the
+    /// addresses the switch learned behind it, so that no burst still in flight learns them
+    /// again. Returns the entry, so that the caller releases the port (closes a NIC, a TAP)
+    /// on its own thread rather than a data-plane thread. A burst in flight to the port
+    /// before that goes to a device already stopped (counted as drops) or to a NIC or TAP
+    /// still open.
     pub fn remove(&self, id: PortId) -> Option<Arc<PortEntry>> {
-        let entry = {
+        let (entry, generation) = {
             let mut t = self.lock();
             let entry = t.ports.get_mut(id)?.take()?;
-            self.generation.fetch_add(1, Ordering::Release);
-            entry
+            (entry, self.generation.fetch_add(1, Ordering::Release) + 1)
         };
         for &th in &entry.threads {
             self.threads[th].rings.fetch_sub(1, Ordering::Relaxed);
+        }
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while self
+            .threads
+            .iter()
+            .any(|t| t.running.load(Ordering::Acquire) && t.seen.load(Ordering::Acquire) < generation)
+        {
+            if Instant::now() > deadline {
+                limited!(warn, "virtq-net: a data-plane thread did not let go of port {id} within 2 s");
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(200));
         }
         self.switch.lock().unwrap_or_else(|p| p.into_inner()).forget_port(id);
         Some(entry)
@@ -333,8 +352,15 @@ impl Dataplane {
     /// was added or removed.
     #[cold]
     fn refresh(&mut self) {
-        self.generation = self.fabric.generation.load(Ordering::Acquire);
-        self.ports = self.fabric.ports();
+        // Ports and generation read under the table's lock, so they belong together.
+        let (ports, generation) = {
+            let t = self.fabric.lock();
+            (t.ports.clone(), self.fabric.generation.load(Ordering::Acquire))
+        };
+        // The old entries go before the thread says it has let go of them.
+        self.ports = ports;
+        self.generation = generation;
+        self.fabric.threads[self.index].seen.store(generation, Ordering::Release);
         self.rings.clear();
         self.sources.clear();
         for (p, e) in self.ports.iter().enumerate() {
@@ -351,7 +377,8 @@ impl Dataplane {
                 Port::Nic(_) => self.rings.extend(mine.map(|q| Ring::Nic(p, q))),
             }
         }
-        self.dest = vec![Vec::with_capacity(BURST); self.ports.len()];
+        // (`vec![v; n]` would clone, and clones have no capacity: no allocation per burst.)
+        self.dest = (0..self.ports.len()).map(|_| Vec::with_capacity(BURST)).collect();
     }
 
     /// Runs until `stop` is set. Busy-polls while there is traffic, then backs off with short
@@ -359,6 +386,8 @@ impl Dataplane {
     /// waited on, so the guest is asked not to kick at all (§2.7.10): a kick costs it a VM exit
     /// or a syscall per batch.
     pub fn run(&mut self, stop: &AtomicBool) {
+        let me = Arc::clone(&self.fabric.threads[self.index]);
+        me.running.store(true, Ordering::Release);
         if let Some(cpu) = self.fabric.threads[self.index].cpu {
             if let Err(e) = pin_to_cpu(cpu) {
                 limited!(warn, "virtq-net: data-plane thread {}: pinning to CPU {cpu}: {e}", self.index);
@@ -383,6 +412,7 @@ impl Dataplane {
                     last_suppress = Some(Instant::now());
                 }
                 self.announce();
+                self.flush_nics();
                 // One thread ages the shared table.
                 if self.index == 0 && last_expire.elapsed() > Duration::from_secs(10) {
                     self.fabric.switch.lock().unwrap_or_else(|p| p.into_inner()).expire(Instant::now());
@@ -413,6 +443,7 @@ impl Dataplane {
             }
         }
         self.publish();
+        me.running.store(false, Ordering::Release);
     }
 
     /// Adds what this thread counted since the last time to its [`ThreadStats`].
@@ -463,6 +494,18 @@ impl Dataplane {
                     PortBackend::Reflect | PortBackend::Sink | PortBackend::Source(_) => {}
                 }
                 limited!(info, "{}: announced {mac:02x?} (RARP)", dev.name());
+            }
+        }
+    }
+
+    /// Finishes the transmit side of the NIC queues this thread polls ([`NicQueue::flush_tx`]).
+    fn flush_nics(&self) {
+        for r in &self.rings {
+            let Ring::Nic(p, q) = *r else { continue };
+            if let Some(PortEntry { port: Port::Nic(nic), .. }) = self.ports[p].as_deref() {
+                if let Some(queue) = nic.queues().get(q) {
+                    queue.flush_tx();
+                }
             }
         }
     }
@@ -620,14 +663,25 @@ impl Dataplane {
         let mut hdrs = [[0u8; NIC_HDR_LEN]; BURST];
         let mut n = 0;
         let bufs = &mut self.tap_bufs;
+        let mut too_large = 0u64;
         queue.recv_burst(BURST, |hdr, frame| {
-            // Frames are at most a 64 KiB GSO frame, which a TAP buffer holds.
+            // A TAP buffer holds a 64 KiB GSO frame; a larger one (BIG TCP) is dropped here.
             if n < BURST && frame.len() < bufs[n].len() {
                 bufs[n][..frame.len()].copy_from_slice(frame);
                 (lens[n], hdrs[n]) = (frame.len(), *hdr);
                 n += 1;
+            } else {
+                too_large += 1;
             }
         });
+        if too_large > 0 {
+            queue.counters().rx_drops.fetch_add(too_large, Ordering::Relaxed);
+            limited!(
+                warn,
+                "virtq-net: nic {}: {too_large} frame(s) larger than a 64 KiB GSO frame dropped",
+                nic.name()
+            );
+        }
         if n == 0 {
             return 0;
         }

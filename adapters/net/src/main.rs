@@ -124,7 +124,8 @@ struct Args {
     pmd_cpus: Option<String>,
 
     /// A control socket (mode 0600) to add and remove ports at run time and read statistics
-    /// as JSON: `virtq-net ctl PATH add-port SPEC | add-tap NAME | del-port NAME | ports |    /// stats | add-nic SPEC`. With it, virtq-net may start without ports.
+    /// as JSON: `virtq-net ctl PATH add-port SPEC`, `add-tap NAME`, `add-nic SPEC`,
+    /// `del-port NAME`, `ports`, `stats`. With it, virtq-net may start without ports.
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
 
@@ -140,7 +141,7 @@ enum Command {
     Ctl {
         /// The control socket (`--control`).
         path: PathBuf,
-        /// The request: add-port SPEC, add-tap NAME, del-port NAME, ports, stats.
+        /// The request: add-port SPEC, add-tap NAME, add-nic SPEC, del-port NAME, ports, stats.
         #[arg(required = true, num_args = 1.., trailing_var_arg = true, allow_hyphen_values = true)]
         words: Vec<String>,
     },

@@ -511,7 +511,7 @@ impl Manager {
 fn thread_json(i: usize, s: &ThreadStats) -> Value {
     let (busy, idle) = (s.busy.load(Ordering::Relaxed), s.idle.load(Ordering::Relaxed));
     let frames = s.frames.load(Ordering::Relaxed);
-    let pct = (1000 * busy).checked_div(busy + idle).unwrap_or(0) as f64 / 10.0;
+    let pct = if busy + idle == 0 { 0.0 } else { (1000.0 * busy as f64 / (busy + idle) as f64).round() / 10.0 };
     json!({
         "thread": i,
         "cpu": s.cpu,

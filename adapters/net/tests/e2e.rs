@@ -1161,6 +1161,26 @@ fn control_socket_adds_and_removes_ports_while_others_carry_traffic() {
         let (ok, v) = ctl(&ctl_sock, bad);
         assert!(!ok && v["error"].as_str().is_some_and(|e| !e.is_empty()), "{bad:?}: {v}");
     }
+    // A client that trickles its request (a byte every 300 ms, never a line) is cut off after
+    // a second in all: the next request is answered meanwhile, not an hour later.
+    let slow_sock = ctl_sock.clone();
+    let slow = thread::spawn(move || {
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&slow_sock).unwrap();
+        for b in b"stats" {
+            if s.write_all(&[*b]).is_err() {
+                break;
+            }
+            thread::sleep(Duration::from_millis(300));
+        }
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+    });
+    thread::sleep(Duration::from_millis(100));
+    let t0 = Instant::now();
+    assert!(ctl(&ctl_sock, &["ports"]).0);
+    assert!(t0.elapsed() < Duration::from_millis(1500), "answered after the slow client's second: {:?}", t0.elapsed());
+    slow.join().unwrap();
     let (ok, v) = ctl(&ctl_sock, &["add-port", &format!("path={}", a.display())]);
     assert!(!ok, "a second port on A's path is refused: {v}");
     assert!(!fa.closed_by_backend(Duration::from_millis(10)), "A is untouched");

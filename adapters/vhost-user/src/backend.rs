@@ -306,6 +306,14 @@ pub struct Backend {
     faults: FaultNotifier,
 }
 
+impl Drop for Backend {
+    fn drop(&mut self) {
+        // However the loop ended (or if it never ran), callers waiting in or coming to
+        // `BackendHandle::call` are told so instead of waiting forever.
+        self.commands.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+}
+
 impl Backend {
     /// An empty back-end.
     pub fn new() -> io::Result<Backend> {
@@ -336,8 +344,9 @@ impl Backend {
     /// virtio-net a [`crate::net::NetDevice`]). Servers listen at once; clients connect on the
     /// first loop iteration (and keep trying with backoff if the front-end is not there yet).
     /// `name` identifies the device in logs and to [`Backend::remove_device`]; a name already
-    /// in use is refused (`AlreadyExists`), before anything is bound: a second device on a
-    /// socket path would otherwise replace the first one's socket file.
+    /// in use is refused (`AlreadyExists`), before anything is bound. (A second server on the
+    /// same path spelled the same is refused here; `Listener::bind` also refuses a socket
+    /// file that something still listens on.)
     pub fn add_device<M: DeviceModel>(
         &mut self,
         name: &str,
@@ -376,8 +385,9 @@ impl Backend {
     /// Removes the device named `name`, as if the back-end were shutting down for it alone:
     /// its front-end is disconnected (the device reset first: rings stopped, its memory and
     /// fds released), its socket closed (a listening socket's file removed), and its handler
-    /// told ([`DeviceHandler::device_destroyed`], [`DeviceHandler::disconnected`]). Other
-    /// devices are not touched. `false` if there is no such device.
+    /// told ([`DeviceHandler::device_destroyed`] if it was ready,
+    /// [`DeviceHandler::disconnected`] if a front-end was connected). Other devices are not
+    /// touched. `false` if there is no such device.
     pub fn remove_device(&mut self, name: &str) -> bool {
         let Some(id) = self.slots.iter().position(|s| s.as_ref().is_some_and(|s| s.device.name() == name)) else {
             return false;

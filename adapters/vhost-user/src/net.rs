@@ -627,9 +627,12 @@ impl NetDevice {
             Some(net::RxError::Ring(PopError::AvailIndex(e))) => Some(RingFault::AvailIndex(e)),
             _ => None,
         };
+        let unserved = result.is_err();
         self.finish_burst(index, s, result, broken);
         q.stats.add(n as u64, bytes, (count - n) as u64, errors);
-        Enqueued { placed: n, full: burst.stopped.is_some() }
+        // A ring that could not be served at all (a fault found at this burst) takes nothing
+        // more either.
+        Enqueued { placed: n, full: burst.stopped.is_some() || unserved }
     }
 
     /// After a burst: records a fault found on the way and signals the guest if its

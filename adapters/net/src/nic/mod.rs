@@ -241,6 +241,17 @@ impl NicQueue {
         add(&self.counters.tx_drops, dropped);
         (sent, dropped)
     }
+
+    /// Finishes what earlier bursts left: completed transmit frames are taken back, and
+    /// frames still queued are kicked to the kernel again (an AF_XDP kick that met `EBUSY`
+    /// or `ENOBUFS` is not retried until the next burst, which may never come: the last ACK
+    /// of a flow). For the data-plane thread's housekeeping; AF_PACKET sends synchronously
+    /// and has nothing to finish.
+    pub fn flush_tx(&self) {
+        if let QueueKind::Xdp(q) = &self.kind {
+            q.send_burst(std::iter::empty());
+        }
+    }
 }
 
 fn add(c: &AtomicU64, n: u64) {
