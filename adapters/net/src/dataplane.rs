@@ -134,11 +134,15 @@ pub struct Fabric {
     threads: Vec<Arc<ThreadStats>>,
 }
 
-/// The ports, by [`PortId`]. A removed port leaves `None`; its number is not reused, so a
-/// burst in flight that names it can only miss it.
+/// The ports, by [`PortId`]. A removed port leaves `None`; its number is reused only once
+/// every thread has let go of it ([`Fabric::remove`]).
 #[derive(Default)]
 struct PortTable {
     ports: Vec<Option<Arc<PortEntry>>>,
+    /// Numbers of removed ports that every thread has let go of and whose addresses the
+    /// switch forgot: the next ports take them, so that the table (and the per-burst work
+    /// over it) grows with the ports alive, not with every port ever added.
+    free: Vec<PortId>,
     /// Rings assigned so far: the next ring goes to thread `assigned % threads`.
     assigned: usize,
 }
@@ -227,9 +231,19 @@ impl Fabric {
         for &th in &threads {
             self.threads[th].rings.fetch_add(1, Ordering::Relaxed);
         }
-        t.ports.push(Some(Arc::new(PortEntry { port, threads })));
+        let entry = Some(Arc::new(PortEntry { port, threads }));
+        let id = match t.free.pop() {
+            Some(id) => {
+                t.ports[id] = entry;
+                id
+            }
+            None => {
+                t.ports.push(entry);
+                t.ports.len() - 1
+            }
+        };
         self.generation.fetch_add(1, Ordering::Release);
-        t.ports.len() - 1
+        id
     }
 
     /// Removes port `id`: waits until every running data-plane thread has let go of it (each
@@ -249,6 +263,7 @@ impl Fabric {
             self.threads[th].rings.fetch_sub(1, Ordering::Relaxed);
         }
         let deadline = Instant::now() + Duration::from_secs(2);
+        let mut released = true;
         while self
             .threads
             .iter()
@@ -256,11 +271,16 @@ impl Fabric {
         {
             if Instant::now() > deadline {
                 limited!(warn, "virtq-net: a data-plane thread did not let go of port {id} within 2 s");
+                released = false;
                 break;
             }
             std::thread::sleep(Duration::from_micros(200));
         }
         self.switch.lock().unwrap_or_else(|p| p.into_inner()).forget_port(id);
+        // A number some thread may still use for the old port is not given to a new one.
+        if released {
+            self.lock().free.push(id);
+        }
         Some(entry)
     }
 
@@ -1229,6 +1249,32 @@ mod tests {
         let t = tap_header(&raw10, &raw10[10..]);
         assert_eq!(t[..10], hdr[..10]);
         assert_eq!(t[10..], [0, 0]);
+    }
+}
+
+#[cfg(test)]
+mod fabric_tests {
+    use super::*;
+
+    fn port(name: &str) -> Port {
+        let dev = NetDevice::new(name, (0..2).map(|_| Arc::default()).collect());
+        Port::Vhost { dev, backend: PortBackend::Switch, tap: Vec::new(), announce: Arc::default(), mtu: 1500 }
+    }
+
+    #[test]
+    fn a_removed_ports_number_is_taken_by_the_next_port_and_rings_stay_round_robin() {
+        let f = Fabric::new(2, &[]);
+        let ids: Vec<PortId> = ["a", "b", "c"].iter().map(|n| f.add(port(n))).collect();
+        assert_eq!(ids, [0, 1, 2]);
+        let threads = |id: PortId| f.ports()[id].as_ref().unwrap().threads.clone();
+        assert_eq!((threads(0), threads(1), threads(2)), (vec![0], vec![1], vec![0]));
+        assert!(f.remove(1).is_some());
+        assert!(f.remove(1).is_none(), "removed once");
+        assert_eq!(f.thread_stats(1).rings.load(Ordering::Relaxed), 0);
+        // No thread runs, so none holds port 1: its number is free again.
+        assert_eq!(f.add(port("d")), 1);
+        assert_eq!(f.ports().len(), 3, "the table did not grow");
+        assert_eq!(threads(1), vec![1], "round-robin goes on where it was");
     }
 }
 
