@@ -100,15 +100,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-for ns in "$NS_BE" "$NS_PEER"; do
-    ip netns add "$ns"
-    NETNS+=("$ns")
-    ip netns exec "$ns" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1
-    ip -n "$ns" link set lo up
-done
-ip -n "$NS_BE" link add vqnic0 type veth peer name vqpeer0 netns "$NS_PEER"
-ip -n "$NS_BE" link set vqnic0 up
-ip -n "$NS_PEER" link set vqpeer0 up
+make_nic_veth "$NS_BE" "$NS_PEER"
 
 # peer_stat rx_packets|tx_packets: the far end's counter.
 peer_stat() { ip netns exec "$NS_PEER" cat "/sys/class/net/vqpeer0/statistics/$1"; }

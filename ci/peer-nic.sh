@@ -75,16 +75,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# The two namespaces and the veth pair between them, IPv6 off (nothing but the test's frames).
-for ns in "$NS_VQ" "$NS_PEER"; do
-    ip netns add "$ns"
-    NETNS+=("$ns")
-    ip netns exec "$ns" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1
-    ip -n "$ns" link set lo up
-done
-ip -n "$NS_VQ" link add vqnic0 type veth peer name vqpeer0 netns "$NS_PEER"
-ip -n "$NS_VQ" link set vqnic0 up
-ip -n "$NS_PEER" link set vqpeer0 up
+make_nic_veth "$NS_VQ" "$NS_PEER"
 
 peer_rx() { ip netns exec "$NS_PEER" cat /sys/class/net/vqpeer0/statistics/rx_packets; }
 # Frames the veth dropped on the way (the far end's backlog full): vqnic0's tx_dropped.
