@@ -106,16 +106,6 @@ make_nic_veth "$NS_BE" "$NS_PEER"
 peer_stat() { ip netns exec "$NS_PEER" cat "/sys/class/net/vqpeer0/statistics/$1"; }
 now() { date +%s.%N; }
 
-wait_socket() {
-    local i
-    for ((i = 0; i < 600; i++)); do
-        [[ -S $1 ]] && return 0
-        sleep 0.05
-    done
-    echo "    (no socket at $1)" >&2
-    return 1
-}
-
 # sample CASE BACKEND ROUND: one measurement into $RESULT ("best average offered" in Mpps;
 # offered: the generator's rate, rx cases only); in the main shell, so that cleanup knows every
 # PID it started.
@@ -141,7 +131,7 @@ sample() {
     fi
     be_pid=$!
     PIDS+=("$be_pid")
-    if ! wait_socket "$sock" || ! kill -0 "$be_pid" 2> /dev/null; then
+    if ! wait_socket "$sock" 30 || ! kill -0 "$be_pid" 2> /dev/null; then
         stop_pid "$be_pid" INT
         return 1
     fi

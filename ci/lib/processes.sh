@@ -63,3 +63,15 @@ make_nic_veth() {
     ip -n "$1" link set vqnic0 up
     ip -n "$2" link set vqpeer0 up
 }
+
+# wait_socket PATH [SECONDS]: until a socket file exists at PATH (default: 60 s); prints why
+# and fails otherwise.
+wait_socket() {
+    local i tries=$((${2:-60} * 20))
+    for ((i = 0; i < tries; i++)); do
+        [[ -S $1 ]] && return 0
+        sleep 0.05
+    done
+    echo "    (no socket at $1)" >&2
+    return 1
+}
