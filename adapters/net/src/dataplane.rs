@@ -1003,12 +1003,12 @@ impl Receiver for NicTx<'_> {
         self.mtu
     }
     fn put_plain(&self, frames: &[&[u8]]) -> usize {
-        self.q.send_burst(frames.iter().copied()).0 as usize
+        self.q.send_burst(frames.iter().copied()).sent as usize
     }
     fn put(&self, frames: &[(VirtioNetHdr, &[u8])]) -> Enqueued {
         // Without offloads every header is a plain one: the frames are complete.
-        let (sent, dropped) = self.q.send_burst(frames.iter().map(|(_, f)| *f));
-        Enqueued { placed: sent as usize, full: dropped > 0 }
+        let s = self.q.send_burst(frames.iter().map(|(_, f)| *f));
+        Enqueued { placed: s.sent as usize, full: s.full }
     }
     fn count_drops(&self, n: u64) {
         self.q.counters().tx_drops.fetch_add(n, Ordering::Relaxed);

@@ -265,11 +265,15 @@ fn run(args: Args) -> Result<(), String> {
         info!("{} data-plane threads ({c})", fabric.threads());
     }
 
-    let mut last_stats = Instant::now();
+    let (mut last_stats, mut last_refresh) = (Instant::now(), Instant::now());
     while !STOP.load(Ordering::SeqCst) {
         thread::sleep(Duration::from_millis(20));
         if let Some(c) = &control {
             c.serve(&mut mgr, &defaults);
+        }
+        if last_refresh.elapsed() >= Duration::from_secs(1) {
+            last_refresh = Instant::now();
+            mgr.refresh();
         }
         let periodic = args.stats_interval > 0 && last_stats.elapsed() >= Duration::from_secs(args.stats_interval);
         if DUMP_STATS.swap(false, Ordering::SeqCst) || periodic {

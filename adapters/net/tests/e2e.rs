@@ -1183,6 +1183,12 @@ fn control_socket_adds_and_removes_ports_while_others_carry_traffic() {
     slow.join().unwrap();
     let (ok, v) = ctl(&ctl_sock, &["add-port", &format!("path={}", a.display())]);
     assert!(!ok, "a second port on A's path is refused: {v}");
+    let a_again = a.parent().unwrap().join(".").join(a.file_name().unwrap());
+    let (ok, v) = ctl(&ctl_sock, &["add-port", &format!("path={}", a_again.display())]);
+    assert!(
+        !ok && v["error"].as_str().is_some_and(|e| e.contains("is the socket of")),
+        "A's path spelled otherwise: {v}"
+    );
     assert!(!fa.closed_by_backend(Duration::from_millis(10)), "A is untouched");
     exchange(&mut na, &mut nb, 10);
 

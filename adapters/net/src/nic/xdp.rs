@@ -635,7 +635,7 @@ impl XskQueue {
     }
 
     /// See [`super::NicQueue::send_burst`].
-    pub(super) fn send_burst<'a>(&self, frames: impl Iterator<Item = &'a [u8]>) -> (u64, u64) {
+    pub(super) fn send_burst<'a>(&self, frames: impl Iterator<Item = &'a [u8]>) -> super::Sent {
         let mut guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
         let st = &mut *guard;
         // Completed frames come back first.
@@ -658,8 +658,12 @@ impl XskQueue {
 
         let tx_cons = st.tx.consumer().load(Ordering::Acquire);
         let mut room = RING.saturating_sub(st.tx_prod.wrapping_sub(tx_cons));
-        let (mut sent, mut dropped, mut too_big) = (0u64, 0u64, 0usize);
+        let (mut sent, mut dropped, mut too_big, mut full) = (0u64, 0u64, 0usize, false);
         for f in frames {
+            if full {
+                dropped += 1;
+                continue;
+            }
             if f.is_empty() || f.len() > FRAME_SIZE {
                 too_big = f.len();
                 dropped += 1;
@@ -668,6 +672,9 @@ impl XskQueue {
             let frame = match st.free.last() {
                 Some(&frame) if room > 0 => frame,
                 _ => {
+                    // No frame or ring entry until the kernel completes some: the rest of the
+                    // burst is dropped too.
+                    full = true;
                     dropped += 1;
                     continue;
                 }
@@ -695,7 +702,7 @@ impl XskQueue {
         if too_big > 0 {
             limited!(warn, "AF_XDP queue: a {too_big}-byte frame does not fit a {FRAME_SIZE}-byte UMEM frame: dropped");
         }
-        (sent, dropped)
+        super::Sent { sent, dropped, full }
     }
 
     /// Kicks transmission (`sendto`, non-blocking). In copy mode one call sends at most a
@@ -816,7 +823,11 @@ mod tests {
         let f = [0x11u8; 100];
         let big = vec![0u8; FRAME_SIZE + 1];
         let frames: Vec<&[u8]> = vec![&f, &f, &big, &[], &f];
-        assert_eq!(q.send_burst(frames.into_iter()), (3, 2), "too large and empty frames dropped");
+        assert_eq!(
+            q.send_burst(frames.into_iter()),
+            super::super::Sent { sent: 3, dropped: 2, full: false },
+            "too large and empty frames dropped, each on its own: the queue is not full"
+        );
         let st = q.tx.lock().unwrap();
         assert_eq!(st.tx.producer().load(Ordering::Acquire), 3);
         // SAFETY: entries of the fake rings.
@@ -838,7 +849,7 @@ mod tests {
         st.tx.consumer().store(3, Ordering::Release);
         let free_before = st.free.len();
         drop(st);
-        assert_eq!(q.send_burst(std::iter::empty()), (0, 0));
+        assert_eq!(q.send_burst(std::iter::empty()), super::super::Sent::default());
         let st = q.tx.lock().unwrap();
         assert_eq!(st.free.len(), free_before + 1, "one frame came back, once");
         assert_eq!(st.comp.consumer().load(Ordering::Acquire), comps.len() as u32);
@@ -846,9 +857,10 @@ mod tests {
         // The kernel consumes nothing more: the ring (RING entries, 3 consumed) fills, the rest
         // is dropped, nothing blocks.
         let many = vec![&f[..]; RING as usize + 10];
-        let (sent, dropped) = q.send_burst(many.into_iter());
-        assert_eq!(sent + dropped, RING as u64 + 10);
-        assert_eq!(sent, (TX_FRAMES - 2) as u64, "every free frame, no more");
+        let s = q.send_burst(many.into_iter());
+        assert_eq!(s.sent + s.dropped, RING as u64 + 10);
+        assert_eq!(s.sent, (TX_FRAMES - 2) as u64, "every free frame, no more");
+        assert!(s.full, "out of frames: the queue is full");
     }
 
     #[test]
