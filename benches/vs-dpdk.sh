@@ -120,16 +120,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-wait_socket() {
-    local i
-    for ((i = 0; i < 1200; i++)); do
-        [[ -S $1 ]] && return 0
-        sleep 0.05
-    done
-    echo "    (no socket at $1)" >&2
-    return 1
-}
-
 # packets_of LOG FIELD N: RX-packets or TX-packets of the N-th `show port stats` in LOG.
 packets_of() {
     awk -v f="$2:" -v n="$3" '/NIC statistics for port 0/ { k++ } k == n { for (i = 1; i < NF; i++) if ($i == f) { print $(i + 1); exit } }' "$1"

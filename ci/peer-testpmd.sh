@@ -127,15 +127,6 @@ run_case() {
         tp_pid=$!
         PIDS+=("$tp_pid")
     }
-    wait_socket() {
-        local i
-        for ((i = 0; i < 200; i++)); do
-            [[ -S $sock ]] && return 0
-            sleep 0.05
-        done
-        echo "    (no socket at $sock)"
-        return 1
-    }
     cmd() { printf '%s\n' "$*" >&"$FIFO_FD"; }
     # Timeline of the case, kept with the logs (PEER_KEEP=1).
     mark() { echo "$(date +%s.%N) $*" >> "$dir/timeline"; }
@@ -143,14 +134,14 @@ run_case() {
     local t0=$SECONDS tp_rx=0 tp_tx=0 tp_rxb=0 tp_txb=0 srx srxb stx stxb log
     if [[ $role == client ]]; then
         start_backend
-        wait_socket || ok=0
+        wait_socket "$sock" 10 || ok=0
     fi
     for ((s = 1; s <= sessions && ok; s++)); do
         log=$dir/testpmd-$s.log
         mark "session $s: launch"
         start_testpmd "$s"
         if [[ $role == server && -z $be_pid ]]; then
-            wait_socket && start_backend || ok=0
+            wait_socket "$sock" 10 && start_backend || ok=0
         fi
         # Up: testpmd started the port and the back-end has the first pair running (for the
         # n-th session, the n-th time).

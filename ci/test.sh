@@ -6,8 +6,8 @@
 #   SKIP_MIRI=1 ...       skip the Miri run (slowest step)
 #   SKIP_FUZZ=1 ...       skip the bounded fuzzing step
 #   SKIP_GUESTS=1 ...     skip the QEMU guest matrix
-#   SKIP_PEERS=1 ...      skip the DPDK testpmd peer matrix (about 40 s) and the DPDK
-#                         benchmarks (about 3 min)
+#   SKIP_PEERS=1 ...      skip the DPDK testpmd peer matrix (about 40 s), the NIC uplink's
+#                         peer cases (about 20 s) and the DPDK benchmarks (about 4 min)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -58,6 +58,8 @@ counted cargo test --workspace --locked
 if [[ -z ${SKIP_PEERS:-} ]]; then
     step "vhost-user against a real peer: DPDK testpmd (net_virtio_user front-end)"
     counted bash ci/peer-testpmd.sh
+    step "the NIC uplink against real peers: testpmd front-end, virtq-net --nic on a veth (xdp, packet)"
+    counted bash ci/peer-nic.sh
 fi
 
 step "firmware example on the host (self-check against the test driver)"
@@ -101,6 +103,8 @@ if [[ -z ${SKIP_PEERS:-} ]]; then
     # in the closing notes come from the full run (5 rounds of 5 s), on an otherwise idle machine.
     ROUNDS=1 SECS=2 bash benches/vs-dpdk.sh
     DEVICES="1 8 64" SECS=2 bash benches/footprint.sh
+    step "the NIC path: virtq-net --nic vs DPDK testpmd bridging the same veth (short run, about 50 s; a report)"
+    ROUNDS=1 SECS=2 bash benches/nic-vs-dpdk.sh
 fi
 
 # The closing line: totals over every test binary run above (host and Miri).

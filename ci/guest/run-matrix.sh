@@ -72,6 +72,7 @@ if [[ -z ${SKIP_INSTALL:-} ]]; then
     if [[ ! -x /bin/busybox ]] || ldd /bin/busybox > /dev/null 2>&1; then need+=(busybox-static); fi
     command -v python3 > /dev/null || need+=(python3)
     command -v e2fsck > /dev/null || need+=(e2fsprogs)
+    command -v ethtool > /dev/null || need+=(ethtool)
     if { case_selected iperf3-vs-dpdk || case_selected migrate-dpdk; } && ! command -v dpdk-testpmd > /dev/null; then
         need+=(dpdk-dev)
     fi
@@ -1428,6 +1429,69 @@ case_blk_ro() {
     ((guest_ok == 0 && stop_ok == 0)) || { DETAIL+="; $err $stop"; return 1; }
 }
 
+# NIC uplink (issue 18): a guest on a switch port and a host interface on the same switch
+# (`--nic IF,mode=MODE`). IF is one end of a veth pair the case creates: virtq-net runs in one
+# namespace with IF, the other end (10.0.0.1) is in a second namespace, with an iperf3 server.
+# The guest pings the namespace, the namespace pings the guest, then iperf3 guest -> namespace
+# and back (-R). mode=xdp: AF_XDP forced on the veth; the namespace's end sends no partial
+# checksums (ethtool -K tx off, which also turns TSO off), as a wire would give, since XDP
+# cannot say which frames carry one. mode=packet: AF_PACKET, with the namespace's offloads on
+# (its TSO and partial-checksum frames arrive whole with their virtio-net header; the guest's
+# TSO frames are segmented in software on the way out). PASS: every ping answered both ways,
+# iperf3 rates both ways, `ctl stats` shows the NIC in the expected mode with rx and tx
+# packets > 0, and virtq-net exits cleanly.
+case_nic() {
+    local mode=$1 sock=$TMP/$CASE.sock ctl=$TMP/$CASE.ctl err ok=1 vqns peerns
+    mk_netns || { DETAIL="netns"; return 1; }
+    vqns=$NS
+    mk_netns || { DETAIL="netns"; return 1; }
+    peerns=$NS
+    # Created inside the namespaces: the names cannot clash with the host's interfaces.
+    ip -n "$vqns" link add vqnic0 type veth peer name vqpeer0 netns "$peerns" || { DETAIL="veth"; return 1; }
+    ip -n "$vqns" link set vqnic0 up && ip -n "$peerns" addr add 10.0.0.1/24 dev vqpeer0 \
+        && ip -n "$peerns" link set vqpeer0 up || { DETAIL="veth set-up"; return 1; }
+    if [[ $mode == xdp ]]; then
+        ip netns exec "$peerns" ethtool -K vqpeer0 tx off > /dev/null || { DETAIL="ethtool -K tx off"; return 1; }
+    fi
+    ip netns exec "$peerns" iperf3 -s -p 5201 > "$TMP/$CASE-iperf3-server.log" 2>&1 &
+    track $!
+    vq_start "$TMP/$CASE-virtq-net.log" "$vqns" --control "$ctl" --socket-path "$sock" --nic "vqnic0,mode=$mode"
+    wait_for "socket" test -S "$sock" || { DETAIL="virtq-net did not listen: $(tail -1 "$VQ_LOG")"; return 1; }
+    guest name=g1 sock="$sock" mac=52:54:00:00:19:02 ip=10.0.0.2 \
+        cmd="vt-ping 10.0.0.1 10 && vt-wait-echos 10 60 && vt-iperf 10.0.0.1 5 && vt-iperf 10.0.0.1 5 -R"
+    local back
+    back=$(ns_ping "$peerns" 10.0.0.2 10)
+    local back_ok=$?
+    wait_guests g1
+    err=$(check_guests g1)
+    local guest_ok=$?
+    local stats nic
+    stats=$("$VIRTQ_NET" ctl "$ctl" stats)
+    echo "$stats" > "$TMP/$CASE-stats.json"
+    CASE_LOGS+=("$TMP/$CASE-stats.json")
+    # "MODE RX TX RX_DROPS TX_DROPS KERNEL_DROPS" of the NIC port, summed over its queues.
+    nic=$(python3 -c '
+import json, sys
+v = json.loads(sys.argv[1])
+n = [p for p in v["ports"] if p.get("type") == "nic"][0]
+s = lambda k: sum(q[k] for q in n["queues"])
+print(n["mode"].split(" ")[0], s("rx_packets"), s("tx_packets"), s("rx_drops"), s("tx_drops"), s("kernel_drops"))
+' "$stats" 2> /dev/null)
+    vq_stop
+    local stop_ok=$? stop=$STOP_ERR
+    local nmode nrx ntx nrxd ntxd nkd fwd rev
+    read -r nmode nrx ntx nrxd ntxd nkd <<< "$nic"
+    fwd=$(iperf_rate g1 '')
+    rev=$(iperf_rate g1 -R)
+    local want=af_$mode
+    [[ $nmode == "$want" ]] || { ok=0; err+=" NIC mode ${nmode:-?}, not $want"; }
+    ((${nrx:-0} > 0 && ${ntx:-0} > 0)) || { ok=0; err+=" NIC rx/tx ${nrx:-?}/${ntx:-?}"; }
+    [[ -n $fwd && -n $rev ]] || { ok=0; err+=" no iperf3 result"; }
+    DETAIL="$(sed -n 's/.*nic vqnic0 attached to the switch: \(.*\), [0-9]* queue.*/\1/p' "$VQ_LOG" | tail -1); guest->ns $(vline g1 'ping' | sed -n 's/.*: \([0-9]*\/[0-9]*\) replies.*/\1/p'), ns->guest $back"
+    DETAIL+=", iperf3 guest->ns ${fwd:-none}, ns->guest ${rev:-none}; ctl stats: nic ${nmode:-?} rx ${nrx:-?} tx ${ntx:-?} drops rx/tx/kernel ${nrxd:-?}/${ntxd:-?}/${nkd:-?}"
+    ((ok && back_ok == 0 && guest_ok == 0 && stop_ok == 0)) || { DETAIL+="; $err $stop"; return 1; }
+}
+
 # --- runner --------------------------------------------------------------------------------
 MATRIX=(
     "tap|case_tap on"
@@ -1449,6 +1513,8 @@ MATRIX=(
     "packed|case_packed"
     "jumbo|case_jumbo"
     "runtime-ports|case_runtime_ports|240"
+    "nic-xdp|case_nic xdp"
+    "nic-packet|case_nic packet"
     "iperf3-vs-dpdk|case_iperf3_vs_dpdk|300"
     "migrate-dpdk|case_migrate dpdk client on"
     "migrate|case_migrate virtq client on"

@@ -47,3 +47,31 @@ remove_dpdk_runtime() {
         rm -rf "/var/run/dpdk/$p" "${XDG_RUNTIME_DIR:-/tmp}/dpdk/$p" "/tmp/dpdk/$p"
     done
 }
+
+# make_nic_veth NS_A NS_B: two fresh network namespaces (IPv6 off, lo up) joined by a veth
+# pair, `vqnic0` in NS_A and `vqpeer0` in NS_B, both up: the NIC of the NIC-uplink tests and
+# benchmarks. The namespaces are added to the caller's NETNS array (delete them on exit).
+make_nic_veth() {
+    local ns
+    for ns in "$1" "$2"; do
+        ip netns add "$ns"
+        NETNS+=("$ns")
+        ip netns exec "$ns" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1
+        ip -n "$ns" link set lo up
+    done
+    ip -n "$1" link add vqnic0 type veth peer name vqpeer0 netns "$2"
+    ip -n "$1" link set vqnic0 up
+    ip -n "$2" link set vqpeer0 up
+}
+
+# wait_socket PATH [SECONDS]: until a socket file exists at PATH (default: 60 s); prints why
+# and fails otherwise.
+wait_socket() {
+    local i tries=$((${2:-60} * 20))
+    for ((i = 0; i < tries; i++)); do
+        [[ -S $1 ]] && return 0
+        sleep 0.05
+    done
+    echo "    (no socket at $1)" >&2
+    return 1
+}

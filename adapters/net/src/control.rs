@@ -18,11 +18,11 @@
 //! the main thread between its other chores, so commands are handled one at a time. A
 //! request is at most [`MAX_REQUEST`] bytes and must arrive within a second.
 
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use virtq_vhost_user::limited;
@@ -71,10 +71,11 @@ impl ControlSocket {
         Ok(ControlSocket { listener, path: path.to_path_buf() })
     }
 
-    /// Answers every request waiting to be accepted; never blocks for more than
-    /// a second per request.
+    /// Answers the requests waiting to be accepted (at most 16 per call, so that the main
+    /// thread gets back to its other chores); never blocks for more than a second per
+    /// request.
     pub fn serve(&self, mgr: &mut Manager, defaults: &PortSpec) {
-        loop {
+        for _ in 0..16 {
             match self.listener.accept() {
                 Ok((stream, _)) => {
                     if let Err(e) = answer(stream, mgr, defaults) {
@@ -100,16 +101,35 @@ impl Drop for ControlSocket {
 /// Reads one request from `stream`, runs it and writes the answer.
 fn answer(stream: UnixStream, mgr: &mut Manager, defaults: &PortSpec) -> io::Result<()> {
     stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(REQUEST_TIMEOUT))?;
     stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;
-    let mut line = String::new();
-    let n = BufReader::new((&stream).take(MAX_REQUEST as u64 + 1)).read_line(&mut line)?;
-    let reply = if n > MAX_REQUEST {
+    // One deadline for the whole request, not per read: a client trickling bytes cannot hold
+    // the main thread (and with it SIGTERM handling and other requests) for long.
+    let deadline = Instant::now() + REQUEST_TIMEOUT;
+    let mut buf = Vec::with_capacity(256);
+    let mut chunk = [0u8; 512];
+    while !buf.contains(&b'\n') && buf.len() <= MAX_REQUEST {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "request not complete within a second"));
+        }
+        stream.set_read_timeout(Some(left))?;
+        match (&stream).read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    let line_len = buf.iter().position(|&b| b == b'\n').unwrap_or(buf.len());
+    let reply = if line_len > MAX_REQUEST {
         json!({ "ok": false, "error": format!("request longer than {MAX_REQUEST} bytes") })
     } else {
-        match execute(line.trim(), mgr, defaults) {
-            Ok(v) => v,
-            Err(e) => json!({ "ok": false, "error": e }),
+        match std::str::from_utf8(&buf[..line_len]) {
+            Ok(line) => match execute(line.trim(), mgr, defaults) {
+                Ok(v) => v,
+                Err(e) => json!({ "ok": false, "error": e }),
+            },
+            Err(_) => json!({ "ok": false, "error": "request is not UTF-8" }),
         }
     };
     let mut w = &stream;

@@ -15,10 +15,12 @@ use virtq::net::header::VIRTIO_NET_HDR_GSO_NONE;
 use virtq::net::{check_frame, complete_csum, Delivery, Gather, OffloadFrame, Segmenter, VirtioNetHdr};
 use virtq::VirtioFeatures;
 use virtq_vhost_user::limited;
-use virtq_vhost_user::net::{parse_header, rarp_announce, InPlaceFrame, NetDevice, TxFrame, TxScratch, MAX_TX_FRAME};
+use virtq_vhost_user::net::{
+    parse_header, rarp_announce, Enqueued, InPlaceFrame, NetDevice, TxFrame, TxScratch, MAX_TX_FRAME,
+};
 
 use crate::generate;
-use crate::nic::{Nic, NicQueue, NIC_HDR_LEN};
+use crate::nic::{Nic, NicQueue, Sent, NIC_HDR_LEN};
 use crate::switch::{Forward, PortId, Switch};
 use crate::tap::{TapQueue, TAP_BUF_LEN, TAP_HDR_LEN};
 
@@ -134,11 +136,15 @@ pub struct Fabric {
     threads: Vec<Arc<ThreadStats>>,
 }
 
-/// The ports, by [`PortId`]. A removed port leaves `None`; its number is not reused, so a
-/// burst in flight that names it can only miss it.
+/// The ports, by [`PortId`]. A removed port leaves `None`; its number is reused only once
+/// every thread has let go of it ([`Fabric::remove`]).
 #[derive(Default)]
 struct PortTable {
     ports: Vec<Option<Arc<PortEntry>>>,
+    /// Numbers of removed ports that every thread has let go of and whose addresses the
+    /// switch forgot: the next ports take them, so that the table (and the per-burst work
+    /// over it) grows with the ports alive, not with every port ever added.
+    free: Vec<PortId>,
     /// Rings assigned so far: the next ring goes to thread `assigned % threads`.
     assigned: usize,
 }
@@ -157,6 +163,10 @@ pub struct ThreadStats {
     pub frames: AtomicU64,
     /// Ring groups this thread polls: queue pairs of vhost-user ports, queues of switch TAPs.
     pub rings: AtomicU64,
+    /// The fabric generation whose ports this thread polls (see [`Fabric::remove`]).
+    seen: AtomicU64,
+    /// The thread is in [`Dataplane::run`].
+    running: AtomicBool,
 }
 
 impl ThreadStats {
@@ -223,25 +233,56 @@ impl Fabric {
         for &th in &threads {
             self.threads[th].rings.fetch_add(1, Ordering::Relaxed);
         }
-        t.ports.push(Some(Arc::new(PortEntry { port, threads })));
+        let entry = Some(Arc::new(PortEntry { port, threads }));
+        let id = match t.free.pop() {
+            Some(id) => {
+                t.ports[id] = entry;
+                id
+            }
+            None => {
+                t.ports.push(entry);
+                t.ports.len() - 1
+            }
+        };
         self.generation.fetch_add(1, Ordering::Release);
-        t.ports.len() - 1
+        id
     }
 
-    /// Removes port `id` and forgets the addresses the switch learned behind it. Each thread
-    /// lets go of the port at its next pass; a burst in flight to it meanwhile goes to a
-    /// device that is already stopped (counted as drops) or to a TAP still open.
+    /// Removes port `id`: waits until every running data-plane thread has let go of it (each
+    /// does at its next pass, within a millisecond or a burst; at most 2 s), then forgets the
+    /// addresses the switch learned behind it, so that no burst still in flight learns them
+    /// again. Returns the entry, so that the caller releases the port (closes a NIC, a TAP)
+    /// on its own thread rather than a data-plane thread. A burst in flight to the port
+    /// before that goes to a device already stopped (counted as drops) or to a NIC or TAP
+    /// still open.
     pub fn remove(&self, id: PortId) -> Option<Arc<PortEntry>> {
-        let entry = {
+        let (entry, generation) = {
             let mut t = self.lock();
             let entry = t.ports.get_mut(id)?.take()?;
-            self.generation.fetch_add(1, Ordering::Release);
-            entry
+            (entry, self.generation.fetch_add(1, Ordering::Release) + 1)
         };
         for &th in &entry.threads {
             self.threads[th].rings.fetch_sub(1, Ordering::Relaxed);
         }
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut released = true;
+        while self
+            .threads
+            .iter()
+            .any(|t| t.running.load(Ordering::Acquire) && t.seen.load(Ordering::Acquire) < generation)
+        {
+            if Instant::now() > deadline {
+                limited!(warn, "virtq-net: a data-plane thread did not let go of port {id} within 2 s");
+                released = false;
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
         self.switch.lock().unwrap_or_else(|p| p.into_inner()).forget_port(id);
+        // A number some thread may still use for the old port is not given to a new one.
+        if released {
+            self.lock().free.push(id);
+        }
         Some(entry)
     }
 
@@ -338,8 +379,15 @@ impl Dataplane {
     /// was added or removed.
     #[cold]
     fn refresh(&mut self) {
-        self.generation = self.fabric.generation.load(Ordering::Acquire);
-        self.ports = self.fabric.ports();
+        // Ports and generation read under the table's lock, so they belong together.
+        let (ports, generation) = {
+            let t = self.fabric.lock();
+            (t.ports.clone(), self.fabric.generation.load(Ordering::Acquire))
+        };
+        // The old entries go before the thread says it has let go of them.
+        self.ports = ports;
+        self.generation = generation;
+        self.fabric.threads[self.index].seen.store(generation, Ordering::Release);
         self.rings.clear();
         self.sources.clear();
         for (p, e) in self.ports.iter().enumerate() {
@@ -356,7 +404,8 @@ impl Dataplane {
                 Port::Nic(_) => self.rings.extend(mine.map(|q| Ring::Nic(p, q))),
             }
         }
-        self.dest = vec![Vec::with_capacity(BURST); self.ports.len()];
+        // (`vec![v; n]` would clone, and clones have no capacity: no allocation per burst.)
+        self.dest = (0..self.ports.len()).map(|_| Vec::with_capacity(BURST)).collect();
     }
 
     /// Runs until `stop` is set. Busy-polls while there is traffic, then backs off with short
@@ -364,6 +413,8 @@ impl Dataplane {
     /// waited on, so the guest is asked not to kick at all (§2.7.10): a kick costs it a VM exit
     /// or a syscall per batch.
     pub fn run(&mut self, stop: &AtomicBool) {
+        let me = Arc::clone(&self.fabric.threads[self.index]);
+        me.running.store(true, Ordering::Release);
         if let Some(cpu) = self.fabric.threads[self.index].cpu {
             if let Err(e) = pin_to_cpu(cpu) {
                 limited!(warn, "virtq-net: data-plane thread {}: pinning to CPU {cpu}: {e}", self.index);
@@ -388,6 +439,7 @@ impl Dataplane {
                     last_suppress = Some(Instant::now());
                 }
                 self.announce();
+                self.flush_nics();
                 // One thread ages the shared table.
                 if self.index == 0 && last_expire.elapsed() > Duration::from_secs(10) {
                     self.fabric.switch.lock().unwrap_or_else(|p| p.into_inner()).expire(Instant::now());
@@ -418,6 +470,7 @@ impl Dataplane {
             }
         }
         self.publish();
+        me.running.store(false, Ordering::Release);
     }
 
     /// Adds what this thread counted since the last time to its [`ThreadStats`].
@@ -468,6 +521,18 @@ impl Dataplane {
                     PortBackend::Reflect | PortBackend::Sink | PortBackend::Source(_) => {}
                 }
                 limited!(info, "{}: announced {mac:02x?} (RARP)", dev.name());
+            }
+        }
+    }
+
+    /// Finishes the transmit side of the NIC queues this thread polls ([`NicQueue::flush_tx`]).
+    fn flush_nics(&self) {
+        for r in &self.rings {
+            let Ring::Nic(p, q) = *r else { continue };
+            if let Some(PortEntry { port: Port::Nic(nic), .. }) = self.ports[p].as_deref() {
+                if let Some(queue) = nic.queues().get(q) {
+                    queue.flush_tx();
+                }
             }
         }
     }
@@ -628,14 +693,25 @@ impl Dataplane {
         let mut hdrs = [[0u8; NIC_HDR_LEN]; BURST];
         let mut n = 0;
         let bufs = &mut self.tap_bufs;
+        let mut too_large = 0u64;
         queue.recv_burst(BURST, |hdr, frame| {
-            // Frames are at most a 64 KiB GSO frame, which a TAP buffer holds.
+            // A TAP buffer holds a 64 KiB GSO frame; a larger one (BIG TCP) is dropped here.
             if n < BURST && frame.len() < bufs[n].len() {
                 bufs[n][..frame.len()].copy_from_slice(frame);
                 (lens[n], hdrs[n]) = (frame.len(), *hdr);
                 n += 1;
+            } else {
+                too_large += 1;
             }
         });
+        if too_large > 0 {
+            queue.counters().rx_drops.fetch_add(too_large, Ordering::Relaxed);
+            limited!(
+                warn,
+                "virtq-net: nic {}: {too_large} frame(s) larger than a 64 KiB GSO frame dropped",
+                nic.name()
+            );
+        }
         if n == 0 {
             return 0;
         }
@@ -924,8 +1000,9 @@ trait Receiver {
     fn mtu(&self) -> u16;
     /// Places plain frames (no offloads); returns how many it took.
     fn put_plain(&self, frames: &[Gather<'_>]) -> usize;
-    /// Places frames, each with the header it is delivered with; returns how many it took.
-    fn put(&self, frames: &[(VirtioNetHdr, Gather<'_>)]) -> usize;
+    /// Places frames, each with the header it is delivered with: how many it took, and
+    /// whether it ran out of room (frames refused one by one leave room for the next).
+    fn put(&self, frames: &[(VirtioNetHdr, Gather<'_>)]) -> Enqueued;
     /// Counts `n` frames dropped for it.
     fn count_drops(&self, n: u64);
 }
@@ -947,8 +1024,8 @@ impl Receiver for GuestQueue<'_> {
     fn put_plain(&self, frames: &[Gather<'_>]) -> usize {
         self.dev.enqueue_gather_burst(self.to, frames)
     }
-    fn put(&self, frames: &[(VirtioNetHdr, Gather<'_>)]) -> usize {
-        self.dev.enqueue_gather_burst_with_headers(self.to, frames)
+    fn put(&self, frames: &[(VirtioNetHdr, Gather<'_>)]) -> Enqueued {
+        self.dev.enqueue_gather_burst_with_headers_outcome(self.to, frames)
     }
     fn count_drops(&self, n: u64) {
         self.dev.count_rx_drops(self.to, n);
@@ -967,9 +1044,9 @@ struct NicTx<'q> {
 
 impl NicTx<'_> {
     /// Sends `frames`: the held ones as they are, the others copied whole first.
-    fn send<'f>(&self, frames: impl Iterator<Item = Gather<'f>> + Clone) -> usize {
+    fn send<'f>(&self, frames: impl Iterator<Item = Gather<'f>> + Clone) -> Sent {
         if frames.clone().all(|f| f.contiguous().is_some()) {
-            return self.q.send_burst(frames.filter_map(|f| f.contiguous())).0 as usize;
+            return self.q.send_burst(frames.filter_map(|f| f.contiguous()));
         }
         let mut copies = self.copies.borrow_mut();
         if copies.is_empty() {
@@ -979,7 +1056,7 @@ impl NicTx<'_> {
         for ((f, buf), len) in frames.zip(copies.iter_mut()).zip(lens.iter_mut()) {
             *len = f.read_into(buf);
         }
-        self.q.send_burst(copies.iter().zip(&lens).filter(|(_, &n)| n > 0).map(|(b, &n)| &b[..n])).0 as usize
+        self.q.send_burst(copies.iter().zip(&lens).filter(|(_, &n)| n > 0).map(|(b, &n)| &b[..n]))
     }
 }
 
@@ -991,11 +1068,12 @@ impl Receiver for NicTx<'_> {
         self.mtu
     }
     fn put_plain(&self, frames: &[Gather<'_>]) -> usize {
-        self.send(frames.iter().copied())
+        self.send(frames.iter().copied()).sent as usize
     }
-    fn put(&self, frames: &[(VirtioNetHdr, Gather<'_>)]) -> usize {
+    fn put(&self, frames: &[(VirtioNetHdr, Gather<'_>)]) -> Enqueued {
         // Without offloads every header is a plain one: the frames are complete.
-        self.send(frames.iter().map(|(_, f)| *f))
+        let s = self.send(frames.iter().map(|(_, f)| *f));
+        Enqueued { placed: s.sent as usize, full: s.full }
     }
     fn count_drops(&self, n: u64) {
         self.q.counters().tx_drops.fetch_add(n, Ordering::Relaxed);
@@ -1222,8 +1300,9 @@ impl<'a> OutBurst<'a> {
                 Src::Scratch(k, n) => (*h, Gather::slice(&fb.bufs[k][..n])),
             };
         }
-        let placed = rx.put(&burst[..self.len]);
-        self.room &= placed == self.len;
+        // Frames the receiver refused one by one (too large for its buffers) leave it room for
+        // the rest; a receiver out of buffers does not.
+        self.room &= !rx.put(&burst[..self.len]).full;
         self.len = 0;
         self.scratch = 0;
     }
@@ -1384,5 +1463,103 @@ mod tests {
         handle.shutdown();
         control.join().unwrap().unwrap();
         let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[cfg(test)]
+mod fabric_tests {
+    use super::*;
+
+    fn port(name: &str) -> Port {
+        let dev = NetDevice::new(name, (0..2).map(|_| Arc::default()).collect());
+        Port::Vhost { dev, backend: PortBackend::Switch, tap: Vec::new(), announce: Arc::default(), mtu: 1500 }
+    }
+
+    #[test]
+    fn a_removed_ports_number_is_taken_by_the_next_port_and_rings_stay_round_robin() {
+        let f = Fabric::new(2, &[]);
+        let ids: Vec<PortId> = ["a", "b", "c"].iter().map(|n| f.add(port(n))).collect();
+        assert_eq!(ids, [0, 1, 2]);
+        let threads = |id: PortId| f.ports()[id].as_ref().unwrap().threads.clone();
+        assert_eq!((threads(0), threads(1), threads(2)), (vec![0], vec![1], vec![0]));
+        assert!(f.remove(1).is_some());
+        assert!(f.remove(1).is_none(), "removed once");
+        assert_eq!(f.thread_stats(1).rings.load(Ordering::Relaxed), 0);
+        // No thread runs, so none holds port 1: its number is free again.
+        assert_eq!(f.add(port("d")), 1);
+        assert_eq!(f.ports().len(), 3, "the table did not grow");
+        assert_eq!(threads(1), vec![1], "round-robin goes on where it was");
+    }
+}
+
+#[cfg(test)]
+mod receiver_tests {
+    use std::cell::{Cell, RefCell};
+
+    use super::*;
+
+    /// A receiver with room for everything that refuses, one by one, frames longer than its
+    /// buffers (as a guest without MRG_RXBUF and 2 KiB buffers refuses a jumbo frame).
+    struct SmallBuffers {
+        got: RefCell<Vec<usize>>,
+        refused: Cell<usize>,
+        drops: Cell<u64>,
+    }
+
+    impl Receiver for SmallBuffers {
+        fn features(&self) -> Option<VirtioFeatures> {
+            Some(VirtioFeatures::empty())
+        }
+        fn mtu(&self) -> u16 {
+            9000
+        }
+        fn put_plain(&self, frames: &[Gather<'_>]) -> usize {
+            let fit = frames.iter().filter(|f| f.len() <= 2048).count();
+            self.got.borrow_mut().extend(frames.iter().map(|f| f.len()).filter(|&n| n <= 2048));
+            self.refused.set(self.refused.get() + frames.len() - fit);
+            fit
+        }
+        fn put(&self, frames: &[(VirtioNetHdr, Gather<'_>)]) -> Enqueued {
+            let refs: Vec<Gather<'_>> = frames.iter().map(|(_, f)| *f).collect();
+            Enqueued { placed: self.put_plain(&refs), full: false }
+        }
+        fn count_drops(&self, n: u64) {
+            self.drops.set(self.drops.get() + n);
+        }
+    }
+
+    /// A TCP/IPv4 frame of `payload` bytes with a TSO header (NEEDS_CSUM, GSO TCPV4, MSS
+    /// `mss`), its TCP checksum field holding the pseudo-header sum as a driver leaves it.
+    fn tso_frame(payload: usize, mss: u16) -> (VirtioNetHdr, Vec<u8>) {
+        let total = 40 + payload;
+        let mut f = vec![0x52, 0x54, 0, 0, 0, 0x0b, 0x52, 0x54, 0, 0, 0, 0x0a, 0x08, 0x00];
+        f.extend_from_slice(&[0x45, 0, (total >> 8) as u8, total as u8, 0, 1, 0x40, 0, 64, 6, 0, 0]);
+        f.extend_from_slice(&[10, 0, 0, 1, 10, 0, 0, 2]);
+        f.extend_from_slice(&[
+            0x13, 0x88, 0x17, 0x70, 0, 0, 0x03, 0xe8, 0, 0, 0, 1, 0x50, 0x18, 0xff, 0xff, 0, 0, 0, 0,
+        ]);
+        f.extend((0..payload).map(|i| i as u8));
+        let h = parse_header(&[1, 1, 54, 0, mss as u8, (mss >> 8) as u8, 34, 0, 16, 0, 0, 0]);
+        (h, f)
+    }
+
+    /// Session 7's review: a frame the receiver refused on its own (too large for its
+    /// buffers) used to end the delivery as if the receiver were out of buffers, so the
+    /// segments cut after it in the same batch were dropped. Now only a receiver out of room
+    /// stops it: every segment of the TSO frame arrives.
+    #[test]
+    fn a_frame_refused_alone_does_not_stop_the_rest_of_the_delivery() {
+        let jumbo = vec![0u8; 3000];
+        let (h, tso) = tso_frame(40 * 1000, 1000);
+        let of = check_frame(&h, &tso, tso.len()).expect("a valid TSO frame");
+        assert_eq!(of.segments(), 40);
+        let frames = [SwitchFrame::held(&jumbo, None), SwitchFrame::held(&tso, Some(&of))];
+        let rx = SmallBuffers { got: RefCell::default(), refused: Cell::new(0), drops: Cell::new(0) };
+        let mut fb = Fallback::new();
+        deliver_to_receiver(&rx, frames.iter().copied(), &mut fb);
+        assert_eq!(rx.refused.get(), 1, "the jumbo frame, refused by the receiver");
+        assert_eq!(rx.got.borrow().len(), 40, "every segment, the ones after the first flush included");
+        assert!(rx.got.borrow().iter().all(|&n| n == 14 + 40 + 1000));
+        assert_eq!(rx.drops.get(), 0);
     }
 }

@@ -124,7 +124,8 @@ struct Args {
     pmd_cpus: Option<String>,
 
     /// A control socket (mode 0600) to add and remove ports at run time and read statistics
-    /// as JSON: `virtq-net ctl PATH add-port SPEC | add-tap NAME | del-port NAME | ports |    /// stats | add-nic SPEC`. With it, virtq-net may start without ports.
+    /// as JSON: `virtq-net ctl PATH add-port SPEC`, `add-tap NAME`, `add-nic SPEC`,
+    /// `del-port NAME`, `ports`, `stats`. With it, virtq-net may start without ports.
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
 
@@ -140,7 +141,7 @@ enum Command {
     Ctl {
         /// The control socket (`--control`).
         path: PathBuf,
-        /// The request: add-port SPEC, add-tap NAME, del-port NAME, ports, stats.
+        /// The request: add-port SPEC, add-tap NAME, add-nic SPEC, del-port NAME, ports, stats.
         #[arg(required = true, num_args = 1.., trailing_var_arg = true, allow_hyphen_values = true)]
         words: Vec<String>,
     },
@@ -264,11 +265,15 @@ fn run(args: Args) -> Result<(), String> {
         info!("{} data-plane threads ({c})", fabric.threads());
     }
 
-    let mut last_stats = Instant::now();
+    let (mut last_stats, mut last_refresh) = (Instant::now(), Instant::now());
     while !STOP.load(Ordering::SeqCst) {
         thread::sleep(Duration::from_millis(20));
         if let Some(c) = &control {
             c.serve(&mut mgr, &defaults);
+        }
+        if last_refresh.elapsed() >= Duration::from_secs(1) {
+            last_refresh = Instant::now();
+            mgr.refresh();
         }
         let periodic = args.stats_interval > 0 && last_stats.elapsed() >= Duration::from_secs(args.stats_interval);
         if DUMP_STATS.swap(false, Ordering::SeqCst) || periodic {

@@ -442,6 +442,21 @@ impl Manager {
         }
     }
 
+    /// Follows changes of the ports' environment that nothing signals: a NIC's MTU (`ip link
+    /// set mtu`), read again and logged when it changed. A system call per NIC: call it about
+    /// once a second from the control thread.
+    pub fn refresh(&self) {
+        let ports = self.fabric.ports();
+        for p in &self.ports {
+            let Kind::Nic = p.kind else { continue };
+            let Some(Some(e)) = ports.get(p.id) else { continue };
+            let Port::Nic(nic) = &e.port else { continue };
+            if let Some((old, new)) = nic.refresh_mtu() {
+                info!("nic {}: MTU {old} -> {new}", p.name);
+            }
+        }
+    }
+
     /// Per-port, per-queue and per-thread statistics as log lines (periodic, SIGUSR1, exit).
     pub fn log_stats(&self) {
         for p in &self.ports {
@@ -511,7 +526,7 @@ impl Manager {
 fn thread_json(i: usize, s: &ThreadStats) -> Value {
     let (busy, idle) = (s.busy.load(Ordering::Relaxed), s.idle.load(Ordering::Relaxed));
     let frames = s.frames.load(Ordering::Relaxed);
-    let pct = (1000 * busy).checked_div(busy + idle).unwrap_or(0) as f64 / 10.0;
+    let pct = if busy + idle == 0 { 0.0 } else { (1000.0 * busy as f64 / (busy + idle) as f64).round() / 10.0 };
     json!({
         "thread": i,
         "cpu": s.cpu,

@@ -5,6 +5,7 @@
 
 #[path = "../../vhost-user/tests/frontend/mod.rs"]
 mod frontend;
+mod netns;
 
 use std::net::UdpSocket;
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -14,6 +15,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use frontend::*;
+use netns::{in_netns, run, veth};
 use virtq::testing::{Buf, TestDriver};
 use virtq::RegionTable;
 
@@ -256,16 +258,6 @@ fn print_capabilities_and_help_follow_the_vhost_user_conventions() {
     }
 }
 
-fn run(cmd: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(cmd)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 /// A network namespace the test created, deleted on drop.
 struct Ns(String);
 
@@ -319,6 +311,18 @@ fn arp_request(mac: [u8; 6], ip: [u8; 4]) -> Vec<u8> {
 /// Whether `f` is an ARP reply addressed to `mac`.
 fn is_arp_reply_to(f: &[u8], mac: [u8; 6]) -> bool {
     f.len() >= 42 && f[12..14] == [0x08, 0x06] && f[20..22] == [0, 2] && f[0..6] == mac
+}
+
+/// Guest A (192.0.2.2) asks for 192.0.2.1's MAC until the kernel there answers (10 s).
+fn resolve_mac(na: &mut Nic<'_>, where_: &str) -> [u8; 6] {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        na.send(&arp_request(MAC_A, [192, 0, 2, 2]));
+        if let Some(f) = na.recv(Duration::from_millis(500)).filter(|f| is_arp_reply_to(f, MAC_A)) {
+            return f[22..28].try_into().unwrap();
+        }
+        assert!(Instant::now() < deadline, "no ARP reply from {where_}");
+    }
 }
 
 /// ARP request from the guest for the TAP's address; the kernel in the test's own network
@@ -375,21 +379,6 @@ fn multiqueue_tap_carries_both_queue_pairs() {
         }
     }
     assert!(p.terminate().success());
-}
-
-/// Runs `f` on a thread that joined the network namespace `ns` (`setns`): sockets it creates
-/// live in that namespace, whichever thread uses them afterwards.
-fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/run/netns/{ns}");
-    thread::spawn(move || {
-        let nsfd = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        // SAFETY: setns on a namespace fd; it moves only this short-lived thread.
-        let rc = unsafe { libc::setns(nsfd.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-        f()
-    })
-    .join()
-    .unwrap()
 }
 
 /// The Internet checksum's running sum over `data` (big-endian 16-bit words).
@@ -474,14 +463,7 @@ fn tap_offload_partial_checksum_from_the_guest_reaches_a_socket_in_the_namespace
     na.post_rx(32);
     thread::sleep(Duration::from_millis(100));
     // ARP first: the reply names the TAP's MAC, the destination of the datagram.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let tap_mac: [u8; 6] = loop {
-        na.send(&arp_request(MAC_A, [192, 0, 2, 2]));
-        if let Some(f) = na.recv(Duration::from_millis(500)).filter(|f| is_arp_reply_to(f, MAC_A)) {
-            break f[22..28].try_into().unwrap();
-        }
-        assert!(Instant::now() < deadline, "no ARP reply from the kernel");
-    };
+    let tap_mac = resolve_mac(&mut na, "the TAP");
     let payload: Vec<u8> = (0..1000u32).map(|i| (i * 7 + 3) as u8).collect();
     let ip = udp4_partial([192, 0, 2, 2], [192, 0, 2, 1], 40000, port, &payload);
     assert!(!udp4_checksum_ok(&ip), "the partial checksum is wrong as it stands");
@@ -1179,8 +1161,34 @@ fn control_socket_adds_and_removes_ports_while_others_carry_traffic() {
         let (ok, v) = ctl(&ctl_sock, bad);
         assert!(!ok && v["error"].as_str().is_some_and(|e| !e.is_empty()), "{bad:?}: {v}");
     }
+    // A client that trickles its request (a byte every 300 ms, never a line) is cut off after
+    // a second in all: the next request is answered meanwhile, not an hour later.
+    let slow_sock = ctl_sock.clone();
+    let slow = thread::spawn(move || {
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&slow_sock).unwrap();
+        for b in b"stats" {
+            if s.write_all(&[*b]).is_err() {
+                break;
+            }
+            thread::sleep(Duration::from_millis(300));
+        }
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+    });
+    thread::sleep(Duration::from_millis(100));
+    let t0 = Instant::now();
+    assert!(ctl(&ctl_sock, &["ports"]).0);
+    assert!(t0.elapsed() < Duration::from_millis(1500), "answered after the slow client's second: {:?}", t0.elapsed());
+    slow.join().unwrap();
     let (ok, v) = ctl(&ctl_sock, &["add-port", &format!("path={}", a.display())]);
     assert!(!ok, "a second port on A's path is refused: {v}");
+    let a_again = a.parent().unwrap().join(".").join(a.file_name().unwrap());
+    let (ok, v) = ctl(&ctl_sock, &["add-port", &format!("path={}", a_again.display())]);
+    assert!(
+        !ok && v["error"].as_str().is_some_and(|e| e.contains("is the socket of")),
+        "A's path spelled otherwise: {v}"
+    );
     assert!(!fa.closed_by_backend(Duration::from_millis(10)), "A is untouched");
     exchange(&mut na, &mut nb, 10);
 
@@ -1354,37 +1362,6 @@ fn switch_delivers_frames_split_over_many_descriptors_byte_exact() {
     assert!(p.terminate().success());
 }
 
-/// A veth pair between two network namespaces the test created: `sw` is the end virtq-net
-/// attaches (`--nic`, virtq-net runs in `ns_sw`), its peer `host` in `ns_host` has
-/// 192.0.2.1/24. Both namespaces (and with them the pair) go on drop.
-struct Veth {
-    ns_sw: Ns,
-    ns_host: Ns,
-    sw: String,
-}
-
-fn veth(tag: &str) -> Option<Veth> {
-    if !run("ip netns list") {
-        assert!(std::env::var_os("CI").is_none(), "CI needs iproute2");
-        eprintln!("skipped: no iproute2");
-        return None;
-    }
-    let id = std::process::id() % 100_000;
-    let (ns_sw, ns_host) = (format!("vqe-{tag}-s{id}"), format!("vqe-{tag}-h{id}"));
-    assert!(run(&format!("ip netns add {ns_sw}")), "ip netns add (needs root)");
-    let ns_sw = Ns(ns_sw);
-    assert!(run(&format!("ip netns add {ns_host}")));
-    let ns_host = Ns(ns_host);
-    let (sw, host) = (format!("vqs{id}"), format!("vqh{id}"));
-    assert!(run(&format!(
-        "ip -n {s} link add {sw} type veth peer name {host} netns {h} && ip -n {s} link set {sw} up && \
-         ip -n {h} addr add 192.0.2.1/24 dev {host} && ip -n {h} link set {host} up",
-        s = ns_sw.0,
-        h = ns_host.0
-    )));
-    Some(Veth { ns_sw, ns_host, sw })
-}
-
 /// Sends `frame` as it is out of interface `ifname` of the calling thread's namespace (a raw
 /// AF_PACKET socket): what a wire delivers, complete.
 fn send_raw(ifname: &str, frame: &[u8]) {
@@ -1422,16 +1399,17 @@ fn send_raw(ifname: &str, frame: &[u8]) {
 #[test]
 fn nic_port_reaches_the_kernel_behind_a_veth_in_each_mode() {
     for (mode, shown) in [("xdp", "af_xdp"), ("packet", "af_packet"), ("auto", "af_packet")] {
-        let Some(v) = veth(mode) else { return };
+        let Some(v) = veth(mode, 1500) else { return };
+        assert!(run(&format!("ip -n {} addr add 192.0.2.1/24 dev {}", v.ns_b, v.b)));
         let d = dir(&format!("nic-{mode}"));
         let (sock, ctl_sock) = (d.join("a.sock"), d.join("ctl"));
         let before = String::from_utf8(
-            Command::new("ip").args(["-n", &v.ns_sw.0, "-d", "link", "show", &v.sw]).output().unwrap().stdout,
+            Command::new("ip").args(["-n", &v.ns_a, "-d", "link", "show", &v.a]).output().unwrap().stdout,
         )
         .unwrap();
         let p = Proc::spawn_logged(
             Command::new("ip")
-                .args(["netns", "exec", &v.ns_sw.0, BIN, "--nic", &format!("{},mode={mode}", v.sw), "--control"])
+                .args(["netns", "exec", &v.ns_a, BIN, "--nic", &format!("{},mode={mode}", v.a), "--control"])
                 .arg(&ctl_sock)
                 .arg("--socket-path")
                 .arg(&sock),
@@ -1443,7 +1421,7 @@ fn nic_port_reaches_the_kernel_behind_a_veth_in_each_mode() {
         let nic = ports["ports"].as_array().unwrap().iter().find(|p| p["type"] == "nic").expect("the NIC is a port");
         assert!(nic["mode"].as_str().unwrap().starts_with(shown), "{mode}: {nic}");
 
-        let udp = in_netns(&v.ns_host.0, || UdpSocket::bind("192.0.2.1:0").expect("bind behind the veth"));
+        let udp = in_netns(&v.ns_b, || UdpSocket::bind("192.0.2.1:0").expect("bind behind the veth"));
         let port = udp.local_addr().unwrap().port();
         let fa = Frontend::connect(&sock, 2, 256);
         let mut na = Nic::new(&fa);
@@ -1451,14 +1429,7 @@ fn nic_port_reaches_the_kernel_behind_a_veth_in_each_mode() {
         assert!(acked & F_CSUM != 0 && acked & F_GUEST_CSUM == 0);
         na.post_rx(64);
         thread::sleep(Duration::from_millis(100));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let host_mac: [u8; 6] = loop {
-            na.send(&arp_request(MAC_A, [192, 0, 2, 2]));
-            if let Some(f) = na.recv(Duration::from_millis(500)).filter(|f| is_arp_reply_to(f, MAC_A)) {
-                break f[22..28].try_into().unwrap();
-            }
-            assert!(Instant::now() < deadline, "{mode}: no ARP reply from behind the NIC");
-        };
+        let host_mac = resolve_mac(&mut na, &format!("{mode}: behind the NIC"));
 
         // Guest -> kernel, NEEDS_CSUM: completed by the switch for the NIC.
         let payload: Vec<u8> = (0..1000u32).map(|i| (i * 7 + 3) as u8).collect();
@@ -1471,8 +1442,8 @@ fn nic_port_reaches_the_kernel_behind_a_veth_in_each_mode() {
         assert_eq!((&buf[..n], from.to_string().as_str()), (&payload[..], "192.0.2.2:40000"), "{mode}");
 
         // Kernel -> guest: the local socket's partial checksum is the guest's to get complete.
-        let host = format!("vqh{}", std::process::id() % 100_000);
-        assert!(run(&format!("ip -n {} neigh replace 192.0.2.2 lladdr 52:54:00:00:00:0a dev {host}", v.ns_host.0)));
+        let host = v.b.clone();
+        assert!(run(&format!("ip -n {} neigh replace 192.0.2.2 lladdr 52:54:00:00:00:0a dev {host}", v.ns_b)));
         let mut wire = udp4_partial([192, 0, 2, 1], [192, 0, 2, 2], port, 5555, &payload[..600]);
         wire[26..28].copy_from_slice(&[0, 0]);
         let c = !csum_fold(csum_add(udp_pseudo_sum(&wire), &wire[20..]));
@@ -1483,7 +1454,7 @@ fn nic_port_reaches_the_kernel_behind_a_veth_in_each_mode() {
         let (h, f) = 'got: loop {
             if mode == "xdp" {
                 let (w, host) = (wire.clone(), host.clone());
-                in_netns(&v.ns_host.0, move || send_raw(&host, &w));
+                in_netns(&v.ns_b, move || send_raw(&host, &w));
             } else {
                 udp.send_to(&payload[..600], "192.0.2.2:5555").unwrap();
             }
@@ -1499,12 +1470,12 @@ fn nic_port_reaches_the_kernel_behind_a_veth_in_each_mode() {
         assert!(udp4_checksum_ok(&f[14..]), "{mode}: the guest gets a valid UDP checksum");
 
         // Removed at run time: the interface is as it was before virtq-net took it.
-        let (ok, v2) = ctl(&ctl_sock, &["del-port", &v.sw]);
+        let (ok, v2) = ctl(&ctl_sock, &["del-port", &v.a]);
         assert!(ok, "{v2}");
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             let now = String::from_utf8(
-                Command::new("ip").args(["-n", &v.ns_sw.0, "-d", "link", "show", &v.sw]).output().unwrap().stdout,
+                Command::new("ip").args(["-n", &v.ns_a, "-d", "link", "show", &v.a]).output().unwrap().stdout,
             )
             .unwrap();
             if now == before {

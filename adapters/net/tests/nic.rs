@@ -15,82 +15,13 @@ use std::time::{Duration, Instant};
 
 use virtq_net::nic::{parse_nic, Nic, NicMode, NIC_HDR_LEN};
 
-fn run(cmd: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(cmd)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
+mod netns;
+use netns::{in_netns, run, veth, Veth};
 
 fn output(cmd: &str) -> String {
     let o = Command::new("sh").arg("-c").arg(cmd).output().expect("sh");
     assert!(o.status.success(), "{cmd}: {}", String::from_utf8_lossy(&o.stderr));
     String::from_utf8(o.stdout).unwrap()
-}
-
-/// A veth pair between two namespaces: `a` in `ns_a` (the port's), `b` in `ns_b`. Both
-/// namespaces (and so both ends) are deleted on drop.
-struct Veth {
-    ns_a: String,
-    ns_b: String,
-    a: String,
-    b: String,
-}
-
-impl Drop for Veth {
-    fn drop(&mut self) {
-        run(&format!("ip -n {} link del {}", self.ns_a, self.a));
-        run(&format!("ip netns del {}", self.ns_a));
-        run(&format!("ip netns del {}", self.ns_b));
-    }
-}
-
-/// Sets up a veth pair of MTU `mtu`, both ends up, IPv6 off (no router solicitations in the
-/// way). `None` (test skipped) only outside CI when not root or without iproute2.
-fn veth(tag: &str, mtu: u32) -> Option<Veth> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 || !run("ip netns list") {
-        // CI runs as root with iproute2 installed: never skip there.
-        assert!(std::env::var_os("CI").is_none(), "CI needs root and iproute2");
-        eprintln!("skipped: needs root and iproute2");
-        return None;
-    }
-    let id = std::process::id() % 10000;
-    let v = Veth {
-        ns_a: format!("virtq-nic-{tag}-{}-a", std::process::id()),
-        ns_b: format!("virtq-nic-{tag}-{}-b", std::process::id()),
-        a: format!("vqn{id}{tag}a"),
-        b: format!("vqn{id}{tag}b"),
-    };
-    assert!(v.a.len() <= 15, "{} too long", v.a);
-    for ns in [&v.ns_a, &v.ns_b] {
-        assert!(run(&format!("ip netns add {ns}")), "ip netns add {ns}");
-        run(&format!("ip netns exec {ns} sh -c 'sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1'"));
-    }
-    assert!(run(&format!(
-        "ip link add {} mtu {mtu} netns {} type veth peer name {} mtu {mtu} netns {}",
-        v.a, v.ns_a, v.b, v.ns_b
-    )));
-    assert!(run(&format!("ip -n {} link set {} up && ip -n {} link set {} up", v.ns_a, v.a, v.ns_b, v.b)));
-    Some(v)
-}
-
-/// Runs `f` on a thread that joined the network namespace `ns` (`setns`): sockets it creates
-/// live in that namespace, whichever thread uses them afterwards.
-fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/run/netns/{ns}");
-    thread::spawn(move || {
-        let nsfd = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        // SAFETY: setns on a namespace fd; it moves only this short-lived thread.
-        let rc = unsafe { libc::setns(nsfd.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-        f()
-    })
-    .join()
-    .unwrap()
 }
 
 fn open_nic(v: &Veth, opts: &str) -> std::io::Result<Nic> {
@@ -251,7 +182,8 @@ fn frames_both_ways(v: &Veth, opts: &str, sizes: &[usize], want: &str) {
 
     let out: Vec<Vec<u8>> = sizes.iter().enumerate().map(|(i, &len)| frame(len, 100 + i as u8)).collect();
     let q = &nic.queues()[0];
-    assert_eq!(q.send_burst(out.iter().map(|f| &f[..])), (out.len() as u64, 0));
+    let s = q.send_burst(out.iter().map(|f| &f[..]));
+    assert_eq!((s.sent, s.dropped, s.full), (out.len() as u64, 0, false));
     for f in &out {
         let r = raw_recv(&raw, Duration::from_secs(3)).unwrap_or_else(|| panic!("{}-byte frame not received", f.len()));
         assert!(&r == f, "{}-byte frame arrived as {} bytes, or changed", f.len(), r.len());
@@ -269,6 +201,33 @@ fn af_xdp_carries_frames_both_ways_byte_exact() {
 fn af_packet_carries_frames_both_ways_byte_exact_jumbo_included() {
     let Some(v) = veth("p", 9000) else { return };
     frames_both_ways(&v, ",mode=packet", &[60, 1514, 9014, 60], "af_packet");
+}
+
+/// A frame refused on its own (larger than the interface's MTU: `EMSGSIZE` for AF_PACKET,
+/// larger than a UMEM frame for AF_XDP) is dropped and counted, but does not make the queue
+/// "full": the frames after it are sent, and a sender segmenting for this port goes on.
+#[test]
+fn a_frame_refused_on_its_own_is_not_a_full_queue() {
+    for (tag, opts, big) in [("rp", ",mode=packet", 1514 + 200), ("rx", ",mode=xdp", 4096 + 100)] {
+        let Some(v) = veth(tag, 1500) else { return };
+        let raw = raw_socket(&v);
+        let nic = open_nic(&v, opts).unwrap_or_else(|e| panic!("{opts}: {e}"));
+        let out = [frame(60, 1), frame(big, 2), frame(60, 3)];
+        let s = nic.queues()[0].send_burst(out.iter().map(|f| &f[..]));
+        assert_eq!((s.sent, s.dropped, s.full), (2, 1, false), "{opts}: {s:?}");
+        for seq in [1u8, 3] {
+            let want = frame(60, seq);
+            let deadline = Instant::now() + Duration::from_secs(3);
+            loop {
+                let r = raw_recv(&raw, Duration::from_secs(3))
+                    .unwrap_or_else(|| panic!("{opts}: frame {seq} not received"));
+                if r == want {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "{opts}: frame {seq} not received");
+            }
+        }
+    }
 }
 
 /// `ip -d link show` of the port's interface: shows `xdp`/`xdpgeneric` and the promiscuity
@@ -385,14 +344,20 @@ fn auto_falls_back_to_af_packet_next_to_another_xdp_program() {
 }
 
 /// An MTU whose frames an AF_XDP frame cannot hold: `xdp` refuses with the reason, `auto`
-/// takes AF_PACKET.
+/// takes AF_PACKET. A later MTU change is followed.
 #[test]
 fn jumbo_mtu_is_af_packet_territory() {
     let Some(v) = veth("j", 9000) else { return };
     let e = open_nic(&v, ",mode=xdp").expect_err("MTU 9000 on AF_XDP");
     assert!(e.to_string().contains("MTU 9000"), "{e}");
-    assert_eq!(open_nic(&v, "").expect("auto").mode(), NicMode::Packet);
+    let nic = open_nic(&v, "").expect("auto");
+    assert_eq!(nic.mode(), NicMode::Packet);
     assert!(!has_xdp(&link_state(&v)));
+    // A later `ip link set mtu` is followed: the switch's MTU check uses the new one.
+    assert_eq!((nic.mtu(), nic.refresh_mtu()), (9000, None));
+    assert!(run(&format!("ip -n {} link set dev {} mtu 1500", v.ns_a, v.a)));
+    assert_eq!((nic.refresh_mtu(), nic.mtu()), (Some((9000, 1500)), 1500));
+    assert_eq!(nic.refresh_mtu(), None, "unchanged since");
 }
 
 /// A TCP stream from the peer's kernel (the veth has TSO on, so the stack hands it 64 KiB GSO
@@ -538,8 +503,8 @@ fn throughput() {
                 let burst = vec![&f[..]; 32];
                 let (mut sent, mut dropped) = (0, 0);
                 while !stop.load(Ordering::Relaxed) {
-                    let (s, d) = tx.queues()[0].send_burst(burst.iter().copied());
-                    (sent, dropped) = (sent + s, dropped + d);
+                    let s = tx.queues()[0].send_burst(burst.iter().copied());
+                    (sent, dropped) = (sent + s.sent, dropped + s.dropped);
                 }
                 (sent, dropped)
             })

@@ -306,6 +306,14 @@ pub struct Backend {
     faults: FaultNotifier,
 }
 
+impl Drop for Backend {
+    fn drop(&mut self) {
+        // However the loop ended (or if it never ran), callers waiting in or coming to
+        // `BackendHandle::call` are told so instead of waiting forever.
+        self.commands.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+}
+
 impl Backend {
     /// An empty back-end.
     pub fn new() -> io::Result<Backend> {
@@ -336,8 +344,9 @@ impl Backend {
     /// virtio-net a [`crate::net::NetDevice`]). Servers listen at once; clients connect on the
     /// first loop iteration (and keep trying with backoff if the front-end is not there yet).
     /// `name` identifies the device in logs and to [`Backend::remove_device`]; a name already
-    /// in use is refused (`AlreadyExists`), before anything is bound: a second device on a
-    /// socket path would otherwise replace the first one's socket file.
+    /// in use is refused (`AlreadyExists`), before anything is bound, and so is a server
+    /// socket path that names another device's socket file under any spelling;
+    /// `Listener::bind` also refuses a socket file that another process still listens on.
     pub fn add_device<M: DeviceModel>(
         &mut self,
         name: &str,
@@ -347,6 +356,22 @@ impl Backend {
     ) -> io::Result<M::DataPath> {
         if self.slots.iter().flatten().any(|s| s.device.name() == name) {
             return Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("a device named {name:?} exists")));
+        }
+        if let SocketSpec::Server { path, .. } = &spec {
+            // The same socket file under another spelling (`dir/./a.sock`, a symlinked
+            // directory): refused by name here, before `Listener::bind`'s probe would connect
+            // to the other device's listener (which would then accept the probe as a
+            // front-end).
+            let wanted = resolved(path);
+            let other = self.slots.iter().flatten().find(|s| {
+                s.listener.as_ref().is_some_and(|l| !l.path().as_os_str().is_empty() && resolved(l.path()) == wanted)
+            });
+            if let Some(other) = other {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!("{} is the socket of device {:?}", path.display(), other.device.name()),
+                ));
+            }
         }
         let device = VhostUserDevice::new(config);
         let data_path = device.model().data_path(name, device.vring_shared());
@@ -376,8 +401,9 @@ impl Backend {
     /// Removes the device named `name`, as if the back-end were shutting down for it alone:
     /// its front-end is disconnected (the device reset first: rings stopped, its memory and
     /// fds released), its socket closed (a listening socket's file removed), and its handler
-    /// told ([`DeviceHandler::device_destroyed`], [`DeviceHandler::disconnected`]). Other
-    /// devices are not touched. `false` if there is no such device.
+    /// told ([`DeviceHandler::device_destroyed`] if it was ready,
+    /// [`DeviceHandler::disconnected`] if a front-end was connected). Other devices are not
+    /// touched. `false` if there is no such device.
     pub fn remove_device(&mut self, name: &str) -> bool {
         let Some(id) = self.slots.iter().position(|s| s.as_ref().is_some_and(|s| s.device.name() == name)) else {
             return false;
@@ -615,5 +641,19 @@ impl Backend {
                 slot.reconnect_at = None;
             }
         }
+    }
+}
+
+/// `path` with its directory resolved (`.`/`..`, symlinks): two spellings of one socket file
+/// give the same result. The file name itself is kept (the socket may not exist yet); a
+/// directory that cannot be resolved is kept as written.
+fn resolved(path: &std::path::Path) -> std::path::PathBuf {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    match (std::fs::canonicalize(dir), path.file_name()) {
+        (Ok(d), Some(f)) => d.join(f),
+        _ => path.to_path_buf(),
     }
 }

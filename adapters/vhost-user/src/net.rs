@@ -63,6 +63,17 @@ pub fn rarp_announce(mac: [u8; 6]) -> [u8; 60] {
     f
 }
 
+/// What an enqueue burst did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Enqueued {
+    /// Frames placed (the rest were dropped and counted).
+    pub placed: usize,
+    /// The burst stopped before its last frame: the ring ran out of buffers, or is stopped,
+    /// disabled or faulted. Frames refused one by one (too large, an offload the guest did
+    /// not negotiate) do not set it.
+    pub full: bool,
+}
+
 /// Per-queue counters.
 #[derive(Debug, Default)]
 pub struct QueueStats {
@@ -923,6 +934,13 @@ impl NetDevice {
     /// (or the ring is stopped or disabled) and are dropped and counted by the caller's choice:
     /// they are counted here as drops.
     pub fn enqueue_burst(&self, pair: u16, frames: &[&[u8]]) -> usize {
+        self.enqueue_burst_outcome(pair, frames).placed
+    }
+
+    /// [`NetDevice::enqueue_burst`], telling apart frames refused one by one (too large for
+    /// the guest's buffers) from a ring that ran out of buffers: a sender with more frames
+    /// for this guest stops only on the latter.
+    pub fn enqueue_burst_outcome(&self, pair: u16, frames: &[&[u8]]) -> Enqueued {
         let zero = VirtioNetHdr::default();
         self.enqueue(pair, frames.len(), |i| (zero, frames[i]))
     }
@@ -941,6 +959,11 @@ impl NetDevice {
     /// that marks a frame it already checked still reaches a driver without checksum offload.
     /// Both rules are the core's ([`virtq::net::receive_burst`]).
     pub fn enqueue_burst_with_headers(&self, pair: u16, frames: &[(VirtioNetHdr, &[u8])]) -> usize {
+        self.enqueue_burst_with_headers_outcome(pair, frames).placed
+    }
+
+    /// [`NetDevice::enqueue_burst_with_headers`] with the [`Enqueued`] outcome.
+    pub fn enqueue_burst_with_headers_outcome(&self, pair: u16, frames: &[(VirtioNetHdr, &[u8])]) -> Enqueued {
         self.enqueue(pair, frames.len(), |i| frames[i])
     }
 
@@ -949,31 +972,40 @@ impl NetDevice {
     /// buffers, once.
     pub fn enqueue_gather_burst(&self, pair: u16, frames: &[Gather<'_>]) -> usize {
         let zero = VirtioNetHdr::default();
-        self.enqueue(pair, frames.len(), |i| (zero, frames[i]))
+        self.enqueue(pair, frames.len(), |i| (zero, frames[i])).placed
     }
 
     /// [`NetDevice::enqueue_burst_with_headers`] for frames that may still be in another
     /// guest's transmit buffers ([`NetDevice::enqueue_gather_burst`]); the same header rules.
     pub fn enqueue_gather_burst_with_headers(&self, pair: u16, frames: &[(VirtioNetHdr, Gather<'_>)]) -> usize {
+        self.enqueue_gather_burst_with_headers_outcome(pair, frames).placed
+    }
+
+    /// [`NetDevice::enqueue_gather_burst_with_headers`] with the [`Enqueued`] outcome.
+    pub fn enqueue_gather_burst_with_headers_outcome(
+        &self,
+        pair: u16,
+        frames: &[(VirtioNetHdr, Gather<'_>)],
+    ) -> Enqueued {
         self.enqueue(pair, frames.len(), |i| frames[i])
     }
 
     /// The RX burst behind every enqueue variant: `frame(i)` is the header and frame of the
     /// `i`-th of `count` frames.
     #[inline(always)]
-    fn enqueue<S: FrameSource>(&self, pair: u16, count: usize, frame: impl Fn(usize) -> (VirtioNetHdr, S)) -> usize {
+    fn enqueue<S: FrameSource>(&self, pair: u16, count: usize, frame: impl Fn(usize) -> (VirtioNetHdr, S)) -> Enqueued {
         let index = 2 * pair as usize;
-        let Some(q) = self.inner.queues.get(index) else { return 0 };
+        let Some(q) = self.inner.queues.get(index) else { return Enqueued { placed: 0, full: true } };
         let mut s = q.lock();
         let (Some(active), true, log) = s.burst_parts() else {
             drop(s);
             q.stats.add(0, 0, count as u64, 0);
-            return 0;
+            return Enqueued { placed: 0, full: true };
         };
         if active.fault().is_some() {
             drop(s);
             q.stats.add(0, 0, count as u64, 0);
-            return 0;
+            return Enqueued { placed: 0, full: true };
         }
         let features: VirtioFeatures = active.features;
         let mut burst = net::RxBurst::default();
@@ -1003,9 +1035,12 @@ impl NetDevice {
             Some(net::RxError::Ring(PopError::AvailIndex(e))) => Some(RingFault::AvailIndex(e)),
             _ => None,
         };
+        let unserved = result.is_err();
         self.finish_burst(index, s, result, broken);
         q.stats.add(n as u64, bytes, (count - n) as u64, errors);
-        n
+        // A ring that could not be served at all (a fault found at this burst) takes nothing
+        // more either.
+        Enqueued { placed: n, full: burst.stopped.is_some() || unserved }
     }
 
     /// After a burst: records a fault found on the way and signals the guest if its

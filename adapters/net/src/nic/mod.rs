@@ -57,7 +57,7 @@ use std::fmt;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 
 pub mod packet;
 pub mod xdp;
@@ -231,16 +231,43 @@ impl NicQueue {
 
     /// Sends plain, complete frames (no offloads: the switch segments and completes checksums
     /// in software before), each at most the interface's MTU plus its Ethernet header (see
-    /// the module documentation for larger ones). Returns `(sent, dropped)`: a full ring drops, never blocks.
-    pub fn send_burst<'a>(&self, frames: impl Iterator<Item = &'a [u8]>) -> (u64, u64) {
-        let (sent, dropped) = match &self.kind {
+    /// the module documentation for larger ones). A full ring drops, never blocks: see
+    /// [`Sent`] for what was sent, dropped, and whether the queue ran out of room.
+    pub fn send_burst<'a>(&self, frames: impl Iterator<Item = &'a [u8]>) -> Sent {
+        let s = match &self.kind {
             QueueKind::Xdp(q) => q.send_burst(frames),
             QueueKind::Packet(q) => q.send_burst(frames),
         };
-        add(&self.counters.tx, sent);
-        add(&self.counters.tx_drops, dropped);
-        (sent, dropped)
+        add(&self.counters.tx, s.sent);
+        add(&self.counters.tx_drops, s.dropped);
+        s
     }
+
+    /// Finishes what earlier bursts left: completed transmit frames are taken back, and
+    /// frames still queued are kicked to the kernel again (an AF_XDP kick that met `EBUSY`
+    /// or `ENOBUFS` is not retried until the next burst, which may never come: the last ACK
+    /// of a flow). For the data-plane thread's housekeeping; AF_PACKET sends synchronously
+    /// and has nothing to finish.
+    pub fn flush_tx(&self) {
+        if let QueueKind::Xdp(q) = &self.kind {
+            q.send_burst(std::iter::empty());
+        }
+    }
+}
+
+/// What [`NicQueue::send_burst`] did with a burst.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Sent {
+    /// Frames handed to the kernel.
+    pub sent: u64,
+    /// Frames dropped: refused one by one (empty, larger than a UMEM frame, or refused by the
+    /// kernel, e.g. `EMSGSIZE`), or because the queue was full.
+    pub dropped: u64,
+    /// The queue ran out of room (AF_XDP: no free transmit frame or ring entry; AF_PACKET:
+    /// `EAGAIN`/`ENOBUFS`): frames after that point were dropped without being tried. A
+    /// sender with more frames for this queue stops; a frame refused on its own does not
+    /// set it.
+    pub full: bool,
 }
 
 fn add(c: &AtomicU64, n: u64) {
@@ -254,8 +281,8 @@ fn add(c: &AtomicU64, n: u64) {
 pub struct Nic {
     name: String,
     mode: NicMode,
-    /// The interface's MTU when it was opened.
-    mtu: u16,
+    /// The interface's MTU, as last read ([`Nic::refresh_mtu`]).
+    mtu: AtomicU16,
     // Declared (and so dropped) first: the program stops redirecting to the sockets before
     // they close, and the interface's traffic goes back to the host stack.
     _xdp: Option<xdp::XdpProgram>,
@@ -307,7 +334,14 @@ impl Nic {
                 Ok((prog, qs, mode)) => {
                     let queues = wrap(qs.into_iter().map(|q| QueueKind::Xdp(Box::new(q))));
                     log::info!("nic {name}: {mode}, {} queue(s)", queues.len());
-                    return Ok(Nic { name, mode, mtu: mtu_u16(mtu), _xdp: Some(prog), queues, _promisc: promisc });
+                    return Ok(Nic {
+                        name,
+                        mode,
+                        mtu: AtomicU16::new(mtu_u16(mtu)),
+                        _xdp: Some(prog),
+                        queues,
+                        _promisc: promisc,
+                    });
                 }
                 Err(e) if spec.mode == NicModeChoice::Xdp => {
                     return Err(io::Error::new(e.kind(), format!("nic {name}: AF_XDP: {e}")));
@@ -324,7 +358,14 @@ impl Nic {
             ),
             None => log::info!("nic {name}: af_packet (TPACKET_V3), {} queue(s)", queues.len()),
         }
-        Ok(Nic { name, mode: NicMode::Packet, mtu: mtu_u16(mtu), _xdp: None, queues, _promisc: promisc })
+        Ok(Nic {
+            name,
+            mode: NicMode::Packet,
+            mtu: AtomicU16::new(mtu_u16(mtu)),
+            _xdp: None,
+            queues,
+            _promisc: promisc,
+        })
     }
 
     /// How the port reaches its interface.
@@ -342,11 +383,20 @@ impl Nic {
         &self.name
     }
 
-    /// The interface's MTU when it was opened: the largest frame (past the Ethernet header)
-    /// the switch sends it that is not cut into segments first. A later `ip link set mtu`
-    /// is not followed.
+    /// The interface's MTU: the largest frame (past the Ethernet header) the switch sends it
+    /// that is not cut into segments first. Read when the port is opened and again by
+    /// [`Nic::refresh_mtu`], so an `ip link set mtu` is followed.
     pub fn mtu(&self) -> u16 {
-        self.mtu
+        self.mtu.load(Ordering::Relaxed)
+    }
+
+    /// Reads the interface's MTU again (a system call: for a periodic check, not for every
+    /// burst) and returns `Some((old, new))` if it changed. An interface that cannot be
+    /// asked (renamed, gone) keeps the MTU it had.
+    pub fn refresh_mtu(&self) -> Option<(u16, u16)> {
+        let new = mtu_u16(interface_mtu(&self._promisc, &self.name).ok()?);
+        let old = self.mtu.swap(new, Ordering::Relaxed);
+        (old != new).then_some((old, new))
     }
 }
 

@@ -281,11 +281,16 @@ impl PacketQueue {
     }
 
     /// See [`super::NicQueue::send_burst`].
-    pub(super) fn send_burst<'a>(&self, frames: impl Iterator<Item = &'a [u8]>) -> (u64, u64) {
+    pub(super) fn send_burst<'a>(&self, frames: impl Iterator<Item = &'a [u8]>) -> super::Sent {
         static ZERO_HDR: [u8; VNET_HDR_LEN] = [0; VNET_HDR_LEN];
-        let (mut sent, mut dropped) = (0u64, 0u64);
+        let (mut sent, mut dropped, mut full) = (0u64, 0u64, false);
         let mut frames = frames.peekable();
         while frames.peek().is_some() {
+            if full {
+                // The socket buffer or device queue is full: the rest is not tried.
+                dropped += frames.count() as u64;
+                break;
+            }
             // SAFETY: all-zero iovecs and mmsghdrs are valid (null pointers, zero lengths).
             let mut iov: [[libc::iovec; 2]; TX_BATCH] = unsafe { std::mem::zeroed() };
             // SAFETY: as above.
@@ -323,6 +328,7 @@ impl PacketQueue {
                     Some(libc::EAGAIN | libc::ENOBUFS) => {
                         dropped += (n - i) as u64;
                         i = n;
+                        full = true;
                     }
                     Some(libc::EINTR) => {}
                     // This frame is refused (EMSGSIZE: larger than the MTU; ENETDOWN...).
@@ -334,7 +340,7 @@ impl PacketQueue {
                 }
             }
         }
-        (sent, dropped)
+        super::Sent { sent, dropped, full }
     }
 }
 

@@ -400,6 +400,35 @@ struct RxSide {
     /// Which receive frames the kernel holds (in the fill ring or being written): only those
     /// may come back in the RX ring.
     with_kernel: Vec<bool>,
+    /// Received frames waiting for room in the fill ring. The kernel publishes the RX
+    /// producer before it releases the fill entries it consumed (`xsk_flush`), so a burst may
+    /// find less room than frames; they go back as soon as room appears, never lost.
+    /// Capacity `RX_FRAMES`: it never grows.
+    to_fill: Vec<u32>,
+}
+
+impl RxSide {
+    /// Gives the kernel every frame waiting in `to_fill` that the fill ring has room for.
+    fn refill(&mut self) {
+        if self.to_fill.is_empty() {
+            return;
+        }
+        let fill_cons = self.fill.consumer().load(Ordering::Acquire);
+        let room = RING.saturating_sub(self.fill_prod.wrapping_sub(fill_cons)) as usize;
+        let n = room.min(self.to_fill.len());
+        for k in 0..n {
+            let frame = self.to_fill[k];
+            // SAFETY: a fill ring entry the kernel has consumed (room checked), published by
+            // the producer store below.
+            unsafe { self.fill.entry::<u64>(self.fill_prod).write_volatile(u64::from(frame) * FRAME_SIZE as u64) };
+            self.fill_prod = self.fill_prod.wrapping_add(1);
+            self.with_kernel[frame as usize] = true;
+        }
+        self.to_fill.drain(..n);
+        if n > 0 {
+            self.fill.producer().store(self.fill_prod, Ordering::Release);
+        }
+    }
 }
 
 struct TxSide {
@@ -497,7 +526,14 @@ impl XskQueue {
     /// The queue over its socket, UMEM and rings (fill, RX, TX, completion), the fill ring
     /// already holding every receive frame.
     fn assemble(fd: OwnedFd, umem: Mmap, [fill, rx, tx, comp]: [Ring; 4]) -> XskQueue {
-        let rx = RxSide { fill, rx, fill_prod: RX_FRAMES as u32, rx_cons: 0, with_kernel: vec![true; RX_FRAMES] };
+        let rx = RxSide {
+            fill,
+            rx,
+            fill_prod: RX_FRAMES as u32,
+            rx_cons: 0,
+            with_kernel: vec![true; RX_FRAMES],
+            to_fill: Vec::with_capacity(RX_FRAMES),
+        };
         let tx = TxSide {
             tx,
             comp,
@@ -517,13 +553,12 @@ impl XskQueue {
         // More than RING entries would be a kernel bug: never read past what the ring holds.
         let avail = prod.wrapping_sub(st.rx_cons).min(RING).min(max.min(RING as usize) as u32);
         if avail == 0 {
+            st.refill();
             if st.fill.needs_wakeup() {
                 self.wake_rx();
             }
             return (0, 0);
         }
-        let fill_cons = st.fill.consumer().load(Ordering::Acquire);
-        let mut fill_room = RING.saturating_sub(st.fill_prod.wrapping_sub(fill_cons));
         let (mut delivered, mut dropped) = (0usize, 0u64);
         const HDR: [u8; NIC_HDR_LEN] = [0; NIC_HDR_LEN];
         for i in 0..avail {
@@ -547,18 +582,12 @@ impl XskQueue {
                 f(&HDR, data);
                 delivered += 1;
             }
-            if fill_room > 0 {
-                // SAFETY: a fill ring entry the kernel has consumed (room checked), published
-                // by the producer store after the loop.
-                unsafe { st.fill.entry::<u64>(st.fill_prod).write_volatile((frame * FRAME_SIZE) as u64) };
-                st.fill_prod = st.fill_prod.wrapping_add(1);
-                st.with_kernel[frame] = true;
-                fill_room -= 1;
-            }
+            // Back to the kernel through the fill ring, now or as soon as it has room.
+            st.to_fill.push(frame as u32);
         }
         st.rx_cons = st.rx_cons.wrapping_add(avail);
         st.rx.consumer().store(st.rx_cons, Ordering::Release);
-        st.fill.producer().store(st.fill_prod, Ordering::Release);
+        st.refill();
         if st.fill.needs_wakeup() {
             self.wake_rx();
         }
@@ -606,7 +635,7 @@ impl XskQueue {
     }
 
     /// See [`super::NicQueue::send_burst`].
-    pub(super) fn send_burst<'a>(&self, frames: impl Iterator<Item = &'a [u8]>) -> (u64, u64) {
+    pub(super) fn send_burst<'a>(&self, frames: impl Iterator<Item = &'a [u8]>) -> super::Sent {
         let mut guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
         let st = &mut *guard;
         // Completed frames come back first.
@@ -629,8 +658,12 @@ impl XskQueue {
 
         let tx_cons = st.tx.consumer().load(Ordering::Acquire);
         let mut room = RING.saturating_sub(st.tx_prod.wrapping_sub(tx_cons));
-        let (mut sent, mut dropped, mut too_big) = (0u64, 0u64, 0usize);
+        let (mut sent, mut dropped, mut too_big, mut full) = (0u64, 0u64, 0usize, false);
         for f in frames {
+            if full {
+                dropped += 1;
+                continue;
+            }
             if f.is_empty() || f.len() > FRAME_SIZE {
                 too_big = f.len();
                 dropped += 1;
@@ -639,6 +672,9 @@ impl XskQueue {
             let frame = match st.free.last() {
                 Some(&frame) if room > 0 => frame,
                 _ => {
+                    // No frame or ring entry until the kernel completes some: the rest of the
+                    // burst is dropped too.
+                    full = true;
                     dropped += 1;
                     continue;
                 }
@@ -666,7 +702,7 @@ impl XskQueue {
         if too_big > 0 {
             limited!(warn, "AF_XDP queue: a {too_big}-byte frame does not fit a {FRAME_SIZE}-byte UMEM frame: dropped");
         }
-        (sent, dropped)
+        super::Sent { sent, dropped, full }
     }
 
     /// Kicks transmission (`sendto`, non-blocking). In copy mode one call sends at most a
@@ -747,6 +783,16 @@ mod tests {
         // The kernel took no fill entry: the fill ring was full, nothing was written over.
         assert_eq!(st.fill_prod, RX_FRAMES as u32, "no fill entry overwritten");
         assert!(!st.with_kernel[3] && !st.with_kernel[4] && st.with_kernel[6]);
+        // Frames 3 (delivered) and 4, 5 (dropped, but ours again) wait for room, not lost.
+        assert_eq!(st.to_fill, [3, 4, 5]);
+        drop(st);
+        // The kernel releases fill entries (as `xsk_flush` does after publishing RX): the
+        // next call, even with nothing received, gives the frames back.
+        q.rx.lock().unwrap().fill.consumer().store(3, Ordering::Release);
+        assert_eq!(q.recv_burst(64, &mut |_, _| {}), (0, 0));
+        let st = q.rx.lock().unwrap();
+        assert!(st.to_fill.is_empty() && st.with_kernel[3] && st.with_kernel[4] && st.with_kernel[5]);
+        assert_eq!(st.fill.producer().load(Ordering::Acquire), RX_FRAMES as u32 + 3);
     }
 
     #[test]
@@ -777,7 +823,11 @@ mod tests {
         let f = [0x11u8; 100];
         let big = vec![0u8; FRAME_SIZE + 1];
         let frames: Vec<&[u8]> = vec![&f, &f, &big, &[], &f];
-        assert_eq!(q.send_burst(frames.into_iter()), (3, 2), "too large and empty frames dropped");
+        assert_eq!(
+            q.send_burst(frames.into_iter()),
+            super::super::Sent { sent: 3, dropped: 2, full: false },
+            "too large and empty frames dropped, each on its own: the queue is not full"
+        );
         let st = q.tx.lock().unwrap();
         assert_eq!(st.tx.producer().load(Ordering::Acquire), 3);
         // SAFETY: entries of the fake rings.
@@ -799,7 +849,7 @@ mod tests {
         st.tx.consumer().store(3, Ordering::Release);
         let free_before = st.free.len();
         drop(st);
-        assert_eq!(q.send_burst(std::iter::empty()), (0, 0));
+        assert_eq!(q.send_burst(std::iter::empty()), super::super::Sent::default());
         let st = q.tx.lock().unwrap();
         assert_eq!(st.free.len(), free_before + 1, "one frame came back, once");
         assert_eq!(st.comp.consumer().load(Ordering::Acquire), comps.len() as u32);
@@ -807,9 +857,10 @@ mod tests {
         // The kernel consumes nothing more: the ring (RING entries, 3 consumed) fills, the rest
         // is dropped, nothing blocks.
         let many = vec![&f[..]; RING as usize + 10];
-        let (sent, dropped) = q.send_burst(many.into_iter());
-        assert_eq!(sent + dropped, RING as u64 + 10);
-        assert_eq!(sent, (TX_FRAMES - 2) as u64, "every free frame, no more");
+        let s = q.send_burst(many.into_iter());
+        assert_eq!(s.sent + s.dropped, RING as u64 + 10);
+        assert_eq!(s.sent, (TX_FRAMES - 2) as u64, "every free frame, no more");
+        assert!(s.full, "out of frames: the queue is full");
     }
 
     #[test]
