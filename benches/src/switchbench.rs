@@ -15,7 +15,12 @@
 //!
 //! `switchbench --size BYTES [--mrg on|off] [--log] [--steps N] [--threads 1|2]`: `--log` runs
 //! as while both guests migrate: `LOG_SHMFD` and `LOG_ALL` negotiated, a dirty log set,
-//! `VRING_F_LOG` on every ring. `--threads 2`: A's ring is polled by one data-plane thread and
+//! `VRING_F_LOG` on every ring. `--tso` instead of `--size`: the TCP stream of two Linux guests
+//! that negotiated TSO, both ways as Linux does (`CSUM`, `HOST_TSO4`, `GUEST_CSUM`,
+//! `GUEST_TSO4`, `MRG_RXBUF`): every frame a 64 KiB GSO frame ([`TSO_FRAME`] bytes, 45
+//! segments of 1448 bytes) sent as Linux's `virtio_net` sends one (its header and the
+//! frame's headers in one buffer, then the payload in 4 KiB page fragments, behind an
+//! indirect table), received into 4 KiB mergeable buffers (16 per frame) on rings of 1024. `--threads 2`: A's ring is polled by one data-plane thread and
 //! B's by another (`--pmd-cpus` with two CPUs), so every frame is handed between threads; a
 //! step is one pass of each (run one after the other here: callgrind counts instructions, not
 //! the cache traffic between CPUs, which `vs-dpdk.sh`-style timed runs show).
@@ -41,6 +46,15 @@ const BURST: u16 = 32;
 /// VERSION_1, INDIRECT_DESC, EVENT_IDX, MAC; MRG_RXBUF with `--mrg on`.
 const FEATURES: u64 = (1 << 32) | (1 << 28) | (1 << 29) | (1 << 5);
 const F_MRG_RXBUF: u64 = 1 << 15;
+/// With `--tso`: CSUM, GUEST_CSUM, GUEST_TSO4, HOST_TSO4 (and MRG_RXBUF).
+const F_TSO: u64 = (1 << 0) | (1 << 1) | (1 << 7) | (1 << 11);
+/// A `--tso` frame: Ethernet, IPv4 and TCP with timestamps (66 bytes of headers, Linux's),
+/// then 45 segments of 1448 bytes: 65,226 bytes, an IP datagram just under 64 KiB.
+const TSO_FRAME: usize = 66 + 45 * 1448;
+/// Its GSO size (an MSS of 1460 less the 12 bytes of timestamps).
+const TSO_MSS: u16 = 1448;
+/// Receive buffers with `--tso`: 4 KiB, the most Linux posts per mergeable buffer.
+const TSO_RX_BUF: u32 = 4096;
 const F_LOG_ALL: u64 = 1 << 26;
 const PF_LOG_SHMFD: u64 = 1 << 1;
 /// `VHOST_VRING_F_LOG` in SET_VRING_ADDR's flags.
@@ -50,6 +64,7 @@ const MAC_B: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0x0b];
 
 struct Args {
     size: usize,
+    tso: bool,
     mrg: bool,
     log: bool,
     steps: u32,
@@ -57,11 +72,15 @@ struct Args {
 }
 
 fn parse_args() -> Result<Args, String> {
-    let mut a = Args { size: 64, mrg: true, log: false, steps: 1000, threads: 1 };
+    let mut a = Args { size: 64, tso: false, mrg: true, log: false, steps: 1000, threads: 1 };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
         if k == "--log" {
             a.log = true;
+            continue;
+        }
+        if k == "--tso" {
+            a.tso = true;
             continue;
         }
         let v = it.next().ok_or_else(|| format!("{k} needs a value"))?;
@@ -79,7 +98,12 @@ fn parse_args() -> Result<Args, String> {
             _ => return Err(format!("unknown option {k}")),
         }
     }
-    if !(60..=1514).contains(&a.size) {
+    if a.tso {
+        if !a.mrg {
+            return Err("--tso needs --mrg on (Linux receives GSO frames in mergeable buffers)".into());
+        }
+        a.size = TSO_FRAME;
+    } else if !(60..=1514).contains(&a.size) {
         return Err(format!("--size {} out of 60..=1514", a.size));
     }
     Ok(a)
@@ -93,6 +117,35 @@ fn eth(dst: [u8; 6], src: [u8; 6], len: usize) -> Vec<u8> {
     f.extend_from_slice(&0x88b5u16.to_be_bytes());
     f.extend((14..len).map(|i| i as u8));
     f
+}
+
+/// A `--tso` frame from `src` to `dst` and its virtio-net header as Linux's `virtio_net` writes
+/// it for a TSO packet: `NEEDS_CSUM` with the TCP checksum at 34 + 16, `GSO_TCPV4`,
+/// `hdr_len` 66, `gso_size` [`TSO_MSS`]; the checksum field holds the pseudo-header sum (not
+/// computed here: nothing on the way checks it).
+fn tso_frame(dst: [u8; 6], src: [u8; 6]) -> ([u8; 12], Vec<u8>) {
+    let ip_len = (TSO_FRAME - 14) as u16;
+    let mut f = Vec::with_capacity(TSO_FRAME);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&0x0800u16.to_be_bytes());
+    // IPv4: no options, DF, TTL 64, TCP, 10.0.0.1 -> 10.0.0.2.
+    f.extend_from_slice(&[0x45, 0]);
+    f.extend_from_slice(&ip_len.to_be_bytes());
+    f.extend_from_slice(&[0, 1, 0x40, 0, 64, 6, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2]);
+    // TCP, 32 bytes (data offset 8): ACK|PSH, then NOP NOP and a timestamp option.
+    f.extend_from_slice(&[0x13, 0x88, 0x9c, 0x40, 0, 0, 0, 1, 0, 0, 0, 1, 0x80, 0x18, 0x01, 0xf5, 0, 0, 0, 0]);
+    f.extend_from_slice(&[1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2]);
+    assert_eq!(f.len(), 66);
+    f.extend((66..TSO_FRAME).map(|i| (i * 7) as u8));
+    let mut h = [0u8; 12];
+    h[0] = 1; // NEEDS_CSUM
+    h[1] = 1; // GSO_TCPV4
+    h[2..4].copy_from_slice(&66u16.to_le_bytes());
+    h[4..6].copy_from_slice(&TSO_MSS.to_le_bytes());
+    h[6..8].copy_from_slice(&34u16.to_le_bytes());
+    h[8..10].copy_from_slice(&16u16.to_le_bytes());
+    (h, f)
 }
 
 /// QEMU's start sequence (the front-end module's `qemu_start`), with the dirty log when `log`:
@@ -192,13 +245,31 @@ impl<'a> Guest<'a> {
         self.tx.kick();
     }
 
-    /// Posts `n` receive buffers of 2048 bytes (one descriptor each).
-    fn post(&mut self, n: u16) -> Vec<u64> {
+    /// Makes `n` TX chains as Linux sends a TSO packet (`virtio_net`'s `xmit_skb` with the
+    /// header pushed in front of the linear part, `INDIRECT_DESC`): one indirect table whose
+    /// first buffer holds the virtio-net header and the frame's 66 bytes of headers, then the
+    /// payload in 4 KiB page fragments (16 for a [`TSO_FRAME`]: 17 pieces, Linux's
+    /// `MAX_SKB_FRAGS` + 1 at most).
+    fn send_tso(&mut self, n: u16, hdr: &[u8], frame: &[u8]) {
+        let mut first = hdr.to_vec();
+        first.extend_from_slice(&frame[..66]);
+        let bufs: Vec<Buf<'_>> =
+            std::iter::once(Buf::readable(&first)).chain(frame[66..].chunks(4096).map(Buf::readable)).collect();
+        self.tx.reset_alloc();
+        for _ in 0..n {
+            let head = self.tx.build_indirect_chain(&bufs);
+            self.tx.stage(head);
+        }
+        self.tx.kick();
+    }
+
+    /// Posts `n` receive buffers of `len` bytes (one descriptor each).
+    fn post(&mut self, n: u16, len: u32) -> Vec<u64> {
         self.rx.reset_alloc();
         let mut addrs = Vec::with_capacity(n as usize);
         for _ in 0..n {
             let mut a = [0u64];
-            let head = self.rx.build_chain(&[Buf::writable(2048)], &mut a);
+            let head = self.rx.build_chain(&[Buf::writable(len)], &mut a);
             self.rx.stage(head);
             addrs.push(a[0]);
         }
@@ -274,8 +345,10 @@ fn bench(a: &Args, dir: &Path) -> Result<(), String> {
     let handle = backend.handle();
     let control = std::thread::spawn(move || backend.run());
 
-    let features = FEATURES | if a.mrg { F_MRG_RXBUF } else { 0 };
-    let (fa, fb) = (Frontend::connect(&socks[0], 2, 256), Frontend::connect(&socks[1], 2, 256));
+    let features = FEATURES | if a.mrg { F_MRG_RXBUF } else { 0 } | if a.tso { F_TSO } else { 0 };
+    // With --tso, B posts 16 buffers per frame: 512 a burst.
+    let ring = if a.tso { 1024 } else { 256 };
+    let (fa, fb) = (Frontend::connect(&socks[0], 2, ring), Frontend::connect(&socks[1], 2, ring));
     let (mut ga, mut gb) = (Guest::new(&fa), Guest::new(&fb));
     let _log_a = start(&fa, features, a.log);
     let _log_b = start(&fb, features, a.log);
@@ -292,29 +365,45 @@ fn bench(a: &Args, dir: &Path) -> Result<(), String> {
     // B speaks first, so that the switch knows where MAC_B is (A's frames are unicast).
     // VERSION_1: the 12-byte header with or without MRG_RXBUF (§5.1.6).
     let hdr = &[0u8; 12][..];
-    ga.post(1);
+    ga.post(1, 2048);
     gb.send(1, hdr, &eth(MAC_A, MAC_B, 60));
     step(&mut dp);
     ga.reclaim(0, 1)?;
     gb.reclaim(1, 0)?;
 
-    let frame = eth(MAC_B, MAC_A, a.size);
+    let (tx_hdr, frame) = if a.tso { tso_frame(MAC_B, MAC_A) } else { ([0u8; 12], eth(MAC_B, MAC_A, a.size)) };
+    // Receive buffers per frame: one, or with --tso as many 4 KiB ones as header and frame fill.
+    let (per_frame, buf_len) =
+        if a.tso { ((12 + frame.len()).div_ceil(TSO_RX_BUF as usize) as u16, TSO_RX_BUF) } else { (1, 2048) };
     let mut moved = 0usize;
     let mut last = Vec::new();
     for _ in 0..a.steps {
-        last = gb.post(BURST);
-        ga.send(BURST, hdr, &frame);
+        last = gb.post(BURST * per_frame, buf_len);
+        if a.tso {
+            ga.send_tso(BURST, &tx_hdr, &frame);
+        } else {
+            ga.send(BURST, &tx_hdr, &frame);
+        }
         moved += step(&mut dp);
         ga.reclaim(BURST, 0)?;
-        gb.reclaim(0, BURST)?;
+        gb.reclaim(0, BURST * per_frame)?;
     }
-    // B got A's frame, behind a header with num_buffers 1, in every buffer of the last burst.
+    // B got A's frame in every frame's buffers of the last burst, behind a header with
+    // num_buffers set (and with --tso, the GSO header passed through: B negotiated it).
     let last_addrs = last.clone();
-    for addr in last {
-        let mut got = vec![0u8; 12 + frame.len()];
-        gb.rx.read(addr, &mut got);
-        if got[12..] != frame[..] || got[10..12] != [1, 0] {
-            return Err(format!("B's buffer at {addr:#x} does not hold A's frame"));
+    for bufs in last.chunks(per_frame as usize) {
+        let mut got = Vec::with_capacity(bufs.len() * buf_len as usize);
+        for &addr in bufs {
+            let mut b = vec![0u8; buf_len as usize];
+            gb.rx.read(addr, &mut b);
+            got.extend_from_slice(&b);
+        }
+        let want_hdr = [tx_hdr[0], tx_hdr[1], tx_hdr[2], tx_hdr[3], tx_hdr[4], tx_hdr[5]];
+        if got[12..12 + frame.len()] != frame[..]
+            || got[10..12] != per_frame.to_le_bytes()
+            || (a.tso && got[..6] != want_hdr)
+        {
+            return Err(format!("B's buffers at {:#x} do not hold A's frame", bufs[0]));
         }
     }
     // With the log: the pages of B's buffers are marked (the back-end wrote them).
@@ -333,7 +422,10 @@ fn bench(a: &Args, dir: &Path) -> Result<(), String> {
     if moved != expected {
         return Err(format!("moved {moved} frames, expected {expected}"));
     }
-    println!("frames={moved} steps={} size={} mrg={} log={} threads={}", a.steps, a.size, a.mrg, a.log, a.threads);
+    println!(
+        "frames={moved} steps={} size={} tso={} mrg={} log={} threads={}",
+        a.steps, a.size, a.tso, a.mrg, a.log, a.threads
+    );
     // Front-ends hang up before the control loop stops (the guests' drivers borrow them).
     drop(dp);
     let _ = (ga, gb);
@@ -347,7 +439,9 @@ fn main() {
     let args = match parse_args() {
         Ok(a) => a,
         Err(e) => {
-            eprintln!("switchbench: {e}\nusage: switchbench --size BYTES [--mrg on|off] [--log] [--steps N]");
+            eprintln!(
+                "switchbench: {e}\nusage: switchbench --size BYTES|--tso [--mrg on|off] [--log] [--steps N] [--threads 1|2]"
+            );
             std::process::exit(2);
         }
     };
