@@ -23,7 +23,9 @@
 //! indirect table), received into 4 KiB mergeable buffers (16 per frame) on rings of 1024. `--threads 2`: A's ring is polled by one data-plane thread and
 //! B's by another (`--pmd-cpus` with two CPUs), so every frame is handed between threads; a
 //! step is one pass of each (run one after the other here: callgrind counts instructions, not
-//! the cache traffic between CPUs, which `vs-dpdk.sh`-style timed runs show).
+//! the cache traffic between CPUs, which `vs-dpdk.sh`-style timed runs show). It prints the
+//! wall-clock time of the passes alone per frame (`ns_per_frame`): a timing, as noisy as the
+//! machine it runs on.
 
 #[path = "../../adapters/vhost-user/tests/frontend/mod.rs"]
 mod frontend;
@@ -377,6 +379,8 @@ fn bench(a: &Args, dir: &Path) -> Result<(), String> {
         if a.tso { ((12 + frame.len()).div_ceil(TSO_RX_BUF as usize) as u16, TSO_RX_BUF) } else { (1, 2048) };
     let mut moved = 0usize;
     let mut last = Vec::new();
+    // Wall-clock time in the data plane's passes only (the guests' side excluded).
+    let mut in_steps = Duration::ZERO;
     for _ in 0..a.steps {
         last = gb.post(BURST * per_frame, buf_len);
         if a.tso {
@@ -384,7 +388,9 @@ fn bench(a: &Args, dir: &Path) -> Result<(), String> {
         } else {
             ga.send(BURST, &tx_hdr, &frame);
         }
+        let t0 = Instant::now();
         moved += step(&mut dp);
+        in_steps += t0.elapsed();
         ga.reclaim(BURST, 0)?;
         gb.reclaim(0, BURST * per_frame)?;
     }
@@ -423,8 +429,14 @@ fn bench(a: &Args, dir: &Path) -> Result<(), String> {
         return Err(format!("moved {moved} frames, expected {expected}"));
     }
     println!(
-        "frames={moved} steps={} size={} tso={} mrg={} log={} threads={}",
-        a.steps, a.size, a.tso, a.mrg, a.log, a.threads
+        "frames={moved} steps={} size={} tso={} mrg={} log={} threads={} ns_per_frame={:.1}",
+        a.steps,
+        a.size,
+        a.tso,
+        a.mrg,
+        a.log,
+        a.threads,
+        in_steps.as_nanos() as f64 / moved.max(1) as f64
     );
     // Front-ends hang up before the control loop stops (the guests' drivers borrow them).
     drop(dp);
