@@ -337,14 +337,36 @@ impl<'m, const N: usize> Segments<'m, N> {
         self.list.clear();
     }
 
-    /// Copies the list's first bytes into `dst` (as many as it holds, up to `dst.len()`) and
-    /// drops them from the list: the first segment left starts where the copy stopped.
-    /// Returns how many bytes were copied. For a device that needs more of a frame in its
-    /// private copy than the walk took ([`crate::net::Gather`]): the bytes copied are then read
-    /// from the copy only.
-    pub fn take_front(&mut self, dst: &mut [u8]) -> usize {
+    /// Copies the first bytes of the segments from `start` on into `dst` (as many as they
+    /// hold, up to `dst.len()`) and drops them from the list: the first segment left there
+    /// starts where the copy stopped. Returns how many bytes were copied. For a device that
+    /// needs more of a frame in its private copy than the walk took ([`crate::net::Gather`]):
+    /// the bytes copied are then read from the copy only.
+    #[cfg_attr(not(feature = "small"), inline(always))]
+    pub fn take_front(&mut self, start: usize, dst: &mut [u8]) -> usize {
+        // The usual case: the first segment holds them all (a frame's first bytes).
+        if let Some(seg) = self.list.get_mut(start) {
+            let n = dst.len();
+            if (seg.len as usize) > n {
+                // SAFETY: `seg` is a piece the walk translated, valid for reads of `seg.len > n`
+                // bytes of guest memory for 'm; `dst` is valid for `n` bytes; guest memory never
+                // overlaps a Rust buffer.
+                unsafe { copy_bytes(seg.ptr.as_ptr(), dst.as_mut_ptr(), n) };
+                // SAFETY: `n < seg.len`: still inside the piece, `seg.len - n` bytes from there.
+                seg.ptr = unsafe { NonNull::new_unchecked(seg.ptr.as_ptr().add(n)) };
+                seg.len -= n as u32;
+                return n;
+            }
+        }
+        self.take_front_pieces(start, dst)
+    }
+
+    /// [`take_front`](Self::take_front) over several segments.
+    #[inline(never)]
+    fn take_front_pieces(&mut self, start: usize, dst: &mut [u8]) -> usize {
         let (mut done, mut used) = (0usize, 0usize);
-        for seg in self.list.iter_mut() {
+        let Some(tail) = self.list.get_mut(start..) else { return 0 };
+        for seg in tail.iter_mut() {
             if done == dst.len() {
                 break;
             }
@@ -362,49 +384,103 @@ impl<'m, const N: usize> Segments<'m, N> {
                 seg.len -= n as u32;
             }
         }
-        let left = self.list.len() - used;
-        self.list.rotate_left(used);
-        self.list.truncate(left);
+        let left = tail.len() - used;
+        tail.rotate_left(used);
+        self.list.truncate(start + left);
         done
     }
 
-    /// Forgets the segments from `len` on (those of a chain the walk refused).
-    pub(crate) fn list_truncate(&mut self, len: usize) {
+    /// Forgets the segments from `len` on (those of a chain the device does not keep).
+    pub fn truncate(&mut self, len: usize) {
         self.list.truncate(len);
     }
 }
 
-/// The visitor of `pop_gather_uncompleted` (both layouts): copies the device-readable pieces
-/// into `head` until it is full (`*copied` bytes), as [`read_into`] does, and appends to
-/// `segments` what of them is past the copy (nothing for a chain the copy holds whole); a
-/// piece that finds the list full fails the walk ([`ChainError::TooManySegments`]; the caller
-/// drops what this chain appended).
+/// The visitor of `pop_gather_uncompleted` (both layouts): copies each device-readable piece
+/// whole into `buf` while the copy stays within its first `whole` bytes (`*copied` of them),
+/// as [`read_into`] does; from the first piece that does not fit on, appends the pieces to
+/// `segments` in order ([`Spill`]). So a chain whose readable part is at most `whole` bytes
+/// is copied whole and appends nothing, and a longer one is the copy then the list; unless
+/// the list runs out of room, and then the chain is copied into `buf` after all, as far as
+/// `buf` goes, and nothing of it stays listed. `whole <= buf.len()`.
 #[cfg_attr(not(feature = "small"), inline(always))]
 pub(crate) fn gather_into<'a, 'm, const N: usize>(
-    head: &'a mut [u8],
+    buf: &'a mut [u8],
+    whole: usize,
     copied: &'a mut usize,
     segments: &'a mut Segments<'m, N>,
 ) -> impl FnMut(NonNull<u8>, u32, bool, u64) -> Result<(), ChainError> + use<'a, 'm, N> {
     *copied = 0;
-    let dst = head.as_mut_ptr();
-    let cap = head.len();
+    debug_assert!(whole <= buf.len());
+    let mut spill = Spill { dst: buf.as_mut_ptr(), len: buf.len(), start: segments.len(), overflowed: false };
+    // Where whole pieces may go; once a piece is listed, `*copied` (so that every later piece
+    // is listed too: the frame is the copy, then the list).
+    let mut cap = whole;
     #[cfg_attr(not(feature = "small"), inline(always))]
     move |ptr, len, writable, _| {
         if !writable {
-            let n = (len as usize).min(cap - *copied);
-            // SAFETY: as in `read_into`: `ptr` is valid for `len >= n` bytes of guest memory,
-            // `*copied + n <= cap` keeps the destination inside `head`, and guest memory never
-            // overlaps a Rust buffer.
-            unsafe { copy_bytes(ptr.as_ptr(), dst.add(*copied), n) };
-            *copied += n;
-            if n < len as usize {
-                // SAFETY: `n < len`: `ptr + n` is inside the piece, which the walk translated
-                // for `len` bytes of the memory borrowed for 'm; what remains is `len - n`.
-                let rest = unsafe { NonNull::new_unchecked(ptr.as_ptr().add(n)) };
-                segments.list.push(Segment::piece(rest, len - n as u32)).map_err(|_| ChainError::TooManySegments)?;
+            if len as usize <= cap - *copied {
+                // SAFETY: as in `read_into`: `ptr` is valid for `len` bytes of guest memory,
+                // `*copied + len <= cap <= buf.len()` keeps the destination inside `buf`, and
+                // guest memory never overlaps a Rust buffer.
+                unsafe { copy_bytes(ptr.as_ptr(), spill.dst.add(*copied), len as usize) };
+                *copied += len as usize;
+            } else {
+                cap = *copied;
+                let piece = Segment::piece(ptr, len);
+                if spill.overflowed || segments.list.push(piece).is_err() {
+                    // SAFETY: `piece` is valid for `len` bytes of guest memory for 'm (the
+                    // walk's translation); `spill.dst` for writes of `spill.len` bytes, `buf`'s.
+                    unsafe { spill.overflow(piece, copied, segments) };
+                    cap = *copied;
+                }
             }
         }
         Ok(())
+    }
+}
+
+/// The state of [`gather_into`] for a chain whose pieces do not all find room in the list.
+struct Spill {
+    /// The copy buffer and its length.
+    dst: *mut u8,
+    len: usize,
+    /// Where this chain's pieces start in the list.
+    start: usize,
+    /// The list ran out of room: the chain is copied into the buffer instead.
+    overflowed: bool,
+}
+
+impl Spill {
+    /// A piece that finds the list full, or comes after one that did: copies the chain's
+    /// pieces listed so far into the buffer after the copy (the first time), then `piece`, as
+    /// far as the buffer goes (a longer chain is cut: `*copied` falls short of its readable
+    /// length). Out of line: a chain of more pieces than the list keeps, which Linux never
+    /// sends.
+    ///
+    /// # Safety
+    /// `piece` is valid for reads of its length of guest memory for 'm; `dst` is valid for
+    /// writes of `len` bytes (this struct's), Rust memory, `*copied <= len` of them written.
+    #[cold]
+    #[inline(never)]
+    unsafe fn overflow<'m, const N: usize>(
+        &mut self,
+        piece: Segment<'m>,
+        copied: &mut usize,
+        segments: &mut Segments<'m, N>,
+    ) {
+        if !self.overflowed {
+            self.overflowed = true;
+            // SAFETY: `dst` is valid for `self.len` bytes, `*copied <= self.len` written.
+            let dst = unsafe { core::slice::from_raw_parts_mut(self.dst.add(*copied), self.len - *copied) };
+            *copied += segments.take_front(self.start, dst);
+            segments.truncate(self.start);
+        }
+        let n = (self.len - *copied).min(piece.len as usize);
+        // SAFETY: `piece` is valid for `piece.len >= n` bytes of guest memory; `*copied + n <=
+        // self.len`; guest memory never overlaps a Rust buffer.
+        unsafe { copy_bytes(piece.ptr.as_ptr(), self.dst.add(*copied), n) };
+        *copied += n;
     }
 }
 

@@ -541,15 +541,6 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
         Ok(self.pop_chain(chain, true)?.then(|| chain.head()))
     }
 
-    /// [`pop_into`](Self::pop_into), but a malformed chain ([`PopError::Chain`]) is not
-    /// completed: the caller completes its buffer id (len 0) itself, in its order, or gives it
-    /// back with [`rewind`](Self::rewind) (as
-    /// [`SplitQueue::pop_into_uncompleted`](crate::SplitQueue::pop_into_uncompleted)).
-    #[inline]
-    pub fn pop_into_uncompleted<const N: usize>(&mut self, chain: &mut Chain<'m, N>) -> Result<Option<u16>, PopError> {
-        Ok(self.pop_chain(chain, false)?.then(|| chain.head()))
-    }
-
     /// [`pop_into`](Self::pop_into), but a malformed chain is handed back without being
     /// completed (as [`SplitQueue`](crate::SplitQueue)'s): the caller completes its id (len
     /// 0) or gives it back with [`rewind`](Self::rewind).
@@ -636,33 +627,35 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
         self.pop_read_with::<false>(buf)
     }
 
-    /// [`pop_read_uncompleted`](Self::pop_read_uncompleted) for a device that leaves the
-    /// frame where it is until it has placed it elsewhere ([`crate::net::Gather`]): copies
-    /// the chain's first `head.len()` device-readable bytes into `head` ([`CopiedChain::bytes`]
-    /// of them) and appends to `segments` the device-readable pieces past those bytes (the
-    /// part of a piece the copy did not take, then the pieces after it; nothing for a chain
-    /// the copy holds whole), in the same pass that validates the chain: the frame is `head`
-    /// then those pieces ([`Gather::new`](crate::net::Gather::new)). The chain is not
-    /// completed: its buffers stay the device's until the caller pushes it, after its last
-    /// read of them.
-    ///
-    /// A chain with more pieces past the copy than `segments` has room for is refused as
-    /// [`ChainError::TooManySegments`] (nothing of it is kept in `segments`, nothing is
-    /// completed): give it back with [`rewind`](Self::rewind) and take it with
-    /// [`pop_read_uncompleted`](Self::pop_read_uncompleted), whose walk keeps no list.
+    /// [`pop_read_uncompleted`](Self::pop_read_uncompleted) for a device that may leave a
+    /// frame where it is until it has placed it elsewhere ([`crate::net::Gather`]), in the
+    /// same pass that validates the chain: a chain whose device-readable part is at most
+    /// `whole` bytes is copied into `buf` whole, as `pop_read_uncompleted` does; of a longer
+    /// one, the device-readable pieces are copied while they fit whole, and the rest (from
+    /// the first piece that does not) are appended to `segments`. [`CopiedChain::bytes`]
+    /// tells how much was copied: the frame is `buf[..bytes]` then those pieces
+    /// ([`Gather::new`](crate::net::Gather::new)); [`Segments::take_front`] moves more of it
+    /// into the copy. A chain whose pieces do not all find room in `segments` is copied into
+    /// `buf` after all, as far as `buf` goes (so `bytes` falls short of
+    /// [`CopiedChain::readable_len`] with nothing listed only for a chain longer than `buf`,
+    /// as with `pop_read_uncompleted`). The chain is not completed: its buffers stay the
+    /// device's until the caller pushes it, after its last read of them. `whole` is held to
+    /// `buf.len()`.
     #[cfg_attr(not(feature = "small"), inline(always))]
     pub fn pop_gather_uncompleted<const P: usize>(
         &mut self,
-        head: &mut [u8],
+        buf: &mut [u8],
+        whole: usize,
         segments: &mut Segments<'m, P>,
     ) -> Result<Option<CopiedChain>, PopError> {
         let start = segments.len();
+        let whole = whole.min(buf.len());
         let mut done = 0usize;
-        match self.pop_with::<_, false>(gather_into(head, &mut done, segments)) {
+        match self.pop_with::<_, false>(gather_into(buf, whole, &mut done, segments)) {
             Ok(Some((h, sum))) => Ok(Some(CopiedChain::new(h, done, sum))),
             Ok(None) => Ok(None),
             Err(e) => {
-                segments.list_truncate(start);
+                segments.truncate(start);
                 Err(e)
             }
         }

@@ -18,7 +18,7 @@
 //! }
 //! ```
 
-use crate::chain::{Chain, Segments};
+use crate::chain::Chain;
 use crate::dirty::{NoLog, WriteLog};
 use crate::mem::GuestMemory;
 use core::borrow::BorrowMut;
@@ -45,22 +45,6 @@ pub trait Virtqueue<'m> {
     /// Takes the next chain into `chain`: `Ok(Some(head))` (the buffer id on a packed ring),
     /// `Ok(None)` when none is available.
     fn pop_into<const N: usize>(&mut self, chain: &mut Chain<'m, N>) -> Result<Option<u16>, PopError>;
-
-    /// [`pop_into`](Self::pop_into) leaving a malformed chain uncompleted, for the caller to
-    /// complete in its own order (IN_ORDER batches) or give back with
-    /// [`rewind`](Self::rewind).
-    fn pop_into_uncompleted<const N: usize>(&mut self, chain: &mut Chain<'m, N>) -> Result<Option<u16>, PopError>;
-
-    /// Gives back the last `n` chains taken and not completed: the next pop takes them again.
-    fn rewind(&mut self, n: u16);
-
-    /// Takes the next chain uncompleted, copying its first device-readable bytes into `head`
-    /// and appending its device-readable pieces to `segments` as it is validated.
-    fn pop_gather_uncompleted<const P: usize>(
-        &mut self,
-        head: &mut [u8],
-        segments: &mut Segments<'m, P>,
-    ) -> Result<Option<CopiedChain>, PopError>;
 
     /// Takes the next chain, copying its device-readable part into `buf` as it is validated.
     fn pop_read(&mut self, buf: &mut [u8]) -> Result<Option<CopiedChain>, PopError>;
@@ -124,22 +108,6 @@ macro_rules! forward_virtqueue {
         #[cfg_attr(not(feature = "small"), inline(always))]
         fn pop_into<const N: usize>(&mut self, chain: &mut Chain<'m, N>) -> Result<Option<u16>, PopError> {
             Self::pop_into(self, chain)
-        }
-        #[cfg_attr(not(feature = "small"), inline(always))]
-        fn pop_into_uncompleted<const N: usize>(&mut self, chain: &mut Chain<'m, N>) -> Result<Option<u16>, PopError> {
-            Self::pop_into_uncompleted(self, chain)
-        }
-        #[cfg_attr(not(feature = "small"), inline(always))]
-        fn rewind(&mut self, n: u16) {
-            Self::rewind(self, n)
-        }
-        #[cfg_attr(not(feature = "small"), inline(always))]
-        fn pop_gather_uncompleted<const P: usize>(
-            &mut self,
-            head: &mut [u8],
-            segments: &mut Segments<'m, P>,
-        ) -> Result<Option<CopiedChain>, PopError> {
-            Self::pop_gather_uncompleted(self, head, segments)
         }
         #[cfg_attr(not(feature = "small"), inline(always))]
         fn pop_read(&mut self, buf: &mut [u8]) -> Result<Option<CopiedChain>, PopError> {
@@ -207,7 +175,7 @@ pub trait RxQueue<'m>: sealed::RxOps<'m> {}
 impl<'m, Q: sealed::RxOps<'m>> RxQueue<'m> for Q {}
 
 /// What the virtio-net receive path needs of a queue beyond [`Virtqueue`]: reserving chains
-/// without completing malformed ones, and the one-pass look at a
+/// without completing malformed ones, giving reservations back, and the one-pass look at a
 /// chain's first buffer. Sealed: implemented by both queues, named by no one outside the
 /// crate, so these stay crate-internal contracts.
 pub(crate) mod sealed {
@@ -221,6 +189,8 @@ pub(crate) mod sealed {
         fn pop_first_writable(&mut self) -> Result<Option<FirstWritable>, PopError>;
         /// [`Virtqueue::pop_into`] leaving a malformed chain uncompleted.
         fn pop_uncompleted<const N: usize>(&mut self, chain: &mut Chain<'m, N>) -> Result<bool, PopError>;
+        /// Gives back the last `n` chains taken and not completed.
+        fn rewind(&mut self, n: u16);
     }
 
     macro_rules! forward_rx {
@@ -232,6 +202,10 @@ pub(crate) mod sealed {
             #[cfg_attr(not(feature = "small"), inline(always))]
             fn pop_uncompleted<const N: usize>(&mut self, chain: &mut Chain<'m, N>) -> Result<bool, PopError> {
                 Self::pop_uncompleted(self, chain)
+            }
+            #[cfg_attr(not(feature = "small"), inline(always))]
+            fn rewind(&mut self, n: u16) {
+                Self::rewind(self, n)
             }
         };
     }

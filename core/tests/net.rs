@@ -12,11 +12,11 @@ use virtq::net::header::*;
 use virtq::net::mergeable::MAX_RX_BUFFERS;
 use virtq::net::tx::validate_tx_header;
 use virtq::net::{
-    header_len, parse_tx, parse_tx_copied, parse_tx_head, receive, receive_burst, receive_burst_logged, Gather,
-    RxBurst, RxError, RxOutcome, RxScratch, TxError, TxPacket, VirtioNetHdr, RX_BURST,
+    header_len, parse_tx, parse_tx_copied, receive, receive_burst, receive_burst_logged, FrameSource, Gather, RxBurst,
+    RxError, RxOutcome, RxScratch, TxError, TxPacket, VirtioNetHdr, RX_BURST,
 };
 use virtq::testing::{layout, Buf, TestDriver};
-use virtq::{Chain, ChainError, PopError, RegionTable, Segments, SplitQueue, VirtioFeatures, WriteLog};
+use virtq::{Chain, CopiedChain, PopError, RegionTable, Segments, SplitQueue, VirtioFeatures, WriteLog};
 use zerocopy::little_endian::U16;
 use zerocopy::IntoBytes;
 
@@ -1335,7 +1335,7 @@ fn tx_rx_pair(
 /// from there (`Gather`), before the TX chain is completed: into three merged 128-byte buffers
 /// whose boundaries fall inside TX segments (the general path), and whole into one 2 KiB
 /// buffer (the deferred-copy fast path), as a switch flooding to two receivers does. The
-/// first bytes come from the device's copy (`parse_tx_head` checked the header there): what
+/// first bytes come from the device's copy (`parse_tx_copied` checked the header there): what
 /// the driver writes into its TX buffers after that copy reaches only the rest of the frame.
 /// The dirty log gets exactly the bytes written.
 #[test]
@@ -1360,19 +1360,23 @@ fn rx_gather_from_a_tx_chain_over_merged_buffers() {
         let big = add_rx(&mut rx_drv, 2048);
 
         let mut segs: Segments<'_, 8> = Segments::new();
-        let mut snap = [0u8; 12 + 64];
-        let c = txq.pop_gather_uncompleted(&mut snap, &mut segs).unwrap().unwrap();
-        let k = c.bytes as usize;
-        // Kept: what is past the copy (36 bytes of the 100-byte piece, then 37 and 163).
-        assert_eq!((k, segs.len()), (snap.len(), 3));
-        let pkt = parse_tx_head(&c, &snap, MRG).unwrap();
+        let mut snap = [0u8; 2048];
+        let c = txq.pop_gather_uncompleted(&mut snap, 76, &mut segs).unwrap().unwrap();
+        // The header's pieces fit whole; the frame's do not: listed.
+        assert_eq!((c.bytes, segs.len()), (12, 3));
+        // The copy extended to the frame's first 64 bytes: 36 bytes of the 100-byte piece are
+        // left, then 37 and 163.
+        let k = 12 + segs.take_front(0, &mut snap[12..76]);
+        assert_eq!((k, segs.len()), (76, 3));
+        // The frame is whole (copy and pieces): the copy path's rules, on the copy.
+        let pkt = parse_tx_copied(&CopiedChain { bytes: c.readable_len, ..c }, &snap, MRG).unwrap();
         assert_eq!((pkt.header_len, pkt.frame_len), (12, 300));
         // The driver rewrites the first 100 bytes of its frame after the device's copy.
         tx_drv.write(tx_addrs[2], &[0xC3; 100]);
         let mut want = fr.clone();
         want[64..100].fill(0xC3);
 
-        let gather = Gather::new(&snap[12..k], segs.as_slice(), (c.readable_len - c.bytes) as usize);
+        let gather = Gather::new(&snap[12..k], segs.as_slice(), c.readable_len as usize - k);
         assert_eq!((gather.len(), gather.head().len(), gather.contiguous()), (300, 64, None));
         let mut s: RxScratch<'_> = RxScratch::new();
         let log = RangeLog::default();
@@ -1422,11 +1426,11 @@ fn rx_gather_into_a_buffer_overlapping_the_source() {
     // The RX buffer starts 4 bytes into the TX frame and runs past it.
     rx_drv.write_desc(rx_head, Descriptor { addr: tx_addrs[1] + 4, len: 1100, flags: DescFlags::WRITE, next: 0 });
     let mut segs: Segments<'_, 4> = Segments::new();
-    let mut snap = [0u8; 12 + 64];
-    let c = txq.pop_gather_uncompleted(&mut snap, &mut segs).unwrap().unwrap();
-    let k = c.bytes as usize;
-    let pkt = parse_tx_head(&c, &snap, V1).unwrap();
-    let gather = Gather::new(&snap[12..k], segs.as_slice(), (c.readable_len - c.bytes) as usize);
+    let mut snap = [0u8; 2048];
+    let c = txq.pop_gather_uncompleted(&mut snap, 76, &mut segs).unwrap().unwrap();
+    let k = c.bytes as usize + segs.take_front(0, &mut snap[12..76]);
+    let pkt = parse_tx_copied(&CopiedChain { bytes: c.readable_len, ..c }, &snap, V1).unwrap();
+    let gather = Gather::new(&snap[12..k], segs.as_slice(), c.readable_len as usize - k);
     let mut s: RxScratch<'_> = RxScratch::new();
     let out = receive_burst(&mut rxq, &mut s, V1, 1, |_| (pkt.header, gather));
     assert_eq!((out.placed, out.bytes), (1, 1000));
@@ -1439,11 +1443,13 @@ fn rx_gather_into_a_buffer_overlapping_the_source() {
     assert_eq!(read(&rx_drv, tx_addrs[1] + 4 + 1012, 8), vec![0u8; 8]);
 }
 
-/// `pop_gather_uncompleted` + `parse_tx_head` give `parse_tx`'s verdict, on the copy: a good
-/// header, and the rules that need the frame's length (a checksum field past the frame) and
-/// the chain (writable buffers); the segments kept are the readable bytes past the copy.
+/// A chain left in place (its pieces past the copy listed) takes `parse_tx`'s verdict through
+/// `parse_tx_copied` on the copy, the rules of the copy path: a good header, and the rules
+/// that need the frame's length (a checksum field past the frame) and the chain (writable
+/// buffers). The header's pieces fit the copy whole; the frame's piece does not and is
+/// listed; `take_front` extends the copy.
 #[test]
-fn tx_parse_tx_head_agrees_with_parse_tx() {
+fn tx_gather_copy_takes_the_rules_of_parse_tx() {
     let f = feats(VirtioFeatures::NET_CSUM);
     let fr = frame(100);
     let hb = hdr_bytes(&hdr(0, 0), 12);
@@ -1459,50 +1465,60 @@ fn tx_parse_tx_head_agrees_with_parse_tx() {
         let mut q1 = tx_queue(&g1, bufs, f, false);
         assert!(matches!(q1.pop_into(&mut chain), Ok(Some(_))));
         let mut q2 = tx_queue(&g2, bufs, f, false);
-        let mut snap = [0u8; 40];
+        let mut snap = [0u8; 256];
         let mut segs: Segments<'_, 8> = Segments::new();
-        let c = q2.pop_gather_uncompleted(&mut snap, &mut segs).unwrap().unwrap();
-        assert_eq!((c.bytes, c.readable_len), (40, 112));
-        // The copy took the header's pieces and 28 bytes of the frame's: 72 bytes are left.
-        assert_eq!(segs.as_slice().iter().map(|s| s.len()).collect::<Vec<_>>(), [72], "readable bytes past the copy");
-        assert_eq!(parse_tx_head(&c, &snap, f), parse_tx(&chain, f), "{h:?}");
-        if !writable {
-            assert_eq!(
-                parse_tx_head(&c, &snap[..11], f),
-                Err(TxError::TooShort { len: 11 }),
-                "a copy shorter than the header"
-            );
-        }
+        let c = q2.pop_gather_uncompleted(&mut snap, 40, &mut segs).unwrap().unwrap();
+        assert_eq!((c.bytes, c.readable_len), (12, 112));
+        assert_eq!(segs.as_slice().iter().map(|s| s.len()).collect::<Vec<_>>(), [100], "the frame's piece");
+        assert_eq!(segs.take_front(0, &mut snap[12..40]), 28);
+        // 72 bytes of the frame are left in place.
+        assert_eq!(segs.as_slice().iter().map(|s| s.len()).collect::<Vec<_>>(), [72]);
+        let whole = CopiedChain { bytes: c.readable_len, ..c };
+        assert_eq!(parse_tx_copied(&whole, &snap, f), parse_tx(&chain, f), "{h:?}");
+        assert_eq!(
+            parse_tx_copied(&whole, &snap[..100], f),
+            if writable { Err(TxError::WritableBuffers) } else { Err(TxError::TooLong { len: 112, capacity: 100 }) },
+            "held to the buffer's length, as a copied frame"
+        );
     }
 }
 
-/// A chain with more pieces past the copy than the segment list has room for is refused as
-/// `TooManySegments`, uncompleted, with nothing of it kept; given back, the copying walk
-/// takes it whole. Segments of the chains before it stay.
+/// A chain no longer than `whole` is copied whole, as `pop_read_uncompleted` copies it, and
+/// lists nothing; a chain whose pieces past the copy find no room in the list is copied into
+/// the buffer after all (as far as it goes), nothing of it kept; the segments of the chains
+/// before it stay. Nothing is completed.
 #[test]
-fn tx_gather_chain_longer_than_the_segment_list_is_given_back() {
+fn tx_gather_copies_short_chains_and_chains_the_list_cannot_hold() {
     let g = Guest::new(1 << 20);
-    let (cfg, mut drv) = setup(&g, 16);
+    let (cfg, mut drv) = setup(&g, 32);
     let mut q = queue(&g, cfg, V1);
     let hb = hdr_bytes(&hdr(0, 0), 12);
     let fr = frame(60);
+    let split: Vec<Buf<'_>> = std::iter::once(Buf::readable(&hb)).chain(fr.chunks(20).map(Buf::readable)).collect();
+    let (short, _) = add(&mut drv, &split);
     add(&mut drv, &[Buf::readable(&hb), Buf::readable(&fr)]);
     let pieces: Vec<Buf<'_>> = std::iter::once(Buf::readable(&hb)).chain(fr.chunks(10).map(Buf::readable)).collect();
     let (long, _) = add(&mut drv, &pieces);
+    let (cut, _) = add(&mut drv, &pieces);
     let mut segs: Segments<'_, 4> = Segments::new();
-    let mut snap = [0u8; 32];
-    let c = q.pop_gather_uncompleted(&mut snap, &mut segs).unwrap().unwrap();
-    assert_eq!((c.readable_len, segs.len()), (72, 1));
-    let e = q.pop_gather_uncompleted(&mut snap, &mut segs).unwrap_err();
-    assert_eq!(e, PopError::Chain { head: long, error: ChainError::TooManySegments });
-    assert_eq!(segs.len(), 1, "nothing of the refused chain kept");
+    let mut buf = [0u8; 128];
+    let c = q.pop_gather_uncompleted(&mut buf, 72, &mut segs).unwrap().unwrap();
+    assert_eq!((c.head, c.bytes, c.readable_len, segs.len()), (short, 72, 72, 0), "copied whole");
+    assert_eq!(buf[12..72], fr[..]);
+    let c = q.pop_gather_uncompleted(&mut buf, 32, &mut segs).unwrap().unwrap();
+    assert_eq!((c.readable_len, c.bytes, segs.len()), (72, 12, 1));
+    // Twelve bytes of header and two 10-byte pieces fit the copy whole; of the four left the
+    // list holds three: the chain is copied into the buffer after all.
+    let c = q.pop_gather_uncompleted(&mut buf, 32, &mut segs).unwrap().unwrap();
+    assert_eq!((c.head, c.bytes, c.readable_len), (long, 72, 72));
+    assert_eq!(segs.len(), 1, "nothing of it kept, the chain before keeps its piece");
+    assert_eq!(buf[12..72], fr[..]);
+    // The same into a buffer too short for it: cut, as by `pop_read_uncompleted`.
+    let c = q.pop_gather_uncompleted(&mut buf[..50], 32, &mut segs).unwrap().unwrap();
+    assert_eq!((c.head, c.bytes, c.readable_len, segs.len()), (cut, 50, 72, 1));
+    assert_eq!(buf[12..50], fr[..38]);
     assert_eq!(drv.used_idx(), 0);
     assert!(!q.publish(), "nothing completed");
-    q.rewind(1);
-    let mut buf = [0u8; 128];
-    let c = q.pop_read_uncompleted(&mut buf).unwrap().unwrap();
-    assert_eq!((c.head, c.bytes), (long, 72));
-    assert_eq!(buf[12..72], fr[..]);
 }
 
 /// Every buffer range a receive reported, merged where they touch.
@@ -1550,12 +1566,15 @@ fn tx_gather_copy_extended_from_the_pieces() {
     );
     let mut segs: Segments<'_, 8> = Segments::new();
     let mut snap = [0u8; 12 + 256];
-    let c = q.pop_gather_uncompleted(&mut snap[..28], &mut segs).unwrap().unwrap();
-    assert_eq!(c.bytes, 28);
+    let c = q.pop_gather_uncompleted(&mut snap, 28, &mut segs).unwrap().unwrap();
+    assert_eq!(c.bytes, 12);
     let lens = |s: &Segments<'_, 8>| s.as_slice().iter().map(|s| s.len()).collect::<Vec<_>>();
+    assert_eq!(lens(&segs), [20, 30, 250]);
+    // 16 of the first piece: the rest of it stays listed.
+    assert_eq!(segs.take_front(0, &mut snap[12..28]), 16);
     assert_eq!(lens(&segs), [4, 30, 250]);
     // 4 + 30 whole, 6 of the last piece.
-    assert_eq!(segs.take_front(&mut snap[28..68]), 40);
+    assert_eq!(segs.take_front(0, &mut snap[28..68]), 40);
     assert_eq!(lens(&segs), [244]);
     assert_eq!(snap[12..68], fr[..56]);
     let gather = Gather::new(&snap[12..68], segs.as_slice(), 244);
@@ -1564,8 +1583,8 @@ fn tx_gather_copy_extended_from_the_pieces() {
     assert_eq!(back, fr);
     // More room than bytes left: all of them, and the list is empty.
     let mut rest = [0u8; 256];
-    assert_eq!(segs.take_front(&mut rest), 244);
+    assert_eq!(segs.take_front(0, &mut rest), 244);
     assert!(segs.is_empty());
     assert_eq!(rest[..244], fr[56..]);
-    assert_eq!(segs.take_front(&mut rest), 0);
+    assert_eq!(segs.take_front(0, &mut rest), 0);
 }

@@ -688,44 +688,50 @@ fn net_receive_burst_runs_on_the_packed_ring_across_the_wrap() {
     }
 }
 
-/// `pop_gather_uncompleted` on a packed ring: the first bytes copied, the readable pieces past them kept
-/// in order across chains, the buffer id to complete; a chain with more pieces than the list
-/// has room for is refused uncompleted with nothing kept, and given back it is taken whole by
-/// the copying walk. The frame reads back through a `Gather` as the driver wrote it.
+/// `pop_gather_uncompleted` on a packed ring: a chain that fits the copy is copied whole and
+/// leaves nothing listed; of a longer one the pieces that fit whole are copied and the rest
+/// kept in order, after the pieces of the chains before; `take_front` moves more into the
+/// copy. A chain whose pieces find no room in the list is copied after all, nothing of it
+/// kept. Buffer ids to complete; the frame reads back through a `Gather` as the driver
+/// wrote it.
 #[test]
 fn pop_gather_keeps_the_pieces_of_several_chains() {
-    use virtq::net::Gather;
+    use virtq::net::{FrameSource, Gather};
     use virtq::Segments;
     let g = Guest::new(1 << 20);
     let (cfg, mut drv) = setup(&g, SIZE);
     let mut q = packed(&g, cfg, features());
     let data: Vec<u8> = (0..200u8).collect();
+    let s = drv.add_chain(&[Buf::readable(&data[..8]), Buf::readable(&data[8..20])]);
     let a = drv.add_chain(&[Buf::readable(&data[..10]), Buf::readable(&data[10..150]), Buf::readable(&data[150..])]);
     let b = drv.add_chain(&[Buf::readable(&data[..50]), Buf::readable(&data[50..60])]);
     let mut segs: Segments<'_, 3> = Segments::new();
-    let mut head = [0u8; 16];
-    let c = q.pop_gather_uncompleted(&mut head, &mut segs).unwrap().unwrap();
-    assert_eq!((c.head, c.bytes, c.readable_len, c.writable_len), (a, 16, 200, 0));
-    assert_eq!(head[..], data[..16]);
-    // Kept: what the copy did not take, the second piece's last 134 bytes, and the third.
+    let mut buf = [0u8; 256];
+    let c = q.pop_gather_uncompleted(&mut buf, 32, &mut segs).unwrap().unwrap();
+    assert_eq!((c.head, c.bytes, c.readable_len), (s, 20, 20), "copied whole");
+    assert!(segs.is_empty(), "nothing listed");
+    assert_eq!(buf[..20], data[..20]);
+    let c = q.pop_gather_uncompleted(&mut buf, 32, &mut segs).unwrap().unwrap();
+    assert_eq!((c.head, c.bytes, c.readable_len, c.writable_len), (a, 10, 200, 0));
+    assert_eq!(buf[..10], data[..10]);
+    // Kept: the pieces from the first that does not fit whole on.
     let kept: Vec<usize> = segs.as_slice().iter().map(|s| s.len()).collect();
-    assert_eq!(kept, [134, 50]);
-    let gather = Gather::new(&head[4..], segs.as_slice(), 184);
+    assert_eq!(kept, [140, 50]);
+    assert_eq!(segs.take_front(0, &mut buf[10..16]), 6);
+    let gather = Gather::new(&buf[4..16], segs.as_slice(), 184);
     let mut back = [0u8; 196];
     assert_eq!(gather.read_into(&mut back), 196);
     assert_eq!(back[..], data[4..]);
-    // Two pieces past the copy and a list with room for one more: refused, nothing kept or
-    // completed.
-    let e = q.pop_gather_uncompleted(&mut head, &mut segs).unwrap_err();
-    assert_eq!(e, PopError::Chain { head: b, error: ChainError::TooManySegments });
+    // Two pieces past the copy and a list with room for one more: copied after all, nothing
+    // of it kept, the other chain's pieces left as they were.
+    let mut buf2 = [0u8; 64];
+    let c = q.pop_gather_uncompleted(&mut buf2, 8, &mut segs).unwrap().unwrap();
+    assert_eq!((c.head, c.bytes, c.readable_len), (b, 60, 60));
+    assert_eq!(buf2[..60], data[..60]);
     assert_eq!(segs.len(), 2);
-    q.rewind(1);
-    let mut buf = [0u8; 64];
-    let c = q.pop_read_uncompleted(&mut buf).unwrap().unwrap();
-    assert_eq!((c.head, c.bytes), (b, 60));
-    assert_eq!(buf[..60], data[..60]);
+    q.push(s, 0);
     q.push(a, 0);
     q.push(b, 0);
     assert!(q.publish());
-    assert_eq!((drv.pop_used(), drv.pop_used()), (Some((a, 0)), Some((b, 0))));
+    assert_eq!((drv.pop_used(), drv.pop_used(), drv.pop_used()), (Some((s, 0)), Some((a, 0)), Some((b, 0))));
 }

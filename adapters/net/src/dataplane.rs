@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 
 use virtq::net::header::VIRTIO_NET_HDR_F_NEEDS_CSUM;
 use virtq::net::header::VIRTIO_NET_HDR_GSO_NONE;
-use virtq::net::{check_frame, complete_csum, Delivery, Gather, OffloadFrame, Segmenter, VirtioNetHdr};
+use virtq::net::{check_frame, complete_csum, Delivery, FrameSource, Gather, OffloadFrame, Segmenter, VirtioNetHdr};
 use virtq::VirtioFeatures;
 use virtq_vhost_user::limited;
 use virtq_vhost_user::net::{
-    parse_header, rarp_announce, Enqueued, InPlaceFrame, NetDevice, TxFrame, TxScratch, MAX_TX_FRAME,
+    parse_header, rarp_announce, Enqueued, InPlaceFrame, NetDevice, TxBurst, TxFrame, MAX_TX_FRAME,
 };
 
 use crate::generate;
@@ -322,11 +322,9 @@ pub struct Dataplane {
     generation: u64,
     ports: Vec<Option<Arc<PortEntry>>>,
     rings: Vec<Ring>,
-    /// Frames copied out of a guest's ring, for destinations that take them in one piece (a
-    /// port's TAP).
+    /// Frames taken from a guest's ring: copied out whole, or the copy of the first bytes of
+    /// a frame handed over in place (`NetDevice::forward_burst`).
     frames: Vec<TxFrame>,
-    /// Working space for bursts handed over in place (guest to guest: copied once).
-    tx: TxScratch,
     /// Where frames completed or segmented for a receiver are written.
     fallback: Fallback,
     tap_bufs: Vec<Vec<u8>>,
@@ -362,7 +360,6 @@ impl Dataplane {
             ports: Vec::new(),
             rings: Vec::new(),
             frames: (0..BURST).map(|_| TxFrame::with_capacity(MAX_TX_FRAME)).collect(),
-            tx: TxScratch::new(),
             fallback: Fallback::new(),
             tap_bufs: (0..BURST).map(|_| vec![0u8; TAP_BUF_LEN]).collect(),
             dest: Vec::new(),
@@ -498,7 +495,7 @@ impl Dataplane {
                 let frame = rarp_announce(mac);
                 match backend {
                     PortBackend::Switch => {
-                        let f = [SwitchFrame::held(&frame[..], None)];
+                        let f = [SwitchFrame { frame: &frame[..], offload: None }];
                         switch_burst(
                             &self.fabric.switch,
                             &mut self.dest,
@@ -596,25 +593,47 @@ impl Dataplane {
         tap: &[TapQueue],
         pair: u16,
     ) -> usize {
-        // To another guest (or back to this one): each frame is copied once, from the
-        // sender's buffers into the receivers', and the sender's chains are completed after
-        // (`NetDevice::forward_burst`). The sender's ring stays locked meanwhile; the
-        // receivers' rings are locked after it, as everywhere (the lock order of
-        // `virtq_vhost_user::net`).
+        // To another guest (or back to this one): a long frame is copied once, from the
+        // sender's buffers into the receivers', and the sender's chain completed after; a
+        // short one is copied out first, which costs fewer instructions
+        // (`NetDevice::forward_burst`, `COPY_LIMIT`). While a burst in place is delivered the
+        // sender's ring stays locked; the receivers' rings are locked after it, as everywhere
+        // (the lock order of `virtq_vhost_user::net`).
         match backend {
             PortBackend::Switch => {
                 let (switch, dest, fallback) = (&self.fabric.switch, &mut self.dest, &mut self.fallback);
-                return dev.forward_burst(pair, &mut self.tx, |frames| {
-                    switch_burst(switch, dest, ports, p, pair, frames, SwitchFrame::from, fallback)
+                return dev.forward_burst(pair, &mut self.frames, |burst| match burst {
+                    TxBurst::Copied(frames) => {
+                        // Each frame's slice and offload computed once, in place (returning
+                        // the array by value would copy it).
+                        let mut burst = [SwitchFrame { frame: &[][..], offload: None }; BURST];
+                        for (slot, f) in burst.iter_mut().zip(frames) {
+                            *slot = SwitchFrame::from(f);
+                        }
+                        let n = frames.len().min(BURST);
+                        switch_burst(switch, dest, ports, p, pair, &burst[..n], |f| *f, fallback);
+                    }
+                    TxBurst::InPlace(frames) => {
+                        switch_burst(switch, dest, ports, p, pair, frames, SwitchFrame::from, fallback)
+                    }
                 });
             }
             PortBackend::Reflect => {
-                return dev.forward_burst(pair, &mut self.tx, |frames| {
-                    let mut burst = [Gather::slice(&[]); BURST];
-                    for (slot, f) in burst.iter_mut().zip(frames) {
-                        *slot = f.bytes();
+                return dev.forward_burst(pair, &mut self.frames, |burst| {
+                    let to = dev.rx_pair(pair).unwrap_or(pair);
+                    match burst {
+                        TxBurst::Copied(frames) => {
+                            let (refs, n) = burst_refs(frames.iter().map(|f| f.frame()));
+                            dev.enqueue_burst(to, &refs[..n]);
+                        }
+                        TxBurst::InPlace(frames) => {
+                            let mut burst = [Gather::default(); BURST];
+                            for (slot, f) in burst.iter_mut().zip(frames) {
+                                *slot = f.bytes();
+                            }
+                            dev.enqueue_gather_burst_outcome(to, &burst[..frames.len().min(BURST)]);
+                        }
                     }
-                    dev.enqueue_gather_burst(dev.rx_pair(pair).unwrap_or(pair), &burst[..frames.len()]);
                 });
             }
             _ => {}
@@ -666,7 +685,7 @@ impl Dataplane {
         counters.rx.fetch_add(n as u64, Ordering::Relaxed);
         // The TAP's offloads are off (TUNSETOFFLOAD 0): the kernel hands over plain frames.
         let bufs = &self.tap_bufs[..n];
-        let frame = |i: usize| SwitchFrame::held(&bufs[i][TAP_HDR_LEN..lens[i]], None);
+        let frame = |i: usize| SwitchFrame { frame: &bufs[i][TAP_HDR_LEN..lens[i]], offload: None };
         let idx: [usize; BURST] = std::array::from_fn(|i| i);
         switch_burst(
             &self.fabric.switch,
@@ -734,7 +753,7 @@ impl Dataplane {
             kept += 1;
         }
         let bufs = &self.tap_bufs;
-        let frame = |i: usize| SwitchFrame::held(&bufs[i][..lens[i]], offloads[i].as_ref());
+        let frame = |i: usize| SwitchFrame { frame: &bufs[i][..lens[i]], offload: offloads[i].as_ref() };
         switch_burst(
             &self.fabric.switch,
             &mut self.dest,
@@ -788,48 +807,84 @@ fn pin_to_cpu(cpu: usize) -> std::io::Result<()> {
     Ok(())
 }
 
-/// A frame crossing the switch: its first bytes, which every decision reads, its bytes as
-/// they are delivered, and for a frame its sender gave offloads (a partial checksum, a GSO
-/// type) the header checked against the frame.
+/// A frame crossing the switch: its bytes, and for a frame its sender gave offloads (a
+/// partial checksum, a GSO type) the header checked against the frame.
+///
+/// The bytes are a slice, for a frame the switch holds (from a TAP or a NIC, or copied out of
+/// its sender's ring), or a [`Gather`], for one still in its sender's buffers
+/// ([`TxBurst::InPlace`]). Every decision (forwarding, the MTU) reads their head
+/// ([`FrameSource::head`]): all of a slice, the switch's copy of a gathered frame's first
+/// bytes, which its sender cannot rewrite.
 #[derive(Clone, Copy, Debug)]
-pub struct SwitchFrame<'a> {
-    /// The whole frame, for the receivers' bursts (which copy it from where it is) and the
-    /// fallbacks that need it in one piece ([`Gather::read_into`]). Its head
-    /// ([`SwitchFrame::head`]) is what every decision reads.
-    pub bytes: Gather<'a>,
-    /// Its offloads ([`InPlaceFrame::offload`]); `None` for a plain frame.
+pub struct SwitchFrame<'a, S = &'a [u8]> {
+    /// The Ethernet frame.
+    pub frame: S,
+    /// Its offloads ([`TxFrame::offload`], [`InPlaceFrame::offload`]); `None` for a plain
+    /// frame.
     pub offload: Option<&'a OffloadFrame>,
 }
 
-impl<'a> SwitchFrame<'a> {
-    /// A frame the switch holds in `frame`.
-    pub fn held(frame: &'a [u8], offload: Option<&'a OffloadFrame>) -> SwitchFrame<'a> {
-        SwitchFrame { bytes: Gather::slice(frame), offload }
-    }
-
-    /// The frame's first bytes: all of it for a frame the switch holds (from a TAP), up to
-    /// `MAX_HEADERS_LEN` for a frame still in its sender's buffers, in a copy
-    /// ([`InPlaceFrame::head`]). The forwarding decision and the MTU check read these, so a
-    /// sender that rewrites its buffers meanwhile cannot change them.
-    #[inline]
-    pub fn head(&self) -> &'a [u8] {
-        self.bytes.head()
-    }
-
-    /// The frame's length in bytes.
-    pub fn len(&self) -> usize {
-        self.bytes.len()
-    }
-
-    /// Whether the frame is empty.
-    pub fn is_empty(&self) -> bool {
-        self.bytes.is_empty()
+impl<'a> From<&'a TxFrame> for SwitchFrame<'a> {
+    fn from(f: &'a TxFrame) -> SwitchFrame<'a> {
+        SwitchFrame { frame: f.frame(), offload: f.offload() }
     }
 }
 
-impl<'a, 'b: 'a> From<&'a InPlaceFrame<'b>> for SwitchFrame<'a> {
-    fn from(f: &'a InPlaceFrame<'b>) -> SwitchFrame<'a> {
-        SwitchFrame { bytes: f.bytes(), offload: f.offload() }
+impl<'a, 'g: 'a> From<&'a InPlaceFrame<'g>> for SwitchFrame<'a, Gather<'a>> {
+    fn from(f: &'a InPlaceFrame<'g>) -> SwitchFrame<'a, Gather<'a>> {
+        SwitchFrame { frame: f.bytes(), offload: f.offload() }
+    }
+}
+
+/// The frames the switch delivers ([`SwitchFrame`]): slices, or [`Gather`]s. The switch's
+/// code is the same for both, compiled for each, so that frames it holds cost what they cost
+/// before frames could stay in their sender's buffers.
+trait SwitchBytes: FrameSource + Default {
+    /// Places `entries` (each with its header: a frame of the burst, or one the switch
+    /// wrote into a fallback buffer) with `rx` ([`Receiver::put`]).
+    fn put(rx: &impl Receiver, entries: &[(VirtioNetHdr, Src<Self>)], fb: &Fallback) -> Enqueued;
+    /// A guest's receive burst of such frames ([`NetDevice::enqueue_burst_outcome`]).
+    fn enqueue(dev: &NetDevice, pair: u16, frames: &[Self]) -> Enqueued;
+    /// A guest's receive burst of such frames, each with its header
+    /// ([`NetDevice::enqueue_burst_with_headers_outcome`]).
+    fn enqueue_with_headers(dev: &NetDevice, pair: u16, frames: &[(VirtioNetHdr, Self)]) -> Enqueued;
+}
+
+impl SwitchBytes for &[u8] {
+    fn enqueue(dev: &NetDevice, pair: u16, frames: &[Self]) -> Enqueued {
+        dev.enqueue_burst_outcome(pair, frames)
+    }
+    fn enqueue_with_headers(dev: &NetDevice, pair: u16, frames: &[(VirtioNetHdr, Self)]) -> Enqueued {
+        dev.enqueue_burst_with_headers_outcome(pair, frames)
+    }
+    fn put(rx: &impl Receiver, entries: &[(VirtioNetHdr, Src<Self>)], fb: &Fallback) -> Enqueued {
+        let mut burst: [(VirtioNetHdr, &[u8]); BURST] = [(VirtioNetHdr::default(), &[]); BURST];
+        for (slot, (h, src)) in burst.iter_mut().zip(entries) {
+            *slot = match *src {
+                Src::Frame(f) => (*h, f),
+                Src::Scratch(k, n) => (*h, &fb.bufs[k][..n]),
+            };
+        }
+        rx.put(&burst[..entries.len().min(BURST)])
+    }
+}
+
+impl SwitchBytes for Gather<'_> {
+    fn enqueue(dev: &NetDevice, pair: u16, frames: &[Self]) -> Enqueued {
+        dev.enqueue_gather_burst_outcome(pair, frames)
+    }
+    fn enqueue_with_headers(dev: &NetDevice, pair: u16, frames: &[(VirtioNetHdr, Self)]) -> Enqueued {
+        dev.enqueue_gather_burst_with_headers_outcome(pair, frames)
+    }
+    fn put(rx: &impl Receiver, entries: &[(VirtioNetHdr, Src<Self>)], fb: &Fallback) -> Enqueued {
+        let mut burst: [(VirtioNetHdr, Gather<'_>); BURST] = [(VirtioNetHdr::default(), Gather::default()); BURST];
+        for (slot, (h, src)) in burst.iter_mut().zip(entries) {
+            *slot = match *src {
+                Src::Frame(f) => (*h, f),
+                Src::Scratch(k, n) => (*h, Gather::slice(&fb.bufs[k][..n])),
+            };
+        }
+        rx.put(&burst[..entries.len().min(BURST)])
     }
 }
 
@@ -837,14 +892,14 @@ impl<'a, 'b: 'a> From<&'a InPlaceFrame<'b>> for SwitchFrame<'a> {
 /// learns and decides under one lock of the switch, then sends each destination its frames in
 /// one batch.
 #[allow(clippy::too_many_arguments)]
-fn switch_burst<'a, T>(
+fn switch_burst<'a, T, S: SwitchBytes + 'a>(
     switch: &Mutex<Switch>,
     dest: &mut [Vec<usize>],
     ports: &[Option<Arc<PortEntry>>],
     ingress: PortId,
     pair: u16,
     frames: &'a [T],
-    get: impl Fn(&'a T) -> SwitchFrame<'a> + Copy,
+    get: impl Fn(&'a T) -> SwitchFrame<'a, S> + Copy,
     fallback: &mut Fallback,
 ) {
     let now = Instant::now();
@@ -854,7 +909,7 @@ fn switch_burst<'a, T>(
     {
         let mut switch = switch.lock().unwrap_or_else(|p| p.into_inner());
         for (i, f) in frames.iter().enumerate() {
-            match switch.forward(ingress, get(f).head(), now) {
+            match switch.forward(ingress, get(f).frame.head(), now) {
                 // A port removed since this thread last looked has no entry: dropped.
                 Forward::Port(to) => {
                     if let Some(d) = dest.get_mut(to) {
@@ -880,6 +935,17 @@ fn switch_burst<'a, T>(
             deliver(&e.port, pair, d.iter().map(|&i| get(&frames[i])), fallback);
         }
     }
+}
+
+/// Up to [`BURST`] frame slices in a stack array (no allocation on the data path).
+fn burst_refs<'a>(frames: impl Iterator<Item = &'a [u8]>) -> ([&'a [u8]; BURST], usize) {
+    let mut refs: [&[u8]; BURST] = [&[]; BURST];
+    let mut n = 0;
+    for (slot, f) in refs.iter_mut().zip(frames) {
+        *slot = f;
+        n += 1;
+    }
+    (refs, n)
 }
 
 /// Reads up to one burst of frames (virtio-net header + frame) from a TAP queue into `bufs`,
@@ -913,7 +979,12 @@ fn is_switch_port(p: &Port) -> bool {
 
 /// Sends a batch to one switch port: to a guest ([`deliver_to_guest`]), or written to a TAP
 /// with each frame's header (the kernel completes checksums and segments what it has to).
-fn deliver<'a>(port: &Port, pair: u16, frames: impl Iterator<Item = SwitchFrame<'a>> + Clone, fallback: &mut Fallback) {
+fn deliver<'a, S: SwitchBytes + 'a>(
+    port: &Port,
+    pair: u16,
+    frames: impl Iterator<Item = SwitchFrame<'a, S>> + Clone,
+    fallback: &mut Fallback,
+) {
     match port {
         Port::Vhost { dev, mtu, .. } => {
             // With no pair to receive on, the burst goes to a stopped or disabled queue, which
@@ -938,10 +1009,10 @@ fn deliver<'a>(port: &Port, pair: u16, frames: impl Iterator<Item = SwitchFrame<
                 let hdr = f.offload.map_or([0u8; TAP_HDR_LEN], |of| tap_vnet_header(&of.header));
                 // A write takes the frame in one piece: one still in its sender's buffers is
                 // copied out first.
-                let frame = match f.bytes.contiguous() {
+                let frame = match f.frame.contiguous() {
                     Some(frame) => frame,
                     None => {
-                        let n = f.bytes.read_into(&mut fallback.whole);
+                        let n = f.frame.read_into(&mut fallback.whole);
                         &fallback.whole[..n]
                     }
                 };
@@ -999,10 +1070,10 @@ trait Receiver {
     /// Its MTU: the largest frame it takes that is not a GSO frame it negotiated.
     fn mtu(&self) -> u16;
     /// Places plain frames (no offloads); returns how many it took.
-    fn put_plain(&self, frames: &[Gather<'_>]) -> usize;
+    fn put_plain<S: SwitchBytes>(&self, frames: &[S]) -> usize;
     /// Places frames, each with the header it is delivered with: how many it took, and
     /// whether it ran out of room (frames refused one by one leave room for the next).
-    fn put(&self, frames: &[(VirtioNetHdr, Gather<'_>)]) -> Enqueued;
+    fn put<S: SwitchBytes>(&self, frames: &[(VirtioNetHdr, S)]) -> Enqueued;
     /// Counts `n` frames dropped for it.
     fn count_drops(&self, n: u64);
 }
@@ -1021,11 +1092,11 @@ impl Receiver for GuestQueue<'_> {
     fn mtu(&self) -> u16 {
         self.mtu
     }
-    fn put_plain(&self, frames: &[Gather<'_>]) -> usize {
-        self.dev.enqueue_gather_burst(self.to, frames)
+    fn put_plain<S: SwitchBytes>(&self, frames: &[S]) -> usize {
+        S::enqueue(self.dev, self.to, frames).placed
     }
-    fn put(&self, frames: &[(VirtioNetHdr, Gather<'_>)]) -> Enqueued {
-        self.dev.enqueue_gather_burst_with_headers_outcome(self.to, frames)
+    fn put<S: SwitchBytes>(&self, frames: &[(VirtioNetHdr, S)]) -> Enqueued {
+        S::enqueue_with_headers(self.dev, self.to, frames)
     }
     fn count_drops(&self, n: u64) {
         self.dev.count_rx_drops(self.to, n);
@@ -1043,8 +1114,9 @@ struct NicTx<'q> {
 }
 
 impl NicTx<'_> {
-    /// Sends `frames`: the held ones as they are, the others copied whole first.
-    fn send<'f>(&self, frames: impl Iterator<Item = Gather<'f>> + Clone) -> Sent {
+    /// Sends `frames`: those the switch holds as they are; if some are still in their
+    /// sender's buffers, every frame copied whole first.
+    fn send<'f, S: FrameSource + 'f>(&self, frames: impl Iterator<Item = &'f S> + Clone) -> Sent {
         if frames.clone().all(|f| f.contiguous().is_some()) {
             return self.q.send_burst(frames.filter_map(|f| f.contiguous()));
         }
@@ -1067,12 +1139,12 @@ impl Receiver for NicTx<'_> {
     fn mtu(&self) -> u16 {
         self.mtu
     }
-    fn put_plain(&self, frames: &[Gather<'_>]) -> usize {
-        self.send(frames.iter().copied()).sent as usize
+    fn put_plain<S: SwitchBytes>(&self, frames: &[S]) -> usize {
+        self.send(frames.iter()).sent as usize
     }
-    fn put(&self, frames: &[(VirtioNetHdr, Gather<'_>)]) -> Enqueued {
+    fn put<S: SwitchBytes>(&self, frames: &[(VirtioNetHdr, S)]) -> Enqueued {
         // Without offloads every header is a plain one: the frames are complete.
-        let s = self.send(frames.iter().map(|(_, f)| *f));
+        let s = self.send(frames.iter().map(|(_, f)| f));
         Enqueued { placed: s.sent as usize, full: s.full }
     }
     fn count_drops(&self, n: u64) {
@@ -1090,21 +1162,21 @@ impl Receiver for NicTx<'_> {
 /// takes as it is, is dropped and counted, as is a frame with an offload that has no
 /// fallback. Segmenting stops when the guest has no more buffers: a guest that sends GSO
 /// frames with a tiny `gso_size` costs the switch at most what the receiver can take.
-fn deliver_to_receiver<'a>(
+fn deliver_to_receiver<'a, S: SwitchBytes + 'a>(
     rx: &impl Receiver,
-    frames: impl Iterator<Item = SwitchFrame<'a>> + Clone,
+    frames: impl Iterator<Item = SwitchFrame<'a, S>> + Clone,
     fb: &mut Fallback,
 ) {
     let mtu = rx.mtu();
     // The usual burst: plain frames within the MTU, delivered with a zero header.
-    let mut refs = [Gather::slice(&[]); BURST];
+    let mut refs = [S::default(); BURST];
     let mut n = 0;
     for f in frames.clone() {
-        if f.offload.is_some() || !fits_mtu(f.len(), f.head(), mtu) {
+        if f.offload.is_some() || !fits_mtu(f.frame.len(), f.frame.head(), mtu) {
             n = usize::MAX;
             break;
         }
-        refs[n] = f.bytes;
+        refs[n] = f.frame;
         n += 1;
     }
     if n != usize::MAX {
@@ -1119,8 +1191,8 @@ fn deliver_to_receiver<'a>(
     let mut drops = 0u64;
     'frames: for f in frames {
         let Some(of) = f.offload else {
-            if fits_mtu(f.len(), f.head(), mtu) {
-                out.push_frame(rx, fb, VirtioNetHdr::default(), f.bytes);
+            if fits_mtu(f.frame.len(), f.frame.head(), mtu) {
+                out.push_frame(rx, fb, VirtioNetHdr::default(), f.frame);
             } else {
                 drops += 1;
             }
@@ -1131,14 +1203,14 @@ fn deliver_to_receiver<'a>(
                 // A GSO frame of one segment is a plain frame to the receiver (Linux:
                 // "too small packets are not really GSO ones"): the MTU applies.
                 let gso = h.gso_type != VIRTIO_NET_HDR_GSO_NONE && of.segments() > 1;
-                if !gso && !fits_mtu(f.len(), f.head(), mtu) {
+                if !gso && !fits_mtu(f.frame.len(), f.frame.head(), mtu) {
                     drops += 1;
                 } else {
-                    out.push_frame(rx, fb, h, f.bytes);
+                    out.push_frame(rx, fb, h, f.frame);
                 }
             }
             Delivery::CompleteCsum(h) => {
-                if !fits_mtu(f.len(), f.head(), mtu) {
+                if !fits_mtu(f.frame.len(), f.frame.head(), mtu) {
                     drops += 1;
                     continue;
                 }
@@ -1149,10 +1221,10 @@ fn deliver_to_receiver<'a>(
                 // Completed in a copy (the checksum covers the payload, so the sum is taken
                 // over the bytes that land; the headers it relies on are the checked ones).
                 let k = out.scratch;
-                let buf = &mut fb.bufs[k][..f.len()];
-                f.bytes.read_into(buf);
+                let buf = &mut fb.bufs[k][..f.frame.len()];
+                f.frame.read_into(buf);
                 match complete_csum(&of.header, buf) {
-                    Ok(_) => out.push_scratch(h, k, f.len()),
+                    Ok(_) => out.push_scratch(h, k, f.frame.len()),
                     Err(_) => drops += 1,
                 }
             }
@@ -1171,10 +1243,10 @@ fn deliver_to_receiver<'a>(
                 // Cut from the frame in one piece: one still in its sender's buffers is copied
                 // out first, and only its headers are the ones checked (the segments' headers
                 // are written from `of`, the payload is the sender's).
-                let frame = match f.bytes.contiguous() {
+                let frame = match f.frame.contiguous() {
                     Some(frame) => frame,
                     None => {
-                        let n = f.bytes.read_into(&mut fb.whole);
+                        let n = f.frame.read_into(&mut fb.whole);
                         &fb.whole[..n]
                     }
                 };
@@ -1236,14 +1308,14 @@ impl Fallback {
 /// Where an outgoing frame's bytes are: the frame as it crossed the switch, or a fallback
 /// buffer.
 #[derive(Clone, Copy)]
-enum Src<'a> {
-    Frame(Gather<'a>),
+enum Src<S> {
+    Frame(S),
     Scratch(usize, usize),
 }
 
 /// A burst being gathered for one guest, flushed when full.
-struct OutBurst<'a> {
-    entries: [(VirtioNetHdr, Src<'a>); BURST],
+struct OutBurst<S> {
+    entries: [(VirtioNetHdr, Src<S>); BURST],
     len: usize,
     /// The next free fallback buffer (buffers are used in order within a burst).
     scratch: usize,
@@ -1251,10 +1323,10 @@ struct OutBurst<'a> {
     room: bool,
 }
 
-impl Default for OutBurst<'_> {
+impl<S: SwitchBytes> Default for OutBurst<S> {
     fn default() -> Self {
         OutBurst {
-            entries: [(VirtioNetHdr::default(), Src::Frame(Gather::slice(&[]))); BURST],
+            entries: [(VirtioNetHdr::default(), Src::Frame(S::default())); BURST],
             len: 0,
             scratch: 0,
             room: true,
@@ -1262,7 +1334,7 @@ impl Default for OutBurst<'_> {
     }
 }
 
-impl<'a> OutBurst<'a> {
+impl<S: SwitchBytes> OutBurst<S> {
     /// Makes room for one more frame, flushing a full burst; `false` once the guest ran out
     /// of buffers (a flush placed fewer frames than it held).
     fn make_room(&mut self, rx: &impl Receiver, fb: &Fallback) -> bool {
@@ -1272,7 +1344,7 @@ impl<'a> OutBurst<'a> {
         self.room
     }
 
-    fn push_frame(&mut self, rx: &impl Receiver, fb: &Fallback, h: VirtioNetHdr, frame: Gather<'a>) {
+    fn push_frame(&mut self, rx: &impl Receiver, fb: &Fallback, h: VirtioNetHdr, frame: S) {
         if self.make_room(rx, fb) {
             self.entries[self.len] = (h, Src::Frame(frame));
             self.len += 1;
@@ -1293,16 +1365,9 @@ impl<'a> OutBurst<'a> {
         if self.len == 0 {
             return;
         }
-        let mut burst = [(VirtioNetHdr::default(), Gather::slice(&[])); BURST];
-        for (slot, (h, src)) in burst.iter_mut().zip(&self.entries[..self.len]) {
-            *slot = match *src {
-                Src::Frame(f) => (*h, f),
-                Src::Scratch(k, n) => (*h, Gather::slice(&fb.bufs[k][..n])),
-            };
-        }
         // Frames the receiver refused one by one (too large for its buffers) leave it room for
         // the rest; a receiver out of buffers does not.
-        self.room &= !rx.put(&burst[..self.len]).full;
+        self.room &= !S::put(rx, &self.entries[..self.len], fb).full;
         self.len = 0;
         self.scratch = 0;
     }
@@ -1350,11 +1415,12 @@ mod tests {
     }
 
     /// The switch decides where a frame goes on its copy of the frame's first bytes, not on
-    /// the sender's buffers, which the sender can rewrite while the frame crosses: a frame
-    /// for B whose destination A rewrites to C once the burst is taken (before the switch
-    /// looks at it) still goes to B, with the headers as they were checked; C gets nothing.
-    /// Only the bytes past the copy (the first 64) show what A wrote. Were the decision
-    /// made on A's buffers, C would get the frame.
+    /// the sender's buffers, which the sender can rewrite while the frame crosses: a
+    /// full-size frame for B, handed over in place (A's ring is in the in-place way after a
+    /// first full-size frame, copied out), whose destination A rewrites to C once the burst
+    /// is taken (before the switch looks at it) still goes to B, with the headers as they
+    /// were checked; C gets nothing. Only the bytes past the copy show what A wrote. Were the
+    /// decision made on A's buffers, C would get the frame.
     #[test]
     fn the_switch_decides_on_the_copy_of_the_headers_not_on_the_senders_buffers() {
         use test_frontend::*;
@@ -1423,40 +1489,61 @@ mod tests {
         }
         let mut rx_addr = Vec::new();
         for g in &mut guests[1..] {
-            let mut a = [0u64];
-            let head = g.drv[0].build_chain(&[Buf::writable(2048)], &mut a);
-            g.drv[0].publish(head);
-            rx_addr.push(a[0]);
+            for _ in 0..2 {
+                let mut a = [0u64];
+                let head = g.drv[0].build_chain(&[Buf::writable(2048)], &mut a);
+                g.drv[0].publish(head);
+                rx_addr.push(a[0]);
+            }
         }
-        let frame = eth(MAC[1], MAC[0], 600);
-        let mut addrs = [0u64; 2];
-        let head = guests[0].drv[1].build_chain(&[Buf::readable(&[0u8; 12]), Buf::readable(&frame)], &mut addrs);
-        guests[0].drv[1].publish(head);
-
+        let frame = eth(MAC[1], MAC[0], 1500);
         let ports = fabric.ports();
         let mut dest = vec![Vec::new(); ports.len()];
         let mut fallback = Fallback::new();
-        let mut scratch = TxScratch::new();
+        let mut frames: Vec<TxFrame> = (0..BURST).map(|_| TxFrame::with_capacity(MAX_TX_FRAME)).collect();
+        // The first full-size frame: copied out (A's ring starts the copy way).
+        let mut addrs = [0u64; 2];
+        let head = guests[0].drv[1].build_chain(&[Buf::readable(&[0u8; 12]), Buf::readable(&frame)], &mut addrs);
+        guests[0].drv[1].publish(head);
+        let mut moved = 0;
+        wait("A's first frame", || {
+            moved += devs[0].forward_burst(0, &mut frames, |burst| match burst {
+                TxBurst::Copied(frames) => {
+                    let get = |f| SwitchFrame::from(f);
+                    switch_burst(&fabric.switch, &mut dest, &ports, 0, 0, frames, get, &mut fallback)
+                }
+                TxBurst::InPlace(_) => panic!("a ring starts the copy way"),
+            });
+            (moved > 0).then_some(())
+        });
+        // The second: in place.
+        let head = guests[0].drv[1].build_chain(&[Buf::readable(&[0u8; 12]), Buf::readable(&frame)], &mut addrs);
+        guests[0].drv[1].publish(head);
         let a_tx = &guests[0].drv[1];
         let mut moved = 0;
-        wait("A's frame", || {
-            moved += devs[0].forward_burst(0, &mut scratch, |frames| {
-                // A turns its frame towards C, and rewrites the bytes from 300 on.
-                a_tx.write(addrs[1], &MAC[2]);
-                a_tx.write(addrs[1] + 300, &[0x77; 300]);
-                switch_burst(&fabric.switch, &mut dest, &ports, 0, 0, frames, SwitchFrame::from, &mut fallback);
+        wait("A's second frame", || {
+            moved += devs[0].forward_burst(0, &mut frames, |burst| match burst {
+                TxBurst::InPlace(frames) => {
+                    // A turns its frame towards C, and rewrites the bytes from 300 on.
+                    a_tx.write(addrs[1], &MAC[2]);
+                    a_tx.write(addrs[1] + 300, &[0x77; 1200]);
+                    switch_burst(&fabric.switch, &mut dest, &ports, 0, 0, frames, SwitchFrame::from, &mut fallback);
+                }
+                TxBurst::Copied(_) => panic!("after a full-size frame, the in-place way"),
             });
             (moved > 0).then_some(())
         });
         let (b_rx, c_rx) = (&guests[1].drv[0], &guests[2].drv[0]);
         assert_eq!(c_rx.used_idx(), 0, "C got nothing: the rewrite came after the copy");
-        assert_eq!(b_rx.used_idx(), 1, "B got the frame it was sent to");
-        let mut got = vec![0u8; 12 + 600];
+        assert_eq!(b_rx.used_idx(), 2, "B got both frames it was sent");
+        let mut got = vec![0u8; 12 + 1500];
         b_rx.read(rx_addr[0], &mut got);
+        assert_eq!(&got[12..], &frame[..], "the first frame as sent");
+        b_rx.read(rx_addr[1], &mut got);
         let mut want = frame.clone();
         want[300..].fill(0x77);
         assert_eq!(&got[12..], &want[..], "the headers as checked, the payload past the copy as A left it");
-        assert_eq!(guests[0].drv[1].used_idx(), 1, "A's chain completed after the copy");
+        assert_eq!(a_tx.used_idx(), 2, "A's chains completed after the copies");
 
         drop(guests);
         drop(fes);
@@ -1513,14 +1600,14 @@ mod receiver_tests {
         fn mtu(&self) -> u16 {
             9000
         }
-        fn put_plain(&self, frames: &[Gather<'_>]) -> usize {
+        fn put_plain<S: SwitchBytes>(&self, frames: &[S]) -> usize {
             let fit = frames.iter().filter(|f| f.len() <= 2048).count();
             self.got.borrow_mut().extend(frames.iter().map(|f| f.len()).filter(|&n| n <= 2048));
             self.refused.set(self.refused.get() + frames.len() - fit);
             fit
         }
-        fn put(&self, frames: &[(VirtioNetHdr, Gather<'_>)]) -> Enqueued {
-            let refs: Vec<Gather<'_>> = frames.iter().map(|(_, f)| *f).collect();
+        fn put<S: SwitchBytes>(&self, frames: &[(VirtioNetHdr, S)]) -> Enqueued {
+            let refs: Vec<S> = frames.iter().map(|(_, f)| *f).collect();
             Enqueued { placed: self.put_plain(&refs), full: false }
         }
         fn count_drops(&self, n: u64) {
@@ -1553,7 +1640,8 @@ mod receiver_tests {
         let (h, tso) = tso_frame(40 * 1000, 1000);
         let of = check_frame(&h, &tso, tso.len()).expect("a valid TSO frame");
         assert_eq!(of.segments(), 40);
-        let frames = [SwitchFrame::held(&jumbo, None), SwitchFrame::held(&tso, Some(&of))];
+        let frames =
+            [SwitchFrame { frame: &jumbo[..], offload: None }, SwitchFrame { frame: &tso[..], offload: Some(&of) }];
         let rx = SmallBuffers { got: RefCell::default(), refused: Cell::new(0), drops: Cell::new(0) };
         let mut fb = Fallback::new();
         deliver_to_receiver(&rx, frames.iter().copied(), &mut fb);

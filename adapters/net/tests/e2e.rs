@@ -1308,11 +1308,13 @@ fn two_data_plane_threads_carry_traffic_between_ports_on_different_threads() {
     assert!(p.terminate().success());
 }
 
-/// One copy between guests, end to end: frames whose header and bytes are split over many
-/// descriptors reach the other guests byte for byte, flooded to two receivers (each gets its
-/// own copy from the sender's buffers) and unicast; one is spread over 140 pieces in an
-/// indirect table, more than the 20 a chain may have to stay in place (copied out whole, the
-/// old path). Every one of the sender's chains is completed.
+/// One copy between guests, end to end: full-size frames whose header and bytes are split over
+/// many descriptors reach the other guests byte for byte. The first, a broadcast, is copied
+/// out (a ring starts the copy way) and flooded to two receivers; after it A's ring is taken
+/// the in-place way: a unicast spread over 151 pieces in an indirect table, more than the 20
+/// a chain may have to stay in place (copied out whole), then a broadcast over six
+/// descriptors, each receiver copying it straight from A's buffers. Every one of the
+/// sender's chains is completed.
 #[test]
 fn switch_delivers_frames_split_over_many_descriptors_byte_exact() {
     let d = dir("switch-split");
@@ -1346,16 +1348,24 @@ fn switch_delivers_frames_split_over_many_descriptors_byte_exact() {
     fa.kick(1);
     assert_eq!(nb.recv(Duration::from_secs(5)).expect("B got the broadcast"), bcast);
     assert_eq!(nc.recv(Duration::from_secs(5)).expect("C got the broadcast"), bcast);
-    // A unicast to B in 140 pieces of an indirect table.
-    let uni = eth(MAC_B, MAC_A, 0x88b5, &payload[..1376]);
+    // A unicast to B in 151 pieces of an indirect table.
+    let uni = eth(MAC_B, MAC_A, 0x88b5, &payload);
     let pieces: Vec<Buf<'_>> = std::iter::once(Buf::readable(&hdr)).chain(uni.chunks(10).map(Buf::readable)).collect();
-    assert_eq!(pieces.len(), 140);
+    assert_eq!(pieces.len(), 151);
     na.tx.add_indirect_chain(&pieces);
     fa.kick(1);
     assert_eq!(nb.recv(Duration::from_secs(5)).expect("B got the unicast"), uni);
     assert!(nc.recv(Duration::from_millis(100)).is_none(), "C does not get B's unicast");
+    // Another broadcast, in place, each receiver copying it from A's buffers.
+    let bcast2 = eth([0xff; 6], MAC_A, 0x88b5, &payload.iter().map(|b| b ^ 0x5a).collect::<Vec<u8>>());
+    let mut bufs = vec![Buf::readable(&hdr[..4]), Buf::readable(&hdr[4..])];
+    bufs.extend(cuts.windows(2).map(|w| Buf::readable(&bcast2[w[0]..w[1]])));
+    na.tx.add_chain(&bufs);
+    fa.kick(1);
+    assert_eq!(nb.recv(Duration::from_secs(5)).expect("B got the second broadcast"), bcast2);
+    assert_eq!(nc.recv(Duration::from_secs(5)).expect("C got the second broadcast"), bcast2);
     let deadline = Instant::now() + Duration::from_secs(5);
-    while na.tx.used_idx() != 2 {
+    while na.tx.used_idx() != 3 {
         assert!(Instant::now() < deadline, "A's chains completed");
         thread::sleep(Duration::from_millis(2));
     }

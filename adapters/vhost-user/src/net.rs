@@ -9,26 +9,27 @@
 //! signals the guest at most once (when its notification suppression asks for it). Nothing is
 //! allocated per frame.
 //!
-//! Frames from one guest to another are copied once: [`NetDevice::forward_burst`] hands a
-//! burst over while it is still in the sender's buffers ([`InPlaceFrame`]), the receiver's
-//! burst ([`NetDevice::enqueue_gather_burst`]) copies it from there, and the sender's chains
-//! are completed after every copy. [`NetDevice::dequeue_burst`] copies frames out for
-//! destinations that need them in one piece (a TAP).
+//! Frames from one guest to another longer than [`COPY_LIMIT`] are copied once:
+//! [`NetDevice::forward_burst`] hands them over while they are still in the sender's buffers
+//! ([`InPlaceFrame`]), the receiver's burst ([`NetDevice::enqueue_gather_burst_outcome`])
+//! copies them from there, and the sender's chains are completed after every copy.
+//! Shorter frames cost fewer instructions copied out first, as [`NetDevice::dequeue_burst`]
+//! copies every frame for destinations that need it in one piece (a TAP).
 //!
 //! Lock order: a transmit ring's lock, then receive rings' locks. [`NetDevice::forward_burst`]
-//! holds its transmit ring's lock while the receivers' bursts run; nothing takes a transmit
+//! holds its transmit ring's lock while the receivers' bursts of a burst in place run; nothing takes a transmit
 //! ring's lock while it holds a receive ring's, so data-plane threads that forward to each
 //! other cannot deadlock (and a device that sends to itself takes its two rings in that order
 //! too).
 
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use virtq::net::header::{VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_NONE};
 use virtq::net::offload::MAX_HEADERS_LEN;
 use virtq::net::{self, FrameSource, Gather, OffloadFrame, RxScratch, VirtioNetHdr};
-use virtq::{ChainError, PopError, Segment, Segments, VirtioFeatures, Virtqueue};
+use virtq::{CopiedChain, PopError, Segments, VirtioFeatures, Virtqueue};
 use zerocopy_shim::read_header;
 
 use crate::ratelimit::RateLimit;
@@ -176,68 +177,65 @@ impl TxFrame {
     }
 }
 
-/// Most frames one [`NetDevice::forward_burst`] hands over.
+/// Most frames one [`NetDevice::forward_burst`] takes.
 pub const FORWARD_BURST: usize = 32;
 
-/// Bytes of a transmitted chain copied out before anything is decided about its frame: the
-/// virtio-net header (at most 12 bytes) and the frame's first [`MAX_HEADERS_LEN`], all that
-/// [`net::check_frame`] and a switch look at.
+/// The cut-over of [`NetDevice::forward_burst`]: a transmitted chain whose device-readable
+/// part (virtio-net header and frame) is at most this many bytes is copied out whole and
+/// completed at once, then copied into its receivers' buffers (two copies: the copy path);
+/// a longer one is handed over in place and copied once, straight from the sender's buffers
+/// into each receiver's. The same length decides, per burst, which way the next burst of a
+/// ring is taken (see `forward_burst`).
+///
+/// Handing a frame over in place costs bookkeeping a copied frame does not have: a list of
+/// its pieces, a completion deferred until the copies are done, a copy into the receiver
+/// made of two parts (the copy of the headers, then the sender's buffers). That is paid back
+/// only by the copy it saves, so only for long frames. `benches/switchbench.sh` (callgrind,
+/// Ir per frame, a burst of 32 frames per pass, dirty log off), copy path / in place:
+/// 512 B 772 / 860, 1024 B 868 / 908, 1300 B 922 / 932, 1400 B 940 / 944, 1450 B 964 / 956,
+/// 1500 B 964 / 956 (the copy path steps up where `memcpy` changes strategy). Frames up to
+/// 1400 bytes keep the copy path; full-size frames (1514 bytes at an MTU of 1500), jumbo
+/// frames and GSO frames (up to 64 KiB, where the copy saved is most of the cost) take the
+/// one copy.
+pub const COPY_LIMIT: usize = 12 + 1400;
+
+/// The bytes of a chain handed over in place that are copied nonetheless: the virtio-net
+/// header and the frame's first 18 bytes, all a switch reads (the Ethernet header and a VLAN
+/// tag: the forwarding decision, the MTU check). A frame with offloads has its copy extended
+/// to [`TX_SNAPSHOT`] before [`net::check_frame`] reads it. (Every frame this short is copied
+/// whole: [`COPY_LIMIT`].)
+pub const TX_HEAD: usize = 12 + 18;
+
+/// Bytes of a chain handed over in place that [`net::check_frame`] may read: the virtio-net
+/// header and the frame's first [`MAX_HEADERS_LEN`] bytes, read from the copy only.
 pub const TX_SNAPSHOT: usize = 12 + MAX_HEADERS_LEN;
 
-/// Bytes of a transmitted chain copied as it is taken: the virtio-net header and the frame's
-/// first 64 bytes, all a switch looks at (the Ethernet header and a VLAN tag) and all of a
-/// small frame. A frame with offloads has its copy extended to [`TX_SNAPSHOT`] before
-/// [`net::check_frame`] reads it.
-pub const TX_HEAD: usize = 12 + 64;
-
-/// Buffer pieces past the copy of one transmitted chain [`NetDevice::forward_burst`] keeps to
-/// hand its frame over in place: Linux sends a frame in one piece, or a GSO frame as its header and linear
-/// part then up to `MAX_SKB_FRAGS` (17 by default) fragments. A chain with more is valid all
-/// the same: it is copied out ([`InPlaceFrame`]).
+/// Buffer pieces past the copies of the chains [`NetDevice::forward_burst`] hands over in
+/// place, per frame of a burst: Linux sends a frame in one piece, or a GSO frame as its
+/// header and linear part then up to `MAX_SKB_FRAGS` (17 by default) fragments. A chain that
+/// finds no room for its pieces is valid all the same: it is copied out whole
+/// ([`virtq::SplitQueue::pop_gather_uncompleted`]).
 const TX_SEGMENTS: usize = 20;
 
-/// Working space for [`NetDevice::forward_burst`], reused from burst to burst: per frame of a
-/// burst, the copy of its first bytes, its checked offloads, and a buffer for a frame copied
-/// out whole (a chain of more than `TX_SEGMENTS` pieces past the copy), allocated the first time one needs
-/// it.
-#[derive(Debug)]
-pub struct TxScratch {
-    snaps: Box<[[u8; TX_SNAPSHOT]; FORWARD_BURST]>,
-    offloads: Box<[Option<OffloadFrame>; FORWARD_BURST]>,
-    copies: Vec<Vec<u8>>,
+/// A burst [`NetDevice::forward_burst`] hands over.
+#[derive(Clone, Copy, Debug)]
+pub enum TxBurst<'a, 'g> {
+    /// Taken by [`NetDevice::dequeue_burst`]: every frame copied out whole and its chain
+    /// completed; the frames are the device's.
+    Copied(&'a [TxFrame]),
+    /// Taken by the walk that leaves frames longer than [`COPY_LIMIT`] in the guest's
+    /// transmit buffers: every frame of the burst, in ring order, each as an [`InPlaceFrame`]
+    /// (those copied out too). The chains left in place are completed once `deliver`
+    /// returns.
+    InPlace(&'a [InPlaceFrame<'g>]),
 }
 
-impl Default for TxScratch {
-    fn default() -> Self {
-        TxScratch::new()
-    }
-}
-
-impl TxScratch {
-    /// Working space for bursts of up to [`FORWARD_BURST`] frames.
-    pub fn new() -> TxScratch {
-        TxScratch {
-            snaps: Box::new([[0; TX_SNAPSHOT]; FORWARD_BURST]),
-            offloads: Box::new([None; FORWARD_BURST]),
-            copies: vec![Vec::new(); FORWARD_BURST],
-        }
-    }
-}
-
-/// A slot's copy buffer, allocated on first use (a chain too fragmented to be handed over in
-/// place is rare: a buffer per slot is taken once, not per frame).
-fn copy_buf(b: &mut Vec<u8>) -> &mut [u8] {
-    if b.is_empty() {
-        *b = vec![0; MAX_TX_FRAME];
-    }
-    b
-}
-
-/// A frame [`NetDevice::forward_burst`] hands over: its offloads, checked, and its bytes
-/// ([`Gather`]), the first [`MAX_HEADERS_LEN`] from the copy they were checked on, the rest
-/// still in the guest's transmit buffers (or, for a chain of many pieces, copied out). Small
-/// (a burst of them is passed around by value): the header itself is not kept, a receiver
-/// needs only its offloads.
+/// A frame [`NetDevice::forward_burst`] hands over in a [`TxBurst::InPlace`] burst: its
+/// offloads, checked, and its bytes ([`Gather`]): its first bytes (at least [`TX_HEAD`], or
+/// [`TX_SNAPSHOT`] for a frame with offloads) from the copy they were checked on, the rest
+/// still in the guest's transmit buffers; or all of it from a copy ([`Gather::slice`]) for a
+/// frame no longer than [`COPY_LIMIT`]. Small (a burst of them is passed around by value):
+/// the header itself is not kept, a receiver needs only its offloads.
 #[derive(Clone, Copy, Debug)]
 pub struct InPlaceFrame<'a> {
     offload: Option<&'a OffloadFrame>,
@@ -255,13 +253,13 @@ impl<'a> InPlaceFrame<'a> {
         self.offload
     }
 
-    /// The frame's first bytes (up to [`MAX_HEADERS_LEN`]): the copy every decision about the
-    /// frame reads, and what a receiver gets in their place.
+    /// The frame's first bytes: the copy every decision about the frame reads, and what a
+    /// receiver gets in their place.
     pub fn head(&self) -> &'a [u8] {
         self.bytes.head()
     }
 
-    /// The whole frame, for a receive burst ([`NetDevice::enqueue_gather_burst`]) or a copy
+    /// The whole frame, for a receive burst ([`NetDevice::enqueue_gather_burst_outcome`]) or a copy
     /// ([`Gather::read_into`]).
     pub fn bytes(&self) -> Gather<'a> {
         self.bytes
@@ -275,45 +273,6 @@ impl<'a> InPlaceFrame<'a> {
     /// Whether the frame is empty (never: a chain holding only a header is refused).
     pub fn is_empty(&self) -> bool {
         self.bytes.is_empty()
-    }
-}
-
-/// Whether a transmitted frame's header asks for offloads (a partial checksum, a GSO type):
-/// such a frame is checked against its own headers ([`net::check_frame`]).
-#[inline(always)]
-fn has_offloads(header: &VirtioNetHdr) -> bool {
-    header.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 || header.gso_type != VIRTIO_NET_HDR_GSO_NONE
-}
-
-/// What [`NetDevice::forward_burst`] does with a chain it could not take, as
-/// [`NetDevice::dequeue_burst`] does: a malformed chain joins the completions (len 0, in ring
-/// order); a chain with no id to complete stops a ring that cannot go on without one, an
-/// available index out of range stops it in any case. Returns whether the burst stops here.
-fn tx_pop_error(
-    e: PopError,
-    taken: &mut Taken,
-    errors: &mut u64,
-    strict: bool,
-    broken: &mut Option<RingFault>,
-) -> bool {
-    *errors += 1;
-    match e {
-        PopError::Chain { head, .. } => {
-            taken.push(head, true);
-            false
-        }
-        PopError::HeadOutOfRange { head } | PopError::IdInUse { id: head } => {
-            // Nothing can be completed for it, and a later completion would tell the driver
-            // otherwise: stop here (what was taken before is still delivered and completed).
-            if strict {
-                *broken = Some(RingFault::Unreturnable { head });
-            }
-            strict
-        }
-        PopError::AvailIndex(e) => {
-            *broken = Some(RingFault::AvailIndex(e));
-            true
-        }
     }
 }
 
@@ -353,13 +312,11 @@ fn complete_tx<'m, Q: Virtqueue<'m>>(vq: &mut Q, taken: &Taken, in_order: bool) 
 }
 
 /// The chains one [`NetDevice::forward_burst`] took whose completion waits for the copies, in
-/// ring order: their heads (buffer ids), and which were malformed (bit `i` of `bad`); and how
-/// many were completed as they were taken (`done`).
+/// ring order: their heads (buffer ids), and which were malformed (bit `i` of `bad`).
 struct Taken {
     heads: [u16; FORWARD_BURST],
     bad: u32,
     len: usize,
-    done: usize,
 }
 
 // One bit of `Taken::bad` per chain of a burst.
@@ -367,7 +324,7 @@ const _: () = assert!(FORWARD_BURST <= 32);
 
 impl Taken {
     fn new() -> Taken {
-        Taken { heads: [0; FORWARD_BURST], bad: 0, len: 0, done: 0 }
+        Taken { heads: [0; FORWARD_BURST], bad: 0, len: 0 }
     }
 
     #[inline(always)]
@@ -377,11 +334,6 @@ impl Taken {
             self.bad |= u32::from(bad) << self.len;
             self.len += 1;
         }
-    }
-
-    /// Whether any chain was taken (completed already or to be).
-    fn any(&self) -> bool {
-        self.len + self.done != 0
     }
 }
 
@@ -422,11 +374,24 @@ mod zerocopy_shim {
 struct Queue {
     shared: Arc<Mutex<VringShared>>,
     stats: QueueStats,
+    /// A transmit queue whose last [`NetDevice::forward_burst`] averaged more than
+    /// [`COPY_LIMIT`] bytes a frame: its next burst is taken by the walk that leaves long
+    /// frames in place. Only the thread that polls the ring reads and writes it.
+    in_place: AtomicBool,
 }
 
 impl Queue {
     fn lock(&self) -> std::sync::MutexGuard<'_, VringShared> {
         self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// After a transmit burst that took `n` frames of `bytes` bytes (without their virtio-net
+    /// headers): the way [`NetDevice::forward_burst`] takes the next ([`Queue::in_place`]).
+    #[inline(always)]
+    fn note_burst(&self, n: usize, bytes: u64) {
+        if n != 0 {
+            self.in_place.store(bytes > (n * (COPY_LIMIT - 12)) as u64, Ordering::Relaxed);
+        }
     }
 }
 
@@ -457,7 +422,10 @@ impl std::fmt::Debug for NetDevice {
 impl NetDevice {
     /// Wraps a device's vrings (from [`crate::device::VhostUserDevice::vring_shared`]).
     pub fn new(name: &str, vrings: Vec<Arc<Mutex<VringShared>>>) -> NetDevice {
-        let queues = vrings.into_iter().map(|shared| Queue { shared, stats: QueueStats::default() }).collect();
+        let queues = vrings
+            .into_iter()
+            .map(|shared| Queue { shared, stats: QueueStats::default(), in_place: AtomicBool::new(false) })
+            .collect();
         NetDevice {
             inner: Arc::new(NetInner {
                 name: name.to_string(),
@@ -652,6 +620,10 @@ impl NetDevice {
     /// of `frames` were filled. Malformed chains and headers are completed, dropped and
     /// counted as errors; on a started but disabled ring frames are drained and dropped
     /// (vhost-user.rst: "process and discard any TX packets").
+    ///
+    /// A function of its own ([`NetDevice::forward_burst`] calls it too: inlined there, its
+    /// ring closure was not, and the copy path cost 10 instructions a frame more).
+    #[inline(never)]
     pub fn dequeue_burst(&self, pair: u16, frames: &mut [TxFrame]) -> usize {
         let index = 2 * pair as usize + 1;
         let Some(q) = self.inner.queues.get(index) else { return 0 };
@@ -763,38 +735,66 @@ impl NetDevice {
         });
         self.finish_burst(index, s, result, broken);
         q.stats.add(n as u64, bytes, drops, errors);
+        q.note_burst(n, bytes);
         n
     }
 
-    /// Takes up to [`FORWARD_BURST`] frames the guest transmitted on pair `pair` and hands them
-    /// to `deliver` while they are still in the guest's buffers, so that each is copied once,
-    /// straight into its receivers' buffers ([`NetDevice::enqueue_gather_burst`]); completes
-    /// the chains after `deliver` returns. Returns how many frames were handed over.
+    /// Takes up to [`FORWARD_BURST`] frames (and no more than `frames` holds) the guest
+    /// transmitted on pair `pair`, for a data path that forwards them to other guests, and
+    /// hands them to `deliver`. Returns how many frames were handed over.
     ///
-    /// Everything about a frame is decided on a copy of its first bytes ([`TX_HEAD`], extended
-    /// to [`TX_SNAPSHOT`] for a frame with offloads): the header rules ([`net::parse_tx_head`]), the offload check ([`net::check_frame`]),
-    /// and whatever `deliver` reads from [`InPlaceFrame::head`] (a switch's forwarding). A
-    /// receiver gets those bytes from the copy too, so a guest that rewrites its buffers while
-    /// the frame is copied changes only its payload. The rest is read through the segments the
-    /// chain walk validated (a buffer outside guest memory is a malformed chain, completed and
-    /// counted as here always), from the mapping whose `SIGBUS` is caught
+    /// The cut-over between the two ways to take them ([`COPY_LIMIT`], where the figures
+    /// are) is made per burst, on what the ring's last burst held: frames averaging at most
+    /// `COPY_LIMIT` bytes (the usual small frames) are taken by [`NetDevice::dequeue_burst`]
+    /// itself, each copied out whole and completed at once, and handed over as
+    /// [`TxBurst::Copied`] once the ring is unlocked: their cost is that of the copy path to
+    /// the instruction. After a burst of longer frames (a TCP stream's full-size or GSO
+    /// frames), the next is taken by the walk that leaves each frame longer than
+    /// `COPY_LIMIT` in the guest's buffers, to be copied once, straight into its receivers'
+    /// ([`NetDevice::enqueue_gather_burst_outcome`]), and completed after `deliver` returns
+    /// ([`TxBurst::InPlace`], with the ring locked); the shorter frames of that burst are
+    /// still copied out whole. A burst is made of one kind of frames far more often than not
+    /// (a stream's data one way, its ACKs the other), and either way every frame arrives:
+    /// the choice only decides how many copies it costs. (Deciding per frame in one walk
+    /// instead cost the copy path 7 instructions a frame, 1 %, in register pressure.)
+    ///
+    /// Everything about a frame is decided on a copy: the whole frame, or for a frame in place
+    /// its first bytes ([`TX_HEAD`], extended to [`TX_SNAPSHOT`] for a frame with offloads).
+    /// Both take the same rules: the header rules ([`net::parse_tx_copied`], which holds both
+    /// to a frame of `MAX_TX_FRAME` at most), the offload check ([`net::check_frame`]), and
+    /// whatever `deliver` reads from [`InPlaceFrame::head`] (a switch's forwarding). A
+    /// receiver gets those bytes from the copy too, so a guest that rewrites its buffers
+    /// while the frame is copied changes only its payload. The rest is read through the
+    /// segments the chain walk validated (a buffer outside guest memory is a malformed chain,
+    /// completed and counted as here always), from the mapping whose `SIGBUS` is caught
     /// ([`crate::memory::fault`]): the transmit ring holds that mapping, and it stays locked
-    /// until the copies are done. A chain with more than 20 pieces past the copy is given back
-    /// and taken again by the walk that copies as it goes (`pop_read_uncompleted`): its frame
-    /// is handed over from that copy. A chain whose frame the copy holds whole is completed
-    /// at once (unless `IN_ORDER` was negotiated, which wants every completion in ring order);
-    /// the others after `deliver` returns.
+    /// until the copies are done. A chain whose pieces do not find room in its list (20, more
+    /// than Linux sends) is copied out whole.
     ///
-    /// The transmit ring stays locked while `deliver` runs: `deliver` may lock receive rings
-    /// (of any device, this one's too), never a transmit ring (the module's lock order).
-    /// Malformed chains and headers, and frames on a disabled ring, are handled as by
-    /// [`NetDevice::dequeue_burst`].
-    pub fn forward_burst(
-        &self,
-        pair: u16,
-        scratch: &mut TxScratch,
-        deliver: impl FnOnce(&[InPlaceFrame<'_>]),
-    ) -> usize {
+    /// While a [`TxBurst::InPlace`] burst is delivered the transmit ring stays locked:
+    /// `deliver` may lock receive rings (of any device, this one's too), never a transmit
+    /// ring (the module's lock order). Malformed chains and headers, and frames on a disabled
+    /// ring, are handled as by [`NetDevice::dequeue_burst`]; with `IN_ORDER` completions stay
+    /// in ring order (those after a frame in place wait for it). `frames` should hold
+    /// [`MAX_TX_FRAME`] bytes each, as for `dequeue_burst`.
+    pub fn forward_burst(&self, pair: u16, frames: &mut [TxFrame], deliver: impl FnOnce(TxBurst<'_, '_>)) -> usize {
+        let Some(q) = self.inner.queues.get(2 * pair as usize + 1) else { return 0 };
+        if q.in_place.load(Ordering::Relaxed) {
+            return self.forward_in_place(pair, frames, deliver);
+        }
+        let max = frames.len().min(FORWARD_BURST);
+        let n = self.dequeue_burst(pair, &mut frames[..max]);
+        if n != 0 {
+            deliver(TxBurst::Copied(&frames[..n]));
+        }
+        n
+    }
+
+    /// The burst of [`NetDevice::forward_burst`] that leaves frames longer than
+    /// [`COPY_LIMIT`] in place: a slot of `frames` per chain taken (its copy) with a list of
+    /// the pieces past the copy, and every frame handed over as an [`InPlaceFrame`] as it is
+    /// taken.
+    fn forward_in_place(&self, pair: u16, frames: &mut [TxFrame], deliver: impl FnOnce(TxBurst<'_, '_>)) -> usize {
         let index = 2 * pair as usize + 1;
         let Some(q) = self.inner.queues.get(index) else { return 0 };
         let mut s = q.lock();
@@ -804,120 +804,179 @@ impl NetDevice {
         }
         let features = active.features;
         let in_order = features.contains(VirtioFeatures::IN_ORDER);
+        // Where a chain that cannot be completed loses the driver's place (`RingFault::Unreturnable`).
         let strict = in_order || features.contains(VirtioFeatures::RING_PACKED);
         let mut broken = None;
-        let (mut n, mut bytes_total, mut drops, mut errors) = (0usize, 0u64, 0u64, 0u64);
-        let TxScratch { snaps, offloads, copies } = scratch;
+        let (mut n, mut bytes, mut drops, mut errors) = (0usize, 0u64, 0u64, 0u64);
         let result = crate::with_ring!(active, |vq| {
-            // Per chain taken, a slot: the list of its pieces, its snapshot, its offloads, its
-            // copy buffer. A frame handed over borrows its slot's, so the burst is built as
-            // it is taken.
+            let mut taken = 0;
+            // With IN_ORDER a run of chains is completed at once (§2.7.8.2 / §2.8.9: one used
+            // entry for the last, the used index moved past all): `(last head, count)`. A
+            // malformed chain ends the run, so that completions stay in ring order.
+            let mut run: Option<(u16, u16)> = None;
+            // The chains whose completion waits for the copies, in ring order: the frames
+            // in place, and with IN_ORDER every chain after the first of them.
+            let mut held = Taken::new();
+            // A chain completed as it is taken (in ring order behind what `held` keeps).
+            macro_rules! complete {
+                ($head:expr) => {
+                    if !in_order {
+                        vq.push($head, 0);
+                    } else if held.len == 0 {
+                        run = Some(($head, run.map_or(1, |(_, k)| k + 1)));
+                    } else {
+                        held.push($head, false);
+                    }
+                };
+            }
+            // Per chain taken, a slot: a frame's copy and the list of its pieces past the
+            // copy (none for a chain copied whole). A frame handed over borrows its slot.
             let mut lists: [Segments<'_, TX_SEGMENTS>; FORWARD_BURST] = core::array::from_fn(|_| Segments::new());
-            let slots = lists.iter_mut().zip(snaps.iter_mut()).zip(offloads.iter_mut()).zip(copies.iter_mut());
-            // The frames handed over (the first `n`), built in place.
-            let mut frames = [InPlaceFrame::EMPTY; FORWARD_BURST];
-            // The chains taken whose completion waits for the copies, in ring order, and
-            // whether each was malformed.
-            let mut taken = Taken::new();
-            // One slot per chain taken: at most FORWARD_BURST chains.
-            for (((list, snap), offload), copy) in slots {
-                let (c, copied) = match vq.pop_gather_uncompleted(&mut snap[..TX_HEAD], list) {
-                    Ok(Some(c)) => (c, false),
-                    Ok(None) => break,
-                    Err(PopError::Chain { error: ChainError::TooManySegments, .. }) => {
-                        // More pieces than a slot keeps: a valid chain all the same. Given
-                        // back, and taken again by the walk that copies as it goes (the old
-                        // path), which applies the same rules.
-                        vq.rewind(1);
-                        match vq.pop_read_uncompleted(copy_buf(copy)) {
-                            Ok(Some(c)) => (c, true),
-                            Ok(None) => break,
-                            Err(e) => {
-                                if tx_pop_error(e, &mut taken, &mut errors, strict, &mut broken) {
-                                    break;
+            let mut burst = [InPlaceFrame::EMPTY; FORWARD_BURST];
+            for (frame, list) in frames.iter_mut().zip(lists.iter_mut()) {
+                // Whole pieces copied within the first bytes a frame left in place keeps (most
+                // often only the header's), the rest listed.
+                match vq.pop_gather_uncompleted(&mut frame.buf, TX_HEAD, list) {
+                    Ok(Some(c)) => {
+                        taken += 1;
+                        let mut copied = c.bytes as usize;
+                        // A short chain is copied out whole after all.
+                        let len = c.readable_len as usize;
+                        if copied < len && len <= COPY_LIMIT.min(frame.buf.len()) {
+                            copied += list.take_front(0, &mut frame.buf[copied..len]);
+                        }
+                        // The copy holds the chain whole: the frame is the device's from here
+                        // on. (A chain longer than the buffer is cut, and refused below.)
+                        let whole = copied == len;
+                        if whole {
+                            complete!(c.head);
+                        }
+                        // A chain left in place that is not handed over is completed now.
+                        macro_rules! drop_chain {
+                            () => {
+                                if !whole {
+                                    complete!(c.head);
                                 }
-                                continue;
-                            }
+                            };
                         }
-                    }
-                    Err(e) => {
-                        if tx_pop_error(e, &mut taken, &mut errors, strict, &mut broken) {
-                            break;
-                        }
-                        continue;
-                    }
-                };
-                // A frame the copy holds whole (a small one, or one copied out) is the device's
-                // own from here on: its chain is completed at once, as `dequeue_burst` does,
-                // unless IN_ORDER wants every completion in ring order.
-                if !in_order && (copied || list.is_empty()) {
-                    vq.push(c.head, 0);
-                    taken.done += 1;
-                } else {
-                    taken.push(c.head, false);
-                }
-                if !enabled {
-                    drops += 1;
-                    continue;
-                }
-                // §5.1.6.2: the core's TX rules, on the copy (the snapshot, or the whole frame).
-                // A chain longer than the copy buffer is refused (`TooLong`, as
-                // `parse_tx_copied` does); one handed over in place is held to the same limit,
-                // so that no receiver or fallback buffer needs more.
-                let Ok(pkt) = net::parse_tx_head(&c, if copied { copy } else { &snap[..] }, features) else {
-                    errors += 1;
-                    continue;
-                };
-                if c.readable_len as usize > MAX_TX_FRAME {
-                    errors += 1;
-                    continue;
-                }
-                let (hdr_len, len) = (pkt.header_len, pkt.frame_len as usize);
-                let mut bytes = c.bytes as usize;
-                // A frame with offloads: checked against its own headers. Its copy is extended
-                // first to all the headers `check_frame` may read, which are then read from the
-                // copy only; the slot's offloads are written only for such a frame.
-                let offload: Option<&OffloadFrame> = if has_offloads(&pkt.header) {
-                    if !copied && bytes == TX_HEAD {
-                        bytes += list.take_front(&mut snap[TX_HEAD..]);
-                    }
-                    let head = if copied { &copy[hdr_len..bytes] } else { &snap[hdr_len..bytes] };
-                    match net::check_frame(&pkt.header, head, len) {
-                        Ok(o) => Some(offload.insert(o)),
-                        Err(e) => {
-                            limited_by!(self.inner.tx_drops_log, warn, "{}: TX frame dropped: {e}", self.inner.name);
-                            errors += 1;
+                        if !enabled {
+                            drops += 1;
+                            drop_chain!();
                             continue;
                         }
+                        // Left in place: its first bytes (the headers the rules and the
+                        // switch read) are copied all the same.
+                        if !whole {
+                            let end = TX_HEAD.min(frame.buf.len());
+                            copied += list.take_front(0, &mut frame.buf[copied.min(end)..end]);
+                        }
+                        // §5.1.6.2: the core's TX rules, the ones its tests and fuzzers run,
+                        // on the copy, whose header they read. A frame in place is not cut:
+                        // its copy and the pieces past it hold it whole (`bytes` is all of
+                        // it), and it is held to the same limit as one copied out (the
+                        // buffer's length, a 64 KiB GSO frame), so that no receiver or
+                        // fallback buffer needs more.
+                        let whole_chain = CopiedChain { bytes: c.readable_len, ..c };
+                        let Ok(pkt) = net::parse_tx_copied(&whole_chain, &frame.buf, features) else {
+                            errors += 1;
+                            drop_chain!();
+                            continue;
+                        };
+                        frame.hdr_len = pkt.header_len;
+                        // The copy: the whole frame, or the first bytes of one in place.
+                        frame.len = copied;
+                        // A frame with offloads: its header must describe the frame, which a
+                        // receiver's stack and the software fallback rely on. Checked on the
+                        // copy (extended first to every header `check_frame` may read, for a
+                        // frame in place), so the guest cannot change what was checked.
+                        frame.offload = None;
+                        // `flags` and `gso_type` are the header's first two bytes.
+                        if frame.buf[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 || frame.buf[1] != VIRTIO_NET_HDR_GSO_NONE {
+                            let end = TX_SNAPSHOT.min(frame.buf.len());
+                            if !whole && frame.len < end {
+                                frame.len += list.take_front(0, &mut frame.buf[frame.len..end]);
+                            }
+                            let head = &frame.buf[frame.hdr_len..frame.len];
+                            match net::check_frame(&pkt.header, head, pkt.frame_len as usize) {
+                                Ok(of) => frame.offload = Some(of),
+                                Err(e) => {
+                                    limited_by!(
+                                        self.inner.tx_drops_log,
+                                        warn,
+                                        "{}: TX frame dropped: {e}",
+                                        self.inner.name
+                                    );
+                                    errors += 1;
+                                    drop_chain!();
+                                    continue;
+                                }
+                            }
+                        }
+                        if !whole {
+                            held.push(c.head, false);
+                        }
+                        bytes += u64::from(pkt.frame_len);
+                        // From here on the slot is only read: the frame handed over borrows it.
+                        // `frame.len <= readable_len`: the copy is part of the chain.
+                        let rest = (c.readable_len as usize).saturating_sub(frame.len);
+                        let (frame, list): (&TxFrame, &Segments<'_, TX_SEGMENTS>) = (frame, list);
+                        let head = frame.buf.get(frame.hdr_len..frame.len).unwrap_or(&[]);
+                        let bytes = if whole { Gather::slice(head) } else { Gather::new(head, list.as_slice(), rest) };
+                        if let Some(slot) = burst.get_mut(n) {
+                            *slot = InPlaceFrame { offload: frame.offload.as_ref(), bytes };
+                            n += 1;
+                        }
                     }
-                } else {
-                    None
-                };
-                // From here on the slot is only read: the frame handed over borrows it. The
-                // copy the decisions were made on and the pieces past it (none for a frame the
-                // copy holds whole).
-                let (list, snap, copy): (&Segments<'_, TX_SEGMENTS>, &[u8; TX_SNAPSHOT], &Vec<u8>) = (list, snap, copy);
-                // `header_len < bytes <= readable_len` (`parse_tx_head`).
-                let (head, rest): (&[u8], &[Segment<'_>]) =
-                    if copied { (&copy[hdr_len..bytes], &[]) } else { (&snap[hdr_len..bytes], list.as_slice()) };
-                let bytes = Gather::new(head, rest, c.readable_len as usize - bytes);
-                // `n` < `taken.len` <= FORWARD_BURST: always a slot.
-                if let Some(f) = frames.get_mut(n) {
-                    *f = InPlaceFrame { offload, bytes };
-                    bytes_total += len as u64;
-                    n += 1;
+                    Ok(None) => break,
+                    Err(PopError::Chain { head, .. }) => {
+                        // Completed with len 0 (the core's error policy), after the run, or
+                        // in order behind the frames in place.
+                        taken += 1;
+                        errors += 1;
+                        if in_order && held.len != 0 {
+                            held.push(head, true);
+                        } else {
+                            if let Some((last, k)) = run.take() {
+                                let _ = vq.push_in_order_batch(last, 0, k);
+                            }
+                            vq.push(head, 0);
+                        }
+                    }
+                    Err(PopError::HeadOutOfRange { head }) | Err(PopError::IdInUse { id: head }) => {
+                        taken += 1;
+                        errors += 1;
+                        if strict {
+                            // Nothing can be completed for it, and a later completion would
+                            // tell the driver otherwise: stop here (what was taken before is
+                            // still delivered and completed).
+                            broken = Some(RingFault::Unreturnable { head });
+                            break;
+                        }
+                    }
+                    Err(PopError::AvailIndex(e)) => {
+                        broken = Some(RingFault::AvailIndex(e));
+                        errors += 1;
+                        break;
+                    }
                 }
             }
-            if n != 0 {
-                deliver(&frames[..n]);
+            // The run before the first frame in place, if any: copied chains, in ring order.
+            if let Some((last, k)) = run {
+                let _ = vq.push_in_order_batch(last, 0, k);
             }
-            complete_tx(vq, &taken, in_order);
+            // Handed over with the ring locked (even a burst whose frames were all copied out:
+            // its slots are not `frames[..n]`), the chains left in place completed once every
+            // copy is made.
+            if n != 0 {
+                deliver(TxBurst::InPlace(&burst[..n]));
+            }
+            complete_tx(vq, &held, in_order);
             // Guest TX writes only the used ring. One branch per burst when not migrating.
             match &log {
                 None => vq.publish(),
                 Some(log) => {
                     let notify = vq.publish_logged(log);
-                    if taken.any() {
+                    if taken != 0 {
                         log.kick();
                     }
                     notify
@@ -925,7 +984,8 @@ impl NetDevice {
             }
         });
         self.finish_burst(index, s, result, broken);
-        q.stats.add(n as u64, bytes_total, drops, errors);
+        q.stats.add(n as u64, bytes, drops, errors);
+        q.note_burst(n, bytes);
         n
     }
 
@@ -967,21 +1027,18 @@ impl NetDevice {
         self.enqueue(pair, frames.len(), |i| frames[i])
     }
 
-    /// [`NetDevice::enqueue_burst`] for frames that may still be in another guest's transmit
-    /// buffers ([`InPlaceFrame::bytes`]): each is copied from there into this guest's
-    /// buffers, once.
-    pub fn enqueue_gather_burst(&self, pair: u16, frames: &[Gather<'_>]) -> usize {
+    /// [`NetDevice::enqueue_burst_outcome`] for frames that may still be in another guest's
+    /// transmit buffers ([`InPlaceFrame::bytes`], [`TxBurst::InPlace`]): each is copied from
+    /// there into this guest's buffers, once. The same rules; the receive burst is the same
+    /// code, compiled for [`Gather`] frames (in this crate, as the slices' is, so that both
+    /// are inlined alike).
+    pub fn enqueue_gather_burst_outcome(&self, pair: u16, frames: &[Gather<'_>]) -> Enqueued {
         let zero = VirtioNetHdr::default();
-        self.enqueue(pair, frames.len(), |i| (zero, frames[i])).placed
+        self.enqueue(pair, frames.len(), |i| (zero, frames[i]))
     }
 
-    /// [`NetDevice::enqueue_burst_with_headers`] for frames that may still be in another
-    /// guest's transmit buffers ([`NetDevice::enqueue_gather_burst`]); the same header rules.
-    pub fn enqueue_gather_burst_with_headers(&self, pair: u16, frames: &[(VirtioNetHdr, Gather<'_>)]) -> usize {
-        self.enqueue_gather_burst_with_headers_outcome(pair, frames).placed
-    }
-
-    /// [`NetDevice::enqueue_gather_burst_with_headers`] with the [`Enqueued`] outcome.
+    /// [`NetDevice::enqueue_burst_with_headers_outcome`] for frames that may still be in
+    /// another guest's transmit buffers ([`NetDevice::enqueue_gather_burst_outcome`]).
     pub fn enqueue_gather_burst_with_headers_outcome(
         &self,
         pair: u16,

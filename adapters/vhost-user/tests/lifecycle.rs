@@ -18,7 +18,9 @@ use virtq::VirtioFeatures;
 use virtq_vhost_user::backend::{Backend, BackendHandle, DeviceHandler, NoHandler, SocketSpec};
 use virtq_vhost_user::connection::Reconnect;
 use virtq_vhost_user::device::DeviceConfig;
-use virtq_vhost_user::net::{parse_header, NetDevice, NetEvent, NetModel, TxFrame, TxScratch, MAX_TX_FRAME};
+use virtq_vhost_user::net::{
+    parse_header, NetDevice, NetEvent, NetModel, TxBurst, TxFrame, COPY_LIMIT, MAX_TX_FRAME, TX_HEAD, TX_SNAPSHOT,
+};
 
 fn sock_path(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("virtq-vu-{}", std::process::id()));
@@ -644,15 +646,44 @@ fn post_rx(
     addr_of
 }
 
-/// One copy between two guests (`NetDevice::forward_burst`): A's frames reach B's buffers
-/// straight from A's TX buffers, byte for byte: a 1500-byte frame whose header and frame are
-/// split over six descriptors, a frame in one descriptor with its header, and a frame in an
-/// indirect table of 140 pieces (more than the 20 a chain may have to stay in place: copied
-/// out, the old path);
-/// a malformed chain among them is counted and completed. A's chains are completed only after
-/// `deliver` returns. What A writes into its buffers while the frames are handed over reaches
-/// only the bytes past the copy of the first 64 (the headers every decision was made on, for a
-/// frame without offloads).
+/// Frames for `forward_burst`: slots of the largest frame.
+fn tx_frames() -> Vec<TxFrame> {
+    (0..32).map(|_| TxFrame::with_capacity(MAX_TX_FRAME)).collect()
+}
+
+/// Hands one frame of `len` bytes from `tx` over `net`'s pair 0 and delivers it to `rx`'s
+/// device (pair 0): a burst taken the copy way, after which a ring is taken the in-place way
+/// (its frames averaged more than `COPY_LIMIT`).
+fn warm_up(net: &NetDevice, to: &NetDevice, kick: impl Fn(), add: impl FnOnce(&[u8]), len: usize) -> Vec<u8> {
+    let f = frame(9, len);
+    let one: Vec<u8> = [0u8; 12].iter().chain(&f).copied().collect();
+    add(&one);
+    kick();
+    let mut frames = tx_frames();
+    let mut handed = 0;
+    wait("the first frame", || {
+        handed += net.forward_burst(0, &mut frames, |burst| match burst {
+            TxBurst::Copied(fr) => {
+                let refs: Vec<&[u8]> = fr.iter().map(|f| f.frame()).collect();
+                assert_eq!(to.enqueue_burst(0, &refs), 1);
+            }
+            TxBurst::InPlace(_) => panic!("a ring starts the copy way"),
+        });
+        (handed != 0).then_some(())
+    });
+    f
+}
+
+/// One copy between two guests (`NetDevice::forward_burst`): once A's ring is taken the
+/// in-place way, A's frames reach B's buffers straight from A's TX buffers, byte for byte: a
+/// 1500-byte frame whose header and frame are split over six descriptors; a 200-byte frame
+/// in one descriptor (no longer than `COPY_LIMIT`: copied out whole, its chain completed at
+/// once); and a 1500-byte frame in an indirect table of 151 pieces (more than the 20 a chain
+/// may have to stay in place: copied out whole); a malformed chain among them is counted
+/// and completed. A's chains left in place are completed only after `deliver` returns.
+/// What A writes into its buffers while the frames are handed over reaches only the bytes
+/// past the copy of the first 18 (the headers every decision was made on, for a frame
+/// without offloads).
 #[test]
 fn forward_burst_copies_each_frame_once_and_completes_after() {
     let (pa, pb) = (sock_path("fwd-a"), sock_path("fwd-b"));
@@ -667,6 +698,8 @@ fn forward_burst_copies_each_frame_once_and_completes_after() {
     fb.qemu_start(NET_FEATURES);
     let (a, b) = (&nets[0], &nets[1]);
     wait("rings ready", || (a.queue_ready(1) && b.queue_ready(0)).then_some(()));
+    let addr_of = post_rx(&mut gb.drv[0], 8, 2048);
+    let first = warm_up(a, b, || fa.kick(1), |one| _ = ga.drv[1].add_chain(&[Buf::readable(one)]), 1500);
 
     let hdr = [0u8; 12];
     let f0 = frame(1, 1500);
@@ -693,48 +726,72 @@ fn forward_burst_copies_each_frame_once_and_completes_after() {
     d.addr = 0x7fff_0000_0000;
     tx.write_desc(bad + 1, d);
     tx.publish(bad);
-    let f2 = frame(3, 1390);
+    let f2 = frame(3, 1500);
     let pieces: Vec<Buf<'_>> = std::iter::once(Buf::readable(&hdr)).chain(f2.chunks(10).map(Buf::readable)).collect();
-    assert_eq!(pieces.len(), 140);
+    assert_eq!(pieces.len(), 151);
     tx.add_indirect_chain(&pieces);
     fa.kick(1);
 
-    let rx = &mut gb.drv[0];
-    let addr_of = post_rx(rx, 8, 2048);
-    let mut scratch = TxScratch::new();
+    let mut frames = tx_frames();
     let mut handed = 0;
     wait("A's frames", || {
-        handed += a.forward_burst(0, &mut scratch, |frames| {
+        handed += a.forward_burst(0, &mut frames, |burst| {
+            let TxBurst::InPlace(frames) = burst else { panic!("after a full-size frame, the in-place way") };
             assert_eq!(frames.len(), 3);
-            assert_eq!(ga.drv[1].used_idx(), 0, "nothing completed while the frames are handed over");
-            // A rewrites its first frame's buffers now: the first piece (its first 64 bytes
+            // Only the first frame's chain: this burst's completions are published after.
+            assert_eq!(ga.drv[1].used_idx(), 1, "nothing completed while the frames are handed over");
+            // A rewrites its first frame's buffers now: the first piece (its first 18 bytes
             // inside the copy, the rest past it) and the third (past it).
             ga.drv[1].write(addrs[2], &[0xEE; 100]);
             ga.drv[1].write(addrs[4], &[0xEE; 900]);
-            assert_eq!(frames[0].head(), &f0[..64], "the copy the decisions read");
+            assert_eq!(frames[0].head(), &f0[..TX_HEAD - 12], "the copy the decisions read");
             assert_eq!(frames[0].len(), 1500);
+            assert_eq!(frames[1].bytes().contiguous(), Some(&f1[..]), "copied out whole");
+            assert_eq!(frames[2].bytes().contiguous(), Some(&f2[..]), "too many pieces: copied out whole");
             assert!(frames.iter().all(|f| f.offload().is_none()));
             let burst: Vec<Gather<'_>> = frames.iter().map(|f| f.bytes()).collect();
-            assert_eq!(b.enqueue_gather_burst(0, &burst), 3);
+            assert_eq!(b.enqueue_gather_burst_outcome(0, &burst).placed, 3);
         });
         (handed != 0).then_some(())
     });
     assert_eq!(handed, 3);
-    assert_eq!(ga.drv[1].used_idx(), 4, "every chain completed after the copies, the bad one too");
-    assert_eq!((a.stats(1).packets, a.stats(1).errors), (3, 1));
+    assert_eq!(ga.drv[1].used_idx(), 5, "every chain completed after the copies, the bad one too");
+    assert_eq!((a.stats(1).packets, a.stats(1).errors), (4, 1));
     let mut want0 = f0.clone();
-    want0[64..100].fill(0xEE);
+    want0[TX_HEAD - 12..100].fill(0xEE);
     want0[137..1037].fill(0xEE);
     let mut seen = 0;
+    assert_eq!(rx_frame(&gb.drv[0], &mut seen, &addr_of), first, "the first frame");
     assert_eq!(rx_frame(&gb.drv[0], &mut seen, &addr_of), want0, "split frame");
     assert_eq!(rx_frame(&gb.drv[0], &mut seen, &addr_of), f1, "one descriptor");
-    assert_eq!(rx_frame(&gb.drv[0], &mut seen, &addr_of), f2, "140 pieces");
+    assert_eq!(rx_frame(&gb.drv[0], &mut seen, &addr_of), f2, "151 pieces");
+    // That burst averaged less than `COPY_LIMIT` a frame: the next is taken the copy way.
+    tx_frames_copy_way(a, &mut ga.drv[1], || fa.kick(1));
+}
+
+/// `forward_burst` after a burst of short frames hands the next over as `TxBurst::Copied`.
+fn tx_frames_copy_way(
+    net: &NetDevice,
+    tx: &mut virtq::testing::TestDriver<'_, virtq::RegionTable<1>>,
+    kick: impl Fn(),
+) {
+    let one: Vec<u8> = [0u8; 12].iter().chain(&frame(4, 100)).copied().collect();
+    tx.add_chain(&[Buf::readable(&one)]);
+    kick();
+    let mut frames = tx_frames();
+    let mut handed = 0;
+    wait("a short frame", || {
+        handed += net.forward_burst(0, &mut frames, |burst| assert!(matches!(burst, TxBurst::Copied(_))));
+        (handed != 0).then_some(())
+    });
+    const { assert!(COPY_LIMIT >= 12 + 100) };
 }
 
 /// `forward_burst` on a packed ring with `VIRTIO_F_IN_ORDER`, delivering back to the sender's
 /// own receive queue from inside `deliver` (a reflecting port: the TX ring's lock, then the RX
-/// ring's, of one device): frames over two descriptors come back byte-exact, and the TX ring
-/// gets its completions after them, in ring order around a malformed chain.
+/// ring's, of one device): once the ring is taken the in-place way, full-size frames over
+/// two descriptors come back byte-exact, and the TX ring gets its completions after them, in
+/// ring order around a malformed chain.
 #[test]
 fn forward_burst_reflects_on_a_packed_in_order_ring() {
     use virtq::testing::PackedDriver;
@@ -750,7 +807,13 @@ fn forward_burst_reflects_on_a_packed_in_order_ring() {
     assert!(acked & F_RING_PACKED != 0 && acked & F_IN_ORDER != 0);
     let net = &nets[0];
     wait("rings ready", || (net.queue_ready(0) && net.queue_ready(1)).then_some(()));
-    let frames: Vec<Vec<u8>> = (0..4u8).map(|i| frame(i, 300 + 10 * i as usize)).collect();
+    let mut addr_of = std::collections::HashMap::new();
+    for k in 0..5u64 {
+        let id = rx.add_chain(&[Buf::writable(2048)]);
+        addr_of.insert(id, fe.queues[0].data_base + 2048 * k);
+    }
+    let first = warm_up(net, net, || fe.kick(1), |one| _ = tx.add_chain(&[Buf::readable(one)]), 1500);
+    let frames: Vec<Vec<u8>> = (0..4u8).map(|i| frame(i, 1450 + 10 * i as usize)).collect();
     for (i, f) in frames.iter().enumerate() {
         if i == 2 {
             // A write-only buffer in a TX chain: malformed (family 6 is the walk's "readable
@@ -760,35 +823,31 @@ fn forward_burst_reflects_on_a_packed_in_order_ring() {
         tx.add_chain(&[Buf::readable(&[0u8; 12]), Buf::readable(f)]);
     }
     fe.kick(1);
-    let mut addr_of = std::collections::HashMap::new();
-    for k in 0..4u64 {
-        let id = rx.add_chain(&[Buf::writable(1024)]);
-        addr_of.insert(id, fe.queues[0].data_base + 1024 * k);
-    }
-    let mut scratch = TxScratch::new();
+    let mut slots = tx_frames();
     let mut handed = 0;
     wait("frames", || {
-        handed += net.forward_burst(0, &mut scratch, |fr| {
+        handed += net.forward_burst(0, &mut slots, |burst| {
+            let TxBurst::InPlace(fr) = burst else { panic!("after a full-size frame, the in-place way") };
             let burst: Vec<Gather<'_>> = fr.iter().map(|f| f.bytes()).collect();
-            assert_eq!(net.enqueue_gather_burst(0, &burst), fr.len());
+            assert_eq!(net.enqueue_gather_burst_outcome(0, &burst).placed, fr.len());
         });
         (handed == 4).then_some(())
     });
-    for (i, f) in frames.iter().enumerate() {
+    for (i, f) in std::iter::once(&first).chain(&frames).enumerate() {
         let (id, len) = rx.pop_used().expect("frame back");
         let mut b = vec![0u8; len as usize];
         rx.read(addr_of[&id], &mut b);
         assert_eq!(&b[12..], &f[..], "frame {i}");
     }
     assert!(rx.pop_used().is_none());
-    // Five chains taken and every one completed: stopped, the ring answers its used position
+    // Six chains taken and every one completed: stopped, the ring answers its used position
     // at its available one, both where the driver will put its next chain.
     let p = tx.next_position().to_bits() as u32;
     assert_eq!(fe.get_vring_base(1), p | p << 16);
     assert_eq!(net.stats(1).errors, 1);
 }
 
-/// `forward_burst` with a frame whose headers reach past the first 64 bytes (IPv6, a
+/// `forward_burst` with a frame left in place whose headers reach past its copy (IPv6, a
 /// hop-by-hop option, TCP: 82 bytes) and a partial checksum: its copy is extended to the
 /// headers `check_frame` reads (the first 256 bytes), across the descriptors the frame is
 /// split over, so the check passes and the receiver gets the frame byte for byte.
@@ -804,8 +863,10 @@ fn forward_burst_extends_the_copy_of_a_frame_with_offloads() {
     assert!(fe.qemu_start(NET_FEATURES | 1) & 1 != 0, "CSUM acknowledged");
     let net = &nets[0];
     wait("rings ready", || (net.queue_ready(0) && net.queue_ready(1)).then_some(()));
+    let addr_of = post_rx(&mut g.drv[0], 4, 2048);
+    let first = warm_up(net, net, || fe.kick(1), |one| _ = g.drv[1].add_chain(&[Buf::readable(one)]), 1500);
     // Ethernet, IPv6 (next header: hop-by-hop), an 8-byte hop-by-hop header (next: TCP), TCP.
-    let payload: Vec<u8> = (0..300u32).map(|i| (i * 7 + 1) as u8).collect();
+    let payload: Vec<u8> = (0..1400u32).map(|i| (i * 7 + 1) as u8).collect();
     let mut f = vec![0x52, 0x54, 0, 0, 0, 0x0b, 0x52, 0x54, 0, 0, 0, 0x0a, 0x86, 0xdd];
     f.extend_from_slice(&[0x60, 0, 0, 0]);
     f.extend_from_slice(&((8 + 20 + payload.len()) as u16).to_be_bytes());
@@ -814,6 +875,7 @@ fn forward_burst_extends_the_copy_of_a_frame_with_offloads() {
     f.extend_from_slice(&[6, 0, 1, 4, 0, 0, 0, 0]);
     f.extend_from_slice(&[0x9c, 0x40, 0x00, 0x50, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x18, 0xff, 0xff, 0, 0, 0, 0]);
     f.extend_from_slice(&payload);
+    assert!(12 + f.len() > COPY_LIMIT, "left in place");
     let hdr = net_hdr(NEEDS_CSUM, 0, 0, 0, 62, 16, 0);
     // The header alone, then the frame over three descriptors: cut at 40 and at 100.
     g.drv[1].add_chain(&[
@@ -823,21 +885,22 @@ fn forward_burst_extends_the_copy_of_a_frame_with_offloads() {
         Buf::readable(&f[100..]),
     ]);
     fe.kick(1);
-    let addr_of = post_rx(&mut g.drv[0], 4, 2048);
-    let mut scratch = TxScratch::new();
+    let mut slots = tx_frames();
     let mut handed = 0;
     wait("the frame", || {
-        handed += net.forward_burst(0, &mut scratch, |frames| {
+        handed += net.forward_burst(0, &mut slots, |burst| {
+            let TxBurst::InPlace(frames) = burst else { panic!("after a full-size frame, the in-place way") };
             assert_eq!(frames.len(), 1);
-            assert_eq!(frames[0].head(), &f[..256], "the copy extended to the headers check_frame reads");
+            assert_eq!(frames[0].head(), &f[..TX_SNAPSHOT - 12], "the copy extended to the headers check_frame reads");
             let of = frames[0].offload().expect("a frame with offloads, checked");
             assert_eq!((of.header.csum_start.get(), of.header.csum_offset.get()), (62, 16));
             let burst: Vec<Gather<'_>> = frames.iter().map(|f| f.bytes()).collect();
-            assert_eq!(net.enqueue_gather_burst(0, &burst), 1);
+            assert_eq!(net.enqueue_gather_burst_outcome(0, &burst).placed, 1);
         });
         (handed != 0).then_some(())
     });
     assert_eq!(net.stats(1).errors, 0);
     let mut seen = 0;
+    assert_eq!(rx_frame(&g.drv[0], &mut seen, &addr_of), first, "the first frame");
     assert_eq!(rx_frame(&g.drv[0], &mut seen, &addr_of), f, "byte for byte");
 }

@@ -28,6 +28,26 @@ pub trait FrameSource: Copy + sealed::CopyOut {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// The frame's first bytes, those the device holds itself: all of a slice, a
+    /// [`Gather`]'s private copy ([`Gather::head`]). What every decision about the frame
+    /// reads, so that a sender rewriting its buffers cannot change it.
+    fn head(&self) -> &[u8];
+
+    /// The whole frame as one slice, if the device holds it all (a slice; a [`Gather`] no
+    /// longer than its head).
+    fn contiguous(&self) -> Option<&[u8]>;
+
+    /// Copies the frame's first `min(self.len(), buf.len())` bytes into `buf` (for a device
+    /// that needs the frame in one piece: checksum completion, segmentation, a host
+    /// interface); returns how many.
+    fn read_into(&self, buf: &mut [u8]) -> usize {
+        let n = self.len().min(buf.len());
+        // SAFETY: `buf` is valid for writes of `n` bytes, `n <= self.len()`; a Rust buffer
+        // never overlaps guest memory or another Rust buffer borrowed here.
+        unsafe { sealed::CopyOut::copy_out(self, 0, buf.as_mut_ptr(), n) };
+        n
+    }
 }
 
 pub(crate) mod sealed {
@@ -45,6 +65,16 @@ impl FrameSource for &[u8] {
     #[cfg_attr(not(feature = "small"), inline(always))]
     fn len(&self) -> usize {
         <[u8]>::len(self)
+    }
+
+    #[cfg_attr(not(feature = "small"), inline(always))]
+    fn head(&self) -> &[u8] {
+        self
+    }
+
+    #[cfg_attr(not(feature = "small"), inline(always))]
+    fn contiguous(&self) -> Option<&[u8]> {
+        Some(self)
     }
 }
 
@@ -81,6 +111,13 @@ pub struct Gather<'a> {
 const MAX_HEAD: usize = (1 << 24) - 1;
 /// Most pieces a [`Gather`] keeps past its head.
 const MAX_PIECES: usize = u8::MAX as usize;
+
+/// An empty frame ([`Gather::slice`] of no bytes), to fill arrays of frames.
+impl Default for Gather<'_> {
+    fn default() -> Self {
+        Gather::slice(&[])
+    }
+}
 
 impl fmt::Debug for Gather<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -162,23 +199,22 @@ impl<'a> Gather<'a> {
     pub fn contiguous(&self) -> Option<&'a [u8]> {
         (self.meta == self.len).then(|| self.head())
     }
-
-    /// Copies the frame's first `min(self.len(), buf.len())` bytes into `buf` (for a device
-    /// that needs the frame in one piece: checksum completion, segmentation, a host
-    /// interface); returns how many.
-    pub fn read_into(&self, buf: &mut [u8]) -> usize {
-        let n = self.len().min(buf.len());
-        // SAFETY: `buf` is valid for writes of `n` bytes, `n <= self.len`; guest memory never
-        // overlaps a Rust buffer.
-        unsafe { sealed::CopyOut::copy_out(self, 0, buf.as_mut_ptr(), n) };
-        n
-    }
 }
 
 impl FrameSource for Gather<'_> {
     #[inline]
     fn len(&self) -> usize {
         self.len as usize
+    }
+
+    #[inline]
+    fn head(&self) -> &[u8] {
+        Gather::head(self)
+    }
+
+    #[inline]
+    fn contiguous(&self) -> Option<&[u8]> {
+        Gather::contiguous(self)
     }
 }
 

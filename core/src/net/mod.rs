@@ -27,4 +27,4 @@ pub use mergeable::{
     receive, receive_burst, receive_burst_logged, receive_logged, RxBurst, RxError, RxOutcome, RxScratch, RX_BURST,
 };
 pub use offload::{check_frame, complete_csum, csum_field, rx_delivery, Delivery, L4Csum, OffloadError, OffloadFrame};
-pub use tx::{parse_tx, parse_tx_copied, parse_tx_head, TxError, TxPacket};
+pub use tx::{parse_tx, parse_tx_copied, TxError, TxPacket};

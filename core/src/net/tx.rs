@@ -129,33 +129,6 @@ pub fn parse_tx_copied(chain: &CopiedChain, buf: &[u8], features: VirtioFeatures
     Ok(TxPacket { header, header_len, frame_len })
 }
 
-/// [`parse_tx`] for a chain whose frame stays in the driver's buffers until it is placed
-/// elsewhere ([`Gather`](super::Gather)), taken with
-/// [`SplitQueue::pop_gather_uncompleted`](crate::SplitQueue::pop_gather_uncompleted): the same
-/// rules, on `head`, the copy of the chain's first [`CopiedChain::bytes`] device-readable
-/// bytes (at least the header; the header and the frame's first
-/// [`MAX_HEADERS_LEN`](super::offload::MAX_HEADERS_LEN) bytes serve
-/// [`check_frame`](super::check_frame) too). The header is read from the copy, so what was
-/// checked is what the caller uses whatever the driver writes afterwards. A copy shorter than
-/// the header is refused ([`TxError::TooShort`], with its length).
-#[inline]
-pub fn parse_tx_head(chain: &CopiedChain, head: &[u8], features: VirtioFeatures) -> Result<TxPacket, TxError> {
-    let header_len = header_len(features);
-    let len = chain.readable_len;
-    check_chain(chain.writable_len, len, header_len)?;
-    let head = &head[..head.len().min(chain.bytes as usize)];
-    let mut header = VirtioNetHdr::new_zeroed();
-    // Fixed-size copies, as in `parse_tx_copied`.
-    match (head.get(..12), head.get(..10)) {
-        (Some(h), _) if header_len == 12 => header.as_mut_bytes().copy_from_slice(h),
-        (_, Some(h)) if header_len == 10 => header.as_mut_bytes()[..10].copy_from_slice(h),
-        _ => return Err(TxError::TooShort { len: head.len() as u32 }),
-    }
-    let frame_len = len - header_len as u32;
-    validate_tx_header(&header, frame_len, features)?;
-    Ok(TxPacket { header, header_len, frame_len })
-}
-
 /// The chain-level rules of a TX chain (§5.1.6.2): only device-readable buffers (family 6),
 /// and more than the header (DPDK CVE-2022-2132).
 #[cfg_attr(not(feature = "small"), inline(always))]
