@@ -18,9 +18,9 @@ use virtq::net::{self, OffloadFrame, RxScratch, VirtioNetHdr};
 use virtq::{PopError, VirtioFeatures};
 use zerocopy_shim::read_header;
 
+use crate::limited_by;
 use crate::ratelimit::RateLimit;
 use crate::vring::{RingFault, VringShared};
-use crate::{limited, limited_by};
 
 mod model;
 pub use model::{NetConfig, NetEvent, NetModel};
@@ -224,6 +224,9 @@ struct NetInner {
     rx_pairs: AtomicU64,
     /// This device's limit for the line a dropped TX frame logs (every device may log it).
     tx_drops_log: RateLimit,
+    /// This device's limit for the line a ring fault logs ([`NetDevice::fail`]): a front-end
+    /// that breaks its rings over and over silences its own lines, not another device's.
+    faults_log: RateLimit,
 }
 
 impl std::fmt::Debug for NetDevice {
@@ -242,6 +245,7 @@ impl NetDevice {
                 queues,
                 rx_pairs: AtomicU64::new(0),
                 tx_drops_log: RateLimit::new(),
+                faults_log: RateLimit::new(),
             }),
         }
     }
@@ -295,7 +299,8 @@ impl NetDevice {
             s.active.as_ref().and_then(|a| a.fault()).is_some_and(|f| matches!(f, RingFault::Memory(_)))
         };
         if s.fail(fault) && !memory(s) {
-            limited!(
+            limited_by!(
+                self.inner.faults_log,
                 warn,
                 "{}: queue {index} stopped: {fault}; it restarts when the front-end sets it up again or resets the device",
                 self.inner.name
