@@ -32,7 +32,8 @@
 //! The packed ring's rows of the one error-policy table (the *Error policy* section of the
 //! repository's README): a buffer id out of range ([`PopError::HeadOutOfRange`]) or already in
 //! flight ([`PopError::IdInUse`], not checked with `VIRTIO_F_IN_ORDER`) consumes the chain's
-//! descriptors and completes nothing; any other malformed chain ([`PopError::Chain`]) consumes
+//! descriptors and completes nothing, which on a packed ring loses the driver's place: the
+//! device must stop serving the queue ([`PopError::unreturnable_on`]); any other malformed chain ([`PopError::Chain`]) consumes
 //! its descriptors and completes the buffer id of the last one with `len` 0 (visible at the
 //! next [`PackedQueue::publish`]). What is consumed follows from step 2 above: a chain that
 //! does not end within the ring size is cut at the ring size ([`ChainError::ChainTooLong`]),

@@ -5,8 +5,9 @@
 //! ## Error policy
 //! Every pop that fails says in its [`PopError`] what the queue did: a bad `avail.idx`
 //! ([`PopError::AvailIndex`]) consumes nothing and repeats until the driver fixes it; a head
-//! index out of range ([`PopError::HeadOutOfRange`]) consumes its slot and completes nothing;
-//! any other malformed chain ([`PopError::Chain`]) consumes its slot and completes the head at
+//! index out of range ([`PopError::HeadOutOfRange`]) consumes its slot and completes nothing
+//! (with `VIRTIO_F_IN_ORDER` that loses the driver's place, and the queue cannot go on:
+//! [`PopError::unreturnable_on`]); any other malformed chain ([`PopError::Chain`]) consumes its slot and completes the head at
 //! once with used `len` 0 (visible at the next [`SplitQueue::publish`]; not with
 //! [`SplitQueue::pop_read_uncompleted`] or [`SplitQueue::pop_into_uncompleted`], whose caller
 //! completes it, after writing what it can into it, such as a status byte:
@@ -27,6 +28,7 @@ use crate::dirty::{NoLog, WriteLog};
 use crate::features::VirtioFeatures;
 use crate::log::log_warn;
 use crate::mem::{copy_bytes, GuestMemory, MemError};
+use crate::ring::Virtqueue;
 use crate::used::UsedRing;
 
 /// Largest queue size the spec allows (§2.7: "The maximum Queue Size value is 32768").
@@ -153,14 +155,15 @@ pub enum PopError {
     /// `avail.idx` is invalid; nothing was consumed.
     AvailIndex(AvailIndexError),
     /// The ring slot held a head index ≥ queue size (packed ring: the chain's buffer id
-    /// ≥ queue size); the slot (the chain's descriptors) was consumed.
+    /// ≥ queue size); the slot (the chain's descriptors) was consumed. Fatal to the queue
+    /// where [`PopError::unreturnable_on`] says so.
     HeadOutOfRange {
         /// The head index read from the ring.
         head: u16,
     },
     /// Packed ring (§2.8): the chain's buffer id is already in flight (the driver made a
     /// buffer available twice); its descriptors were consumed, nothing was completed
-    /// ([`crate::packed`]'s error policy).
+    /// ([`crate::packed`]'s error policy). Fatal to the queue ([`PopError::unreturnable_on`]).
     IdInUse {
         /// The buffer id.
         id: u16,
@@ -172,6 +175,41 @@ pub enum PopError {
         /// What was wrong.
         error: ChainError,
     },
+}
+
+impl PopError {
+    /// The head index or buffer id of the chain this error consumed without completing it, if
+    /// on `queue` that loses the driver's place; `None` otherwise. `Some` means the queue cannot
+    /// go on: the device must stop serving it (the vhost-user back-end faults the ring with
+    /// `RingFault::Unreturnable`; [`crate::net::receive`] stops with
+    /// [`RxError::Ring`](crate::net::RxError::Ring)). `None` for every other error, and on a
+    /// split ring without `VIRTIO_F_IN_ORDER`, where the slot is consumed and the queue goes on
+    /// (the module's error policy).
+    ///
+    /// The one owner of this rule; every device path that meets these errors asks it. A chain
+    /// whose head index or buffer id is out of range ([`PopError::HeadOutOfRange`]) or already
+    /// in flight ([`PopError::IdInUse`]) has no id to complete it with, and completing nothing
+    /// for it breaks what the driver relies on where completions are positional:
+    /// - with `VIRTIO_F_IN_ORDER` (§2.7.8.2 split, §2.8.9 packed) a used entry also completes
+    ///   every buffer made available before it ("the skipped buffers … are assumed to have
+    ///   been used"): the next completion would tell the driver that this chain was used, and
+    ///   every later one would be matched to the wrong buffer;
+    /// - on a packed ring (§2.8.6: the device skips forward by the chain's descriptors as it
+    ///   completes a buffer id) the chain's descriptors are never covered by a used
+    ///   descriptor: the used position falls behind the available one for good, and the driver
+    ///   never gets those descriptors back.
+    ///
+    /// Without IN_ORDER a split ring's used entries name their heads, so skipping the slot
+    /// misleads no one.
+    #[cfg_attr(not(feature = "small"), inline(always))]
+    pub fn unreturnable_on<'m, Q: Virtqueue<'m>>(&self, queue: &Q) -> Option<u16> {
+        match *self {
+            PopError::HeadOutOfRange { head } | PopError::IdInUse { id: head } if Q::PACKED || queue.in_order() => {
+                Some(head)
+            }
+            _ => None,
+        }
+    }
 }
 
 impl From<AvailIndexError> for PopError {

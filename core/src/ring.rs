@@ -33,6 +33,11 @@ pub trait Virtqueue<'m> {
     /// The guest memory buffers are translated in.
     type Memory: GuestMemory + ?Sized + 'm;
 
+    /// The ring's layout: `true` for a packed ring (§2.8, [`PackedQueue`]), `false` for a split
+    /// one (§2.7, [`SplitQueue`]). Rules that differ by layout read it here, e.g.
+    /// [`PopError::unreturnable_on`].
+    const PACKED: bool;
+
     /// The guest memory buffers are translated in.
     fn memory(&self) -> &'m Self::Memory;
 
@@ -153,12 +158,14 @@ macro_rules! forward_virtqueue {
 }
 
 impl<'m, M: GuestMemory + ?Sized> Virtqueue<'m> for SplitQueue<'m, M> {
+    const PACKED: bool = false;
     forward_virtqueue!();
 }
 
 impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQueue<IDS>>> Virtqueue<'m>
     for PackedQueue<'m, M, IDS, S>
 {
+    const PACKED: bool = true;
     forward_virtqueue!();
 }
 

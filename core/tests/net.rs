@@ -1038,6 +1038,96 @@ fn rx_malformed_chains_are_completed_or_skipped_family1() {
     assert_eq!(reassemble(&drv, &bufs, 1, 3), fr);
 }
 
+/// Family 1 on RX, by ring: a slot holding a head ≥ queue size has no id to complete it. On a
+/// plain split ring the slot is skipped and the burst goes on (the next frame lands in the next
+/// buffer); with `VIRTIO_F_IN_ORDER` a later completion would also complete it
+/// (§2.7.8.2), so the burst stops there with the typed error (`PopError::unreturnable_on`),
+/// the frames before it placed and the buffer after it not taken.
+#[test]
+fn rx_out_of_range_head_stops_an_in_order_ring_and_is_skipped_on_a_plain_one() {
+    for f in [V1, MRG] {
+        for in_order in [false, true] {
+            let g = Guest::new(1 << 20);
+            let (cfg, mut drv) = setup(&g, 16);
+            let qf = if in_order { f | VirtioFeatures::IN_ORDER } else { f };
+            let mut q = queue(&g, cfg, qf);
+            assert_eq!(q.in_order(), in_order);
+            let mut s: RxScratch<'_> = RxScratch::new();
+            let a = add_rx(&mut drv, 100);
+            drv.stage(99);
+            drv.kick();
+            let b = add_rx(&mut drv, 100);
+            let fr = frame(60);
+            let out = receive_burst(&mut q, &mut s, f, 3, |_| (hdr(0, 0), &fr[..]));
+            let case = format!("{f:?}, IN_ORDER {in_order}");
+            if in_order {
+                let stop = RxError::Ring(PopError::HeadOutOfRange { head: 99 });
+                assert_eq!(
+                    out,
+                    RxBurst { placed: 1, bytes: 60, refused: 0, bad_chains: 0, stopped: Some(stop) },
+                    "{case}"
+                );
+                assert_eq!(q.next_avail(), 2, "{case}: the bad slot consumed, the buffer after it not taken");
+            } else {
+                let stop = Some(RxError::NoBuffers);
+                assert_eq!(out, RxBurst { placed: 2, bytes: 120, refused: 0, bad_chains: 1, stopped: stop }, "{case}");
+                assert_eq!(q.next_avail(), 3, "{case}");
+            }
+            assert!(q.publish());
+            assert_eq!(drv.used_elem(0), (a.0 as u32, 72), "{case}");
+            assert_eq!(read(&drv, a.1 + 12, 60), fr, "{case}");
+            if in_order {
+                assert_eq!(drv.used_idx(), 1, "{case}: nothing completed for the bad slot or after it");
+                assert_eq!(read(&drv, b.1, 100), vec![FILL; 100], "{case}");
+            } else {
+                assert_eq!(drv.used_idx(), 2, "{case}");
+                assert_eq!(drv.used_elem(1), (b.0 as u32, 72), "{case}");
+                assert_eq!(read(&drv, b.1 + 12, 60), fr, "{case}");
+            }
+        }
+    }
+}
+
+/// The same on an IN_ORDER ring in the middle of a merged packet: the buffer reserved for the
+/// frame before the out-of-range slot cannot be given back (the slot after it is consumed), so
+/// it is completed with len 0, in ring order, and untouched; `receive` stops with the typed
+/// error and the buffers after the slot are not taken. The first frame meets the slot on the
+/// fast path, where nothing is reserved.
+#[test]
+fn rx_out_of_range_head_mid_packet_on_an_in_order_ring_returns_the_reserved_buffer_empty() {
+    let f = MRG | VirtioFeatures::IN_ORDER;
+    let g = Guest::new(1 << 20);
+    let (cfg, mut drv) = setup(&g, 16);
+    let mut q = queue(&g, cfg, f);
+    let mut s: RxScratch<'_> = RxScratch::new();
+    drv.stage(16);
+    drv.kick();
+    assert_eq!(
+        receive(&mut q, &mut s, MRG, &hdr(0, 0), &frame(60)),
+        Err(RxError::Ring(PopError::HeadOutOfRange { head: 16 }))
+    );
+    assert_eq!((q.next_avail(), q.next_used()), (1, 0));
+    assert!(!q.publish());
+
+    let first = add_rx(&mut drv, 100);
+    drv.stage(0xFFFF);
+    drv.kick();
+    let bufs = [add_rx(&mut drv, 100), add_rx(&mut drv, 100), add_rx(&mut drv, 100)];
+    let fr = frame(250);
+    assert_eq!(
+        receive(&mut q, &mut s, MRG, &hdr(0, 0), &fr),
+        Err(RxError::Ring(PopError::HeadOutOfRange { head: 0xFFFF }))
+    );
+    assert_eq!((q.next_avail(), q.next_used()), (3, 1));
+    assert!(q.publish());
+    assert_eq!(drv.used_idx(), 1);
+    assert_eq!(drv.used_elem(0), (first.0 as u32, 0));
+    assert_eq!(read(&drv, first.1, 100), vec![FILL; 100], "the returned buffer was not written");
+    for (_, addr) in bufs {
+        assert_eq!(read(&drv, addr, 100), vec![FILL; 100]);
+    }
+}
+
 /// Family 3 on RX: `avail.idx` jumping by more than the queue size while a merged packet is
 /// being gathered: the error is reported, the buffers already taken are given back, and once
 /// the driver repairs the index the packet lands in them.

@@ -735,3 +735,84 @@ fn pop_gather_keeps_the_pieces_of_several_chains() {
     assert!(q.publish());
     assert_eq!((drv.pop_used(), drv.pop_used(), drv.pop_used()), (Some((s, 0)), Some((a, 0)), Some((b, 0))));
 }
+
+/// RX on a packed ring meets a chain with no id to complete it: a buffer id out of range on the
+/// fast path. Completing nothing for it would leave its descriptors behind the used position
+/// for good (§2.8.6), so the burst stops with the typed error (`PopError::unreturnable_on`):
+/// the frame before it is placed, the chain after it is not taken.
+#[test]
+fn net_receive_burst_stops_on_a_buffer_id_out_of_range() {
+    let g = Guest::new(1 << 16);
+    let (cfg, mut drv) = setup(&g, SIZE);
+    let mut q = packed(&g, cfg, mrg());
+    let frame = [7u8; 30];
+    let mut s: virtq::net::RxScratch<'_> = virtq::net::RxScratch::new();
+    let a = drv.add_chain(&[Buf::writable(64)]);
+    drv.add_chain_with_id(&[Buf::writable(64)], SIZE);
+    drv.add_chain(&[Buf::writable(64)]);
+    let burst =
+        virtq::net::receive_burst(&mut q, &mut s, mrg(), 3, |_| (virtq::net::VirtioNetHdr::default(), &frame[..]));
+    let stop = virtq::net::RxError::Ring(PopError::HeadOutOfRange { head: SIZE });
+    assert_eq!(
+        burst,
+        virtq::net::RxBurst { placed: 1, bytes: 30, refused: 0, bad_chains: 0, stopped: Some(stop) },
+        "stopped at the bad id, not counted as a bad chain skipped"
+    );
+    assert_eq!(q.next_avail(), RingPosition { index: 2, wrap: true }, "the chain after it was not taken");
+    assert!(q.publish());
+    assert_eq!(drv.pop_used(), Some((a, 42)));
+    assert_eq!(drv.pop_used(), None, "nothing completed for the bad chain or after it");
+}
+
+/// The same in the middle of a merged packet, for a buffer id in flight and one out of range:
+/// the buffer reserved for the frame before the bad chain cannot be given back (the bad chain
+/// after it is consumed), so it is completed with len 0, in ring order; `receive` stops with
+/// the typed error.
+#[test]
+fn net_receive_returns_reserved_buffers_empty_and_stops_on_an_unreturnable_chain() {
+    for (bad_id, error) in [(0, PopError::IdInUse { id: 0 }), (SIZE + 3, PopError::HeadOutOfRange { head: SIZE + 3 })] {
+        let g = Guest::new(1 << 16);
+        let (cfg, mut drv) = setup(&g, SIZE);
+        let mut q = packed(&g, cfg, mrg());
+        let hdr = virtq::net::VirtioNetHdr::default();
+        let mut s: virtq::net::RxScratch<'_> = virtq::net::RxScratch::new();
+        // 112 bytes in buffers of 40: the first is reserved (id 0, in flight), then the bad one.
+        let a = drv.add_chain(&[Buf::writable(40)]);
+        assert_eq!(a, 0);
+        drv.add_chain_with_id(&[Buf::writable(40)], bad_id);
+        drv.add_chain(&[Buf::writable(40)]);
+        drv.add_chain(&[Buf::writable(40)]);
+        let frame: Vec<u8> = (0..100u8).collect();
+        assert_eq!(virtq::net::receive(&mut q, &mut s, mrg(), &hdr, &frame), Err(virtq::net::RxError::Ring(error)));
+        assert_eq!(q.next_avail(), RingPosition { index: 2, wrap: true }, "{error:?}");
+        assert!(q.publish());
+        assert_eq!(drv.pop_used(), Some((a, 0)), "{error:?}: the reserved buffer, returned empty");
+        assert_eq!(drv.pop_used(), None, "{error:?}");
+        let mut got = [0u8; 40];
+        drv.read(drv.read_desc(0).addr, &mut got);
+        assert_eq!(got, [0u8; 40], "{error:?}: nothing written into it");
+    }
+}
+
+/// The rule's one owner, `PopError::unreturnable_on`: a chain with no id to complete it stops
+/// a packed ring and an IN_ORDER split ring, never a plain split ring; no other error does.
+#[test]
+fn unreturnable_chains_stop_packed_and_in_order_rings_only() {
+    let g = Guest::new(1 << 16);
+    let (cfg, _) = setup(&g, SIZE);
+    let (scfg, _) = virtq::testing::layout(GPA + 0x8000, SIZE);
+    let in_order = features() | VirtioFeatures::IN_ORDER;
+    let chain = PopError::Chain { head: 1, error: ChainError::ChainTooLong };
+    let avail = PopError::AvailIndex(virtq::avail::AvailIndexError { avail_idx: 100, next_avail: 0 });
+    let cases = [PopError::HeadOutOfRange { head: SIZE }, PopError::IdInUse { id: 2 }];
+    for f in [features(), in_order] {
+        let p = packed(&g, cfg, f);
+        let s = SplitQueue::new(&g.mem, scfg, f).unwrap();
+        assert_eq!(cases.map(|e| e.unreturnable_on(&p)), [Some(SIZE), Some(2)], "packed, {f:?}");
+        let want = if f == in_order { [Some(SIZE), Some(2)] } else { [None, None] };
+        assert_eq!(cases.map(|e| e.unreturnable_on(&s)), want, "split, {f:?}");
+        for e in [chain, avail] {
+            assert_eq!((e.unreturnable_on(&p), e.unreturnable_on(&s)), (None, None), "{e:?}");
+        }
+    }
+}

@@ -335,6 +335,13 @@ impl BlkDevice {
                         limited!(warn, "{}: queue {index}: {e}", self.inner.name);
                         tally.errors += 1;
                         done += 1;
+                        // Where that loses the driver's place the ring stops (the core's rule,
+                        // as for virtio-net). Never on the rings this device serves today: it
+                        // offers neither IN_ORDER nor packed rings.
+                        if let Some(head) = e.unreturnable_on(vq) {
+                            broken = Some(RingFault::Unreturnable { head });
+                            break;
+                        }
                     }
                     Err(PopError::AvailIndex(e)) => {
                         broken = Some(RingFault::AvailIndex(e));

@@ -32,9 +32,9 @@ use virtq::net::{self, FrameSource, Gather, OffloadFrame, RxScratch, VirtioNetHd
 use virtq::{CopiedChain, PopError, Segments, VirtioFeatures, Virtqueue};
 use zerocopy_shim::read_header;
 
+use crate::limited_by;
 use crate::ratelimit::RateLimit;
 use crate::vring::{RingFault, VringShared};
-use crate::{limited, limited_by};
 
 mod model;
 pub use model::{NetConfig, NetEvent, NetModel};
@@ -411,6 +411,9 @@ struct NetInner {
     rx_pairs: AtomicU64,
     /// This device's limit for the line a dropped TX frame logs (every device may log it).
     tx_drops_log: RateLimit,
+    /// This device's limit for the line a ring fault logs ([`NetDevice::fail`]): a front-end
+    /// that breaks its rings over and over silences its own lines, not another device's.
+    faults_log: RateLimit,
 }
 
 impl std::fmt::Debug for NetDevice {
@@ -432,6 +435,7 @@ impl NetDevice {
                 queues,
                 rx_pairs: AtomicU64::new(0),
                 tx_drops_log: RateLimit::new(),
+                faults_log: RateLimit::new(),
             }),
         }
     }
@@ -485,7 +489,8 @@ impl NetDevice {
             s.active.as_ref().and_then(|a| a.fault()).is_some_and(|f| matches!(f, RingFault::Memory(_)))
         };
         if s.fail(fault) && !memory(s) {
-            limited!(
+            limited_by!(
+                self.inner.faults_log,
                 warn,
                 "{}: queue {index} stopped: {fault}; it restarts when the front-end sets it up again or resets the device",
                 self.inner.name
@@ -634,8 +639,6 @@ impl NetDevice {
         }
         let features = active.features;
         let in_order = features.contains(VirtioFeatures::IN_ORDER);
-        // Where a chain that cannot be completed loses the driver's place (`RingFault::Unreturnable`).
-        let strict = in_order || features.contains(VirtioFeatures::RING_PACKED);
         let mut broken = None;
         let (mut n, mut bytes, mut drops, mut errors) = (0usize, 0u64, 0u64, 0u64);
         let max = frames.len();
@@ -700,13 +703,12 @@ impl NetDevice {
                         taken += 1;
                         errors += 1;
                     }
-                    Err(PopError::HeadOutOfRange { head }) | Err(PopError::IdInUse { id: head }) => {
+                    Err(e @ (PopError::HeadOutOfRange { .. } | PopError::IdInUse { .. })) => {
                         taken += 1;
                         errors += 1;
-                        if strict {
-                            // Nothing can be completed for it, and a later completion would
-                            // tell the driver otherwise: stop here (the run so far is still
-                            // completed below).
+                        // Nothing can be completed for it. Where that loses the driver's place
+                        // (the core's rule) stop here; the run so far is still completed below.
+                        if let Some(head) = e.unreturnable_on(vq) {
                             broken = Some(RingFault::Unreturnable { head });
                             break;
                         }
@@ -804,8 +806,6 @@ impl NetDevice {
         }
         let features = active.features;
         let in_order = features.contains(VirtioFeatures::IN_ORDER);
-        // Where a chain that cannot be completed loses the driver's place (`RingFault::Unreturnable`).
-        let strict = in_order || features.contains(VirtioFeatures::RING_PACKED);
         let mut broken = None;
         let (mut n, mut bytes, mut drops, mut errors) = (0usize, 0u64, 0u64, 0u64);
         let result = crate::with_ring!(active, |vq| {
@@ -942,13 +942,13 @@ impl NetDevice {
                             vq.push(head, 0);
                         }
                     }
-                    Err(PopError::HeadOutOfRange { head }) | Err(PopError::IdInUse { id: head }) => {
+                    Err(e @ (PopError::HeadOutOfRange { .. } | PopError::IdInUse { .. })) => {
                         taken += 1;
                         errors += 1;
-                        if strict {
-                            // Nothing can be completed for it, and a later completion would
-                            // tell the driver otherwise: stop here (what was taken before is
-                            // still delivered and completed).
+                        // Nothing can be completed for it. Where that loses the driver's place
+                        // (the core's rule) stop here; what was taken before is still
+                        // delivered and completed.
+                        if let Some(head) = e.unreturnable_on(vq) {
                             broken = Some(RingFault::Unreturnable { head });
                             break;
                         }
@@ -1087,9 +1087,16 @@ impl NetDevice {
             }
         });
         let (n, bytes) = (burst.placed, burst.bytes);
-        let errors = burst.refused as u64 + u64::from(burst.bad_chains);
+        let mut errors = burst.refused as u64 + u64::from(burst.bad_chains);
         let broken = match burst.stopped {
             Some(net::RxError::Ring(PopError::AvailIndex(e))) => Some(RingFault::AvailIndex(e)),
+            // The core stops on a chain with no id to complete it only where that loses the
+            // driver's place (`PopError::unreturnable_on`), as guest TX does above. The chain
+            // counts as an error, as it does where the burst goes on past it.
+            Some(net::RxError::Ring(PopError::HeadOutOfRange { head } | PopError::IdInUse { id: head })) => {
+                errors += 1;
+                Some(RingFault::Unreturnable { head })
+            }
             _ => None,
         };
         let unserved = result.is_err();

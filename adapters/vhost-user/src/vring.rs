@@ -52,7 +52,9 @@ pub enum RingFault {
     /// A chain the driver made available has no id to complete it with (a head or buffer id
     /// out of range, or a buffer id already in flight) on a ring where that loses the driver's
     /// place: with `VIRTIO_F_IN_ORDER` a completion stands for every chain before it, and on a
-    /// packed ring the used position must move in step with the available one (§2.8.6).
+    /// packed ring the used position must move in step with the available one (§2.8.6). The
+    /// rule is the core's ([`virtq::PopError::unreturnable_on`]); guest TX and guest RX
+    /// ([`virtq::net::RxError::Ring`]) both fault the ring on such a chain.
     Unreturnable {
         /// The head index or buffer id.
         head: u16,
@@ -603,7 +605,7 @@ const FRESH_PACKED_BASE: u32 = 0x8000_8000;
 /// whenever the ring stopped with nothing in flight, as this library's devices stop. The
 /// encoding is lossy for one case: a ring stopped with the used position at slot 0, wrap 0,
 /// behind a different available position (a chain consumed and never completed, which the
-/// net device turns into a ring fault instead, see `NetDevice::dequeue_burst`) reads back with
+/// net device turns into a ring fault instead, [`RingFault::Unreturnable`]) reads back with
 /// the used position at the available one.
 fn packed_positions(base: u32, size: u16) -> Result<(RingPosition, RingPosition), StartError> {
     let avail = base as u16;

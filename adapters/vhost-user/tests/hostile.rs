@@ -19,15 +19,15 @@ use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, Once, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use frontend::*;
-use virtq::testing::Buf;
+use virtq::testing::{Buf, PackedDriver};
 use virtq_vhost_user::backend::{Backend, BackendHandle, SocketSpec};
 use virtq_vhost_user::device::DeviceConfig;
-use virtq_vhost_user::net::{NetDevice, NetModel, TxFrame, MAX_TX_FRAME};
+use virtq_vhost_user::net::{Enqueued, NetDevice, NetModel, TxFrame, MAX_TX_FRAME};
 use virtq_vhost_user::vring::RingFault;
 
 // Request codes and feature bits the front-end helper does not define (vhost-user.rst).
@@ -49,6 +49,8 @@ const S_FEATURES_OK: u64 = 8;
 const S_NEEDS_RESET: u64 = 0x40;
 const F_LOG_ALL: u64 = 1 << 26;
 const F_MRG_RXBUF: u64 = 1 << 15;
+/// `VIRTIO_F_IN_ORDER`.
+const F_IN_ORDER: u64 = 1 << 35;
 /// Bit 8 of the SET_VRING_KICK/CALL/ERR payload: no fd.
 const INVALID_FD: u64 = 1 << 8;
 /// VERSION_1, RING_INDIRECT_DESC, RING_EVENT_IDX, MRG_RXBUF, MAC.
@@ -69,6 +71,34 @@ fn shared() -> RwLockReadGuard<'static, ()> {
 
 fn exclusive() -> RwLockWriteGuard<'static, ()> {
     SERIAL.write().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Every line logged in this process (the back-ends run in it), for the cases that count
+/// what a fault logs.
+static LINES: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+struct Capture;
+
+impl log::Log for Capture {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        LINES.lock().unwrap_or_else(|p| p.into_inner()).push(record.args().to_string());
+    }
+
+    fn flush(&self) {}
+}
+
+/// How many lines logged so far contain `what`; lines are captured from the first call on.
+fn logged(what: &str) -> usize {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        log::set_logger(&Capture).expect("no other logger in this test binary");
+        log::set_max_level(log::LevelFilter::Warn);
+    });
+    LINES.lock().unwrap_or_else(|p| p.into_inner()).iter().filter(|l| l.contains(what)).count()
 }
 
 /// A memfd name no other test uses.
@@ -323,9 +353,14 @@ fn enable(fe: &Frontend, i: u32) {
 
 /// NUM, BASE 0, ADDR, CALL, each acknowledged (the ring is not started).
 fn configure_ring(fe: &Frontend, i: usize) {
+    configure_ring_at(fe, i, 0);
+}
+
+/// [`configure_ring`] with `SET_VRING_BASE` `base` (a fresh packed ring: 0x8000_8000).
+fn configure_ring_at(fe: &Frontend, i: usize, base: u32) {
     let size = fe.queues[i].cfg.size as u32;
     assert_eq!(fe.ack_status(SET_VRING_NUM, &state(i as u32, size), &[]), 0);
-    assert_eq!(fe.ack_status(SET_VRING_BASE, &state(i as u32, 0), &[]), 0);
+    assert_eq!(fe.ack_status(SET_VRING_BASE, &state(i as u32, base), &[]), 0);
     assert_eq!(fe.ack_status(SET_VRING_ADDR, &fe.vring_addr_payload(i), &[]), 0);
     let call = fe.queues[i].call.as_raw_fd();
     assert_eq!(fe.ack_status(SET_VRING_CALL, &u64p(i as u64), &[call]), 0);
@@ -1546,7 +1581,15 @@ struct Running {
 }
 
 fn running(h: &Harness, fe: Frontend, name: String, pf: u64) -> Running {
-    negotiate(&fe, pf, NET_FEATURES);
+    running_with(h, fe, name, pf, NET_FEATURES)
+}
+
+/// [`running`] with virtio features `features` (each must be offered); a packed ring
+/// (`F_RING_PACKED`) starts fresh, both wrap counters 1 (§2.8.1).
+fn running_with(h: &Harness, fe: Frontend, name: String, pf: u64, features: u64) -> Running {
+    let acked = negotiate(&fe, pf, features);
+    assert_eq!(acked & features, features, "features offered");
+    let base = if features & F_RING_PACKED != 0 { 0x8000_8000 } else { 0 };
     let channel = (pf & PF_BACKEND_REQ != 0).then(|| {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
         assert_eq!(fe.ack_status(SET_BACKEND_REQ_FD, &[], &[theirs.as_raw_fd()]), 0);
@@ -1558,7 +1601,7 @@ fn running(h: &Harness, fe: Frontend, name: String, pf: u64) -> Running {
     for (i, err) in errs.iter().enumerate() {
         assert_eq!(fe.ack_status(SET_VRING_ERR, &u64p(i as u64), &[err.as_raw_fd()]), 0);
         enable(&fe, i as u32);
-        configure_ring(&fe, i);
+        configure_ring_at(&fe, i, base);
         assert_eq!(kick_status(&fe, i), 0, "ring {i} starts");
     }
     assert!(h.hostile.queue_ready(0) && h.hostile.queue_ready(1));
@@ -1679,6 +1722,117 @@ fn ring_fault_stops_once_and_restarts(h: &Harness, good: &mut Good<'_>) {
     g.seen[1] = base as u16;
     guest_tx(&mut g, fe, &h.hostile, 2);
     drop(g);
+    let Running { fe, name, .. } = r;
+    h.hang_up(fe, &name);
+}
+
+/// Guest TX on an IN_ORDER ring meets a head out of range, which has no id to complete it: a
+/// later completion would complete it too (§2.7.8.2), so the ring faults once
+/// (`RingFault::Unreturnable`, the core's rule `PopError::unreturnable_on`) instead of going
+/// on: the run of chains before it is completed, nothing after it is taken, one log line, one
+/// error signal, one error counted, and later bursts leave the ring alone. Guest RX on the
+/// same device and the other device keep working.
+fn tx_unreturnable_chain_faults_an_in_order_ring(h: &Harness, good: &mut Good<'_>) {
+    const BAD_HEAD: u16 = 1001;
+    let line = format!("hostile: queue 1 stopped: chain {BAD_HEAD} cannot be completed");
+    let logged_before = logged(&line);
+    let (fe, name) = h.connect("tx-unreturnable");
+    let r = running_with(h, fe, name, PF_MQ, NET_FEATURES | F_IN_ORDER);
+    let fe = &r.fe;
+    let before = [h.hostile.stats(0), h.hostile.stats(1)];
+    let mut g = Guest::new(fe);
+    let frames = post_tx(&mut g, fe, 2);
+    let tx = &mut g.drv[1];
+    tx.stage(BAD_HEAD);
+    tx.kick();
+    tx.add_chain(&[Buf::readable(&[0u8; 12]), Buf::readable(&frame(9, 60))]);
+    fe.kick(1);
+    let mut bufs: Vec<TxFrame> = (0..8).map(|_| TxFrame::with_capacity(MAX_TX_FRAME)).collect();
+    let n = h.hostile.dequeue_burst(0, &mut bufs);
+    assert_eq!(bufs[..n].iter().map(|b| b.frame().to_vec()).collect::<Vec<_>>(), frames, "the frames before it");
+    assert_eq!(h.hostile.fault(1), Some(RingFault::Unreturnable { head: BAD_HEAD }));
+    assert_eq!(h.hostile.fault(0), None, "the RX ring is not affected");
+    assert_eq!(g.drv[1].used_idx(), 2, "the run before it completed, nothing for it or after it");
+    for _ in 0..100 {
+        assert_eq!(h.hostile.dequeue_burst(0, &mut bufs), 0);
+    }
+    assert_eq!(g.drv[1].used_idx(), 2);
+    assert_eq!(eventfd_read(&r.errs[1]), 1, "error eventfd signalled once");
+    assert_eq!(eventfd_read(&r.errs[0]), 0);
+    let after = h.hostile.stats(1);
+    assert_eq!(
+        (after.faults, after.errors, after.packets),
+        (before[1].faults + 1, before[1].errors + 1, before[1].packets + 2)
+    );
+    assert_eq!(logged(&line) - logged_before, 1, "one log line: {line}");
+    guest_rx(&mut g, fe, &h.hostile, 2, 2048, 1);
+    assert_eq!(h.hostile.stats(0).errors, before[0].errors);
+    good.round();
+    drop(g);
+    let Running { fe, name, .. } = r;
+    h.hang_up(fe, &name);
+}
+
+/// Guest RX on a packed ring meets a receive buffer whose id is out of range: completing
+/// nothing for it leaves its descriptors behind the used position for good (§2.8.6), so the
+/// ring faults once (`RingFault::Unreturnable`), as guest TX does: the frame placed before it
+/// reaches the guest, the buffer reserved for the next frame before it is returned empty (in
+/// ring order), nothing after it is taken; one log line, one error signal, one error counted,
+/// and later bursts leave the ring alone. Guest TX on the same device (packed too) and the
+/// other device keep working.
+fn rx_unreturnable_chain_faults_a_packed_ring(h: &Harness, good: &mut Good<'_>) {
+    const BAD_ID: u16 = 1000;
+    let line = format!("hostile: queue 0 stopped: chain {BAD_ID} cannot be completed");
+    let logged_before = logged(&line);
+    let (fe, name) = h.connect("rx-unreturnable");
+    let r = running_with(h, fe, name, PF_MQ, NET_FEATURES | F_RING_PACKED);
+    let fe = &r.fe;
+    let before = [h.hostile.stats(0), h.hostile.stats(1)];
+    let q = |i: usize| &fe.queues[i];
+    let mut rx = PackedDriver::new(&fe.ram.table, q(0).cfg, q(0).data_base, q(0).data_len);
+    let mut tx = PackedDriver::new(&fe.ram.table, q(1).cfg, q(1).data_base, q(1).data_len);
+    // The first frame fits `a` (the fast path); the second needs two buffers (mergeable): `b`
+    // is reserved, then the bad id stops it.
+    let a = rx.add_chain(&[Buf::writable(2048)]);
+    let a_addr = rx.read_desc(0).addr;
+    let b = rx.add_chain(&[Buf::writable(512)]);
+    rx.add_chain_with_id(&[Buf::writable(512)], BAD_ID);
+    rx.add_chain(&[Buf::writable(512)]);
+    let frames = [frame(1, 60), frame(2, 1000), frame(3, 60)];
+    let refs: Vec<&[u8]> = frames.iter().map(|f| f.as_slice()).collect();
+    let net = &h.hostile;
+    assert_eq!(net.enqueue_burst_outcome(0, &refs), Enqueued { placed: 1, full: true });
+    assert_eq!(net.fault(0), Some(RingFault::Unreturnable { head: BAD_ID }));
+    assert_eq!(net.fault(1), None, "the TX ring is not affected");
+    assert!(fe.wait_call(0, Duration::from_secs(10)), "what was completed is signalled");
+    assert_eq!(rx.pop_used(), Some((a, 72)));
+    let mut got = vec![0u8; 60];
+    rx.read(a_addr + 12, &mut got);
+    assert_eq!(got, frames[0]);
+    assert_eq!(rx.pop_used(), Some((b, 0)), "the buffer reserved before the bad id, returned empty");
+    assert_eq!(rx.pop_used(), None, "nothing for the bad id or after it");
+    for _ in 0..100 {
+        assert_eq!(net.enqueue_burst_outcome(0, &refs), Enqueued { placed: 0, full: true });
+    }
+    assert_eq!(rx.pop_used(), None);
+    assert_eq!(eventfd_read(&r.errs[0]), 1, "error eventfd signalled once");
+    assert_eq!(eventfd_read(&r.errs[1]), 0);
+    let after = net.stats(0);
+    assert_eq!(
+        (after.faults, after.errors, after.packets),
+        (before[0].faults + 1, before[0].errors + 1, before[0].packets + 1)
+    );
+    assert_eq!(logged(&line) - logged_before, 1, "one log line: {line}");
+    // Guest TX on the same device.
+    let f = frame(4, 60);
+    let id = tx.add_chain(&[Buf::readable(&[0u8; 12]), Buf::readable(&f)]);
+    fe.kick(1);
+    let mut bufs: Vec<TxFrame> = (0..8).map(|_| TxFrame::with_capacity(MAX_TX_FRAME)).collect();
+    let n = wait("TX frame", || Some(net.dequeue_burst(0, &mut bufs)).filter(|&n| n > 0));
+    assert_eq!((n, bufs[0].frame()), (1, &f[..]));
+    assert_eq!(tx.pop_used(), Some((id, 0)));
+    assert_eq!(net.stats(1).errors, before[1].errors);
+    good.round();
     let Running { fe, name, .. } = r;
     h.hang_up(fe, &name);
 }
@@ -1892,6 +2046,19 @@ fn a_ring_serves_again_once_its_region_is_back() {
 #[test]
 fn a_ring_that_cannot_go_on_stops_once_and_restarts_when_set_up_again() {
     run_case("ring-fault", ring_fault_stops_once_and_restarts);
+}
+
+// The two cases below count log lines, so they run alone on a fresh back-end and not in
+// `CASES`: in the sequence, earlier faults of the same device use up its log limit.
+
+#[test]
+fn tx_chain_that_cannot_be_completed_faults_an_in_order_ring_once() {
+    run_case("tx-unreturnable", tx_unreturnable_chain_faults_an_in_order_ring);
+}
+
+#[test]
+fn rx_chain_that_cannot_be_completed_faults_a_packed_ring_once() {
+    run_case("rx-unreturnable", rx_unreturnable_chain_faults_a_packed_ring);
 }
 
 #[test]

@@ -24,7 +24,11 @@
 //! first buffer shorter than the header, families 6 and 11) is completed with len 0 and skipped.
 //! Buffers already reserved for the packet before it are completed with len 0 too, so used
 //! entries stay in ring order (which IN_ORDER requires); this only ever happens to a driver
-//! that broke the spec.
+//! that broke the spec. A chain with no id to complete it (a head or buffer id out of range,
+//! a buffer id in flight) is skipped the same way on a split ring without IN_ORDER; on a
+//! packed or IN_ORDER ring that loses the driver's place ([`PopError::unreturnable_on`]), so
+//! the buffers reserved before it are completed with len 0 and the receive stops with
+//! [`RxError::Ring`]: the queue cannot go on.
 
 use core::fmt;
 
@@ -66,7 +70,13 @@ pub enum RxError {
     TooManyBuffers,
     /// The header asks for an offload the driver did not negotiate.
     OffloadNotNegotiated,
-    /// The available ring itself is broken ([`PopError::AvailIndex`]).
+    /// The ring cannot go on: stop serving it. Either the available index is broken
+    /// ([`PopError::AvailIndex`]; nothing was consumed, the buffers reserved for the frame
+    /// were given back), or a chain has no id to complete it on a queue where that loses the
+    /// driver's place ([`PopError::HeadOutOfRange`] or [`PopError::IdInUse`] on a packed or
+    /// IN_ORDER ring, as [`PopError::unreturnable_on`] decides): its slot was consumed and the
+    /// buffers reserved for the frame before it were completed with len 0, in ring order
+    /// (not yet published). Either way the frame was not placed.
     Ring(PopError),
 }
 
@@ -91,7 +101,8 @@ pub struct RxOutcome {
     pub buffers: u16,
     /// Bytes written including the header.
     pub bytes: u32,
-    /// Malformed chains met on the way (already logged), including out-of-range heads.
+    /// Malformed chains met on the way (already logged), including out-of-range heads on a
+    /// split ring without IN_ORDER (elsewhere they stop the receive, [`RxError::Ring`]).
     pub bad_chains: u16,
     /// Used entries written with len 0 on the way: malformed chains with a valid head, and
     /// buffers reserved for this frame before a malformed chain interrupted it (returned
@@ -216,7 +227,9 @@ pub struct RxBurst {
     /// Malformed chains met on the way (already logged and completed with len 0).
     pub bad_chains: u32,
     /// Why the burst stopped before its last frame: [`RxError::NoBuffers`] or
-    /// [`RxError::Ring`]. The frames from `placed + refused` on were not placed.
+    /// [`RxError::Ring`]. The frames from `placed + refused` on were not placed. A chain that
+    /// stopped it ([`RxError::Ring`] with [`PopError::HeadOutOfRange`] or
+    /// [`PopError::IdInUse`]) is not counted in `bad_chains`.
     pub stopped: Option<RxError>,
 }
 
@@ -388,7 +401,15 @@ fn receive_with<'m, Q: RxOps<'m>, S: FrameSource, L: WriteLog, const N: usize>(
                 out.bad_chains += 1;
                 out.completed_empty += 1;
             }
-            Err(PopError::HeadOutOfRange { .. } | PopError::IdInUse { .. }) => out.bad_chains += 1,
+            Err(e @ (PopError::HeadOutOfRange { .. } | PopError::IdInUse { .. })) => {
+                // No id to complete it with. Where that loses the driver's place the queue
+                // stops here (nothing is reserved on this path); elsewhere the slot is
+                // consumed and the next chain taken.
+                if e.unreturnable_on(queue).is_some() {
+                    return Err(RxError::Ring(e));
+                }
+                out.bad_chains += 1
+            }
             Err(e @ PopError::AvailIndex(_)) => return Err(RxError::Ring(e)),
         }
     }
@@ -440,11 +461,16 @@ fn receive_spread<'m, Q: RxOps<'m>, S: FrameSource, L: WriteLog, const N: usize>
                 return Err(RxError::NoBuffers);
             }
             Err(PopError::Chain { head, .. }) => Some(head),
-            Err(PopError::HeadOutOfRange { .. } | PopError::IdInUse { .. }) => {
+            Err(e @ (PopError::HeadOutOfRange { .. } | PopError::IdInUse { .. })) => {
                 // Nothing to complete; the slot is consumed. Buffers reserved before it can no
                 // longer be given back in order, so return them empty.
+                let released = release_empty(queue, scratch);
+                if e.unreturnable_on(queue).is_some() {
+                    // Where that loses the driver's place the queue stops here.
+                    return Err(RxError::Ring(e));
+                }
                 out.bad_chains += 1;
-                out.completed_empty += release_empty(queue, scratch);
+                out.completed_empty += released;
                 capacity = 0;
                 continue;
             }
