@@ -396,43 +396,53 @@ impl<'m, const N: usize> Segments<'m, N> {
     }
 }
 
-/// The visitor of `pop_gather_uncompleted` (both layouts): copies each device-readable piece
-/// whole into `buf` while the copy stays within its first `whole` bytes (`*copied` of them),
-/// as [`read_into`] does; from the first piece that does not fit on, appends the pieces to
-/// `segments` in order ([`Spill`]). So a chain whose readable part is at most `whole` bytes
-/// is copied whole and appends nothing, and a longer one is the copy then the list; unless
-/// the list runs out of room, and then the chain is copied into `buf` after all, as far as
-/// `buf` goes, and nothing of it stays listed. `whole <= buf.len()`.
+/// The visitor of `pop_gather_uncompleted` (both layouts): copies the device-readable pieces
+/// into `buf` until its first `head` bytes are filled (`*copied` of them), as [`read_into`]
+/// does, and appends to `segments` what of them is past the copy (the rest of the piece the
+/// copy cut, then the pieces after it; nothing for a chain the copy holds whole). If the list
+/// runs out of room, the chain is copied into `buf` after all, as far as `buf` goes, and
+/// nothing of it stays listed ([`Spill::overflow`]). `head <= buf.len()`.
 #[cfg_attr(not(feature = "small"), inline(always))]
 pub(crate) fn gather_into<'a, 'm, const N: usize>(
     buf: &'a mut [u8],
-    whole: usize,
+    head: usize,
     copied: &'a mut usize,
     segments: &'a mut Segments<'m, N>,
 ) -> impl FnMut(NonNull<u8>, u32, bool, u64) -> Result<(), ChainError> + use<'a, 'm, N> {
     *copied = 0;
-    debug_assert!(whole <= buf.len());
+    debug_assert!(head <= buf.len());
     let mut spill = Spill { dst: buf.as_mut_ptr(), len: buf.len(), start: segments.len(), overflowed: false };
-    // Where whole pieces may go; once a piece is listed, `*copied` (so that every later piece
-    // is listed too: the frame is the copy, then the list).
-    let mut cap = whole;
+    // Where the copy stops: `head`, or all of `buf` once the list has overflowed.
+    let mut cap = head;
     #[cfg_attr(not(feature = "small"), inline(always))]
     move |ptr, len, writable, _| {
         if !writable {
-            if len as usize <= cap - *copied {
+            let room = cap - *copied;
+            if len as usize <= room {
                 // SAFETY: as in `read_into`: `ptr` is valid for `len` bytes of guest memory,
                 // `*copied + len <= cap <= buf.len()` keeps the destination inside `buf`, and
                 // guest memory never overlaps a Rust buffer.
                 unsafe { copy_bytes(ptr.as_ptr(), spill.dst.add(*copied), len as usize) };
                 *copied += len as usize;
             } else {
-                cap = *copied;
-                let piece = Segment::piece(ptr, len);
+                // What fits (nothing, once the copy is full: the pieces after it are only
+                // listed), then the rest listed.
+                let piece = if room == 0 {
+                    Segment::piece(ptr, len)
+                } else {
+                    // SAFETY: as above, `room < len` bytes.
+                    unsafe { copy_bytes(ptr.as_ptr(), spill.dst.add(*copied), room) };
+                    *copied += room;
+                    // SAFETY: `room < len`: `ptr + room` is inside the piece, which the walk
+                    // translated for `len` bytes of the memory borrowed for 'm; what remains
+                    // is `len - room`.
+                    Segment::piece(unsafe { NonNull::new_unchecked(ptr.as_ptr().add(room)) }, len - room as u32)
+                };
                 if spill.overflowed || segments.list.push(piece).is_err() {
-                    // SAFETY: `piece` is valid for `len` bytes of guest memory for 'm (the
-                    // walk's translation); `spill.dst` for writes of `spill.len` bytes, `buf`'s.
+                    // SAFETY: `piece` is valid for its length of guest memory for 'm;
+                    // `spill.dst` for writes of `spill.len` bytes, `buf`'s.
                     unsafe { spill.overflow(piece, copied, segments) };
-                    cap = *copied;
+                    cap = spill.len;
                 }
             }
         }

@@ -629,30 +629,29 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
     }
 
     /// [`pop_read_uncompleted`](Self::pop_read_uncompleted) for a device that may leave a
-    /// frame where it is until it has placed it elsewhere ([`crate::net::Gather`]), in the
-    /// same pass that validates the chain: a chain whose device-readable part is at most
-    /// `whole` bytes is copied into `buf` whole, as `pop_read_uncompleted` does; of a longer
-    /// one, the device-readable pieces are copied while they fit whole, and the rest (from
-    /// the first piece that does not) are appended to `segments`. [`CopiedChain::bytes`]
-    /// tells how much was copied: the frame is `buf[..bytes]` then those pieces
-    /// ([`Gather::new`](crate::net::Gather::new)); [`Segments::take_front`] moves more of it
-    /// into the copy. A chain whose pieces do not all find room in `segments` is copied into
-    /// `buf` after all, as far as `buf` goes (so `bytes` falls short of
-    /// [`CopiedChain::readable_len`] with nothing listed only for a chain longer than `buf`,
-    /// as with `pop_read_uncompleted`). The chain is not completed: its buffers stay the
-    /// device's until the caller pushes it, after its last read of them. `whole` is held to
-    /// `buf.len()`.
+    /// frame where it is until it has placed it elsewhere ([`crate::net::Gather`]): copies the
+    /// chain's first `head` device-readable bytes into `buf` ([`CopiedChain::bytes`] of them)
+    /// and appends to `segments` the device-readable pieces past them (the part of a piece
+    /// the copy did not take, then the pieces after it; nothing for a chain the copy holds
+    /// whole), in the same pass that validates the chain: the frame is `buf[..bytes]` then
+    /// those pieces ([`Gather::new`](crate::net::Gather::new)); [`Segments::take_front`]
+    /// moves more of it into the copy. A chain whose pieces do not all find room in
+    /// `segments` is copied into `buf` after all, as far as `buf` goes (so `bytes` falls short
+    /// of [`CopiedChain::readable_len`] with nothing listed only for a chain longer than
+    /// `buf`, as with `pop_read_uncompleted`). The chain is not completed: its buffers stay
+    /// the device's until the caller pushes it, after its last read of them. `head` is held
+    /// to `buf.len()`.
     #[cfg_attr(not(feature = "small"), inline(always))]
     pub fn pop_gather_uncompleted<const P: usize>(
         &mut self,
         buf: &mut [u8],
-        whole: usize,
+        head: usize,
         segments: &mut Segments<'m, P>,
     ) -> Result<Option<CopiedChain>, PopError> {
         let start = segments.len();
-        let whole = whole.min(buf.len());
+        let head = head.min(buf.len());
         let mut done = 0usize;
-        match self.pop_with::<_, false>(gather_into(buf, whole, &mut done, segments)) {
+        match self.pop_with::<_, false>(gather_into(buf, head, &mut done, segments)) {
             Ok(Some((h, sum))) => Ok(Some(CopiedChain::new(h, done, sum))),
             Ok(None) => Ok(None),
             Err(e) => {

@@ -1452,11 +1452,8 @@ fn rx_gather_from_a_tx_chain_over_merged_buffers() {
         let mut segs: Segments<'_, 8> = Segments::new();
         let mut snap = [0u8; 2048];
         let c = txq.pop_gather_uncompleted(&mut snap, 76, &mut segs).unwrap().unwrap();
-        // The header's pieces fit whole; the frame's do not: listed.
-        assert_eq!((c.bytes, segs.len()), (12, 3));
-        // The copy extended to the frame's first 64 bytes: 36 bytes of the 100-byte piece are
-        // left, then 37 and 163.
-        let k = 12 + segs.take_front(0, &mut snap[12..76]);
+        let k = c.bytes as usize;
+        // Kept: what is past the copy (36 bytes of the 100-byte piece, then 37 and 163).
         assert_eq!((k, segs.len()), (76, 3));
         // The frame is whole (copy and pieces): the copy path's rules, on the copy.
         let pkt = parse_tx_copied(&CopiedChain { bytes: c.readable_len, ..c }, &snap, MRG).unwrap();
@@ -1518,7 +1515,7 @@ fn rx_gather_into_a_buffer_overlapping_the_source() {
     let mut segs: Segments<'_, 4> = Segments::new();
     let mut snap = [0u8; 2048];
     let c = txq.pop_gather_uncompleted(&mut snap, 76, &mut segs).unwrap().unwrap();
-    let k = c.bytes as usize + segs.take_front(0, &mut snap[12..76]);
+    let k = c.bytes as usize;
     let pkt = parse_tx_copied(&CopiedChain { bytes: c.readable_len, ..c }, &snap, V1).unwrap();
     let gather = Gather::new(&snap[12..k], segs.as_slice(), c.readable_len as usize - k);
     let mut s: RxScratch<'_> = RxScratch::new();
@@ -1536,8 +1533,8 @@ fn rx_gather_into_a_buffer_overlapping_the_source() {
 /// A chain left in place (its pieces past the copy listed) takes `parse_tx`'s verdict through
 /// `parse_tx_copied` on the copy, the rules of the copy path: a good header, and the rules
 /// that need the frame's length (a checksum field past the frame) and the chain (writable
-/// buffers). The header's pieces fit the copy whole; the frame's piece does not and is
-/// listed; `take_front` extends the copy.
+/// buffers). The copy takes the header's pieces and the frame's first bytes; the rest of the
+/// frame's piece is listed.
 #[test]
 fn tx_gather_copy_takes_the_rules_of_parse_tx() {
     let f = feats(VirtioFeatures::NET_CSUM);
@@ -1558,11 +1555,9 @@ fn tx_gather_copy_takes_the_rules_of_parse_tx() {
         let mut snap = [0u8; 256];
         let mut segs: Segments<'_, 8> = Segments::new();
         let c = q2.pop_gather_uncompleted(&mut snap, 40, &mut segs).unwrap().unwrap();
-        assert_eq!((c.bytes, c.readable_len), (12, 112));
-        assert_eq!(segs.as_slice().iter().map(|s| s.len()).collect::<Vec<_>>(), [100], "the frame's piece");
-        assert_eq!(segs.take_front(0, &mut snap[12..40]), 28);
+        assert_eq!((c.bytes, c.readable_len), (40, 112));
         // 72 bytes of the frame are left in place.
-        assert_eq!(segs.as_slice().iter().map(|s| s.len()).collect::<Vec<_>>(), [72]);
+        assert_eq!(segs.as_slice().iter().map(|s| s.len()).collect::<Vec<_>>(), [72], "readable bytes past the copy");
         let whole = CopiedChain { bytes: c.readable_len, ..c };
         assert_eq!(parse_tx_copied(&whole, &snap, f), parse_tx(&chain, f), "{h:?}");
         assert_eq!(
@@ -1573,7 +1568,7 @@ fn tx_gather_copy_takes_the_rules_of_parse_tx() {
     }
 }
 
-/// A chain no longer than `whole` is copied whole, as `pop_read_uncompleted` copies it, and
+/// A chain no longer than the copy is copied whole, as `pop_read_uncompleted` copies it, and
 /// lists nothing; a chain whose pieces past the copy find no room in the list is copied into
 /// the buffer after all (as far as it goes), nothing of it kept; the segments of the chains
 /// before it stay. Nothing is completed.
@@ -1596,9 +1591,9 @@ fn tx_gather_copies_short_chains_and_chains_the_list_cannot_hold() {
     assert_eq!((c.head, c.bytes, c.readable_len, segs.len()), (short, 72, 72, 0), "copied whole");
     assert_eq!(buf[12..72], fr[..]);
     let c = q.pop_gather_uncompleted(&mut buf, 32, &mut segs).unwrap().unwrap();
-    assert_eq!((c.readable_len, c.bytes, segs.len()), (72, 12, 1));
-    // Twelve bytes of header and two 10-byte pieces fit the copy whole; of the four left the
-    // list holds three: the chain is copied into the buffer after all.
+    assert_eq!((c.readable_len, c.bytes, segs.len()), (72, 32, 1));
+    // Twelve bytes of header and two 10-byte pieces fill the copy; of the four left the list
+    // holds three: the chain is copied into the buffer after all.
     let c = q.pop_gather_uncompleted(&mut buf, 32, &mut segs).unwrap().unwrap();
     assert_eq!((c.head, c.bytes, c.readable_len), (long, 72, 72));
     assert_eq!(segs.len(), 1, "nothing of it kept, the chain before keeps its piece");
@@ -1657,11 +1652,8 @@ fn tx_gather_copy_extended_from_the_pieces() {
     let mut segs: Segments<'_, 8> = Segments::new();
     let mut snap = [0u8; 12 + 256];
     let c = q.pop_gather_uncompleted(&mut snap, 28, &mut segs).unwrap().unwrap();
-    assert_eq!(c.bytes, 12);
+    assert_eq!(c.bytes, 28);
     let lens = |s: &Segments<'_, 8>| s.as_slice().iter().map(|s| s.len()).collect::<Vec<_>>();
-    assert_eq!(lens(&segs), [20, 30, 250]);
-    // 16 of the first piece: the rest of it stays listed.
-    assert_eq!(segs.take_front(0, &mut snap[12..28]), 16);
     assert_eq!(lens(&segs), [4, 30, 250]);
     // 4 + 30 whole, 6 of the last piece.
     assert_eq!(segs.take_front(0, &mut snap[28..68]), 40);

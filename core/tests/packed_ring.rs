@@ -689,9 +689,9 @@ fn net_receive_burst_runs_on_the_packed_ring_across_the_wrap() {
 }
 
 /// `pop_gather_uncompleted` on a packed ring: a chain that fits the copy is copied whole and
-/// leaves nothing listed; of a longer one the pieces that fit whole are copied and the rest
-/// kept in order, after the pieces of the chains before; `take_front` moves more into the
-/// copy. A chain whose pieces find no room in the list is copied after all, nothing of it
+/// leaves nothing listed; of a longer one the first bytes are copied and the readable pieces
+/// past them kept in order, after the pieces of the chains before; `take_front` moves more
+/// into the copy. A chain whose pieces find no room in the list is copied after all, nothing of it
 /// kept. Buffer ids to complete; the frame reads back through a `Gather` as the driver
 /// wrote it.
 #[test]
@@ -712,13 +712,13 @@ fn pop_gather_keeps_the_pieces_of_several_chains() {
     assert!(segs.is_empty(), "nothing listed");
     assert_eq!(buf[..20], data[..20]);
     let c = q.pop_gather_uncompleted(&mut buf, 32, &mut segs).unwrap().unwrap();
-    assert_eq!((c.head, c.bytes, c.readable_len, c.writable_len), (a, 10, 200, 0));
-    assert_eq!(buf[..10], data[..10]);
-    // Kept: the pieces from the first that does not fit whole on.
+    assert_eq!((c.head, c.bytes, c.readable_len, c.writable_len), (a, 32, 200, 0));
+    assert_eq!(buf[..32], data[..32]);
+    // Kept: what the copy did not take, the second piece's last 118 bytes, and the third.
     let kept: Vec<usize> = segs.as_slice().iter().map(|s| s.len()).collect();
-    assert_eq!(kept, [140, 50]);
-    assert_eq!(segs.take_front(0, &mut buf[10..16]), 6);
-    let gather = Gather::new(&buf[4..16], segs.as_slice(), 184);
+    assert_eq!(kept, [118, 50]);
+    assert_eq!(segs.take_front(0, &mut buf[32..38]), 6);
+    let gather = Gather::new(&buf[4..38], segs.as_slice(), 162);
     let mut back = [0u8; 196];
     assert_eq!(gather.read_into(&mut back), 196);
     assert_eq!(back[..], data[4..]);

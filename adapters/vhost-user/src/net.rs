@@ -243,8 +243,6 @@ pub struct InPlaceFrame<'a> {
 }
 
 impl<'a> InPlaceFrame<'a> {
-    const EMPTY: InPlaceFrame<'a> = InPlaceFrame { offload: None, bytes: Gather::slice(&[]) };
-
     /// For a frame the guest sent with a partial checksum (`NEEDS_CSUM`) or as a GSO frame:
     /// its header (validated, §5.1.6.2) checked against the frame's own headers, in the copy,
     /// and normalised ([`net::check_frame`]). `None` for a frame without offloads, whose
@@ -832,10 +830,9 @@ impl NetDevice {
             // Per chain taken, a slot: a frame's copy and the list of its pieces past the
             // copy (none for a chain copied whole). A frame handed over borrows its slot.
             let mut lists: [Segments<'_, TX_SEGMENTS>; FORWARD_BURST] = core::array::from_fn(|_| Segments::new());
-            let mut burst = [InPlaceFrame::EMPTY; FORWARD_BURST];
+            let mut burst: heapless::Vec<InPlaceFrame<'_>, FORWARD_BURST> = heapless::Vec::new();
             for (frame, list) in frames.iter_mut().zip(lists.iter_mut()) {
-                // Whole pieces copied within the first bytes a frame left in place keeps (most
-                // often only the header's), the rest listed.
+                // The first bytes a frame left in place keeps copied, the rest listed.
                 match vq.pop_gather_uncompleted(&mut frame.buf, TX_HEAD, list) {
                     Ok(Some(c)) => {
                         taken += 1;
@@ -863,12 +860,6 @@ impl NetDevice {
                             drops += 1;
                             drop_chain!();
                             continue;
-                        }
-                        // Left in place: its first bytes (the headers the rules and the
-                        // switch read) are copied all the same.
-                        if !whole {
-                            let end = TX_HEAD.min(frame.buf.len());
-                            copied += list.take_front(0, &mut frame.buf[copied.min(end)..end]);
                         }
                         // §5.1.6.2: the core's TX rules, the ones its tests and fuzzers run,
                         // on the copy, whose header they read. A frame in place is not cut:
@@ -922,8 +913,8 @@ impl NetDevice {
                         let (frame, list): (&TxFrame, &Segments<'_, TX_SEGMENTS>) = (frame, list);
                         let head = frame.buf.get(frame.hdr_len..frame.len).unwrap_or(&[]);
                         let bytes = if whole { Gather::slice(head) } else { Gather::new(head, list.as_slice(), rest) };
-                        if let Some(slot) = burst.get_mut(n) {
-                            *slot = InPlaceFrame { offload: frame.offload.as_ref(), bytes };
+                        // A slot per chain taken, at most FORWARD_BURST: always room.
+                        if burst.push(InPlaceFrame { offload: frame.offload.as_ref(), bytes }).is_ok() {
                             n += 1;
                         }
                     }
@@ -968,7 +959,7 @@ impl NetDevice {
             // its slots are not `frames[..n]`), the chains left in place completed once every
             // copy is made.
             if n != 0 {
-                deliver(TxBurst::InPlace(&burst[..n]));
+                deliver(TxBurst::InPlace(&burst));
             }
             complete_tx(vq, &held, in_order);
             // Guest TX writes only the used ring. One branch per burst when not migrating.

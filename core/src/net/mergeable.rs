@@ -326,7 +326,7 @@ fn flush_copies<S: FrameSource, L: WriteLog>(
         // `0 + len <= len`), which allows for a source in guest memory.
         unsafe {
             store_header(p.hdr.as_bytes().as_ptr(), p.dst, hdr_len);
-            p.frame.copy_out(0, p.dst.add(hdr_len), p.frame.len());
+            p.frame.copy_from_start(p.dst.add(hdr_len), p.frame.len());
         }
         if L::ENABLED {
             log.buffer(p.addr, (hdr_len + p.frame.len()) as u64);
