@@ -192,8 +192,8 @@ pub const FORWARD_BURST: usize = 32;
 /// made of two parts (the copy of the headers, then the sender's buffers). That is paid back
 /// only by the copy it saves, so only for long frames. `benches/switchbench.sh` (callgrind,
 /// Ir per frame, a burst of 32 frames per pass, dirty log off), copy path / in place:
-/// 512 B 772 / 860, 1024 B 868 / 908, 1300 B 922 / 932, 1400 B 940 / 944, 1450 B 964 / 956,
-/// 1500 B 964 / 956 (the copy path steps up where `memcpy` changes strategy). Frames up to
+/// 512 B 771 / 858, 1024 B 867 / 906, 1300 B 921 / 930, 1400 B 938 / 942, 1450 B 963 / 954,
+/// 1500 B 963 / 954 (the copy path steps up where `memcpy` changes strategy). Frames up to
 /// 1400 bytes keep the copy path; full-size frames (1514 bytes at an MTU of 1500), jumbo
 /// frames and GSO frames (up to 64 KiB, where the copy saved is most of the cost) take the
 /// one copy.
