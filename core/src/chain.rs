@@ -332,11 +332,6 @@ impl<'m, const N: usize> Segments<'m, N> {
         self.list.is_empty()
     }
 
-    /// Forgets every segment.
-    pub fn clear(&mut self) {
-        self.list.clear();
-    }
-
     /// Copies the first bytes of the segments from `start` on into `dst` (as many as they
     /// hold, up to `dst.len()`) and drops them from the list: the first segment left there
     /// starts where the copy stopped. Returns how many bytes were copied. For a device that
