@@ -151,24 +151,10 @@ pub(crate) unsafe fn read_descriptor(table: *mut u8, index: u16, aligned8: bool)
 #[cfg_attr(not(feature = "small"), inline(always))]
 pub(crate) unsafe fn read_packed(p: *mut u8) -> (u64, u32, u16, u16) {
     if (p as usize).is_multiple_of(4) {
-        // SAFETY: 16 valid bytes at a 4-aligned address: `addr` (8-aligned on the 64-bit path),
-        // `len` at 8, `id` at 12 and `flags` at 14 are aligned for their sizes.
-        unsafe {
-            #[cfg(target_has_atomic = "64")]
-            let addr = if (p as usize).is_multiple_of(8) {
-                u64::from_le(AtomicU64::from_ptr(p.cast::<u64>()).load(Ordering::Relaxed))
-            } else {
-                load_u32(p, Ordering::Relaxed) as u64 | (load_u32(p.add(4), Ordering::Relaxed) as u64) << 32
-            };
-            #[cfg(not(target_has_atomic = "64"))]
-            let addr = load_u32(p, Ordering::Relaxed) as u64 | (load_u32(p.add(4), Ordering::Relaxed) as u64) << 32;
-            return (
-                addr,
-                load_u32(p.add(8), Ordering::Relaxed),
-                load_u16(p.add(12), Ordering::Relaxed),
-                load_u16(p.add(14), Ordering::Relaxed),
-            );
-        }
+        // SAFETY: 16 valid bytes at a 4-aligned address.
+        let (addr, len, id) = unsafe { read_packed_aligned(p) };
+        // SAFETY: `flags` at 14, 2-aligned inside the 16 valid bytes.
+        return (addr, len, id, unsafe { load_u16(p.add(14), Ordering::Relaxed) });
     }
     let mut b = [0u8; DESC_SIZE];
     for (i, byte) in b.iter_mut().enumerate() {
@@ -181,6 +167,31 @@ pub(crate) unsafe fn read_packed(p: *mut u8) -> (u64, u32, u16, u16) {
         u16::from_le_bytes([b[12], b[13]]),
         u16::from_le_bytes([b[14], b[15]]),
     )
+}
+
+/// `addr`, `len` and `id` of the packed descriptor at a 4-aligned `p` (a slot of a descriptor
+/// ring, which is validated 4-aligned in host memory), read as [`read_packed`] reads them; for
+/// a caller that already holds the flags (loaded with acquire to find the descriptor
+/// available, §2.8.1), so that the chain is judged on that one load of them.
+///
+/// # Safety
+/// `p` must be 4-aligned, valid for reads of 16 bytes and only accessed atomically or by the
+/// guest.
+#[cfg_attr(not(feature = "small"), inline(always))]
+pub(crate) unsafe fn read_packed_aligned(p: *mut u8) -> (u64, u32, u16) {
+    // SAFETY: 16 valid bytes at a 4-aligned address: `addr` (8-aligned on the 64-bit path),
+    // `len` at 8 and `id` at 12 are aligned for their sizes.
+    unsafe {
+        #[cfg(target_has_atomic = "64")]
+        let addr = if (p as usize).is_multiple_of(8) {
+            u64::from_le(AtomicU64::from_ptr(p.cast::<u64>()).load(Ordering::Relaxed))
+        } else {
+            load_u32(p, Ordering::Relaxed) as u64 | (load_u32(p.add(4), Ordering::Relaxed) as u64) << 32
+        };
+        #[cfg(not(target_has_atomic = "64"))]
+        let addr = load_u32(p, Ordering::Relaxed) as u64 | (load_u32(p.add(4), Ordering::Relaxed) as u64) << 32;
+        (addr, load_u32(p.add(8), Ordering::Relaxed), load_u16(p.add(12), Ordering::Relaxed))
+    }
 }
 
 #[cfg(test)]

@@ -127,6 +127,8 @@ fn device_survives_a_guest_rewriting_the_packed_ring_concurrently() {
         let mut chain = Chain::<8>::new();
         let mut buf = vec![0u8; 4096];
         for i in 0..rounds {
+            // The prefetch hint reads the ring ahead while the guest rewrites it.
+            q.prefetch();
             let before = q.next_avail();
             let r = match i % 3 {
                 0 => q.pop_into(&mut chain).map(|ok| {

@@ -367,6 +367,53 @@ fn wrap_counter_confusion_descriptors_of_the_wrong_round_are_not_available() {
 }
 
 #[test]
+fn prefetch_is_a_hint_that_changes_nothing_whatever_the_ring_holds() {
+    let g = Guest::new(1 << 16);
+    let (cfg, drv) = setup(&g, SIZE);
+    let mut q = packed(&g, cfg, features());
+    let snapshot = |drv: &PackedDriver<'_, Mem>| (0..SIZE).map(|s| drv.read_desc(s)).collect::<Vec<_>>();
+    // Nothing available yet, then slots a hostile driver filled: unmapped and overflowing
+    // addresses, an available descriptor of the wrong round.
+    q.prefetch();
+    let hostile = [
+        PackedDesc { addr: u64::MAX, len: 64, id: 0, flags: VIRTQ_DESC_F_AVAIL },
+        PackedDesc { addr: 0, len: 0, id: 7, flags: VIRTQ_DESC_F_AVAIL },
+        PackedDesc { addr: GPA + (1 << 40), len: 4096, id: 3, flags: VIRTQ_DESC_F_AVAIL },
+        PackedDesc { addr: GPA, len: 16, id: 2, flags: VIRTQ_DESC_F_USED },
+    ];
+    for (slot, d) in hostile.into_iter().enumerate() {
+        drv.write_desc(slot as u16 + 1, d);
+    }
+    let before = snapshot(&drv);
+    for _ in 0..3 {
+        q.prefetch();
+        Virtqueue::prefetch(&q);
+    }
+    assert_eq!(snapshot(&drv), before, "the ring is not written");
+    assert_eq!((q.next_avail(), q.next_used()), (RingPosition::START, RingPosition::START));
+    // A real chain at slot 0 is still taken as if no hint had been given.
+    drv.write_desc(0, PackedDesc { addr: cfg.used_ring + 64, len: 4, id: 1, flags: VIRTQ_DESC_F_AVAIL });
+    let c = q.pop_read(&mut [0u8; 8]).unwrap().expect("slot 0 available");
+    assert_eq!((c.head, c.bytes), (1, 4));
+    q.prefetch();
+    // Rings no longer than the distance looked ahead.
+    for size in [1u16, 2, 3] {
+        let g = Guest::new(1 << 16);
+        let (cfg, mut drv) = setup(&g, size);
+        let mut q = packed(&g, cfg, features());
+        drv.add_chain(&[Buf::readable(b"x")]);
+        q.prefetch();
+        assert!(q.pop_read(&mut [0u8; 8]).unwrap().is_some(), "size {size}");
+        q.prefetch();
+    }
+    // The split ring's is the trait's default: nothing.
+    let g = Guest::new(1 << 16);
+    let (scfg, _) = virtq::testing::layout(GPA, 8);
+    let sq = SplitQueue::new(&g.mem, scfg, features()).unwrap();
+    Virtqueue::prefetch(&sq);
+}
+
+#[test]
 fn a_descriptor_left_available_from_the_last_round_is_not_taken_again() {
     let g = Guest::new(1 << 16);
     let size = 2;
