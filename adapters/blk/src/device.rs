@@ -329,24 +329,19 @@ impl BlkDevice {
                         tally.errors += 1;
                         done += 1;
                     }
-                    Err(e @ (PopError::HeadOutOfRange { .. } | PopError::IdInUse { .. })) => {
-                        // No valid head to complete (`IdInUse` is the packed layout's, which this
-                        // split-ring device does not offer).
-                        limited!(warn, "{}: queue {index}: {e}", self.inner.name);
+                    Err(e) => {
                         tally.errors += 1;
-                        done += 1;
-                        // Where that loses the driver's place the ring stops (the core's rule,
-                        // as for virtio-net). Never on the rings this device serves today: it
-                        // offers neither IN_ORDER nor packed rings.
-                        if let Some(head) = e.unreturnable_on(vq) {
-                            broken = Some(RingFault::Unreturnable { head });
+                        // An invalid available index, or no valid head to complete where that
+                        // loses the driver's place, stops the ring (the same rule as for
+                        // virtio-net; the second never on the rings this device serves today:
+                        // it offers neither IN_ORDER nor packed rings).
+                        if let Some(fault) = RingFault::on_pop_error(vq, &e) {
+                            broken = Some(fault);
                             break;
                         }
-                    }
-                    Err(PopError::AvailIndex(e)) => {
-                        broken = Some(RingFault::AvailIndex(e));
-                        tally.errors += 1;
-                        break;
+                        // No valid head to complete: the slot is skipped.
+                        limited!(warn, "{}: queue {index}: {e}", self.inner.name);
+                        done += 1;
                     }
                 }
             }

@@ -34,7 +34,7 @@ use zerocopy_shim::read_header;
 
 use crate::limited_by;
 use crate::ratelimit::RateLimit;
-use crate::vring::{RingFault, VringShared};
+use crate::vring::{RingFault, RingLog, VringShared};
 
 mod model;
 pub use model::{NetConfig, NetEvent, NetModel};
@@ -277,6 +277,24 @@ impl<'a> InPlaceFrame<'a> {
     /// Whether the frame is empty (never: a chain holding only a header is refused).
     pub fn is_empty(&self) -> bool {
         self.bytes.is_empty()
+    }
+}
+
+/// Publishes a TX burst's completions (guest TX writes only the used ring), marking them in
+/// the dirty log while the front-end migrates, and kicks the log's reader if the burst took
+/// anything. Returns whether the driver is to be notified. One branch per burst when not
+/// migrating.
+#[inline(always)]
+fn publish_tx<'m, Q: Virtqueue<'m>>(vq: &mut Q, log: &Option<RingLog<'_>>, taken: usize) -> bool {
+    match log {
+        None => vq.publish(),
+        Some(log) => {
+            let notify = vq.publish_logged(log);
+            if taken != 0 {
+                log.kick();
+            }
+            notify
+        }
     }
 }
 
@@ -701,46 +719,28 @@ impl NetDevice {
                         n += 1;
                     }
                     Ok(None) => break,
-                    Err(PopError::Chain { head, .. }) => {
-                        // Completed with len 0 (the core's error policy), after the run.
-                        if let Some((last, k)) = run.take() {
-                            let _ = vq.push_in_order_batch(last, 0, k);
-                        }
-                        vq.push(head, 0);
+                    Err(e) => {
                         taken += 1;
                         errors += 1;
-                    }
-                    Err(e @ (PopError::HeadOutOfRange { .. } | PopError::IdInUse { .. })) => {
-                        taken += 1;
-                        errors += 1;
-                        // Nothing can be completed for it. Where that loses the driver's place
-                        // (the core's rule) stop here; the run so far is still completed below.
-                        if let Some(head) = e.unreturnable_on(vq) {
-                            broken = Some(RingFault::Unreturnable { head });
+                        // The run so far is still completed below.
+                        if let Some(fault) = RingFault::on_pop_error(vq, &e) {
+                            broken = Some(fault);
                             break;
                         }
-                    }
-                    Err(PopError::AvailIndex(e)) => {
-                        broken = Some(RingFault::AvailIndex(e));
-                        errors += 1;
-                        break;
+                        // Completed with len 0 (the core's error policy), after the run.
+                        if let PopError::Chain { head, .. } = e {
+                            if let Some((last, k)) = run.take() {
+                                let _ = vq.push_in_order_batch(last, 0, k);
+                            }
+                            vq.push(head, 0);
+                        }
                     }
                 }
             }
             if let Some((last, k)) = run {
                 let _ = vq.push_in_order_batch(last, 0, k);
             }
-            // Guest TX writes only the used ring. One branch per burst when not migrating.
-            match &log {
-                None => vq.publish(),
-                Some(log) => {
-                    let notify = vq.publish_logged(log);
-                    if taken != 0 {
-                        log.kick();
-                    }
-                    notify
-                }
-            }
+            publish_tx(vq, &log, taken)
         });
         self.finish_burst(index, s, result, broken);
         q.stats.add(n as u64, bytes, drops, errors);
@@ -928,35 +928,26 @@ impl NetDevice {
                         }
                     }
                     Ok(None) => break,
-                    Err(PopError::Chain { head, .. }) => {
-                        // Completed with len 0 (the core's error policy), after the run, or
-                        // in order behind the frames in place.
+                    Err(e) => {
                         taken += 1;
                         errors += 1;
-                        if in_order && held.len != 0 {
-                            held.push(head, true);
-                        } else {
-                            if let Some((last, k)) = run.take() {
-                                let _ = vq.push_in_order_batch(last, 0, k);
-                            }
-                            vq.push(head, 0);
-                        }
-                    }
-                    Err(e @ (PopError::HeadOutOfRange { .. } | PopError::IdInUse { .. })) => {
-                        taken += 1;
-                        errors += 1;
-                        // Nothing can be completed for it. Where that loses the driver's place
-                        // (the core's rule) stop here; what was taken before is still
-                        // delivered and completed.
-                        if let Some(head) = e.unreturnable_on(vq) {
-                            broken = Some(RingFault::Unreturnable { head });
+                        // What was taken before is still delivered and completed.
+                        if let Some(fault) = RingFault::on_pop_error(vq, &e) {
+                            broken = Some(fault);
                             break;
                         }
-                    }
-                    Err(PopError::AvailIndex(e)) => {
-                        broken = Some(RingFault::AvailIndex(e));
-                        errors += 1;
-                        break;
+                        // Completed with len 0 (the core's error policy), after the run, or
+                        // in order behind the frames in place.
+                        if let PopError::Chain { head, .. } = e {
+                            if in_order && held.len != 0 {
+                                held.push(head, true);
+                            } else {
+                                if let Some((last, k)) = run.take() {
+                                    let _ = vq.push_in_order_batch(last, 0, k);
+                                }
+                                vq.push(head, 0);
+                            }
+                        }
                     }
                 }
             }
@@ -971,17 +962,7 @@ impl NetDevice {
                 deliver(TxBurst::InPlace(&burst));
             }
             complete_tx(vq, &held, in_order);
-            // Guest TX writes only the used ring. One branch per burst when not migrating.
-            match &log {
-                None => vq.publish(),
-                Some(log) => {
-                    let notify = vq.publish_logged(log);
-                    if taken != 0 {
-                        log.kick();
-                    }
-                    notify
-                }
-            }
+            publish_tx(vq, &log, taken)
         });
         self.finish_burst(index, s, result, broken);
         q.stats.add(n as u64, bytes, drops, errors);

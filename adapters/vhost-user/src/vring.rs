@@ -61,6 +61,23 @@ pub enum RingFault {
     },
 }
 
+impl RingFault {
+    /// The fault a chain the core refused with `e` on `vq` puts the ring in, or `None` where
+    /// the burst goes on (after completing a malformed chain, [`virtq::PopError::Chain`], with
+    /// len 0 in its order, or skipping a slot with nothing to complete on a split ring without
+    /// `IN_ORDER`). One owner for every device's bursts (guest TX both ways, virtq-blk); the
+    /// rules are the core's: an invalid available index, and a chain that cannot be completed
+    /// where that loses the driver's place ([`virtq::PopError::unreturnable_on`]). What the
+    /// burst took before is still completed.
+    #[inline(always)]
+    pub fn on_pop_error<'m, Q: virtq::Virtqueue<'m>>(vq: &Q, e: &virtq::PopError) -> Option<RingFault> {
+        match e {
+            virtq::PopError::AvailIndex(e) => Some(RingFault::AvailIndex(*e)),
+            e => e.unreturnable_on(vq).map(|head| RingFault::Unreturnable { head }),
+        }
+    }
+}
+
 impl std::fmt::Display for RingFault {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
