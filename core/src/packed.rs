@@ -46,8 +46,8 @@ use core::ptr::NonNull;
 use core::sync::atomic::{fence, Ordering};
 
 use crate::chain::{
-    fail, gather_into, indirect_table, read_into, walk_source, walk_source_into, write_from, Chain, ChainError,
-    ChainLimits, DescSource, DescTable, Failed, Segments, WalkDesc, WalkSummary,
+    fail, indirect_table, walk_source, walk_source_into, Chain, ChainError, ChainLimits, DescSource, DescTable, Failed,
+    Segments, WalkDesc, WalkSummary,
 };
 use crate::desc::{read_packed, read_packed_aligned, DescFlags, DESC_SIZE};
 use crate::dirty::{NoLog, WriteLog};
@@ -55,7 +55,8 @@ use crate::event::vring_need_event;
 use crate::features::VirtioFeatures;
 use crate::log::log_warn;
 use crate::mem::{load_u16, store_u16, store_u32, GuestMemory};
-use crate::queue::{CopiedChain, FirstWritable, PopError, QueueConfig, QueueError, RingPart, MAX_QUEUE_SIZE};
+use crate::queue::{CopiedChain, PopError, QueueConfig, QueueError, RingPart, MAX_QUEUE_SIZE};
+use crate::ring::{self, sealed::Walk};
 
 /// `VIRTQ_DESC_F_AVAIL` (§2.8.1): equal to the driver's wrap counter when the driver makes a
 /// descriptor available.
@@ -622,26 +623,6 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
         }
     }
 
-    /// Takes the next chain, validating it in one pass, and returns its first buffer if that
-    /// one is device-writable (as [`SplitQueue`](crate::SplitQueue)'s, for the net receive
-    /// path's fast path).
-    // Always inlined: the net receive path's fast path calls it once per frame (through
-    // `ring::sealed::RxOps`); left to LLVM behind the trait it stayed a call (ringbench
-    // virtq-net 1desc 64 rx: +33 instructions per chain).
-    #[cfg_attr(not(feature = "small"), inline(always))]
-    pub(crate) fn pop_first_writable(&mut self) -> Result<Option<FirstWritable>, PopError> {
-        let mut first = None;
-        let mut pieces = 0u32;
-        self.pop_with::<_, true>(|ptr, len, writable, addr| {
-            if pieces == 0 && writable {
-                first = Some((ptr, len, addr));
-            }
-            pieces += 1;
-            Ok(())
-        })
-        .map(|o| o.map(|(head, sum)| FirstWritable { head, sum, first }))
-    }
-
     /// Takes the next chain, returned by value (see [`pop_into`](Self::pop_into)).
     pub fn pop<const N: usize>(&mut self) -> Result<Option<Chain<'m, N>>, PopError> {
         let mut chain = Chain::new();
@@ -653,7 +634,7 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
     /// [`CopiedChain::head`] is the buffer id.
     #[cfg_attr(not(feature = "small"), inline(always))]
     pub fn pop_read(&mut self, buf: &mut [u8]) -> Result<Option<CopiedChain>, PopError> {
-        self.pop_read_with::<true>(buf)
+        ring::pop_read::<_, true>(self, buf)
     }
 
     /// [`pop_read`](Self::pop_read), but a malformed chain ([`PopError::Chain`]) is not
@@ -661,7 +642,7 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
     /// [`SplitQueue::pop_read_uncompleted`](crate::SplitQueue::pop_read_uncompleted)).
     #[cfg_attr(not(feature = "small"), inline(always))]
     pub fn pop_read_uncompleted(&mut self, buf: &mut [u8]) -> Result<Option<CopiedChain>, PopError> {
-        self.pop_read_with::<false>(buf)
+        ring::pop_read::<_, false>(self, buf)
     }
 
     /// [`pop_read_uncompleted`](Self::pop_read_uncompleted) for a device that may leave a
@@ -684,24 +665,7 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
         head: usize,
         segments: &mut Segments<'m, P>,
     ) -> Result<Option<CopiedChain>, PopError> {
-        let start = segments.len();
-        let head = head.min(buf.len());
-        let mut done = 0usize;
-        match self.pop_with::<_, false>(gather_into(buf, head, &mut done, segments)) {
-            Ok(Some((h, sum))) => Ok(Some(CopiedChain::new(h, done, sum))),
-            Ok(None) => Ok(None),
-            Err(e) => {
-                segments.truncate(start);
-                Err(e)
-            }
-        }
-    }
-
-    #[cfg_attr(not(feature = "small"), inline(always))]
-    fn pop_read_with<const COMPLETE_BAD: bool>(&mut self, buf: &mut [u8]) -> Result<Option<CopiedChain>, PopError> {
-        let mut done = 0usize;
-        let r = self.pop_with::<_, COMPLETE_BAD>(read_into(buf, &mut done));
-        r.map(|o| o.map(|(head, sum)| CopiedChain::new(head, done, sum)))
+        ring::pop_gather_uncompleted(self, buf, head, segments)
     }
 
     /// Takes the next chain and writes `data` into its device-writable part in the same pass
@@ -714,27 +678,7 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
     /// [`pop_write`](Self::pop_write), reporting every piece written to `log` as a guest range.
     #[cfg_attr(not(feature = "small"), inline(always))]
     pub fn pop_write_logged<L: WriteLog>(&mut self, data: &[u8], log: &L) -> Result<Option<CopiedChain>, PopError> {
-        let mut done = 0usize;
-        let r = self.pop_with::<_, true>(write_from(data, &mut done, log));
-        r.map(|o| o.map(|(head, sum)| CopiedChain::new(head, done, sum)))
-    }
-
-    #[cfg_attr(not(feature = "small"), inline(always))]
-    fn pop_with<F, const COMPLETE_BAD: bool>(&mut self, piece: F) -> Result<Option<(u16, WalkSummary)>, PopError>
-    where
-        F: FnMut(NonNull<u8>, u32, bool, u64) -> Result<(), ChainError>,
-    {
-        let Some((id, cursor)) = self.take(COMPLETE_BAD)? else {
-            return Ok(None);
-        };
-        match walk_source(self.mem, cursor, &self.st().limits, piece) {
-            Ok(sum) => Ok(Some((id, sum))),
-            Err(error) if COMPLETE_BAD => Err(self.fail_chain(id, error)),
-            Err(error) => {
-                log_warn!("virtq: malformed packed chain, buffer id {=u16}: {}", id, error);
-                Err(PopError::Chain { head: id, error })
-            }
-        }
+        ring::pop_write_logged(self, data, log)
     }
 
     /// Finds the next available chain's extent and consumes its descriptors; returns its
@@ -995,6 +939,30 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
         let flags =
             unsafe { load_u16(q.ring.as_ptr().add(q.avail.index as usize * DESC_SIZE + 14), Ordering::Acquire) };
         Ok(is_available(flags, q.avail.wrap))
+    }
+}
+
+// The packed ring's walk for the fused pops (`crate::ring`): the chain's extent and buffer id
+// from the descriptor ring (`take`, §2.8.6), then the walk over its descriptors.
+impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQueue<IDS>>> Walk<'m>
+    for PackedQueue<'m, M, IDS, S>
+{
+    #[cfg_attr(not(feature = "small"), inline(always))]
+    fn pop_with<F, const COMPLETE_BAD: bool>(&mut self, piece: F) -> Result<Option<(u16, WalkSummary)>, PopError>
+    where
+        F: FnMut(NonNull<u8>, u32, bool, u64) -> Result<(), ChainError>,
+    {
+        let Some((id, cursor)) = self.take(COMPLETE_BAD)? else {
+            return Ok(None);
+        };
+        match walk_source(self.mem, cursor, &self.st().limits, piece) {
+            Ok(sum) => Ok(Some((id, sum))),
+            Err(error) if COMPLETE_BAD => Err(self.fail_chain(id, error)),
+            Err(error) => {
+                log_warn!("virtq: malformed packed chain, buffer id {=u16}: {}", id, error);
+                Err(PopError::Chain { head: id, error })
+            }
+        }
     }
 }
 

@@ -20,15 +20,14 @@ use core::ptr::NonNull;
 
 use crate::avail::{AvailIndexError, AvailRing};
 use crate::chain::{
-    gather_into, last_writable_byte, read_into, walk, walk_pieces, write_from, Chain, ChainError, ChainLimits,
-    DescTable, Segments, WalkSummary,
+    last_writable_byte, walk, walk_pieces, Chain, ChainError, ChainLimits, DescTable, Segments, WalkSummary,
 };
 use crate::desc::DESC_SIZE;
 use crate::dirty::{NoLog, WriteLog};
 use crate::features::VirtioFeatures;
 use crate::log::log_warn;
 use crate::mem::{copy_bytes, GuestMemory, MemError};
-use crate::ring::Virtqueue;
+use crate::ring::{self, sealed::Walk, Virtqueue};
 use crate::used::UsedRing;
 
 /// Largest queue size the spec allows (§2.7: "The maximum Queue Size value is 32768").
@@ -511,7 +510,7 @@ impl<'m, M: GuestMemory + ?Sized> SplitQueue<'m, M> {
     /// was completed with len 0 and `buf` holds garbage.
     #[cfg_attr(not(feature = "small"), inline(always))]
     pub fn pop_read(&mut self, buf: &mut [u8]) -> Result<Option<CopiedChain>, PopError> {
-        self.pop_read_with::<true>(buf)
+        ring::pop_read::<_, true>(self, buf)
     }
 
     /// [`pop_read`](Self::pop_read), but a malformed chain ([`PopError::Chain`]) is not
@@ -521,7 +520,7 @@ impl<'m, M: GuestMemory + ?Sized> SplitQueue<'m, M> {
     /// inside the pop would land before the batch taken ahead of it.
     #[cfg_attr(not(feature = "small"), inline(always))]
     pub fn pop_read_uncompleted(&mut self, buf: &mut [u8]) -> Result<Option<CopiedChain>, PopError> {
-        self.pop_read_with::<false>(buf)
+        ring::pop_read::<_, false>(self, buf)
     }
 
     /// [`pop_read_uncompleted`](Self::pop_read_uncompleted) for a device that may leave a
@@ -544,24 +543,7 @@ impl<'m, M: GuestMemory + ?Sized> SplitQueue<'m, M> {
         head: usize,
         segments: &mut Segments<'m, P>,
     ) -> Result<Option<CopiedChain>, PopError> {
-        let start = segments.len();
-        let head = head.min(buf.len());
-        let mut done = 0usize;
-        match self.pop_with::<_, false>(gather_into(buf, head, &mut done, segments)) {
-            Ok(Some((h, sum))) => Ok(Some(CopiedChain::new(h, done, sum))),
-            Ok(None) => Ok(None),
-            Err(e) => {
-                segments.truncate(start);
-                Err(e)
-            }
-        }
-    }
-
-    #[cfg_attr(not(feature = "small"), inline(always))]
-    fn pop_read_with<const COMPLETE_BAD: bool>(&mut self, buf: &mut [u8]) -> Result<Option<CopiedChain>, PopError> {
-        let mut done = 0usize;
-        let r = self.pop_with::<_, COMPLETE_BAD>(read_into(buf, &mut done));
-        r.map(|o| o.map(|(head, sum)| CopiedChain::new(head, done, sum)))
+        ring::pop_gather_uncompleted(self, buf, head, segments)
     }
 
     /// Takes the next chain and writes `data` into its device-writable part in the same pass
@@ -580,55 +562,7 @@ impl<'m, M: GuestMemory + ?Sized> SplitQueue<'m, M> {
     /// range ([`crate::dirty`]).
     #[cfg_attr(not(feature = "small"), inline(always))]
     pub fn pop_write_logged<L: WriteLog>(&mut self, data: &[u8], log: &L) -> Result<Option<CopiedChain>, PopError> {
-        let mut done = 0usize;
-        let r = self.pop_with::<_, true>(write_from(data, &mut done, log));
-        r.map(|o| o.map(|(head, sum)| CopiedChain::new(head, done, sum)))
-    }
-
-    /// Takes the next chain, validating it in one pass without building a segment list, and
-    /// returns its first buffer if that one is device-writable.
-    /// Malformed chains are completed with len 0 as in [`pop_read`](Self::pop_read). Used by
-    /// virtio-net receive to place a packet that fits one buffer, writing nothing before the
-    /// whole chain has been validated.
-    // Always inlined: the net receive path's fast path calls it once per frame (through
-    // `ring::sealed::RxOps`); left to LLVM behind the trait it stayed a call (ringbench
-    // virtq-net 1desc 64 rx: +33 instructions per chain).
-    #[cfg_attr(not(feature = "small"), inline(always))]
-    pub(crate) fn pop_first_writable(&mut self) -> Result<Option<FirstWritable>, PopError> {
-        let mut first = None;
-        let mut pieces = 0u32;
-        self.pop_with::<_, true>(|ptr, len, writable, addr| {
-            if pieces == 0 && writable {
-                first = Some((ptr, len, addr));
-            }
-            pieces += 1;
-            Ok(())
-        })
-        .map(|o| o.map(|(head, sum)| FirstWritable { head, sum, first }))
-    }
-
-    #[cfg_attr(not(feature = "small"), inline(always))]
-    fn pop_with<F, const COMPLETE_BAD: bool>(&mut self, piece: F) -> Result<Option<(u16, WalkSummary)>, PopError>
-    where
-        F: FnMut(NonNull<u8>, u32, bool, u64) -> Result<(), ChainError>,
-    {
-        let Some(head) = self.q.avail.next_head()? else {
-            return Ok(None);
-        };
-        if head >= self.q.config.size {
-            log_warn!("virtq: head index {=u16} out of range", head);
-            return Err(PopError::HeadOutOfRange { head });
-        }
-        match walk_pieces(self.mem, self.q.desc, head, &self.q.limits, piece) {
-            Ok(sum) => Ok(Some((head, sum))),
-            Err(error) => {
-                log_warn!("virtq: malformed chain at head {=u16}: {}", head, error);
-                if COMPLETE_BAD {
-                    self.q.used.push(head, 0);
-                }
-                Err(PopError::Chain { head, error })
-            }
-        }
+        ring::pop_write_logged(self, data, log)
     }
 
     /// Takes the next chain, returned by value. Prefer [`pop_into`](Self::pop_into) with a
@@ -740,5 +674,33 @@ impl<'m, M: GuestMemory + ?Sized> SplitQueue<'m, M> {
     /// processed before sleeping (the re-check race is closed with a full fence).
     pub fn enable_notifications(&mut self) -> Result<bool, PopError> {
         Ok(self.q.avail.enable_notifications()?)
+    }
+}
+
+// The split ring's walk for the fused pops (`crate::ring`): the head from the available ring
+// (§2.7.6), then the walk from it through the descriptor table (§2.7.5).
+impl<'m, M: GuestMemory + ?Sized> Walk<'m> for SplitQueue<'m, M> {
+    #[cfg_attr(not(feature = "small"), inline(always))]
+    fn pop_with<F, const COMPLETE_BAD: bool>(&mut self, piece: F) -> Result<Option<(u16, WalkSummary)>, PopError>
+    where
+        F: FnMut(NonNull<u8>, u32, bool, u64) -> Result<(), ChainError>,
+    {
+        let Some(head) = self.q.avail.next_head()? else {
+            return Ok(None);
+        };
+        if head >= self.q.config.size {
+            log_warn!("virtq: head index {=u16} out of range", head);
+            return Err(PopError::HeadOutOfRange { head });
+        }
+        match walk_pieces(self.mem, self.q.desc, head, &self.q.limits, piece) {
+            Ok(sum) => Ok(Some((head, sum))),
+            Err(error) => {
+                log_warn!("virtq: malformed chain at head {=u16}: {}", head, error);
+                if COMPLETE_BAD {
+                    self.q.used.push(head, 0);
+                }
+                Err(PopError::Chain { head, error })
+            }
+        }
     }
 }

@@ -8,6 +8,11 @@
 //! buffer id), the same [`PopError`] policy (a malformed chain was already completed with
 //! `len` 0), and one notification decision per [`publish`](Virtqueue::publish).
 //!
+//! The fused pops (`pop_read`, `pop_gather_uncompleted`, `pop_write_logged`, and the receive
+//! path's `pop_first_writable`) are written here once for both layouts: each runs one of
+//! `crate::chain`'s visitors over the layout's walk of its next chain (`sealed::Walk`, the one
+//! thing in them that differs by layout), and the queues' inherent methods delegate to them.
+//!
 //! ```ignore
 //! fn drain_tx<'m, Q: Virtqueue<'m>>(q: &mut Q, buf: &mut [u8]) -> bool {
 //!     while let Ok(Some(c)) = q.pop_read(buf) {
@@ -18,10 +23,11 @@
 //! }
 //! ```
 
-use crate::chain::Chain;
+use crate::chain::{gather_into, read_into, write_from, Chain, ChainError, Segments, WalkSummary};
 use crate::dirty::{NoLog, WriteLog};
 use crate::mem::GuestMemory;
 use core::borrow::BorrowMut;
+use core::ptr::NonNull;
 
 use crate::packed::{DetachedPackedQueue, PackedQueue};
 use crate::queue::{CopiedChain, PopError, SplitQueue};
@@ -180,6 +186,53 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
     }
 }
 
+/// The body of both layouts' `pop_read` (`COMPLETE_BAD`) and `pop_read_uncompleted` (not):
+/// [`read_into`] over the layout's walk.
+#[cfg_attr(not(feature = "small"), inline(always))]
+pub(crate) fn pop_read<'m, Q: sealed::Walk<'m>, const COMPLETE_BAD: bool>(
+    q: &mut Q,
+    buf: &mut [u8],
+) -> Result<Option<CopiedChain>, PopError> {
+    let mut done = 0usize;
+    let r = q.pop_with::<_, COMPLETE_BAD>(read_into(buf, &mut done));
+    r.map(|o| o.map(|(head, sum)| CopiedChain::new(head, done, sum)))
+}
+
+/// The body of both layouts' `pop_gather_uncompleted`: [`gather_into`] over the layout's walk,
+/// the chain left uncompleted if malformed, and none of its pieces left in `segments` then.
+/// `'m` ties the pieces listed to the queue's borrow of guest memory.
+#[cfg_attr(not(feature = "small"), inline(always))]
+pub(crate) fn pop_gather_uncompleted<'m, Q: sealed::Walk<'m>, const P: usize>(
+    q: &mut Q,
+    buf: &mut [u8],
+    head: usize,
+    segments: &mut Segments<'m, P>,
+) -> Result<Option<CopiedChain>, PopError> {
+    let start = segments.len();
+    let head = head.min(buf.len());
+    let mut done = 0usize;
+    match q.pop_with::<_, false>(gather_into(buf, head, &mut done, segments)) {
+        Ok(Some((h, sum))) => Ok(Some(CopiedChain::new(h, done, sum))),
+        Ok(None) => Ok(None),
+        Err(e) => {
+            segments.truncate(start);
+            Err(e)
+        }
+    }
+}
+
+/// The body of both layouts' `pop_write_logged`: [`write_from`] over the layout's walk.
+#[cfg_attr(not(feature = "small"), inline(always))]
+pub(crate) fn pop_write_logged<'m, Q: sealed::Walk<'m>, L: WriteLog>(
+    q: &mut Q,
+    data: &[u8],
+    log: &L,
+) -> Result<Option<CopiedChain>, PopError> {
+    let mut done = 0usize;
+    let r = q.pop_with::<_, true>(write_from(data, &mut done, log));
+    r.map(|o| o.map(|(head, sum)| CopiedChain::new(head, done, sum)))
+}
+
 /// A queue the virtio-net receive path ([`crate::net::receive`] and friends) can fill: both
 /// layouts are. Name it to write a device generic over the layout:
 ///
@@ -194,17 +247,49 @@ impl<'m, Q: sealed::RxOps<'m>> RxQueue<'m> for Q {}
 
 /// What the virtio-net receive path needs of a queue beyond [`Virtqueue`]: reserving chains
 /// without completing malformed ones, giving reservations back, and the one-pass look at a
-/// chain's first buffer. Sealed: implemented by both queues, named by no one outside the
-/// crate, so these stay crate-internal contracts.
+/// chain's first buffer; and what the fused pops need of a layout, its walk ([`Walk`]).
+/// Sealed: implemented by both queues, named by no one outside the crate, so these stay
+/// crate-internal contracts.
 pub(crate) mod sealed {
     use super::*;
     use crate::queue::FirstWritable;
 
+    /// A layout's walk of its next chain, the one part of the fused pops that differs by
+    /// layout; implemented in each layout's module (`crate::queue`, `crate::packed`), with
+    /// the ring state it reads.
+    pub trait Walk<'m> {
+        /// Takes the next chain (`Ok(None)` when none is available) and hands every
+        /// host-contiguous piece of its buffers to `piece(ptr, len, writable, addr)` in chain
+        /// order, in the pass that validates it (`crate::chain`'s walk); returns its head index
+        /// (the buffer id on a packed ring) and its totals. A malformed chain is completed with
+        /// len 0 only if `COMPLETE_BAD`; what `piece` did with it is the caller's to discard.
+        fn pop_with<F, const COMPLETE_BAD: bool>(&mut self, piece: F) -> Result<Option<(u16, WalkSummary)>, PopError>
+        where
+            F: FnMut(NonNull<u8>, u32, bool, u64) -> Result<(), ChainError>;
+    }
+
     /// See the module's documentation.
-    pub trait RxOps<'m>: Virtqueue<'m> {
+    pub trait RxOps<'m>: Virtqueue<'m> + Walk<'m> {
         /// The next chain, validated in one pass, with its first buffer if device-writable;
-        /// malformed chains are completed with len 0.
-        fn pop_first_writable(&mut self) -> Result<Option<FirstWritable>, PopError>;
+        /// malformed chains are completed with len 0. Written here once for both layouts,
+        /// over their walk; the receive path places a packet that fits one buffer with it,
+        /// writing nothing before the whole chain has been validated.
+        // Always inlined: the net receive path's fast path calls it once per frame; left to
+        // LLVM behind the trait it stayed a call (ringbench virtq-net 1desc 64 rx: +33
+        // instructions per chain).
+        #[cfg_attr(not(feature = "small"), inline(always))]
+        fn pop_first_writable(&mut self) -> Result<Option<FirstWritable>, PopError> {
+            let mut first = None;
+            let mut pieces = 0u32;
+            self.pop_with::<_, true>(|ptr, len, writable, addr| {
+                if pieces == 0 && writable {
+                    first = Some((ptr, len, addr));
+                }
+                pieces += 1;
+                Ok(())
+            })
+            .map(|o| o.map(|(head, sum)| FirstWritable { head, sum, first }))
+        }
         /// [`Virtqueue::pop_into`] leaving a malformed chain uncompleted.
         fn pop_uncompleted<const N: usize>(&mut self, chain: &mut Chain<'m, N>) -> Result<bool, PopError>;
         /// Gives back the last `n` chains taken and not completed.
@@ -213,10 +298,6 @@ pub(crate) mod sealed {
 
     macro_rules! forward_rx {
         () => {
-            #[cfg_attr(not(feature = "small"), inline(always))]
-            fn pop_first_writable(&mut self) -> Result<Option<FirstWritable>, PopError> {
-                Self::pop_first_writable(self)
-            }
             #[cfg_attr(not(feature = "small"), inline(always))]
             fn pop_uncompleted<const N: usize>(&mut self, chain: &mut Chain<'m, N>) -> Result<bool, PopError> {
                 Self::pop_uncompleted(self, chain)
