@@ -343,6 +343,18 @@ const NO_ID: u16 = u16::MAX;
 /// taken, it asks for the fourth one after it, as DPDK's batches of four do.
 pub const PREFETCH_AHEAD: u16 = 3;
 
+/// Completions a [`PackedQueue`] keeps before storing them to the ring.
+const SHADOW: usize = 32;
+
+/// A used descriptor not stored in the ring yet (see `DetachedPackedQueue::shadow`).
+#[derive(Clone, Copy, Debug, Default)]
+struct UsedShadow {
+    len: u32,
+    slot: u16,
+    id: u16,
+    flags: u16,
+}
+
 /// A [`PackedQueue`] between bursts: its validated state without the borrow of guest memory
 /// (see [`PackedQueue::detach`]).
 #[derive(Debug)]
@@ -362,10 +374,18 @@ pub struct DetachedPackedQueue<const IDS: usize = DEFAULT_IDS> {
     signalled: RingPosition,
     /// The buffer id taken last and not completed since, or [`NO_ID`].
     last_taken: u16,
-    /// Slot and flags of the first used descriptor written since the last publish: its flags
+    /// Slot and flags of the first used descriptor completed since the last publish: its flags
     /// are stored last, by `publish`, so the driver sees the batch at once (the rest already
     /// carry theirs, but the driver reads the ring in order and stops at the first).
     pending: Option<(u16, u16)>,
+    /// Completions not stored in the ring yet, in ring order: stored together when the list
+    /// is full and at `publish`, as DPDK's shadow used ring does. The driver polls the line of
+    /// its next used descriptor; storing into the ring chain by chain, interleaved with the
+    /// reads of the next available descriptors, made every store to a line the driver had
+    /// just read wait for it, and x86 commits stores in order, so the burst waited with it
+    /// (loop64-mrg-packed in benches/README.md).
+    shadow: [UsedShadow; SHADOW],
+    shadow_len: u8,
     /// Per buffer id: the descriptors its chain took (§2.8.6: "The driver needs to keep track
     /// of the size of the list corresponding to each buffer ID, to be able to skip to where
     /// the next used descriptor is written by the device"; the device must skip the same).
@@ -374,6 +394,38 @@ pub struct DetachedPackedQueue<const IDS: usize = DEFAULT_IDS> {
 }
 
 impl<const IDS: usize> DetachedPackedQueue<IDS> {
+    /// Stores the shadow list's used descriptors in the ring: every body first, then the flags
+    /// (AVAIL = USED = the device-ring wrap counter, §2.8.1), each with release, except the
+    /// batch's first (`pending`), whose flags `publish` stores last (§2.8.21.3: the driver reads
+    /// the ring in order and stops at the first descriptor not used).
+    #[cfg_attr(not(feature = "small"), inline(always))]
+    fn store_used(&mut self) {
+        let n = (self.shadow_len as usize).min(SHADOW);
+        self.shadow_len = 0;
+        let first = self.pending.map(|(slot, _)| slot);
+        let ring = self.ring.as_ptr();
+        for e in &self.shadow[..n] {
+            // SAFETY: `e.slot < size` (a used position): the descriptor's `len` (offset 8,
+            // 4-aligned) and `id` (offset 12, 2-aligned) are inside the validated, 4-aligned
+            // ring. Relaxed: the release stores of the flags below order them.
+            unsafe {
+                let d = ring.add(e.slot as usize * DESC_SIZE);
+                store_u32(d.add(8), e.len, Ordering::Relaxed);
+                store_u16(d.add(12), e.id, Ordering::Relaxed);
+            }
+        }
+        for e in &self.shadow[..n] {
+            // Between two publishes the used positions are distinct (the driver cannot make a
+            // slot available again before it has seen it used), so this is the batch's first.
+            if Some(e.slot) == first {
+                continue;
+            }
+            // SAFETY: `flags` at offset 14 of the same descriptor, 2-aligned. Release: its
+            // `len` and `id` (and the buffer contents) are visible before it is used.
+            unsafe { store_u16(ring.add(e.slot as usize * DESC_SIZE + 14), e.flags, Ordering::Release) };
+        }
+    }
+
     /// The configuration the queue was set up with.
     pub fn config(&self) -> &QueueConfig {
         &self.config
@@ -497,6 +549,8 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize> PackedQueue<'m, M, IDS> {
                 signalled: RingPosition::START,
                 last_taken: NO_ID,
                 pending: None,
+                shadow: [UsedShadow { len: 0, slot: 0, id: 0, flags: 0 }; SHADOW],
+                shadow_len: 0,
                 inflight: [InFlight::NONE; IDS],
                 config,
             },
@@ -566,6 +620,7 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
         q.signalled = q.used;
         q.last_taken = NO_ID;
         q.pending = None;
+        q.shadow_len = 0;
         q.inflight = [InFlight::NONE; IDS];
     }
 
@@ -816,29 +871,26 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
         true
     }
 
-    /// Writes the used descriptor for `id` at the device's position: body first, flags
-    /// (AVAIL = USED = the device-ring wrap counter, §2.8.1) with release after it, except for
-    /// the first of a batch, whose flags `publish` stores.
+    /// Completes `id` at the device's position: kept in the shadow list, which
+    /// [`DetachedPackedQueue::store_used`] stores to the ring when full and `publish` at the
+    /// latest. The first completion since the last publish is also `pending`: its flags are
+    /// stored last, by `publish`.
     #[cfg_attr(not(feature = "small"), inline(always))]
     fn write_used(&mut self, id: u16, len: u32) {
         let q = self.st_mut();
+        if q.shadow_len as usize == SHADOW {
+            q.store_used();
+        }
         let slot = q.used.index;
         let flags = if q.used.wrap { VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED } else { 0 };
-        // SAFETY: `slot < size`: the descriptor's `len` (offset 8, 4-aligned) and `id`
-        // (offset 12, 2-aligned) are inside the validated, 4-aligned ring. Relaxed: the
-        // release store of the flags orders them.
-        let d = unsafe { q.ring.as_ptr().add(slot as usize * DESC_SIZE) };
-        // SAFETY: as above.
-        unsafe {
-            store_u32(d.add(8), len, Ordering::Relaxed);
-            store_u16(d.add(12), id, Ordering::Relaxed);
-        }
         if q.pending.is_none() {
             q.pending = Some((slot, flags));
-        } else {
-            // SAFETY: `flags` at offset 14 of the same descriptor. Release: its `len` and `id`
-            // (and the buffer contents) are visible before it is used (§2.8.21.3).
-            unsafe { store_u16(d.add(14), flags, Ordering::Release) };
+        }
+        // Below `SHADOW`: stored out just above when full.
+        let i = q.shadow_len as usize;
+        if let Some(e) = q.shadow.get_mut(i) {
+            *e = UsedShadow { len, slot, id, flags };
+            q.shadow_len += 1;
         }
     }
 
@@ -851,6 +903,7 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
     #[inline]
     pub fn publish(&mut self) -> bool {
         let q = self.st_mut();
+        q.store_used();
         let Some((slot, flags)) = q.pending.take() else {
             return false;
         };

@@ -173,6 +173,34 @@ fn chains_follow_the_wrap_counters_over_many_rounds() {
 }
 
 #[test]
+fn more_completions_than_the_shadow_holds_stay_invisible_until_publish() {
+    // The queue keeps completions and stores them to the ring in groups (when its list of 32
+    // is full, and at publish); the batch's first descriptor's flags still go last, so the
+    // driver sees nothing before `publish` and everything, in order, after it. Two rounds of
+    // 40 on a ring of 48, so the second crosses the wrap.
+    let g = Guest::new(1 << 18);
+    let (cfg, mut drv) = setup(&g, 48);
+    let mut q = packed(&g, cfg, features());
+    let mut buf = [0u8; 8];
+    for round in 0..2u32 {
+        drv.reset_alloc();
+        let ids: Vec<u16> = (0..40).map(|_| drv.add_chain(&[Buf::readable(b"abc")])).collect();
+        for (k, &id) in ids.iter().enumerate() {
+            let c = q.pop_read(&mut buf).unwrap().expect("chain available");
+            assert_eq!(c.head, id);
+            q.push(c.head, 1000 * round + k as u32);
+            assert_eq!(drv.pop_used(), None, "round {round}, chain {k}: nothing visible before publish");
+        }
+        assert!(q.publish());
+        for (k, &id) in ids.iter().enumerate() {
+            assert_eq!(drv.pop_used(), Some((id, 1000 * round + k as u32)), "round {round}, chain {k}");
+        }
+        assert_eq!(drv.pop_used(), None);
+        assert_eq!(q.next_used(), drv.used_position());
+    }
+}
+
+#[test]
 fn out_of_order_completions_skip_each_buffers_own_descriptors() {
     let g = Guest::new(1 << 16);
     let (cfg, mut drv) = setup(&g, SIZE);

@@ -48,12 +48,6 @@ pub const MAX_GSO_FRAME: usize = 65535 + 40 + 18;
 /// frame behind the 12-byte virtio-net header.
 pub const MAX_TX_FRAME: usize = MAX_GSO_FRAME + 12;
 
-/// Frames of at least this many bytes (with their virtio-net header) make
-/// [`NetDevice::dequeue_burst`] ask the CPU for a buffer a few chains ahead
-/// ([`virtq::packed::PackedQueue::prefetch`]) before copying the next: a large copy's cache
-/// misses pay for the hint, a 64-byte frame's do not.
-const PREFETCH_MIN_LEN: u32 = 256;
-
 /// The frame a back-end sends for `SEND_RARP` (vhost-user.rst "Migration"; what QEMU's
 /// `qemu_announce_self` and DPDK's `make_rarp_packet` send): an Ethernet broadcast from `mac`,
 /// EtherType RARP (0x8035), a reverse request (opcode 3) for `mac`, padded to 60 bytes. A
@@ -676,9 +670,9 @@ impl NetDevice {
                 match vq.pop_read_uncompleted(&mut frame.buf) {
                     Ok(Some(c)) => {
                         taken += 1;
-                        if c.bytes >= PREFETCH_MIN_LEN {
-                            vq.prefetch();
-                        }
+                        // A buffer a few chains ahead, so that the next frames' cross-CPU
+                        // misses overlap this one's copy (packed rings only; benches/README.md).
+                        vq.prefetch();
                         if in_order {
                             run = Some((c.head, run.map_or(1, |(_, k)| k + 1)));
                         } else {
