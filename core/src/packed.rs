@@ -345,6 +345,8 @@ pub const PREFETCH_AHEAD: u16 = 3;
 
 /// Completions a [`PackedQueue`] keeps before storing them to the ring.
 const SHADOW: usize = 32;
+// `shadow_len` is a `u8`.
+const _: () = assert!(SHADOW <= u8::MAX as usize);
 
 /// A used descriptor not stored in the ring yet (see `DetachedPackedQueue::shadow`).
 #[derive(Clone, Copy, Debug, Default)]
@@ -375,8 +377,9 @@ pub struct DetachedPackedQueue<const IDS: usize = DEFAULT_IDS> {
     /// The buffer id taken last and not completed since, or [`NO_ID`].
     last_taken: u16,
     /// Slot and flags of the first used descriptor completed since the last publish: its flags
-    /// are stored last, by `publish`, so the driver sees the batch at once (the rest already
-    /// carry theirs, but the driver reads the ring in order and stops at the first).
+    /// are stored last, by `publish`, so the driver sees the batch at once (the rest carry
+    /// theirs once `store_used` stored them, but the driver reads the ring in order and stops
+    /// at the first).
     pending: Option<(u16, u16)>,
     /// Completions not stored in the ring yet, in ring order: stored together when the list
     /// is full and at `publish`, as DPDK's shadow used ring does. The driver polls the line of
@@ -415,8 +418,10 @@ impl<const IDS: usize> DetachedPackedQueue<IDS> {
             }
         }
         for e in &self.shadow[..n] {
-            // Between two publishes the used positions are distinct (the driver cannot make a
+            // Between two publishes the used positions are distinct (a driver cannot make a
             // slot available again before it has seen it used), so this is the batch's first.
+            // A hostile driver that does (more than `size` descriptors completed in one batch)
+            // only tears its own batch: every slot is a used position, inside the ring.
             if Some(e.slot) == first {
                 continue;
             }
@@ -793,9 +798,9 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
     /// long copy; asked for a few chains ahead, they overlap with the copies in between. DPDK's
     /// vhost does the same in its packed-ring batches (`virtio_dev_tx_batch_packed`: prefetch
     /// four buffers, then copy them); without it, guest TX of 1518-byte frames through
-    /// virtq-net ran at about 0.8 of DPDK's rate (`benches/README.md`, vs-dpdk). Not worth it
-    /// after a small copy: the hint costs about as much as the rest of the ring's work per
-    /// chain (translating an address), and a 64-byte frame's misses are few.
+    /// virtq-net ran at about 0.8 of DPDK's rate (`benches/README.md`, vs-dpdk), and echoing
+    /// 64-byte frames (`loop64-mrg-packed`) at about 0.65. The hint costs about 45
+    /// instructions (translating an address).
     ///
     /// Nothing is consumed, validated or trusted: the descriptor is read as a pop reads one
     /// (its flags with acquire, then its address), the address is only translated, and a
@@ -830,8 +835,9 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
         PopError::Chain { head: id, error }
     }
 
-    /// Completes buffer `id` (one taken by a pop and not completed yet): writes a used
-    /// descriptor `{id, len}` at the device's position and moves past as many descriptors as
+    /// Completes buffer `id` (one taken by a pop and not completed yet): a used descriptor
+    /// `{id, len}` at the device's position (kept in the shadow list until stored, at the
+    /// latest by `publish`), and moves past as many descriptors as
     /// the buffer's chain took (§2.8.6). Visible at the next [`publish`](Self::publish). An id
     /// that is not in flight is ignored: writing it would desynchronise the driver.
     #[inline]
