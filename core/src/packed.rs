@@ -349,7 +349,7 @@ const SHADOW: usize = 32;
 const _: () = assert!(SHADOW <= u8::MAX as usize);
 
 /// A used descriptor not stored in the ring yet (see `DetachedPackedQueue::shadow`).
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 struct UsedShadow {
     len: u32,
     slot: u16,
@@ -401,7 +401,10 @@ impl<const IDS: usize> DetachedPackedQueue<IDS> {
     /// (AVAIL = USED = the device-ring wrap counter, §2.8.1), each with release, except the
     /// batch's first (`pending`), whose flags `publish` stores last (§2.8.21.3: the driver reads
     /// the ring in order and stops at the first descriptor not used).
-    #[cfg_attr(not(feature = "small"), inline(always))]
+    // Out of line: once per publish and per 32 completions. Inlined into every burst loop
+    // (both layouts are compiled into one function by the adapter), it cost the split ring's
+    // switch path 22 instructions per 64-byte frame (switchbench).
+    #[inline(never)]
     fn store_used(&mut self) {
         let n = (self.shadow_len as usize).min(SHADOW);
         self.shadow_len = 0;
@@ -798,9 +801,9 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
     /// long copy; asked for a few chains ahead, they overlap with the copies in between. DPDK's
     /// vhost does the same in its packed-ring batches (`virtio_dev_tx_batch_packed`: prefetch
     /// four buffers, then copy them); without it, guest TX of 1518-byte frames through
-    /// virtq-net ran at about 0.8 of DPDK's rate (`benches/README.md`, vs-dpdk), and echoing
-    /// 64-byte frames (`loop64-mrg-packed`) at about 0.65. The hint costs about 45
-    /// instructions (translating an address).
+    /// virtq-net fell behind DPDK's, at 1518 bytes and echoing 64-byte frames alike
+    /// (`benches/README.md`, vs-dpdk). The hint costs about 45 instructions (translating an
+    /// address).
     ///
     /// Nothing is consumed, validated or trusted: the descriptor is read as a pop reads one
     /// (its flags with acquire, then its address), the address is only translated, and a
@@ -837,8 +840,8 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
 
     /// Completes buffer `id` (one taken by a pop and not completed yet): a used descriptor
     /// `{id, len}` at the device's position (kept in the shadow list until stored, at the
-    /// latest by `publish`), and moves past as many descriptors as
-    /// the buffer's chain took (§2.8.6). Visible at the next [`publish`](Self::publish). An id
+    /// latest by `publish`), and moves past as many descriptors as the buffer's chain took
+    /// (§2.8.6). Visible at the next [`publish`](Self::publish). An id
     /// that is not in flight is ignored: writing it would desynchronise the driver.
     #[inline]
     pub fn push(&mut self, id: u16, len: u32) {
@@ -909,7 +912,9 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
     #[inline]
     pub fn publish(&mut self) -> bool {
         let q = self.st_mut();
-        q.store_used();
+        if q.shadow_len != 0 {
+            q.store_used();
+        }
         let Some((slot, flags)) = q.pending.take() else {
             return false;
         };
