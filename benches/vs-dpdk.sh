@@ -59,6 +59,11 @@
 # times: one second, `show port stats 0` (testpmd computes the pps since the previous `show`
 # from its TSC).
 #
+# For virtq-net, each round's line also gives its data-plane thread's busy share and the frames
+# per non-empty burst over the windows (`virtq-net ctl ... stats`): a back-end that is the
+# bottleneck is busy throughout; one that idles between full bursts waits for the front-end,
+# and making it cheaper per frame does not raise the rate.
+#
 # Needs dpdk-testpmd (installs dpdk-dev if missing) and 2 CPUs. Every process started is ended
 # by PID on exit.
 set -euo pipefail
@@ -157,7 +162,7 @@ sample() {
         local bin=$VIRTQ_NET
         [[ $be == virtq=* ]] && bin=${be#virtq=}
         taskset -c "$BE_CPU" "${wrap[@]}" "$bin" --socket-path "$sock" --backend "$vq_backend" --busy-poll \
-            --log-level warn > "$dir/backend.log" 2>&1 &
+            --control "$dir/ctl" --log-level warn > "$dir/backend.log" 2>&1 &
     else
         prefix=virtq-vsd-$$-be-$case-$round
         PREFIXES+=("$prefix")
@@ -190,6 +195,12 @@ sample() {
         printf 'start\n' >&"$FIFO_FD"
         sleep "$WARM"
         if [[ $IR == 1 ]]; then callgrind_control -z "$be_pid" > /dev/null 2>&1 || ok=0; fi
+        # virtq-net's own counters around the windows (its data-plane thread's busy and idle
+        # cycles, its rings' bursts): is the back-end the bottleneck? Asked on the back-end's
+        # CPU, outside the windows.
+        if [[ $be == virtq* && $IR != 1 ]]; then
+            taskset -c "$BE_CPU" "$bin" ctl "$dir/ctl" stats > "$dir/stats1.json" 2> /dev/null || true
+        fi
         printf 'show port stats 0\n' >&"$FIFO_FD"
         wait_for "$dir/frontend.log" 'NIC statistics for port 0' 1 10 "$fe_pid" || ok=0
     fi
@@ -206,6 +217,9 @@ sample() {
             printf 'show port stats 0\n' >&"$FIFO_FD"
             wait_for "$dir/frontend.log" 'NIC statistics for port 0' $((w + 1)) 10 "$fe_pid" || ok=0
         done
+        if [[ $be == virtq* ]]; then
+            taskset -c "$BE_CPU" "$bin" ctl "$dir/ctl" stats > "$dir/stats2.json" 2> /dev/null || true
+        fi
     fi
     if ((ok)); then printf 'stop\nquit\n' >&"$FIFO_FD"; fi
     stop_pid "$fe_pid" INT
@@ -228,6 +242,26 @@ sample() {
         k >= 2 { for (i = 1; i < NF; i++) if ($i == f) { v = $(i + 1) / 1e6; s += v; n++; if (v > b) b = v } }
         END { if (n) printf "%.3f %.3f", b, s / n }' "$dir/frontend.log")
     [[ -n $RESULT ]] && RESULT+=" $rtt_before $rtt_after"
+    if [[ -s $dir/stats1.json && -s $dir/stats2.json ]]; then BUSY=$(busy_of "$dir/stats1.json" "$dir/stats2.json"); fi
+}
+
+# stat_sums FILE: busy and idle cycles, bursts and packets, summed over a `virtq-net ctl ...
+# stats` reply's threads and rings.
+stat_sums() {
+    grep -o '"\(busy\|idle\|bursts\|packets\)":[0-9]*' "$1" |
+        awk -F'[":]+' '{ s[$2] += $3 } END { printf "%.0f %.0f %.0f %.0f", s["busy"], s["idle"], s["bursts"], s["packets"] }'
+}
+
+# busy_of BEFORE AFTER: from two stats replies, the share of the data-plane thread's cycles
+# spent on passes that moved frames, and the frames per non-empty burst over all rings ("83%
+# busy, 32.0 frames per burst"); empty if they cannot be read. A back-end that is the
+# bottleneck is busy all the time; one with idle passes waits for the front-end.
+busy_of() {
+    local b1 i1 u1 p1 b2 i2 u2 p2
+    read -r b1 i1 u1 p1 <<< "$(stat_sums "$1")"
+    read -r b2 i2 u2 p2 <<< "$(stat_sums "$2")"
+    awk -v b=$((b2 - b1)) -v i=$((i2 - i1)) -v u=$((u2 - u1)) -v p=$((p2 - p1)) \
+        'BEGIN { if (b + i > 0 && u > 0) printf "%.0f%% busy, %.1f frames per burst", 100 * b / (b + i), p / u }'
 }
 
 # median/min/max of numbers on stdin
@@ -247,7 +281,7 @@ for case in $CASES; do
         for side in A B; do
             be=${!side}
             [[ $be == none ]] && continue
-            RESULT=""
+            RESULT="" BUSY=""
             if sample "$case" "$be" "$r" && [[ -n $RESULT ]]; then
                 read -r v avg rb ra <<< "$RESULT"
                 SAMPLES[$case/$side]+="$v "
@@ -261,7 +295,7 @@ for case in $CASES; do
                 fi
                 printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$case" "$be" "$r" "$v" "${avg:-$v}" "${rb:--}" "${ra:--}" \
                     "$side" >> "$ALL"
-                echo "  $case round $r $be: $v $UNIT${avg:+ (average $avg)}${rb:+ (round trip $rb → $ra ns)}" >&2
+                echo "  $case round $r $be: $v $UNIT${avg:+ (average $avg)}${rb:+ (round trip $rb → $ra ns)}${BUSY:+ (virtq-net $BUSY)}" >&2
             else
                 FAILED=$((FAILED + 1))
                 echo "  $case round $r $be: FAILED" >&2
