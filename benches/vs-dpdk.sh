@@ -22,6 +22,7 @@
 #   benches/vs-dpdk.sh                      every case, 7 rounds of 5 one-second windows
 #   ROUNDS=3 SECS=3 benches/vs-dpdk.sh      shorter
 #   CASES='rx64-mrg tx64-mrg' ...           only these cases
+#   PVP_BURSTS=4 ...                        frames circulating in the pvp cases, in bursts of 32
 #   TSV=out.tsv ...                         also every round as TSV (case, backend, round, best,
 #                                           average, round trip before and after in ns)
 #   FAR_NS=300 ...                          threshold of the `far` state (default: the widest
@@ -48,6 +49,15 @@
 #   loop64-<mrg|nomrg>     the front-end runs `flowgen` (sends and counts what comes back); the
 #                          back-end echoes (virtq-net `--backend reflect`, testpmd `io` with
 #                          `--port-topology=loop`). Rate = front-end Rx-pps.
+#   pvp64-<mrg|nomrg>      the same echo, but the front-end sends PVP_BURSTS bursts of 32 frames
+#                          (`start tx_first`) and then forwards whatever comes back (`io`): a
+#                          fixed population of frames circulates, and the front-end does the
+#                          least work per frame (no allocation, no headers, no checksum), as
+#                          in DPDK's PVP loopback tests. With `flowgen`, the loop cases spend
+#                          the front-end's CPU on generating (virtq-net idles between its
+#                          bursts in loop64-mrg-packed); here the back-end is the bottleneck.
+#                          Rate = front-end Rx-pps. A frame dropped on the way leaves the
+#                          population; each round starts anew.
 # `mrg` sets the front-end's mrg_rxbuf (both back-ends offer MRG_RXBUF). A `-packed` suffix
 # (e.g. rx64-mrg-packed) has the front-end use packed virtqueues (packed_vq=1; both back-ends
 # offer VIRTIO_F_RING_PACKED). The front-end is otherwise as in ../shared/reference/peers.md:
@@ -77,8 +87,10 @@ fi
 ROUNDS=${ROUNDS:-7}
 SECS=${SECS:-5}
 WARM=${WARM:-1}
+PVP_BURSTS=${PVP_BURSTS:-4}
 ALL_CASES="tx64-mrg tx64-nomrg rx64-mrg rx64-nomrg tx1518-mrg tx1518-nomrg rx1518-mrg rx1518-nomrg loop64-mrg loop64-nomrg"
 ALL_CASES+=" tx64-mrg-packed rx64-mrg-packed rx64-nomrg-packed tx1518-mrg-packed rx1518-mrg-packed loop64-mrg-packed"
+ALL_CASES+=" pvp64-mrg pvp64-mrg-packed"
 CASES=${CASES:-$ALL_CASES}
 TSV=${TSV:-}
 FAR_NS=${FAR_NS:-}
@@ -143,7 +155,7 @@ sample() {
     mkdir -p "$dir"
     if [[ $IR != 1 ]]; then rtt_before=$(round_trip); fi
     sock=$dir/vu.sock
-    [[ $case =~ ^(tx|rx|loop)([0-9]+)-(mrg|nomrg)(-packed)?$ ]] || { echo "unknown case $case" >&2; return 1; }
+    [[ $case =~ ^(tx|rx|loop|pvp)([0-9]+)-(mrg|nomrg)(-packed)?$ ]] || { echo "unknown case $case" >&2; return 1; }
     local kind=${BASH_REMATCH[1]} packed=0
     size=${BASH_REMATCH[2]}
     mrg=0
@@ -154,6 +166,7 @@ sample() {
         tx) fe_mode=txonly field=Tx-pps counter=TX-packets vq_backend=sink dpdk_mode=rxonly ;;
         rx) fe_mode=rxonly field=Rx-pps counter=RX-packets vq_backend=source:$size dpdk_mode=txonly ;;
         loop) fe_mode=flowgen field=Rx-pps counter=RX-packets vq_backend=reflect dpdk_mode=io ;;
+        pvp) fe_mode=io field=Rx-pps counter=RX-packets vq_backend=reflect dpdk_mode=io ;;
     esac
     local wrap=()
     if [[ $IR == 1 ]]; then wrap=(valgrind --tool=callgrind --compress-strings=no "--callgrind-out-file=$dir/callgrind.out"); fi
@@ -192,7 +205,11 @@ sample() {
     local ok=1
     wait_for "$dir/frontend.log" 'testpmd>' 1 30 "$fe_pid" "$be_pid" || ok=0
     if ((ok)); then
-        printf 'start\n' >&"$FIFO_FD"
+        if [[ $kind == pvp ]]; then
+            printf 'start tx_first %d\n' "$PVP_BURSTS" >&"$FIFO_FD"
+        else
+            printf 'start\n' >&"$FIFO_FD"
+        fi
         sleep "$WARM"
         if [[ $IR == 1 ]]; then callgrind_control -z "$be_pid" > /dev/null 2>&1 || ok=0; fi
         # virtq-net's own counters around the windows (its data-plane thread's busy and idle
