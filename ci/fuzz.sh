@@ -24,7 +24,15 @@ for t in $(cargo +nightly fuzz list); do
         pass=$((pass + 1))
     else
         echo "fuzz $t: FAILED"
+        # The cause (a panic's message, libFuzzer's or the sanitizer's report) comes before
+        # the failing input's dump and the reproduction hints, which fill the tail: print it
+        # first, and keep the whole log beside the input.
+        grep -m1 -A30 -E 'panicked at|==[0-9]+== ?ERROR|ERROR: libFuzzer' "$work.log" || true
+        echo "..."
         tail -40 "$work.log"
+        mkdir -p "artifacts/$t"
+        cp "$work.log" "artifacts/$t/run-$(date +%Y%m%d-%H%M%S).log"
+        echo "fuzz $t: whole log in fuzz/artifacts/$t/"
         fail=$((fail + 1))
     fi
     rm -rf "$work" "$work.log"
