@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every cargo-fuzz target for a bounded time (FUZZ_SECONDS each, default 30) from the
 # seed corpora in fuzz/corpus. Needs nightly (ci/setup.sh installs it) and cargo-fuzz
-# (installed here if missing). A crash fails the run; its input is in fuzz/artifacts/.
+# (installed here if missing). A crash fails the run; its input and the run's whole log are in
+# fuzz/artifacts/<target>/.
 #
 # Long run, e.g. ten minutes per target:  FUZZ_SECONDS=600 ci/fuzz.sh
 set -euo pipefail
