@@ -816,14 +816,24 @@ where
     if len == 0 {
         return Ok(());
     }
-    if let Ok(r) = mem.translate(addr, len as u64) {
-        // Never trust the translator beyond what was asked (RUSTSEC-2023-0056): only a range
-        // at least as long as the buffer covers it.
-        if r.len as u64 >= len as u64 {
-            return piece(r.ptr, len, writable, addr).map_err(|e| fail(err, e));
-        }
+    if let Some(ptr) = translate_whole(mem, addr, len) {
+        return piece(ptr, len, writable, addr).map_err(|e| fail(err, e));
     }
     buffer_split(mem, addr, len, writable, piece).map_err(|e| fail(err, e))
+}
+
+/// The usual buffer's translation, shared by [`buffer`] and the packed ring's batch pops: the
+/// host address of `len` bytes at `addr` if one translation covers them all, `None` where the
+/// buffer spans regions or does not translate (for the walk's [`buffer_split`], which tells
+/// which). The caller has checked that `addr + len` does not overflow.
+#[cfg_attr(not(feature = "small"), inline(always))]
+pub(crate) fn translate_whole<M: GuestMemory + ?Sized>(mem: &M, addr: u64, len: u32) -> Option<NonNull<u8>> {
+    match mem.translate(addr, len as u64) {
+        // Never trust the translator beyond what was asked (RUSTSEC-2023-0056): only a range
+        // at least as long as the buffer covers it.
+        Ok(r) if r.len as u64 >= len as u64 => Some(r.ptr),
+        _ => None,
+    }
 }
 
 /// The rest of [`buffer`]: a buffer whose first translation did not cover it, translated again

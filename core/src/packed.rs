@@ -46,16 +46,16 @@ use core::ptr::NonNull;
 use core::sync::atomic::{fence, Ordering};
 
 use crate::chain::{
-    fail, indirect_table, walk_source, walk_source_into, Chain, ChainError, ChainLimits, DescSource, DescTable, Failed,
-    Segments, WalkDesc, WalkSummary,
+    fail, indirect_table, translate_whole, walk_source, walk_source_into, Chain, ChainError, ChainLimits, DescSource,
+    DescTable, Failed, Segments, WalkDesc, WalkSummary,
 };
 use crate::desc::{read_packed, read_packed_aligned, DescFlags, DESC_SIZE};
 use crate::dirty::{NoLog, WriteLog};
 use crate::event::vring_need_event;
 use crate::features::VirtioFeatures;
 use crate::log::log_warn;
-use crate::mem::{load_u16, store_u16, store_u32, GuestMemory};
-use crate::queue::{CopiedChain, PopError, QueueConfig, QueueError, RingPart, MAX_QUEUE_SIZE};
+use crate::mem::{copy_bytes, load_u16, store_u16, store_u32, GuestMemory};
+use crate::queue::{CopiedChain, FirstWritable, PopError, QueueConfig, QueueError, RingPart, MAX_QUEUE_SIZE};
 use crate::ring::{self, sealed::Walk};
 
 /// `VIRTQ_DESC_F_AVAIL` (§2.8.1): equal to the driver's wrap counter when the driver makes a
@@ -339,6 +339,50 @@ impl Default for InFlight {
 /// No buffer id (ids are below the queue size, at most 32768).
 const NO_ID: u16 = u16::MAX;
 
+/// Chains a batch pop ([`PackedQueue::pop_read_batch`]) takes at most: four, a line of
+/// descriptors where the ring is 64-aligned, as DPDK's vhost batches do (`PACKED_BATCH_SIZE`).
+pub const BATCH: usize = 4;
+
+/// The chains a batch pop took, in ring order (see [`PackedQueue::pop_read_batch`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReadBatch {
+    len: usize,
+    chains: [CopiedChain; BATCH],
+}
+
+impl ReadBatch {
+    /// The chains taken, as [`PackedQueue::pop_read`] would have returned them one by one.
+    #[inline]
+    pub fn as_slice(&self) -> &[CopiedChain] {
+        // `len <= BATCH`: only `take_batch`'s count, which `max` bounds, is stored.
+        &self.chains[..self.len.min(BATCH)]
+    }
+}
+
+/// A chain a batch pop took (`PackedQueue::take_batch`): one descriptor, its buffer id, and
+/// its buffer translated whole.
+#[derive(Clone, Copy, Debug)]
+struct Single {
+    id: u16,
+    len: u32,
+    ptr: NonNull<u8>,
+    addr: u64,
+}
+
+impl Single {
+    const NONE: Single = Single { id: 0, len: 0, ptr: NonNull::dangling(), addr: 0 };
+}
+
+/// Logs why `take` could not claim a chain's buffer id.
+#[cold]
+fn log_claim(e: &PopError) {
+    match *e {
+        PopError::HeadOutOfRange { head: _id } => log_warn!("virtq: packed buffer id {=u16} out of range", _id),
+        PopError::IdInUse { id: _id } => log_warn!("virtq: packed buffer id {=u16} made available twice", _id),
+        _ => {}
+    }
+}
+
 /// How far past the next descriptor [`PackedQueue::prefetch`] looks: called after each chain
 /// taken, it asks for the fourth one after it, as DPDK's batches of four do.
 pub const PREFETCH_AHEAD: u16 = 3;
@@ -432,6 +476,28 @@ impl<const IDS: usize> DetachedPackedQueue<IDS> {
             // `len` and `id` (and the buffer contents) are visible before it is used.
             unsafe { store_u16(ring.add(e.slot as usize * DESC_SIZE + 14), e.flags, Ordering::Release) };
         }
+    }
+
+    /// Records buffer `id` as taken, its chain `descs` descriptors ending before `end`: the
+    /// one owner of the rules on a chain's buffer id (§2.8.6), which single pops (`take`) and
+    /// batch pops (`take_batch`) both run. An id out of range ([`PopError::HeadOutOfRange`])
+    /// or, if `in_use` asks, already in flight ([`PopError::IdInUse`]; single pops do not ask
+    /// with `VIRTIO_F_IN_ORDER`, see the module's error policy) records nothing.
+    #[cfg_attr(not(feature = "small"), inline(always))]
+    fn claim(&mut self, id: u16, descs: u16, end: RingPosition, in_use: bool) -> Result<(), PopError> {
+        if id >= self.size {
+            return Err(PopError::HeadOutOfRange { head: id });
+        }
+        // SAFETY: `id < size`, and `size <= IDS` (checked when the queue was set up; the size
+        // never changes).
+        let entry = unsafe { self.inflight.get_unchecked_mut(id as usize) };
+        // Not asked (IN_ORDER's single pops): the entry's load is skipped too.
+        if in_use && entry.descs != 0 {
+            return Err(PopError::IdInUse { id });
+        }
+        *entry = InFlight { descs, end: end.to_bits(), prev: self.last_taken };
+        self.last_taken = id;
+        Ok(())
     }
 
     /// The configuration the queue was set up with.
@@ -758,21 +824,10 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
         };
         q.avail = start.advance(ext.descs, q.size);
         let id = ext.id;
-        if id >= q.size {
-            log_warn!("virtq: packed buffer id {=u16} out of range", id);
-            return Err(PopError::HeadOutOfRange { head: id });
+        if let Err(e) = q.claim(id, ext.descs, q.avail, !q.in_order) {
+            log_claim(&e);
+            return Err(e);
         }
-        // SAFETY: `id < size`, and `size <= IDS` (checked when the queue was set up; the size
-        // never changes).
-        let entry = unsafe { q.inflight.get_unchecked_mut(id as usize) };
-        // With IN_ORDER the table is not asked (see the module's error policy), so the
-        // entry's load is skipped too.
-        if !q.in_order && entry.descs != 0 {
-            log_warn!("virtq: packed buffer id {=u16} made available twice", id);
-            return Err(PopError::IdInUse { id });
-        }
-        *entry = InFlight { descs: ext.descs, end: q.avail.to_bits(), prev: q.last_taken };
-        q.last_taken = id;
         if let Some(error) = ext.error {
             if complete_bad {
                 return Err(self.fail_chain(id, error));
@@ -791,6 +846,133 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
             in_indirect: false,
         };
         Ok(Some((id, cursor)))
+    }
+
+    /// Takes up to `max` (at most [`BATCH`]) chains at once, consecutive from the device's
+    /// position, into `out`; returns how many. It takes the chains a single pop would take,
+    /// with the same outcome, and only those whose outcome it can tell from one descriptor:
+    /// available (§2.8.1), neither `NEXT` nor `INDIRECT`, `WRITE` as `writable` asks (the
+    /// readable buffer of a transmitted frame, the writable one of a receive buffer), a
+    /// non-empty buffer that one translation covers ([`translate_whole`]), and a buffer id
+    /// [`claim`](DetachedPackedQueue::claim) accepts (and with `VIRTIO_F_IN_ORDER`, not one
+    /// this batch took already). It stops before the first chain that is
+    /// not such, and before the ring's end (a batch never wraps), and consumes nothing it
+    /// does not return: the single pop takes that chain next, and gives it its outcome (an
+    /// error included). So a batch changes how many descriptors are read per call, never
+    /// which chains are taken or what is reported.
+    ///
+    #[cfg_attr(not(feature = "small"), inline(always))]
+    fn take_batch(&mut self, writable: bool, max: usize, out: &mut [Single; BATCH]) -> usize {
+        let mem = self.mem;
+        let q = self.st_mut();
+        let start = q.avail;
+        let (size, ring) = (q.size, q.ring.as_ptr());
+        // `avail.index < size`: at least one slot before the ring's end.
+        let max = max.min(BATCH).min((size - start.index) as usize);
+        let write = if writable { DescFlags::WRITE.bits() } else { 0 };
+        let mut n = 0;
+        while n < max {
+            let slot = start.index + n as u16;
+            // SAFETY: `slot < size` (`max` stops at the ring's end): its `flags` at offset 14
+            // are a 2-aligned field inside the validated ring. Acquire, as `extent`'s: the
+            // descriptor's body and its buffer were written before the driver's release.
+            let p = unsafe { ring.add(slot as usize * DESC_SIZE) };
+            // SAFETY: as above.
+            let flags = unsafe { load_u16(p.add(14), Ordering::Acquire) };
+            let kind = DescFlags::NEXT.bits() | DescFlags::INDIRECT.bits() | DescFlags::WRITE.bits();
+            if !is_available(flags, start.wrap) || flags & kind != write {
+                break;
+            }
+            // SAFETY: slot `slot` of the validated, 4-aligned ring; ordered after the acquire
+            // load of its flags.
+            let (addr, len, id) = unsafe { read_packed_aligned(p) };
+            // The walk's `buffer` gives an empty or overflowing buffer its own outcome.
+            if len == 0 || addr.checked_add(len as u64).is_none() {
+                break;
+            }
+            let Some(ptr) = translate_whole(mem, addr, len) else {
+                break;
+            };
+            // With IN_ORDER the in-flight table is not asked (an in-order batch completion
+            // leaves the ids before its last one recorded), but a batch claims its chains
+            // before any is completed, where singles may complete one before taking the next:
+            // an id already taken by this batch is left to the single pop.
+            if q.in_order && out[..n].iter().any(|c| c.id == id) {
+                break;
+            }
+            let end = RingPosition { index: slot, wrap: start.wrap }.advance(1, size);
+            if q.claim(id, 1, end, !q.in_order).is_err() {
+                break;
+            }
+            if let Some(o) = out.get_mut(n) {
+                *o = Single { id, len, ptr, addr };
+            }
+            n += 1;
+        }
+        if n != 0 {
+            q.avail = start.advance(n as u16, size);
+        }
+        n
+    }
+
+    /// Takes up to `bufs.len()` (at most [`BATCH`]) chains at once and copies the
+    /// device-readable part of the `i`-th into `bufs[i]`, as that many calls of
+    /// [`pop_read_uncompleted`](Self::pop_read_uncompleted) would, but in one pass over the
+    /// descriptors: the chains' buffers are translated and prefetched together, then copied
+    /// (DPDK's `virtio_dev_tx_batch_packed`). It takes only chains of one device-readable
+    /// descriptor, and stops before any other (a malformed one included), which the single
+    /// pop then takes: an empty batch is no answer, call `pop_read_uncompleted` after it.
+    /// Nothing is completed.
+    // Out of line, as `pop_writable_batch`: it is called once per four chains, and both
+    // layouts' burst loops are compiled into one function by the adapter, whose split-ring
+    // path must not pay for it in registers.
+    #[inline(never)]
+    pub fn pop_read_batch(&mut self, bufs: &mut [&mut [u8]]) -> ReadBatch {
+        let mut taken = [Single::NONE; BATCH];
+        let n = self.take_batch(false, bufs.len(), &mut taken);
+        let taken = &taken[..n.min(BATCH)];
+        #[cfg(all(target_arch = "x86_64", not(miri)))]
+        for c in taken {
+            use core::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            let line = c.ptr.as_ptr().cast::<i8>().cast_const();
+            // SAFETY: SSE is in the x86-64 baseline; a prefetch is a hint that does not fault
+            // and accesses nothing the program can observe (the second line may lie past the
+            // buffer).
+            unsafe {
+                _mm_prefetch::<_MM_HINT_T0>(line);
+                _mm_prefetch::<_MM_HINT_T0>(line.wrapping_add(64));
+            }
+        }
+        let mut out = ReadBatch::default();
+        for (c, buf) in taken.iter().zip(bufs.iter_mut()) {
+            let n = (c.len as usize).min(buf.len());
+            // SAFETY: `c.ptr` is valid for reads of `c.len >= n` bytes of guest memory for 'm
+            // (translated whole by `take_batch`); `buf` is Rust memory of at least `n` bytes,
+            // never overlapping guest memory.
+            unsafe { copy_bytes(c.ptr.as_ptr(), buf.as_mut_ptr(), n) };
+            if let Some(o) = out.chains.get_mut(out.len) {
+                *o = CopiedChain { head: c.id, bytes: n as u32, readable_len: c.len, writable_len: 0 };
+                out.len += 1;
+            }
+        }
+        out
+    }
+
+    /// The receive path's batch pop: up to `max` (at most [`BATCH`]) chains of one
+    /// device-writable descriptor, as that many calls of `pop_first_writable` would take
+    /// them, into `out`; returns how many (see `take_batch`).
+    #[inline(never)]
+    pub(crate) fn pop_writable_batch(&mut self, max: usize, out: &mut [FirstWritable; BATCH]) -> usize {
+        let mut taken = [Single::NONE; BATCH];
+        let n = self.take_batch(true, max, &mut taken);
+        for (c, o) in taken[..n.min(BATCH)].iter().zip(out.iter_mut()) {
+            *o = FirstWritable {
+                head: c.id,
+                sum: WalkSummary { readable_len: 0, writable_len: c.len },
+                first: Some((c.ptr, c.len, c.addr)),
+            };
+        }
+        n
     }
 
     /// A hint to the CPU, for a device that copies chain after chain out of large buffers:

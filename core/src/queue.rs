@@ -231,7 +231,7 @@ impl fmt::Display for PopError {
 }
 
 /// A chain taken by [`SplitQueue::pop_read`] or [`SplitQueue::pop_write`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CopiedChain {
     /// Head index: the `id` to complete.
     pub head: u16,
@@ -270,11 +270,18 @@ pub struct SplitQueue<'m, M: GuestMemory + ?Sized> {
 /// A chain taken by `pop_first_writable`: its head, its totals, and its first buffer's host
 /// range if that buffer is device-writable.
 #[doc(hidden)]
+#[derive(Clone, Copy, Debug)]
 pub struct FirstWritable {
     pub head: u16,
     pub sum: WalkSummary,
     /// The first piece if it is device-writable: host pointer, length, guest address.
     pub first: Option<(NonNull<u8>, u32, u64)>,
+}
+
+impl FirstWritable {
+    /// A placeholder for arrays of them (a batch's unused slots).
+    pub(crate) const NONE: FirstWritable =
+        FirstWritable { head: 0, sum: WalkSummary { readable_len: 0, writable_len: 0 }, first: None };
 }
 
 /// A [`SplitQueue`] between bursts: its validated state without the borrow of guest memory

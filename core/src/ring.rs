@@ -29,7 +29,7 @@ use crate::mem::GuestMemory;
 use core::borrow::BorrowMut;
 use core::ptr::NonNull;
 
-use crate::packed::{DetachedPackedQueue, PackedQueue};
+use crate::packed::{DetachedPackedQueue, PackedQueue, ReadBatch, BATCH};
 use crate::queue::{CopiedChain, PopError, SplitQueue};
 
 /// A virtqueue's device side, whichever its layout. See the module documentation; each method
@@ -104,6 +104,21 @@ pub trait Virtqueue<'m> {
     /// descriptor table, two more dependent loads, and no measurement asked for it there.
     #[cfg_attr(not(feature = "small"), inline(always))]
     fn prefetch(&self) {}
+
+    /// Whether [`pop_read_batch`](Self::pop_read_batch) can take more than nothing: `true`
+    /// for a packed ring. A constant, so that a burst loop written for both layouts compiles
+    /// the batch out of the split ring's.
+    const BATCHES: bool = false;
+
+    /// Takes up to `bufs.len()` chains of one device-readable descriptor at once, as that
+    /// many [`pop_read_uncompleted`](Self::pop_read_uncompleted) calls would
+    /// ([`PackedQueue::pop_read_batch`]); an empty batch says only that the next chain is
+    /// for the single pop. The split ring's takes nothing.
+    #[cfg_attr(not(feature = "small"), inline(always))]
+    fn pop_read_batch(&mut self, bufs: &mut [&mut [u8]]) -> ReadBatch {
+        let _ = bufs;
+        ReadBatch::default()
+    }
 }
 
 /// Implements [`Virtqueue`] by forwarding to the inherent methods, which stay the fast path
@@ -183,6 +198,11 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
     #[cfg_attr(not(feature = "small"), inline(always))]
     fn prefetch(&self) {
         Self::prefetch(self)
+    }
+    const BATCHES: bool = true;
+    #[cfg_attr(not(feature = "small"), inline(always))]
+    fn pop_read_batch(&mut self, bufs: &mut [&mut [u8]]) -> ReadBatch {
+        Self::pop_read_batch(self, bufs)
     }
 }
 
@@ -290,6 +310,16 @@ pub(crate) mod sealed {
             })
             .map(|o| o.map(|(head, sum)| FirstWritable { head, sum, first }))
         }
+        /// Takes up to `max` (at most [`BATCH`]) chains of one device-writable descriptor at
+        /// once into `out`, as that many [`pop_first_writable`](Self::pop_first_writable)
+        /// calls would, and returns how many; none says only that the next chain is for
+        /// `pop_first_writable` (`PackedQueue::take_batch`). Takes nothing on a split ring
+        /// ([`Virtqueue::BATCHES`]).
+        #[cfg_attr(not(feature = "small"), inline(always))]
+        fn pop_writable_batch(&mut self, max: usize, out: &mut [FirstWritable; BATCH]) -> usize {
+            let _ = (max, out);
+            0
+        }
         /// [`Virtqueue::pop_into`] leaving a malformed chain uncompleted.
         fn pop_uncompleted<const N: usize>(&mut self, chain: &mut Chain<'m, N>) -> Result<bool, PopError>;
         /// Gives back the last `n` chains taken and not completed.
@@ -317,5 +347,9 @@ pub(crate) mod sealed {
         for PackedQueue<'m, M, IDS, S>
     {
         forward_rx!();
+        #[cfg_attr(not(feature = "small"), inline(always))]
+        fn pop_writable_batch(&mut self, max: usize, out: &mut [FirstWritable; BATCH]) -> usize {
+            Self::pop_writable_batch(self, max, out)
+        }
     }
 }

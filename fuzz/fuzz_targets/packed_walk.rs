@@ -2,9 +2,10 @@
 //! (AVAIL/USED in every combination, NEXT chains that run on or into unavailable
 //! descriptors, indirect tables), any buffer ids, any starting positions and wrap counters,
 //! any driver event suppression state, through all three consumers (segment lists, fused read,
-//! fused write), the virtio-net receive path (single and mergeable buffers, whose reservations
-//! are given back with `rewind` when the ring runs short) and both completion forms (one by
-//! one, IN_ORDER batches).
+//! fused write), the batch pop of transmit buffers, the virtio-net receive path (single and
+//! mergeable buffers, whose reservations are given back with `rewind` when the ring runs
+//! short; frame by frame and in bursts, which take receive buffers in batches) and both
+//! completion forms (one by one, IN_ORDER batches).
 //!
 //! Invariants: no panic; every segment lies inside guest memory; every pop that does not find
 //! the ring empty consumes at least one descriptor (the queue never stalls on a bad chain); a
@@ -87,7 +88,28 @@ fuzz_target!(|inp: Input| {
                 nf |= VirtioFeatures::NET_MRG_RXBUF;
             }
             let len = (consumer as usize * 37) % frame.len();
-            let _ = virtq::net::receive(&mut q, &mut scratch, nf, &virtq::net::VirtioNetHdr::default(), &frame[..len]);
+            let hdr = virtq::net::VirtioNetHdr::default();
+            if consumer & 32 != 0 {
+                // A burst: the receive buffers are taken in batches.
+                let _ = virtq::net::receive_burst(&mut q, &mut scratch, nf, 3, |_| (hdr, &frame[..len]));
+            } else {
+                let _ = virtq::net::receive(&mut q, &mut scratch, nf, &hdr, &frame[..len]);
+            }
+            continue;
+        }
+        if consumer % 5 == 4 && consumer & 32 != 0 {
+            // The batch pop takes only whole, valid chains, and consumes nothing when it takes
+            // none (the single pops below meet what it left).
+            let mut bufs = [[0u8; 64]; virtq::packed::BATCH];
+            let [a, b, c, d] = &mut bufs;
+            let got = q.pop_read_batch(&mut [&mut a[..], &mut b[..], &mut c[..], &mut d[..]]);
+            if got.as_slice().is_empty() {
+                assert_eq!(q.next_avail(), before, "an empty batch consumes nothing");
+            }
+            for c in got.as_slice() {
+                assert!(c.head < size && c.bytes <= 64 && c.bytes <= c.readable_len && c.writable_len == 0);
+                q.push(c.head, 0);
+            }
             continue;
         }
         let r = match consumer % 3 {

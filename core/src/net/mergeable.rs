@@ -43,6 +43,7 @@ use crate::dirty::{NoLog, WriteLog};
 use crate::features::VirtioFeatures;
 use crate::log::log_warn;
 use crate::mem::{copy_bytes, store_header};
+use crate::packed::BATCH;
 use crate::queue::{FirstWritable, PopError};
 use crate::ring::sealed::RxOps;
 
@@ -195,7 +196,7 @@ pub fn receive_logged<'m, Q: RxOps<'m>, L: WriteLog, const N: usize>(
     frame: &[u8],
     log: &L,
 ) -> Result<RxOutcome, RxError> {
-    receive_with(queue, scratch, features, header, frame, log, |dst, addr, hdr, hdr_len| {
+    receive_with(queue, scratch, features, header, frame, log, &mut Reserved::new(), 1, |dst, addr, hdr, hdr_len| {
         // SAFETY: `receive_with` passes the start of a validated device-writable buffer,
         // valid for reads and writes of `hdr_len + frame.len()` bytes of guest memory for 'm
         // (GuestMemory contract; `hdr_len` is 10 or 12, as `store_header` needs); header and
@@ -282,15 +283,17 @@ pub fn receive_burst_logged<'m, Q: RxOps<'m>, S: FrameSource, L: WriteLog, const
     let hdr_len = header_len(features);
     let mut out = RxBurst::default();
     let mut pending: heapless::Vec<PendingCopy<S>, RX_BURST> = heapless::Vec::new();
+    let mut reserved = Reserved::new();
     for i in 0..count {
         if pending.is_full() {
             flush_copies(&mut pending, hdr_len, log);
         }
         let (header, f) = frame(i);
-        let placed = receive_with(queue, scratch, features, &header, f, log, |dst, addr, hdr, _| {
-            // Cannot fail: a full list was flushed above, and one frame adds one entry.
-            let _ = pending.push(PendingCopy { dst, addr, hdr: *hdr, frame: f });
-        });
+        let placed =
+            receive_with(queue, scratch, features, &header, f, log, &mut reserved, count - i, |dst, addr, hdr, _| {
+                // Cannot fail: a full list was flushed above, and one frame adds one entry.
+                let _ = pending.push(PendingCopy { dst, addr, hdr: *hdr, frame: f });
+            });
         match placed {
             Ok(o) => {
                 out.placed += 1;
@@ -306,8 +309,64 @@ pub fn receive_burst_logged<'m, Q: RxOps<'m>, S: FrameSource, L: WriteLog, const
             }
         }
     }
+    // Chains a batch took for frames that did not come (refused, or the burst stopped):
+    // given back, they are the last taken.
+    if Q::BATCHES && reserved.left() != 0 {
+        queue.rewind(reserved.left());
+    }
     flush_copies(&mut pending, hdr_len, log);
     out
+}
+
+/// Chains a receive burst took with one batch pop ([`RxOps::pop_writable_batch`], packed rings)
+/// and has not used yet, in ring order. They are the last chains taken: the fast path uses
+/// them before it takes another, and gives them back ([`RxOps::rewind`]) before the general
+/// path takes any, as the burst does at its end; so frames meet chains in ring order, as with
+/// single pops.
+struct Reserved {
+    chains: [FirstWritable; BATCH],
+    next: usize,
+    len: usize,
+}
+
+impl Reserved {
+    #[cfg_attr(not(feature = "small"), inline(always))]
+    fn new() -> Reserved {
+        Reserved { chains: [FirstWritable::NONE; BATCH], next: 0, len: 0 }
+    }
+
+    /// Chains taken and not used.
+    #[cfg_attr(not(feature = "small"), inline(always))]
+    fn left(&self) -> u16 {
+        self.len.saturating_sub(self.next) as u16
+    }
+
+    /// The next chain for a frame, `pop_first_writable`'s answer: a reserved one, or, with
+    /// none left and `want` (the frames left in the burst, this one included) more than one,
+    /// the first of a new batch, or the single pop's.
+    #[cfg_attr(not(feature = "small"), inline(always))]
+    fn pop<'m, Q: RxOps<'m>>(&mut self, queue: &mut Q, want: usize) -> Result<Option<FirstWritable>, PopError> {
+        // A constant: the split ring's path is the single pop alone.
+        if Q::BATCHES {
+            if self.next >= self.len && want > 1 {
+                self.len = queue.pop_writable_batch(want, &mut self.chains);
+                self.next = 0;
+            }
+            if let Some(&c) = self.chains.get(self.next).filter(|_| self.next < self.len) {
+                self.next += 1;
+                return Ok(Some(c));
+            }
+        }
+        queue.pop_first_writable()
+    }
+
+    /// Gives back the chains not used, and the `taken` the caller took after them.
+    #[cfg_attr(not(feature = "small"), inline(always))]
+    fn rewind<'m, Q: RxOps<'m>>(&mut self, queue: &mut Q, taken: u16) {
+        queue.rewind(taken + if Q::BATCHES { self.left() } else { 0 });
+        self.len = 0;
+        self.next = 0;
+    }
 }
 
 /// The deferred copies of [`receive_burst`], each reported to `log` once made.
@@ -339,8 +398,13 @@ fn flush_copies<S: FrameSource, L: WriteLog>(
 /// the start of a buffer valid for reads and writes of `hdr_len + frame.len()` bytes and its
 /// guest address, the
 /// header to write (`num_buffers` set) and `hdr_len`, after the chain was taken and its used
-/// entry written. Frames that take the general path are written before it returns.
+/// entry written. Frames that take the general path are written before it returns. The
+/// fast path takes its chain from `reserved`, the burst's batch of receive buffers, refilled
+/// while `want` (the frames left in the burst, this one included) is more than one.
 #[cfg_attr(not(feature = "small"), inline(always))]
+// Inlined into its two callers, which hold every argument in locals: a struct of them would
+// only be taken apart again.
+#[allow(clippy::too_many_arguments)]
 fn receive_with<'m, Q: RxOps<'m>, S: FrameSource, L: WriteLog, const N: usize>(
     queue: &mut Q,
     scratch: &mut RxScratch<'m, N>,
@@ -348,6 +412,8 @@ fn receive_with<'m, Q: RxOps<'m>, S: FrameSource, L: WriteLog, const N: usize>(
     header: &VirtioNetHdr,
     frame: S,
     log: &L,
+    reserved: &mut Reserved,
+    want: usize,
     place: impl FnOnce(*mut u8, u64, &VirtioNetHdr, usize),
 ) -> Result<RxOutcome, RxError> {
     let mut header = *header;
@@ -366,7 +432,7 @@ fn receive_with<'m, Q: RxOps<'m>, S: FrameSource, L: WriteLog, const N: usize>(
     let mut hdr = *header;
     hdr.num_buffers = U16::new(1);
     loop {
-        match queue.pop_first_writable() {
+        match reserved.pop(queue, want) {
             Ok(Some(FirstWritable { head, sum, first })) => {
                 if sum.readable_len != 0 || (sum.writable_len as usize) < hdr_len {
                     // Unusable (families 6, 11): completed empty in ring order; next chain.
@@ -385,9 +451,10 @@ fn receive_with<'m, Q: RxOps<'m>, S: FrameSource, L: WriteLog, const N: usize>(
                         return Ok(out);
                     }
                     _ => {
-                        // Spread over several pieces or buffers: give the chain back and take
-                        // the general path (nothing was written).
-                        queue.rewind(1);
+                        // Spread over several pieces or buffers: give the chain back (and
+                        // those reserved after it) and take the general path (nothing was
+                        // written).
+                        reserved.rewind(queue, 1);
                         if !mergeable && (sum.writable_len as usize) < total {
                             return Err(RxError::FrameTooLarge { needed, available: sum.writable_len });
                         }
