@@ -55,7 +55,7 @@ use crate::event::vring_need_event;
 use crate::features::VirtioFeatures;
 use crate::log::log_warn;
 use crate::mem::{copy_bytes, load_u16, store_u16, store_u32, GuestMemory};
-use crate::queue::{CopiedChain, FirstWritable, PopError, QueueConfig, QueueError, RingPart, MAX_QUEUE_SIZE};
+use crate::queue::{BatchBuffer, CopiedChain, PopError, QueueConfig, QueueError, RingPart, MAX_QUEUE_SIZE};
 use crate::ring::{self, sealed::Walk};
 
 /// `VIRTQ_DESC_F_AVAIL` (§2.8.1): equal to the driver's wrap counter when the driver makes a
@@ -373,16 +373,6 @@ impl Single {
     const NONE: Single = Single { id: 0, len: 0, ptr: NonNull::dangling(), addr: 0 };
 }
 
-/// Logs why `take` could not claim a chain's buffer id.
-#[cold]
-fn log_claim(e: &PopError) {
-    match *e {
-        PopError::HeadOutOfRange { head: _id } => log_warn!("virtq: packed buffer id {=u16} out of range", _id),
-        PopError::IdInUse { id: _id } => log_warn!("virtq: packed buffer id {=u16} made available twice", _id),
-        _ => {}
-    }
-}
-
 /// How far past the next descriptor [`PackedQueue::prefetch`] looks: called after each chain
 /// taken, it asks for the fourth one after it, as DPDK's batches of four do.
 pub const PREFETCH_AHEAD: u16 = 3;
@@ -440,6 +430,36 @@ pub struct DetachedPackedQueue<const IDS: usize = DEFAULT_IDS> {
     config: QueueConfig,
 }
 
+/// Records buffer `$id` as taken by the `$q` (a `&mut DetachedPackedQueue`), its chain
+/// `$descs` descriptors ending before `$q.avail` (the caller moved the position past it
+/// first): the one owner of the rules on a chain's buffer id (§2.8.6), which single pops
+/// (`take`) and batch pops (`take_batch`) both run. An id out of range (`$out_of_range`, with
+/// [`PopError::HeadOutOfRange`] in `$e`) or, if `$in_use` asks, already in flight
+/// (`$twice`, with [`PopError::IdInUse`]; single pops do not ask with `VIRTIO_F_IN_ORDER`, see
+/// the module's error policy) records nothing; both must leave the block.
+///
+/// A macro, not a method: the single pop's code is then what it was before batches, and a
+/// method (inlined) changed the code of the adapter's burst function, which holds both
+/// layouts, enough to cost the split ring's 10 instructions a frame (switchbench 64 B).
+macro_rules! claim {
+    ($q:expr, $id:expr, $descs:expr, $in_use:expr, |$e:ident| $out_of_range:expr, $twice:expr) => {
+        if $id >= $q.size {
+            let $e = PopError::HeadOutOfRange { head: $id };
+            $out_of_range
+        }
+        // SAFETY: `id < size`, and `size <= IDS` (checked when the queue was set up; the size
+        // never changes).
+        let entry = unsafe { $q.inflight.get_unchecked_mut($id as usize) };
+        // Not asked: the entry's load is skipped too.
+        if $in_use && entry.descs != 0 {
+            let $e = PopError::IdInUse { id: $id };
+            $twice
+        }
+        *entry = InFlight { descs: $descs, end: $q.avail.to_bits(), prev: $q.last_taken };
+        $q.last_taken = $id;
+    };
+}
+
 impl<const IDS: usize> DetachedPackedQueue<IDS> {
     /// Stores the shadow list's used descriptors in the ring: every body first, then the flags
     /// (AVAIL = USED = the device-ring wrap counter, §2.8.1), each with release, except the
@@ -476,28 +496,6 @@ impl<const IDS: usize> DetachedPackedQueue<IDS> {
             // `len` and `id` (and the buffer contents) are visible before it is used.
             unsafe { store_u16(ring.add(e.slot as usize * DESC_SIZE + 14), e.flags, Ordering::Release) };
         }
-    }
-
-    /// Records buffer `id` as taken, its chain `descs` descriptors ending before `end`: the
-    /// one owner of the rules on a chain's buffer id (§2.8.6), which single pops (`take`) and
-    /// batch pops (`take_batch`) both run. An id out of range ([`PopError::HeadOutOfRange`])
-    /// or, if `in_use` asks, already in flight ([`PopError::IdInUse`]; single pops do not ask
-    /// with `VIRTIO_F_IN_ORDER`, see the module's error policy) records nothing.
-    #[cfg_attr(not(feature = "small"), inline(always))]
-    fn claim(&mut self, id: u16, descs: u16, end: RingPosition, in_use: bool) -> Result<(), PopError> {
-        if id >= self.size {
-            return Err(PopError::HeadOutOfRange { head: id });
-        }
-        // SAFETY: `id < size`, and `size <= IDS` (checked when the queue was set up; the size
-        // never changes).
-        let entry = unsafe { self.inflight.get_unchecked_mut(id as usize) };
-        // Not asked (IN_ORDER's single pops): the entry's load is skipped too.
-        if in_use && entry.descs != 0 {
-            return Err(PopError::IdInUse { id });
-        }
-        *entry = InFlight { descs, end: end.to_bits(), prev: self.last_taken };
-        self.last_taken = id;
-        Ok(())
     }
 
     /// The configuration the queue was set up with.
@@ -824,10 +822,20 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
         };
         q.avail = start.advance(ext.descs, q.size);
         let id = ext.id;
-        if let Err(e) = q.claim(id, ext.descs, q.avail, !q.in_order) {
-            log_claim(&e);
-            return Err(e);
-        }
+        claim!(
+            q,
+            id,
+            ext.descs,
+            !q.in_order,
+            |e| {
+                log_warn!("virtq: packed buffer id {=u16} out of range", id);
+                return Err(e);
+            },
+            {
+                log_warn!("virtq: packed buffer id {=u16} made available twice", id);
+                return Err(e);
+            }
+        );
         if let Some(error) = ext.error {
             if complete_bad {
                 return Err(self.fail_chain(id, error));
@@ -849,20 +857,19 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
     }
 
     /// Takes up to `max` (at most [`BATCH`]) chains at once, consecutive from the device's
-    /// position, into `out`; returns how many. It takes the chains a single pop would take,
-    /// with the same outcome, and only those whose outcome it can tell from one descriptor:
-    /// available (§2.8.1), neither `NEXT` nor `INDIRECT`, `WRITE` as `writable` asks (the
-    /// readable buffer of a transmitted frame, the writable one of a receive buffer), a
-    /// non-empty buffer that one translation covers ([`translate_whole`]), and a buffer id
-    /// [`claim`](DetachedPackedQueue::claim) accepts (and with `VIRTIO_F_IN_ORDER`, not one
-    /// this batch took already). It stops before the first chain that is
-    /// not such, and before the ring's end (a batch never wraps), and consumes nothing it
-    /// does not return: the single pop takes that chain next, and gives it its outcome (an
-    /// error included). So a batch changes how many descriptors are read per call, never
-    /// which chains are taken or what is reported.
-    ///
+    /// position, handing the `i`-th to `emit(i, chain)`; returns how many. It takes the chains
+    /// a single pop would take, with the same outcome, and only those whose outcome it can
+    /// tell from one descriptor: available (§2.8.1), neither `NEXT` nor `INDIRECT`, `WRITE`
+    /// as `writable` asks (the readable buffer of a transmitted frame, the writable one of a
+    /// receive buffer), a non-empty buffer that one translation covers ([`translate_whole`]),
+    /// and a buffer id `claim!` accepts (and with `VIRTIO_F_IN_ORDER`, not one this batch
+    /// took already). It stops before the first chain that is not such, and before the
+    /// ring's end (a batch never wraps), and consumes nothing it does not return: the single
+    /// pop takes that chain next, and gives it its outcome (an error included). So a batch
+    /// changes how many descriptors are read per call, never which chains are taken or what
+    /// is reported (`core/tests/packed_batch.rs` holds it to that, chain kind by kind).
     #[cfg_attr(not(feature = "small"), inline(always))]
-    fn take_batch(&mut self, writable: bool, max: usize, out: &mut [Single; BATCH]) -> usize {
+    fn take_batch(&mut self, writable: bool, max: usize, mut emit: impl FnMut(usize, Single)) -> usize {
         let mem = self.mem;
         let q = self.st_mut();
         let start = q.avail;
@@ -870,6 +877,9 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
         // `avail.index < size`: at least one slot before the ring's end.
         let max = max.min(BATCH).min((size - start.index) as usize);
         let write = if writable { DescFlags::WRITE.bits() } else { 0 };
+        let kind = DescFlags::NEXT.bits() | DescFlags::INDIRECT.bits() | DescFlags::WRITE.bits();
+        // The ids this batch took (`NO_ID` is no id: ids are below the size).
+        let mut ids = [NO_ID; BATCH];
         let mut n = 0;
         while n < max {
             let slot = start.index + n as u16;
@@ -879,7 +889,6 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
             let p = unsafe { ring.add(slot as usize * DESC_SIZE) };
             // SAFETY: as above.
             let flags = unsafe { load_u16(p.add(14), Ordering::Acquire) };
-            let kind = DescFlags::NEXT.bits() | DescFlags::INDIRECT.bits() | DescFlags::WRITE.bits();
             if !is_available(flags, start.wrap) || flags & kind != write {
                 break;
             }
@@ -897,20 +906,33 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
             // leaves the ids before its last one recorded), but a batch claims its chains
             // before any is completed, where singles may complete one before taking the next:
             // an id already taken by this batch is left to the single pop.
-            if q.in_order && out[..n].iter().any(|c| c.id == id) {
+            if q.in_order && (ids[0] == id || ids[1] == id || ids[2] == id) {
                 break;
             }
-            let end = RingPosition { index: slot, wrap: start.wrap }.advance(1, size);
-            if q.claim(id, 1, end, !q.in_order).is_err() {
-                break;
+            // The position after this chain (the next slot, or the ring's start in the next
+            // round after its last slot), which `claim!` records; back to the chain's own if
+            // its id is refused.
+            let at = RingPosition { index: slot, wrap: start.wrap };
+            q.avail = at.advance(1, size);
+            claim!(
+                q,
+                id,
+                1,
+                !q.in_order,
+                |_e| {
+                    q.avail = at;
+                    break;
+                },
+                {
+                    q.avail = at;
+                    break;
+                }
+            );
+            if let Some(i) = ids.get_mut(n) {
+                *i = id;
             }
-            if let Some(o) = out.get_mut(n) {
-                *o = Single { id, len, ptr, addr };
-            }
+            emit(n, Single { id, len, ptr, addr });
             n += 1;
-        }
-        if n != 0 {
-            q.avail = start.advance(n as u16, size);
         }
         n
     }
@@ -929,7 +951,11 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
     #[inline(never)]
     pub fn pop_read_batch(&mut self, bufs: &mut [&mut [u8]]) -> ReadBatch {
         let mut taken = [Single::NONE; BATCH];
-        let n = self.take_batch(false, bufs.len(), &mut taken);
+        let n = self.take_batch(false, bufs.len(), |i, c| {
+            if let Some(t) = taken.get_mut(i) {
+                *t = c;
+            }
+        });
         let taken = &taken[..n.min(BATCH)];
         #[cfg(all(target_arch = "x86_64", not(miri)))]
         for c in taken {
@@ -959,20 +985,15 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
     }
 
     /// The receive path's batch pop: up to `max` (at most [`BATCH`]) chains of one
-    /// device-writable descriptor, as that many calls of `pop_first_writable` would take
-    /// them, into `out`; returns how many (see `take_batch`).
+    /// device-writable descriptor into `out`, as that many calls of `pop_first_writable`
+    /// would take them; returns how many (see `take_batch`).
     #[inline(never)]
-    pub(crate) fn pop_writable_batch(&mut self, max: usize, out: &mut [FirstWritable; BATCH]) -> usize {
-        let mut taken = [Single::NONE; BATCH];
-        let n = self.take_batch(true, max, &mut taken);
-        for (c, o) in taken[..n.min(BATCH)].iter().zip(out.iter_mut()) {
-            *o = FirstWritable {
-                head: c.id,
-                sum: WalkSummary { readable_len: 0, writable_len: c.len },
-                first: Some((c.ptr, c.len, c.addr)),
-            };
-        }
-        n
+    pub(crate) fn pop_writable_batch(&mut self, max: usize, out: &mut [BatchBuffer; BATCH]) -> usize {
+        self.take_batch(true, max, |i, c| {
+            if let Some(o) = out.get_mut(i) {
+                *o = BatchBuffer { head: c.id, len: c.len, ptr: c.ptr, addr: c.addr };
+            }
+        })
     }
 
     /// A hint to the CPU, for a device that copies chain after chain out of large buffers:

@@ -270,7 +270,6 @@ pub struct SplitQueue<'m, M: GuestMemory + ?Sized> {
 /// A chain taken by `pop_first_writable`: its head, its totals, and its first buffer's host
 /// range if that buffer is device-writable.
 #[doc(hidden)]
-#[derive(Clone, Copy, Debug)]
 pub struct FirstWritable {
     pub head: u16,
     pub sum: WalkSummary,
@@ -278,10 +277,20 @@ pub struct FirstWritable {
     pub first: Option<(NonNull<u8>, u32, u64)>,
 }
 
-impl FirstWritable {
+/// A receive buffer taken by a batch pop (`RxOps::pop_writable_batch`): a chain of one
+/// device-writable descriptor, its head, and its buffer's host and guest addresses.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug)]
+pub struct BatchBuffer {
+    pub head: u16,
+    pub len: u32,
+    pub ptr: NonNull<u8>,
+    pub addr: u64,
+}
+
+impl BatchBuffer {
     /// A placeholder for arrays of them (a batch's unused slots).
-    pub(crate) const NONE: FirstWritable =
-        FirstWritable { head: 0, sum: WalkSummary { readable_len: 0, writable_len: 0 }, first: None };
+    pub(crate) const NONE: BatchBuffer = BatchBuffer { head: 0, len: 0, ptr: NonNull::dangling(), addr: 0 };
 }
 
 /// A [`SplitQueue`] between bursts: its validated state without the borrow of guest memory

@@ -272,7 +272,7 @@ impl<'m, Q: sealed::RxOps<'m>> RxQueue<'m> for Q {}
 /// crate-internal contracts.
 pub(crate) mod sealed {
     use super::*;
-    use crate::queue::FirstWritable;
+    use crate::queue::{BatchBuffer, FirstWritable};
 
     /// A layout's walk of its next chain, the one part of the fused pops that differs by
     /// layout; implemented in each layout's module (`crate::queue`, `crate::packed`), with
@@ -312,11 +312,11 @@ pub(crate) mod sealed {
         }
         /// Takes up to `max` (at most [`BATCH`]) chains of one device-writable descriptor at
         /// once into `out`, as that many [`pop_first_writable`](Self::pop_first_writable)
-        /// calls would, and returns how many; none says only that the next chain is for
-        /// `pop_first_writable` (`PackedQueue::take_batch`). Takes nothing on a split ring
-        /// ([`Virtqueue::BATCHES`]).
+        /// calls would take them, and returns how many; none says only that the next chain
+        /// is for `pop_first_writable` (`PackedQueue::take_batch`). Takes nothing on a split
+        /// ring ([`Virtqueue::BATCHES`]).
         #[cfg_attr(not(feature = "small"), inline(always))]
-        fn pop_writable_batch(&mut self, max: usize, out: &mut [FirstWritable; BATCH]) -> usize {
+        fn pop_writable_batch(&mut self, max: usize, out: &mut [BatchBuffer; BATCH]) -> usize {
             let _ = (max, out);
             0
         }
@@ -348,7 +348,7 @@ pub(crate) mod sealed {
     {
         forward_rx!();
         #[cfg_attr(not(feature = "small"), inline(always))]
-        fn pop_writable_batch(&mut self, max: usize, out: &mut [FirstWritable; BATCH]) -> usize {
+        fn pop_writable_batch(&mut self, max: usize, out: &mut [BatchBuffer; BATCH]) -> usize {
             Self::pop_writable_batch(self, max, out)
         }
     }

@@ -20,7 +20,7 @@ use virtq::{CopiedChain, PopError, RegionTable, VirtioFeatures};
 type Mem = RegionTable<8>;
 
 /// Each of the two regions.
-const REGION: usize = 1 << 12;
+const REGION: usize = 1 << 13;
 /// The second region, right after the first: a buffer across the boundary takes two
 /// translations.
 const REGION2: u64 = GPA + REGION as u64;
@@ -43,9 +43,14 @@ enum Kind {
     /// A receive buffer shorter than header and frame (the mergeable path's), or a readable
     /// one of 8 bytes.
     Small,
+    /// A good chain; the receive side's frame for it is longer than one buffer.
+    BigFrame,
+    /// A good chain; the receive side's frame for it asks for an offload the driver did not
+    /// negotiate (refused, taking no buffer).
+    OffloadFrame,
 }
 
-const KINDS: [Kind; 13] = [
+const KINDS: [Kind; 15] = [
     Kind::Good,
     Kind::Long,
     Kind::TwoDescs,
@@ -59,6 +64,8 @@ const KINDS: [Kind; 13] = [
     Kind::Overflow,
     Kind::AcrossRegions,
     Kind::Small,
+    Kind::BigFrame,
+    Kind::OffloadFrame,
 ];
 
 /// Bytes of each transmitted chain (a `Long` one: more than the device's 64-byte buffers).
@@ -84,7 +91,8 @@ fn memory(drv: &PackedDriver<'_, Mem>) -> Vec<u8> {
 /// Writes chain `i` of a script: `kind`, device-writable buffers if `write`.
 fn add(drv: &mut PackedDriver<'_, Mem>, kind: Kind, i: usize, write: bool, ids: &mut Vec<u16>) {
     let data: Vec<u8> = (0..3 * TX_LEN).map(|k| (i * 31 + k) as u8).collect();
-    let buf = |len: usize, w: bool| if w { Buf::writable(len as u32) } else { Buf::readable(&data[..len]) };
+    // Receive buffers hold a frame of `frames` with its header, except where noted.
+    let buf = |len: usize, w: bool| if w { Buf::writable(len as u32 * 3) } else { Buf::readable(&data[..len]) };
     let size = drv.config().size;
     let id = drv.next_id();
     let id = match kind {
@@ -101,14 +109,15 @@ fn add(drv: &mut PackedDriver<'_, Mem>, kind: Kind, i: usize, write: bool, ids: 
         drv.skip(1);
     };
     match kind {
-        Kind::Good | Kind::IdOutOfRange | Kind::IdTwice => {
+        Kind::Good | Kind::IdOutOfRange | Kind::IdTwice | Kind::BigFrame | Kind::OffloadFrame => {
             drv.add_chain_with_id(&[buf(TX_LEN, write)], id);
         }
         Kind::Long => {
             drv.add_chain_with_id(&[buf(3 * TX_LEN, write)], id);
         }
         Kind::Small => {
-            drv.add_chain_with_id(&[buf(if write { 20 } else { 8 }, write)], id);
+            let small = if write { Buf::writable(20) } else { Buf::readable(&data[..8]) };
+            drv.add_chain_with_id(&[small], id);
         }
         Kind::TwoDescs => {
             drv.add_chain_with_id(&[buf(TX_LEN / 2, write), buf(TX_LEN / 2, write)], id);
@@ -193,22 +202,36 @@ fn drain_tx(q: &mut PackedQueue<'_, Mem>, batch: bool) -> (Vec<Event>, usize) {
     (events, batched)
 }
 
-/// The frames the receive side places: 60 bytes each, distinct.
-fn frames(n: usize) -> Vec<Vec<u8>> {
-    (0..n).map(|i| (0..60).map(|k| (i * 7 + k) as u8).collect()).collect()
+/// The frames the receive side places: 60 bytes each, distinct, with a plain header; the
+/// one at `at` as `kind` asks.
+fn frames(n: usize, at: usize, kind: Kind) -> Vec<(VirtioNetHdr, Vec<u8>)> {
+    (0..n)
+        .map(|i| {
+            let len = if i == at && kind == Kind::BigFrame { 300 } else { 60 };
+            let mut hdr = VirtioNetHdr::default();
+            if i == at && kind == Kind::OffloadFrame {
+                hdr.flags = virtq::net::header::VIRTIO_NET_HDR_F_NEEDS_CSUM;
+            }
+            (hdr, (0..len).map(|k| (i * 7 + k) as u8).collect())
+        })
+        .collect()
 }
 
 /// Places `frames` with one receive burst, or with `net::receive` frame by frame, folded into
 /// the burst's report.
-fn fill_rx(q: &mut PackedQueue<'_, Mem>, f: VirtioFeatures, frames: &[Vec<u8>], burst: bool) -> RxBurst {
+fn fill_rx(
+    q: &mut PackedQueue<'_, Mem>,
+    f: VirtioFeatures,
+    frames: &[(VirtioNetHdr, Vec<u8>)],
+    burst: bool,
+) -> RxBurst {
     let mut s: RxScratch<'_> = RxScratch::new();
-    let hdr = VirtioNetHdr::default();
     if burst {
-        return net::receive_burst(q, &mut s, f, frames.len(), |i| (hdr, &frames[i][..]));
+        return net::receive_burst(q, &mut s, f, frames.len(), |i| (frames[i].0, &frames[i].1[..]));
     }
     let mut out = RxBurst::default();
-    for frame in frames {
-        match net::receive(q, &mut s, f, &hdr, frame) {
+    for (hdr, frame) in frames {
+        match net::receive(q, &mut s, f, hdr, frame) {
             Ok(o) => {
                 out.placed += 1;
                 out.bytes += frame.len() as u64;
@@ -241,7 +264,7 @@ fn twins(size: u16, pre: u16, at: usize, kind: Kind, f: VirtioFeatures, write: b
             add(&mut drv, if i == at { kind } else { Kind::Good }, i, write, &mut ids);
         }
         let (events, batched) = if write {
-            let burst = fill_rx(&mut q, f, &frames(chains), batch);
+            let burst = fill_rx(&mut q, f, &frames(chains, at, kind), batch);
             // Chains the burst did not use are given back: the next pops see them again.
             let (rest, _) = drain_tx(&mut q, false);
             (vec![format!("{burst:?}"), format!("{rest:?}")], 0)

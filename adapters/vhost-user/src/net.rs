@@ -29,6 +29,7 @@ use std::sync::{Arc, Mutex};
 use virtq::net::header::{VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_NONE};
 use virtq::net::offload::MAX_HEADERS_LEN;
 use virtq::net::{self, FrameSource, Gather, OffloadFrame, RxScratch, VirtioNetHdr};
+use virtq::packed::BATCH;
 use virtq::{CopiedChain, PopError, Segments, VirtioFeatures, Virtqueue};
 use zerocopy_shim::read_header;
 
@@ -290,6 +291,13 @@ fn publish_tx<'m, Q: Virtqueue<'m>>(vq: &mut Q, log: &Option<RingLog<'_>>, taken
             notify
         }
     }
+}
+
+/// [`Virtqueue::BATCHES`] of `vq`'s layout, for a burst loop that [`crate::with_ring!`] compiles
+/// for both (a constant there: the split ring's loop has no batch path).
+#[inline(always)]
+fn batches<'m, Q: Virtqueue<'m>>(_: &Q) -> bool {
+    Q::BATCHES
 }
 
 /// Completes `taken` (every chain a burst took, in ring order, each with whether it was
@@ -665,14 +673,13 @@ impl NetDevice {
             // index moved past all): `(last head, count)`. A malformed chain ends the run, so
             // that completions stay in ring order.
             let mut run: Option<(u16, u16)> = None;
-            while taken < max {
-                let frame = &mut frames[n];
-                match vq.pop_read_uncompleted(&mut frame.buf) {
-                    Ok(Some(c)) => {
+            // A chain taken, its readable part copied into `frames[$slot]` (`$slot >= n`): a
+            // frame kept as `frames[n]`, or completed and dropped.
+            macro_rules! took {
+                ($c:expr, $slot:expr) => {
+                    'chain: {
+                        let c: CopiedChain = $c;
                         taken += 1;
-                        // A buffer a few chains ahead, so that the next frames' cross-CPU
-                        // misses overlap this one's copy (packed rings only; benches/README.md).
-                        vq.prefetch();
                         if in_order {
                             run = Some((c.head, run.map_or(1, |(_, k)| k + 1)));
                         } else {
@@ -680,12 +687,13 @@ impl NetDevice {
                         }
                         if !enabled {
                             drops += 1;
-                            continue;
+                            break 'chain;
                         }
+                        let frame = &mut frames[$slot];
                         // §5.1.6.2: the core's TX rules, the ones its tests and fuzzers run.
                         let Ok(pkt) = net::parse_tx_copied(&c, &frame.buf, features) else {
                             errors += 1;
-                            continue;
+                            break 'chain;
                         };
                         frame.hdr_len = pkt.header_len;
                         frame.len = pkt.header_len + pkt.frame_len as usize;
@@ -705,12 +713,43 @@ impl NetDevice {
                                         self.inner.name
                                     );
                                     errors += 1;
-                                    continue;
+                                    break 'chain;
                                 }
                             }
                         }
                         bytes += u64::from(pkt.frame_len);
+                        // A frame copied past a dropped one moves down, so that the frames
+                        // kept are `frames[..n]`.
+                        if $slot != n {
+                            frames.swap(n, $slot);
+                        }
                         n += 1;
+                    }
+                };
+            }
+            while taken < max {
+                // Packed rings: four chains of one descriptor at once, their buffers
+                // prefetched together before the copies (the core's `pop_read_batch`); any
+                // other chain, and what is left, is the single pop's.
+                if batches(vq) && max - taken >= BATCH {
+                    if let [a, b, c, d, ..] = &mut frames[n..] {
+                        let got =
+                            vq.pop_read_batch(&mut [&mut a.buf[..], &mut b.buf[..], &mut c.buf[..], &mut d.buf[..]]);
+                        if !got.as_slice().is_empty() {
+                            let base = n;
+                            for (j, &c) in got.as_slice().iter().enumerate() {
+                                took!(c, base + j);
+                            }
+                            continue;
+                        }
+                    }
+                }
+                match vq.pop_read_uncompleted(&mut frames[n].buf) {
+                    Ok(Some(c)) => {
+                        // A buffer a few chains ahead, so that the next frames' cross-CPU
+                        // misses overlap this one's copy (packed rings only; benches/README.md).
+                        vq.prefetch();
+                        took!(c, n);
                     }
                     Ok(None) => break,
                     Err(e) => {

@@ -38,13 +38,13 @@ use zerocopy::IntoBytes;
 use super::gather::FrameSource;
 use super::header::*;
 use super::offload::{self, Delivery};
-use crate::chain::{Chain, DEFAULT_SEGMENTS};
+use crate::chain::{Chain, WalkSummary, DEFAULT_SEGMENTS};
 use crate::dirty::{NoLog, WriteLog};
 use crate::features::VirtioFeatures;
 use crate::log::log_warn;
 use crate::mem::{copy_bytes, store_header};
 use crate::packed::BATCH;
-use crate::queue::{FirstWritable, PopError};
+use crate::queue::{BatchBuffer, FirstWritable, PopError};
 use crate::ring::sealed::RxOps;
 
 /// Most buffers one merged packet may use (a 64 KiB GSO packet in 1526-byte buffers needs 44).
@@ -196,7 +196,7 @@ pub fn receive_logged<'m, Q: RxOps<'m>, L: WriteLog, const N: usize>(
     frame: &[u8],
     log: &L,
 ) -> Result<RxOutcome, RxError> {
-    receive_with(queue, scratch, features, header, frame, log, &mut Reserved::new(), 1, |dst, addr, hdr, hdr_len| {
+    receive_with(queue, scratch, features, header, frame, log, &mut OneByOne, 1, |dst, addr, hdr, hdr_len| {
         // SAFETY: `receive_with` passes the start of a validated device-writable buffer,
         // valid for reads and writes of `hdr_len + frame.len()` bytes of guest memory for 'm
         // (GuestMemory contract; `hdr_len` is 10 or 12, as `store_header` needs); header and
@@ -280,20 +280,37 @@ pub fn receive_burst_logged<'m, Q: RxOps<'m>, S: FrameSource, L: WriteLog, const
     frame: impl Fn(usize) -> (VirtioNetHdr, S),
     log: &L,
 ) -> RxBurst {
+    // The split ring's burst takes its chains one by one, with nothing else in its loop.
+    if Q::BATCHES {
+        burst_from(queue, scratch, features, count, frame, log, &mut Reserved::new())
+    } else {
+        burst_from(queue, scratch, features, count, frame, log, &mut OneByOne)
+    }
+}
+
+/// The body of [`receive_burst_logged`], taking chains from `src`.
+#[cfg_attr(not(feature = "small"), inline(always))]
+fn burst_from<'m, Q: RxOps<'m>, S: FrameSource, L: WriteLog, R: ChainSource, const N: usize>(
+    queue: &mut Q,
+    scratch: &mut RxScratch<'m, N>,
+    features: VirtioFeatures,
+    count: usize,
+    frame: impl Fn(usize) -> (VirtioNetHdr, S),
+    log: &L,
+    src: &mut R,
+) -> RxBurst {
     let hdr_len = header_len(features);
     let mut out = RxBurst::default();
     let mut pending: heapless::Vec<PendingCopy<S>, RX_BURST> = heapless::Vec::new();
-    let mut reserved = Reserved::new();
     for i in 0..count {
         if pending.is_full() {
             flush_copies(&mut pending, hdr_len, log);
         }
         let (header, f) = frame(i);
-        let placed =
-            receive_with(queue, scratch, features, &header, f, log, &mut reserved, count - i, |dst, addr, hdr, _| {
-                // Cannot fail: a full list was flushed above, and one frame adds one entry.
-                let _ = pending.push(PendingCopy { dst, addr, hdr: *hdr, frame: f });
-            });
+        let placed = receive_with(queue, scratch, features, &header, f, log, src, count - i, |dst, addr, hdr, _| {
+            // Cannot fail: a full list was flushed above, and one frame adds one entry.
+            let _ = pending.push(PendingCopy { dst, addr, hdr: *hdr, frame: f });
+        });
         match placed {
             Ok(o) => {
                 out.placed += 1;
@@ -311,9 +328,7 @@ pub fn receive_burst_logged<'m, Q: RxOps<'m>, S: FrameSource, L: WriteLog, const
     }
     // Chains a batch took for frames that did not come (refused, or the burst stopped):
     // given back, they are the last taken.
-    if Q::BATCHES && reserved.left() != 0 {
-        queue.rewind(reserved.left());
-    }
+    src.rewind(queue, 0);
     flush_copies(&mut pending, hdr_len, log);
     out
 }
@@ -324,7 +339,7 @@ pub fn receive_burst_logged<'m, Q: RxOps<'m>, S: FrameSource, L: WriteLog, const
 /// path takes any, as the burst does at its end; so frames meet chains in ring order, as with
 /// single pops.
 struct Reserved {
-    chains: [FirstWritable; BATCH],
+    chains: [BatchBuffer; BATCH],
     next: usize,
     len: usize,
 }
@@ -332,38 +347,60 @@ struct Reserved {
 impl Reserved {
     #[cfg_attr(not(feature = "small"), inline(always))]
     fn new() -> Reserved {
-        Reserved { chains: [FirstWritable::NONE; BATCH], next: 0, len: 0 }
+        Reserved { chains: [BatchBuffer::NONE; BATCH], next: 0, len: 0 }
     }
+}
 
-    /// Chains taken and not used.
+/// Where the receive fast path (`receive_with`) takes its next chain from: one pop per frame
+/// ([`OneByOne`]), or a burst's batches ([`Reserved`]).
+trait ChainSource {
+    /// The next chain for a frame, `pop_first_writable`'s answer; `want` is the frames left
+    /// in the burst, this one included.
+    fn pop<'m, Q: RxOps<'m>>(&mut self, queue: &mut Q, want: usize) -> Result<Option<FirstWritable>, PopError>;
+    /// Gives back the chains taken and not used, and the `taken` the caller took after them.
+    fn rewind<'m, Q: RxOps<'m>>(&mut self, queue: &mut Q, taken: u16);
+}
+
+/// `pop_first_writable` per frame.
+struct OneByOne;
+
+impl ChainSource for OneByOne {
     #[cfg_attr(not(feature = "small"), inline(always))]
-    fn left(&self) -> u16 {
-        self.len.saturating_sub(self.next) as u16
+    fn pop<'m, Q: RxOps<'m>>(&mut self, queue: &mut Q, _: usize) -> Result<Option<FirstWritable>, PopError> {
+        queue.pop_first_writable()
     }
 
-    /// The next chain for a frame, `pop_first_writable`'s answer: a reserved one, or, with
-    /// none left and `want` (the frames left in the burst, this one included) more than one,
-    /// the first of a new batch, or the single pop's.
+    #[cfg_attr(not(feature = "small"), inline(always))]
+    fn rewind<'m, Q: RxOps<'m>>(&mut self, queue: &mut Q, taken: u16) {
+        if taken != 0 {
+            queue.rewind(taken);
+        }
+    }
+}
+
+impl ChainSource for Reserved {
+    /// A reserved chain, or, with none left and more than one frame to come, the first of a
+    /// new batch, or the single pop's.
     #[cfg_attr(not(feature = "small"), inline(always))]
     fn pop<'m, Q: RxOps<'m>>(&mut self, queue: &mut Q, want: usize) -> Result<Option<FirstWritable>, PopError> {
-        // A constant: the split ring's path is the single pop alone.
-        if Q::BATCHES {
-            if self.next >= self.len && want > 1 {
-                self.len = queue.pop_writable_batch(want, &mut self.chains);
-                self.next = 0;
-            }
-            if let Some(&c) = self.chains.get(self.next).filter(|_| self.next < self.len) {
-                self.next += 1;
-                return Ok(Some(c));
-            }
+        if self.next >= self.len && want > 1 {
+            self.len = queue.pop_writable_batch(want, &mut self.chains);
+            self.next = 0;
+        }
+        if let Some(&c) = self.chains.get(self.next).filter(|_| self.next < self.len) {
+            self.next += 1;
+            let sum = WalkSummary { readable_len: 0, writable_len: c.len };
+            return Ok(Some(FirstWritable { head: c.head, sum, first: Some((c.ptr, c.len, c.addr)) }));
         }
         queue.pop_first_writable()
     }
 
-    /// Gives back the chains not used, and the `taken` the caller took after them.
     #[cfg_attr(not(feature = "small"), inline(always))]
     fn rewind<'m, Q: RxOps<'m>>(&mut self, queue: &mut Q, taken: u16) {
-        queue.rewind(taken + if Q::BATCHES { self.left() } else { 0 });
+        let n = taken + self.len.saturating_sub(self.next) as u16;
+        if n != 0 {
+            queue.rewind(n);
+        }
         self.len = 0;
         self.next = 0;
     }
@@ -399,20 +436,20 @@ fn flush_copies<S: FrameSource, L: WriteLog>(
 /// guest address, the
 /// header to write (`num_buffers` set) and `hdr_len`, after the chain was taken and its used
 /// entry written. Frames that take the general path are written before it returns. The
-/// fast path takes its chain from `reserved`, the burst's batch of receive buffers, refilled
-/// while `want` (the frames left in the burst, this one included) is more than one.
+/// fast path takes its chain from `src` (one pop per frame, or a burst's batches), `want`
+/// being the frames left in the burst, this one included.
 #[cfg_attr(not(feature = "small"), inline(always))]
 // Inlined into its two callers, which hold every argument in locals: a struct of them would
 // only be taken apart again.
 #[allow(clippy::too_many_arguments)]
-fn receive_with<'m, Q: RxOps<'m>, S: FrameSource, L: WriteLog, const N: usize>(
+fn receive_with<'m, Q: RxOps<'m>, S: FrameSource, L: WriteLog, R: ChainSource, const N: usize>(
     queue: &mut Q,
     scratch: &mut RxScratch<'m, N>,
     features: VirtioFeatures,
     header: &VirtioNetHdr,
     frame: S,
     log: &L,
-    reserved: &mut Reserved,
+    src: &mut R,
     want: usize,
     place: impl FnOnce(*mut u8, u64, &VirtioNetHdr, usize),
 ) -> Result<RxOutcome, RxError> {
@@ -432,7 +469,7 @@ fn receive_with<'m, Q: RxOps<'m>, S: FrameSource, L: WriteLog, const N: usize>(
     let mut hdr = *header;
     hdr.num_buffers = U16::new(1);
     loop {
-        match reserved.pop(queue, want) {
+        match src.pop(queue, want) {
             Ok(Some(FirstWritable { head, sum, first })) => {
                 if sum.readable_len != 0 || (sum.writable_len as usize) < hdr_len {
                     // Unusable (families 6, 11): completed empty in ring order; next chain.
@@ -454,7 +491,7 @@ fn receive_with<'m, Q: RxOps<'m>, S: FrameSource, L: WriteLog, const N: usize>(
                         // Spread over several pieces or buffers: give the chain back (and
                         // those reserved after it) and take the general path (nothing was
                         // written).
-                        reserved.rewind(queue, 1);
+                        src.rewind(queue, 1);
                         if !mergeable && (sum.writable_len as usize) < total {
                             return Err(RxError::FrameTooLarge { needed, available: sum.writable_len });
                         }
