@@ -867,7 +867,8 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
     /// ring's end (a batch never wraps), and consumes nothing it does not return: the single
     /// pop takes that chain next, and gives it its outcome (an error included). So a batch
     /// changes how many descriptors are read per call, never which chains are taken or what
-    /// is reported (`core/tests/packed_batch.rs` holds it to that, chain kind by kind).
+    /// is reported (`core/tests/packed_batch.rs` holds both users, transmit and receive, to
+    /// that, chain kind by kind).
     #[cfg_attr(not(feature = "small"), inline(always))]
     fn take_batch(&mut self, writable: bool, max: usize, mut emit: impl FnMut(usize, Single)) -> usize {
         let mem = self.mem;
@@ -906,6 +907,9 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
             // leaves the ids before its last one recorded), but a batch claims its chains
             // before any is completed, where singles may complete one before taking the next:
             // an id already taken by this batch is left to the single pop.
+            // (The batch's earlier ids are in `ids[..3]`, the rest `NO_ID`; unrolled, as a
+            // loop over `ids[..n]` it cost the receive echo 17 instructions a frame.)
+            const _: () = assert!(BATCH == 4, "the comparisons below cover a batch of four");
             if q.in_order && (ids[0] == id || ids[1] == id || ids[2] == id) {
                 break;
             }
@@ -940,9 +944,9 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
     /// Takes up to `bufs.len()` (at most [`BATCH`]) chains at once and copies the
     /// device-readable part of the `i`-th into `bufs[i]`, as that many calls of
     /// [`pop_read_uncompleted`](Self::pop_read_uncompleted) would, but in one pass over the
-    /// descriptors: the chains' buffers are translated and prefetched together, with the
-    /// next four chains' if the driver made them available, then copied (DPDK's
-    /// `virtio_dev_tx_batch_packed` prefetches its batch's). It takes only chains of one device-readable
+    /// descriptors: the chains' buffers are translated and prefetched together, with those
+    /// of the next four descriptors as far as the driver made them available, then copied
+    /// (DPDK's `virtio_dev_tx_batch_packed` prefetches its batch's). It takes only chains of one device-readable
     /// descriptor, and stops before any other (a malformed one included), which the single
     /// pop then takes: an empty batch is no answer, call `pop_read_uncompleted` after it.
     /// Nothing is completed.
@@ -970,7 +974,8 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
                 _mm_prefetch::<_MM_HINT_T0>(line.wrapping_add(64));
             }
         }
-        // And the next batch's, whose misses then overlap with this batch's copies (the PVP
+        // And the next four descriptors' (the next batch's, in the usual ring of one
+        // descriptor per chain), whose misses then overlap with this batch's copies (the PVP
         // echo, `pvp64-mrg-packed`: 1.05 against this batch's alone, benches/README.md).
         if n != 0 {
             let q = self.st();
@@ -1264,7 +1269,8 @@ unsafe fn prefetch_ahead<M: GuestMemory + ?Sized>(
     #[cfg(all(target_arch = "x86_64", not(miri)))]
     {
         use core::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        if size <= from + count {
+        // The slots looked at are distinct (and none is `next` itself when `from` is not 0).
+        if size < from + count {
             return;
         }
         let mut pos = next.advance(from, size);

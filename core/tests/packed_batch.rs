@@ -43,6 +43,8 @@ enum Kind {
     /// A receive buffer shorter than header and frame (the mergeable path's), or a readable
     /// one of 8 bytes.
     Small,
+    /// A receive buffer shorter than the virtio-net header (unusable: completed empty).
+    Tiny,
     /// A good chain; the receive side's frame for it is longer than one buffer.
     BigFrame,
     /// A good chain; the receive side's frame for it asks for an offload the driver did not
@@ -50,7 +52,7 @@ enum Kind {
     OffloadFrame,
 }
 
-const KINDS: [Kind; 15] = [
+const KINDS: [Kind; 16] = [
     Kind::Good,
     Kind::Long,
     Kind::TwoDescs,
@@ -64,6 +66,7 @@ const KINDS: [Kind; 15] = [
     Kind::Overflow,
     Kind::AcrossRegions,
     Kind::Small,
+    Kind::Tiny,
     Kind::BigFrame,
     Kind::OffloadFrame,
 ];
@@ -118,6 +121,10 @@ fn add(drv: &mut PackedDriver<'_, Mem>, kind: Kind, i: usize, write: bool, ids: 
         Kind::Small => {
             let small = if write { Buf::writable(20) } else { Buf::readable(&data[..8]) };
             drv.add_chain_with_id(&[small], id);
+        }
+        Kind::Tiny => {
+            let tiny = if write { Buf::writable(8) } else { Buf::readable(&data[..4]) };
+            drv.add_chain_with_id(&[tiny], id);
         }
         Kind::TwoDescs => {
             drv.add_chain_with_id(&[buf(TX_LEN / 2, write), buf(TX_LEN / 2, write)], id);
@@ -294,9 +301,11 @@ fn twins(size: u16, pre: u16, at: usize, kind: Kind, f: VirtioFeatures, write: b
     }
 }
 
-fn feature_sets() -> [VirtioFeatures; 2] {
+/// Mergeable receive buffers, with and without IN_ORDER, and single ones (where a frame
+/// longer than its buffer is refused).
+fn feature_sets() -> [VirtioFeatures; 3] {
     let f = features() | VirtioFeatures::NET_MRG_RXBUF;
-    [f, f | VirtioFeatures::IN_ORDER]
+    [f, f | VirtioFeatures::IN_ORDER, features()]
 }
 
 /// Every script, or under Miri (which interprets every access) the ring of 6 entered where
@@ -309,7 +318,7 @@ fn scripts(write: bool) {
         for &pre in &pres {
             for &at in &ats {
                 for kind in KINDS {
-                    for f in feature_sets().into_iter().take(if cfg!(miri) { 1 } else { 2 }) {
+                    for f in feature_sets().into_iter().take(if cfg!(miri) { 1 } else { 3 }) {
                         twins(size, pre, at, kind, f, write);
                     }
                 }

@@ -809,16 +809,17 @@ fn packed_tx_batches_keep_frames_in_order_around_dropped_ones() {
         wait("rings ready", || net.queue_ready(1).then_some(()));
         let mut bufs: Vec<TxFrame> = (0..32).map(|_| TxFrame::with_capacity(MAX_TX_FRAME)).collect();
         let mut errors = 0;
-        // Eight chains per round (two batches), the short one at slot `bad` of the first.
+        // Seven chains per round (a batch and three), the short one at position `bad` of the
+        // first batch; over the rounds the batches meet the end of the 16-entry ring.
         for bad in 0..4usize {
             tx.reset_alloc();
             let (mut want, mut ids) = (Vec::new(), Vec::new());
-            for i in 0..8usize {
+            for i in 0..7usize {
                 if i == bad {
                     ids.push(tx.add_chain(&[Buf::readable(&[0u8; 8])]));
                     continue;
                 }
-                let f = frame((bad * 8 + i) as u8, 60 + i);
+                let f = frame((bad * 7 + i) as u8, 60 + i);
                 let one: Vec<u8> = [0u8; 12].iter().chain(&f).copied().collect();
                 ids.push(tx.add_chain(&[Buf::readable(&one)]));
                 want.push(f);
@@ -840,7 +841,7 @@ fn packed_tx_batches_keep_frames_in_order_around_dropped_ones() {
                 assert_eq!(used, ids, "short chain at {bad}");
             } else {
                 let last = *ids.last().unwrap();
-                tx.set_chain_len(last, 8);
+                tx.set_chain_len(last, 7);
                 assert_eq!(tx.pop_used().map(|(id, _)| id), Some(last), "short chain at {bad}");
                 assert_eq!(tx.pop_used(), None);
             }

@@ -357,7 +357,8 @@ trait ChainSource {
     /// The next chain for a frame, `pop_first_writable`'s answer; `want` is the frames left
     /// in the burst, this one included.
     fn pop<'m, Q: RxOps<'m>>(&mut self, queue: &mut Q, want: usize) -> Result<Option<FirstWritable>, PopError>;
-    /// Gives back the chains taken and not used, and the `taken` the caller took after them.
+    /// Gives back the chains this source holds and has not handed out, and the last `taken`
+    /// it handed out (taken before those).
     fn rewind<'m, Q: RxOps<'m>>(&mut self, queue: &mut Q, taken: u16);
 }
 
@@ -638,4 +639,52 @@ fn release_empty<'m, Q: RxOps<'m>, const N: usize>(queue: &mut Q, scratch: &mut 
     let n = scratch.used.len() as u16;
     scratch.used.clear();
     n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mem::{Region, RegionTable};
+    use crate::packed::PackedQueue;
+    use crate::testing::{packed_layout, Buf, PackedDriver};
+    use core::ptr::NonNull;
+    use std::vec;
+
+    /// The receive burst's reservation on a packed ring takes four buffers with one batch pop
+    /// and hands them out one by one (what `core/tests/packed_batch.rs` cannot see from
+    /// outside: there a burst and frame-by-frame receives must look the same).
+    #[test]
+    fn a_packed_receive_burst_reserves_four_buffers_at_once() {
+        const GPA: u64 = 0x10_0000;
+        let mut backing = vec![0u64; 1 << 10];
+        let len = (backing.len() * 8) as u64;
+        let mut mem: RegionTable<1> = RegionTable::new();
+        // SAFETY: `backing` outlives `mem` and every queue over it (declared first, dropped
+        // last), and is only accessed through the table's raw pointers from here on.
+        let region = unsafe { Region::new(GPA, NonNull::new(backing.as_mut_ptr().cast()).unwrap(), len) };
+        mem.add(region).unwrap();
+        let (cfg, data) = packed_layout(GPA, 8);
+        let mut drv = PackedDriver::new(&mem, cfg, data, GPA + len - data);
+        for _ in 0..6 {
+            drv.add_chain(&[Buf::writable(128)]);
+        }
+        let mut q: PackedQueue<'_, _> = PackedQueue::new(&mem, cfg, VirtioFeatures::VERSION_1).unwrap();
+        let mut src = Reserved::new();
+        let first = src.pop(&mut q, 6).unwrap().unwrap();
+        assert_eq!((src.next, src.len), (1, BATCH), "one batch of four");
+        assert_eq!(q.next_avail().index, 4, "four descriptors taken");
+        assert_eq!(first.head, 0);
+        for head in 1..4 {
+            assert_eq!(src.pop(&mut q, 6 - head as usize).unwrap().unwrap().head, head);
+        }
+        assert_eq!(q.next_avail().index, 4, "handed out from the reservation");
+        // Two frames left: a batch of two, one of which goes back unused.
+        assert_eq!(src.pop(&mut q, 2).unwrap().unwrap().head, 4);
+        assert_eq!((src.next, src.len), (1, 2));
+        src.rewind(&mut q, 0);
+        assert_eq!(q.next_avail().index, 5, "the unused one given back");
+        // The last frame of a burst takes no batch.
+        assert_eq!(src.pop(&mut q, 1).unwrap().unwrap().head, 5);
+        assert_eq!((src.next, src.len), (0, 0));
+    }
 }
