@@ -359,20 +359,6 @@ impl ReadBatch {
     }
 }
 
-/// A chain a batch pop took (`PackedQueue::take_batch`): one descriptor, its buffer id, and
-/// its buffer translated whole.
-#[derive(Clone, Copy, Debug)]
-struct Single {
-    id: u16,
-    len: u32,
-    ptr: NonNull<u8>,
-    addr: u64,
-}
-
-impl Single {
-    const NONE: Single = Single { id: 0, len: 0, ptr: NonNull::dangling(), addr: 0 };
-}
-
 /// How far past the next descriptor [`PackedQueue::prefetch`] looks: called after each chain
 /// taken, it asks for the fourth one after it, as DPDK's batches of four do.
 pub const PREFETCH_AHEAD: u16 = 3;
@@ -870,7 +856,7 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
     /// is reported (`core/tests/packed_batch.rs` holds both users, transmit and receive, to
     /// that, chain kind by kind).
     #[cfg_attr(not(feature = "small"), inline(always))]
-    fn take_batch(&mut self, writable: bool, max: usize, mut emit: impl FnMut(usize, Single)) -> usize {
+    fn take_batch(&mut self, writable: bool, max: usize, mut emit: impl FnMut(usize, BatchBuffer)) -> usize {
         let mem = self.mem;
         let q = self.st_mut();
         let start = q.avail;
@@ -935,7 +921,7 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
             if let Some(i) = ids.get_mut(n) {
                 *i = id;
             }
-            emit(n, Single { id, len, ptr, addr });
+            emit(n, BatchBuffer { head: id, len, ptr, addr });
             n += 1;
         }
         n
@@ -955,24 +941,15 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
     // path must not pay for it in registers.
     #[inline(never)]
     pub fn pop_read_batch(&mut self, bufs: &mut [&mut [u8]]) -> ReadBatch {
-        let mut taken = [Single::NONE; BATCH];
+        let mut taken = [BatchBuffer::NONE; BATCH];
         let n = self.take_batch(false, bufs.len(), |i, c| {
             if let Some(t) = taken.get_mut(i) {
                 *t = c;
             }
         });
         let taken = &taken[..n.min(BATCH)];
-        #[cfg(all(target_arch = "x86_64", not(miri)))]
         for c in taken {
-            use core::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-            let line = c.ptr.as_ptr().cast::<i8>().cast_const();
-            // SAFETY: SSE is in the x86-64 baseline; a prefetch is a hint that does not fault
-            // and accesses nothing the program can observe (the second line may lie past the
-            // buffer).
-            unsafe {
-                _mm_prefetch::<_MM_HINT_T0>(line);
-                _mm_prefetch::<_MM_HINT_T0>(line.wrapping_add(64));
-            }
+            prefetch_buffer(c.ptr);
         }
         // And the next four descriptors' (the next batch's, in the usual ring of one
         // descriptor per chain), whose misses then overlap with this batch's copies (the PVP
@@ -991,7 +968,7 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
             // never overlapping guest memory.
             unsafe { copy_bytes(c.ptr.as_ptr(), buf.as_mut_ptr(), n) };
             if let Some(o) = out.chains.get_mut(out.len) {
-                *o = CopiedChain { head: c.id, bytes: n as u32, readable_len: c.len, writable_len: 0 };
+                *o = CopiedChain { head: c.head, bytes: n as u32, readable_len: c.len, writable_len: 0 };
                 out.len += 1;
             }
         }
@@ -1005,7 +982,7 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
     pub(crate) fn pop_writable_batch(&mut self, max: usize, out: &mut [BatchBuffer; BATCH]) -> usize {
         self.take_batch(true, max, |i, c| {
             if let Some(o) = out.get_mut(i) {
-                *o = BatchBuffer { head: c.id, len: c.len, ptr: c.ptr, addr: c.addr };
+                *o = c;
             }
         })
     }
@@ -1268,7 +1245,6 @@ unsafe fn prefetch_ahead<M: GuestMemory + ?Sized>(
 ) {
     #[cfg(all(target_arch = "x86_64", not(miri)))]
     {
-        use core::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
         // The slots looked at are distinct (and none is `next` itself when `from` is not 0).
         if size < from + count {
             return;
@@ -1287,20 +1263,33 @@ unsafe fn prefetch_ahead<M: GuestMemory + ?Sized>(
             let Ok(r) = mem.translate(addr, 1) else {
                 return;
             };
-            let line = r.ptr.as_ptr().cast::<i8>().cast_const();
-            // SAFETY: `_mm_prefetch` needs SSE, which every x86-64 CPU has (it is in the
-            // target's baseline). A prefetch is a hint: it does not fault and accesses nothing
-            // the program can observe, whatever the address (the second line may lie past the
-            // buffer).
-            unsafe {
-                _mm_prefetch::<_MM_HINT_T0>(line);
-                _mm_prefetch::<_MM_HINT_T0>(line.wrapping_add(64));
-            }
+            prefetch_buffer(r.ptr);
             pos = pos.advance(1, size);
         }
     }
     #[cfg(not(all(target_arch = "x86_64", not(miri))))]
     let _ = (mem, ring, size, next, from, count);
+}
+
+/// Asks the CPU for the first two cache lines of a buffer at `ptr` (the virtio-net header and
+/// a frame's headers). Nothing where there is no prefetch instruction to emit (only x86-64 has
+/// one here) and under Miri.
+#[cfg_attr(not(feature = "small"), inline(always))]
+fn prefetch_buffer(ptr: NonNull<u8>) {
+    #[cfg(all(target_arch = "x86_64", not(miri)))]
+    {
+        use core::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let line = ptr.as_ptr().cast::<i8>().cast_const();
+        // SAFETY: `_mm_prefetch` needs SSE, which every x86-64 CPU has (it is in the target's
+        // baseline). A prefetch is a hint: it does not fault and accesses nothing the program
+        // can observe, whatever the address (the second line may lie past the buffer).
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T0>(line);
+            _mm_prefetch::<_MM_HINT_T0>(line.wrapping_add(64));
+        }
+    }
+    #[cfg(not(all(target_arch = "x86_64", not(miri))))]
+    let _ = ptr;
 }
 
 /// The notification decision of `DESC` mode (§2.8.10, the packed form of `vring_need_event`):

@@ -277,8 +277,8 @@ pub struct FirstWritable {
     pub first: Option<(NonNull<u8>, u32, u64)>,
 }
 
-/// A receive buffer taken by a batch pop (`RxOps::pop_writable_batch`): a chain of one
-/// device-writable descriptor, its head, and its buffer's host and guest addresses.
+/// A chain of one descriptor taken by a packed ring's batch pop (`PackedQueue::take_batch`):
+/// its buffer id, and its buffer's length and host and guest addresses, translated whole.
 #[doc(hidden)]
 #[derive(Clone, Copy, Debug)]
 pub struct BatchBuffer {
