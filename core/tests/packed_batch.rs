@@ -6,8 +6,10 @@
 //! of range or taken twice, an empty, unmapped, overflowing or region-spanning buffer, a
 //! receive buffer too small for the frame) is put at every position of a batch, on rings of
 //! size 8 and 6 entered at every slot (so batches meet the ring's end), with and without
-//! `VIRTIO_F_IN_ORDER`. The two devices must report the same chains, bytes and errors, end at
-//! the same positions, and leave guest memory (ring, buffers) byte for byte the same.
+//! `VIRTIO_F_IN_ORDER` (with it, transmit chains are completed in runs with one used
+//! descriptor, as the adapter completes them, so batches meet buffer ids still in flight). The
+//! two devices must report the same chains, bytes and errors, end at the same positions, and
+//! leave guest memory (ring, buffers) byte for byte the same.
 
 mod common;
 
@@ -172,11 +174,27 @@ enum Event {
     Err(PopError),
 }
 
-/// Drains the transmit ring, in batches or one chain at a time, completing each chain as it
-/// is taken (a malformed one with len 0); returns what was taken and how many chains the
-/// batches took.
-fn drain_tx(q: &mut PackedQueue<'_, Mem>, batch: bool) -> (Vec<Event>, usize) {
+/// Drains the transmit ring, in batches or one chain at a time; returns what was taken and how
+/// many chains the batches took. Without IN_ORDER each chain is completed as it is taken; with
+/// it, as the adapter does, runs of chains are completed with one used descriptor
+/// (`push_in_order_batch`), a run ending every third chain (so runs cross batches), before a
+/// malformed chain (completed alone, len 0) and at the end. Until its run is completed a
+/// chain's buffer id stays in flight, which the next batches meet.
+fn drain_tx(q: &mut PackedQueue<'_, Mem>, batch: bool, in_order: bool) -> (Vec<Event>, usize) {
     let (mut events, mut batched) = (Vec::new(), 0);
+    // (last id, its bytes, chains) of the run not completed yet.
+    let mut run: Option<(u16, u32, u16)> = None;
+    let took = |q: &mut PackedQueue<'_, Mem>, c: &CopiedChain, run: &mut Option<(u16, u32, u16)>| {
+        if !in_order {
+            q.push(c.head, c.bytes);
+            return;
+        }
+        let k = run.map_or(0, |(_, _, k)| k) + 1;
+        *run = Some((c.head, c.bytes, k));
+        if k == 3 {
+            end_run(q, run);
+        }
+    };
     loop {
         if batch {
             let mut bufs = [[0u8; 64]; BATCH];
@@ -184,7 +202,7 @@ fn drain_tx(q: &mut PackedQueue<'_, Mem>, batch: bool) -> (Vec<Event>, usize) {
             let got = q.pop_read_batch(&mut [&mut a[..], &mut b[..], &mut c[..], &mut d[..]]);
             for (c, buf) in got.as_slice().iter().zip(&bufs) {
                 events.push(Event::Chain(*c, buf[..c.bytes as usize].to_vec()));
-                q.push(c.head, c.bytes);
+                took(q, c, &mut run);
             }
             batched += got.as_slice().len();
             if !got.as_slice().is_empty() {
@@ -196,17 +214,26 @@ fn drain_tx(q: &mut PackedQueue<'_, Mem>, batch: bool) -> (Vec<Event>, usize) {
             Ok(None) => break,
             Ok(Some(c)) => {
                 events.push(Event::Chain(c, buf[..c.bytes as usize].to_vec()));
-                q.push(c.head, c.bytes);
+                took(q, &c, &mut run);
             }
             Err(e) => {
                 events.push(Event::Err(e));
                 if let PopError::Chain { head, .. } = e {
+                    end_run(q, &mut run);
                     q.push(head, 0);
                 }
             }
         }
     }
+    end_run(q, &mut run);
     (events, batched)
+}
+
+/// Completes the IN_ORDER run, if any: one used descriptor for its last chain.
+fn end_run(q: &mut PackedQueue<'_, Mem>, run: &mut Option<(u16, u32, u16)>) {
+    if let Some((last, bytes, k)) = run.take() {
+        assert!(q.push_in_order_batch(last, bytes, k), "IN_ORDER was negotiated");
+    }
 }
 
 /// The frames the receive side places: 60 bytes each, distinct, with a plain header; the
@@ -273,10 +300,10 @@ fn twins(size: u16, pre: u16, at: usize, kind: Kind, f: VirtioFeatures, write: b
         let (events, batched) = if write {
             let burst = fill_rx(&mut q, f, &frames(chains, at, kind), batch);
             // Chains the burst did not use are given back: the next pops see them again.
-            let (rest, _) = drain_tx(&mut q, false);
+            let (rest, _) = drain_tx(&mut q, false, false);
             (vec![format!("{burst:?}"), format!("{rest:?}")], 0)
         } else {
-            let (events, batched) = drain_tx(&mut q, batch);
+            let (events, batched) = drain_tx(&mut q, batch, f.contains(VirtioFeatures::IN_ORDER));
             (vec![format!("{events:?}")], batched)
         };
         let _ = q.publish();

@@ -789,40 +789,55 @@ fn tx_frames_copy_way(
 
 /// Guest TX on a packed ring in batches of four single-descriptor chains (the core's
 /// `pop_read_batch`), with and without `VIRTIO_F_IN_ORDER`: a frame dropped at any position
-/// of a batch (a chain shorter than the virtio-net header) is counted and completed, the
+/// of a batch (a chain shorter than the virtio-net header, or a header whose checksum offload
+/// does not fit its frame, which the offload check refuses) is counted and completed, the
 /// frames after it in the batch move down in the burst, and every frame comes out once, in
-/// ring order; every chain is completed.
+/// ring order; every chain is completed. On a disabled ring the batches' frames are all
+/// dropped, counted and completed.
 #[test]
 fn packed_tx_batches_keep_frames_in_order_around_dropped_ones() {
     use virtq::testing::PackedDriver;
+    const F_CSUM: u64 = 1 << 0;
     const F_IN_ORDER: u64 = 1 << 35;
     for (k, extra) in [0, F_IN_ORDER].into_iter().enumerate() {
         let path = sock_path(&format!("packed-batch-{k}"));
-        let (_run, nets) =
-            start(vec![("packed-batch", DeviceConfig::new(NetModel::default()), server(&path), Box::new(NoHandler))]);
+        // Checksum offload offered, so that a frame's header reaches the offload check.
+        let mut cfg = DeviceConfig::new(NetModel::default());
+        cfg.model.features |= VirtioFeatures::NET_CSUM;
+        let (_run, nets) = start(vec![("packed-batch", cfg, server(&path), Box::new(NoHandler))]);
         let fe = Frontend::connect(&path, 2, 16);
         let pcfg = |i: usize| fe.queues[i].cfg;
         let mut tx = PackedDriver::new(&fe.ram.table, pcfg(1), fe.queues[1].data_base, fe.queues[1].data_len);
-        let acked = fe.dpdk_start(NET_FEATURES | F_RING_PACKED | extra);
-        assert_eq!(acked & (F_RING_PACKED | extra), F_RING_PACKED | extra);
+        let want_features = F_RING_PACKED | F_CSUM | extra;
+        let acked = fe.dpdk_start(NET_FEATURES | want_features);
+        assert_eq!(acked & want_features, want_features);
         let net = &nets[0];
         wait("rings ready", || net.queue_ready(1).then_some(()));
         let mut bufs: Vec<TxFrame> = (0..32).map(|_| TxFrame::with_capacity(MAX_TX_FRAME)).collect();
         let mut errors = 0;
-        // Seven chains per round (a batch and three), the short one at position `bad` of the
-        // first batch; over the rounds the batches meet the end of the 16-entry ring.
-        for bad in 0..4usize {
+        // Seven chains per round (a batch and three), the bad one at position `bad` of the
+        // first batch: short in the first four rounds, with a bad offload in the next four;
+        // over the rounds the batches meet the end of the 16-entry ring.
+        for round in 0..8usize {
+            let (bad, short) = (round % 4, round < 4);
             tx.reset_alloc();
             let (mut want, mut ids) = (Vec::new(), Vec::new());
             for i in 0..7usize {
-                if i == bad {
+                let f = frame((round * 7 + i) as u8, 60 + i);
+                let mut one: Vec<u8> = [0u8; 12].iter().chain(&f).copied().collect();
+                if i == bad && short {
                     ids.push(tx.add_chain(&[Buf::readable(&[0u8; 8])]));
                     continue;
                 }
-                let f = frame((bad * 7 + i) as u8, 60 + i);
-                let one: Vec<u8> = [0u8; 12].iter().chain(&f).copied().collect();
+                if i == bad {
+                    // NEEDS_CSUM with the checksum field past the frame's end.
+                    one[0] = virtq::net::header::VIRTIO_NET_HDR_F_NEEDS_CSUM;
+                    one[6..8].copy_from_slice(&200u16.to_le_bytes());
+                    one[8..10].copy_from_slice(&6u16.to_le_bytes());
+                } else {
+                    want.push(f);
+                }
                 ids.push(tx.add_chain(&[Buf::readable(&one)]));
-                want.push(f);
             }
             fe.kick(1);
             let mut got = Vec::new();
@@ -831,23 +846,47 @@ fn packed_tx_batches_keep_frames_in_order_around_dropped_ones() {
                 got.extend(bufs[..n].iter().map(|b| b.frame().to_vec()));
                 (got.len() >= want.len()).then_some(())
             });
-            assert_eq!(got, want, "short chain at {bad}, features {extra:#x}");
+            let what = format!("{} chain at {bad}, features {extra:#x}", if short { "short" } else { "bad offload" });
+            assert_eq!(got, want, "{what}");
             errors += 1;
-            assert_eq!(net.stats(1).errors, errors);
-            // Every chain completed, in ring order; with IN_ORDER as one batch: one used
-            // descriptor, the last chain's, that the driver skips the batch past (§2.8.9).
-            if extra == 0 {
-                let used: Vec<u16> = std::iter::from_fn(|| tx.pop_used().map(|(id, _)| id)).collect();
-                assert_eq!(used, ids, "short chain at {bad}");
-            } else {
-                let last = *ids.last().unwrap();
-                tx.set_chain_len(last, 7);
-                assert_eq!(tx.pop_used().map(|(id, _)| id), Some(last), "short chain at {bad}");
-                assert_eq!(tx.pop_used(), None);
-            }
-            assert_eq!(tx.used_position(), tx.next_position(), "every chain completed");
+            assert_eq!(net.stats(1).errors, errors, "{what}");
+            expect_completed(&mut tx, &ids, extra != 0, &what);
         }
+        // The ring disabled (SET_VRING_ENABLE 0): the guest's frames are taken, dropped and
+        // counted (vhost-user.rst: "process and discard any TX packets"), batches included.
+        fe.send(SET_VRING_ENABLE, 0, &state(1, 0), &[]);
+        fe.sync();
+        tx.reset_alloc();
+        let ids: Vec<u16> =
+            (0..7u8).map(|i| tx.add_chain(&[Buf::readable(&[&[0u8; 12][..], &frame(i, 60)].concat())])).collect();
+        fe.kick(1);
+        wait("TX frames dropped", || {
+            assert_eq!(net.dequeue_burst(0, &mut bufs), 0, "a disabled ring hands out no frame");
+            (net.stats(1).drops == 7).then_some(())
+        });
+        assert_eq!(net.stats(1).errors, errors);
+        expect_completed(&mut tx, &ids, extra != 0, "disabled ring");
     }
+}
+
+/// Every chain of `ids` completed, in ring order; with IN_ORDER as one batch: one used
+/// descriptor, the last chain's, that the driver skips the batch past (§2.8.9).
+fn expect_completed(
+    tx: &mut virtq::testing::PackedDriver<'_, virtq::RegionTable<1>>,
+    ids: &[u16],
+    in_order: bool,
+    what: &str,
+) {
+    if in_order {
+        let last = *ids.last().unwrap();
+        tx.set_chain_len(last, ids.len() as u16);
+        assert_eq!(tx.pop_used().map(|(id, _)| id), Some(last), "{what}");
+        assert_eq!(tx.pop_used(), None, "{what}");
+    } else {
+        let used: Vec<u16> = std::iter::from_fn(|| tx.pop_used().map(|(id, _)| id)).collect();
+        assert_eq!(used, ids, "{what}");
+    }
+    assert_eq!(tx.used_position(), tx.next_position(), "{what}: every chain completed");
 }
 
 /// `forward_burst` on a packed ring with `VIRTIO_F_IN_ORDER`, delivering back to the sender's
