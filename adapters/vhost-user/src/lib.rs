@@ -21,6 +21,8 @@
 pub mod backend;
 pub mod connection;
 pub mod device;
+#[cfg(test)]
+mod fd_probe;
 pub mod memory;
 pub mod message;
 pub mod model;

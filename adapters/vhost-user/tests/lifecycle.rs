@@ -789,8 +789,8 @@ fn tx_frames_copy_way(
 
 /// Guest TX on a packed ring in batches of four single-descriptor chains (the core's
 /// `pop_read_batch`), with and without `VIRTIO_F_IN_ORDER`: a frame dropped at any position
-/// of a batch (a chain shorter than the virtio-net header, or a header whose checksum offload
-/// does not fit its frame, which the offload check refuses) is counted and completed, the
+/// of a batch (a chain shorter than the virtio-net header, or a TSO header that its frame's
+/// own headers do not bear out, which the offload check refuses) is counted and completed, the
 /// frames after it in the batch move down in the burst, and every frame comes out once, in
 /// ring order; every chain is completed. On a disabled ring the batches' frames are all
 /// dropped, counted and completed.
@@ -798,17 +798,18 @@ fn tx_frames_copy_way(
 fn packed_tx_batches_keep_frames_in_order_around_dropped_ones() {
     use virtq::testing::PackedDriver;
     const F_CSUM: u64 = 1 << 0;
+    const F_HOST_TSO4: u64 = 1 << 11;
     const F_IN_ORDER: u64 = 1 << 35;
     for (k, extra) in [0, F_IN_ORDER].into_iter().enumerate() {
         let path = sock_path(&format!("packed-batch-{k}"));
-        // Checksum offload offered, so that a frame's header reaches the offload check.
+        // Checksum and TSO offered, so that a TSO header reaches the offload check.
         let mut cfg = DeviceConfig::new(NetModel::default());
-        cfg.model.features |= VirtioFeatures::NET_CSUM;
+        cfg.model.features |= VirtioFeatures::NET_CSUM | VirtioFeatures::NET_HOST_TSO4;
         let (_run, nets) = start(vec![("packed-batch", cfg, server(&path), Box::new(NoHandler))]);
         let fe = Frontend::connect(&path, 2, 16);
         let pcfg = |i: usize| fe.queues[i].cfg;
         let mut tx = PackedDriver::new(&fe.ram.table, pcfg(1), fe.queues[1].data_base, fe.queues[1].data_len);
-        let want_features = F_RING_PACKED | F_CSUM | extra;
+        let want_features = F_RING_PACKED | F_CSUM | F_HOST_TSO4 | extra;
         let acked = fe.dpdk_start(NET_FEATURES | want_features);
         assert_eq!(acked & want_features, want_features);
         let net = &nets[0];
@@ -816,8 +817,10 @@ fn packed_tx_batches_keep_frames_in_order_around_dropped_ones() {
         let mut bufs: Vec<TxFrame> = (0..32).map(|_| TxFrame::with_capacity(MAX_TX_FRAME)).collect();
         let mut errors = 0;
         // Seven chains per round (a batch and three), the bad one at position `bad` of the
-        // first batch: short in the first four rounds, with a bad offload in the next four;
-        // over the rounds the batches meet the end of the 16-entry ring.
+        // first batch: short in the first four rounds, in the next four a TSO frame whose
+        // header is valid on its own (so the parse accepts it) but whose frame is not IPv4
+        // TCP (so `check_frame` refuses it); over the rounds the batches meet the end of the
+        // 16-entry ring.
         for round in 0..8usize {
             let (bad, short) = (round % 4, round < 4);
             tx.reset_alloc();
@@ -830,10 +833,16 @@ fn packed_tx_batches_keep_frames_in_order_around_dropped_ones() {
                     continue;
                 }
                 if i == bad {
-                    // NEEDS_CSUM with the checksum field past the frame's end.
-                    one[0] = virtq::net::header::VIRTIO_NET_HDR_F_NEEDS_CSUM;
-                    one[6..8].copy_from_slice(&200u16.to_le_bytes());
-                    one[8..10].copy_from_slice(&6u16.to_le_bytes());
+                    use virtq::net::header::{VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4};
+                    one[..12].copy_from_slice(&net_hdr(
+                        VIRTIO_NET_HDR_F_NEEDS_CSUM,
+                        VIRTIO_NET_HDR_GSO_TCPV4,
+                        54,
+                        1448,
+                        34,
+                        16,
+                        0,
+                    ));
                 } else {
                     want.push(f);
                 }
@@ -846,7 +855,7 @@ fn packed_tx_batches_keep_frames_in_order_around_dropped_ones() {
                 got.extend(bufs[..n].iter().map(|b| b.frame().to_vec()));
                 (got.len() >= want.len()).then_some(())
             });
-            let what = format!("{} chain at {bad}, features {extra:#x}", if short { "short" } else { "bad offload" });
+            let what = format!("{} chain at {bad}, features {extra:#x}", if short { "short" } else { "refused TSO" });
             assert_eq!(got, want, "{what}");
             errors += 1;
             assert_eq!(net.stats(1).errors, errors, "{what}");
@@ -865,7 +874,7 @@ fn packed_tx_batches_keep_frames_in_order_around_dropped_ones() {
             (net.stats(1).drops == 7).then_some(())
         });
         assert_eq!(net.stats(1).errors, errors);
-        expect_completed(&mut tx, &ids, extra != 0, "disabled ring");
+        expect_completed(&mut tx, &ids, extra != 0, &format!("disabled ring, features {extra:#x}"));
     }
 }
 

@@ -1,54 +1,14 @@
 //! The message layer's tests: header (family 12), the request table, payload decoding with
 //! fds (family 13), replies. They use only the public API of [`crate::message`].
 
-use std::io::{ErrorKind, PipeWriter, Write};
+use std::io::PipeWriter;
 use std::os::fd::OwnedFd;
 
 use super::*;
+use crate::fd_probe::{is_closed, is_open, probe as probe_fd};
 use crate::memory::{GuestMemoryMap, MemoryError, MemoryRegionDesc, OverflowField};
 
 // --- helpers -----------------------------------------------------------------------------
-
-/// A pipe whose read end is handed to the decoder as "the fd"; the write end stays here to
-/// observe it. Writing to a pipe whose every read end is closed fails with EPIPE (the test
-/// harness ignores SIGPIPE), so closure is detected without looking at fd numbers, which
-/// another test thread could reuse between the close and the check.
-fn probe_fd() -> (OwnedFd, PipeWriter) {
-    let (reader, writer) = std::io::pipe().expect("pipe");
-    (OwnedFd::from(reader), writer)
-}
-
-/// Whether the probe's read end is closed. A pipe is released when its last reference goes,
-/// and a process reading `/proc/<pid>/fd` (a CI monitor) holds one for a moment, so EPIPE can
-/// come shortly after the close: retried for up to two seconds.
-fn is_closed(writer: &mut PipeWriter) -> bool {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-    loop {
-        if closed_now(writer) {
-            return true;
-        }
-        if std::time::Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
-}
-
-/// Whether the probe's read end is still open, at once (a late release can make a closed fd
-/// look open for a moment, never an open one look closed).
-fn is_open(writer: &mut PipeWriter) -> bool {
-    !closed_now(writer)
-}
-
-fn closed_now(writer: &mut PipeWriter) -> bool {
-    match writer.write_all(&[0]) {
-        Ok(()) => false,
-        Err(e) => {
-            assert_eq!(e.kind(), ErrorKind::BrokenPipe, "unexpected write error {e}");
-            true
-        }
-    }
-}
 
 /// `n` fds and their probes.
 fn probes(n: usize) -> (Vec<OwnedFd>, Vec<PipeWriter>) {
