@@ -932,10 +932,10 @@ impl<'m, M: GuestMemory + ?Sized, const IDS: usize, S: BorrowMut<DetachedPackedQ
     /// [`pop_read_uncompleted`](Self::pop_read_uncompleted) would, but in one pass over the
     /// descriptors: the chains' buffers are translated and prefetched together, with those
     /// of the next four descriptors as far as the driver made them available, then copied
-    /// (DPDK's `virtio_dev_tx_batch_packed` prefetches its batch's). It takes only chains of one device-readable
-    /// descriptor, and stops before any other (a malformed one included), which the single
-    /// pop then takes: an empty batch is no answer, call `pop_read_uncompleted` after it.
-    /// Nothing is completed.
+    /// (DPDK's `virtio_dev_tx_batch_packed` prefetches its batch's). It takes only chains of
+    /// one device-readable descriptor, and stops before any other (a malformed one
+    /// included), which the single pop then takes: an empty batch is no answer, call
+    /// `pop_read_uncompleted` after it. Nothing is completed.
     // Out of line, as `pop_writable_batch`: it is called once per four chains, and both
     // layouts' burst loops are compiled into one function by the adapter, whose split-ring
     // path must not pay for it in registers.
